@@ -1,0 +1,599 @@
+//! Device groups and policies in the Greengrass client-device-auth shape, compiled once.
+//!
+//! A config's groups and policies become a [`PolicySet`]. When a device connects, the policies
+//! of every group it belongs to are unioned and the thing-name variable is substituted, giving
+//! its [`Permissions`]: plain lists of patterns per operation, so the per-packet check is a hash
+//! lookup or a short pattern walk.
+//!
+//! Resource patterns: `*` matches any run of characters (also across `/`), as in AWS policies.
+//! In `mqtt:topic:` and `mqtt:topicfilter:` resources a whole level `+` matches one level and a
+//! trailing `#` matches the rest, as MQTT wildcards do. For a SUBSCRIBE the requested filter is
+//! matched as text, so `mqtt:topicfilter:cmd/+` allows `cmd/a` and `cmd/+` but never `cmd/#`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::config::{AuthConfig, StatementConfig};
+
+/// The built-in group of devices that chain to the CA but were never approved.
+pub const PROVISIONING_GROUP: &str = "provisioning";
+/// The topic prefix a pending device may publish to, followed by its thing name.
+pub const PROVISIONING_TOPIC_PREFIX: &str = "$sitegate/provisioning/";
+/// The policy variable replaced by the connecting device's thing name.
+pub const THING_NAME_VAR: &str = "${iot:Connection.Thing.ThingName}";
+/// Same value as [`THING_NAME_VAR`], since the client id must equal the thing name.
+pub const CLIENT_ID_VAR: &str = "${iot:ClientId}";
+
+/// A config problem found while compiling policies; `key` is the dotted config key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct PolicyError {
+    pub key: String,
+    pub reason: String,
+}
+
+fn policy_error(key: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    PolicyError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The MQTT operations a policy can allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Connect,
+    Publish,
+    Subscribe,
+}
+
+impl Operation {
+    const ALL: [Operation; 3] = [Operation::Connect, Operation::Publish, Operation::Subscribe];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn resource_prefix(self) -> &'static str {
+        match self {
+            Operation::Connect => "mqtt:clientId:",
+            Operation::Publish => "mqtt:topic:",
+            Operation::Subscribe => "mqtt:topicfilter:",
+        }
+    }
+}
+
+/// A thing name as AWS IoT allows it: 1 to 128 of `[A-Za-z0-9:_-]`. Anything else (notably
+/// `*`, `+`, `#`, `/`) could widen a policy once substituted, so such names are refused.
+pub fn valid_thing_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+}
+
+/// One statement after parsing: for each operation, the resource templates it allows.
+#[derive(Debug, Clone, Default)]
+struct Statement {
+    templates: [Vec<String>; 3],
+}
+
+/// A parsed `selectionRule`: `thingName: <glob>` alternatives joined by `OR`.
+#[derive(Debug, Clone)]
+pub struct SelectionRule {
+    alternatives: Vec<Pattern>,
+}
+
+impl SelectionRule {
+    pub fn parse(text: &str) -> Result<SelectionRule, String> {
+        let mut alternatives = Vec::new();
+        for clause in text.split(" OR ") {
+            let clause = clause.trim();
+            let Some(pattern) = clause.strip_prefix("thingName:") else {
+                return Err(format!(
+                    "expected `thingName: <name or prefix*>` but found {clause:?} (clauses are joined by OR)"
+                ));
+            };
+            let pattern = pattern.trim();
+            if pattern.is_empty()
+                || !pattern
+                    .bytes()
+                    .all(|b| b == b'*' || b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+            {
+                return Err(format!(
+                    "{pattern:?} is not a thing name pattern (letters, digits, : _ - and *)"
+                ));
+            }
+            alternatives.push(Pattern::compile(pattern));
+        }
+        Ok(SelectionRule { alternatives })
+    }
+
+    pub fn matches(&self, thing: &str) -> bool {
+        self.alternatives.iter().any(|p| p.matches(thing))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    name: String,
+    rule: SelectionRule,
+    policy: usize,
+}
+
+/// Every group and policy of a config, ready to give a device its permissions.
+#[derive(Debug, Clone)]
+pub struct PolicySet {
+    groups: Vec<Group>,
+    policies: Vec<Vec<Statement>>,
+    provisioning: Vec<Statement>,
+}
+
+impl PolicySet {
+    /// Compiles `[auth]`; the error names the offending key.
+    pub fn compile(auth: &AuthConfig) -> Result<PolicySet, PolicyError> {
+        let mut policy_index = BTreeMap::new();
+        let mut policies = Vec::new();
+        for (name, statements) in &auth.policies {
+            let mut compiled = Vec::new();
+            for (sname, statement) in statements {
+                let key = format!("auth.policies.{name}.{sname}");
+                compiled.push(compile_statement(&key, statement)?);
+            }
+            policy_index.insert(name.as_str(), policies.len());
+            policies.push(compiled);
+        }
+        let mut groups = Vec::new();
+        for (name, group) in &auth.device_groups {
+            let key = format!("auth.device_groups.{name}");
+            if name == PROVISIONING_GROUP {
+                return Err(policy_error(
+                    key,
+                    "`provisioning` is built in (pending devices) and cannot be redefined",
+                ));
+            }
+            let rule = SelectionRule::parse(&group.selection_rule)
+                .map_err(|reason| policy_error(format!("{key}.selection_rule"), reason))?;
+            let Some(&policy) = policy_index.get(group.policy.as_str()) else {
+                let known: Vec<&str> = policy_index.keys().copied().collect();
+                return Err(policy_error(
+                    format!("{key}.policy"),
+                    format!("unknown policy {:?} (defined: {known:?})", group.policy),
+                ));
+            };
+            groups.push(Group {
+                name: name.clone(),
+                rule,
+                policy,
+            });
+        }
+        Ok(PolicySet {
+            groups,
+            policies,
+            provisioning: vec![provisioning_statement()],
+        })
+    }
+
+    /// Names of the configured groups whose selection rule matches `thing`.
+    pub fn groups_matching(&self, thing: &str) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|g| g.rule.matches(thing))
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    /// True when a group of that name is configured (or is the built-in provisioning group).
+    pub fn has_group(&self, name: &str) -> bool {
+        name == PROVISIONING_GROUP || self.groups.iter().any(|g| g.name == name)
+    }
+
+    /// The union of the named groups' policies with `thing` substituted.
+    pub fn permissions(&self, thing: &str, groups: &[String]) -> Permissions {
+        let mut statements: Vec<&Statement> = Vec::new();
+        for name in groups {
+            if name == PROVISIONING_GROUP {
+                statements.extend(self.provisioning.iter());
+            } else if let Some(g) = self.groups.iter().find(|g| &g.name == name) {
+                statements.extend(self.policies[g.policy].iter());
+            }
+        }
+        Permissions::build(thing, statements)
+    }
+
+    /// What a pending device may do: connect, and publish to its own provisioning topic.
+    pub fn provisioning_permissions(&self, thing: &str) -> Permissions {
+        Permissions::build(thing, self.provisioning.iter())
+    }
+}
+
+fn provisioning_statement() -> Statement {
+    let mut s = Statement::default();
+    s.templates[Operation::Connect.index()].push(THING_NAME_VAR.to_owned());
+    s.templates[Operation::Publish.index()]
+        .push(format!("{PROVISIONING_TOPIC_PREFIX}{THING_NAME_VAR}"));
+    s
+}
+
+fn compile_statement(key: &str, statement: &StatementConfig) -> Result<Statement, PolicyError> {
+    let mut ops = Vec::new();
+    if statement.operations.is_empty() {
+        return Err(policy_error(format!("{key}.operations"), "must list at least one operation"));
+    }
+    for op in &statement.operations {
+        match op.as_str() {
+            "mqtt:connect" => ops.push(Operation::Connect),
+            "mqtt:publish" => ops.push(Operation::Publish),
+            "mqtt:subscribe" => ops.push(Operation::Subscribe),
+            "*" | "mqtt:*" => ops.extend(Operation::ALL),
+            other => {
+                return Err(policy_error(
+                    format!("{key}.operations"),
+                    format!("unknown operation {other:?} (mqtt:connect, mqtt:publish, mqtt:subscribe or *)"),
+                ))
+            }
+        }
+    }
+    if statement.resources.is_empty() {
+        return Err(policy_error(format!("{key}.resources"), "must list at least one resource"));
+    }
+    let mut compiled = Statement::default();
+    for resource in &statement.resources {
+        check_variables(resource)
+            .map_err(|reason| policy_error(format!("{key}.resources"), reason))?;
+        if resource == "*" {
+            for op in &ops {
+                compiled.templates[op.index()].push("*".to_owned());
+            }
+            continue;
+        }
+        let Some(op) = Operation::ALL
+            .into_iter()
+            .find(|op| resource.starts_with(op.resource_prefix()))
+        else {
+            return Err(policy_error(
+                format!("{key}.resources"),
+                format!("{resource:?} must start with mqtt:clientId:, mqtt:topic:, mqtt:topicfilter: or be *"),
+            ));
+        };
+        // A resource only ever speaks to the operation of its kind (clientId ↔ connect, …).
+        if ops.contains(&op) {
+            let template = &resource[op.resource_prefix().len()..];
+            if template.is_empty() {
+                return Err(policy_error(
+                    format!("{key}.resources"),
+                    format!("{resource:?} names nothing after the prefix"),
+                ));
+            }
+            compiled.templates[op.index()].push(template.to_owned());
+        }
+    }
+    Ok(compiled)
+}
+
+fn check_variables(resource: &str) -> Result<(), String> {
+    let mut rest = resource;
+    while let Some(start) = rest.find("${") {
+        let tail = &rest[start..];
+        let end = tail
+            .find('}')
+            .ok_or_else(|| format!("unclosed variable in {resource:?}"))?;
+        let var = &tail[..=end];
+        if var != THING_NAME_VAR && var != CLIENT_ID_VAR {
+            return Err(format!(
+                "unknown variable {var} in {resource:?} (supported: {THING_NAME_VAR}, {CLIENT_ID_VAR})"
+            ));
+        }
+        rest = &tail[end + 1..];
+    }
+    Ok(())
+}
+
+/// What one connected device may do, with its thing name already substituted.
+#[derive(Debug, Clone, Default)]
+pub struct Permissions {
+    by_operation: [Matchers; 3],
+}
+
+#[derive(Debug, Clone, Default)]
+struct Matchers {
+    any: bool,
+    exact: HashSet<String>,
+    patterns: Vec<Pattern>,
+}
+
+impl Permissions {
+    /// Nothing allowed.
+    pub fn none() -> Permissions {
+        Permissions::default()
+    }
+
+    fn build<'a>(thing: &str, statements: impl IntoIterator<Item = &'a Statement>) -> Permissions {
+        let mut perms = Permissions::default();
+        for statement in statements {
+            for op in Operation::ALL {
+                let matchers = &mut perms.by_operation[op.index()];
+                for template in &statement.templates[op.index()] {
+                    let concrete = template
+                        .replace(THING_NAME_VAR, thing)
+                        .replace(CLIENT_ID_VAR, thing);
+                    let pattern = Pattern::compile(&concrete);
+                    if pattern.is_match_all() {
+                        matchers.any = true;
+                    } else if pattern.is_literal() {
+                        matchers.exact.insert(concrete);
+                    } else {
+                        matchers.patterns.push(pattern);
+                    }
+                }
+            }
+        }
+        perms
+    }
+
+    /// True when `op` on `resource` (client id, topic, or topic filter) is allowed.
+    pub fn allows(&self, op: Operation, resource: &str) -> bool {
+        let m = &self.by_operation[op.index()];
+        m.any || m.exact.contains(resource) || m.patterns.iter().any(|p| p.matches(resource))
+    }
+}
+
+/// A resource pattern: literals, `*` globs, and whole-level `+` / trailing `#`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pattern {
+    tokens: Vec<Token>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Literal(String),
+    /// Any run of characters, `/` included.
+    Star,
+    /// One whole level, not itself `#`.
+    Level,
+    /// A trailing `/#`: nothing, or `/` and anything.
+    RestAfterSlash,
+    /// A pattern that is just `#`: anything.
+    Rest,
+}
+
+impl Pattern {
+    fn compile(text: &str) -> Pattern {
+        let mut tokens = Vec::new();
+        let mut literal = String::new();
+        let levels: Vec<&str> = text.split('/').collect();
+        let last = levels.len() - 1;
+        for (i, level) in levels.iter().enumerate() {
+            if *level == "#" && i == last {
+                if i == 0 {
+                    flush_literal(&mut literal, &mut tokens);
+                    tokens.push(Token::Rest);
+                } else {
+                    flush_literal(&mut literal, &mut tokens);
+                    tokens.push(Token::RestAfterSlash);
+                }
+                break;
+            }
+            if i > 0 {
+                literal.push('/');
+            }
+            if *level == "+" {
+                flush_literal(&mut literal, &mut tokens);
+                tokens.push(Token::Level);
+                continue;
+            }
+            for (j, part) in level.split('*').enumerate() {
+                if j > 0 {
+                    flush_literal(&mut literal, &mut tokens);
+                    if tokens.last() != Some(&Token::Star) {
+                        tokens.push(Token::Star);
+                    }
+                }
+                literal.push_str(part);
+            }
+        }
+        flush_literal(&mut literal, &mut tokens);
+        Pattern { tokens }
+    }
+
+    fn is_literal(&self) -> bool {
+        self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
+    }
+
+    fn is_match_all(&self) -> bool {
+        matches!(self.tokens.as_slice(), [Token::Star] | [Token::Rest])
+    }
+
+    fn matches(&self, input: &str) -> bool {
+        match_tokens(&self.tokens, input)
+    }
+}
+
+fn flush_literal(literal: &mut String, tokens: &mut Vec<Token>) {
+    if !literal.is_empty() {
+        tokens.push(Token::Literal(std::mem::take(literal)));
+    }
+}
+
+fn match_tokens(tokens: &[Token], input: &str) -> bool {
+    let Some((first, rest)) = tokens.split_first() else {
+        return input.is_empty();
+    };
+    match first {
+        Token::Literal(lit) => input
+            .strip_prefix(lit.as_str())
+            .is_some_and(|remaining| match_tokens(rest, remaining)),
+        Token::Star => {
+            if rest.is_empty() {
+                return true;
+            }
+            input
+                .char_indices()
+                .map(|(i, _)| i)
+                .chain(std::iter::once(input.len()))
+                .any(|i| match_tokens(rest, &input[i..]))
+        }
+        Token::Level => {
+            let end = input.find('/').unwrap_or(input.len());
+            let level = &input[..end];
+            level != "#" && match_tokens(rest, &input[end..])
+        }
+        Token::RestAfterSlash => input.is_empty() || input.starts_with('/'),
+        Token::Rest => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DeviceGroupConfig;
+
+    fn statement(ops: &[&str], resources: &[&str]) -> StatementConfig {
+        StatementConfig {
+            description: None,
+            operations: ops.iter().map(|s| s.to_string()).collect(),
+            resources: resources.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn auth(groups: &[(&str, &str, &str)], policies: &[(&str, StatementConfig)]) -> AuthConfig {
+        let mut a = AuthConfig::default();
+        for (name, rule, policy) in groups {
+            a.device_groups.insert(
+                name.to_string(),
+                DeviceGroupConfig {
+                    selection_rule: rule.to_string(),
+                    policy: policy.to_string(),
+                },
+            );
+        }
+        for (name, s) in policies {
+            a.policies
+                .entry(name.to_string())
+                .or_default()
+                .insert(format!("s{}", a.policies.len()), s.clone());
+        }
+        a
+    }
+
+    #[test]
+    fn selection_rules() {
+        let r = SelectionRule::parse("thingName: pump-* OR thingName: door-1").unwrap();
+        assert!(r.matches("pump-1"));
+        assert!(r.matches("pump-"));
+        assert!(r.matches("door-1"));
+        assert!(!r.matches("door-10"));
+        assert!(!r.matches("xpump-1"));
+        let all = SelectionRule::parse("thingName: *").unwrap();
+        assert!(all.matches("anything"));
+        assert!(SelectionRule::parse("name: pump").unwrap_err().contains("thingName"));
+        assert!(SelectionRule::parse("thingName: pump/#").is_err());
+        assert!(SelectionRule::parse("thingName: ").is_err());
+    }
+
+    #[test]
+    fn topic_patterns_with_wildcards() {
+        let p = Pattern::compile("dt/pump-1/#");
+        assert!(p.matches("dt/pump-1"));
+        assert!(p.matches("dt/pump-1/temp"));
+        assert!(p.matches("dt/pump-1/a/b"));
+        assert!(!p.matches("dt/pump-10/temp"));
+        assert!(!p.matches("dt/pump-1x"));
+        let p = Pattern::compile("dt/+/temp");
+        assert!(p.matches("dt/a/temp"));
+        assert!(!p.matches("dt/a/b/temp"));
+        assert!(!p.matches("dt/#/temp"));
+        let p = Pattern::compile("dt/sensor-*");
+        assert!(p.matches("dt/sensor-1"));
+        assert!(p.matches("dt/sensor-1/deep/path"));
+        assert!(!p.matches("dt/pump-1"));
+        assert!(Pattern::compile("*").is_match_all());
+        assert!(Pattern::compile("#").is_match_all());
+        assert!(Pattern::compile("a/b").is_literal());
+    }
+
+    #[test]
+    fn filter_patterns_are_supersets_only() {
+        let p = Pattern::compile("cmd/+");
+        assert!(p.matches("cmd/a"));
+        assert!(p.matches("cmd/+"));
+        assert!(!p.matches("cmd/#"), "a single-level grant must not allow a multi-level filter");
+        let p = Pattern::compile("cmd/#");
+        assert!(p.matches("cmd/#"));
+        assert!(p.matches("cmd/+/x"));
+        assert!(!p.matches("#"));
+    }
+
+    #[test]
+    fn thing_variable_and_union_of_groups() {
+        let a = auth(
+            &[
+                ("sensors", "thingName: sensor-*", "telemetry"),
+                ("cmd", "thingName: sensor-1", "commands"),
+            ],
+            &[
+                (
+                    "telemetry",
+                    statement(
+                        &["mqtt:connect", "mqtt:publish"],
+                        &[
+                            "mqtt:clientId:${iot:Connection.Thing.ThingName}",
+                            "mqtt:topic:dt/${iot:Connection.Thing.ThingName}/#",
+                        ],
+                    ),
+                ),
+                (
+                    "commands",
+                    statement(&["mqtt:subscribe"], &["mqtt:topicfilter:cmd/${iot:Connection.Thing.ThingName}/#"]),
+                ),
+            ],
+        );
+        let set = PolicySet::compile(&a).unwrap();
+        assert_eq!(set.groups_matching("sensor-1"), vec!["cmd", "sensors"]);
+        assert_eq!(set.groups_matching("sensor-2"), vec!["sensors"]);
+        let p = set.permissions("sensor-1", &set.groups_matching("sensor-1"));
+        assert!(p.allows(Operation::Connect, "sensor-1"));
+        assert!(!p.allows(Operation::Connect, "sensor-2"));
+        assert!(p.allows(Operation::Publish, "dt/sensor-1/temp"));
+        assert!(!p.allows(Operation::Publish, "dt/sensor-2/temp"));
+        assert!(p.allows(Operation::Subscribe, "cmd/sensor-1/#"));
+        // Resources of another kind never leak into an operation.
+        assert!(!p.allows(Operation::Subscribe, "dt/sensor-1/temp"));
+        let p2 = set.permissions("sensor-2", &set.groups_matching("sensor-2"));
+        assert!(!p2.allows(Operation::Subscribe, "cmd/sensor-2/#"));
+    }
+
+    #[test]
+    fn provisioning_allows_only_its_own_topic() {
+        let set = PolicySet::compile(&AuthConfig::default()).unwrap();
+        let p = set.provisioning_permissions("new-1");
+        assert!(p.allows(Operation::Connect, "new-1"));
+        assert!(p.allows(Operation::Publish, "$sitegate/provisioning/new-1"));
+        assert!(!p.allows(Operation::Publish, "$sitegate/provisioning/new-2"));
+        assert!(!p.allows(Operation::Publish, "dt/new-1/temp"));
+        assert!(!p.allows(Operation::Subscribe, "#"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let a = auth(&[("g", "thingName: a", "missing")], &[]);
+        let e = PolicySet::compile(&a).unwrap_err();
+        assert_eq!(e.key, "auth.device_groups.g.policy");
+        let a = auth(&[], &[("p", statement(&["mqtt:fly"], &["*"]))]);
+        let e = PolicySet::compile(&a).unwrap_err();
+        assert_eq!(e.key, "auth.policies.p.s0.operations");
+        let a = auth(&[], &[("p", statement(&["mqtt:publish"], &["mqtt:topic:${iot:Nope}/x"]))]);
+        let e = PolicySet::compile(&a).unwrap_err();
+        assert!(e.reason.contains("unknown variable"), "{e}");
+        let a = auth(&[("provisioning", "thingName: *", "p")], &[("p", statement(&["*"], &["*"]))]);
+        assert!(PolicySet::compile(&a).unwrap_err().reason.contains("built in"));
+    }
+
+    #[test]
+    fn thing_names_that_could_widen_a_policy_are_invalid() {
+        assert!(valid_thing_name("pump-1:a_b"));
+        for bad in ["", "a/b", "a+", "#", "a*", "a b", &"x".repeat(129)] {
+            assert!(!valid_thing_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The device registry: one record per thing in sled under `data_dir`.
+//!
+//! A record holds the thing's state (pending until an operator approves it), the groups an
+//! operator assigned, and every certificate id seen for it. Writes are flushed before they are
+//! reported done, so an approval or revocation survives a crash that follows it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+const TREE: &str = "things";
+
+/// Where a thing stands with the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// Chains to the site CA but nobody approved it yet: provisioning topic only.
+    Pending,
+    /// Approved: gets its configured and assigned groups.
+    Approved,
+    /// Refused at connect and disconnected if connected.
+    Revoked,
+}
+
+impl std::fmt::Display for DeviceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceState::Pending => "pending",
+            DeviceState::Approved => "approved",
+            DeviceState::Revoked => "revoked",
+        })
+    }
+}
+
+/// What the registry knows of one thing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub thing: String,
+    pub state: DeviceState,
+    /// Groups assigned by `device approve --group`, on top of those whose selection rule matches.
+    pub groups: Vec<String>,
+    /// Certificate ids (SHA-256 of the DER, lowercase hex) this thing has connected with.
+    pub cert_ids: Vec<String>,
+    /// Milliseconds since the epoch.
+    pub first_seen_ms: Option<u64>,
+    pub last_seen_ms: Option<u64>,
+    pub updated_ms: u64,
+}
+
+impl DeviceRecord {
+    fn new(thing: &str) -> DeviceRecord {
+        DeviceRecord {
+            thing: thing.to_owned(),
+            state: DeviceState::Pending,
+            groups: Vec::new(),
+            cert_ids: Vec::new(),
+            first_seen_ms: None,
+            last_seen_ms: None,
+            updated_ms: now_ms(),
+        }
+    }
+}
+
+/// Why the registry could not answer. Storage errors may pass (disk full, I/O); a corrupt
+/// record will not.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("device registry storage: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("device registry record for {thing:?} is unreadable: {reason}")]
+    Corrupt { thing: String, reason: String },
+}
+
+impl RegistryError {
+    /// True when trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RegistryError::Storage(_))
+    }
+}
+
+/// The registry, over a tree of the gateway's sled database.
+#[derive(Clone)]
+pub struct Registry {
+    tree: sled::Tree,
+}
+
+impl Registry {
+    pub fn open(db: &sled::Db) -> Result<Registry, RegistryError> {
+        Ok(Registry {
+            tree: db.open_tree(TREE)?,
+        })
+    }
+
+    pub fn get(&self, thing: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.tree
+            .get(thing.as_bytes())?
+            .map(|bytes| decode(thing, &bytes))
+            .transpose()
+    }
+
+    /// Records a connection attempt by `thing` with `cert_id`; creates a pending record for a
+    /// thing never seen before.
+    pub fn observe(&self, thing: &str, cert_id: &str) -> Result<DeviceRecord, RegistryError> {
+        self.update(thing, |r| {
+            let now = now_ms();
+            r.first_seen_ms.get_or_insert(now);
+            r.last_seen_ms = Some(now);
+            if !r.cert_ids.iter().any(|c| c == cert_id) {
+                r.cert_ids.push(cert_id.to_owned());
+            }
+        })
+    }
+
+    /// Approves `thing` (known or not yet seen) and adds `groups` to its assigned groups.
+    pub fn approve(&self, thing: &str, groups: &[String]) -> Result<DeviceRecord, RegistryError> {
+        self.update(thing, |r| {
+            r.state = DeviceState::Approved;
+            for g in groups {
+                if !r.groups.contains(g) {
+                    r.groups.push(g.clone());
+                }
+            }
+            r.updated_ms = now_ms();
+        })
+    }
+
+    /// Revokes `thing`: refused from now on, until approved again.
+    pub fn revoke(&self, thing: &str) -> Result<DeviceRecord, RegistryError> {
+        self.update(thing, |r| {
+            r.state = DeviceState::Revoked;
+            r.updated_ms = now_ms();
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.tree
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                decode(&String::from_utf8_lossy(&key), &value)
+            })
+            .collect()
+    }
+
+    fn update(
+        &self,
+        thing: &str,
+        change: impl Fn(&mut DeviceRecord),
+    ) -> Result<DeviceRecord, RegistryError> {
+        let mut result = None;
+        let mut corrupt = None;
+        self.tree.update_and_fetch(thing.as_bytes(), |old| {
+            let mut record = match old.map(|b| decode(thing, b)) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    corrupt = Some(e);
+                    return old.map(|b| b.to_vec());
+                }
+                None => DeviceRecord::new(thing),
+            };
+            change(&mut record);
+            let bytes = serde_json::to_vec(&record).ok();
+            result = Some(record);
+            bytes.or_else(|| old.map(|b| b.to_vec()))
+        })?;
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        self.tree.flush()?;
+        result.ok_or_else(|| RegistryError::Corrupt {
+            thing: thing.to_owned(),
+            reason: "update produced no record".into(),
+        })
+    }
+}
+
+fn decode(thing: &str, bytes: &[u8]) -> Result<DeviceRecord, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
+        thing: thing.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        (dir, Registry::open(&db).unwrap())
+    }
+
+    #[test]
+    fn new_things_are_pending_and_collect_cert_ids() {
+        let (_d, r) = registry();
+        let rec = r.observe("pump-1", "aa").unwrap();
+        assert_eq!(rec.state, DeviceState::Pending);
+        r.observe("pump-1", "bb").unwrap();
+        let rec = r.observe("pump-1", "aa").unwrap();
+        assert_eq!(rec.cert_ids, vec!["aa", "bb"]);
+    }
+
+    #[test]
+    fn approve_then_revoke_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let r = Registry::open(&db).unwrap();
+            r.approve("pump-1", &["pumps".into()]).unwrap();
+            r.approve("pump-1", &["pumps".into(), "extra".into()]).unwrap();
+            r.approve("door-1", &[]).unwrap();
+            r.revoke("door-1").unwrap();
+        }
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let r = Registry::open(&db).unwrap();
+        let pump = r.get("pump-1").unwrap().unwrap();
+        assert_eq!(pump.state, DeviceState::Approved);
+        assert_eq!(pump.groups, vec!["pumps", "extra"]);
+        assert_eq!(r.get("door-1").unwrap().unwrap().state, DeviceState::Revoked);
+        assert_eq!(r.list().unwrap().len(), 2);
+        assert!(r.get("nobody").unwrap().is_none());
+    }
+}

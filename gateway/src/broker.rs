@@ -1,0 +1,137 @@
+//! Local fan-out between devices through rumqttd's router, reached over local links.
+//!
+//! The gateway owns the device-facing sockets and sessions (rumqttd cannot see client
+//! certificates or authorize topics), and uses the router only as the in-process fabric that
+//! matches publishes to subscriptions, keeps retained messages and persistent sessions, and
+//! tracks QoS 1 deliveries to subscribers. rumqttd types stay inside this module, `codec` and
+//! `session`.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish, QoS};
+use rumqttd::{Notification, Router, RouterConfig};
+
+/// Bytes per commit-log segment in the router; small, since the router only relays.
+const SEGMENT_BYTES: usize = 1 << 20;
+/// Segments kept per subscription filter before the oldest is dropped.
+const SEGMENT_COUNT: usize = 4;
+
+/// The router could not take a link. Retrying can help only once the router has capacity.
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    #[error("local router refused the link: {0}")]
+    Link(#[from] LinkError),
+    #[error("local router link task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+type Connector =
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync;
+
+/// The in-process router all device sessions are linked to.
+pub struct Fabric {
+    connect: Box<Connector>,
+}
+
+/// One session's two halves of its router link.
+pub struct RouterLink {
+    pub tx: LinkTx,
+    pub rx: LinkRx,
+    /// The router kept state from an earlier persistent session of this client id.
+    pub session_present: bool,
+}
+
+impl Fabric {
+    /// Starts a router sized for `max_connections` links, each with at most `max_inflight`
+    /// unacknowledged QoS 1 deliveries.
+    pub fn start(max_connections: usize, max_inflight: u16) -> Fabric {
+        let config = RouterConfig {
+            max_connections,
+            max_outgoing_packet_count: u64::from(max_inflight),
+            max_segment_size: SEGMENT_BYTES,
+            max_segment_count: SEGMENT_COUNT,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        };
+        let router_tx = Router::new(0, config).spawn();
+        Fabric {
+            connect: Box::new(move |client_id, clean| {
+                LinkBuilder::new(client_id, router_tx.clone())
+                    .clean_session(clean)
+                    .build()
+            }),
+        }
+    }
+
+    /// Links `client_id` to the router. The router answers over a blocking channel, so the
+    /// wait happens off the async workers.
+    pub async fn link(self: &Arc<Self>, client_id: &str, clean: bool) -> Result<RouterLink, FabricError> {
+        let fabric = Arc::clone(self);
+        let client_id = client_id.to_owned();
+        let (tx, rx, ack) =
+            tokio::task::spawn_blocking(move || (fabric.connect)(&client_id, clean)).await??;
+        let session_present = matches!(
+            Option::<Packet>::from(ack),
+            Some(Packet::ConnAck(connack, _)) if connack.session_present
+        );
+        Ok(RouterLink {
+            tx,
+            rx,
+            session_present,
+        })
+    }
+}
+
+/// A publish packet for the router with any QoS. rumqttd keeps a publish's QoS and packet id
+/// crate-private and offers only its MQTT-independent serialization to set them, so this goes
+/// through that format. Used for wills only: device publishes are relayed as parsed.
+pub fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Publish {
+    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1));
+    raw.put_u16(if qos == QoS::AtMostOnce { 0 } else { 1 });
+    raw.put_u16(topic.len() as u16);
+    raw.extend_from_slice(topic.as_bytes());
+    raw.extend_from_slice(payload);
+    Publish::deserialize(raw.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_packet_keeps_qos_and_retain() {
+        let p = publish_packet("a/b", b"hi", QoS::AtLeastOnce, true);
+        assert_eq!(&p.topic[..], b"a/b");
+        assert_eq!(&p.payload[..], b"hi");
+        assert!(p.retain);
+        // The header byte of the serialized form carries QoS 1 and retain.
+        assert_eq!(p.serialize()[0], 0b0011_0011);
+    }
+
+    #[tokio::test]
+    async fn two_links_fan_out_through_the_router() {
+        let fabric = Arc::new(Fabric::start(16, 10));
+        let mut sub = fabric.link("sub", true).await.unwrap();
+        let mut publ = fabric.link("pub", true).await.unwrap();
+        sub.tx.subscribe("cmd/pump-1/#").unwrap();
+        // Let the router register the filter before publishing.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        publ.tx.publish("cmd/pump-1/start", "go").unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match sub.rx.next().await.unwrap() {
+                    Some(Notification::Forward(f)) => break f.publish,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(&got.topic[..], b"cmd/pump-1/start");
+        assert_eq!(&got.payload[..], b"go");
+    }
+}

@@ -1,0 +1,483 @@
+//! The gateway's configuration: one serde tree read from TOML.
+//!
+//! Parsing (`Config::from_toml_str`) and validation (`Config::validate`) are pure; only
+//! `Config::load` touches the file system. Relative paths are resolved against the directory of
+//! the config file, so a config and its `pki/` folder can move together.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::policy::{PolicySet, PROVISIONING_GROUP};
+
+/// Where state lives when `data_dir` is not given.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sitegate";
+/// The MQTT over TLS port devices connect to.
+pub const DEFAULT_MQTTS: &str = "0.0.0.0:8883";
+/// Largest MQTT packet accepted from a device (IoT Core's payload limit is 128 KB; headroom for topic and properties).
+pub const DEFAULT_MAX_PACKET_SIZE: u64 = 256 * 1024;
+/// Concurrent device connections before new ones are turned away.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// QoS 1 messages in flight per connection in each direction (MQTT 5 receive maximum).
+pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
+/// A TLS handshake must finish within this many milliseconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// The CONNECT packet must arrive within this many milliseconds after the handshake.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Keepalive granted to clients that ask for none or for more (seconds; IoT Core's maximum).
+pub const DEFAULT_MAX_KEEP_ALIVE_SECS: u16 = 1_200;
+/// A write to a device that does not complete in this many milliseconds closes the connection.
+pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Site name used when neither `site` nor `AWS_IOT_THING_NAME` is set.
+pub const DEFAULT_SITE: &str = "site";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this site; appears on every record. Defaults to `AWS_IOT_THING_NAME`, then "site".
+    #[serde(default)]
+    pub site: Option<String>,
+    /// Directory for the device registry, the spool and the admin socket.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The device-facing MQTT over mutual TLS listener.
+    pub listener: ListenerConfig,
+    /// Device groups and policies, in the Greengrass client-device-auth shape.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The local administration endpoint used by `sitegate device …`.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[listener]`: where devices connect and with which certificates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address and port for MQTT over TLS, e.g. "0.0.0.0:8883".
+    #[serde(default = "default_mqtts")]
+    pub mqtts: String,
+    /// PEM file with one or more CA certificates that sign device certificates.
+    pub ca: PathBuf,
+    /// PEM certificate (chain) the gateway presents to devices.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// Largest MQTT packet accepted, as bytes or a size such as "256KiB".
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: ByteSize,
+    /// Concurrent device connections; further ones are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// QoS 1 messages in flight per connection (advertised as MQTT 5 receive maximum).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Milliseconds a TLS handshake may take.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Milliseconds between the end of the handshake and the CONNECT packet.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Largest keepalive granted, in seconds; clients asking for 0 or more get this.
+    #[serde(default = "default_max_keep_alive_secs")]
+    pub max_keep_alive_secs: u16,
+    /// Milliseconds a write to a device may take before the connection is closed.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+}
+
+/// `[auth]`: who may do what.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Device groups by name; a device belongs to every group whose selection rule matches it.
+    #[serde(default)]
+    pub device_groups: BTreeMap<String, DeviceGroupConfig>,
+    /// Policies by name, each a map of named statements.
+    #[serde(default)]
+    pub policies: BTreeMap<String, BTreeMap<String, StatementConfig>>,
+}
+
+/// `[auth.device_groups.NAME]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceGroupConfig {
+    /// Which things belong, e.g. "thingName: pump-* OR thingName: door-1".
+    pub selection_rule: String,
+    /// Name of the policy in `[auth.policies]` the group's members get.
+    pub policy: String,
+}
+
+/// `[auth.policies.POLICY.STATEMENT]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StatementConfig {
+    /// Free text for the operator; not interpreted.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// "mqtt:connect", "mqtt:publish", "mqtt:subscribe" or "*".
+    pub operations: Vec<String>,
+    /// "mqtt:clientId:…", "mqtt:topic:…", "mqtt:topicfilter:…" or "*"; may use `${iot:Connection.Thing.ThingName}`.
+    pub resources: Vec<String>,
+}
+
+/// `[admin]`: the local endpoint that `sitegate device approve|revoke|list` talk to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Unix socket path (mode 0600). Defaults to `<data_dir>/admin.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+fn default_mqtts() -> String {
+    DEFAULT_MQTTS.to_owned()
+}
+fn default_max_packet_size() -> ByteSize {
+    ByteSize(DEFAULT_MAX_PACKET_SIZE)
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_inflight() -> u16 {
+    DEFAULT_MAX_INFLIGHT
+}
+fn default_handshake_timeout_ms() -> u64 {
+    DEFAULT_HANDSHAKE_TIMEOUT_MS
+}
+fn default_connect_timeout_ms() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+fn default_max_keep_alive_secs() -> u16 {
+    DEFAULT_MAX_KEEP_ALIVE_SECS
+}
+fn default_write_timeout_ms() -> u64 {
+    DEFAULT_WRITE_TIMEOUT_MS
+}
+
+/// Why a configuration was refused. Never retryable: the file has to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The largest packet MQTT's remaining-length field can describe.
+const MQTT_MAX_PACKET: u64 = 268_435_455;
+
+impl Config {
+    /// Reads, parses, resolves relative paths against the file's folder, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::from_toml_str(&text, &path.display().to_string())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `origin` names the text in errors (usually the file path).
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Makes every relative path absolute against `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data_dir);
+        resolve(&mut self.listener.ca);
+        resolve(&mut self.listener.cert);
+        resolve(&mut self.listener.key);
+        if let Some(socket) = self.admin.socket.as_mut() {
+            resolve(socket);
+        }
+    }
+
+    /// Checks everything that can be checked without I/O; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(site) = &self.site {
+            validate_site(site).map_err(|reason| ConfigError::invalid("site", reason))?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("data_dir", "must not be empty"));
+        }
+        let l = &self.listener;
+        l.mqtts.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::invalid(
+                "listener.mqtts",
+                format!("{e}: expected host:port such as \"0.0.0.0:8883\""),
+            )
+        })?;
+        for (key, path) in [
+            ("listener.ca", &l.ca),
+            ("listener.cert", &l.cert),
+            ("listener.key", &l.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(key, "must name a PEM file"));
+            }
+        }
+        if l.max_packet_size.0 < 64 || l.max_packet_size.0 > MQTT_MAX_PACKET {
+            return Err(ConfigError::invalid(
+                "listener.max_packet_size",
+                format!("must be between 64 bytes and {MQTT_MAX_PACKET} bytes"),
+            ));
+        }
+        let positive = [
+            ("listener.max_connections", l.max_connections as u64),
+            ("listener.max_inflight", u64::from(l.max_inflight)),
+            ("listener.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("listener.connect_timeout_ms", l.connect_timeout_ms),
+            ("listener.max_keep_alive_secs", u64::from(l.max_keep_alive_secs)),
+            ("listener.write_timeout_ms", l.write_timeout_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        self.auth.validate()?;
+        Ok(())
+    }
+
+    /// The site name: `site`, else `AWS_IOT_THING_NAME` (set by Greengrass), else "site".
+    pub fn site_name(&self) -> String {
+        self.site
+            .clone()
+            .or_else(|| std::env::var("AWS_IOT_THING_NAME").ok())
+            .unwrap_or_else(|| DEFAULT_SITE.to_owned())
+    }
+
+    /// The admin socket path: `[admin] socket`, else `<data_dir>/admin.sock`.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+}
+
+impl ListenerConfig {
+    /// A listener section with every limit at its default.
+    pub fn with_defaults(mqtts: &str, ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        ListenerConfig {
+            mqtts: mqtts.to_owned(),
+            ca,
+            cert,
+            key,
+            max_packet_size: default_max_packet_size(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            max_keep_alive_secs: DEFAULT_MAX_KEEP_ALIVE_SECS,
+            write_timeout_ms: DEFAULT_WRITE_TIMEOUT_MS,
+        }
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+}
+
+impl AuthConfig {
+    /// Checks groups, selection rules, policy references and statements.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        PolicySet::compile(self)?;
+        Ok(())
+    }
+}
+
+impl From<crate::auth::policy::PolicyError> for ConfigError {
+    fn from(e: crate::auth::policy::PolicyError) -> Self {
+        ConfigError::invalid(e.key, e.reason)
+    }
+}
+
+fn validate_site(site: &str) -> Result<(), String> {
+    if site.is_empty() || site.len() > 128 {
+        return Err("must be 1 to 128 characters".into());
+    }
+    if let Some(c) = site
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.')))
+    {
+        return Err(format!(
+            "character {c:?} not allowed (letters, digits, - _ : .)"
+        ));
+    }
+    Ok(())
+}
+
+/// Reserved group names that a config may not define.
+pub fn is_reserved_group(name: &str) -> bool {
+    name == PROVISIONING_GROUP
+}
+
+/// A size in bytes, written in config as an integer or as "64KiB", "8GiB", "10MB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(into = "u64")]
+pub struct ByteSize(pub u64);
+
+impl From<ByteSize> for u64 {
+    fn from(b: ByteSize) -> u64 {
+        b.0
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (expected e.g. 4096, \"256KiB\", \"8GiB\")"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            "TB" => 1_000_000_000_000,
+            "TiB" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        };
+        n.checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listener]
+        ca = "pki/ca.pem"
+        cert = "pki/gateway.pem"
+        key = "pki/gateway.key"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml_str(MINIMAL, "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listener.mqtts, DEFAULT_MQTTS);
+        assert_eq!(c.listener.max_packet_size.0, DEFAULT_MAX_PACKET_SIZE);
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = format!("{MINIMAL}\nmqtt_port = 1"); // lands in [listener]
+        let err = Config::from_toml_str(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("unknown field `mqtt_port`"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_names_the_key() {
+        let text = MINIMAL.replace("[listener]", "[listener]\nmqtts = \"nowhere\"");
+        let c = Config::from_toml_str(&text, "t").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("config key `listener.mqtts`"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!("256KiB".parse::<ByteSize>().unwrap().0, 262_144);
+        assert_eq!("8GiB".parse::<ByteSize>().unwrap().0, 8 << 30);
+        assert_eq!("10MB".parse::<ByteSize>().unwrap().0, 10_000_000);
+        assert_eq!("42".parse::<ByteSize>().unwrap().0, 42);
+        assert!("8 parsecs".parse::<ByteSize>().unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let mut c = Config::from_toml_str(MINIMAL, "t").unwrap();
+        c.resolve_paths(Path::new("/etc/sitegate"));
+        assert_eq!(c.listener.ca, PathBuf::from("/etc/sitegate/pki/ca.pem"));
+        assert_eq!(
+            c.admin_socket(),
+            PathBuf::from("/var/lib/sitegate/admin.sock")
+        );
+    }
+
+    #[test]
+    fn bad_site_is_refused() {
+        let text = format!("site = \"plant 7\"\n{MINIMAL}");
+        let err = Config::from_toml_str(&text, "t")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`site`"), "{err}");
+    }
+}

@@ -1,0 +1,111 @@
+//! Virtual devices: the client side of the device edge, for the demo, the simulator and tests.
+//!
+//! Each virtual device has its own key and certificate and speaks MQTT over mutual TLS through
+//! rumqttc, exactly as a real device would.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::pki::{self, IssuedDevice};
+
+/// Why a virtual device could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("TLS client setup: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+/// A device's key, certificate and the CA it trusts for the gateway.
+#[derive(Clone)]
+pub struct DeviceCredentials {
+    pub thing: String,
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for DeviceCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("DeviceCredentials").field("thing", &self.thing).finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, FleetError> {
+    std::fs::read(path).map_err(|source| FleetError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl DeviceCredentials {
+    /// Loads a device issued by `sitegate device issue`, trusting the CA in `ca_dir`.
+    pub fn load(thing: &str, ca_cert: &Path, cert: &Path, key: &Path) -> Result<Self, FleetError> {
+        Ok(DeviceCredentials {
+            thing: thing.to_owned(),
+            ca_pem: read(ca_cert)?,
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+        })
+    }
+
+    /// Issues a new device certificate from the CA in `ca_dir` into `out_dir` and loads it.
+    pub fn issue(thing: &str, ca_dir: &Path, out_dir: &Path, days: i64) -> Result<(Self, IssuedDevice), FleetError> {
+        let issued = pki::issue_device(thing, ca_dir, out_dir, days)?;
+        let creds = Self::load(thing, &ca_dir.join(pki::CA_CERT_FILE), &issued.cert, &issued.key)?;
+        Ok((creds, issued))
+    }
+
+    /// A rustls client config presenting this device's certificate.
+    pub fn client_config(&self) -> Result<ClientConfig, FleetError> {
+        let tls = |e: &dyn std::fmt::Display| FleetError::Tls(e.to_string());
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            roots.add(ca.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| tls(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| tls(&e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls(&e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| tls(&e))
+    }
+
+    /// MQTT 3.1.1 options for connecting to `gateway` with client id = thing name.
+    pub fn mqtt_options(&self, gateway: SocketAddr, keep_alive: Duration) -> Result<rumqttc::MqttOptions, FleetError> {
+        let mut opts = rumqttc::MqttOptions::new(&self.thing, gateway.ip().to_string(), gateway.port());
+        opts.set_keep_alive(keep_alive);
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(self.client_config()?)),
+        ));
+        Ok(opts)
+    }
+
+    /// MQTT 5 options, as [`Self::mqtt_options`].
+    pub fn mqtt5_options(&self, gateway: SocketAddr, keep_alive: Duration) -> Result<rumqttc::v5::MqttOptions, FleetError> {
+        let mut opts = rumqttc::v5::MqttOptions::new(&self.thing, gateway.ip().to_string(), gateway.port());
+        opts.set_keep_alive(keep_alive);
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(self.client_config()?)),
+        ));
+        Ok(opts)
+    }
+}

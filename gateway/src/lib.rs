@@ -1,0 +1,37 @@
+//! sitegate: a site gateway for IoT fleets.
+//!
+//! Devices connect over MQTT with their own X.509 certificates; the gateway checks who each one
+//! is and what it may do on every packet, and relays what is allowed between local devices.
+//! Rules, the encrypted spool and the cloud sinks build on this edge.
+//!
+//! Layout:
+//! - `config`: the TOML configuration tree, defaults and validation.
+//! - `pki`: site CA, gateway and device certificates, identity from a certificate.
+//! - `auth`: policies, device groups and the device registry; what a device may do.
+//! - `tls`: the listener's mutual-TLS setup.
+//! - `listener`: accept loop, handshake timeout, connection limit.
+//! - `codec`: MQTT 3.1.1 / 5 framing over rumqttd's protocol codec.
+//! - `session`: one device's MQTT session with per-packet authorization.
+//! - `sessions`: the table of live sessions (takeover, revocation, shutdown).
+//! - `broker`: rumqttd's router as the local fan-out fabric.
+//! - `admin`: the local admin socket behind `sitegate device …`.
+//! - `stats`: counters of the device edge.
+//! - `daemon`: `run(config, listeners, shutdown)` and [`Gateway`].
+//! - `fleet`: virtual devices (rumqttc over mutual TLS) for the demo, simulator and tests.
+
+pub mod admin;
+pub mod auth;
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod daemon;
+pub mod fleet;
+pub mod listener;
+pub mod pki;
+pub mod session;
+pub mod sessions;
+pub mod stats;
+pub mod tls;
+
+pub use config::Config;
+pub use daemon::{run, Gateway, Listeners, RunError};

@@ -1,0 +1,261 @@
+//! The `sitegate` command line: run the gateway, make certificates, manage devices, demo.
+
+mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use sitegate::admin::{self, AdminClientError, AdminRequest, AdminResponse, AdminService, DeviceView};
+use sitegate::auth::{Authority, PolicySet, Registry};
+use sitegate::config::Config;
+use sitegate::daemon::{self, Listeners};
+use sitegate::pki;
+use sitegate::sessions::SessionTable;
+use sitegate::stats::Stats;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "sitegate", version, about = "Site gateway for IoT fleets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway from a TOML config.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a self-contained demo: CA, gateway and a small fleet of virtual devices.
+    Demo {
+        /// How long the fleet runs before the summary (Ctrl-C stops earlier).
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
+    /// Site certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Device certificates and the device registry.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a site CA and a gateway server certificate in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Site name written into the certificates' subjects.
+        #[arg(long, default_value = "site")]
+        site: String,
+        /// Extra subject alternative name for the gateway certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Issue a key and certificate with CN=THING signed by the site CA.
+    Issue {
+        thing: String,
+        /// Directory made by `sitegate ca init`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Where THING.pem and THING.key are written.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS)]
+        days: i64,
+    },
+    /// Approve THING, optionally adding groups; applies to a live connection at once.
+    Approve {
+        thing: String,
+        /// Group to add (repeatable); must be defined under [auth.device_groups].
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Revoke THING: disconnected within a second and refused from then on.
+    Revoke {
+        thing: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List things: state, groups, connected, certificate ids.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file; exit 1 naming the wrong key.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            init_logging("info");
+            let config = Config::load(&config)?;
+            runtime()?.block_on(async {
+                let listeners = Listeners::bind(&config).await?;
+                daemon::run(config, listeners, shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+        Command::Demo { seconds } => {
+            init_logging("warn");
+            runtime()?.block_on(demo::run(std::time::Duration::from_secs(seconds)))
+        }
+        Command::Ca { command: CaCommand::Init { dir, site, sans } } => {
+            let files = pki::init_ca(&dir, &site, &sans)?;
+            println!("site CA:             {}", files.ca_cert.display());
+            println!("site CA key (0600):  {}", files.ca_key.display());
+            println!("gateway certificate: {}", files.gateway_cert.display());
+            println!("gateway key (0600):  {}", files.gateway_key.display());
+            Ok(())
+        }
+        Command::Device { command } => device(command),
+        Command::Config { command: ConfigCommand::Check { config } } => {
+            let c = Config::load(&config)?;
+            println!(
+                "{}: valid ({} device groups, {} policies)",
+                config.display(),
+                c.auth.device_groups.len(),
+                c.auth.policies.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM (how Greengrass stops a component).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+fn device(command: DeviceCommand) -> Result<()> {
+    let (config, request, json) = match command {
+        DeviceCommand::Issue { thing, ca, out, days } => {
+            let issued = pki::issue_device(&thing, &ca, &out, days)?;
+            println!("thing:          {}", issued.thing);
+            println!("certificate id: {}", issued.cert_id);
+            println!("certificate:    {}", issued.cert.display());
+            println!("key (0600):     {}", issued.key.display());
+            println!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
+            return Ok(());
+        }
+        DeviceCommand::Approve { thing, groups, config } => (config, AdminRequest::Approve { thing, groups }, false),
+        DeviceCommand::Revoke { thing, config } => (config, AdminRequest::Revoke { thing }, false),
+        DeviceCommand::List { config, json } => (config, AdminRequest::List, json),
+    };
+    let config = Config::load(&config)?;
+    let response = runtime()?.block_on(ask_gateway(&config, &request))?;
+    print_response(response, json)
+}
+
+/// Asks the running gateway; when none runs, works on the registry directly.
+async fn ask_gateway(config: &Config, request: &AdminRequest) -> Result<AdminResponse> {
+    match admin::request(&config.admin_socket(), request).await {
+        Ok(r) => Ok(r),
+        Err(AdminClientError::NotRunning(_)) => offline(config, request.clone()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn offline(config: &Config, request: AdminRequest) -> Result<AdminResponse> {
+    let db = daemon::open_store(config)?;
+    let policies = PolicySet::compile(&config.auth)?;
+    let service = AdminService {
+        authority: Arc::new(Authority::new(policies, Registry::open(&db)?)),
+        sessions: Arc::new(SessionTable::default()),
+        stats: Arc::new(Stats::default()),
+    };
+    let response = service.handle(request);
+    db.flush()?;
+    Ok(response)
+}
+
+fn print_response(response: AdminResponse, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(());
+    }
+    match response {
+        AdminResponse::Error { message } => bail!(message),
+        AdminResponse::Device { device } => print_devices(&[device]),
+        AdminResponse::Devices { devices } => print_devices(&devices),
+        AdminResponse::Status { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
+    }
+    Ok(())
+}
+
+fn print_devices(devices: &[DeviceView]) {
+    println!("{:<24} {:<9} {:<10} {:<28} CERTIFICATE IDS", "THING", "STATE", "CONNECTED", "GROUPS");
+    for d in devices {
+        let certs: Vec<&str> = d.cert_ids.iter().map(|c| &c[..c.len().min(16)]).collect();
+        println!(
+            "{:<24} {:<9} {:<10} {:<28} {}",
+            d.thing,
+            d.state.to_string(),
+            if d.connected { "yes" } else { "no" },
+            d.groups.join(","),
+            certs.join(",")
+        );
+    }
+}

@@ -1,0 +1,756 @@
+//! One device's MQTT session, from CONNECT to close, with a policy check on every packet.
+//!
+//! The session is the only place device packets are interpreted. It answers the device itself
+//! (CONNACK, PUBACK, SUBACK, UNSUBACK, PINGRESP) and passes to the router only what the
+//! device's current grant allows, so the router never sees a denied topic. When the operator
+//! approves or revokes the thing, the authority's epoch changes and the session re-reads its
+//! grant before the next packet; a revocation ends it at once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::protocol::{
+    valid_filter, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode,
+    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, PubAck,
+    PubAckReason, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::auth::policy::valid_thing_name;
+use crate::auth::{Authority, DeviceState, Grant, Operation};
+use crate::broker::{publish_packet, Fabric, RouterLink};
+use crate::codec::{connect_version, Codec, CodecError, Frame, Version};
+use crate::pki::Identity;
+use crate::sessions::{EndReason, SessionSlot, SessionTable};
+use crate::stats::Stats;
+
+/// How long a new connection waits for an old one with the same client id to close.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// Denials logged at info per session before the rest go to debug (they are all counted).
+const LOGGED_DENIALS_PER_SESSION: u32 = 3;
+
+/// The per-connection limits from `[listener]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_packet_size: usize,
+    pub max_inflight: u16,
+    pub connect_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_keep_alive_secs: u16,
+}
+
+/// What every session shares.
+pub struct EdgeContext {
+    pub authority: Arc<Authority>,
+    pub fabric: Arc<Fabric>,
+    pub sessions: Arc<SessionTable>,
+    pub stats: Arc<Stats>,
+    pub limits: Limits,
+}
+
+/// Why a session ended; decides the DISCONNECT sent and whether the will is published.
+enum Close {
+    /// DISCONNECT from the device: no will, unless it asked for one (MQTT 5 reason 0x04).
+    ByClient { with_will: bool },
+    /// The socket closed or failed.
+    Network(String),
+    KeepAlive,
+    Protocol(DisconnectReasonCode, String),
+    Ended(EndReason),
+    /// The router dropped the link.
+    RouterGone,
+}
+
+/// Runs a session on an authenticated TLS stream until it closes.
+pub async fn run<S>(stream: S, identity: Identity, peer: SocketAddr, ctx: Arc<EdgeContext>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Conn {
+        stream,
+        rbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::with_capacity(4096),
+        write_timeout: ctx.limits.write_timeout,
+    };
+    let first = tokio::time::timeout(
+        ctx.limits.connect_timeout,
+        read_connect(&mut conn, ctx.limits.max_packet_size),
+    )
+    .await;
+    let (codec, packet) = match first {
+        Err(_) => {
+            debug!(%peer, thing = %identity.thing, "no CONNECT in time; closing");
+            return;
+        }
+        Ok(Err(ConnectError::Version(level))) => {
+            info!(%peer, thing = %identity.thing, level, "unsupported MQTT protocol level; refused");
+            let codec = Codec::new(Version::V311, ctx.limits.max_packet_size);
+            let _ = conn.send_connack(&codec, refusal(ConnectReturnCode::RefusedProtocolVersion)).await;
+            return;
+        }
+        Ok(Err(ConnectError::Other(reason))) => {
+            debug!(%peer, thing = %identity.thing, %reason, "connection closed before CONNECT");
+            return;
+        }
+        Ok(Ok(v)) => v,
+    };
+    let Packet::Connect(connect, props, will, will_props, _login) = packet else {
+        return;
+    };
+    let admitted = match admit(&ctx, &identity, peer, &codec, &connect, will, will_props) {
+        Ok(a) => a,
+        Err(code) => {
+            ctx.stats.connects_refused.fetch_add(1, Relaxed);
+            let _ = conn.send_connack(&codec, refusal(code)).await;
+            return;
+        }
+    };
+    let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
+    let link = match ctx.fabric.link(&connect.client_id, connect.clean_session).await {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
+            let _ = conn
+                .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
+                .await;
+            return;
+        }
+    };
+    let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
+    let session_present = link.session_present && !connect.clean_session;
+    let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive, props.as_ref());
+    if conn.send_connack(&codec, ack).await.is_err() {
+        release_link(link, None).await;
+        return;
+    }
+    info!(
+        thing = %identity.thing,
+        cert_id = %identity.cert_id,
+        %peer,
+        mqtt = %codec.version,
+        state = %admitted.grant.state,
+        groups = ?admitted.grant.groups,
+        "device connected"
+    );
+    if admitted.grant.state == DeviceState::Pending {
+        info!(thing = %identity.thing, "device is pending approval: it may publish only to its provisioning topic");
+    }
+    ctx.stats.connections_accepted.fetch_add(1, Relaxed);
+    ctx.stats.connections_open.fetch_add(1, Relaxed);
+    let mut session = Session {
+        epoch: ctx.authority.watch(),
+        ctx: Arc::clone(&ctx),
+        codec,
+        identity,
+        grant: admitted.grant,
+        will: admitted.will,
+        link,
+        clean_session: connect.clean_session,
+        // A resumed session's subscriptions come back from the router; track them so a later
+        // change of grant can prune them too.
+        filters: ctx.sessions.unpark(&connect.client_id, session_present),
+        to_router: Vec::new(),
+        denials_logged: 0,
+        wake_router: false,
+    };
+    if session_present {
+        // The grant may have shrunk while the device was away.
+        if let Flow::Close(c) = session.refresh_grant().await {
+            session.finish(&mut conn, c).await;
+            ctx.stats.connections_open.fetch_sub(1, Relaxed);
+            return;
+        }
+    }
+    session.epoch.borrow_and_update();
+    let close = session.serve(&mut conn, slot, Duration::from_secs(u64::from(keep_alive))).await;
+    session.finish(&mut conn, close).await;
+    ctx.stats.connections_open.fetch_sub(1, Relaxed);
+}
+
+enum ConnectError {
+    Version(u8),
+    Other(String),
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    max_packet_size: usize,
+) -> Result<(Codec, Packet), ConnectError> {
+    loop {
+        match connect_version(&conn.rbuf) {
+            Ok(Some(version)) => {
+                let codec = Codec::new(version, max_packet_size);
+                match codec.read(&mut conn.rbuf) {
+                    Ok(Some(frame)) => return Ok((codec, frame.packet)),
+                    Ok(None) => {}
+                    Err(e) => return Err(ConnectError::Other(e.to_string())),
+                }
+            }
+            Ok(None) => {}
+            Err(CodecError::UnsupportedVersion(level)) => return Err(ConnectError::Version(level)),
+            Err(e) => return Err(ConnectError::Other(e.to_string())),
+        }
+        match conn.stream.read_buf(&mut conn.rbuf).await {
+            Ok(0) => return Err(ConnectError::Other("end of stream".into())),
+            Ok(_) => {}
+            Err(e) => return Err(ConnectError::Other(e.to_string())),
+        }
+    }
+}
+
+struct Admitted {
+    grant: Grant,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+}
+
+/// The CONNECT checks: identity, registry state, connect permission, will permission.
+fn admit(
+    ctx: &EdgeContext,
+    identity: &Identity,
+    peer: SocketAddr,
+    codec: &Codec,
+    connect: &Connect,
+    will: Option<LastWill>,
+    will_props: Option<LastWillProperties>,
+) -> Result<Admitted, ConnectReturnCode> {
+    let thing = &identity.thing;
+    if connect.client_id != *thing {
+        warn!(
+            %peer,
+            client_id = %connect.client_id,
+            thing = %thing,
+            cert_id = %identity.cert_id,
+            "client id does not match the certificate's thing name; refused"
+        );
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    if !valid_thing_name(thing) {
+        warn!(%peer, thing = %thing, "certificate CN is not a valid thing name; refused");
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    let grant = ctx.authority.admit(thing, &identity.cert_id).map_err(|e| {
+        warn!(thing = %thing, error = %e, "device registry unavailable; refusing connection");
+        ConnectReturnCode::ServerUnavailable
+    })?;
+    if grant.state == DeviceState::Revoked {
+        warn!(%peer, thing = %thing, cert_id = %identity.cert_id, "revoked device refused");
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    if !grant.permissions.allows(Operation::Connect, &connect.client_id) {
+        warn!(%peer, thing = %thing, groups = ?grant.groups, "no policy allows mqtt:connect; refused");
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    let mut will = will;
+    if let Some(w) = will.as_mut() {
+        let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            return Err(ConnectReturnCode::TopicNameInvalid);
+        }
+        if w.qos == QoS::ExactlyOnce {
+            match codec.version {
+                Version::V5 => return Err(ConnectReturnCode::QoSNotSupported),
+                // 3.1.1 cannot say why; deliver the will at the highest QoS we offer.
+                Version::V311 => w.qos = QoS::AtLeastOnce,
+            }
+        }
+        if !grant.permissions.allows(Operation::Publish, topic) {
+            warn!(thing = %thing, will_topic = %topic, "will topic not allowed by policy; refused");
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
+    }
+    Ok(Admitted {
+        grant,
+        will: will.map(|w| (w, will_props)),
+    })
+}
+
+fn granted_keep_alive(requested: u16, max: u16) -> u16 {
+    if requested == 0 || requested > max {
+        max
+    } else {
+        requested
+    }
+}
+
+fn refusal(code: ConnectReturnCode) -> Packet {
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        None,
+    )
+}
+
+fn connack_success(
+    limits: &Limits,
+    session_present: bool,
+    keep_alive: u16,
+    requested_keep_alive: u16,
+    _props: Option<&ConnectProperties>,
+) -> Packet {
+    let props = ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: Some(limits.max_inflight),
+        max_qos: Some(1),
+        retain_available: Some(1),
+        max_packet_size: Some(u32::try_from(limits.max_packet_size).unwrap_or(u32::MAX)),
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(0),
+        shared_subscription_available: Some(0),
+        server_keep_alive: (keep_alive != requested_keep_alive).then_some(keep_alive),
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    };
+    Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        Some(props),
+    )
+}
+
+/// The socket and its buffers.
+struct Conn<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    write_timeout: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        };
+        let result = match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("write timed out".to_owned()),
+        };
+        self.wbuf.clear();
+        result
+    }
+
+    async fn send_connack(&mut self, codec: &Codec, packet: Packet) -> Result<(), String> {
+        codec.write(packet, &mut self.wbuf).map_err(|e| e.to_string())?;
+        self.flush().await
+    }
+}
+
+/// The state of a connected session.
+struct Session {
+    ctx: Arc<EdgeContext>,
+    codec: Codec,
+    identity: Identity,
+    grant: Grant,
+    epoch: watch::Receiver<u64>,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+    link: RouterLink,
+    clean_session: bool,
+    /// Filters granted and passed to the router, re-checked when the grant changes.
+    filters: Vec<String>,
+    /// Packets for the router from the current read, handed over in one go.
+    to_router: Vec<Packet>,
+    denials_logged: u32,
+    /// The router paused deliveries to this link until it is told we caught up.
+    wake_router: bool,
+}
+
+impl Close {
+    fn describe(&self) -> String {
+        match self {
+            Close::ByClient { with_will: false } => "DISCONNECT from device".into(),
+            Close::ByClient { with_will: true } => "DISCONNECT from device, with will".into(),
+            Close::Network(detail) => format!("network: {detail}"),
+            Close::KeepAlive => "silent past its keepalive".into(),
+            Close::Protocol(code, detail) => format!("protocol error ({code:?}): {detail}"),
+            Close::Ended(reason) => format!("ended by gateway: {reason:?}"),
+            Close::RouterGone => "local router dropped the link".into(),
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Close(Close),
+}
+
+impl Session {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        mut slot: SessionSlot,
+        keep_alive: Duration,
+    ) -> Close {
+        // MQTT: a client silent for 1.5 × its keepalive is gone.
+        let idle = keep_alive + keep_alive / 2;
+        let mut deadline = Instant::now() + idle;
+        let mut epoch_open = true;
+        // Bytes left over after CONNECT belong to the first packets.
+        let mut pending_input = !conn.rbuf.is_empty();
+        loop {
+            if pending_input {
+                pending_input = false;
+                if let Flow::Close(c) = self.handle_input(&mut conn.rbuf, &mut conn.wbuf).await {
+                    return c;
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    changed = slot.end.changed() => {
+                        let reason = *slot.end.borrow();
+                        match (changed, reason) {
+                            (_, Some(reason)) => return Close::Ended(reason),
+                            (Err(_), None) => return Close::Ended(EndReason::Shutdown),
+                            (Ok(()), None) => {}
+                        }
+                    }
+                    changed = self.epoch.changed(), if epoch_open => {
+                        if changed.is_err() {
+                            epoch_open = false;
+                        } else if let Flow::Close(c) = self.refresh_grant().await {
+                            return c;
+                        }
+                    }
+                    read = tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.rbuf)) => {
+                        match read {
+                            Err(_) => return Close::KeepAlive,
+                            Ok(Err(e)) => return Close::Network(e.to_string()),
+                            Ok(Ok(0)) => return Close::Network("connection closed by device".into()),
+                            Ok(Ok(_)) => {
+                                deadline = Instant::now() + idle;
+                                if let Flow::Close(c) = self.handle_input(&mut conn.rbuf, &mut conn.wbuf).await {
+                                    return c;
+                                }
+                            }
+                        }
+                    }
+                    notification = self.link.rx.next() => {
+                        match notification {
+                            Ok(Some(n)) => {
+                                if let Flow::Close(c) = self.handle_notification(n, &mut conn.wbuf) {
+                                    return c;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(_) => return Close::RouterGone,
+                        }
+                    }
+                }
+            }
+            if let Err(e) = conn.flush().await {
+                return Close::Network(e);
+            }
+            if std::mem::take(&mut self.wake_router) && self.link.rx.wake().await.is_err() {
+                return Close::RouterGone;
+            }
+        }
+    }
+
+    /// Parses and handles every whole packet in `rbuf`, then hands the router its share.
+    async fn handle_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Flow {
+        if self.epoch.has_changed().unwrap_or(false) {
+            if let Flow::Close(c) = self.refresh_grant().await {
+                return Flow::Close(c);
+            }
+        }
+        let mut flow = Flow::Continue;
+        loop {
+            match self.codec.read(rbuf) {
+                Ok(Some(frame)) => {
+                    if let Flow::Close(c) = self.handle_packet(frame, wbuf) {
+                        flow = Flow::Close(c);
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(CodecError::TooLarge(n)) => {
+                    flow = Flow::Close(Close::Protocol(
+                        DisconnectReasonCode::PacketTooLarge,
+                        format!("packet of {n} bytes exceeds listener.max_packet_size"),
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    flow = Flow::Close(Close::Protocol(DisconnectReasonCode::MalformedPacket, e.to_string()));
+                    break;
+                }
+            }
+        }
+        // Whatever was accepted before a protocol error still reaches the router.
+        if let Some(last) = self.to_router.pop() {
+            self.link.tx.buffer().extend(self.to_router.drain(..));
+            if self.link.tx.send(last).await.is_err() {
+                return Flow::Close(Close::RouterGone);
+            }
+        }
+        flow
+    }
+
+    fn handle_packet(&mut self, frame: Frame, wbuf: &mut BytesMut) -> Flow {
+        match frame.packet {
+            Packet::Publish(publish, props) => {
+                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                    return protocol_error(DisconnectReasonCode::TopicNameInvalid, "topic is not UTF-8");
+                };
+                if topic.is_empty() {
+                    return protocol_error(DisconnectReasonCode::TopicAliasInvalid, "empty topic (topic aliases are not offered)");
+                }
+                if topic.contains(['+', '#']) {
+                    return protocol_error(DisconnectReasonCode::TopicNameInvalid, "wildcard in a PUBLISH topic");
+                }
+                if frame.qos > 1 {
+                    return protocol_error(DisconnectReasonCode::QoSNotSupported, "QoS 2 is not supported (maximum QoS is 1)");
+                }
+                let allowed = self.grant.permissions.allows(Operation::Publish, topic);
+                let reason = if allowed {
+                    let counter = if frame.qos == 0 {
+                        &self.ctx.stats.messages_in_qos0
+                    } else {
+                        &self.ctx.stats.messages_in_qos1
+                    };
+                    counter.fetch_add(1, Relaxed);
+                    self.to_router.push(Packet::Publish(publish, props));
+                    PubAckReason::Success
+                } else {
+                    self.ctx.stats.publishes_denied.fetch_add(1, Relaxed);
+                    self.log_denial("publish", topic);
+                    PubAckReason::NotAuthorized
+                };
+                // MQTT 3.1.1 has no way to say "not authorized" in a PUBACK (§3.3.5): the
+                // message is acknowledged and dropped. MQTT 5 carries the reason code.
+                if frame.qos == 1 {
+                    self.write(Packet::PubAck(PubAck { pkid: frame.pkid, reason }, None), wbuf);
+                }
+                Flow::Continue
+            }
+            Packet::PubAck(ack, _) => {
+                self.to_router.push(Packet::PubAck(ack, None));
+                Flow::Continue
+            }
+            Packet::Subscribe(subscribe, _) => {
+                self.subscribe(subscribe, wbuf);
+                Flow::Continue
+            }
+            Packet::Unsubscribe(unsubscribe, _) => {
+                self.filters.retain(|f| !unsubscribe.filters.contains(f));
+                let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
+                let pkid = unsubscribe.pkid;
+                self.to_router.push(Packet::Unsubscribe(unsubscribe, None));
+                self.write(Packet::UnsubAck(UnsubAck { pkid, reasons }, None), wbuf);
+                Flow::Continue
+            }
+            Packet::PingReq(_) => {
+                self.write(Packet::PingResp(PingResp), wbuf);
+                Flow::Continue
+            }
+            Packet::Disconnect(d, _) => Flow::Close(Close::ByClient {
+                with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            }),
+            Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => {
+                protocol_error(DisconnectReasonCode::QoSNotSupported, "QoS 2 flow is not supported")
+            }
+            other => protocol_error(
+                DisconnectReasonCode::ProtocolError,
+                &format!("unexpected packet from a client: {}", packet_name(&other)),
+            ),
+        }
+    }
+
+    fn subscribe(&mut self, mut subscribe: Subscribe, wbuf: &mut BytesMut) {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut granted = Vec::with_capacity(subscribe.filters.len());
+        for mut filter in subscribe.filters.drain(..) {
+            if !valid_filter(&filter.path) {
+                codes.push(SubscribeReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if !self.grant.permissions.allows(Operation::Subscribe, &filter.path) {
+                self.ctx.stats.subscriptions_denied.fetch_add(1, Relaxed);
+                self.log_denial("subscribe", &filter.path);
+                codes.push(SubscribeReasonCode::NotAuthorized);
+                continue;
+            }
+            if filter.qos == QoS::ExactlyOnce {
+                filter.qos = QoS::AtLeastOnce;
+            }
+            codes.push(SubscribeReasonCode::Success(filter.qos));
+            if !self.filters.contains(&filter.path) {
+                self.filters.push(filter.path.clone());
+            }
+            granted.push(filter);
+        }
+        let pkid = subscribe.pkid;
+        if !granted.is_empty() {
+            self.to_router.push(Packet::Subscribe(Subscribe { pkid, filters: granted }, None));
+        }
+        self.write(Packet::SubAck(SubAck { pkid, return_codes: codes }, None), wbuf);
+    }
+
+    fn handle_notification(&mut self, notification: Notification, wbuf: &mut BytesMut) -> Flow {
+        match notification {
+            Notification::Forward(forward) => {
+                self.ctx.stats.messages_out.fetch_add(1, Relaxed);
+                self.write(Packet::Publish(forward.publish, forward.properties), wbuf);
+                Flow::Continue
+            }
+            Notification::Unschedule => {
+                self.wake_router = true;
+                Flow::Continue
+            }
+            Notification::Disconnect(..) => Flow::Close(Close::RouterGone),
+            // Acks for what we relayed: the device already got its answer from us.
+            _ => Flow::Continue,
+        }
+    }
+
+    /// Re-reads the grant after an approval or revocation; prunes subscriptions it no longer
+    /// allows.
+    async fn refresh_grant(&mut self) -> Flow {
+        self.epoch.borrow_and_update();
+        let grant = match self.ctx.authority.current_grant(&self.identity.thing) {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(thing = %self.identity.thing, error = %e, "cannot re-read grant; keeping the current one");
+                return Flow::Continue;
+            }
+        };
+        if grant.state == DeviceState::Revoked {
+            return Flow::Close(Close::Ended(EndReason::Revoked));
+        }
+        if grant.state != self.grant.state || grant.groups != self.grant.groups {
+            info!(thing = %self.identity.thing, state = %grant.state, groups = ?grant.groups, "grant changed on the live connection");
+        }
+        self.grant = grant;
+        let (kept, dropped): (Vec<String>, Vec<String>) = std::mem::take(&mut self.filters)
+            .into_iter()
+            .partition(|f| self.grant.permissions.allows(Operation::Subscribe, f));
+        self.filters = kept;
+        for filter in dropped {
+            info!(thing = %self.identity.thing, %filter, "subscription no longer allowed; removed");
+            if self.link.tx.unsubscribe(filter).is_err() {
+                return Flow::Close(Close::RouterGone);
+            }
+        }
+        Flow::Continue
+    }
+
+    fn write(&mut self, packet: Packet, wbuf: &mut BytesMut) {
+        if let Err(e) = self.codec.write(packet, wbuf) {
+            warn!(thing = %self.identity.thing, error = %e, "cannot encode a packet for the device");
+        }
+    }
+
+    fn log_denial(&mut self, what: &str, resource: &str) {
+        if self.denials_logged < LOGGED_DENIALS_PER_SESSION {
+            self.denials_logged += 1;
+            info!(thing = %self.identity.thing, groups = ?self.grant.groups, %resource, "{what} denied by policy");
+        } else {
+            debug!(thing = %self.identity.thing, %resource, "{what} denied by policy");
+        }
+    }
+
+    /// Tells the device why (MQTT 5), publishes the will when due, and releases the link.
+    async fn finish<S: AsyncRead + AsyncWrite + Unpin>(mut self, conn: &mut Conn<S>, close: Close) {
+        let thing = self.identity.thing.clone();
+        let (reason, publish_will) = match &close {
+            Close::ByClient { with_will } => (None, *with_will),
+            Close::Network(_) | Close::RouterGone => (None, true),
+            Close::KeepAlive => {
+                self.ctx.stats.keepalive_timeouts.fetch_add(1, Relaxed);
+                (Some(DisconnectReasonCode::KeepAliveTimeout), true)
+            }
+            Close::Protocol(code, _) => {
+                self.ctx.stats.protocol_errors.fetch_add(1, Relaxed);
+                (Some(*code), true)
+            }
+            Close::Ended(EndReason::TakenOver) => (Some(DisconnectReasonCode::SessionTakenOver), true),
+            Close::Ended(EndReason::Shutdown) => (Some(DisconnectReasonCode::ServerShuttingDown), true),
+            Close::Ended(EndReason::Revoked) => {
+                self.ctx.stats.revoked_disconnects.fetch_add(1, Relaxed);
+                (Some(DisconnectReasonCode::NotAuthorized), false)
+            }
+        };
+        info!(thing = %thing, reason = %close.describe(), "device disconnected");
+        if let Some(code) = reason {
+            let d = Packet::Disconnect(Disconnect { reason_code: code }, None);
+            if matches!(self.codec.write(d, &mut conn.wbuf), Ok(true)) {
+                let _ = conn.flush().await;
+            }
+        }
+        let _ = conn.stream.shutdown().await;
+        let will = if publish_will { self.will.take() } else { None };
+        let will = will.filter(|(w, _)| {
+            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+            // The grant may have changed since CONNECT; the will is a publish like any other.
+            self.grant.permissions.allows(Operation::Publish, topic)
+        });
+        if matches!(close, Close::RouterGone) {
+            return;
+        }
+        if !self.clean_session {
+            self.ctx.sessions.park(&thing, std::mem::take(&mut self.filters));
+        }
+        release_link(self.link, will.map(|(w, _)| w)).await;
+    }
+}
+
+/// Publishes the will (if any) and tells the router this link is gone, so a persistent session
+/// is parked and a clean one forgotten.
+async fn release_link(mut link: RouterLink, will: Option<LastWill>) {
+    if let Some(w) = will {
+        let topic = String::from_utf8_lossy(&w.topic).into_owned();
+        link.tx
+            .buffer()
+            .push_back(Packet::Publish(publish_packet(&topic, &w.message, w.qos, w.retain), None));
+    }
+    let bye = Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    let _ = link.tx.send(bye).await;
+}
+
+fn protocol_error(code: DisconnectReasonCode, detail: &str) -> Flow {
+    Flow::Close(Close::Protocol(code, detail.to_owned()))
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::Publish(..) => "PUBLISH",
+        Packet::PubAck(..) => "PUBACK",
+        Packet::PingReq(..) => "PINGREQ",
+        Packet::PingResp(..) => "PINGRESP",
+        Packet::Subscribe(..) => "SUBSCRIBE",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::Disconnect(..) => "DISCONNECT",
+    }
+}

@@ -1,0 +1,61 @@
+//! Counters of what the device edge did, shared by every connection.
+//!
+//! Plain atomics, bumped once per event; read by the demo, the admin `status` request and the
+//! tests. Relaxed ordering: each counter stands alone.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters of the device edge.
+        #[derive(Debug, Default)]
+        pub struct Stats { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A point-in-time copy of [`Stats`].
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+        pub struct StatsSnapshot { $($(#[$doc])* pub $name: u64,)* }
+
+        impl Stats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Device connections open now.
+    connections_open,
+    /// Connections that completed CONNECT since start.
+    connections_accepted,
+    /// TLS handshakes that failed or timed out (bad certificate, wrong CA, expired, silence).
+    handshakes_failed,
+    /// CONNECTs refused (client id ≠ thing name, revoked, not allowed to connect, bad will).
+    connects_refused,
+    /// Connections turned away at the connection limit.
+    connections_over_limit,
+    /// PUBLISHes accepted at QoS 0.
+    messages_in_qos0,
+    /// PUBLISHes accepted at QoS 1.
+    messages_in_qos1,
+    /// PUBLISHes refused by policy.
+    publishes_denied,
+    /// SUBSCRIBE filters refused by policy.
+    subscriptions_denied,
+    /// Messages delivered to subscribed devices.
+    messages_out,
+    /// Connections closed for a malformed or oversize packet or a protocol error.
+    protocol_errors,
+    /// Connections closed because the device went silent past its keepalive.
+    keepalive_timeouts,
+    /// Live connections closed by revocation.
+    revoked_disconnects,
+}
+
+impl Stats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+}
