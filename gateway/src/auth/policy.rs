@@ -467,11 +467,11 @@ mod tests {
                 },
             );
         }
-        for (name, s) in policies {
+        for (i, (name, s)) in policies.iter().enumerate() {
             a.policies
                 .entry(name.to_string())
                 .or_default()
-                .insert(format!("s{}", a.policies.len()), s.clone());
+                .insert(format!("s{i}"), s.clone());
         }
         a
     }

@@ -78,6 +78,14 @@ impl RegistryError {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// On disk before the call returns: operator decisions.
+    Flushed,
+    /// Written out by sled's background flush.
+    Lazy,
+}
+
 /// The registry, over a tree of the gateway's sled database.
 #[derive(Clone)]
 pub struct Registry {
@@ -101,7 +109,9 @@ impl Registry {
     /// Records a connection attempt by `thing` with `cert_id`; creates a pending record for a
     /// thing never seen before.
     pub fn observe(&self, thing: &str, cert_id: &str) -> Result<DeviceRecord, RegistryError> {
-        self.update(thing, |r| {
+        // Not flushed here: a sighting lost to a crash costs nothing, and a reconnect storm must
+        // not wait on one fsync per device. sled writes it out within its flush interval.
+        self.update(thing, Durability::Lazy, |r| {
             let now = now_ms();
             r.first_seen_ms.get_or_insert(now);
             r.last_seen_ms = Some(now);
@@ -113,7 +123,7 @@ impl Registry {
 
     /// Approves `thing` (known or not yet seen) and adds `groups` to its assigned groups.
     pub fn approve(&self, thing: &str, groups: &[String]) -> Result<DeviceRecord, RegistryError> {
-        self.update(thing, |r| {
+        self.update(thing, Durability::Flushed, |r| {
             r.state = DeviceState::Approved;
             for g in groups {
                 if !r.groups.contains(g) {
@@ -126,7 +136,7 @@ impl Registry {
 
     /// Revokes `thing`: refused from now on, until approved again.
     pub fn revoke(&self, thing: &str) -> Result<DeviceRecord, RegistryError> {
-        self.update(thing, |r| {
+        self.update(thing, Durability::Flushed, |r| {
             r.state = DeviceState::Revoked;
             r.updated_ms = now_ms();
         })
@@ -145,6 +155,7 @@ impl Registry {
     fn update(
         &self,
         thing: &str,
+        durability: Durability,
         change: impl Fn(&mut DeviceRecord),
     ) -> Result<DeviceRecord, RegistryError> {
         let mut result = None;
@@ -166,7 +177,9 @@ impl Registry {
         if let Some(e) = corrupt {
             return Err(e);
         }
-        self.tree.flush()?;
+        if durability == Durability::Flushed {
+            self.tree.flush()?;
+        }
         result.ok_or_else(|| RegistryError::Corrupt {
             thing: thing.to_owned(),
             reason: "update produced no record".into(),

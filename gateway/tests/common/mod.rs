@@ -1,0 +1,235 @@
+//! A site for integration tests: a real CA, a gateway on 127.0.0.1:0, real device certificates,
+//! and helpers that drive Debian's `mosquitto_pub` / `mosquitto_sub` against it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sitegate::admin::{self, AdminRequest, AdminResponse};
+use sitegate::config::{AuthConfig, Config, ListenerConfig};
+use sitegate::daemon::{Gateway, Listeners};
+use sitegate::pki::{self, CaFiles, IssuedDevice};
+use sitegate::stats::{Stats, StatsSnapshot};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+/// Policies used by most tests: sensors publish their telemetry, pumps take commands,
+/// a controller commands pumps, a monitor watches all telemetry.
+pub const AUTH: &str = r#"
+[device_groups.sensors]
+selection_rule = "thingName: sensor-* OR thingName: door-*"
+policy = "telemetry"
+
+[device_groups.pumps]
+selection_rule = "thingName: pump-*"
+policy = "pump"
+
+[device_groups.controllers]
+selection_rule = "thingName: controller-1"
+policy = "controller"
+
+[device_groups.monitors]
+selection_rule = "thingName: monitor-*"
+policy = "monitor"
+
+[policies.telemetry.connect]
+operations = ["mqtt:connect"]
+resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}"]
+
+[policies.telemetry.publish]
+operations = ["mqtt:publish"]
+resources = ["mqtt:topic:dt/${iot:Connection.Thing.ThingName}/#", "mqtt:topic:status/${iot:Connection.Thing.ThingName}"]
+
+[policies.pump.all]
+operations = ["mqtt:connect", "mqtt:subscribe", "mqtt:publish"]
+resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topicfilter:cmd/${iot:Connection.Thing.ThingName}/#", "mqtt:topic:status/${iot:Connection.Thing.ThingName}"]
+
+[policies.controller.all]
+operations = ["mqtt:connect", "mqtt:publish"]
+resources = ["mqtt:clientId:controller-1", "mqtt:topic:cmd/+/#"]
+
+[policies.monitor.all]
+operations = ["mqtt:connect", "mqtt:subscribe"]
+resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topicfilter:dt/#", "mqtt:topicfilter:status/#"]
+"#;
+
+pub struct Site {
+    pub dir: TempDir,
+    pub ca: CaFiles,
+    pub config: Config,
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    gateway: Option<Gateway>,
+}
+
+impl Site {
+    pub async fn start() -> Site {
+        Site::start_with(|_| {}).await
+    }
+
+    /// Starts a gateway after `adjust` has had its say on the config.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::init_ca(&dir.path().join("pki"), "test", &[]).unwrap();
+        let mut config = Config {
+            site: Some("test".into()),
+            data_dir: dir.path().join("data"),
+            listener: ListenerConfig::with_defaults(
+                "127.0.0.1:0",
+                ca.ca_cert.clone(),
+                ca.gateway_cert.clone(),
+                ca.gateway_key.clone(),
+            ),
+            auth: toml::from_str::<AuthConfig>(AUTH).unwrap(),
+            admin: Default::default(),
+        };
+        adjust(&mut config);
+        let listeners = Listeners {
+            mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: admin::bind(&config.admin_socket()).unwrap(),
+        };
+        let gateway = Gateway::start(config.clone(), listeners).unwrap();
+        Site {
+            addr: gateway.local_addr().unwrap(),
+            stats: gateway.stats(),
+            gateway: Some(gateway),
+            dir,
+            ca,
+            config,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    pub fn devices_dir(&self) -> PathBuf {
+        self.dir.path().join("devices")
+    }
+
+    pub fn issue(&self, thing: &str) -> IssuedDevice {
+        pki::issue_device(thing, &self.pki_dir(), &self.devices_dir(), 30).unwrap()
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    pub async fn admin(&self, request: AdminRequest) -> AdminResponse {
+        admin::request(&self.config.admin_socket(), &request).await.unwrap()
+    }
+
+    pub async fn approve(&self, thing: &str, groups: &[&str]) {
+        let r = self
+            .admin(AdminRequest::Approve {
+                thing: thing.into(),
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+            })
+            .await;
+        assert!(matches!(r, AdminResponse::Device { .. }), "{r:?}");
+    }
+
+    /// Issues and approves a device in one go.
+    pub async fn device(&self, thing: &str) -> IssuedDevice {
+        let d = self.issue(thing);
+        self.approve(thing, &[]).await;
+        d
+    }
+
+    /// The common TLS and identity arguments of the mosquitto clients.
+    pub fn mosquitto_args(&self, cert: &Path, key: &Path, client_id: &str, v5: bool) -> Vec<String> {
+        vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.addr.port().to_string(),
+            "--cafile".into(),
+            self.ca.ca_cert.display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+            "-i".into(),
+            client_id.into(),
+            "-V".into(),
+            if v5 { "mqttv5" } else { "mqttv311" }.into(),
+        ]
+    }
+
+    /// `mosquitto_pub` of one message as `device` (client id = its thing unless given).
+    pub async fn publish(&self, device: &IssuedDevice, topic: &str, message: &str, qos: u8, v5: bool) -> Output {
+        self.publish_as(device, &device.thing, topic, message, qos, v5, &[]).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_as(
+        &self,
+        device: &IssuedDevice,
+        client_id: &str,
+        topic: &str,
+        message: &str,
+        qos: u8,
+        v5: bool,
+        extra: &[&str],
+    ) -> Output {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(self.mosquitto_args(&device.cert, &device.key, client_id, v5))
+            .args(["-t", topic, "-m", message, "-q", &qos.to_string()])
+            .args(extra)
+            .stdin(Stdio::null());
+        tokio::time::timeout(Duration::from_secs(20), cmd.output())
+            .await
+            .expect("mosquitto_pub hung")
+            .expect("mosquitto_pub runs (apt-get install mosquitto-clients)")
+    }
+
+    /// Starts `mosquitto_sub` as `device` on `filter`, printing `topic payload` lines.
+    pub fn subscribe(&self, device: &IssuedDevice, filter: &str, v5: bool, extra: &[&str]) -> Child {
+        let mut cmd = Command::new("mosquitto_sub");
+        cmd.args(self.mosquitto_args(&device.cert, &device.key, &device.thing, v5))
+            .args(["-t", filter, "-q", "1", "-v"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd.spawn().expect("mosquitto_sub runs (apt-get install mosquitto-clients)")
+    }
+
+    /// Waits until `check` holds on the counters, for at most 10 s.
+    pub async fn wait_for(&self, what: &str, check: impl Fn(&StatsSnapshot) -> bool) {
+        for _ in 0..200 {
+            if check(&self.snapshot()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}; counters: {:?}", self.snapshot());
+    }
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Reads a running `mosquitto_sub`'s output until it exits or `limit` passes, then kills it.
+pub async fn collect(mut child: Child, limit: Duration) -> String {
+    let _ = tokio::time::timeout(limit, child.wait()).await;
+    let _ = child.start_kill();
+    let out = child.wait_with_output().await.unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
