@@ -1,1 +1,62 @@
-//! placeholder
+//! sitegate-benches: criterion benches (`cargo bench -p sitegate-benches`) and the fixtures
+//! they share. Figures are ratios against a peer measured in the same run, never absolutes
+//! compared across machines.
+//!
+//! Layout:
+//! - `fixtures`: synthetic policy sets shaped like a real site's.
+//! - `benches/policy.rs`: the per-packet authorization check.
+
+pub mod fixtures {
+    use sitegate::config::{AuthConfig, DeviceGroupConfig, StatementConfig};
+    use std::collections::BTreeMap;
+
+    /// `groups` device groups, each `thingName: kind<i>-*` bound to its own policy of three
+    /// statements (connect as itself, publish its telemetry, subscribe to its commands), like a
+    /// site with that many device types.
+    pub fn auth_with_groups(groups: usize) -> AuthConfig {
+        let mut auth = AuthConfig::default();
+        for i in 0..groups {
+            let policy = format!("policy-{i}");
+            auth.device_groups.insert(
+                format!("group-{i}"),
+                DeviceGroupConfig {
+                    selection_rule: format!("thingName: kind{i}-* OR thingName: special-{i}"),
+                    policy: policy.clone(),
+                },
+            );
+            let mut statements = BTreeMap::new();
+            let st = |ops: &[&str], res: &[String]| StatementConfig {
+                description: None,
+                operations: ops.iter().map(|s| s.to_string()).collect(),
+                resources: res.to_vec(),
+            };
+            statements.insert(
+                "connect".to_owned(),
+                st(
+                    &["mqtt:connect"],
+                    &["mqtt:clientId:${iot:Connection.Thing.ThingName}".into()],
+                ),
+            );
+            statements.insert(
+                "publish".to_owned(),
+                st(
+                    &["mqtt:publish"],
+                    &[
+                        "mqtt:topic:dt/${iot:Connection.Thing.ThingName}/#".into(),
+                        format!("mqtt:topic:fleet/kind{i}/+/status"),
+                        format!("mqtt:topic:site/zone-{i}/*"),
+                    ],
+                ),
+            );
+            statements.insert(
+                "subscribe".to_owned(),
+                st(
+                    &["mqtt:subscribe"],
+                    &["mqtt:topicfilter:cmd/${iot:Connection.Thing.ThingName}/#".into()],
+                ),
+            );
+            auth.policies.insert(policy, statements);
+        }
+        auth
+    }
+}

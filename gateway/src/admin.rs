@@ -81,18 +81,28 @@ impl AdminService {
     fn try_handle(&self, request: AdminRequest) -> Result<AdminResponse, String> {
         match request {
             AdminRequest::Approve { thing, groups } => {
-                self.authority.approve(&thing, &groups).map_err(|e| e.to_string())?;
+                self.authority
+                    .approve(&thing, &groups)
+                    .map_err(|e| e.to_string())?;
                 info!(%thing, ?groups, "device approved");
-                Ok(AdminResponse::Device { device: self.view(&thing)? })
+                Ok(AdminResponse::Device {
+                    device: self.view(&thing)?,
+                })
             }
             AdminRequest::Revoke { thing } => {
                 self.authority.revoke(&thing).map_err(|e| e.to_string())?;
                 let was_connected = self.sessions.end(&thing, EndReason::Revoked);
                 info!(%thing, was_connected, "device revoked");
-                Ok(AdminResponse::Device { device: self.view(&thing)? })
+                Ok(AdminResponse::Device {
+                    device: self.view(&thing)?,
+                })
             }
             AdminRequest::List => {
-                let records = self.authority.registry().list().map_err(|e| e.to_string())?;
+                let records = self
+                    .authority
+                    .registry()
+                    .list()
+                    .map_err(|e| e.to_string())?;
                 let devices = records
                     .iter()
                     .map(|r| self.view(&r.thing))
@@ -112,7 +122,10 @@ impl AdminService {
             .get(thing)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no device named {thing:?}"))?;
-        let grant = self.authority.current_grant(thing).map_err(|e| e.to_string())?;
+        let grant = self
+            .authority
+            .current_grant(thing)
+            .map_err(|e| e.to_string())?;
         Ok(DeviceView {
             thing: record.thing,
             state: record.state,
@@ -131,7 +144,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("{} is in use: is another sitegate running on this data_dir?", path.display()),
+                format!(
+                    "{} is in use: is another sitegate running on this data_dir?",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(path)?;
@@ -145,7 +161,11 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves admin requests until `shutdown` turns true.
-pub async fn serve(listener: UnixListener, service: Arc<AdminService>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<AdminService>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return,
@@ -174,7 +194,9 @@ async fn answer(stream: UnixStream, service: &AdminService) -> std::io::Result<(
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
     tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "admin request timed out"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "admin request timed out")
+        })??;
     let response = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(request) => service.handle(request),
         Err(e) => AdminResponse::Error {
@@ -200,7 +222,10 @@ pub enum AdminClientError {
 }
 
 /// Sends one request to the gateway listening on `socket`.
-pub async fn request(socket: &Path, request: &AdminRequest) -> Result<AdminResponse, AdminClientError> {
+pub async fn request(
+    socket: &Path,
+    request: &AdminRequest,
+) -> Result<AdminResponse, AdminClientError> {
     let stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
         Err(e)

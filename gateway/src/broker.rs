@@ -68,7 +68,11 @@ impl Fabric {
 
     /// Links `client_id` to the router. The router answers over a blocking channel, so the
     /// wait happens off the async workers.
-    pub async fn link(self: &Arc<Self>, client_id: &str, clean: bool) -> Result<RouterLink, FabricError> {
+    pub async fn link(
+        self: &Arc<Self>,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<RouterLink, FabricError> {
         let fabric = Arc::clone(self);
         let client_id = client_id.to_owned();
         let (tx, rx, ack) =

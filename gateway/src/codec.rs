@@ -62,7 +62,9 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
             break;
         }
         if pos > 4 {
-            return Err(CodecError::Malformed("remaining length longer than 4 bytes".into()));
+            return Err(CodecError::Malformed(
+                "remaining length longer than 4 bytes".into(),
+            ));
         }
     }
     let (Some(&hi), Some(&lo)) = (buf.get(pos), buf.get(pos + 1)) else {
@@ -182,7 +184,9 @@ fn for_v311(packet: Packet) -> Option<Packet> {
             for code in &mut s.return_codes {
                 *code = match *code {
                     SubscribeReasonCode::Success(q) => SubscribeReasonCode::Success(q),
-                    SubscribeReasonCode::QoS0 | SubscribeReasonCode::QoS1 | SubscribeReasonCode::QoS2 => *code,
+                    SubscribeReasonCode::QoS0
+                    | SubscribeReasonCode::QoS1
+                    | SubscribeReasonCode::QoS2 => *code,
                     _ => SubscribeReasonCode::Failure,
                 };
             }
@@ -237,7 +241,10 @@ mod tests {
             Err(CodecError::UnsupportedVersion(3))
         ));
         assert_eq!(connect_version(&connect(4)[..5]).unwrap(), None);
-        assert!(matches!(connect_version(&[0x30, 0]), Err(CodecError::NotConnect(3))));
+        assert!(matches!(
+            connect_version(&[0x30, 0]),
+            Err(CodecError::NotConnect(3))
+        ));
     }
 
     #[test]
@@ -262,7 +269,10 @@ mod tests {
         // QoS 1 PUBLISH to "t/x", packet id 0x1234, payload "hi".
         let bytes = [0x32u8, 9, 0, 3, b't', b'/', b'x', 0x12, 0x34, b'h', b'i'];
         let codec = Codec::new(Version::V311, 1024);
-        let frame = codec.read(&mut BytesMut::from(&bytes[..])).unwrap().unwrap();
+        let frame = codec
+            .read(&mut BytesMut::from(&bytes[..]))
+            .unwrap()
+            .unwrap();
         assert_eq!((frame.qos, frame.pkid), (1, 0x1234));
         match frame.packet {
             Packet::Publish(p, _) => assert_eq!(&p.payload[..], b"hi"),
@@ -275,7 +285,10 @@ mod tests {
         let codec = Codec::new(Version::V311, 100);
         // PUBLISH announcing 1000 bytes, of which none have arrived.
         let mut buf = BytesMut::from(&[0x30u8, 0xe8, 0x07][..]);
-        assert!(matches!(codec.read(&mut buf), Err(CodecError::TooLarge(1000))));
+        assert!(matches!(
+            codec.read(&mut buf),
+            Err(CodecError::TooLarge(1000))
+        ));
     }
 
     #[test]

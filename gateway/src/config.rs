@@ -262,7 +262,10 @@ impl Config {
             ("listener.max_inflight", u64::from(l.max_inflight)),
             ("listener.handshake_timeout_ms", l.handshake_timeout_ms),
             ("listener.connect_timeout_ms", l.connect_timeout_ms),
-            ("listener.max_keep_alive_secs", u64::from(l.max_keep_alive_secs)),
+            (
+                "listener.max_keep_alive_secs",
+                u64::from(l.max_keep_alive_secs),
+            ),
             ("listener.write_timeout_ms", l.write_timeout_ms),
         ];
         for (key, value) in positive {
@@ -375,13 +378,11 @@ impl std::str::FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size (expected e.g. 4096, \"256KiB\", \"8GiB\")"))?;
+        let n: u64 = digits.parse().map_err(|_| {
+            format!("{s:?} is not a size (expected e.g. 4096, \"256KiB\", \"8GiB\")")
+        })?;
         let factor: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" => 1_000,
@@ -392,7 +393,9 @@ impl std::str::FromStr for ByteSize {
             "GiB" => 1 << 30,
             "TB" => 1_000_000_000_000,
             "TiB" => 1 << 40,
-            other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+            other => return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            )),
         };
         n.checked_mul(factor)
             .map(ByteSize)
@@ -456,7 +459,10 @@ mod tests {
         assert_eq!("8GiB".parse::<ByteSize>().unwrap().0, 8 << 30);
         assert_eq!("10MB".parse::<ByteSize>().unwrap().0, 10_000_000);
         assert_eq!("42".parse::<ByteSize>().unwrap().0, 42);
-        assert!("8 parsecs".parse::<ByteSize>().unwrap_err().contains("unit"));
+        assert!("8 parsecs"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .contains("unit"));
     }
 
     #[test]

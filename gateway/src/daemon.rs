@@ -43,7 +43,9 @@ pub enum RunError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("cannot open the store in {path}: {source} (is another sitegate using this data_dir?)")]
+    #[error(
+        "cannot open the store in {path}: {source} (is another sitegate using this data_dir?)"
+    )]
     Store { path: PathBuf, source: sled::Error },
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -105,7 +107,10 @@ impl Gateway {
         let stats = Arc::new(Stats::default());
         let sessions = Arc::new(SessionTable::default());
         let l = &config.listener;
-        let fabric = Arc::new(Fabric::start(l.max_connections + INTERNAL_LINKS, l.max_inflight));
+        let fabric = Arc::new(Fabric::start(
+            l.max_connections + INTERNAL_LINKS,
+            l.max_inflight,
+        ));
         let ctx = Arc::new(EdgeContext {
             authority: Arc::clone(&authority),
             fabric,
@@ -178,7 +183,9 @@ impl Gateway {
         for task in self.tasks {
             let _ = task.await;
         }
-        self.sessions.end_all(EndReason::Shutdown, SHUTDOWN_GRACE).await;
+        self.sessions
+            .end_all(EndReason::Shutdown, SHUTDOWN_GRACE)
+            .await;
         let _ = self.db.flush_async().await;
         info!("sitegate stopped");
     }

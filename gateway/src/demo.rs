@@ -73,14 +73,44 @@ struct Plan {
 }
 
 const FLEET: &[Plan] = &[
-    Plan { thing: "thermostat-1", approved: true, publishes: &["dt/thermostat-1/temp", "cmd/pump-1/speed"], subscribes: None },
-    Plan { thing: "thermostat-2", approved: true, publishes: &["dt/thermostat-2/temp"], subscribes: None },
-    Plan { thing: "thermostat-3", approved: true, publishes: &["dt/thermostat-3/temp"], subscribes: None },
-    Plan { thing: "pump-1", approved: true, publishes: &[], subscribes: Some("cmd/pump-1/#") },
+    Plan {
+        thing: "thermostat-1",
+        approved: true,
+        publishes: &["dt/thermostat-1/temp", "cmd/pump-1/speed"],
+        subscribes: None,
+    },
+    Plan {
+        thing: "thermostat-2",
+        approved: true,
+        publishes: &["dt/thermostat-2/temp"],
+        subscribes: None,
+    },
+    Plan {
+        thing: "thermostat-3",
+        approved: true,
+        publishes: &["dt/thermostat-3/temp"],
+        subscribes: None,
+    },
+    Plan {
+        thing: "pump-1",
+        approved: true,
+        publishes: &[],
+        subscribes: Some("cmd/pump-1/#"),
+    },
     // Approved, but tries to speak for thermostat-1 half the time: denied by policy.
-    Plan { thing: "thermostat-9", approved: true, publishes: &["dt/thermostat-9/temp", "dt/thermostat-1/temp"], subscribes: None },
+    Plan {
+        thing: "thermostat-9",
+        approved: true,
+        publishes: &["dt/thermostat-9/temp", "dt/thermostat-1/temp"],
+        subscribes: None,
+    },
     // Never approved at start: only its provisioning topic works until it is approved live.
-    Plan { thing: "door-1", approved: false, publishes: &["$sitegate/provisioning/door-1", "dt/door-1/state"], subscribes: None },
+    Plan {
+        thing: "door-1",
+        approved: false,
+        publishes: &["$sitegate/provisioning/door-1", "dt/door-1/state"],
+        subscribes: None,
+    },
 ];
 
 #[derive(Default)]
@@ -91,13 +121,20 @@ struct DeviceCounters {
 }
 
 pub async fn run(duration: Duration) -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("sitegate-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("sitegate-demo-")
+        .tempdir()?;
     let pki_dir = dir.path().join("pki");
     let files = pki::init_ca(&pki_dir, "demo", &[])?;
     let config = Config {
         site: Some("demo".into()),
         data_dir: dir.path().join("data"),
-        listener: ListenerConfig::with_defaults("127.0.0.1:0", files.ca_cert.clone(), files.gateway_cert, files.gateway_key),
+        listener: ListenerConfig::with_defaults(
+            "127.0.0.1:0",
+            files.ca_cert.clone(),
+            files.gateway_cert,
+            files.gateway_key,
+        ),
         auth: toml::from_str::<AuthConfig>(DEMO_AUTH).context("demo auth config")?,
         admin: Default::default(),
     };
@@ -108,18 +145,35 @@ pub async fn run(duration: Duration) -> Result<()> {
     };
     let gateway = Gateway::start(config.clone(), listeners)?;
     let addr = gateway.local_addr().context("gateway has no address")?;
-    println!("sitegate demo: gateway on mqtts://{addr}, data in {}", dir.path().display());
+    println!(
+        "sitegate demo: gateway on mqtts://{addr}, data in {}",
+        dir.path().display()
+    );
 
     let socket = config.admin_socket();
     for plan in FLEET.iter().filter(|p| p.approved) {
-        ask(&socket, AdminRequest::Approve { thing: plan.thing.into(), groups: vec![] }).await?;
+        ask(
+            &socket,
+            AdminRequest::Approve {
+                thing: plan.thing.into(),
+                groups: vec![],
+            },
+        )
+        .await?;
     }
     let (stop_tx, stop) = watch::channel(false);
     let counters = Arc::new(DeviceCounters::default());
     let mut devices = Vec::new();
     for plan in FLEET {
-        let (creds, _) = DeviceCredentials::issue(plan.thing, &pki_dir, &dir.path().join("devices"), 1)?;
-        devices.push(tokio::spawn(device(creds, addr, plan, stop.clone(), Arc::clone(&counters))));
+        let (creds, _) =
+            DeviceCredentials::issue(plan.thing, &pki_dir, &dir.path().join("devices"), 1)?;
+        devices.push(tokio::spawn(device(
+            creds,
+            addr,
+            plan,
+            stop.clone(),
+            Arc::clone(&counters),
+        )));
     }
     println!(
         "fleet: {} devices ({} approved, door-1 pending; thermostat-9 also tries thermostat-1's topic)",
@@ -140,7 +194,14 @@ pub async fn run(duration: Duration) -> Result<()> {
         let elapsed = started.elapsed();
         if !door_approved && elapsed >= duration / 2 {
             door_approved = true;
-            ask(&socket, AdminRequest::Approve { thing: "door-1".into(), groups: vec!["doors".into()] }).await?;
+            ask(
+                &socket,
+                AdminRequest::Approve {
+                    thing: "door-1".into(),
+                    groups: vec!["doors".into()],
+                },
+            )
+            .await?;
             println!("[{:>2}s] operator: sitegate device approve door-1 --group doors (live, no reconnect)", elapsed.as_secs());
         }
         let s = gateway.stats().snapshot();
@@ -167,14 +228,28 @@ pub async fn run(duration: Duration) -> Result<()> {
 
     println!("\nsummary after {:.1}s", started.elapsed().as_secs_f64());
     println!("  connections accepted     {}", s.connections_accepted);
-    println!("  messages accepted        {} (QoS 1: {})", s.messages_in_qos0 + s.messages_in_qos1, s.messages_in_qos1);
+    println!(
+        "  messages accepted        {} (QoS 1: {})",
+        s.messages_in_qos0 + s.messages_in_qos1,
+        s.messages_in_qos1
+    );
     println!("  publishes denied         {}", s.publishes_denied);
     println!("  delivered to devices     {}", s.messages_out);
-    println!("  sent by the fleet        {} (PUBACKed {}, received {})", counters.sent.load(Relaxed), counters.acked.load(Relaxed), counters.received.load(Relaxed));
+    println!(
+        "  sent by the fleet        {} (PUBACKed {}, received {})",
+        counters.sent.load(Relaxed),
+        counters.acked.load(Relaxed),
+        counters.received.load(Relaxed)
+    );
     if let AdminResponse::Devices { devices } = list {
         println!("\n  {:<14} {:<9} GROUPS", "THING", "STATE");
         for d in devices {
-            println!("  {:<14} {:<9} {}", d.thing, d.state.to_string(), d.groups.join(","));
+            println!(
+                "  {:<14} {:<9} {}",
+                d.thing,
+                d.state.to_string(),
+                d.groups.join(",")
+            );
         }
     }
     println!("\nstopped cleanly");
@@ -232,7 +307,11 @@ async fn device(
         let topic = plan.publishes[(n as usize) % plan.publishes.len()];
         let temp = 20.0 + ((n % 17) as f64) * 0.3;
         let payload = format!(r#"{{"thing":"{}","seq":{n},"temp":{temp:.1}}}"#, plan.thing);
-        if client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_ok() {
+        if client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .is_ok()
+        {
             counters.sent.fetch_add(1, Relaxed);
         }
         n += 1;

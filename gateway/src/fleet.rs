@@ -40,7 +40,9 @@ pub struct DeviceCredentials {
 impl std::fmt::Debug for DeviceCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("DeviceCredentials").field("thing", &self.thing).finish_non_exhaustive()
+        f.debug_struct("DeviceCredentials")
+            .field("thing", &self.thing)
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,9 +65,19 @@ impl DeviceCredentials {
     }
 
     /// Issues a new device certificate from the CA in `ca_dir` into `out_dir` and loads it.
-    pub fn issue(thing: &str, ca_dir: &Path, out_dir: &Path, days: i64) -> Result<(Self, IssuedDevice), FleetError> {
+    pub fn issue(
+        thing: &str,
+        ca_dir: &Path,
+        out_dir: &Path,
+        days: i64,
+    ) -> Result<(Self, IssuedDevice), FleetError> {
         let issued = pki::issue_device(thing, ca_dir, out_dir, days)?;
-        let creds = Self::load(thing, &ca_dir.join(pki::CA_CERT_FILE), &issued.cert, &issued.key)?;
+        let creds = Self::load(
+            thing,
+            &ca_dir.join(pki::CA_CERT_FILE),
+            &issued.cert,
+            &issued.key,
+        )?;
         Ok((creds, issued))
     }
 
@@ -90,8 +102,13 @@ impl DeviceCredentials {
     }
 
     /// MQTT 3.1.1 options for connecting to `gateway` with client id = thing name.
-    pub fn mqtt_options(&self, gateway: SocketAddr, keep_alive: Duration) -> Result<rumqttc::MqttOptions, FleetError> {
-        let mut opts = rumqttc::MqttOptions::new(&self.thing, gateway.ip().to_string(), gateway.port());
+    pub fn mqtt_options(
+        &self,
+        gateway: SocketAddr,
+        keep_alive: Duration,
+    ) -> Result<rumqttc::MqttOptions, FleetError> {
+        let mut opts =
+            rumqttc::MqttOptions::new(&self.thing, gateway.ip().to_string(), gateway.port());
         opts.set_keep_alive(keep_alive);
         opts.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(Arc::new(self.client_config()?)),
@@ -100,8 +117,13 @@ impl DeviceCredentials {
     }
 
     /// MQTT 5 options, as [`Self::mqtt_options`].
-    pub fn mqtt5_options(&self, gateway: SocketAddr, keep_alive: Duration) -> Result<rumqttc::v5::MqttOptions, FleetError> {
-        let mut opts = rumqttc::v5::MqttOptions::new(&self.thing, gateway.ip().to_string(), gateway.port());
+    pub fn mqtt5_options(
+        &self,
+        gateway: SocketAddr,
+        keep_alive: Duration,
+    ) -> Result<rumqttc::v5::MqttOptions, FleetError> {
+        let mut opts =
+            rumqttc::v5::MqttOptions::new(&self.thing, gateway.ip().to_string(), gateway.port());
         opts.set_keep_alive(keep_alive);
         opts.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(Arc::new(self.client_config()?)),

@@ -50,7 +50,14 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(handle(tcp, peer, acceptor.clone(), Arc::clone(&ctx), handshake_timeout, permit));
+        tokio::spawn(handle(
+            tcp,
+            peer,
+            acceptor.clone(),
+            Arc::clone(&ctx),
+            handshake_timeout,
+            permit,
+        ));
     }
 }
 

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use sitegate::admin::{self, AdminClientError, AdminRequest, AdminResponse, AdminService, DeviceView};
+use sitegate::admin::{
+    self, AdminClientError, AdminRequest, AdminResponse, AdminService, DeviceView,
+};
 use sitegate::auth::{Authority, PolicySet, Registry};
 use sitegate::config::Config;
 use sitegate::daemon::{self, Listeners};
@@ -126,7 +128,10 @@ fn main() {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -151,7 +156,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             init_logging("warn");
             runtime()?.block_on(demo::run(std::time::Duration::from_secs(seconds)))
         }
-        Command::Ca { command: CaCommand::Init { dir, site, sans } } => {
+        Command::Ca {
+            command: CaCommand::Init { dir, site, sans },
+        } => {
             let files = pki::init_ca(&dir, &site, &sans)?;
             println!("site CA:             {}", files.ca_cert.display());
             println!("site CA key (0600):  {}", files.ca_key.display());
@@ -160,7 +167,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Device { command } => device(command),
-        Command::Config { command: ConfigCommand::Check { config } } => {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
             let c = Config::load(&config)?;
             println!(
                 "{}: valid ({} device groups, {} policies)",
@@ -191,7 +200,12 @@ async fn shutdown_signal() {
 
 fn device(command: DeviceCommand) -> Result<()> {
     let (config, request, json) = match command {
-        DeviceCommand::Issue { thing, ca, out, days } => {
+        DeviceCommand::Issue {
+            thing,
+            ca,
+            out,
+            days,
+        } => {
             let issued = pki::issue_device(&thing, &ca, &out, days)?;
             println!("thing:          {}", issued.thing);
             println!("certificate id: {}", issued.cert_id);
@@ -200,7 +214,11 @@ fn device(command: DeviceCommand) -> Result<()> {
             println!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
             return Ok(());
         }
-        DeviceCommand::Approve { thing, groups, config } => (config, AdminRequest::Approve { thing, groups }, false),
+        DeviceCommand::Approve {
+            thing,
+            groups,
+            config,
+        } => (config, AdminRequest::Approve { thing, groups }, false),
         DeviceCommand::Revoke { thing, config } => (config, AdminRequest::Revoke { thing }, false),
         DeviceCommand::List { config, json } => (config, AdminRequest::List, json),
     };
@@ -246,7 +264,10 @@ fn print_response(response: AdminResponse, json: bool) -> Result<()> {
 }
 
 fn print_devices(devices: &[DeviceView]) {
-    println!("{:<24} {:<9} {:<10} {:<28} CERTIFICATE IDS", "THING", "STATE", "CONNECTED", "GROUPS");
+    println!(
+        "{:<24} {:<9} {:<10} {:<28} CERTIFICATE IDS",
+        "THING", "STATE", "CONNECTED", "GROUPS"
+    );
     for d in devices {
         let certs: Vec<&str> = d.cert_ids.iter().map(|c| &c[..c.len().min(16)]).collect();
         println!(

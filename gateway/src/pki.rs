@@ -9,8 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -107,7 +107,11 @@ pub fn init_ca(dir: &Path, site: &str, extra_sans: &[String]) -> Result<CaFiles,
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
-    let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut sans = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     if let Some(host) = host_name() {
         sans.push(host);
     }
@@ -199,8 +203,8 @@ pub struct Identity {
 
 impl Identity {
     pub fn from_der(der: &[u8]) -> Result<Identity, PkiError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| PkiError::Parse(e.to_string()))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
         let thing = cert
             .subject()
             .iter_common_name()
@@ -293,7 +297,10 @@ mod tests {
         let id = Identity::from_der(&der).unwrap();
         assert_eq!(id.thing, "pump-1");
         assert_eq!(id.cert_id, dev.cert_id);
-        assert!(init_ca(&ca, "plant-7", &[]).is_err(), "must not overwrite a CA key");
+        assert!(
+            init_ca(&ca, "plant-7", &[]).is_err(),
+            "must not overwrite a CA key"
+        );
         assert!(issue_device("bad/name", &ca, dir.path(), 1).is_err());
     }
 }

@@ -58,7 +58,9 @@ pub struct EdgeContext {
 /// Why a session ended; decides the DISCONNECT sent and whether the will is published.
 enum Close {
     /// DISCONNECT from the device: no will, unless it asked for one (MQTT 5 reason 0x04).
-    ByClient { with_will: bool },
+    ByClient {
+        with_will: bool,
+    },
     /// The socket closed or failed.
     Network(String),
     KeepAlive,
@@ -92,7 +94,9 @@ where
         Ok(Err(ConnectError::Version(level))) => {
             info!(%peer, thing = %identity.thing, level, "unsupported MQTT protocol level; refused");
             let codec = Codec::new(Version::V311, ctx.limits.max_packet_size);
-            let _ = conn.send_connack(&codec, refusal(ConnectReturnCode::RefusedProtocolVersion)).await;
+            let _ = conn
+                .send_connack(&codec, refusal(ConnectReturnCode::RefusedProtocolVersion))
+                .await;
             return;
         }
         Ok(Err(ConnectError::Other(reason))) => {
@@ -113,7 +117,11 @@ where
         }
     };
     let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
-    let link = match ctx.fabric.link(&connect.client_id, connect.clean_session).await {
+    let link = match ctx
+        .fabric
+        .link(&connect.client_id, connect.clean_session)
+        .await
+    {
         Ok(link) => link,
         Err(e) => {
             warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
@@ -125,7 +133,13 @@ where
     };
     let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
     let session_present = link.session_present && !connect.clean_session;
-    let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive, props.as_ref());
+    let ack = connack_success(
+        &ctx.limits,
+        session_present,
+        keep_alive,
+        connect.keep_alive,
+        props.as_ref(),
+    );
     if conn.send_connack(&codec, ack).await.is_err() {
         release_link(link, None).await;
         return;
@@ -169,7 +183,9 @@ where
         }
     }
     session.epoch.borrow_and_update();
-    let close = session.serve(&mut conn, slot, Duration::from_secs(u64::from(keep_alive))).await;
+    let close = session
+        .serve(&mut conn, slot, Duration::from_secs(u64::from(keep_alive)))
+        .await;
     session.finish(&mut conn, close).await;
     ctx.stats.connections_open.fetch_sub(1, Relaxed);
 }
@@ -243,7 +259,10 @@ fn admit(
         warn!(%peer, thing = %thing, cert_id = %identity.cert_id, "revoked device refused");
         return Err(ConnectReturnCode::NotAuthorized);
     }
-    if !grant.permissions.allows(Operation::Connect, &connect.client_id) {
+    if !grant
+        .permissions
+        .allows(Operation::Connect, &connect.client_id)
+    {
         warn!(%peer, thing = %thing, groups = ?grant.groups, "no policy allows mqtt:connect; refused");
         return Err(ConnectReturnCode::NotAuthorized);
     }
@@ -351,7 +370,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn send_connack(&mut self, codec: &Codec, packet: Packet) -> Result<(), String> {
-        codec.write(packet, &mut self.wbuf).map_err(|e| e.to_string())?;
+        codec
+            .write(packet, &mut self.wbuf)
+            .map_err(|e| e.to_string())?;
         self.flush().await
     }
 }
@@ -491,7 +512,10 @@ impl Session {
                     break;
                 }
                 Err(e) => {
-                    flow = Flow::Close(Close::Protocol(DisconnectReasonCode::MalformedPacket, e.to_string()));
+                    flow = Flow::Close(Close::Protocol(
+                        DisconnectReasonCode::MalformedPacket,
+                        e.to_string(),
+                    ));
                     break;
                 }
             }
@@ -510,16 +534,28 @@ impl Session {
         match frame.packet {
             Packet::Publish(publish, props) => {
                 let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-                    return protocol_error(DisconnectReasonCode::TopicNameInvalid, "topic is not UTF-8");
+                    return protocol_error(
+                        DisconnectReasonCode::TopicNameInvalid,
+                        "topic is not UTF-8",
+                    );
                 };
                 if topic.is_empty() {
-                    return protocol_error(DisconnectReasonCode::TopicAliasInvalid, "empty topic (topic aliases are not offered)");
+                    return protocol_error(
+                        DisconnectReasonCode::TopicAliasInvalid,
+                        "empty topic (topic aliases are not offered)",
+                    );
                 }
                 if topic.contains(['+', '#']) {
-                    return protocol_error(DisconnectReasonCode::TopicNameInvalid, "wildcard in a PUBLISH topic");
+                    return protocol_error(
+                        DisconnectReasonCode::TopicNameInvalid,
+                        "wildcard in a PUBLISH topic",
+                    );
                 }
                 if frame.qos > 1 {
-                    return protocol_error(DisconnectReasonCode::QoSNotSupported, "QoS 2 is not supported (maximum QoS is 1)");
+                    return protocol_error(
+                        DisconnectReasonCode::QoSNotSupported,
+                        "QoS 2 is not supported (maximum QoS is 1)",
+                    );
                 }
                 let allowed = self.grant.permissions.allows(Operation::Publish, topic);
                 let reason = if allowed {
@@ -539,7 +575,16 @@ impl Session {
                 // MQTT 3.1.1 has no way to say "not authorized" in a PUBACK (§3.3.5): the
                 // message is acknowledged and dropped. MQTT 5 carries the reason code.
                 if frame.qos == 1 {
-                    self.write(Packet::PubAck(PubAck { pkid: frame.pkid, reason }, None), wbuf);
+                    self.write(
+                        Packet::PubAck(
+                            PubAck {
+                                pkid: frame.pkid,
+                                reason,
+                            },
+                            None,
+                        ),
+                        wbuf,
+                    );
                 }
                 Flow::Continue
             }
@@ -566,9 +611,10 @@ impl Session {
             Packet::Disconnect(d, _) => Flow::Close(Close::ByClient {
                 with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
             }),
-            Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => {
-                protocol_error(DisconnectReasonCode::QoSNotSupported, "QoS 2 flow is not supported")
-            }
+            Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => protocol_error(
+                DisconnectReasonCode::QoSNotSupported,
+                "QoS 2 flow is not supported",
+            ),
             other => protocol_error(
                 DisconnectReasonCode::ProtocolError,
                 &format!("unexpected packet from a client: {}", packet_name(&other)),
@@ -584,7 +630,11 @@ impl Session {
                 codes.push(SubscribeReasonCode::TopicFilterInvalid);
                 continue;
             }
-            if !self.grant.permissions.allows(Operation::Subscribe, &filter.path) {
+            if !self
+                .grant
+                .permissions
+                .allows(Operation::Subscribe, &filter.path)
+            {
                 self.ctx.stats.subscriptions_denied.fetch_add(1, Relaxed);
                 self.log_denial("subscribe", &filter.path);
                 codes.push(SubscribeReasonCode::NotAuthorized);
@@ -601,9 +651,24 @@ impl Session {
         }
         let pkid = subscribe.pkid;
         if !granted.is_empty() {
-            self.to_router.push(Packet::Subscribe(Subscribe { pkid, filters: granted }, None));
+            self.to_router.push(Packet::Subscribe(
+                Subscribe {
+                    pkid,
+                    filters: granted,
+                },
+                None,
+            ));
         }
-        self.write(Packet::SubAck(SubAck { pkid, return_codes: codes }, None), wbuf);
+        self.write(
+            Packet::SubAck(
+                SubAck {
+                    pkid,
+                    return_codes: codes,
+                },
+                None,
+            ),
+            wbuf,
+        );
     }
 
     fn handle_notification(&mut self, notification: Notification, wbuf: &mut BytesMut) -> Flow {
@@ -683,8 +748,12 @@ impl Session {
                 self.ctx.stats.protocol_errors.fetch_add(1, Relaxed);
                 (Some(*code), true)
             }
-            Close::Ended(EndReason::TakenOver) => (Some(DisconnectReasonCode::SessionTakenOver), true),
-            Close::Ended(EndReason::Shutdown) => (Some(DisconnectReasonCode::ServerShuttingDown), true),
+            Close::Ended(EndReason::TakenOver) => {
+                (Some(DisconnectReasonCode::SessionTakenOver), true)
+            }
+            Close::Ended(EndReason::Shutdown) => {
+                (Some(DisconnectReasonCode::ServerShuttingDown), true)
+            }
             Close::Ended(EndReason::Revoked) => {
                 self.ctx.stats.revoked_disconnects.fetch_add(1, Relaxed);
                 (Some(DisconnectReasonCode::NotAuthorized), false)
@@ -708,7 +777,9 @@ impl Session {
             return;
         }
         if !self.clean_session {
-            self.ctx.sessions.park(&thing, std::mem::take(&mut self.filters));
+            self.ctx
+                .sessions
+                .park(&thing, std::mem::take(&mut self.filters));
         }
         release_link(self.link, will.map(|(w, _)| w)).await;
     }
@@ -719,9 +790,10 @@ impl Session {
 async fn release_link(mut link: RouterLink, will: Option<LastWill>) {
     if let Some(w) = will {
         let topic = String::from_utf8_lossy(&w.topic).into_owned();
-        link.tx
-            .buffer()
-            .push_back(Packet::Publish(publish_packet(&topic, &w.message, w.qos, w.retain), None));
+        link.tx.buffer().push_back(Packet::Publish(
+            publish_packet(&topic, &w.message, w.qos, w.retain),
+            None,
+        ));
     }
     let bye = Packet::Disconnect(
         Disconnect {

@@ -51,7 +51,10 @@ pub struct SessionSlot {
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         let mut entries = self.table.lock();
-        if entries.get(&self.client_id).is_some_and(|e| e.id == self.id) {
+        if entries
+            .get(&self.client_id)
+            .is_some_and(|e| e.id == self.id)
+        {
             entries.remove(&self.client_id);
         }
         drop(entries);

@@ -47,7 +47,10 @@ pub fn acceptor(listener: &ListenerConfig) -> Result<TlsAcceptor, TlsSetupError>
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+fn load_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let file_err = |reason: String| TlsSetupError::File {
         key,
         path: path.to_owned(),

@@ -19,12 +19,21 @@ const SUB_WAIT: Duration = Duration::from_secs(15);
 
 /// Publishes until the subscriber has it (its SUBSCRIBE may still be in flight), then returns
 /// what the subscriber printed.
-async fn publish_until_received(site: &Site, sub: tokio::process::Child, dev: &pki::IssuedDevice, topic: &str, msg: &str) -> String {
+async fn publish_until_received(
+    site: &Site,
+    sub: tokio::process::Child,
+    dev: &pki::IssuedDevice,
+    topic: &str,
+    msg: &str,
+) -> String {
     let mut sub = sub;
     for _ in 0..40 {
         let out = site.publish(dev, topic, msg, 1, true).await;
         assert!(out.status.success(), "{}", text(&out));
-        if tokio::time::timeout(Duration::from_millis(250), sub.wait()).await.is_ok() {
+        if tokio::time::timeout(Duration::from_millis(250), sub.wait())
+            .await
+            .is_ok()
+        {
             break;
         }
     }
@@ -38,7 +47,10 @@ async fn approved_device_publishes_and_subscribed_peer_receives() {
     let pump = site.device("pump-1").await;
     let sub = site.subscribe(&pump, "cmd/pump-1/#", false, &["-C", "1"]);
     let got = publish_until_received(&site, sub, &controller, "cmd/pump-1/start", "go").await;
-    assert!(got.contains("cmd/pump-1/start go"), "subscriber got {got:?}");
+    assert!(
+        got.contains("cmd/pump-1/start go"),
+        "subscriber got {got:?}"
+    );
     assert!(site.snapshot().messages_out >= 1);
     site.stop().await;
 }
@@ -48,17 +60,25 @@ async fn peers_outside_a_policy_are_denied_and_counted() {
     let site = Site::start().await;
     let sensor = site.device("sensor-1").await;
     // MQTT 5: a denied QoS 1 PUBLISH gets PUBACK "not authorized".
-    let out = site.publish(&sensor, "dt/sensor-2/temp", "21", 1, true).await;
+    let out = site
+        .publish(&sensor, "dt/sensor-2/temp", "21", 1, true)
+        .await;
     assert!(text(&out).contains("Not authorized"), "{}", text(&out));
     // MQTT 3.1.1 cannot say so: acknowledged and dropped, and counted.
     let before = site.snapshot().publishes_denied;
-    let out = site.publish(&sensor, "cmd/pump-1/start", "x", 1, false).await;
+    let out = site
+        .publish(&sensor, "cmd/pump-1/start", "x", 1, false)
+        .await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(site.snapshot().publishes_denied, before + 1);
     // A SUBSCRIBE outside the policy gets the failure code for that filter.
     let sub = site.subscribe(&sensor, "dt/#", true, &["-W", "5"]);
     let out = sub.wait_with_output().await.unwrap();
-    assert!(text(&out).contains("All subscription requests were denied"), "{}", text(&out));
+    assert!(
+        text(&out).contains("All subscription requests were denied"),
+        "{}",
+        text(&out)
+    );
     assert!(site.snapshot().subscriptions_denied >= 1);
     site.stop().await;
 }
@@ -69,12 +89,28 @@ async fn pending_device_may_use_only_its_provisioning_topic() {
     let door = site.issue("door-1");
     let monitor = site.device("monitor-1").await;
 
-    let out = site.publish(&door, "$sitegate/provisioning/door-1", "{\"hello\":1}", 1, true).await;
-    assert!(out.status.success() && !text(&out).contains("failed"), "{}", text(&out));
-    let out = site.publish(&door, "$sitegate/provisioning/door-2", "x", 1, true).await;
+    let out = site
+        .publish(
+            &door,
+            "$sitegate/provisioning/door-1",
+            "{\"hello\":1}",
+            1,
+            true,
+        )
+        .await;
+    assert!(
+        out.status.success() && !text(&out).contains("failed"),
+        "{}",
+        text(&out)
+    );
+    let out = site
+        .publish(&door, "$sitegate/provisioning/door-2", "x", 1, true)
+        .await;
     assert!(text(&out).contains("Not authorized"), "{}", text(&out));
     // Its own telemetry topic is in the sensors group's policy, but it is not approved yet.
-    let out = site.publish(&door, "dt/door-1/state", "open", 1, true).await;
+    let out = site
+        .publish(&door, "dt/door-1/state", "open", 1, true)
+        .await;
     assert!(text(&out).contains("Not authorized"), "{}", text(&out));
     let sub = site.subscribe(&door, "dt/door-1/#", true, &["-W", "5"]);
     let out = sub.wait_with_output().await.unwrap();
@@ -114,7 +150,10 @@ async fn approval_applies_to_the_live_connection() {
         .unwrap();
     let mut stdin = publisher.stdin.take().unwrap();
     stdin.write_all(b"before-approval\n").await.unwrap();
-    site.wait_for("the pending publish to be denied", |s| s.publishes_denied >= 1).await;
+    site.wait_for("the pending publish to be denied", |s| {
+        s.publishes_denied >= 1
+    })
+    .await;
     let accepted = site.snapshot().connections_accepted;
 
     site.approve("door-1", &[]).await;
@@ -122,14 +161,27 @@ async fn approval_applies_to_the_live_connection() {
     let mut sub = sub;
     for _ in 0..40 {
         stdin.write_all(b"after-approval\n").await.unwrap();
-        if tokio::time::timeout(Duration::from_millis(250), sub.wait()).await.is_ok() {
+        if tokio::time::timeout(Duration::from_millis(250), sub.wait())
+            .await
+            .is_ok()
+        {
             break;
         }
     }
     let got = collect(sub, SUB_WAIT).await;
-    assert!(got.contains("dt/door-1/state after-approval"), "monitor got {got:?}");
-    assert!(!got.contains("before-approval"), "a denied message leaked: {got:?}");
-    assert_eq!(site.snapshot().connections_accepted, accepted, "approval must not need a reconnect");
+    assert!(
+        got.contains("dt/door-1/state after-approval"),
+        "monitor got {got:?}"
+    );
+    assert!(
+        !got.contains("before-approval"),
+        "a denied message leaked: {got:?}"
+    );
+    assert_eq!(
+        site.snapshot().connections_accepted,
+        accepted,
+        "approval must not need a reconnect"
+    );
     drop(stdin);
     let _ = publisher.wait().await;
     site.stop().await;
@@ -140,20 +192,33 @@ async fn revocation_disconnects_within_a_second_and_refuses_from_then_on() {
     let site = Site::start().await;
     let pump = site.device("pump-1").await;
     let sub = site.subscribe(&pump, "cmd/pump-1/#", true, &[]);
-    site.wait_for("pump-1 to connect", |s| s.connections_open == 1).await;
+    site.wait_for("pump-1 to connect", |s| s.connections_open == 1)
+        .await;
 
     let revoked_at = std::time::Instant::now();
-    match site.admin(AdminRequest::Revoke { thing: "pump-1".into() }).await {
+    match site
+        .admin(AdminRequest::Revoke {
+            thing: "pump-1".into(),
+        })
+        .await
+    {
         AdminResponse::Device { device } => assert_eq!(device.state, DeviceState::Revoked),
         other => panic!("{other:?}"),
     }
-    site.wait_for("pump-1 to be disconnected", |s| s.connections_open == 0 && s.revoked_disconnects == 1).await;
+    site.wait_for("pump-1 to be disconnected", |s| {
+        s.connections_open == 0 && s.revoked_disconnects == 1
+    })
+    .await;
     let took = revoked_at.elapsed();
     eprintln!("revocation took {took:?} to disconnect");
     drop(sub);
 
     let out = site.publish(&pump, "status/pump-1", "back", 1, true).await;
-    assert!(!out.status.success(), "revoked device got in: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "revoked device got in: {}",
+        text(&out)
+    );
     assert!(text(&out).contains("Not authorized"), "{}", text(&out));
     site.stop().await;
 }
@@ -163,10 +228,12 @@ async fn certificate_from_another_ca_is_refused_at_the_handshake() {
     let site = Site::start().await;
     let other = site.dir.path().join("other-ca");
     pki::init_ca(&other, "elsewhere", &[]).unwrap();
-    let stranger = pki::issue_device("sensor-1", &other, &site.dir.path().join("strangers"), 30).unwrap();
+    let stranger =
+        pki::issue_device("sensor-1", &other, &site.dir.path().join("strangers"), 30).unwrap();
     let out = site.publish(&stranger, "dt/sensor-1/t", "x", 1, true).await;
     assert!(!out.status.success(), "{}", text(&out));
-    site.wait_for("a failed handshake", |s| s.handshakes_failed == 1).await;
+    site.wait_for("a failed handshake", |s| s.handshakes_failed == 1)
+        .await;
     assert_eq!(site.snapshot().connections_accepted, 0);
     site.stop().await;
 }
@@ -176,10 +243,13 @@ async fn expired_certificate_is_refused() {
     let site = Site::start().await;
     site.approve("sensor-1", &[]).await;
     // Valid from 10 days ago for 5 days: expired 5 days ago.
-    let expired = pki::issue_device_with_validity("sensor-1", &site.pki_dir(), &site.devices_dir(), -10, 5).unwrap();
+    let expired =
+        pki::issue_device_with_validity("sensor-1", &site.pki_dir(), &site.devices_dir(), -10, 5)
+            .unwrap();
     let out = site.publish(&expired, "dt/sensor-1/t", "x", 1, true).await;
     assert!(!out.status.success(), "{}", text(&out));
-    site.wait_for("a failed handshake", |s| s.handshakes_failed == 1).await;
+    site.wait_for("a failed handshake", |s| s.handshakes_failed == 1)
+        .await;
     assert_eq!(site.snapshot().connections_accepted, 0);
     site.stop().await;
 }
@@ -189,9 +259,15 @@ async fn client_id_must_equal_the_certificate_thing_name() {
     let site = Site::start().await;
     let sensor = site.device("sensor-1").await;
     for v5 in [true, false] {
-        let out = site.publish_as(&sensor, "sensor-2", "dt/sensor-2/t", "x", 1, v5, &[]).await;
+        let out = site
+            .publish_as(&sensor, "sensor-2", "dt/sensor-2/t", "x", 1, v5, &[])
+            .await;
         assert!(!out.status.success(), "{}", text(&out));
-        assert!(text(&out).to_lowercase().contains("not authori"), "{}", text(&out));
+        assert!(
+            text(&out).to_lowercase().contains("not authori"),
+            "{}",
+            text(&out)
+        );
     }
     assert_eq!(site.snapshot().connects_refused, 2);
     site.stop().await;
@@ -206,10 +282,20 @@ async fn a_silent_client_does_not_block_others() {
     let started = std::time::Instant::now();
     let out = site.publish(&sensor, "dt/sensor-1/t", "x", 1, true).await;
     assert!(out.status.success(), "{}", text(&out));
-    eprintln!("publish beside a silent client took {:?}", started.elapsed());
-    assert_eq!(site.snapshot().handshakes_failed, 0, "the silent client is still within its handshake time");
+    eprintln!(
+        "publish beside a silent client took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        site.snapshot().handshakes_failed,
+        0,
+        "the silent client is still within its handshake time"
+    );
     // And the silent one is dropped when its handshake time runs out.
-    site.wait_for("the silent client to be dropped", |s| s.handshakes_failed == 1).await;
+    site.wait_for("the silent client to be dropped", |s| {
+        s.handshakes_failed == 1
+    })
+    .await;
     drop(silent);
     site.stop().await;
 }
@@ -231,7 +317,17 @@ async fn retained_messages_reach_later_subscribers() {
     let site = Site::start().await;
     let pump = site.device("pump-1").await;
     let monitor = site.device("monitor-1").await;
-    let out = site.publish_as(&pump, "pump-1", "status/pump-1", "running", 1, false, &["-r"]).await;
+    let out = site
+        .publish_as(
+            &pump,
+            "pump-1",
+            "status/pump-1",
+            "running",
+            1,
+            false,
+            &["-r"],
+        )
+        .await;
     assert!(out.status.success(), "{}", text(&out));
     let sub = site.subscribe(&monitor, "status/#", false, &["-C", "1", "-W", "10"]);
     let got = collect(sub, SUB_WAIT).await;
@@ -248,12 +344,22 @@ async fn last_will_is_published_when_a_device_vanishes() {
     // A pump holding a connection open with a will, then killed without DISCONNECT.
     let mut dying = Command::new("mosquitto_sub")
         .args(site.mosquitto_args(&pump.cert, &pump.key, "pump-1", true))
-        .args(["-t", "cmd/pump-1/#", "--will-topic", "status/pump-1", "--will-payload", "offline", "--will-qos", "1"])
+        .args([
+            "-t",
+            "cmd/pump-1/#",
+            "--will-topic",
+            "status/pump-1",
+            "--will-payload",
+            "offline",
+            "--will-qos",
+            "1",
+        ])
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    site.wait_for("both to connect", |s| s.connections_open == 2).await;
+    site.wait_for("both to connect", |s| s.connections_open == 2)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     dying.kill().await.unwrap();
     let got = collect(watcher, SUB_WAIT).await;
@@ -266,8 +372,11 @@ async fn qos2_publish_on_311_closes_the_connection() {
     let site = Site::start().await;
     let sensor = site.issue("sensor-1");
     site.approve("sensor-1", &[]).await;
-    let creds = DeviceCredentials::load("sensor-1", &site.ca.ca_cert, &sensor.cert, &sensor.key).unwrap();
-    let opts = creds.mqtt_options(site.addr, Duration::from_secs(30)).unwrap();
+    let creds =
+        DeviceCredentials::load("sensor-1", &site.ca.ca_cert, &sensor.cert, &sensor.key).unwrap();
+    let opts = creds
+        .mqtt_options(site.addr, Duration::from_secs(30))
+        .unwrap();
     let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
     client
         .publish("dt/sensor-1/t", rumqttc::QoS::ExactlyOnce, false, "x")
@@ -285,8 +394,12 @@ async fn qos2_publish_on_311_closes_the_connection() {
         }
     }
     assert!(closed, "connection should be closed for QoS 2");
-    site.wait_for("a protocol error", |s| s.protocol_errors == 1).await;
-    assert_eq!(site.snapshot().messages_in_qos1 + site.snapshot().messages_in_qos0, 0);
+    site.wait_for("a protocol error", |s| s.protocol_errors == 1)
+        .await;
+    assert_eq!(
+        site.snapshot().messages_in_qos1 + site.snapshot().messages_in_qos0,
+        0
+    );
     site.stop().await;
 }
 
@@ -298,24 +411,43 @@ async fn mqtt5_puback_reasons_follow_a_live_approval() {
     let site = Site::start().await;
     let dev = site.issue("door-1");
     let creds = DeviceCredentials::load("door-1", &site.ca.ca_cert, &dev.cert, &dev.key).unwrap();
-    let opts = creds.mqtt5_options(site.addr, Duration::from_secs(30)).unwrap();
+    let opts = creds
+        .mqtt5_options(site.addr, Duration::from_secs(30))
+        .unwrap();
     let (client, mut events) = AsyncClient::new(opts, 10);
 
     let mut reasons = Vec::new();
-    client.publish("dt/door-1/state", QoS::AtLeastOnce, false, "pending").await.unwrap();
+    client
+        .publish("dt/door-1/state", QoS::AtLeastOnce, false, "pending")
+        .await
+        .unwrap();
     while reasons.is_empty() {
-        if let Event::Incoming(P5::PubAck(ack)) = tokio::time::timeout(SUB_WAIT, events.poll()).await.unwrap().unwrap() {
+        if let Event::Incoming(P5::PubAck(ack)) = tokio::time::timeout(SUB_WAIT, events.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             reasons.push(ack.reason);
         }
     }
     site.approve("door-1", &[]).await;
-    client.publish("dt/door-1/state", QoS::AtLeastOnce, false, "approved").await.unwrap();
+    client
+        .publish("dt/door-1/state", QoS::AtLeastOnce, false, "approved")
+        .await
+        .unwrap();
     while reasons.len() < 2 {
-        if let Event::Incoming(P5::PubAck(ack)) = tokio::time::timeout(SUB_WAIT, events.poll()).await.unwrap().unwrap() {
+        if let Event::Incoming(P5::PubAck(ack)) = tokio::time::timeout(SUB_WAIT, events.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             reasons.push(ack.reason);
         }
     }
-    assert_eq!(reasons, vec![PubAckReason::NotAuthorized, PubAckReason::Success]);
+    assert_eq!(
+        reasons,
+        vec![PubAckReason::NotAuthorized, PubAckReason::Success]
+    );
     site.stop().await;
 }
 
@@ -328,22 +460,33 @@ async fn persistent_session_keeps_subscriptions_and_queued_messages() {
     let sub = site.subscribe(&pump, "cmd/pump-1/#", false, &["-c", "-C", "1"]);
     let got = publish_until_received(&site, sub, &controller, "cmd/pump-1/warmup", "1").await;
     assert!(got.contains("warmup"), "{got:?}");
-    site.wait_for("pump-1 to leave", |s| s.connections_open == 0).await;
+    site.wait_for("pump-1 to leave", |s| s.connections_open == 0)
+        .await;
     // While it is away, a QoS 1 command arrives.
-    let out = site.publish(&controller, "cmd/pump-1/start", "queued", 1, true).await;
+    let out = site
+        .publish(&controller, "cmd/pump-1/start", "queued", 1, true)
+        .await;
     assert!(out.status.success(), "{}", text(&out));
     // Back with the same client id and -c: the router replays what was queued for it. (A
     // clean subscriber arriving now would not see a message published before it came.)
     let sub = site.subscribe(&pump, "cmd/pump-1/#", false, &["-c", "-C", "1", "-W", "10"]);
     let got = collect(sub, SUB_WAIT).await;
-    assert!(got.contains("cmd/pump-1/start queued"), "queued message lost: {got:?}");
+    assert!(
+        got.contains("cmd/pump-1/start queued"),
+        "queued message lost: {got:?}"
+    );
     site.stop().await;
 }
 
 #[test]
 fn mosquitto_clients_are_installed() {
     // The integration tests above need them; say so plainly if they are missing.
-    let out = std::process::Command::new("mosquitto_pub").arg("--help").output();
-    assert!(out.is_ok(), "mosquitto_pub missing: run `apt-get install mosquitto-clients` (scripts/test does)");
+    let out = std::process::Command::new("mosquitto_pub")
+        .arg("--help")
+        .output();
+    assert!(
+        out.is_ok(),
+        "mosquitto_pub missing: run `apt-get install mosquitto-clients` (scripts/test does)"
+    );
     let _ = std::io::stdout().flush();
 }

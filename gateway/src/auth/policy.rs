@@ -96,9 +96,9 @@ impl SelectionRule {
             };
             let pattern = pattern.trim();
             if pattern.is_empty()
-                || !pattern
-                    .bytes()
-                    .all(|b| b == b'*' || b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+                || !pattern.bytes().all(|b| {
+                    b == b'*' || b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-')
+                })
             {
                 return Err(format!(
                     "{pattern:?} is not a thing name pattern (letters, digits, : _ - and *)"
@@ -218,7 +218,10 @@ fn provisioning_statement() -> Statement {
 fn compile_statement(key: &str, statement: &StatementConfig) -> Result<Statement, PolicyError> {
     let mut ops = Vec::new();
     if statement.operations.is_empty() {
-        return Err(policy_error(format!("{key}.operations"), "must list at least one operation"));
+        return Err(policy_error(
+            format!("{key}.operations"),
+            "must list at least one operation",
+        ));
     }
     for op in &statement.operations {
         match op.as_str() {
@@ -226,16 +229,19 @@ fn compile_statement(key: &str, statement: &StatementConfig) -> Result<Statement
             "mqtt:publish" => ops.push(Operation::Publish),
             "mqtt:subscribe" => ops.push(Operation::Subscribe),
             "*" | "mqtt:*" => ops.extend(Operation::ALL),
-            other => {
-                return Err(policy_error(
-                    format!("{key}.operations"),
-                    format!("unknown operation {other:?} (mqtt:connect, mqtt:publish, mqtt:subscribe or *)"),
-                ))
-            }
+            other => return Err(policy_error(
+                format!("{key}.operations"),
+                format!(
+                    "unknown operation {other:?} (mqtt:connect, mqtt:publish, mqtt:subscribe or *)"
+                ),
+            )),
         }
     }
     if statement.resources.is_empty() {
-        return Err(policy_error(format!("{key}.resources"), "must list at least one resource"));
+        return Err(policy_error(
+            format!("{key}.resources"),
+            "must list at least one resource",
+        ));
     }
     let mut compiled = Statement::default();
     for resource in &statement.resources {
@@ -486,7 +492,9 @@ mod tests {
         assert!(!r.matches("xpump-1"));
         let all = SelectionRule::parse("thingName: *").unwrap();
         assert!(all.matches("anything"));
-        assert!(SelectionRule::parse("name: pump").unwrap_err().contains("thingName"));
+        assert!(SelectionRule::parse("name: pump")
+            .unwrap_err()
+            .contains("thingName"));
         assert!(SelectionRule::parse("thingName: pump/#").is_err());
         assert!(SelectionRule::parse("thingName: ").is_err());
     }
@@ -517,7 +525,10 @@ mod tests {
         let p = Pattern::compile("cmd/+");
         assert!(p.matches("cmd/a"));
         assert!(p.matches("cmd/+"));
-        assert!(!p.matches("cmd/#"), "a single-level grant must not allow a multi-level filter");
+        assert!(
+            !p.matches("cmd/#"),
+            "a single-level grant must not allow a multi-level filter"
+        );
         let p = Pattern::compile("cmd/#");
         assert!(p.matches("cmd/#"));
         assert!(p.matches("cmd/+/x"));
@@ -544,7 +555,10 @@ mod tests {
                 ),
                 (
                     "commands",
-                    statement(&["mqtt:subscribe"], &["mqtt:topicfilter:cmd/${iot:Connection.Thing.ThingName}/#"]),
+                    statement(
+                        &["mqtt:subscribe"],
+                        &["mqtt:topicfilter:cmd/${iot:Connection.Thing.ThingName}/#"],
+                    ),
                 ),
             ],
         );
@@ -582,11 +596,23 @@ mod tests {
         let a = auth(&[], &[("p", statement(&["mqtt:fly"], &["*"]))]);
         let e = PolicySet::compile(&a).unwrap_err();
         assert_eq!(e.key, "auth.policies.p.s0.operations");
-        let a = auth(&[], &[("p", statement(&["mqtt:publish"], &["mqtt:topic:${iot:Nope}/x"]))]);
+        let a = auth(
+            &[],
+            &[(
+                "p",
+                statement(&["mqtt:publish"], &["mqtt:topic:${iot:Nope}/x"]),
+            )],
+        );
         let e = PolicySet::compile(&a).unwrap_err();
         assert!(e.reason.contains("unknown variable"), "{e}");
-        let a = auth(&[("provisioning", "thingName: *", "p")], &[("p", statement(&["*"], &["*"]))]);
-        assert!(PolicySet::compile(&a).unwrap_err().reason.contains("built in"));
+        let a = auth(
+            &[("provisioning", "thingName: *", "p")],
+            &[("p", statement(&["*"], &["*"]))],
+        );
+        assert!(PolicySet::compile(&a)
+            .unwrap_err()
+            .reason
+            .contains("built in"));
     }
 
     #[test]

@@ -228,7 +228,8 @@ mod tests {
             let db = sled::open(dir.path().join("db")).unwrap();
             let r = Registry::open(&db).unwrap();
             r.approve("pump-1", &["pumps".into()]).unwrap();
-            r.approve("pump-1", &["pumps".into(), "extra".into()]).unwrap();
+            r.approve("pump-1", &["pumps".into(), "extra".into()])
+                .unwrap();
             r.approve("door-1", &[]).unwrap();
             r.revoke("door-1").unwrap();
         }
@@ -237,7 +238,10 @@ mod tests {
         let pump = r.get("pump-1").unwrap().unwrap();
         assert_eq!(pump.state, DeviceState::Approved);
         assert_eq!(pump.groups, vec!["pumps", "extra"]);
-        assert_eq!(r.get("door-1").unwrap().unwrap().state, DeviceState::Revoked);
+        assert_eq!(
+            r.get("door-1").unwrap().unwrap().state,
+            DeviceState::Revoked
+        );
         assert_eq!(r.list().unwrap().len(), 2);
         assert!(r.get("nobody").unwrap().is_none());
     }

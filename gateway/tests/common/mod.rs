@@ -125,7 +125,9 @@ impl Site {
     }
 
     pub async fn admin(&self, request: AdminRequest) -> AdminResponse {
-        admin::request(&self.config.admin_socket(), &request).await.unwrap()
+        admin::request(&self.config.admin_socket(), &request)
+            .await
+            .unwrap()
     }
 
     pub async fn approve(&self, thing: &str, groups: &[&str]) {
@@ -146,7 +148,13 @@ impl Site {
     }
 
     /// The common TLS and identity arguments of the mosquitto clients.
-    pub fn mosquitto_args(&self, cert: &Path, key: &Path, client_id: &str, v5: bool) -> Vec<String> {
+    pub fn mosquitto_args(
+        &self,
+        cert: &Path,
+        key: &Path,
+        client_id: &str,
+        v5: bool,
+    ) -> Vec<String> {
         vec![
             "-h".into(),
             "127.0.0.1".into(),
@@ -166,8 +174,16 @@ impl Site {
     }
 
     /// `mosquitto_pub` of one message as `device` (client id = its thing unless given).
-    pub async fn publish(&self, device: &IssuedDevice, topic: &str, message: &str, qos: u8, v5: bool) -> Output {
-        self.publish_as(device, &device.thing, topic, message, qos, v5, &[]).await
+    pub async fn publish(
+        &self,
+        device: &IssuedDevice,
+        topic: &str,
+        message: &str,
+        qos: u8,
+        v5: bool,
+    ) -> Output {
+        self.publish_as(device, &device.thing, topic, message, qos, v5, &[])
+            .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -193,7 +209,13 @@ impl Site {
     }
 
     /// Starts `mosquitto_sub` as `device` on `filter`, printing `topic payload` lines.
-    pub fn subscribe(&self, device: &IssuedDevice, filter: &str, v5: bool, extra: &[&str]) -> Child {
+    pub fn subscribe(
+        &self,
+        device: &IssuedDevice,
+        filter: &str,
+        v5: bool,
+        extra: &[&str],
+    ) -> Child {
         let mut cmd = Command::new("mosquitto_sub");
         cmd.args(self.mosquitto_args(&device.cert, &device.key, &device.thing, v5))
             .args(["-t", filter, "-q", "1", "-v"])
@@ -202,7 +224,8 @@ impl Site {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        cmd.spawn().expect("mosquitto_sub runs (apt-get install mosquitto-clients)")
+        cmd.spawn()
+            .expect("mosquitto_sub runs (apt-get install mosquitto-clients)")
     }
 
     /// Waits until `check` holds on the counters, for at most 10 s.
@@ -213,7 +236,10 @@ impl Site {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("timed out waiting for {what}; counters: {:?}", self.snapshot());
+        panic!(
+            "timed out waiting for {what}; counters: {:?}",
+            self.snapshot()
+        );
     }
 }
 
