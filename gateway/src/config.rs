@@ -393,9 +393,11 @@ impl std::str::FromStr for ByteSize {
             "GiB" => 1 << 30,
             "TB" => 1_000_000_000_000,
             "TiB" => 1 << 40,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            )),
+            ))
+            }
         };
         n.checked_mul(factor)
             .map(ByteSize)

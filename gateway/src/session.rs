@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::protocol::{
-    valid_filter, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode,
-    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, PubAck,
-    PubAckReason, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    valid_filter, ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect,
+    DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason,
+    QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -105,7 +105,7 @@ where
         }
         Ok(Ok(v)) => v,
     };
-    let Packet::Connect(connect, props, will, will_props, _login) = packet else {
+    let Packet::Connect(connect, _props, will, will_props, _login) = packet else {
         return;
     };
     let admitted = match admit(&ctx, &identity, peer, &codec, &connect, will, will_props) {
@@ -133,13 +133,7 @@ where
     };
     let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
     let session_present = link.session_present && !connect.clean_session;
-    let ack = connack_success(
-        &ctx.limits,
-        session_present,
-        keep_alive,
-        connect.keep_alive,
-        props.as_ref(),
-    );
+    let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive);
     if conn.send_connack(&codec, ack).await.is_err() {
         release_link(link, None).await;
         return;
@@ -313,7 +307,6 @@ fn connack_success(
     session_present: bool,
     keep_alive: u16,
     requested_keep_alive: u16,
-    _props: Option<&ConnectProperties>,
 ) -> Packet {
     let props = ConnAckProperties {
         session_expiry_interval: None,

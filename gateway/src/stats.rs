@@ -53,9 +53,3 @@ counters! {
     /// Live connections closed by revocation.
     revoked_disconnects,
 }
-
-impl Stats {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
-    }
-}

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -301,6 +300,56 @@ async fn a_silent_client_does_not_block_others() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_handshake_without_connect_is_closed_after_the_connect_timeout() {
+    use tokio::io::AsyncReadExt;
+    let site = Site::start_with(|c| c.listener.connect_timeout_ms = 500).await;
+    let dev = site.device("sensor-1").await;
+    let creds = DeviceCredentials::load("sensor-1", &site.ca.ca_cert, &dev.cert, &dev.key).unwrap();
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(creds.client_config().unwrap()));
+    let tcp = tokio::net::TcpStream::connect(site.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("handshake with a valid certificate");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+        .await
+        .expect("the gateway kept a connection without CONNECT open");
+    assert_eq!(
+        read.unwrap_or(0),
+        0,
+        "expected the gateway to close the connection"
+    );
+    assert_eq!(site.snapshot().connections_accepted, 0);
+    site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversize_packet_closes_the_connection() {
+    let site =
+        Site::start_with(|c| c.listener.max_packet_size = sitegate::config::ByteSize(1024)).await;
+    let sensor = site.device("sensor-1").await;
+    let big = "x".repeat(4096);
+    // MQTT 3.1.1 clients cannot know the limit; the gateway refuses the packet from its header.
+    let _ = site
+        .publish(&sensor, "dt/sensor-1/blob", &big, 1, false)
+        .await;
+    site.wait_for("a protocol error", |s| s.protocol_errors == 1)
+        .await;
+    assert_eq!(site.snapshot().messages_in_qos1, 0);
+    // A normal message still goes through.
+    let out = site
+        .publish(&sensor, "dt/sensor-1/t", "21.5", 1, false)
+        .await;
+    assert!(out.status.success(), "{}", text(&out));
+    site.wait_for("the small message", |s| s.messages_in_qos1 == 1)
+        .await;
+    site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connection_limit_turns_away_extra_connections() {
     let site = Site::start_with(|c| c.listener.max_connections = 1).await;
     let sensor = site.device("sensor-1").await;
@@ -488,5 +537,4 @@ fn mosquitto_clients_are_installed() {
         out.is_ok(),
         "mosquitto_pub missing: run `apt-get install mosquitto-clients` (scripts/test does)"
     );
-    let _ = std::io::stdout().flush();
 }

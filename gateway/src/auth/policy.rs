@@ -229,12 +229,14 @@ fn compile_statement(key: &str, statement: &StatementConfig) -> Result<Statement
             "mqtt:publish" => ops.push(Operation::Publish),
             "mqtt:subscribe" => ops.push(Operation::Subscribe),
             "*" | "mqtt:*" => ops.extend(Operation::ALL),
-            other => return Err(policy_error(
-                format!("{key}.operations"),
-                format!(
+            other => {
+                return Err(policy_error(
+                    format!("{key}.operations"),
+                    format!(
                     "unknown operation {other:?} (mqtt:connect, mqtt:publish, mqtt:subscribe or *)"
                 ),
-            )),
+                ))
+            }
         }
     }
     if statement.resources.is_empty() {
