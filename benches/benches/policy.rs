@@ -31,6 +31,14 @@ fn policy(c: &mut Criterion) {
     g.bench_function("denied_other_device", |b| {
         b.iter(|| grant.allows(Operation::Publish, black_box("dt/kind8-0001/temperature")))
     });
+    // The peer: evaluating the policy documents on every packet, as an authorizer without a
+    // per-connection grant would (select groups, substitute the thing name, match).
+    g.bench_function("denied_other_device_evaluated_per_packet", |b| {
+        b.iter(|| {
+            set.permissions(thing, &all_groups)
+                .allows(Operation::Publish, black_box("dt/kind8-0001/temperature"))
+        })
+    });
     g.bench_function("subscribe_filter", |b| {
         b.iter(|| grant.allows(Operation::Subscribe, black_box("cmd/kind7-0042/#")))
     });

@@ -222,6 +222,15 @@ async fn revocation_disconnects_within_a_second_and_refuses_from_then_on() {
     site.stop().await;
 }
 
+/// The device's publish fails, the gateway counts one failed handshake and no session.
+async fn assert_refused_at_handshake(site: &Site, device: &pki::IssuedDevice) {
+    let out = site.publish(device, "dt/sensor-1/t", "x", 1, true).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    site.wait_for("a failed handshake", |s| s.handshakes_failed == 1)
+        .await;
+    assert_eq!(site.snapshot().connections_accepted, 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn certificate_from_another_ca_is_refused_at_the_handshake() {
     let site = Site::start().await;
@@ -229,11 +238,7 @@ async fn certificate_from_another_ca_is_refused_at_the_handshake() {
     pki::init_ca(&other, "elsewhere", &[]).unwrap();
     let stranger =
         pki::issue_device("sensor-1", &other, &site.dir.path().join("strangers"), 30).unwrap();
-    let out = site.publish(&stranger, "dt/sensor-1/t", "x", 1, true).await;
-    assert!(!out.status.success(), "{}", text(&out));
-    site.wait_for("a failed handshake", |s| s.handshakes_failed == 1)
-        .await;
-    assert_eq!(site.snapshot().connections_accepted, 0);
+    assert_refused_at_handshake(&site, &stranger).await;
     site.stop().await;
 }
 
@@ -245,11 +250,7 @@ async fn expired_certificate_is_refused() {
     let expired =
         pki::issue_device_with_validity("sensor-1", &site.pki_dir(), &site.devices_dir(), -10, 5)
             .unwrap();
-    let out = site.publish(&expired, "dt/sensor-1/t", "x", 1, true).await;
-    assert!(!out.status.success(), "{}", text(&out));
-    site.wait_for("a failed handshake", |s| s.handshakes_failed == 1)
-        .await;
-    assert_eq!(site.snapshot().connections_accepted, 0);
+    assert_refused_at_handshake(&site, &expired).await;
     site.stop().await;
 }
 

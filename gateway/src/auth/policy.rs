@@ -318,6 +318,7 @@ impl Permissions {
 
     fn build<'a>(thing: &str, statements: impl IntoIterator<Item = &'a Statement>) -> Permissions {
         let mut perms = Permissions::default();
+        let mut seen: [HashSet<String>; 3] = Default::default();
         for statement in statements {
             for op in Operation::ALL {
                 let matchers = &mut perms.by_operation[op.index()];
@@ -330,7 +331,8 @@ impl Permissions {
                         matchers.any = true;
                     } else if pattern.is_literal() {
                         matchers.exact.insert(concrete);
-                    } else {
+                    } else if seen[op.index()].insert(concrete) {
+                        // Groups often share a statement shape; each distinct pattern is walked once.
                         matchers.patterns.push(pattern);
                     }
                 }
