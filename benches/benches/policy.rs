@@ -1,6 +1,7 @@
 //! The per-packet policy check: authorize a PUBLISH for a device whose grant is the union of
 //! every group of a 50-group policy set, and what building that grant costs at CONNECT.
 //! Throughput is reported per check, so criterion prints checks per second.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use sitegate::auth::{Operation, PolicySet};

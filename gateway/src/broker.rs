@@ -22,13 +22,13 @@ const SEGMENT_COUNT: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum FabricError {
     #[error("local router refused the link: {0}")]
-    Link(#[from] LinkError),
+    Link(#[from] Box<LinkError>),
     #[error("local router link task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
 type Connector =
-    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync;
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), Box<LinkError>> + Send + Sync;
 
 /// The in-process router all device sessions are linked to.
 pub struct Fabric {
@@ -62,6 +62,7 @@ impl Fabric {
                 LinkBuilder::new(client_id, router_tx.clone())
                     .clean_session(clean)
                     .build()
+                    .map_err(Box::new)
             }),
         }
     }

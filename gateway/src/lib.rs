@@ -19,6 +19,8 @@
 //! - `daemon`: `run(config, listeners, shutdown)` and [`Gateway`].
 //! - `fleet`: virtual devices (rumqttc over mutual TLS) for the demo, simulator and tests.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod auth;
 pub mod broker;

@@ -1,5 +1,6 @@
 //! The `sitegate` binary as an operator uses it: certificates, config checks, device commands
 //! offline and against a running gateway, SIGTERM, and the demo.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

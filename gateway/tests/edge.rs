@@ -1,5 +1,6 @@
 //! The device edge end to end: a gateway on 127.0.0.1:0, real certificates, and Debian's
 //! mosquitto clients (plus rumqttc where a test needs a connection held open in code).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

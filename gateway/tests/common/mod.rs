@@ -1,6 +1,6 @@
 //! A site for integration tests: a real CA, a gateway on 127.0.0.1:0, real device certificates,
 //! and helpers that drive Debian's `mosquitto_pub` / `mosquitto_sub` against it.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
