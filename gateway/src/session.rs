@@ -33,6 +33,8 @@ use crate::stats::Stats;
 
 /// How long a new connection waits for an old one with the same client id to close.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// Router deliveries gathered into one socket write at most.
+const MAX_NOTIFICATIONS_PER_WRITE: usize = 256;
 /// Denials logged at info per session before the rest go to debug (they are all counted).
 const LOGGED_DENIALS_PER_SESSION: u32 = 3;
 
@@ -464,6 +466,11 @@ impl Session {
                                 if let Flow::Close(c) = self.handle_notification(n, &mut conn.wbuf) {
                                     return c;
                                 }
+                                // Take what else the router already queued, so a burst goes out
+                                // in one write instead of one per message.
+                                if let Flow::Close(c) = self.drain_ready_notifications(&mut conn.wbuf).await {
+                                    return c;
+                                }
                             }
                             Ok(None) => {}
                             Err(_) => return Close::RouterGone,
@@ -662,6 +669,22 @@ impl Session {
             ),
             wbuf,
         );
+    }
+
+    async fn drain_ready_notifications(&mut self, wbuf: &mut BytesMut) -> Flow {
+        for _ in 0..MAX_NOTIFICATIONS_PER_WRITE {
+            // A zero timeout polls once: ready notifications are taken, none are waited for.
+            match tokio::time::timeout(Duration::ZERO, self.link.rx.next()).await {
+                Ok(Ok(Some(n))) => {
+                    if let Flow::Close(c) = self.handle_notification(n, wbuf) {
+                        return Flow::Close(c);
+                    }
+                }
+                Ok(Ok(None)) | Err(_) => break,
+                Ok(Err(_)) => return Flow::Close(Close::RouterGone),
+            }
+        }
+        Flow::Continue
     }
 
     fn handle_notification(&mut self, notification: Notification, wbuf: &mut BytesMut) -> Flow {
