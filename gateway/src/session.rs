@@ -110,6 +110,9 @@ where
     let Packet::Connect(connect, _props, will, will_props, _login) = packet else {
         return;
     };
+    // Watched from before admission: an approval or revocation during CONNECT is then seen
+    // as a change at the first packet instead of being missed.
+    let epoch = ctx.authority.watch();
     let admitted = match admit(&ctx, &identity, peer, &codec, &connect, will, will_props) {
         Ok(a) => a,
         Err(code) => {
@@ -155,7 +158,7 @@ where
     ctx.stats.connections_accepted.fetch_add(1, Relaxed);
     ctx.stats.connections_open.fetch_add(1, Relaxed);
     let mut session = Session {
-        epoch: ctx.authority.watch(),
+        epoch,
         ctx: Arc::clone(&ctx),
         codec,
         identity,
@@ -170,18 +173,19 @@ where
         denials_logged: 0,
         wake_router: false,
     };
-    if session_present {
-        // The grant may have shrunk while the device was away.
-        if let Flow::Close(c) = session.refresh_grant().await {
-            session.finish(&mut conn, c).await;
-            ctx.stats.connections_open.fetch_sub(1, Relaxed);
-            return;
+    // A resumed session's grant may have shrunk while the device was away.
+    let resumed_refused = match session_present {
+        true => session.refresh_grant().await,
+        false => Flow::Continue,
+    };
+    let close = match resumed_refused {
+        Flow::Close(c) => c,
+        Flow::Continue => {
+            session
+                .serve(&mut conn, slot, Duration::from_secs(u64::from(keep_alive)))
+                .await
         }
-    }
-    session.epoch.borrow_and_update();
-    let close = session
-        .serve(&mut conn, slot, Duration::from_secs(u64::from(keep_alive)))
-        .await;
+    };
     session.finish(&mut conn, close).await;
     ctx.stats.connections_open.fetch_sub(1, Relaxed);
 }

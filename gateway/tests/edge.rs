@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::*;
 use sitegate::admin::{AdminRequest, AdminResponse};
 use sitegate::auth::DeviceState;
-use sitegate::fleet::DeviceCredentials;
 use sitegate::pki;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -306,7 +305,7 @@ async fn a_handshake_without_connect_is_closed_after_the_connect_timeout() {
     use tokio::io::AsyncReadExt;
     let site = Site::start_with(|c| c.listener.connect_timeout_ms = 500).await;
     let dev = site.device("sensor-1").await;
-    let creds = DeviceCredentials::load("sensor-1", &site.ca.ca_cert, &dev.cert, &dev.key).unwrap();
+    let creds = site.credentials(&dev);
     let connector =
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(creds.client_config().unwrap()));
     let tcp = tokio::net::TcpStream::connect(site.addr).await.unwrap();
@@ -423,8 +422,7 @@ async fn qos2_publish_on_311_closes_the_connection() {
     let site = Site::start().await;
     let sensor = site.issue("sensor-1");
     site.approve("sensor-1", &[]).await;
-    let creds =
-        DeviceCredentials::load("sensor-1", &site.ca.ca_cert, &sensor.cert, &sensor.key).unwrap();
+    let creds = site.credentials(&sensor);
     let opts = creds
         .mqtt_options(site.addr, Duration::from_secs(30))
         .unwrap();
@@ -461,7 +459,7 @@ async fn mqtt5_puback_reasons_follow_a_live_approval() {
     use rumqttc::v5::{AsyncClient, Event};
     let site = Site::start().await;
     let dev = site.issue("door-1");
-    let creds = DeviceCredentials::load("door-1", &site.ca.ca_cert, &dev.cert, &dev.key).unwrap();
+    let creds = site.credentials(&dev);
     let opts = creds
         .mqtt5_options(site.addr, Duration::from_secs(30))
         .unwrap();

@@ -11,6 +11,7 @@ use std::time::Duration;
 use sitegate::admin::{self, AdminRequest, AdminResponse};
 use sitegate::config::{AuthConfig, Config, ListenerConfig};
 use sitegate::daemon::{Gateway, Listeners};
+use sitegate::fleet::DeviceCredentials;
 use sitegate::pki::{self, CaFiles, IssuedDevice};
 use sitegate::stats::{Stats, StatsSnapshot};
 use tempfile::TempDir;
@@ -145,6 +146,11 @@ impl Site {
         let d = self.issue(thing);
         self.approve(thing, &[]).await;
         d
+    }
+
+    /// rumqttc-ready credentials of an issued device, trusting this site's CA.
+    pub fn credentials(&self, device: &IssuedDevice) -> DeviceCredentials {
+        DeviceCredentials::load(&device.thing, &self.ca.ca_cert, &device.cert, &device.key).unwrap()
     }
 
     /// The common TLS and identity arguments of the mosquitto clients.
