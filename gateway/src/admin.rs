@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::auth::{Authority, DeviceState};
 use crate::sessions::{EndReason, SessionTable};
+use crate::spool::{Spool, SpoolStatus};
 use crate::stats::{Stats, StatsSnapshot};
 
 /// Longest request line accepted.
@@ -39,6 +40,8 @@ pub enum AdminRequest {
     },
     List,
     Status,
+    /// Depth and health of every spool queue.
+    SpoolStatus,
 }
 
 /// One device as `device list` shows it.
@@ -60,6 +63,7 @@ pub enum AdminResponse {
     Device { device: DeviceView },
     Devices { devices: Vec<DeviceView> },
     Status { stats: StatsSnapshot },
+    Spool { spool: SpoolStatus },
     Error { message: String },
 }
 
@@ -68,10 +72,22 @@ pub struct AdminService {
     pub authority: Arc<Authority>,
     pub sessions: Arc<SessionTable>,
     pub stats: Arc<Stats>,
+    /// The live spool; `None` when the CLI works on a stopped gateway's registry.
+    pub spool: Option<Arc<Spool>>,
 }
 
 impl AdminService {
-    pub fn handle(&self, request: AdminRequest) -> AdminResponse {
+    pub async fn handle(&self, request: AdminRequest) -> AdminResponse {
+        if let AdminRequest::SpoolStatus = request {
+            return match &self.spool {
+                Some(spool) => AdminResponse::Spool {
+                    spool: spool.status().await,
+                },
+                None => AdminResponse::Error {
+                    message: "no spool open here".into(),
+                },
+            };
+        }
         match self.try_handle(request) {
             Ok(r) => r,
             Err(message) => AdminResponse::Error { message },
@@ -112,6 +128,8 @@ impl AdminService {
             AdminRequest::Status => Ok(AdminResponse::Status {
                 stats: self.stats.snapshot(),
             }),
+            // Answered in `handle`, which can wait for the key ring.
+            AdminRequest::SpoolStatus => Err("spool status is answered by handle()".into()),
         }
     }
 
@@ -198,7 +216,7 @@ async fn answer(stream: UnixStream, service: &AdminService) -> std::io::Result<(
             std::io::Error::new(std::io::ErrorKind::TimedOut, "admin request timed out")
         })??;
     let response = match serde_json::from_str::<AdminRequest>(&line) {
-        Ok(request) => service.handle(request),
+        Ok(request) => service.handle(request).await,
         Err(e) => AdminResponse::Error {
             message: format!("bad request: {e}"),
         },

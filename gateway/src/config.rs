@@ -5,7 +5,6 @@
 //! the config file, so a config and its `pki/` folder can move together.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +31,21 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MAX_KEEP_ALIVE_SECS: u16 = 1_200;
 /// A write to a device that does not complete in this many milliseconds closes the connection.
 pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Stored bytes per sink queue when `[spool] max_bytes` is not given.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+/// Age limit of spooled records when `[spool] max_age` is not given (7 days).
+pub const DEFAULT_SPOOL_MAX_AGE_SECS: u64 = 7 * 86_400;
+/// Group commit interval in milliseconds.
+pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 5;
+/// Group commit size in messages.
+pub const DEFAULT_COMMIT_RECORDS: usize = 2_000;
+/// Messages waiting for a commit before sessions wait.
+pub const DEFAULT_MAX_PENDING: usize = 20_000;
+/// Blocks sealed under one data key before a new one is made (random 96-bit nonces stay far
+/// below the 2^32 messages-per-key bound).
+pub const DEFAULT_ROTATE_BLOCKS: u64 = 1 << 20;
+/// Age of a data key before a new one is made (1 day).
+pub const DEFAULT_ROTATE_AFTER_SECS: u64 = 86_400;
 /// Site name used when neither `site` nor `AWS_IOT_THING_NAME` is set.
 pub const DEFAULT_SITE: &str = "site";
 
@@ -53,6 +67,120 @@ pub struct Config {
     /// The local administration endpoint used by `sitegate device …`.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Where results go: `[sinks.NAME]` with a `type` (file, log, …) and that type's keys.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, sitegate_plugins::SinkConfig>,
+    /// Direct routes: device messages on a topic filter go to a sink unchanged, without SQL.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Rule settings shared by rules and routes.
+    #[serde(default)]
+    pub rules: RulesConfig,
+    /// The durable, encrypted store between rules and sinks.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+/// `[routes.NAME]`: every allowed device message on `from` becomes a record for `to`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// MQTT topic filter, e.g. "dt/#" or "dt/+/temp".
+    pub from: String,
+    /// Name of the sink in `[sinks]`.
+    pub to: String,
+}
+
+/// `[rules]`: settings shared by every rule and route.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Sink that receives records a sink refused for good (too large, invalid), with the reason.
+    /// Without it they are logged and counted.
+    #[serde(default)]
+    pub error_sink: Option<String>,
+}
+
+/// What a full queue does with new data.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Hold new data (and so the devices' PUBACKs) until the sink drains some.
+    #[default]
+    Block,
+    /// Evict the oldest blocks, counted, to make room.
+    DropOldest,
+}
+
+/// `[spool]`: limits and group commit of the per-sink queues.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Stored bytes per sink queue at most.
+    #[serde(default = "default_spool_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Records older than this are dropped (counted) even if undelivered.
+    #[serde(default = "default_spool_max_age")]
+    pub max_age: Period,
+    /// What a full queue does: "block" or "drop_oldest".
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// Group commit: a commit (one fsync) happens this long after the first waiting message…
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: Period,
+    /// …or as soon as this many messages wait, whichever comes first.
+    #[serde(default = "default_commit_records")]
+    pub commit_records: usize,
+    /// Messages waiting for a commit at most; beyond this, device sessions wait (backpressure).
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// How spool blocks are encrypted.
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+    /// Per-sink overrides of `max_bytes`, `max_age` and `when_full`.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, QueueOverride>,
+}
+
+/// `[spool.sinks.NAME]`: limits for one sink's queue.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueOverride {
+    /// Stored bytes for this queue at most.
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
+    /// Age limit for this queue.
+    #[serde(default)]
+    pub max_age: Option<Period>,
+    /// Full behaviour for this queue.
+    #[serde(default)]
+    pub when_full: Option<WhenFull>,
+}
+
+/// `[spool.encryption]`: data keys wrapped by KMS, by a local key file, or both.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// KMS key (id, ARN or alias) that wraps data keys via GenerateDataKey.
+    #[serde(default)]
+    pub kms_key_id: Option<String>,
+    /// KMS endpoint override (an emulator such as "http://127.0.0.1:5000").
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// AWS region for KMS; default from the environment.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Local key-encryption key (32 random bytes, mode 0600). With `kms_key_id` too, it is the
+    /// fallback that lets the hub accept data while KMS is unreachable. Without either, one is
+    /// created at `<data_dir>/spool.kek`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// A new data key after this many sealed blocks.
+    #[serde(default = "default_rotate_blocks")]
+    pub rotate_blocks: u64,
+    /// A new data key after this long.
+    #[serde(default = "default_rotate_after")]
+    pub rotate_after: Period,
 }
 
 /// `[listener]`: where devices connect and with which certificates.
@@ -135,6 +263,126 @@ pub struct AdminConfig {
     pub socket: Option<PathBuf>,
 }
 
+fn default_spool_max_bytes() -> ByteSize {
+    ByteSize(DEFAULT_SPOOL_MAX_BYTES)
+}
+fn default_spool_max_age() -> Period {
+    Period::from_secs(DEFAULT_SPOOL_MAX_AGE_SECS)
+}
+fn default_commit_interval() -> Period {
+    Period::from_millis(DEFAULT_COMMIT_INTERVAL_MS)
+}
+fn default_commit_records() -> usize {
+    DEFAULT_COMMIT_RECORDS
+}
+fn default_max_pending() -> usize {
+    DEFAULT_MAX_PENDING
+}
+fn default_rotate_blocks() -> u64 {
+    DEFAULT_ROTATE_BLOCKS
+}
+fn default_rotate_after() -> Period {
+    Period::from_secs(DEFAULT_ROTATE_AFTER_SECS)
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            max_bytes: default_spool_max_bytes(),
+            max_age: default_spool_max_age(),
+            when_full: WhenFull::Block,
+            commit_interval: default_commit_interval(),
+            commit_records: DEFAULT_COMMIT_RECORDS,
+            max_pending: DEFAULT_MAX_PENDING,
+            encryption: EncryptionConfig::default(),
+            sinks: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        EncryptionConfig {
+            kms_key_id: None,
+            endpoint: None,
+            region: None,
+            key_file: None,
+            rotate_blocks: DEFAULT_ROTATE_BLOCKS,
+            rotate_after: default_rotate_after(),
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The limits of `sink`'s queue, overrides applied.
+    pub fn limits_for(&self, sink: &str) -> crate::spool::QueueLimits {
+        let o = self.sinks.get(sink).cloned().unwrap_or_default();
+        crate::spool::QueueLimits {
+            max_bytes: o.max_bytes.unwrap_or(self.max_bytes).0,
+            max_age_ms: u64::from(o.max_age.unwrap_or(self.max_age)),
+            when_full: o.when_full.unwrap_or(self.when_full),
+        }
+    }
+
+    fn validate(
+        &self,
+        sinks: &BTreeMap<String, sitegate_plugins::SinkConfig>,
+    ) -> Result<(), ConfigError> {
+        let sizes = std::iter::once(("spool.max_bytes".to_string(), Some(self.max_bytes))).chain(
+            self.sinks
+                .iter()
+                .map(|(n, o)| (format!("spool.sinks.{n}.max_bytes"), o.max_bytes)),
+        );
+        for (key, size) in sizes {
+            if size.is_some_and(|s| s.0 < 4096) {
+                return Err(ConfigError::invalid(key, "must be at least 4KiB"));
+            }
+        }
+        for name in self.sinks.keys() {
+            if !sinks.contains_key(name) {
+                return Err(ConfigError::invalid(
+                    format!("spool.sinks.{name}"),
+                    "no such sink in [sinks]",
+                ));
+            }
+        }
+        if self.commit_interval.0.is_zero() || self.commit_interval.0 > Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "spool.commit_interval",
+                "must be between 1ms and 1s",
+            ));
+        }
+        for (key, value) in [
+            ("spool.commit_records", self.commit_records),
+            ("spool.max_pending", self.max_pending),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        let e = &self.encryption;
+        if e.kms_key_id.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::invalid(
+                "spool.encryption.kms_key_id",
+                "must not be empty",
+            ));
+        }
+        if e.endpoint.is_some() && e.kms_key_id.is_none() {
+            return Err(ConfigError::invalid(
+                "spool.encryption.endpoint",
+                "set only with kms_key_id",
+            ));
+        }
+        if e.rotate_blocks == 0 || e.rotate_blocks > 1 << 30 {
+            return Err(ConfigError::invalid(
+                "spool.encryption.rotate_blocks",
+                "must be between 1 and 2^30",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
 }
@@ -190,6 +438,21 @@ impl ConfigError {
 const MQTT_MAX_PACKET: u64 = 268_435_455;
 
 impl Config {
+    /// A config with `listener` and every other section at its default.
+    pub fn with_listener(listener: ListenerConfig) -> Config {
+        Config {
+            site: None,
+            data_dir: default_data_dir(),
+            listener,
+            auth: AuthConfig::default(),
+            admin: AdminConfig::default(),
+            sinks: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            rules: RulesConfig::default(),
+            spool: SpoolConfig::default(),
+        }
+    }
+
     /// Reads, parses, resolves relative paths against the file's folder, and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -224,6 +487,14 @@ impl Config {
         resolve(&mut self.listener.key);
         if let Some(socket) = self.admin.socket.as_mut() {
             resolve(socket);
+        }
+        if let Some(key_file) = self.spool.encryption.key_file.as_mut() {
+            resolve(key_file);
+        }
+        for sink in self.sinks.values_mut() {
+            for path in sink.paths_mut() {
+                resolve(path);
+            }
         }
     }
 
@@ -274,6 +545,35 @@ impl Config {
             }
         }
         self.auth.validate()?;
+        for (name, sink) in &self.sinks {
+            validate_name(name).map_err(|r| ConfigError::invalid(format!("sinks.{name}"), r))?;
+            sink.validate()
+                .map_err(|r| ConfigError::invalid(format!("sinks.{name}"), r))?;
+        }
+        for (name, route) in &self.routes {
+            validate_name(name).map_err(|r| ConfigError::invalid(format!("routes.{name}"), r))?;
+            if !sitegate_plugins::topic::valid_filter(&route.from) {
+                return Err(ConfigError::invalid(
+                    format!("routes.{name}.from"),
+                    format!("{:?} is not an MQTT topic filter", route.from),
+                ));
+            }
+            if !self.sinks.contains_key(&route.to) {
+                return Err(ConfigError::invalid(
+                    format!("routes.{name}.to"),
+                    format!("no sink named {:?} in [sinks]", route.to),
+                ));
+            }
+        }
+        if let Some(error_sink) = &self.rules.error_sink {
+            if !self.sinks.contains_key(error_sink) {
+                return Err(ConfigError::invalid(
+                    "rules.error_sink",
+                    format!("no sink named {error_sink:?} in [sinks]"),
+                ));
+            }
+        }
+        self.spool.validate(&self.sinks)?;
         Ok(())
     }
 
@@ -352,73 +652,25 @@ fn validate_site(site: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Sink and route names become sled tree names and record fields: keep them plain.
+fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err("names are 1 to 64 letters, digits, `-` or `_`".into());
+    }
+    Ok(())
+}
+
 /// Reserved group names that a config may not define.
 pub fn is_reserved_group(name: &str) -> bool {
     name == PROVISIONING_GROUP
 }
 
-/// A size in bytes, written in config as an integer or as "64KiB", "8GiB", "10MB".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(into = "u64")]
-pub struct ByteSize(pub u64);
-
-impl From<ByteSize> for u64 {
-    fn from(b: ByteSize) -> u64 {
-        b.0
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} bytes", self.0)
-    }
-}
-
-impl std::str::FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| {
-            format!("{s:?} is not a size (expected e.g. 4096, \"256KiB\", \"8GiB\")")
-        })?;
-        let factor: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KB" => 1_000,
-            "KiB" => 1 << 10,
-            "MB" => 1_000_000,
-            "MiB" => 1 << 20,
-            "GB" => 1_000_000_000,
-            "GiB" => 1 << 30,
-            "TB" => 1_000_000_000_000,
-            "TiB" => 1 << 40,
-            other => {
-                return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ))
-            }
-        };
-        n.checked_mul(factor)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
+pub use sitegate_plugins::units::{ByteSize, Period};
 
 #[cfg(test)]
 mod tests {

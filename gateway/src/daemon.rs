@@ -19,10 +19,13 @@ use crate::admin::{self, AdminService};
 use crate::auth::{Authority, PolicySet, Registry, RegistryError};
 use crate::broker::Fabric;
 use crate::config::{Config, ConfigError};
+use crate::pipeline;
 use crate::session::{EdgeContext, Limits};
 use crate::sessions::{EndReason, SessionTable};
+use crate::spool::{drain, Spool};
 use crate::stats::Stats;
 use crate::tls::{self, TlsSetupError};
+use sitegate_plugins::SinkContext;
 
 /// How long shutdown waits for sessions to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +52,13 @@ pub enum RunError {
     Store { path: PathBuf, source: sled::Error },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("cannot open the spool: {0}")]
+    Spool(String),
+    #[error("cannot start sink `{name}`: {source}")]
+    Sink {
+        name: String,
+        source: sitegate_plugins::SinkError,
+    },
 }
 
 /// The sockets the gateway serves; bound by the caller so tests can use port 0.
@@ -93,12 +103,15 @@ pub struct Gateway {
     sessions: Arc<SessionTable>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
+    drains: Vec<JoinHandle<()>>,
+    spool: Arc<Spool>,
     db: sled::Db,
 }
 
 impl Gateway {
     /// Builds every part and starts serving on `listeners`.
-    pub fn start(config: Config, listeners: Listeners) -> Result<Gateway, RunError> {
+    pub async fn start(config: Config, listeners: Listeners) -> Result<Gateway, RunError> {
         config.validate()?;
         let acceptor = tls::acceptor(&config.listener)?;
         let db = open_store(&config)?;
@@ -106,6 +119,53 @@ impl Gateway {
         let authority = Arc::new(Authority::new(policies, Registry::open(&db)?));
         let stats = Arc::new(Stats::default());
         let sessions = Arc::new(SessionTable::default());
+        let (stop, stopped) = watch::channel(false);
+        let spool = Arc::new(
+            Spool::open(
+                db.clone(),
+                &config.spool,
+                &config.data_dir,
+                config.sinks.keys().cloned(),
+            )
+            .await
+            .map_err(RunError::Spool)?,
+        );
+        let site = config.site_name();
+        let mut drains = Vec::new();
+        for (name, sink_config) in &config.sinks {
+            let context = SinkContext {
+                name: name.clone(),
+                site: site.clone(),
+            };
+            let sink = sitegate_plugins::build(sink_config.clone(), context)
+                .await
+                .map_err(|source| RunError::Sink {
+                    name: name.clone(),
+                    source,
+                })?;
+            drains.push(tokio::spawn(drain::run(
+                Arc::clone(&spool),
+                sink,
+                config.rules.error_sink.clone(),
+                Arc::clone(&stats),
+                stopped.clone(),
+            )));
+        }
+        drains.push(tokio::spawn(expire_periodically(
+            Arc::clone(&spool),
+            stopped.clone(),
+        )));
+        let (ingest, committer) = if config.routes.is_empty() {
+            (None, None)
+        } else {
+            let (ingest, task) = pipeline::start(
+                &config,
+                Arc::clone(&spool),
+                Arc::clone(&stats),
+                stopped.clone(),
+            );
+            (Some(ingest), Some(task))
+        };
         let l = &config.listener;
         let fabric = Arc::new(Fabric::start(
             l.max_connections + INTERNAL_LINKS,
@@ -123,13 +183,14 @@ impl Gateway {
                 write_timeout: l.write_timeout(),
                 max_keep_alive_secs: l.max_keep_alive_secs,
             },
+            ingest,
         });
-        let (stop, stopped) = watch::channel(false);
         let local_addr = listeners.mqtts.local_addr().ok();
         let admin_service = Arc::new(AdminService {
             authority,
             sessions: Arc::clone(&sessions),
             stats: Arc::clone(&stats),
+            spool: Some(Arc::clone(&spool)),
         });
         let tasks = vec![
             tokio::spawn(crate::listener::serve(
@@ -155,6 +216,9 @@ impl Gateway {
             sessions,
             stop,
             tasks,
+            committer,
+            drains,
+            spool,
             db,
         })
     }
@@ -162,6 +226,11 @@ impl Gateway {
     /// The address devices connect to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// The spool (depth, status).
+    pub fn spool(&self) -> Arc<Spool> {
+        Arc::clone(&self.spool)
     }
 
     /// Live counters.
@@ -186,8 +255,38 @@ impl Gateway {
         self.sessions
             .end_all(EndReason::Shutdown, SHUTDOWN_GRACE)
             .await;
+        // Sessions are gone, so the committer's channel closes once it has written what it holds.
+        if let Some(committer) = self.committer {
+            if tokio::time::timeout(SHUTDOWN_GRACE, committer)
+                .await
+                .is_err()
+            {
+                tracing::warn!("spool committer did not finish in time");
+            }
+        }
+        for drain in self.drains {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, drain).await;
+        }
+        if let Err(e) = self.spool.flush().await {
+            tracing::error!(error = %e, "final spool flush failed");
+        }
         let _ = self.db.flush_async().await;
         info!("sitegate stopped");
+    }
+}
+
+/// How often queues are checked against `max_age`.
+const EXPIRY_CHECK: Duration = Duration::from_secs(10);
+
+async fn expire_periodically(spool: Arc<Spool>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EXPIRY_CHECK) => {}
+            _ = stopped.changed() => return,
+        }
+        if let Err(e) = spool.expire() {
+            tracing::error!(error = %e, "spool expiry failed");
+        }
     }
 }
 
@@ -197,6 +296,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    Gateway::start(config, listeners)?.run_until(shutdown).await;
+    Gateway::start(config, listeners)
+        .await?
+        .run_until(shutdown)
+        .await;
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! Makes a CA and device certificates in a temporary data dir, starts the gateway on loopback,
 //! approves most of a small fleet, leaves `door-1` pending (then approves it on its live
 //! connection halfway through), lets `thermostat-9` try a topic it may not use, and shows
-//! connections, accepted and denied messages live before printing a summary.
+//! connections, accepted and denied messages live before printing a summary. Telemetry is
+//! routed into the encrypted spool and out through a file sink, and the spool depth is shown.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,10 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use sitegate::admin::{self, AdminRequest, AdminResponse};
-use sitegate::config::{AuthConfig, Config, ListenerConfig};
+use sitegate::config::{AuthConfig, Config, ListenerConfig, RouteConfig};
 use sitegate::daemon::{Gateway, Listeners};
 use sitegate::fleet::DeviceCredentials;
 use sitegate::pki;
+use sitegate_plugins::file::{FileConfig, DEFAULT_KEEP, DEFAULT_ROTATE_BYTES};
+use sitegate_plugins::{ByteSize, SinkConfig};
 use tokio::sync::watch;
 
 /// Interval between two telemetry messages of one device.
@@ -129,21 +132,38 @@ pub async fn run(duration: Duration) -> Result<()> {
     let config = Config {
         site: Some("demo".into()),
         data_dir: dir.path().join("data"),
-        listener: ListenerConfig::with_defaults(
+        auth: toml::from_str::<AuthConfig>(DEMO_AUTH).context("demo auth config")?,
+        sinks: [(
+            "archive".to_string(),
+            SinkConfig::File(FileConfig {
+                path: dir.path().join("out/archive.jsonl"),
+                rotate_bytes: ByteSize(DEFAULT_ROTATE_BYTES),
+                keep: DEFAULT_KEEP,
+                fsync: true,
+            }),
+        )]
+        .into(),
+        routes: [(
+            "telemetry".to_string(),
+            RouteConfig {
+                from: "dt/#".into(),
+                to: "archive".into(),
+            },
+        )]
+        .into(),
+        ..Config::with_listener(ListenerConfig::with_defaults(
             "127.0.0.1:0",
             files.ca_cert.clone(),
             files.gateway_cert,
             files.gateway_key,
-        ),
-        auth: toml::from_str::<AuthConfig>(DEMO_AUTH).context("demo auth config")?,
-        admin: Default::default(),
+        ))
     };
     config.validate()?;
     let listeners = Listeners {
         mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
         admin: admin::bind(&config.admin_socket())?,
     };
-    let gateway = Gateway::start(config.clone(), listeners)?;
+    let gateway = Gateway::start(config.clone(), listeners).await?;
     let addr = gateway.local_addr().context("gateway has no address")?;
     println!(
         "sitegate demo: gateway on mqtts://{addr}, data in {}",
@@ -205,13 +225,17 @@ pub async fn run(duration: Duration) -> Result<()> {
             println!("[{:>2}s] operator: sitegate device approve door-1 --group doors (live, no reconnect)", elapsed.as_secs());
         }
         let s = gateway.stats().snapshot();
+        let spool = gateway.spool().status().await;
+        let depth: u64 = spool.queues.iter().map(|q| q.records).sum();
         println!(
-            "[{:>2}s] connections {:>2} | accepted {:>4} | denied {:>3} | delivered to devices {:>3}",
+            "[{:>2}s] connections {:>2} | accepted {:>4} | denied {:>3} | delivered to devices {:>3} | spool depth {:>3} | to sink {:>4}",
             elapsed.as_secs(),
             s.connections_open,
             s.messages_in_qos0 + s.messages_in_qos1,
             s.publishes_denied + s.subscriptions_denied,
             s.messages_out,
+            depth,
+            s.sink_records_sent,
         );
         if elapsed >= duration {
             break;
@@ -224,6 +248,7 @@ pub async fn run(duration: Duration) -> Result<()> {
     }
     let s = gateway.stats().snapshot();
     let list = ask(&socket, AdminRequest::List).await?;
+    let spool = gateway.spool().status().await;
     gateway.stop().await;
 
     println!("\nsummary after {:.1}s", started.elapsed().as_secs_f64());
@@ -235,6 +260,18 @@ pub async fn run(duration: Duration) -> Result<()> {
     );
     println!("  publishes denied         {}", s.publishes_denied);
     println!("  delivered to devices     {}", s.messages_out);
+    println!(
+        "  spool commits (fsyncs)   {} | records to the file sink {} | still spooled {}",
+        s.spool_commits,
+        s.sink_records_sent,
+        spool.queues.iter().map(|q| q.records).sum::<u64>()
+    );
+    if let Some(by) = &spool.keys.wrapped_by {
+        println!(
+            "  spool data key           {by} (blocks LZ4 + AES-256-GCM; records in {})",
+            dir.path().join("out/archive.jsonl").display()
+        );
+    }
     println!(
         "  sent by the fleet        {} (PUBACKed {}, received {})",
         counters.sent.load(Relaxed),

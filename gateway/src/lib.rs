@@ -14,6 +14,8 @@
 //! - `session`: one device's MQTT session with per-packet authorization.
 //! - `sessions`: the table of live sessions (takeover, revocation, shutdown).
 //! - `broker`: rumqttd's router as the local fan-out fabric.
+//! - `pipeline`: ingest of allowed publishes, routes, group commit into the spool.
+//! - `spool`: per-sink durable queues in sled, compressed and AES-256-GCM sealed; the drains.
 //! - `admin`: the local admin socket behind `sitegate device …`.
 //! - `stats`: counters of the device edge.
 //! - `daemon`: `run(config, listeners, shutdown)` and [`Gateway`].
@@ -29,9 +31,11 @@ pub mod config;
 pub mod daemon;
 pub mod fleet;
 pub mod listener;
+pub mod pipeline;
 pub mod pki;
 pub mod session;
 pub mod sessions;
+pub mod spool;
 pub mod stats;
 pub mod tls;
 

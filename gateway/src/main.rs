@@ -12,9 +12,9 @@ use sitegate::admin::{
 use sitegate::auth::{Authority, PolicySet, Registry};
 use sitegate::config::Config;
 use sitegate::daemon::{self, Listeners};
-use sitegate::pki;
 use sitegate::sessions::SessionTable;
 use sitegate::stats::Stats;
+use sitegate::{pki, spool};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -51,6 +51,39 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// The encrypted store-and-forward spool.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Per sink: records and bytes waiting, oldest age, blocks quarantined, the data key.
+    /// Asks the running gateway, or reads the data directory of a stopped one.
+    Status {
+        /// The gateway's config (its admin socket and data_dir).
+        #[arg(
+            long,
+            short,
+            conflicts_with = "data_dir",
+            required_unless_present = "data_dir"
+        )]
+        config: Option<PathBuf>,
+        /// A stopped gateway's data_dir, read directly.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a local key-encryption key file (32 random bytes, mode 0600) for `[spool.encryption] key_file`.
+    Keygen {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -160,13 +193,57 @@ fn dispatch(cli: Cli) -> Result<()> {
             command: CaCommand::Init { dir, site, sans },
         } => {
             let files = pki::init_ca(&dir, &site, &sans)?;
+            let kek = dir.join(SPOOL_KEK_FILE);
+            spool::keys::generate_kek(&kek)?;
             println!("site CA:             {}", files.ca_cert.display());
             println!("site CA key (0600):  {}", files.ca_key.display());
             println!("gateway certificate: {}", files.gateway_cert.display());
             println!("gateway key (0600):  {}", files.gateway_key.display());
+            println!("spool key file (0600): {}", kek.display());
             Ok(())
         }
         Command::Device { command } => device(command),
+        Command::Spool {
+            command: SpoolCommand::Keygen { out },
+        } => {
+            spool::keys::generate_kek(&out)?;
+            println!("spool key file (0600): {}", out.display());
+            Ok(())
+        }
+        Command::Spool {
+            command:
+                SpoolCommand::Status {
+                    config,
+                    data_dir,
+                    json,
+                },
+        } => {
+            let status = match (config, data_dir) {
+                (Some(config), _) => {
+                    let config = Config::load(&config)?;
+                    match runtime()?.block_on(admin::request(
+                        &config.admin_socket(),
+                        &AdminRequest::SpoolStatus,
+                    )) {
+                        Ok(AdminResponse::Spool { spool }) => spool,
+                        Ok(AdminResponse::Error { message }) => bail!(message),
+                        Ok(other) => bail!("unexpected answer from the gateway: {other:?}"),
+                        Err(AdminClientError::NotRunning(_)) => {
+                            offline_spool_status(&config.data_dir)?
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                (None, Some(dir)) => offline_spool_status(&dir)?,
+                (None, None) => bail!("give --config or --data-dir"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", spool::status::render(&status));
+            }
+            Ok(())
+        }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
@@ -227,24 +304,46 @@ fn device(command: DeviceCommand) -> Result<()> {
     print_response(response, json)
 }
 
+/// The key file `sitegate ca init` writes next to the CA.
+const SPOOL_KEK_FILE: &str = "spool.kek";
+
+fn offline_spool_status(data_dir: &std::path::Path) -> Result<spool::SpoolStatus> {
+    let path = data_dir.join("db");
+    if !path.exists() {
+        bail!(
+            "no spool in {} (no {} directory)",
+            data_dir.display(),
+            path.display()
+        );
+    }
+    let db = sled::Config::new().path(&path).open().with_context(|| {
+        format!(
+            "opening {} (is a gateway running on it? then use --config)",
+            path.display()
+        )
+    })?;
+    Ok(spool::status::offline(&db)?)
+}
+
 /// Asks the running gateway; when none runs, works on the registry directly.
 async fn ask_gateway(config: &Config, request: &AdminRequest) -> Result<AdminResponse> {
     match admin::request(&config.admin_socket(), request).await {
         Ok(r) => Ok(r),
-        Err(AdminClientError::NotRunning(_)) => offline(config, request.clone()),
+        Err(AdminClientError::NotRunning(_)) => offline(config, request.clone()).await,
         Err(e) => Err(e.into()),
     }
 }
 
-fn offline(config: &Config, request: AdminRequest) -> Result<AdminResponse> {
+async fn offline(config: &Config, request: AdminRequest) -> Result<AdminResponse> {
     let db = daemon::open_store(config)?;
     let policies = PolicySet::compile(&config.auth)?;
     let service = AdminService {
         authority: Arc::new(Authority::new(policies, Registry::open(&db)?)),
         sessions: Arc::new(SessionTable::default()),
         stats: Arc::new(Stats::default()),
+        spool: None,
     };
-    let response = service.handle(request);
+    let response = service.handle(request).await;
     db.flush()?;
     Ok(response)
 }
@@ -259,6 +358,7 @@ fn print_response(response: AdminResponse, json: bool) -> Result<()> {
         AdminResponse::Device { device } => print_devices(&[device]),
         AdminResponse::Devices { devices } => print_devices(&devices),
         AdminResponse::Status { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
+        AdminResponse::Spool { spool } => print!("{}", spool::status::render(&spool)),
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ use crate::auth::policy::valid_thing_name;
 use crate::auth::{Authority, DeviceState, Grant, Operation};
 use crate::broker::{publish_packet, Fabric, RouterLink};
 use crate::codec::{connect_version, Codec, CodecError, Frame, Version};
+use crate::pipeline::{Ingest, Message, Receipt};
 use crate::pki::Identity;
 use crate::sessions::{EndReason, SessionSlot, SessionTable};
 use crate::stats::Stats;
@@ -55,6 +56,8 @@ pub struct EdgeContext {
     pub sessions: Arc<SessionTable>,
     pub stats: Arc<Stats>,
     pub limits: Limits,
+    /// Where allowed publishes go to be routed and spooled; `None` when nothing is routed.
+    pub ingest: Option<Ingest>,
 }
 
 /// Why a session ended; decides the DISCONNECT sent and whether the will is published.
@@ -70,6 +73,17 @@ enum Close {
     Ended(EndReason),
     /// The router dropped the link.
     RouterGone,
+    /// The spool could not make the device's messages durable; closing makes the device send
+    /// them again once it reconnects (MQTT 3.1.1 has no negative PUBACK).
+    Spool(String),
+}
+
+/// PUBACKs of one socket read, held until the read's messages are durable.
+struct HeldAcks {
+    /// `None` when nothing of the read needed spooling; then the acks wait only for the
+    /// entries ahead of them, since PUBACKs go out in PUBLISH order.
+    receipt: Option<Receipt>,
+    acks: Vec<Packet>,
 }
 
 /// Runs a session on an authenticated TLS stream until it closes.
@@ -161,6 +175,8 @@ where
         epoch,
         ctx: Arc::clone(&ctx),
         codec,
+        thing: Arc::from(identity.thing.as_str()),
+        cert_id: Arc::from(identity.cert_id.as_str()),
         identity,
         grant: admitted.grant,
         will: admitted.will,
@@ -170,6 +186,9 @@ where
         // change of grant can prune them too.
         filters: ctx.sessions.unpark(&connect.client_id, session_present),
         to_router: Vec::new(),
+        to_ingest: Vec::new(),
+        read_acks: Vec::new(),
+        held: std::collections::VecDeque::new(),
         denials_logged: 0,
         wake_router: false,
     };
@@ -188,6 +207,16 @@ where
     };
     session.finish(&mut conn, close).await;
     ctx.stats.connections_open.fetch_sub(1, Relaxed);
+}
+
+/// Resolves with the oldest held read's durability (the branch is enabled only when it has a receipt).
+async fn front_receipt(
+    held: &mut std::collections::VecDeque<HeldAcks>,
+) -> Result<Result<(), String>, tokio::sync::oneshot::error::RecvError> {
+    match held.front_mut().and_then(|h| h.receipt.as_mut()) {
+        Some(receipt) => receipt.await,
+        None => std::future::pending().await,
+    }
 }
 
 enum ConnectError {
@@ -381,6 +410,9 @@ struct Session {
     ctx: Arc<EdgeContext>,
     codec: Codec,
     identity: Identity,
+    /// The identity as shared strings, stamped on every message handed to the pipeline.
+    thing: Arc<str>,
+    cert_id: Arc<str>,
     grant: Grant,
     epoch: watch::Receiver<u64>,
     will: Option<(LastWill, Option<LastWillProperties>)>,
@@ -390,6 +422,12 @@ struct Session {
     filters: Vec<String>,
     /// Packets for the router from the current read, handed over in one go.
     to_router: Vec<Packet>,
+    /// Allowed publishes of the current read that a route takes.
+    to_ingest: Vec<Message>,
+    /// QoS 1 PUBACKs of the current read, in PUBLISH order.
+    read_acks: Vec<Packet>,
+    /// Earlier reads' PUBACKs waiting for the spool, oldest first.
+    held: std::collections::VecDeque<HeldAcks>,
     denials_logged: u32,
     /// The router paused deliveries to this link until it is told we caught up.
     wake_router: bool,
@@ -405,6 +443,7 @@ impl Close {
             Close::Protocol(code, detail) => format!("protocol error ({code:?}): {detail}"),
             Close::Ended(reason) => format!("ended by gateway: {reason:?}"),
             Close::RouterGone => "local router dropped the link".into(),
+            Close::Spool(reason) => format!("spool could not store its messages: {reason}"),
         }
     }
 }
@@ -462,6 +501,13 @@ impl Session {
                                     return c;
                                 }
                             }
+                        }
+                    }
+                    durable = front_receipt(&mut self.held), if self.held.front().is_some_and(|h| h.receipt.is_some()) => {
+                        match durable {
+                            Ok(Ok(())) => self.release_held(&mut conn.wbuf),
+                            Ok(Err(reason)) => return Close::Spool(reason),
+                            Err(_) => return Close::Spool("pipeline stopped".into()),
                         }
                     }
                     notification = self.link.rx.next() => {
@@ -531,7 +577,36 @@ impl Session {
                 return Flow::Close(Close::RouterGone);
             }
         }
+        let receipt = match (&self.ctx.ingest, self.to_ingest.is_empty()) {
+            (Some(ingest), false) => Some(ingest.submit(std::mem::take(&mut self.to_ingest)).await),
+            _ => None,
+        };
+        let acks = std::mem::take(&mut self.read_acks);
+        if receipt.is_none() && self.held.is_empty() {
+            for ack in acks {
+                self.write(ack, wbuf);
+            }
+        } else if receipt.is_some() || !acks.is_empty() {
+            self.held.push_back(HeldAcks { receipt, acks });
+        }
         flow
+    }
+
+    /// The oldest held read is durable: send its PUBACKs and those queued behind it that
+    /// waited only for their turn.
+    fn release_held(&mut self, wbuf: &mut BytesMut) {
+        if let Some(front) = self.held.pop_front() {
+            for ack in front.acks {
+                self.write(ack, wbuf);
+            }
+        }
+        while self.held.front().is_some_and(|h| h.receipt.is_none()) {
+            if let Some(next) = self.held.pop_front() {
+                for ack in next.acks {
+                    self.write(ack, wbuf);
+                }
+            }
+        }
     }
 
     fn handle_packet(&mut self, frame: Frame, wbuf: &mut BytesMut) -> Flow {
@@ -569,6 +644,16 @@ impl Session {
                         &self.ctx.stats.messages_in_qos1
                     };
                     counter.fetch_add(1, Relaxed);
+                    if self.ctx.ingest.as_ref().is_some_and(|i| i.wants(topic)) {
+                        self.to_ingest.push(Message {
+                            topic: topic.to_owned(),
+                            payload: publish.payload.clone(),
+                            thing: Arc::clone(&self.thing),
+                            cert_id: Arc::clone(&self.cert_id),
+                            qos: frame.qos,
+                            received_at_ms: crate::spool::now_ms(),
+                        });
+                    }
                     self.to_router.push(Packet::Publish(publish, props));
                     PubAckReason::Success
                 } else {
@@ -579,16 +664,13 @@ impl Session {
                 // MQTT 3.1.1 has no way to say "not authorized" in a PUBACK (§3.3.5): the
                 // message is acknowledged and dropped. MQTT 5 carries the reason code.
                 if frame.qos == 1 {
-                    self.write(
-                        Packet::PubAck(
-                            PubAck {
-                                pkid: frame.pkid,
-                                reason,
-                            },
-                            None,
-                        ),
-                        wbuf,
-                    );
+                    self.read_acks.push(Packet::PubAck(
+                        PubAck {
+                            pkid: frame.pkid,
+                            reason,
+                        },
+                        None,
+                    ));
                 }
                 Flow::Continue
             }
@@ -760,6 +842,7 @@ impl Session {
         let (reason, publish_will) = match &close {
             Close::ByClient { with_will } => (None, *with_will),
             Close::Network(_) | Close::RouterGone => (None, true),
+            Close::Spool(_) => (Some(DisconnectReasonCode::UnspecifiedError), true),
             Close::KeepAlive => {
                 self.ctx.stats.keepalive_timeouts.fetch_add(1, Relaxed);
                 (Some(DisconnectReasonCode::KeepAliveTimeout), true)

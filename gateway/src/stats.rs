@@ -1,4 +1,4 @@
-//! Counters of what the device edge did, shared by every connection.
+//! Counters of what the device edge, the spool and the sinks did, shared by every connection.
 //!
 //! Plain atomics, bumped once per event; read by the demo, the admin `status` request and the
 //! tests. Relaxed ordering: each counter stands alone.
@@ -52,4 +52,18 @@ counters! {
     keepalive_timeouts,
     /// Live connections closed by revocation.
     revoked_disconnects,
+    /// Group commits written to the spool (one fsync each).
+    spool_commits,
+    /// Times the committer waited because a `when_full = "block"` queue was full.
+    spool_full_waits,
+    /// Commits that failed (I/O, no key); their QoS 1 publishes were not acknowledged.
+    spool_errors,
+    /// Records sinks accepted.
+    sink_records_sent,
+    /// Sends that failed as a whole.
+    sink_send_failures,
+    /// Waits before retrying a send or a read.
+    sink_retries,
+    /// Records sinks refused for good (sent to the error sink or dropped with a log line).
+    sink_records_rejected,
 }

@@ -1,10 +1,29 @@
 //! sitegate-plugins: the `Sink` seam and the built-in sinks.
 //!
-//! Empty on purpose for now: the uplinks issue fills it with the small `Sink` trait
-//! (`name()`, `send(batch) -> Result<Ack, SinkError>`, defaulted `flush`/`close`), a
-//! `registry()` from config `type` to factory, and one folder per sink (kinesis, iotcore,
-//! republish, file, log). It will never depend on the `sitegate` gateway crate.
+//! The spool's drain hands each sink batches of [`Record`]s in queue order and forgets only
+//! what the sink acknowledged. This crate never depends on the gateway.
 //!
-//! Layout (planned):
-//! - `sink`: the trait, `Ack`, `SinkError` (retryable or not).
-//! - `kinesis/`, `iotcore/`, `republish/`, `file/`: one sink each, with its config and tests.
+//! Layout:
+//! - `record`: [`Record`], one row with the identity of the device it came from, and its JSON envelope.
+//! - `sink`: the [`Sink`] trait, [`Ack`], [`SinkError`] (retryable or not).
+//! - `registry`: [`SinkConfig`] (`[sinks.NAME]`, tagged by `type`) and [`registry()`] of factories.
+//! - `template`: `${thing_name}`-style templates for partition keys and topics.
+//! - `topic`: MQTT topic filter matching for routes and rule sources.
+//! - `units`: sizes and periods as written in config.
+//! - `aws`: one rustls HTTPS client and the standard credential chain for the AWS SDK.
+//! - `file/`, `log/`: one folder per sink with its config and tests.
+
+pub mod aws;
+pub mod file;
+pub mod log;
+pub mod record;
+pub mod registry;
+pub mod sink;
+pub mod template;
+pub mod topic;
+pub mod units;
+
+pub use record::Record;
+pub use registry::{build, registry, SinkConfig, SinkContext, SinkFactory};
+pub use sink::{Ack, Rejected, Sink, SinkError};
+pub use units::{ByteSize, Period};

@@ -73,26 +73,31 @@ impl Site {
 
     /// Starts a gateway after `adjust` has had its say on the config.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Site {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_test_writer()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         let ca = pki::init_ca(&dir.path().join("pki"), "test", &[]).unwrap();
         let mut config = Config {
             site: Some("test".into()),
             data_dir: dir.path().join("data"),
-            listener: ListenerConfig::with_defaults(
+            auth: toml::from_str::<AuthConfig>(AUTH).unwrap(),
+            ..Config::with_listener(ListenerConfig::with_defaults(
                 "127.0.0.1:0",
                 ca.ca_cert.clone(),
                 ca.gateway_cert.clone(),
                 ca.gateway_key.clone(),
-            ),
-            auth: toml::from_str::<AuthConfig>(AUTH).unwrap(),
-            admin: Default::default(),
+            ))
         };
         adjust(&mut config);
         let listeners = Listeners {
             mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: admin::bind(&config.admin_socket()).unwrap(),
         };
-        let gateway = Gateway::start(config.clone(), listeners).unwrap();
+        let gateway = Gateway::start(config.clone(), listeners).await.unwrap();
         Site {
             addr: gateway.local_addr().unwrap(),
             stats: gateway.stats(),
@@ -106,6 +111,40 @@ impl Site {
     pub async fn stop(mut self) {
         if let Some(g) = self.gateway.take() {
             g.stop().await;
+        }
+    }
+
+    /// Stops the gateway but keeps the site's files (for looking at what is left on disk).
+    pub async fn halt(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+    }
+
+    /// Stops the gateway and starts a new one on the same data (and a new port), after
+    /// `adjust` has changed the config.
+    pub async fn restart(&mut self, adjust: impl FnOnce(&mut Config)) {
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+        adjust(&mut self.config);
+        let listeners = Listeners {
+            mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: admin::bind(&self.config.admin_socket()).unwrap(),
+        };
+        let gateway = Gateway::start(self.config.clone(), listeners)
+            .await
+            .unwrap();
+        self.addr = gateway.local_addr().unwrap();
+        self.stats = gateway.stats();
+        self.gateway = Some(gateway);
+    }
+
+    /// The live spool's status, through the admin socket.
+    pub async fn spool_status(&self) -> sitegate::spool::SpoolStatus {
+        match self.admin(AdminRequest::SpoolStatus).await {
+            AdminResponse::Spool { spool } => spool,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -249,6 +288,34 @@ impl Site {
     }
 }
 
+/// Every byte of every file under `dir`, for at-rest checks.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(path);
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// The JSON lines a file sink wrote (a torn last line from a crash is skipped).
+pub fn sink_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 pub fn text(output: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -265,3 +332,5 @@ pub async fn collect(mut child: Child, limit: Duration) -> String {
     let out = child.wait_with_output().await.unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+pub mod aws;

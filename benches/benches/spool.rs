@@ -1,0 +1,141 @@
+//! The spool's write and drain paths against the plainest durable peer.
+//!
+//! - `commit/*`: one group commit of N 100-byte records: encode, LZ4, AES-256-GCM seal, sled
+//!   insert and flush (fsync). The peer, `raw_fs_append_fsync/*`, appends the same records'
+//!   bytes to a file with `std::fs` and fsyncs at the same cadence (once per N records).
+//! - `drain`: read 500 records from a full queue, decrypt, and acknowledge them (deleting
+//!   blocks), as a sink's drain does.
+//!
+//! Throughput is per record, so criterion prints records/s; MB/s is records/s × 100 bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use sitegate::config::{EncryptionConfig, SpoolConfig};
+use sitegate::spool::{keys, Draft, Spool};
+
+const PAYLOAD: usize = 100;
+
+fn draft(n: u64) -> Draft {
+    // 100 bytes of JSON telemetry, varied so compression does not flatter us.
+    let mut payload = format!(
+        r#"{{"n":{n},"temp":{}.{},"hum":{},"door":"closed","pad":""#,
+        20 + n % 9,
+        n % 10,
+        40 + n % 13
+    );
+    while payload.len() < PAYLOAD - 2 {
+        payload.push(char::from(
+            b'a' + (n.wrapping_mul(31).wrapping_add(payload.len() as u64) % 26) as u8,
+        ));
+    }
+    payload.push_str("\"}");
+    Draft {
+        received_at_ms: 1_700_000_000_000 + n,
+        thing_name: format!("freezer-{:04}", n % 1000),
+        cert_id: format!("{:064x}", n % 1000),
+        topic: format!("dt/freezer-{:04}/temp", n % 1000),
+        rule: "telemetry".into(),
+        payload: Bytes::from(payload),
+    }
+}
+
+fn open(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Spool {
+    keys::generate_kek(&dir.join("kek")).unwrap();
+    let config = SpoolConfig {
+        encryption: EncryptionConfig {
+            key_file: Some(dir.join("kek")),
+            ..EncryptionConfig::default()
+        },
+        ..SpoolConfig::default()
+    };
+    let db = sled::Config::new().path(dir.join("db")).open().unwrap();
+    rt.block_on(Spool::open(db, &config, dir, ["bench".to_string()]))
+        .unwrap()
+}
+
+/// The bytes a plain appender would write for the same records (the fields, length-prefixed).
+fn raw_bytes(drafts: &[Draft]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for d in drafts {
+        for f in [
+            d.thing_name.as_bytes(),
+            d.cert_id.as_bytes(),
+            d.topic.as_bytes(),
+            d.rule.as_bytes(),
+            &d.payload,
+        ] {
+            out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            out.extend_from_slice(f);
+        }
+    }
+    out
+}
+
+fn commit(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for batch in [100usize, 1000] {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(&rt, dir.path());
+        let drafts: Vec<Draft> = (0..batch as u64).map(draft).collect();
+        let raw = raw_bytes(&drafts);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("raw.log"))
+            .unwrap();
+
+        let mut g = c.benchmark_group(format!("spool_write_{batch}_per_fsync"));
+        g.throughput(Throughput::Elements(batch as u64));
+        let batches = vec![("bench".to_string(), drafts)];
+        g.bench_function("commit_encrypted_sled", |b| {
+            b.iter(|| rt.block_on(spool.commit(&batches)).unwrap());
+        });
+        g.bench_function("raw_fs_append_fsync", |b| {
+            b.iter(|| {
+                file.write_all(&raw).unwrap();
+                file.sync_data().unwrap();
+            });
+        });
+        g.finish();
+    }
+}
+
+fn drain(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(&rt, dir.path());
+    let mut g = c.benchmark_group("spool_drain");
+    g.throughput(Throughput::Elements(500));
+    let mut next = 0u64;
+    g.bench_function("read_500_decrypt_ack", |b| {
+        b.iter_batched(
+            || {
+                let drafts: Vec<Draft> = (next..next + 500).map(draft).collect();
+                next += 500;
+                rt.block_on(spool.commit(&[("bench".to_string(), drafts)]))
+                    .unwrap();
+            },
+            |()| {
+                let records = rt.block_on(spool.read("bench", 500)).unwrap();
+                assert_eq!(records.len(), 500);
+                spool.ack("bench", records[499].id).unwrap();
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.finish();
+}
+
+criterion_group!(benches, commit, drain);
+criterion_main!(benches);

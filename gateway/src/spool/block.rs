@@ -1,0 +1,352 @@
+//! Spool blocks: many records encoded together, compressed with LZ4, sealed with AES-256-GCM.
+//!
+//! Stored layout (all integers little-endian):
+//!
+//! ```text
+//! magic "SGB1" | key_id u32 | nonce [12] | first_id u64 | count u32 | created_ms u64 | sealed…
+//! ```
+//!
+//! The associated data is the sink name followed by the whole header, so a block moved to
+//! another sink's queue, renumbered, or given another key fails authentication. The header
+//! carries only numbers: no topic, thing name or payload byte is ever outside the sealed part.
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use bytes::Bytes;
+use sitegate_plugins::Record;
+
+const MAGIC: &[u8; 4] = b"SGB1";
+/// Bytes before the sealed part.
+pub const HEADER_LEN: usize = 4 + 4 + 12 + 8 + 4 + 8;
+
+/// A record before the spool gave it an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    pub received_at_ms: u64,
+    pub thing_name: String,
+    pub cert_id: String,
+    pub topic: String,
+    pub rule: String,
+    pub payload: Bytes,
+}
+
+impl Draft {
+    /// Bytes this draft takes in a block before compression.
+    pub fn encoded_len(&self) -> usize {
+        8 + 5 * 4
+            + self.thing_name.len()
+            + self.cert_id.len()
+            + self.topic.len()
+            + self.rule.len()
+            + self.payload.len()
+    }
+
+    fn into_record(self, id: u64) -> Record {
+        Record {
+            id,
+            received_at_ms: self.received_at_ms,
+            thing_name: self.thing_name,
+            cert_id: self.cert_id,
+            topic: self.topic,
+            rule: self.rule,
+            payload: self.payload,
+        }
+    }
+}
+
+/// The clear-text header of a stored block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub key_id: u32,
+    pub nonce: [u8; 12],
+    pub first_id: u64,
+    pub count: u32,
+    pub created_ms: u64,
+}
+
+impl Header {
+    /// Id of the last record in the block.
+    pub fn last_id(&self) -> u64 {
+        self.first_id + u64::from(self.count.max(1)) - 1
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.key_id.to_le_bytes());
+        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(&self.first_id.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&self.created_ms.to_le_bytes());
+    }
+
+    /// Parse the header of a stored block.
+    pub fn parse(stored: &[u8]) -> Result<Header, BlockError> {
+        if stored.len() < HEADER_LEN + 16 {
+            return Err(BlockError::Truncated(stored.len()));
+        }
+        if &stored[..4] != MAGIC {
+            return Err(BlockError::BadMagic);
+        }
+        let mut r = Reader {
+            buf: &stored[4..HEADER_LEN],
+        };
+        let key_id = r.u32()?;
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(r.take(12)?);
+        Ok(Header {
+            key_id,
+            nonce,
+            first_id: r.u64()?,
+            count: r.u32()?,
+            created_ms: r.u64()?,
+        })
+    }
+}
+
+/// Why a stored block cannot be read. All of these mean the block is damaged: the spool
+/// quarantines it and carries on with the next.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BlockError {
+    #[error("block is {0} bytes, shorter than a header and tag")]
+    Truncated(usize),
+    #[error("block does not start with the spool's magic bytes")]
+    BadMagic,
+    #[error("block failed authentication (corrupt, or moved from another queue or position)")]
+    Authentication,
+    #[error("block content is damaged: {0}")]
+    Content(&'static str),
+}
+
+fn associated_data(sink: &str, header_bytes: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(sink.len() + 1 + header_bytes.len());
+    aad.extend_from_slice(sink.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(header_bytes);
+    aad
+}
+
+/// Encode, compress and seal `drafts` as the block starting at record `first_id`.
+pub fn seal(
+    sink: &str,
+    cipher: &Aes256Gcm,
+    key_id: u32,
+    nonce: [u8; 12],
+    first_id: u64,
+    created_ms: u64,
+    drafts: &[Draft],
+) -> Result<Vec<u8>, BlockError> {
+    let plain_len: usize = drafts.iter().map(Draft::encoded_len).sum();
+    let mut plain = Vec::with_capacity(plain_len);
+    for d in drafts {
+        plain.extend_from_slice(&d.received_at_ms.to_le_bytes());
+        for field in [
+            d.thing_name.as_bytes(),
+            d.cert_id.as_bytes(),
+            d.topic.as_bytes(),
+            d.rule.as_bytes(),
+            &d.payload,
+        ] {
+            let len =
+                u32::try_from(field.len()).map_err(|_| BlockError::Content("field over 4 GiB"))?;
+            plain.extend_from_slice(&len.to_le_bytes());
+            plain.extend_from_slice(field);
+        }
+    }
+    let compressed = lz4_flex::compress_prepend_size(&plain);
+    let header = Header {
+        key_id,
+        nonce,
+        first_id,
+        count: u32::try_from(drafts.len()).map_err(|_| BlockError::Content("too many records"))?,
+        created_ms,
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 16);
+    header.write(&mut out);
+    let aad = associated_data(sink, &out);
+    let sealed = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &compressed,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| BlockError::Authentication)?;
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// Check a stored block's tag without decoding it.
+pub fn verify(sink: &str, cipher: &Aes256Gcm, stored: &[u8]) -> Result<Header, BlockError> {
+    let header = Header::parse(stored)?;
+    decrypt(sink, cipher, &header, stored)?;
+    Ok(header)
+}
+
+fn decrypt(
+    sink: &str,
+    cipher: &Aes256Gcm,
+    header: &Header,
+    stored: &[u8],
+) -> Result<Vec<u8>, BlockError> {
+    let aad = associated_data(sink, &stored[..HEADER_LEN]);
+    cipher
+        .decrypt(
+            Nonce::from_slice(&header.nonce),
+            Payload {
+                msg: &stored[HEADER_LEN..],
+                aad: &aad,
+            },
+        )
+        .map_err(|_| BlockError::Authentication)
+}
+
+/// Authenticate, decompress and decode a stored block into its records.
+pub fn open(sink: &str, cipher: &Aes256Gcm, stored: &[u8]) -> Result<Vec<Record>, BlockError> {
+    let header = Header::parse(stored)?;
+    let compressed = decrypt(sink, cipher, &header, stored)?;
+    let plain = lz4_flex::decompress_size_prepended(&compressed)
+        .map_err(|_| BlockError::Content("LZ4 data does not decompress"))?;
+    let mut r = Reader { buf: &plain };
+    let mut records = Vec::with_capacity(header.count as usize);
+    for i in 0..u64::from(header.count) {
+        let received_at_ms = r.u64()?;
+        let thing_name = r.string()?;
+        let cert_id = r.string()?;
+        let topic = r.string()?;
+        let rule = r.string()?;
+        let payload = Bytes::copy_from_slice(r.field()?);
+        let draft = Draft {
+            received_at_ms,
+            thing_name,
+            cert_id,
+            topic,
+            rule,
+            payload,
+        };
+        records.push(draft.into_record(header.first_id + i));
+    }
+    if !r.buf.is_empty() {
+        return Err(BlockError::Content("bytes after the last record"));
+    }
+    Ok(records)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BlockError> {
+        if self.buf.len() < n {
+            return Err(BlockError::Content("record runs past the end of the block"));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<u32, BlockError> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64(&mut self) -> Result<u64, BlockError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+    fn field(&mut self) -> Result<&'a [u8], BlockError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+    fn string(&mut self) -> Result<String, BlockError> {
+        String::from_utf8(self.field()?.to_vec())
+            .map_err(|_| BlockError::Content("text field is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use aes_gcm::KeyInit;
+    use proptest::prelude::*;
+
+    fn cipher(byte: u8) -> Aes256Gcm {
+        Aes256Gcm::new_from_slice(&[byte; 32]).unwrap()
+    }
+
+    fn draft(thing: &str, payload: &[u8]) -> Draft {
+        Draft {
+            received_at_ms: 42,
+            thing_name: thing.into(),
+            cert_id: "ab".repeat(32),
+            topic: format!("dt/{thing}/t"),
+            rule: "raw".into(),
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    #[test]
+    fn a_block_cannot_move_between_sinks_positions_or_keys() {
+        let drafts = vec![draft("pump-1", b"{\"t\":1}")];
+        let stored = seal("kinesis", &cipher(1), 1, [7; 12], 100, 5, &drafts).unwrap();
+        assert_eq!(open("kinesis", &cipher(1), &stored).unwrap()[0].id, 100);
+        assert_eq!(
+            open("archive", &cipher(1), &stored),
+            Err(BlockError::Authentication)
+        );
+        assert_eq!(
+            open("kinesis", &cipher(2), &stored),
+            Err(BlockError::Authentication)
+        );
+        let mut renumbered = stored.clone();
+        renumbered[4 + 4 + 12] ^= 1; // first_id
+        assert_eq!(
+            open("kinesis", &cipher(1), &renumbered),
+            Err(BlockError::Authentication)
+        );
+        assert_eq!(
+            open("kinesis", &cipher(1), &stored[..30]),
+            Err(BlockError::Truncated(30))
+        );
+    }
+
+    #[test]
+    fn nothing_readable_outside_the_sealed_part() {
+        let drafts = vec![draft(
+            "MARKER-thing",
+            b"MARKER-payload MARKER-payload MARKER-payload",
+        )];
+        let stored = seal("s", &cipher(3), 1, [1; 12], 1, 5, &drafts).unwrap();
+        assert!(!stored.windows(6).any(|w| w == b"MARKER"));
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_any_records(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..20),
+            thing in "[a-z0-9-]{1,20}",
+            first_id in 0u64..u64::MAX / 2,
+        ) {
+            let drafts: Vec<_> = payloads.iter().map(|p| draft(&thing, p)).collect();
+            let stored = seal("q", &cipher(9), 3, [2; 12], first_id, 7, &drafts).unwrap();
+            let records = open("q", &cipher(9), &stored).unwrap();
+            prop_assert_eq!(records.len(), drafts.len());
+            for (i, (r, d)) in records.iter().zip(&drafts).enumerate() {
+                prop_assert_eq!(r.id, first_id + i as u64);
+                prop_assert_eq!(&r.payload, &d.payload);
+                prop_assert_eq!(&r.thing_name, &d.thing_name);
+            }
+        }
+
+        #[test]
+        fn any_flipped_byte_is_caught(flip in 0usize..200, bit in 0u8..8) {
+            let stored = seal("q", &cipher(9), 3, [2; 12], 1, 7, &[draft("a", &[5; 100])]).unwrap();
+            let mut bad = stored.clone();
+            let at = flip % bad.len();
+            bad[at] ^= 1 << bit;
+            prop_assert!(open("q", &cipher(9), &bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The drain: one task per sink that reads the queue in order, sends, and acknowledges only
+//! what the sink accepted. Failures back off exponentially with jitter; nothing is dropped.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use sitegate_plugins::{Record, Sink};
+use tokio::sync::watch;
+
+use super::{now_ms, Draft, Spool};
+use crate::stats::Stats;
+
+/// Records per `send` at most (Kinesis PutRecords takes 500).
+pub const DRAIN_BATCH: usize = 500;
+/// First retry delay after a failed send.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An idle drain re-checks its queue this often even without a wake-up (age expiry, keys).
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The delay to wait now; the following one doubles (up to the cap).
+    pub fn step(&mut self) -> Duration {
+        let cap = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let jitter = rand::thread_rng().gen_range(0.5..=1.0);
+        cap.mul_f64(jitter)
+    }
+    /// Back to the shortest delay after a success.
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// Feed `sink` from its queue until `shutdown` turns true, then close it.
+pub async fn run(
+    spool: Arc<Spool>,
+    mut sink: Box<dyn Sink>,
+    error_sink: Option<String>,
+    stats: Arc<Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = sink.name().to_string();
+    let Some(queue) = spool.queue(&name) else {
+        tracing::error!(sink = %name, "no spool queue for sink; not draining");
+        return;
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let wait = match spool.read(&name, DRAIN_BATCH).await {
+            Ok(batch) if batch.is_empty() => {
+                tokio::select! {
+                    _ = queue.appended.notified() => {}
+                    _ = tokio::time::sleep(IDLE_CHECK) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            Ok(batch) => match sink.send(&batch).await {
+                Ok(ack) => {
+                    let done = ack.done.min(batch.len());
+                    if !ack.rejected.is_empty() {
+                        reject(
+                            &spool,
+                            &name,
+                            error_sink.as_deref(),
+                            &batch,
+                            &ack.rejected,
+                            &stats,
+                        )
+                        .await;
+                    }
+                    if done > 0 {
+                        let through = batch[done - 1].id;
+                        stats.sink_records_sent.fetch_add(done as u64, Relaxed);
+                        if let Err(e) = spool.ack(&name, through) {
+                            tracing::error!(sink = %name, error = %e, "spool acknowledgement failed; records may be sent again");
+                        }
+                        backoff.reset();
+                        None
+                    } else {
+                        Some(backoff.step())
+                    }
+                }
+                Err(e) => {
+                    stats.sink_send_failures.fetch_add(1, Relaxed);
+                    let delay = backoff.step();
+                    if e.retryable() {
+                        tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink send failed; will retry");
+                    } else {
+                        tracing::error!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink refused the batch; kept in the spool and retried until the cause is fixed");
+                    }
+                    Some(delay)
+                }
+            },
+            Err(e) => {
+                let delay = backoff.step();
+                tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "spool read failed; will retry");
+                Some(delay)
+            }
+        };
+        if let Some(delay) = wait {
+            stats.sink_retries.fetch_add(1, Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+    if let Err(e) = sink.close().await {
+        tracing::warn!(sink = %name, error = %e, "closing sink");
+    }
+}
+
+/// Route records a sink refused for good to the error sink, with the reason.
+async fn reject(
+    spool: &Spool,
+    sink: &str,
+    error_sink: Option<&str>,
+    batch: &[Record],
+    rejected: &[sitegate_plugins::Rejected],
+    stats: &Stats,
+) {
+    stats
+        .sink_records_rejected
+        .fetch_add(rejected.len() as u64, Relaxed);
+    let target = error_sink.filter(|e| *e != sink);
+    let Some(target) = target else {
+        for r in rejected {
+            tracing::warn!(sink, record = batch.get(r.index).map(|b| b.id), reason = %r.reason, "record refused by sink; no error sink configured, dropped");
+        }
+        return;
+    };
+    let drafts: Vec<Draft> = rejected
+        .iter()
+        .filter_map(|r| {
+            let record = batch.get(r.index)?;
+            use base64::Engine as _;
+            let body = serde_json::json!({
+                "error": r.reason,
+                "sink": sink,
+                "record_id": record.id,
+                "payload_base64": base64::engine::general_purpose::STANDARD.encode(&record.payload),
+                "failed_at": now_ms(),
+            });
+            Some(Draft {
+                received_at_ms: record.received_at_ms,
+                thing_name: record.thing_name.clone(),
+                cert_id: record.cert_id.clone(),
+                topic: record.topic.clone(),
+                rule: record.rule.clone(),
+                payload: serde_json::to_vec(&body).unwrap_or_default().into(),
+            })
+        })
+        .collect();
+    if let Err(e) = spool.commit(&[(target.to_string(), drafts)]).await {
+        tracing::error!(sink, error_sink = target, error = %e, "could not spool refused records for the error sink; dropped");
+    }
+}

@@ -1,0 +1,588 @@
+//! The spool: one durable, encrypted queue per sink in sled, between the rules and the sinks.
+//!
+//! Records are appended in blocks (one per sink per group commit), each compressed and then
+//! sealed with AES-256-GCM under a data key from [`keys`]. A commit returns only after sled
+//! has flushed, which is when QoS 1 publishes are acknowledged to devices. Each sink's drain
+//! reads from the oldest unacknowledged record and acknowledges by id; whole blocks are deleted
+//! once every record in them is acknowledged.
+//!
+//! Layout:
+//! - `block`: the sealed block format (header, LZ4, AES-256-GCM with sink and position bound in).
+//! - `keys`: data keys wrapped by KMS or a local key file; rotation; offline fallback.
+//! - `queue`: the in-memory index of one sink's blocks (depth, bytes, age, ack point).
+//! - `drain`: the per-sink loop that sends, acknowledges and backs off.
+//! - `status`: depth and health per sink, live or read from a stopped gateway's data_dir.
+
+pub mod block;
+pub mod drain;
+pub mod keys;
+pub mod queue;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aes_gcm::Aes256Gcm;
+use rand::RngCore;
+use sitegate_plugins::Record;
+use tokio::sync::Notify;
+
+pub use block::Draft;
+use block::{BlockError, Header};
+pub use keys::{KeyError, KeyRing};
+use queue::QueueIndex;
+pub use status::{QueueStatus, SpoolStatus};
+
+use crate::config::{SpoolConfig, WhenFull};
+
+/// Records per block at most; larger commits are split.
+pub const MAX_BLOCK_RECORDS: usize = 1_000;
+/// Encoded bytes per block at most (before compression); larger commits are split.
+pub const MAX_BLOCK_BYTES: usize = 1 << 20;
+
+const TREE_PREFIX: &str = "spool:";
+const META_TREE: &str = "spool-meta";
+const QUARANTINE_TREE: &str = "spool-quarantine";
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Why the spool could not take or give records.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// `when_full = "block"` and the queue is at `max_bytes`: wait for the drain.
+    #[error("spool queue `{sink}` is full ({bytes} of {max_bytes} bytes); holding new data until it drains")]
+    Full {
+        sink: String,
+        bytes: u64,
+        max_bytes: u64,
+    },
+    #[error("no spool queue for sink `{0}`")]
+    UnknownSink(String),
+    #[error("spool storage: {0}")]
+    Store(#[from] sled::Error),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("spool block: {0}")]
+    Block(#[from] BlockError),
+}
+
+impl SpoolError {
+    /// Whether the same operation may succeed later.
+    pub fn retryable(&self) -> bool {
+        match self {
+            SpoolError::Full { .. } | SpoolError::Store(_) => true,
+            SpoolError::Key(k) => k.retryable(),
+            SpoolError::UnknownSink(_) | SpoolError::Block(_) => false,
+        }
+    }
+}
+
+/// Limits of one queue, after per-sink overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub max_bytes: u64,
+    pub max_age_ms: u64,
+    pub when_full: WhenFull,
+}
+
+/// Spool-wide counters (also reported per queue in status).
+#[derive(Debug, Default)]
+pub struct SpoolCounters {
+    pub appended_records: AtomicU64,
+    pub appended_blocks: AtomicU64,
+    pub commits: AtomicU64,
+    pub acked_records: AtomicU64,
+    pub dropped_records: AtomicU64,
+    pub quarantined_blocks: AtomicU64,
+    pub io_errors: AtomicU64,
+}
+
+/// One sink's queue.
+pub struct Queue {
+    sink: String,
+    tree: sled::Tree,
+    limits: QueueLimits,
+    index: Mutex<QueueIndex>,
+    /// Woken when records are appended, so the drain need not poll.
+    pub appended: Notify,
+}
+
+impl Queue {
+    fn index(&self) -> MutexGuard<'_, QueueIndex> {
+        // A panic while holding the lock cannot leave the index half-updated in a way that
+        // matters more than stopping the spool would, so keep going with it.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sink this queue feeds.
+    pub fn sink(&self) -> &str {
+        &self.sink
+    }
+}
+
+/// The spool of one gateway.
+pub struct Spool {
+    db: sled::Db,
+    meta: sled::Tree,
+    quarantine: sled::Tree,
+    keys: KeyRing,
+    queues: BTreeMap<String, Arc<Queue>>,
+    /// Woken when acknowledgements or evictions free space.
+    pub space: Notify,
+    pub counters: SpoolCounters,
+}
+
+fn ack_key(sink: &str) -> Vec<u8> {
+    format!("acked/{sink}").into_bytes()
+}
+
+fn quarantine_prefix(sink: &str) -> Vec<u8> {
+    let mut k = sink.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+impl Spool {
+    /// Open the queues for `sinks` in `db`, verify every stored block, and quarantine the
+    /// damaged ones. Blocks whose key is unavailable now (KMS down) are kept unverified.
+    pub async fn open(
+        db: sled::Db,
+        config: &SpoolConfig,
+        data_dir: &Path,
+        sinks: impl IntoIterator<Item = String>,
+    ) -> Result<Spool, String> {
+        let keys = KeyRing::open(&db, &config.encryption, data_dir).await?;
+        let meta = db.open_tree(META_TREE).map_err(|e| e.to_string())?;
+        let quarantine = db.open_tree(QUARANTINE_TREE).map_err(|e| e.to_string())?;
+        let mut spool = Spool {
+            db,
+            meta,
+            quarantine,
+            keys,
+            queues: BTreeMap::new(),
+            space: Notify::new(),
+            counters: SpoolCounters::default(),
+        };
+        for sink in sinks {
+            let limits = config.limits_for(&sink);
+            let queue = spool
+                .open_queue(&sink, limits)
+                .await
+                .map_err(|e| format!("spool queue `{sink}`: {e}"))?;
+            spool.queues.insert(sink, Arc::new(queue));
+        }
+        spool.db.flush_async().await.map_err(|e| e.to_string())?;
+        Ok(spool)
+    }
+
+    async fn open_queue(&self, sink: &str, limits: QueueLimits) -> Result<Queue, SpoolError> {
+        let tree = self.db.open_tree(format!("{TREE_PREFIX}{sink}"))?;
+        let acked = self
+            .meta
+            .get(ack_key(sink))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let (mut index, damaged) = QueueIndex::scan(&tree, acked)?;
+        for d in damaged {
+            self.quarantine_block(sink, &tree, &d.key, &d.error.to_string())?;
+        }
+        // Verify every block's tag now, so damage is reported at start and not mid-drain.
+        let mut unverified = 0u64;
+        let firsts: Vec<u64> = index.blocks.keys().copied().collect();
+        for first in firsts {
+            let Some(stored) = tree.get(first.to_be_bytes())? else {
+                continue;
+            };
+            let key_id = index.blocks.get(&first).map(|b| b.key_id).unwrap_or(0);
+            match self.keys.opening_key(key_id).await {
+                Ok(cipher) => {
+                    if let Err(e) = block::verify(sink, &cipher, &stored) {
+                        self.quarantine_block(sink, &tree, &first.to_be_bytes(), &e.to_string())?;
+                        index.remove(first);
+                    }
+                }
+                Err(e) if e.retryable() => unverified += 1,
+                Err(e) => {
+                    self.quarantine_block(sink, &tree, &first.to_be_bytes(), &e.to_string())?;
+                    index.remove(first);
+                }
+            }
+        }
+        if unverified > 0 {
+            tracing::warn!(
+                sink,
+                blocks = unverified,
+                "spool blocks kept unverified: their key is not available yet (KMS unreachable?)"
+            );
+        }
+        tracing::info!(
+            sink,
+            records = index.pending_records(),
+            bytes = index.bytes,
+            "spool queue open"
+        );
+        Ok(Queue {
+            sink: sink.to_string(),
+            tree,
+            limits,
+            index: Mutex::new(index),
+            appended: Notify::new(),
+        })
+    }
+
+    fn quarantine_block(
+        &self,
+        sink: &str,
+        tree: &sled::Tree,
+        key: &[u8],
+        reason: &str,
+    ) -> Result<(), SpoolError> {
+        let Some(value) = tree.remove(key)? else {
+            return Ok(());
+        };
+        let mut qkey = quarantine_prefix(sink);
+        qkey.extend_from_slice(key);
+        let mut record = (reason.len() as u32).to_le_bytes().to_vec();
+        record.extend_from_slice(reason.as_bytes());
+        record.extend_from_slice(&value);
+        self.quarantine.insert(qkey, record)?;
+        self.counters.quarantined_blocks.fetch_add(1, Relaxed);
+        tracing::error!(sink, block = %hex::encode(key), %reason, "spool block quarantined; the rest of the queue carries on");
+        Ok(())
+    }
+
+    /// The queue feeding `sink`.
+    pub fn queue(&self, sink: &str) -> Option<Arc<Queue>> {
+        self.queues.get(sink).cloned()
+    }
+
+    /// Names of all queues.
+    pub fn sinks(&self) -> impl Iterator<Item = &str> {
+        self.queues.keys().map(String::as_str)
+    }
+
+    /// Append records for several sinks as one commit, and return once they are on disk.
+    ///
+    /// All or nothing for `Full`: if any `block`-mode queue lacks room, nothing is written.
+    pub async fn commit(&self, batches: &[(String, Vec<Draft>)]) -> Result<(), SpoolError> {
+        let mut planned = Vec::with_capacity(batches.len());
+        for (sink, drafts) in batches {
+            if drafts.is_empty() {
+                continue;
+            }
+            let queue = self
+                .queue(sink)
+                .ok_or_else(|| SpoolError::UnknownSink(sink.clone()))?;
+            let incoming: u64 = drafts.iter().map(|d| d.encoded_len() as u64).sum();
+            self.make_room(&queue, incoming)?;
+            planned.push((queue, drafts));
+        }
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let (key_id, cipher) = self.keys.sealing_key().await?;
+        let created = now_ms();
+        for (queue, drafts) in planned {
+            for chunk in chunks(drafts) {
+                self.append_block(&queue, key_id, &cipher, created, chunk)?;
+            }
+            queue.appended.notify_one();
+        }
+        self.flush().await?;
+        self.counters.commits.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Make sled durable up to now.
+    pub async fn flush(&self) -> Result<(), SpoolError> {
+        self.db.flush_async().await.map(|_| ()).map_err(|e| {
+            self.counters.io_errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "spool flush failed; publishes are not acknowledged until it succeeds");
+            SpoolError::Store(e)
+        })
+    }
+
+    fn make_room(&self, queue: &Queue, incoming: u64) -> Result<(), SpoolError> {
+        let max = queue.limits.max_bytes;
+        let mut index = queue.index();
+        if index.bytes + incoming <= max || index.blocks.is_empty() {
+            return Ok(());
+        }
+        match queue.limits.when_full {
+            WhenFull::Block => Err(SpoolError::Full {
+                sink: queue.sink.clone(),
+                bytes: index.bytes,
+                max_bytes: max,
+            }),
+            WhenFull::DropOldest => {
+                while index.bytes + incoming > max {
+                    let Some((&first, _)) = index.blocks.iter().next() else {
+                        break;
+                    };
+                    self.evict(queue, &mut index, first, false)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Remove the block at `first` before it was delivered (full or too old); counted.
+    fn evict(
+        &self,
+        queue: &Queue,
+        index: &mut QueueIndex,
+        first: u64,
+        expired: bool,
+    ) -> Result<(), SpoolError> {
+        queue.tree.remove(first.to_be_bytes())?;
+        if let Some(info) = index.remove(first) {
+            let lost = info.last_id - first.max(index.acked + 1) + 1;
+            let lost = if info.last_id > index.acked { lost } else { 0 };
+            index.acked = index.acked.max(info.last_id);
+            self.meta
+                .insert(ack_key(&queue.sink), &index.acked.to_be_bytes())?;
+            if expired {
+                index.expired_records += lost;
+            } else {
+                index.dropped_records += lost;
+                index.dropped_blocks += 1;
+            }
+            self.counters.dropped_records.fetch_add(lost, Relaxed);
+            tracing::warn!(sink = %queue.sink, records = lost, reason = if expired { "older than max_age" } else { "queue full (when_full = drop_oldest)" }, "spool dropped a block");
+        }
+        Ok(())
+    }
+
+    fn append_block(
+        &self,
+        queue: &Queue,
+        key_id: u32,
+        cipher: &Aes256Gcm,
+        created: u64,
+        drafts: &[Draft],
+    ) -> Result<(), SpoolError> {
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let mut index = queue.index();
+        let first = index.next_id;
+        let stored = block::seal(&queue.sink, cipher, key_id, nonce, first, created, drafts)?;
+        let header = Header::parse(&stored)?;
+        let len = stored.len() as u64;
+        queue
+            .tree
+            .insert(first.to_be_bytes(), stored)
+            .inspect_err(|e| {
+                self.counters.io_errors.fetch_add(1, Relaxed);
+                tracing::error!(sink = %queue.sink, error = %e, "spool write failed");
+            })?;
+        index.insert(header, len);
+        self.counters
+            .appended_records
+            .fetch_add(drafts.len() as u64, Relaxed);
+        self.counters.appended_blocks.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Up to `max` records of `sink` after the acknowledged point, oldest first.
+    ///
+    /// Damaged blocks met on the way are quarantined and skipped. A block whose key is not
+    /// available yet stops the read there (`Err` if nothing was read before it), so order holds.
+    pub async fn read(&self, sink: &str, max: usize) -> Result<Vec<Record>, SpoolError> {
+        let queue = self
+            .queue(sink)
+            .ok_or_else(|| SpoolError::UnknownSink(sink.into()))?;
+        let mut out: Vec<Record> = Vec::new();
+        let mut after = queue.index().acked;
+        while out.len() < max {
+            let (first, last_id, cached, key_id) = {
+                let index = queue.index();
+                let Some((first, info)) = index.block_after(after) else {
+                    break;
+                };
+                let cached = index
+                    .cache
+                    .as_ref()
+                    .filter(|(f, _)| *f == first)
+                    .map(|(_, r)| r.clone());
+                (first, info.last_id, cached, info.key_id)
+            };
+            let records = match cached {
+                Some(r) => r,
+                None => match self.open_block(&queue, first, key_id).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => continue, // quarantined or gone: the next block follows
+                    Err(e) if out.is_empty() => return Err(e),
+                    Err(_) => break,
+                },
+            };
+            for r in records.iter().filter(|r| r.id > after) {
+                if out.len() == max {
+                    break;
+                }
+                out.push(r.clone());
+            }
+            after = after.max(last_id);
+        }
+        Ok(out)
+    }
+
+    /// Decrypt one block; `Ok(None)` when it was damaged (and is now quarantined) or is gone.
+    async fn open_block(
+        &self,
+        queue: &Queue,
+        first: u64,
+        key_id: u32,
+    ) -> Result<Option<Arc<Vec<Record>>>, SpoolError> {
+        let Some(stored) = queue.tree.get(first.to_be_bytes())? else {
+            queue.index().remove(first);
+            return Ok(None);
+        };
+        let cipher = match self.keys.opening_key(key_id).await {
+            Ok(c) => c,
+            Err(e) if e.retryable() => return Err(e.into()),
+            Err(e) => {
+                self.quarantine_block(
+                    &queue.sink,
+                    &queue.tree,
+                    &first.to_be_bytes(),
+                    &e.to_string(),
+                )?;
+                queue.index().remove(first);
+                return Ok(None);
+            }
+        };
+        match block::open(&queue.sink, &cipher, &stored) {
+            Ok(records) => {
+                let records = Arc::new(records);
+                queue.index().cache = Some((first, records.clone()));
+                Ok(Some(records))
+            }
+            Err(e) => {
+                self.quarantine_block(
+                    &queue.sink,
+                    &queue.tree,
+                    &first.to_be_bytes(),
+                    &e.to_string(),
+                )?;
+                queue.index().remove(first);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Everything in `sink` up to and including record `through` is delivered: forget it.
+    ///
+    /// Not flushed on its own: the next commit or the periodic flush makes it durable, and a
+    /// crash before that only means redelivery, which record ids make harmless.
+    pub fn ack(&self, sink: &str, through: u64) -> Result<(), SpoolError> {
+        let queue = self
+            .queue(sink)
+            .ok_or_else(|| SpoolError::UnknownSink(sink.into()))?;
+        let freed = {
+            let mut index = queue.index();
+            if through <= index.acked {
+                return Ok(());
+            }
+            let before = index.pending_records();
+            index.acked = through;
+            self.meta.insert(ack_key(sink), &through.to_be_bytes())?;
+            let done = index.fully_acked();
+            for first in &done {
+                queue.tree.remove(first.to_be_bytes())?;
+                index.remove(*first);
+            }
+            self.counters
+                .acked_records
+                .fetch_add(before - index.pending_records(), Relaxed);
+            !done.is_empty()
+        };
+        if freed {
+            self.space.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Drop blocks older than each queue's `max_age`. Returns the records dropped.
+    pub fn expire(&self) -> Result<u64, SpoolError> {
+        let now = now_ms();
+        let mut total = 0;
+        for queue in self.queues.values() {
+            let mut index = queue.index();
+            let before = index.expired_records;
+            loop {
+                let Some((&first, info)) = index.blocks.iter().next() else {
+                    break;
+                };
+                if now.saturating_sub(info.created_ms) <= queue.limits.max_age_ms {
+                    break;
+                }
+                self.evict(queue, &mut index, first, true)?;
+            }
+            total += index.expired_records - before;
+        }
+        if total > 0 {
+            self.space.notify_waiters();
+        }
+        Ok(total)
+    }
+
+    /// Depth and health of every queue.
+    pub async fn status(&self) -> SpoolStatus {
+        let now = now_ms();
+        let queues = self
+            .queues
+            .values()
+            .map(|q| {
+                let index = q.index();
+                QueueStatus {
+                    sink: q.sink.clone(),
+                    records: index.pending_records(),
+                    bytes: index.bytes,
+                    blocks: index.blocks.len() as u64,
+                    oldest_age_ms: index.oldest_ms().map(|t| now.saturating_sub(t)),
+                    acked_through: index.acked,
+                    dropped_records: index.dropped_records,
+                    expired_records: index.expired_records,
+                    quarantined_blocks: status::quarantined(&self.quarantine, &q.sink),
+                    max_bytes: q.limits.max_bytes,
+                }
+            })
+            .collect();
+        SpoolStatus {
+            queues,
+            keys: self.keys.status().await,
+        }
+    }
+}
+
+/// Split drafts into blocks of at most `MAX_BLOCK_RECORDS` records and about `MAX_BLOCK_BYTES`.
+fn chunks(drafts: &[Draft]) -> Vec<&[Draft]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, d) in drafts.iter().enumerate() {
+        let len = d.encoded_len();
+        if i > start && (i - start == MAX_BLOCK_RECORDS || bytes + len > MAX_BLOCK_BYTES) {
+            out.push(&drafts[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += len;
+    }
+    if start < drafts.len() {
+        out.push(&drafts[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

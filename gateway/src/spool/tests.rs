@@ -1,0 +1,283 @@
+use std::collections::VecDeque;
+use std::path::Path;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::{EncryptionConfig, SpoolConfig};
+
+fn config(dir: &Path, max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
+    SpoolConfig {
+        max_bytes: crate::config::ByteSize(max_bytes),
+        when_full,
+        encryption: EncryptionConfig {
+            key_file: Some(dir.join("kek")),
+            ..EncryptionConfig::default()
+        },
+        ..SpoolConfig::default()
+    }
+}
+
+async fn open(dir: &Path, cfg: &SpoolConfig, sinks: &[&str]) -> Spool {
+    if !dir.join("kek").exists() {
+        keys::generate_kek(&dir.join("kek")).unwrap();
+    }
+    let db = sled::Config::new().path(dir.join("db")).open().unwrap();
+    Spool::open(db, cfg, dir, sinks.iter().map(|s| s.to_string()))
+        .await
+        .unwrap()
+}
+
+fn draft(n: u64) -> Draft {
+    Draft {
+        received_at_ms: n,
+        thing_name: format!("pump-{}", n % 7),
+        cert_id: "c".repeat(64),
+        topic: format!("dt/pump-{}/t", n % 7),
+        rule: "raw".into(),
+        payload: Bytes::from(format!("{{\"n\":{n}}}")),
+    }
+}
+
+/// Bytes LZ4 cannot shrink, so stored sizes are predictable.
+fn incompressible(len: usize, seed: u64) -> Bytes {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn n_of(r: &Record) -> u64 {
+    r.received_at_ms
+}
+
+#[tokio::test]
+async fn appends_read_back_in_order_and_acks_delete_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1 << 30, WhenFull::Block);
+    let spool = open(dir.path(), &cfg, &["a", "b"]).await;
+    spool
+        .commit(&[
+            ("a".into(), (0..5).map(draft).collect()),
+            ("b".into(), vec![draft(100)]),
+        ])
+        .await
+        .unwrap();
+    spool
+        .commit(&[("a".into(), (5..8).map(draft).collect())])
+        .await
+        .unwrap();
+    let got = spool.read("a", 100).await.unwrap();
+    assert_eq!(
+        got.iter().map(n_of).collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        got.iter().map(|r| r.id).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    spool.ack("a", 6).unwrap();
+    let rest = spool.read("a", 100).await.unwrap();
+    assert_eq!(rest.iter().map(n_of).collect::<Vec<_>>(), vec![6, 7]);
+    let status = spool.status().await;
+    assert_eq!(status.queues[0].records, 2);
+    assert_eq!(
+        status.queues[0].blocks, 1,
+        "the fully acknowledged first block is gone"
+    );
+    assert_eq!(status.queues[1].records, 1);
+}
+
+#[tokio::test]
+async fn damaged_blocks_are_quarantined_and_the_rest_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1 << 30, WhenFull::Block);
+    {
+        let spool = open(dir.path(), &cfg, &["a"]).await;
+        for i in 0..3 {
+            spool.commit(&[("a".into(), vec![draft(i)])]).await.unwrap();
+        }
+        spool.flush().await.unwrap();
+    }
+    {
+        // Flip one byte in the middle block, as a failing disk would.
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .unwrap();
+        let tree = db.open_tree("spool:a").unwrap();
+        let key = 2u64.to_be_bytes();
+        let mut value = tree.get(key).unwrap().unwrap().to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 0xff;
+        tree.insert(key, value).unwrap();
+        db.flush().unwrap();
+    }
+    let spool = open(dir.path(), &cfg, &["a"]).await;
+    let got = spool.read("a", 10).await.unwrap();
+    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), vec![0, 2]);
+    let status = spool.status().await;
+    assert_eq!(status.queues[0].quarantined_blocks, 1);
+    drop(spool);
+    let db = sled::Config::new()
+        .path(dir.path().join("db"))
+        .open()
+        .unwrap();
+    assert_eq!(
+        status::offline(&db).unwrap().queues[0].quarantined_blocks,
+        1
+    );
+}
+
+#[tokio::test]
+async fn block_mode_refuses_when_full_and_drop_oldest_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 4096, WhenFull::Block);
+    let spool = open(dir.path(), &cfg, &["a"]).await;
+    let big = |n| Draft {
+        payload: incompressible(1500, n),
+        ..draft(n)
+    };
+    spool.commit(&[("a".into(), vec![big(1)])]).await.unwrap();
+    spool.commit(&[("a".into(), vec![big(2)])]).await.unwrap();
+    let err = spool
+        .commit(&[("a".into(), vec![big(3)])])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SpoolError::Full { .. }), "{err}");
+    assert!(err.to_string().contains("full"));
+    // Delivering frees room.
+    spool.ack("a", 1).unwrap();
+    spool.commit(&[("a".into(), vec![big(3)])]).await.unwrap();
+    drop(spool);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 4096, WhenFull::DropOldest);
+    let spool = open(dir.path(), &cfg, &["a"]).await;
+    let big = |n| Draft {
+        payload: incompressible(1500, n),
+        ..draft(n)
+    };
+    for n in 1..=6 {
+        spool.commit(&[("a".into(), vec![big(n)])]).await.unwrap();
+    }
+    let got = spool.read("a", 10).await.unwrap();
+    assert_eq!(got.last().map(n_of), Some(6), "the newest survives");
+    assert!(got.len() < 6);
+    let status = spool.status().await;
+    assert_eq!(status.queues[0].dropped_records, 6 - got.len() as u64);
+    assert!(status.queues[0].bytes <= 4096);
+}
+
+#[tokio::test]
+async fn a_wrong_key_file_keeps_blocks_instead_of_destroying_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1 << 30, WhenFull::Block);
+    {
+        let spool = open(dir.path(), &cfg, &["a"]).await;
+        spool.commit(&[("a".into(), vec![draft(1)])]).await.unwrap();
+    }
+    std::fs::remove_file(dir.path().join("kek")).unwrap();
+    keys::generate_kek(&dir.path().join("kek")).unwrap();
+    let spool = open(dir.path(), &cfg, &["a"]).await;
+    let err = spool.read("a", 10).await.unwrap_err();
+    assert!(err.retryable(), "{err}");
+    assert!(err.to_string().contains("configured key file"), "{err}");
+    assert_eq!(spool.status().await.queues[0].records, 1);
+    assert_eq!(spool.status().await.queues[0].quarantined_blocks, 0);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(u8),
+    Read(u8),
+    AckSome(u8),
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u8..30).prop_map(Op::Append),
+        3 => (1u8..40).prop_map(Op::Read),
+        3 => any::<u8>().prop_map(Op::AckSome),
+        1 => Just(Op::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Against a plain queue: whatever sequence of appends, reads, acknowledgements and clean
+    /// restarts, reads return exactly the unacknowledged records, in order, with stable ids.
+    #[test]
+    fn behaves_like_a_queue(ops in prop::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(dir.path(), 1 << 30, WhenFull::Block);
+            let mut spool = Some(open(dir.path(), &cfg, &["q"]).await);
+            let mut model: VecDeque<(u64, u64)> = VecDeque::new(); // (id, n)
+            let mut next_n = 0u64;
+            let mut last_read: Vec<Record> = Vec::new();
+            for op in ops {
+                let s = spool.as_ref().unwrap();
+                match op {
+                    Op::Append(k) => {
+                        let drafts: Vec<_> = (0..u64::from(k)).map(|i| draft(next_n + i)).collect();
+                        s.commit(&[("q".into(), drafts)]).await.unwrap();
+                        let first_id = model.back().map(|(id, _)| id + 1);
+                        let _ = first_id;
+                        for i in 0..u64::from(k) {
+                            model.push_back((0, next_n + i));
+                        }
+                        next_n += u64::from(k);
+                    }
+                    Op::Read(max) => {
+                        last_read = s.read("q", usize::from(max)).await.unwrap();
+                        let expect: Vec<u64> = model.iter().take(usize::from(max)).map(|(_, n)| *n).collect();
+                        let got: Vec<u64> = last_read.iter().map(n_of).collect();
+                        prop_assert_eq!(&got, &expect);
+                        for (slot, r) in model.iter_mut().zip(&last_read) {
+                            prop_assert!(slot.0 == 0 || slot.0 == r.id, "ids are stable across reads");
+                            slot.0 = r.id;
+                        }
+                        prop_assert!(last_read.windows(2).all(|w| w[0].id < w[1].id));
+                    }
+                    Op::AckSome(k) => {
+                        if !last_read.is_empty() {
+                            let upto = usize::from(k) % last_read.len();
+                            let through = last_read[upto].id;
+                            s.ack("q", through).unwrap();
+                            while model.front().is_some_and(|(id, _)| *id != 0 && *id <= through) {
+                                model.pop_front();
+                            }
+                            last_read.clear();
+                        }
+                    }
+                    Op::Restart => {
+                        let s = spool.take().unwrap();
+                        s.flush().await.unwrap();
+                        drop(s);
+                        spool = Some(open(dir.path(), &cfg, &["q"]).await);
+                        last_read.clear();
+                    }
+                }
+            }
+            let s = spool.as_ref().unwrap();
+            let rest: Vec<u64> = s.read("q", usize::MAX).await.unwrap().iter().map(n_of).collect();
+            let expect: Vec<u64> = model.iter().map(|(_, n)| *n).collect();
+            prop_assert_eq!(rest, expect);
+            prop_assert_eq!(s.status().await.queues[0].records, model.len() as u64);
+            Ok(())
+        })?;
+    }
+}

@@ -1,0 +1,130 @@
+//! The AWS emulator for tests: `moto_server` on a free loopback port, and a switchable TCP
+//! relay in front of it to play an unreachable endpoint.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+/// Moto accepts any credentials; the SDK's standard chain reads them from the environment.
+pub fn fake_credentials() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::remove_var("AWS_PROFILE");
+    });
+}
+
+/// A running `moto_server`, killed on drop.
+pub struct Moto {
+    pub endpoint: String,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        fake_credentials();
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("moto_server runs (pip install 'moto[server]'; scripts/test installs it)");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Moto { endpoint, child };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("moto_server did not listen on {endpoint}");
+    }
+
+    /// A KMS client for the emulator.
+    pub async fn kms(&self) -> aws_sdk_kms::Client {
+        let target = sitegate_plugins::aws::AwsTarget {
+            endpoint: Some(&self.endpoint),
+            region: Some("us-east-1"),
+            max_attempts: 1,
+        };
+        aws_sdk_kms::Client::new(&sitegate_plugins::aws::sdk_config(&target).await)
+    }
+
+    /// Creates a symmetric KMS key and returns its id.
+    pub async fn create_kms_key(&self) -> String {
+        let out = self
+            .kms()
+            .await
+            .create_key()
+            .description("sitegate test")
+            .send()
+            .await
+            .unwrap();
+        out.key_metadata().unwrap().key_id().to_string()
+    }
+}
+
+/// A TCP relay to `target` that can be switched off: new connections are closed at once and
+/// open ones are cut.
+pub struct Relay {
+    pub addr: SocketAddr,
+    on: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    pub async fn start(target: &str) -> Relay {
+        let target: SocketAddr = target.trim_start_matches("http://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let on = Arc::new(AtomicBool::new(true));
+        let flag = on.clone();
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cuts.changed() => {}
+                        }
+                    }
+                });
+            }
+        });
+        Relay { addr, on, cut }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, on: bool) {
+        self.on.store(on, Ordering::SeqCst);
+        if !on {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}

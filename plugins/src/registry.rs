@@ -1,0 +1,141 @@
+//! Sink configuration (`[sinks.NAME]`, tagged by `type`) and the registry of factories.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::file::{FileConfig, FileSink};
+use crate::log::{LogConfig, LogSink};
+use crate::sink::{Sink, SinkError};
+
+/// One `[sinks.NAME]` table; `type` picks the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// JSON lines in a local file.
+    File(FileConfig),
+    /// One log line per record.
+    Log(LogConfig),
+}
+
+impl SinkConfig {
+    /// The `type` string of this config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::File(_) => "file",
+            SinkConfig::Log(_) => "log",
+        }
+    }
+
+    /// Pure checks of the sink's own keys; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            SinkConfig::File(c) => c.validate(),
+            SinkConfig::Log(_) => Ok(()),
+        }
+    }
+
+    /// File paths in this config, so the loader can resolve them against the config's folder.
+    pub fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        match self {
+            SinkConfig::File(c) => vec![&mut c.path],
+            SinkConfig::Log(_) => Vec::new(),
+        }
+    }
+}
+
+/// What a factory gets besides the sink's own config.
+#[derive(Debug, Clone)]
+pub struct SinkContext {
+    /// The sink's name (`[sinks.NAME]`).
+    pub name: String,
+    /// The site name, stamped on every record.
+    pub site: String,
+}
+
+/// A sink under construction (connecting may take a while).
+pub type SinkBuild = Pin<Box<dyn Future<Output = Result<Box<dyn Sink>, SinkError>> + Send>>;
+
+/// Builds one kind of sink.
+pub struct SinkFactory {
+    /// The config `type` it handles.
+    pub kind: &'static str,
+    /// Build a sink from a config of that kind.
+    pub build: fn(SinkConfig, SinkContext) -> SinkBuild,
+}
+
+/// Every built-in sink kind.
+pub fn registry() -> &'static [SinkFactory] {
+    &[
+        SinkFactory {
+            kind: "file",
+            build: build_file,
+        },
+        SinkFactory {
+            kind: "log",
+            build: build_log,
+        },
+    ]
+}
+
+/// Build the sink `config` describes, through the registry.
+pub async fn build(config: SinkConfig, context: SinkContext) -> Result<Box<dyn Sink>, SinkError> {
+    let factory = registry()
+        .iter()
+        .find(|f| f.kind == config.kind())
+        .ok_or_else(|| {
+            SinkError::Config(format!("no factory for sink type {:?}", config.kind()))
+        })?;
+    (factory.build)(config, context).await
+}
+
+fn mismatch(kind: &str, config: &SinkConfig) -> SinkError {
+    SinkError::Config(format!("{kind} factory given a {} config", config.kind()))
+}
+
+fn build_file(config: SinkConfig, cx: SinkContext) -> SinkBuild {
+    Box::pin(async move {
+        let SinkConfig::File(c) = config else {
+            return Err(mismatch("file", &config));
+        };
+        Ok(Box::new(FileSink::open(&cx.name, &cx.site, c)) as Box<dyn Sink>)
+    })
+}
+
+fn build_log(config: SinkConfig, cx: SinkContext) -> SinkBuild {
+    Box::pin(async move {
+        let SinkConfig::Log(c) = config else {
+            return Err(mismatch("log", &config));
+        };
+        Ok(Box::new(LogSink::new(&cx.name, c)) as Box<dyn Sink>)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn type_selects_the_variant_and_unknown_keys_are_named() {
+        let ok: SinkConfig = serde_json::from_str(r#"{"type":"file","path":"a.jsonl"}"#).unwrap();
+        assert_eq!(ok.kind(), "file");
+        let err = serde_json::from_str::<SinkConfig>(r#"{"type":"file","path":"a","colour":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        let err = serde_json::from_str::<SinkConfig>(r#"{"type":"ftp"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ftp"), "{err}");
+    }
+
+    #[test]
+    fn every_kind_has_a_factory() {
+        for kind in ["file", "log"] {
+            assert!(registry().iter().any(|f| f.kind == kind), "{kind}");
+        }
+    }
+}
