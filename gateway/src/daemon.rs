@@ -147,6 +147,7 @@ impl Gateway {
                 Arc::clone(&spool),
                 sink,
                 config.rules.error_sink.clone(),
+                sink_config.linger(),
                 Arc::clone(&stats),
                 stopped.clone(),
             )));

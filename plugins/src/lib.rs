@@ -11,10 +11,13 @@
 //! - `topic`: MQTT topic filter matching for routes and rule sources.
 //! - `units`: sizes and periods as written in config.
 //! - `aws`: one rustls HTTPS client and the standard credential chain for the AWS SDK.
-//! - `file/`, `log/`: one folder per sink with its config and tests.
+//! - `backoff`: exponential backoff with jitter for every retry loop.
+//! - `file/`, `log/`, `kinesis/`: one folder per sink with its config and tests.
 
 pub mod aws;
+pub mod backoff;
 pub mod file;
+pub mod kinesis;
 pub mod log;
 pub mod record;
 pub mod registry;

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 use crate::file::{FileConfig, FileSink};
+use crate::kinesis::{KinesisConfig, KinesisSink};
 use crate::log::{LogConfig, LogSink};
 use crate::sink::{Sink, SinkError};
 
@@ -18,6 +19,8 @@ pub enum SinkConfig {
     File(FileConfig),
     /// One log line per record.
     Log(LogConfig),
+    /// Amazon Kinesis Data Streams.
+    Kinesis(KinesisConfig),
 }
 
 impl SinkConfig {
@@ -26,6 +29,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(_) => "file",
             SinkConfig::Log(_) => "log",
+            SinkConfig::Kinesis(_) => "kinesis",
         }
     }
 
@@ -34,6 +38,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Log(_) => Ok(()),
+            SinkConfig::Kinesis(c) => c.validate(),
         }
     }
 
@@ -41,7 +46,15 @@ impl SinkConfig {
     pub fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
         match self {
             SinkConfig::File(c) => vec![&mut c.path],
-            SinkConfig::Log(_) => Vec::new(),
+            SinkConfig::Log(_) | SinkConfig::Kinesis(_) => Vec::new(),
+        }
+    }
+
+    /// How long the drain may wait for more records before sending a short batch.
+    pub fn linger(&self) -> std::time::Duration {
+        match self {
+            SinkConfig::Kinesis(c) => c.linger.0,
+            SinkConfig::File(_) | SinkConfig::Log(_) => std::time::Duration::ZERO,
         }
     }
 }
@@ -76,6 +89,10 @@ pub fn registry() -> &'static [SinkFactory] {
         SinkFactory {
             kind: "log",
             build: build_log,
+        },
+        SinkFactory {
+            kind: "kinesis",
+            build: build_kinesis,
         },
     ]
 }
@@ -113,6 +130,15 @@ fn build_log(config: SinkConfig, cx: SinkContext) -> SinkBuild {
     })
 }
 
+fn build_kinesis(config: SinkConfig, cx: SinkContext) -> SinkBuild {
+    Box::pin(async move {
+        let SinkConfig::Kinesis(c) = config else {
+            return Err(mismatch("kinesis", &config));
+        };
+        Ok(Box::new(KinesisSink::new(&cx.name, &cx.site, c).await) as Box<dyn Sink>)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -134,7 +160,7 @@ mod tests {
 
     #[test]
     fn every_kind_has_a_factory() {
-        for kind in ["file", "log"] {
+        for kind in ["file", "log", "kinesis"] {
             assert!(registry().iter().any(|f| f.kind == kind), "{kind}");
         }
     }

@@ -84,6 +84,14 @@ impl Template {
         })
     }
 
+    /// A template that renders `text` as is.
+    pub fn literal(text: &str) -> Self {
+        Template {
+            source: text.replace('$', "$$"),
+            parts: vec![Part::Literal(text.to_string())],
+        }
+    }
+
     /// The text the template was parsed from.
     pub fn source(&self) -> &str {
         &self.source

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use sitegate_plugins::backoff::Backoff;
 use sitegate_plugins::{Record, Sink};
 use tokio::sync::watch;
 
@@ -21,37 +21,15 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// An idle drain re-checks its queue this often even without a wake-up (age expiry, keys).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// Exponential backoff with full jitter.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { next: BACKOFF_MIN }
-    }
-}
-
-impl Backoff {
-    /// The delay to wait now; the following one doubles (up to the cap).
-    pub fn step(&mut self) -> Duration {
-        let cap = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        let jitter = rand::thread_rng().gen_range(0.5..=1.0);
-        cap.mul_f64(jitter)
-    }
-    /// Back to the shortest delay after a success.
-    pub fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-}
-
 /// Feed `sink` from its queue until `shutdown` turns true, then close it.
+///
+/// With a `linger`, a batch smaller than [`DRAIN_BATCH`] waits that long once for more records,
+/// so a trickle of messages still fills PutRecords requests.
 pub async fn run(
     spool: Arc<Spool>,
     mut sink: Box<dyn Sink>,
     error_sink: Option<String>,
+    linger: Duration,
     stats: Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -60,7 +38,8 @@ pub async fn run(
         tracing::error!(sink = %name, "no spool queue for sink; not draining");
         return;
     };
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    let mut lingered = false;
     loop {
         if *shutdown.borrow() {
             break;
@@ -74,43 +53,54 @@ pub async fn run(
                 }
                 continue;
             }
-            Ok(batch) => match sink.send(&batch).await {
-                Ok(ack) => {
-                    let done = ack.done.min(batch.len());
-                    if !ack.rejected.is_empty() {
-                        reject(
-                            &spool,
-                            &name,
-                            error_sink.as_deref(),
-                            &batch,
-                            &ack.rejected,
-                            &stats,
-                        )
-                        .await;
-                    }
-                    if done > 0 {
-                        let through = batch[done - 1].id;
-                        stats.sink_records_sent.fetch_add(done as u64, Relaxed);
-                        if let Err(e) = spool.ack(&name, through) {
-                            tracing::error!(sink = %name, error = %e, "spool acknowledgement failed; records may be sent again");
+            Ok(batch) if batch.len() < DRAIN_BATCH && !linger.is_zero() && !lingered => {
+                lingered = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(linger) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            Ok(batch) => {
+                lingered = false;
+                match sink.send(&batch).await {
+                    Ok(ack) => {
+                        let done = ack.done.min(batch.len());
+                        if !ack.rejected.is_empty() {
+                            reject(
+                                &spool,
+                                &name,
+                                error_sink.as_deref(),
+                                &batch,
+                                &ack.rejected,
+                                &stats,
+                            )
+                            .await;
                         }
-                        backoff.reset();
-                        None
-                    } else {
-                        Some(backoff.step())
+                        if done > 0 {
+                            let through = batch[done - 1].id;
+                            stats.sink_records_sent.fetch_add(done as u64, Relaxed);
+                            if let Err(e) = spool.ack(&name, through) {
+                                tracing::error!(sink = %name, error = %e, "spool acknowledgement failed; records may be sent again");
+                            }
+                            backoff.reset();
+                            None
+                        } else {
+                            Some(backoff.step())
+                        }
+                    }
+                    Err(e) => {
+                        stats.sink_send_failures.fetch_add(1, Relaxed);
+                        let delay = backoff.step();
+                        if e.retryable() {
+                            tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink send failed; will retry");
+                        } else {
+                            tracing::error!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink refused the batch; kept in the spool and retried until the cause is fixed");
+                        }
+                        Some(delay)
                     }
                 }
-                Err(e) => {
-                    stats.sink_send_failures.fetch_add(1, Relaxed);
-                    let delay = backoff.step();
-                    if e.retryable() {
-                        tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink send failed; will retry");
-                    } else {
-                        tracing::error!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink refused the batch; kept in the spool and retried until the cause is fixed");
-                    }
-                    Some(delay)
-                }
-            },
+            }
             Err(e) => {
                 let delay = backoff.step();
                 tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "spool read failed; will retry");

@@ -128,3 +128,88 @@ impl Relay {
         }
     }
 }
+
+/// One record read back from a stream.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    pub partition_key: String,
+    pub sequence_number: String,
+    pub data: Vec<u8>,
+}
+
+impl Moto {
+    pub async fn kinesis(&self, endpoint: &str) -> aws_sdk_kinesis::Client {
+        let target = sitegate_plugins::aws::AwsTarget {
+            endpoint: Some(endpoint),
+            region: Some("us-east-1"),
+            max_attempts: 1,
+        };
+        aws_sdk_kinesis::Client::new(&sitegate_plugins::aws::sdk_config(&target).await)
+    }
+
+    /// Creates a stream with `shards` shards and waits until it is active.
+    pub async fn create_stream(&self, name: &str, shards: i32) {
+        let k = self.kinesis(&self.endpoint).await;
+        k.create_stream()
+            .stream_name(name)
+            .shard_count(shards)
+            .send()
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            let d = k
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .unwrap();
+            if d.stream_description_summary()
+                .map(|s| s.stream_status().as_str() == "ACTIVE")
+                .unwrap_or(false)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("stream {name} never became active");
+    }
+
+    /// Every record in every shard of `name`, shard by shard, each shard in order.
+    pub async fn read_stream(&self, name: &str) -> Vec<StreamRecord> {
+        let k = self.kinesis(&self.endpoint).await;
+        let shards = k.list_shards().stream_name(name).send().await.unwrap();
+        let mut out = Vec::new();
+        for shard in shards.shards() {
+            let it = k
+                .get_shard_iterator()
+                .stream_name(name)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .unwrap();
+            let mut iterator = it.shard_iterator().map(str::to_string);
+            while let Some(i) = iterator.take() {
+                let page = k
+                    .get_records()
+                    .shard_iterator(i)
+                    .limit(10_000)
+                    .send()
+                    .await
+                    .unwrap();
+                for r in page.records() {
+                    out.push(StreamRecord {
+                        partition_key: r.partition_key().unwrap_or_default().to_string(),
+                        sequence_number: r.sequence_number().to_string(),
+                        data: r.data().as_ref().to_vec(),
+                    });
+                }
+                if page.records().is_empty() {
+                    break;
+                }
+                iterator = page.next_shard_iterator().map(str::to_string);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,328 @@
+//! The Kinesis sink: PutRecords in batches of up to 500 records and 5 MiB, a partition key per
+//! record from a template (default the thing name), optional KPL aggregation, and retries of
+//! only the failed entries. Nothing is acknowledged before Kinesis accepted it.
+
+pub mod aggregate;
+mod config;
+#[cfg(test)]
+mod tests;
+
+pub use config::*;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+
+use crate::backoff::Backoff;
+use crate::record::Record;
+use crate::sink::{Ack, Rejected, Sink, SinkError};
+use aggregate::Aggregate;
+
+/// First wait before retrying failed entries.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two tries within one send.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// One Kinesis record to put, and which records of the batch it carries.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    data: Vec<u8>,
+    covers: Vec<usize>,
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        self.key.len() + self.data.len()
+    }
+}
+
+/// Puts records into one stream.
+pub struct KinesisSink {
+    name: String,
+    site: String,
+    config: KinesisConfig,
+    client: aws_sdk_kinesis::Client,
+    /// Kinesis records put since start (aggregates count once).
+    pub kinesis_records: u64,
+}
+
+impl KinesisSink {
+    /// A sink for `config.stream`, with credentials from the standard chain.
+    pub async fn new(name: &str, site: &str, config: KinesisConfig) -> Self {
+        let target = crate::aws::AwsTarget {
+            endpoint: config.endpoint.as_deref(),
+            region: config.region.as_deref(),
+            // This sink retries failed entries itself, and the drain retries whole sends.
+            max_attempts: 1,
+        };
+        let sdk = crate::aws::sdk_config(&target).await;
+        KinesisSink {
+            name: name.into(),
+            site: site.into(),
+            config,
+            client: aws_sdk_kinesis::Client::new(&sdk),
+            kinesis_records: 0,
+        }
+    }
+
+    /// Turn a batch into Kinesis records; records that can never fit are rejected.
+    fn entries(&self, batch: &[Record]) -> (Vec<Entry>, Vec<Rejected>) {
+        let mut singles = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::new();
+        let uses_columns = self.config.partition_key.uses_columns();
+        for (index, record) in batch.iter().enumerate() {
+            let payload = if uses_columns {
+                record.payload_json()
+            } else {
+                None
+            };
+            let mut key = self
+                .config
+                .partition_key
+                .render(record, &self.site, payload.as_ref());
+            if key.is_empty() {
+                key = record.thing_name.clone();
+            }
+            if key.chars().count() > MAX_PARTITION_KEY_CHARS {
+                rejected.push(Rejected {
+                    index,
+                    reason: format!("partition key is over {MAX_PARTITION_KEY_CHARS} characters"),
+                });
+                continue;
+            }
+            let data = record.envelope_bytes(&self.site);
+            let entry = Entry {
+                key,
+                data,
+                covers: vec![index],
+            };
+            let limit = if self.config.aggregate {
+                MAX_RECORD_BYTES - aggregate::OVERHEAD - 64
+            } else {
+                MAX_RECORD_BYTES
+            };
+            if entry.size() > limit {
+                rejected.push(Rejected {
+                    index,
+                    reason: format!("record is {} bytes with its partition key; a Kinesis record holds at most {MAX_RECORD_BYTES}", entry.size()),
+                });
+                continue;
+            }
+            singles.push(entry);
+        }
+        if !self.config.aggregate {
+            return (singles, rejected);
+        }
+        (self.aggregate(singles), rejected)
+    }
+
+    /// Pack records per partition-key bucket, in order, each aggregate under 1 MiB.
+    fn aggregate(&self, singles: Vec<Entry>) -> Vec<Entry> {
+        let buckets = self.config.aggregation_buckets;
+        let mut open: Vec<(u32, Aggregate, Vec<usize>)> = Vec::new();
+        let mut done: Vec<Entry> = Vec::new();
+        let outer_key = |b: u32| format!("{}-agg-{b}", self.site);
+        for single in singles {
+            let b = aggregate::bucket(&single.key, buckets);
+            let slot = match open.iter().position(|(ob, _, _)| *ob == b) {
+                Some(i) => i,
+                None => {
+                    open.push((b, Aggregate::default(), Vec::new()));
+                    open.len() - 1
+                }
+            };
+            if open[slot].1.size_with(&single.key, &single.data) + outer_key(b).len()
+                > MAX_RECORD_BYTES
+            {
+                let (_, full, covers) =
+                    std::mem::replace(&mut open[slot], (b, Aggregate::default(), Vec::new()));
+                done.push(Entry {
+                    key: outer_key(b),
+                    data: full.finish(),
+                    covers,
+                });
+            }
+            let (_, agg, covers) = &mut open[slot];
+            agg.push(&single.key, &single.data);
+            covers.extend(single.covers);
+        }
+        for (b, agg, covers) in open {
+            if !agg.is_empty() {
+                done.push(Entry {
+                    key: outer_key(b),
+                    data: agg.finish(),
+                    covers,
+                });
+            }
+        }
+        // Send in the order of each aggregate's first record.
+        done.sort_by_key(|e| e.covers.first().copied().unwrap_or(usize::MAX));
+        done
+    }
+
+    /// Put `entries` (at most one request's worth), retrying only the failed ones. Returns the
+    /// entries still not accepted when the attempts ran out.
+    async fn put(&mut self, mut pending: Vec<Entry>) -> Result<Vec<Entry>, SinkError> {
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        for attempt in 1..=self.config.max_attempts {
+            let request: Vec<PutRecordsRequestEntry> = pending
+                .iter()
+                .map(|e| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(&e.key)
+                        .data(Blob::new(e.data.clone()))
+                        .build()
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| SinkError::BadRequest(e.to_string()))?;
+            let result = self
+                .client
+                .put_records()
+                .stream_name(&self.config.stream)
+                .set_records(Some(request))
+                .send()
+                .await;
+            let out = match result {
+                Ok(out) => out,
+                Err(e) => {
+                    let error = classify(e);
+                    if !error.retryable() || attempt == self.config.max_attempts {
+                        return Err(error);
+                    }
+                    if matches!(error, SinkError::Throttled(_)) {
+                        backoff.slow_down();
+                    }
+                    tracing::debug!(sink = %self.name, %error, attempt, "PutRecords failed; retrying");
+                    tokio::time::sleep(backoff.step()).await;
+                    continue;
+                }
+            };
+            let mut failed = Vec::new();
+            let mut throttled = false;
+            for (entry, result) in pending.into_iter().zip(out.records()) {
+                match result.error_code() {
+                    None => self.kinesis_records += 1,
+                    Some(code) => {
+                        throttled |= code == "ProvisionedThroughputExceededException";
+                        failed.push(entry);
+                    }
+                }
+            }
+            if failed.is_empty() {
+                return Ok(failed);
+            }
+            tracing::debug!(sink = %self.name, failed = failed.len(), throttled, attempt, "PutRecords partly failed; retrying those entries");
+            pending = failed;
+            if attempt == self.config.max_attempts {
+                break;
+            }
+            if throttled {
+                backoff.slow_down();
+            }
+            tokio::time::sleep(backoff.step()).await;
+        }
+        Ok(pending)
+    }
+}
+
+/// Split into requests of at most 500 entries and 5 MiB, in order.
+fn requests(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
+    let mut out: Vec<Vec<Entry>> = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        let size = entry.size();
+        match out.last_mut() {
+            Some(last)
+                if last.len() < MAX_RECORDS_PER_REQUEST
+                    && bytes + size <= MAX_BYTES_PER_REQUEST =>
+            {
+                bytes += size;
+                last.push(entry);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![entry]);
+            }
+        }
+    }
+    out
+}
+
+fn classify<E, R>(e: SdkError<E, R>) -> SinkError
+where
+    E: aws_sdk_kinesis::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let text = DisplayErrorContext(&e).to_string();
+    match &e {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            match code {
+                "ProvisionedThroughputExceededException"
+                | "LimitExceededException"
+                | "ThrottlingException" => SinkError::Throttled(text),
+                "AccessDeniedException"
+                | "KMSAccessDeniedException"
+                | "UnrecognizedClientException"
+                | "ExpiredTokenException" => SinkError::AccessDenied(text),
+                "ResourceNotFoundException"
+                | "InvalidArgumentException"
+                | "ValidationException"
+                | "ResourceInUseException" => SinkError::BadRequest(text),
+                _ => SinkError::Server(text),
+            }
+        }
+        SdkError::ConstructionFailure(_) => SinkError::Config(text),
+        _ => SinkError::Network(text),
+    }
+}
+
+#[async_trait]
+impl Sink for KinesisSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&mut self, batch: &[Record]) -> Result<Ack, SinkError> {
+        let (entries, rejected) = self.entries(batch);
+        // The first record (by batch index) that Kinesis has not accepted; everything before it
+        // is done.
+        let mut first_unsent = batch.len();
+        let mut outcome: Result<(), SinkError> = Ok(());
+        for request in requests(entries) {
+            match self.put(request.clone()).await {
+                Ok(left) => {
+                    if let Some(i) = left.iter().flat_map(|e| e.covers.iter().copied()).min() {
+                        first_unsent = first_unsent.min(i);
+                    }
+                }
+                Err(e) => {
+                    if let Some(i) = request.iter().flat_map(|e| e.covers.iter().copied()).min() {
+                        first_unsent = first_unsent.min(i);
+                    }
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            if first_unsent < batch.len() {
+                // Later requests would only be sent again with the unsent records.
+                break;
+            }
+        }
+        let rejected: Vec<Rejected> = rejected
+            .into_iter()
+            .filter(|r| r.index < first_unsent)
+            .collect();
+        match outcome {
+            Err(e) if first_unsent == 0 => Err(e),
+            _ => Ok(Ack {
+                done: first_unsent,
+                rejected,
+            }),
+        }
+    }
+}

@@ -1,0 +1,233 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex, Once};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::record::sample;
+
+fn fake_credentials() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    });
+}
+
+/// One PutRecords request as the fake endpoint saw it: the `n` of each record's payload.
+type Seen = Arc<Mutex<Vec<Vec<u64>>>>;
+
+/// A Kinesis stand-in that speaks the JSON protocol of PutRecords and fails the entries
+/// `fail(request_number, n)` picks with ProvisionedThroughputExceededException.
+async fn fake_kinesis(fail: fn(usize, u64) -> bool) -> (String, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // Read one request: headers, then Content-Length bytes of body.
+                    let header_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..header_end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < header_end + len {
+                        let mut chunk = [0u8; 8192];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&buf[header_end..header_end + len]).unwrap();
+                    buf.drain(..header_end + len);
+                    let ns: Vec<u64> = body["Records"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| {
+                            let data = base64::engine::general_purpose::STANDARD
+                                .decode(r["Data"].as_str().unwrap())
+                                .unwrap();
+                            let envelope: serde_json::Value =
+                                serde_json::from_slice(&data).unwrap();
+                            envelope["payload"]["n"].as_u64().unwrap()
+                        })
+                        .collect();
+                    let request_number = {
+                        let mut log = log.lock().unwrap();
+                        log.push(ns.clone());
+                        log.len()
+                    };
+                    let results: Vec<serde_json::Value> = ns
+                        .iter()
+                        .map(|n| {
+                            if fail(request_number, *n) {
+                                serde_json::json!({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "Rate exceeded for shard"})
+                            } else {
+                                serde_json::json!({"SequenceNumber": format!("{n}"), "ShardId": "shardId-000000000000"})
+                            }
+                        })
+                        .collect();
+                    let failed = results
+                        .iter()
+                        .filter(|r| r.get("ErrorCode").is_some())
+                        .count();
+                    let reply =
+                        serde_json::json!({"FailedRecordCount": failed, "Records": results})
+                            .to_string();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{}",
+                        reply.len(),
+                        reply
+                    );
+                    if socket.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (endpoint, seen)
+}
+
+async fn sink(endpoint: &str, max_attempts: u32) -> KinesisSink {
+    fake_credentials();
+    let mut config = KinesisConfig::for_stream("telemetry");
+    config.endpoint = Some(endpoint.to_string());
+    config.region = Some("us-east-1".into());
+    config.max_attempts = max_attempts;
+    KinesisSink::new("kinesis", "plant-7", config).await
+}
+
+fn batch(count: u64) -> Vec<Record> {
+    (0..count)
+        .map(|n| sample(n, &format!("pump-{}", n % 3), &format!(r#"{{"n":{n}}}"#)))
+        .collect()
+}
+
+#[tokio::test]
+async fn only_the_failed_entries_are_retried_in_their_order() {
+    // First request: entries 1, 3 and 4 are throttled; every later request succeeds.
+    let (endpoint, seen) = fake_kinesis(|req, n| req == 1 && matches!(n, 1 | 3 | 4)).await;
+    let mut sink = sink(&endpoint, 5).await;
+    let ack = sink.send(&batch(6)).await.unwrap();
+    assert_eq!(ack, Ack::all(6));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, vec![vec![0, 1, 2, 3, 4, 5], vec![1, 3, 4]]);
+    assert_eq!(sink.kinesis_records, 6);
+}
+
+#[tokio::test]
+async fn entries_still_failing_leave_the_rest_to_the_spool() {
+    // Entry 2 is throttled on every try: records 0 and 1 are done, 2 onwards go back.
+    let (endpoint, seen) = fake_kinesis(|_, n| n == 2).await;
+    let mut sink = sink(&endpoint, 3).await;
+    let ack = sink.send(&batch(5)).await.unwrap();
+    assert_eq!(ack.done, 2);
+    assert_eq!(seen.lock().unwrap().len(), 3, "one request and two retries");
+}
+
+#[tokio::test]
+async fn oversize_records_are_rejected_with_the_reason_not_sent() {
+    let (endpoint, seen) = fake_kinesis(|_, _| false).await;
+    let mut sink = sink(&endpoint, 1).await;
+    let mut records = batch(3);
+    records[1].payload = Bytes::from(format!(
+        r#"{{"n":1,"pad":"{}"}}"#,
+        "x".repeat(MAX_RECORD_BYTES)
+    ));
+    let ack = sink.send(&records).await.unwrap();
+    assert_eq!(ack.done, 3);
+    assert_eq!(ack.rejected.len(), 1);
+    assert_eq!(ack.rejected[0].index, 1);
+    assert!(
+        ack.rejected[0].reason.contains("at most 1048576"),
+        "{}",
+        ack.rejected[0].reason
+    );
+    assert_eq!(seen.lock().unwrap().clone(), vec![vec![0, 2]]);
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_a_retryable_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sink = sink(&format!("http://127.0.0.1:{port}"), 1).await;
+    let err = sink.send(&batch(2)).await.unwrap_err();
+    assert!(err.retryable(), "{err}");
+}
+
+#[test]
+fn requests_respect_the_count_and_size_limits() {
+    let entry = |size: usize| Entry {
+        key: "k".into(),
+        data: vec![0; size],
+        covers: vec![0],
+    };
+    let counts: Vec<usize> = requests((0..1200).map(|_| entry(10)).collect())
+        .iter()
+        .map(Vec::len)
+        .collect();
+    assert_eq!(counts, vec![500, 500, 200]);
+    let big: Vec<usize> = requests((0..12).map(|_| entry(1 << 20)).collect())
+        .iter()
+        .map(Vec::len)
+        .collect();
+    assert_eq!(
+        big,
+        vec![4, 4, 4],
+        "5 MiB per request, counting partition keys"
+    );
+}
+
+#[tokio::test]
+async fn aggregation_keeps_each_device_in_one_bucket_and_fewer_records() {
+    let (endpoint, seen) = fake_kinesis(|_, _| false).await;
+    let _ = seen;
+    let mut sink = sink(&endpoint, 1).await;
+    sink.config.aggregate = true;
+    sink.config.aggregation_buckets = 4;
+    let (entries, rejected) = sink.entries(&batch(300));
+    assert!(rejected.is_empty());
+    assert!(
+        entries.len() <= 3,
+        "three devices, at most three buckets: {}",
+        entries.len()
+    );
+    for e in &entries {
+        assert!(e.data.starts_with(&aggregate::MAGIC));
+        assert!(e.key.starts_with("plant-7-agg-"));
+        assert!(
+            e.covers.windows(2).all(|w| w[0] < w[1]),
+            "records keep their order inside an aggregate"
+        );
+    }
+    let covered: usize = entries.iter().map(|e| e.covers.len()).sum();
+    assert_eq!(covered, 300);
+}
