@@ -90,9 +90,71 @@ impl Fabric {
     }
 }
 
+/// The republish sink's way into the router: one local link, publishing what sinks hand it.
+pub struct LocalPublisher {
+    tx: tokio::sync::Mutex<LinkTx>,
+    _drain: tokio::task::JoinHandle<()>,
+}
+
+impl LocalPublisher {
+    /// Publishes through `link`; the router's answers on it (acks) are read and dropped.
+    pub fn new(link: RouterLink) -> Self {
+        let RouterLink { tx, mut rx, .. } = link;
+        let drain = tokio::spawn(async move {
+            loop {
+                match rx.next().await {
+                    Ok(Some(Notification::Unschedule)) => {
+                        if rx.wake().await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        LocalPublisher {
+            tx: tokio::sync::Mutex::new(tx),
+            _drain: drain,
+        }
+    }
+}
+
+impl Drop for LocalPublisher {
+    fn drop(&mut self) {
+        self._drain.abort();
+    }
+}
+
+#[async_trait::async_trait]
+impl sitegate_plugins::republish::LocalBroker for LocalPublisher {
+    async fn publish(
+        &self,
+        topic: String,
+        payload: bytes::Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<(), String> {
+        let qos = if qos >= 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        let packet = Packet::Publish(publish_packet(&topic, &payload, qos, retain), None);
+        self.tx
+            .lock()
+            .await
+            .send(packet)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A publish packet for the router with any QoS. rumqttd keeps a publish's QoS and packet id
 /// crate-private and offers only its MQTT-independent serialization to set them, so this goes
-/// through that format. Used for wills only: device publishes are relayed as parsed.
+/// through that format. Used for wills and the republish sink: device publishes are relayed as
+/// parsed.
 pub fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Publish {
     let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
     raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1));

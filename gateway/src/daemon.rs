@@ -18,6 +18,7 @@ use tracing::info;
 use crate::admin::{self, AdminService};
 use crate::auth::{Authority, PolicySet, Registry, RegistryError};
 use crate::broker::Fabric;
+use crate::broker::LocalPublisher;
 use crate::config::{Config, ConfigError};
 use crate::pipeline;
 use crate::session::{EdgeContext, Limits};
@@ -25,7 +26,8 @@ use crate::sessions::{EndReason, SessionTable};
 use crate::spool::{drain, Spool};
 use crate::stats::Stats;
 use crate::tls::{self, TlsSetupError};
-use sitegate_plugins::SinkContext;
+use sitegate_plugins::republish::LocalBroker;
+use sitegate_plugins::{SinkConfig, SinkContext, SinkError};
 
 /// How long shutdown waits for sessions to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -130,12 +132,31 @@ impl Gateway {
             .await
             .map_err(RunError::Spool)?,
         );
+        let fabric = Arc::new(Fabric::start(
+            config.listener.max_connections + INTERNAL_LINKS,
+            config.listener.max_inflight,
+        ));
         let site = config.site_name();
         let mut drains = Vec::new();
         for (name, sink_config) in &config.sinks {
+            let local: Option<Arc<dyn LocalBroker>> = match sink_config {
+                SinkConfig::Republish(_) => {
+                    // Dots never occur in thing names, so no device's client id can take over this link.
+                    let link = fabric
+                        .link(&format!("sitegate.republish.{name}"), true)
+                        .await
+                        .map_err(|e| RunError::Sink {
+                            name: name.clone(),
+                            source: SinkError::Config(e.to_string()),
+                        })?;
+                    Some(Arc::new(LocalPublisher::new(link)))
+                }
+                _ => None,
+            };
             let context = SinkContext {
                 name: name.clone(),
                 site: site.clone(),
+                local,
             };
             let sink = sitegate_plugins::build(sink_config.clone(), context)
                 .await
@@ -168,10 +189,6 @@ impl Gateway {
             (Some(ingest), Some(task))
         };
         let l = &config.listener;
-        let fabric = Arc::new(Fabric::start(
-            l.max_connections + INTERNAL_LINKS,
-            l.max_inflight,
-        ));
         let ctx = Arc::new(EdgeContext {
             authority: Arc::clone(&authority),
             fabric,

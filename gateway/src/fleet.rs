@@ -8,9 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 
 use crate::pki::{self, IssuedDevice};
 
@@ -83,22 +81,8 @@ impl DeviceCredentials {
 
     /// A rustls client config presenting this device's certificate.
     pub fn client_config(&self) -> Result<ClientConfig, FleetError> {
-        let tls = |e: &dyn std::fmt::Display| FleetError::Tls(e.to_string());
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
-            roots.add(ca.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
-        }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| tls(&e))?;
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| tls(&e))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| tls(&e))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| tls(&e))
+        sitegate_plugins::tls::mtls_client_config(&self.ca_pem, &self.cert_pem, &self.key_pem)
+            .map_err(FleetError::Tls)
     }
 
     /// MQTT 3.1.1 options for connecting to `gateway` with client id = thing name.

@@ -308,3 +308,39 @@ async fn a_full_queue_drops_its_oldest_blocks_in_drop_oldest_mode() {
     assert!(q.bytes <= 8 << 10, "{status:?}");
     site.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_republish_sink_feeds_local_subscribers() {
+    use sitegate_plugins::republish::RepublishConfig;
+    use sitegate_plugins::template::Template;
+    let site = Site::start_with(|c| {
+        c.sinks.insert(
+            "local".into(),
+            SinkConfig::Republish(RepublishConfig {
+                topic: Template::parse("status/${thing_name}/relayed").unwrap(),
+                qos: 1,
+                retain: false,
+                envelope: false,
+            }),
+        );
+        c.routes.insert(
+            "relay".into(),
+            RouteConfig {
+                from: "dt/+/alarm".into(),
+                to: "local".into(),
+            },
+        );
+    })
+    .await;
+    let sensor = site.device("sensor-1").await;
+    let monitor = site.device("monitor-1").await;
+    let sub = site.subscribe(&monitor, "status/#", false, &["-C", "1"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let o = site
+        .publish(&sensor, "dt/sensor-1/alarm", r#"{"door":"open"}"#, 1, false)
+        .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = common::collect(sub, Duration::from_secs(10)).await;
+    assert_eq!(out.trim(), r#"status/sensor-1/relayed {"door":"open"}"#);
+    site.stop().await;
+}

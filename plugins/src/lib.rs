@@ -12,17 +12,21 @@
 //! - `units`: sizes and periods as written in config.
 //! - `aws`: one rustls HTTPS client and the standard credential chain for the AWS SDK.
 //! - `backoff`: exponential backoff with jitter for every retry loop.
-//! - `file/`, `log/`, `kinesis/`: one folder per sink with its config and tests.
+//! - `tls`: mutual-TLS client configuration from PEM files.
+//! - `file/`, `log/`, `kinesis/`, `iotcore/`, `republish/`: one folder per sink with its config and tests.
 
 pub mod aws;
 pub mod backoff;
 pub mod file;
+pub mod iotcore;
 pub mod kinesis;
 pub mod log;
 pub mod record;
 pub mod registry;
+pub mod republish;
 pub mod sink;
 pub mod template;
+pub mod tls;
 pub mod topic;
 pub mod units;
 

@@ -7,8 +7,10 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 use crate::file::{FileConfig, FileSink};
+use crate::iotcore::{IotCoreConfig, IotCoreSink};
 use crate::kinesis::{KinesisConfig, KinesisSink};
 use crate::log::{LogConfig, LogSink};
+use crate::republish::{LocalBroker, RepublishConfig, RepublishSink};
 use crate::sink::{Sink, SinkError};
 
 /// One `[sinks.NAME]` table; `type` picks the variant.
@@ -21,6 +23,10 @@ pub enum SinkConfig {
     Log(LogConfig),
     /// Amazon Kinesis Data Streams.
     Kinesis(KinesisConfig),
+    /// AWS IoT Core (or any MQTT 5 broker) over mutual TLS.
+    Iotcore(IotCoreConfig),
+    /// Back into the gateway's local broker.
+    Republish(RepublishConfig),
 }
 
 impl SinkConfig {
@@ -30,6 +36,8 @@ impl SinkConfig {
             SinkConfig::File(_) => "file",
             SinkConfig::Log(_) => "log",
             SinkConfig::Kinesis(_) => "kinesis",
+            SinkConfig::Iotcore(_) => "iotcore",
+            SinkConfig::Republish(_) => "republish",
         }
     }
 
@@ -39,6 +47,8 @@ impl SinkConfig {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Log(_) => Ok(()),
             SinkConfig::Kinesis(c) => c.validate(),
+            SinkConfig::Iotcore(c) => c.validate(),
+            SinkConfig::Republish(c) => c.validate(),
         }
     }
 
@@ -46,7 +56,8 @@ impl SinkConfig {
     pub fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
         match self {
             SinkConfig::File(c) => vec![&mut c.path],
-            SinkConfig::Log(_) | SinkConfig::Kinesis(_) => Vec::new(),
+            SinkConfig::Iotcore(c) => vec![&mut c.cert, &mut c.key, &mut c.ca],
+            SinkConfig::Log(_) | SinkConfig::Kinesis(_) | SinkConfig::Republish(_) => Vec::new(),
         }
     }
 
@@ -54,18 +65,20 @@ impl SinkConfig {
     pub fn linger(&self) -> std::time::Duration {
         match self {
             SinkConfig::Kinesis(c) => c.linger.0,
-            SinkConfig::File(_) | SinkConfig::Log(_) => std::time::Duration::ZERO,
+            _ => std::time::Duration::ZERO,
         }
     }
 }
 
 /// What a factory gets besides the sink's own config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SinkContext {
     /// The sink's name (`[sinks.NAME]`).
     pub name: String,
     /// The site name, stamped on every record.
     pub site: String,
+    /// The gateway's local broker, for `republish`.
+    pub local: Option<std::sync::Arc<dyn LocalBroker>>,
 }
 
 /// A sink under construction (connecting may take a while).
@@ -93,6 +106,14 @@ pub fn registry() -> &'static [SinkFactory] {
         SinkFactory {
             kind: "kinesis",
             build: build_kinesis,
+        },
+        SinkFactory {
+            kind: "iotcore",
+            build: build_iotcore,
+        },
+        SinkFactory {
+            kind: "republish",
+            build: build_republish,
         },
     ]
 }
@@ -139,6 +160,29 @@ fn build_kinesis(config: SinkConfig, cx: SinkContext) -> SinkBuild {
     })
 }
 
+fn build_iotcore(config: SinkConfig, cx: SinkContext) -> SinkBuild {
+    Box::pin(async move {
+        let SinkConfig::Iotcore(c) = config else {
+            return Err(mismatch("iotcore", &config));
+        };
+        Ok(Box::new(IotCoreSink::new(&cx.name, &cx.site, c)?) as Box<dyn Sink>)
+    })
+}
+
+fn build_republish(config: SinkConfig, cx: SinkContext) -> SinkBuild {
+    Box::pin(async move {
+        let SinkConfig::Republish(c) = config else {
+            return Err(mismatch("republish", &config));
+        };
+        let local = cx.local.ok_or_else(|| {
+            SinkError::Config(
+                "republish needs the local broker, which this host does not offer".into(),
+            )
+        })?;
+        Ok(Box::new(RepublishSink::new(&cx.name, &cx.site, c, local)) as Box<dyn Sink>)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -160,7 +204,7 @@ mod tests {
 
     #[test]
     fn every_kind_has_a_factory() {
-        for kind in ["file", "log", "kinesis"] {
+        for kind in ["file", "log", "kinesis", "iotcore", "republish"] {
             assert!(registry().iter().any(|f| f.kind == kind), "{kind}");
         }
     }

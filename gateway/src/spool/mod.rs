@@ -518,10 +518,7 @@ impl Spool {
         for queue in self.queues.values() {
             let mut index = queue.index();
             let before = index.expired_records;
-            loop {
-                let Some((&first, info)) = index.blocks.iter().next() else {
-                    break;
-                };
+            while let Some((&first, info)) = index.blocks.iter().next() {
                 if now.saturating_sub(info.created_ms) <= queue.limits.max_age_ms {
                     break;
                 }

@@ -4,6 +4,7 @@
 
 pub mod aggregate;
 mod config;
+pub mod fake;
 #[cfg(test)]
 mod tests;
 
@@ -67,6 +68,16 @@ impl KinesisSink {
             client: aws_sdk_kinesis::Client::new(&sdk),
             kinesis_records: 0,
         }
+    }
+
+    /// The Kinesis records (partition key, data) a batch becomes, and how many records were
+    /// refused; what `send` would put, without sending. For benches and capacity planning.
+    pub fn encode(&self, batch: &[Record]) -> (Vec<(String, Vec<u8>)>, usize) {
+        let (entries, rejected) = self.entries(batch);
+        (
+            entries.into_iter().map(|e| (e.key, e.data)).collect(),
+            rejected.len(),
+        )
     }
 
     /// Turn a batch into Kinesis records; records that can never fit are rejected.

@@ -1,12 +1,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex, Once};
+use std::sync::Once;
 
-use base64::Engine as _;
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
+use super::fake::fake_kinesis;
 use super::*;
 use crate::record::sample;
 
@@ -16,101 +14,6 @@ fn fake_credentials() {
         std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
     });
-}
-
-/// One PutRecords request as the fake endpoint saw it: the `n` of each record's payload.
-type Seen = Arc<Mutex<Vec<Vec<u64>>>>;
-
-/// A Kinesis stand-in that speaks the JSON protocol of PutRecords and fails the entries
-/// `fail(request_number, n)` picks with ProvisionedThroughputExceededException.
-async fn fake_kinesis(fail: fn(usize, u64) -> bool) -> (String, Seen) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let seen: Seen = Arc::default();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    // Read one request: headers, then Content-Length bytes of body.
-                    let header_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut chunk = [0u8; 8192];
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..header_end]).to_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
-                    while buf.len() < header_end + len {
-                        let mut chunk = [0u8; 8192];
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body: serde_json::Value =
-                        serde_json::from_slice(&buf[header_end..header_end + len]).unwrap();
-                    buf.drain(..header_end + len);
-                    let ns: Vec<u64> = body["Records"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|r| {
-                            let data = base64::engine::general_purpose::STANDARD
-                                .decode(r["Data"].as_str().unwrap())
-                                .unwrap();
-                            let envelope: serde_json::Value =
-                                serde_json::from_slice(&data).unwrap();
-                            envelope["payload"]["n"].as_u64().unwrap()
-                        })
-                        .collect();
-                    let request_number = {
-                        let mut log = log.lock().unwrap();
-                        log.push(ns.clone());
-                        log.len()
-                    };
-                    let results: Vec<serde_json::Value> = ns
-                        .iter()
-                        .map(|n| {
-                            if fail(request_number, *n) {
-                                serde_json::json!({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "Rate exceeded for shard"})
-                            } else {
-                                serde_json::json!({"SequenceNumber": format!("{n}"), "ShardId": "shardId-000000000000"})
-                            }
-                        })
-                        .collect();
-                    let failed = results
-                        .iter()
-                        .filter(|r| r.get("ErrorCode").is_some())
-                        .count();
-                    let reply =
-                        serde_json::json!({"FailedRecordCount": failed, "Records": results})
-                            .to_string();
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{}",
-                        reply.len(),
-                        reply
-                    );
-                    if socket.write_all(response.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (endpoint, seen)
 }
 
 async fn sink(endpoint: &str, max_attempts: u32) -> KinesisSink {

@@ -1,0 +1,136 @@
+//! `type = "iotcore"`: AWS IoT Core over MQTT 5 with the gateway's own certificate.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::template::Template;
+use crate::units::Period;
+
+/// Default topic: the site, the device and the rule stay visible in the cloud.
+pub const DEFAULT_TOPIC: &str = "sitegate/${site}/${thing_name}/${rule}";
+/// IoT Core's per-connection publish limit.
+pub const DEFAULT_MAX_PUBLISH_RATE: u32 = 100;
+/// IoT Core's largest payload.
+pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+/// IoT Core's longest topic.
+pub const MAX_TOPIC_BYTES: usize = 256;
+/// IoT Core's most forward slashes in a topic.
+pub const MAX_TOPIC_SLASHES: usize = 7;
+/// Keepalive of the gateway's connection.
+pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 30;
+/// A CONNECT or a batch's PUBACKs must come back within this time.
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 10_000;
+/// QoS 1 publishes in flight at once.
+pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
+
+/// `[sinks.NAME]` with `type = "iotcore"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IotCoreConfig {
+    /// The account's IoT data endpoint as host:port, e.g. "abc123-ats.iot.eu-west-1.amazonaws.com:8883".
+    pub endpoint: String,
+    /// The gateway's certificate (PEM) registered in IoT Core.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates that sign the endpoint's server certificate (Amazon Root CA 1).
+    pub ca: PathBuf,
+    /// MQTT client id; defaults to the site name (a thing name in IoT Core).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Topic template for each record.
+    #[serde(default = "default_topic")]
+    pub topic: Template,
+    /// Publishes per second at most on this connection.
+    #[serde(default = "default_max_publish_rate")]
+    pub max_publish_rate: u32,
+    /// MQTT keepalive in seconds.
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// How long to wait for CONNACK and for a batch's PUBACKs.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: Period,
+    /// QoS 1 publishes in flight at once.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+}
+
+fn default_topic() -> Template {
+    Template::parse(DEFAULT_TOPIC).unwrap_or_else(|_| Template::literal("sitegate"))
+}
+fn default_max_publish_rate() -> u32 {
+    DEFAULT_MAX_PUBLISH_RATE
+}
+fn default_keep_alive_secs() -> u64 {
+    DEFAULT_KEEP_ALIVE_SECS
+}
+fn default_ack_timeout() -> Period {
+    Period::from_millis(DEFAULT_ACK_TIMEOUT_MS)
+}
+fn default_max_inflight() -> u16 {
+    DEFAULT_MAX_INFLIGHT
+}
+
+impl IotCoreConfig {
+    /// A config with every optional key at its default.
+    pub fn new(endpoint: &str, cert: PathBuf, key: PathBuf, ca: PathBuf) -> Self {
+        IotCoreConfig {
+            endpoint: endpoint.to_string(),
+            cert,
+            key,
+            ca,
+            client_id: None,
+            topic: default_topic(),
+            max_publish_rate: DEFAULT_MAX_PUBLISH_RATE,
+            keep_alive_secs: DEFAULT_KEEP_ALIVE_SECS,
+            ack_timeout: default_ack_timeout(),
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+        }
+    }
+
+    /// Host and port of `endpoint`.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        let (host, port) = self.endpoint.rsplit_once(':').ok_or_else(|| {
+            format!(
+                "`endpoint` {:?} needs a port, e.g. \"…amazonaws.com:8883\"",
+                self.endpoint
+            )
+        })?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`endpoint` port {port:?} is not a number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("`endpoint` has no host".into());
+        }
+        Ok((host.to_string(), port))
+    }
+
+    /// Pure checks; errors name the key below `[sinks.NAME]`.
+    pub fn validate(&self) -> Result<(), String> {
+        self.host_port()?;
+        for (key, path) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+            if path.as_os_str().is_empty() {
+                return Err(format!("`{key}` must name a PEM file"));
+            }
+        }
+        if self
+            .client_id
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || c.len() > 128)
+        {
+            return Err("`client_id` must be 1 to 128 bytes".into());
+        }
+        if self.max_publish_rate == 0 {
+            return Err("`max_publish_rate` must be at least 1".into());
+        }
+        if self.keep_alive_secs < 5 || self.keep_alive_secs > 1200 {
+            return Err("`keep_alive_secs` must be between 5 and 1200 (IoT Core's range)".into());
+        }
+        if self.max_inflight == 0 {
+            return Err("`max_inflight` must be at least 1".into());
+        }
+        Ok(())
+    }
+}

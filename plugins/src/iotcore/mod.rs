@@ -1,0 +1,357 @@
+//! The IoT Core sink: the gateway's own MQTT 5 connection over mutual TLS, QoS 1 publishes,
+//! and a record acknowledged to the spool only after its PUBACK. Each publish names the device
+//! in MQTT 5 user properties (`thing-name`, `cert-id`, `source-topic`, `record-id`) and in the
+//! JSON body.
+//!
+//! The connection is driven inside `send` (rumqttc's event loop is polled while a batch is in
+//! flight), so PUBACKs map to records without a second task. A connection idle for half its
+//! keepalive, or broken, is replaced at the next send; the drain's backoff paces reconnects.
+
+mod config;
+#[cfg(test)]
+mod tests;
+
+pub use config::*;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::Outgoing;
+
+use crate::record::Record;
+use crate::sink::{Ack, Rejected, Sink, SinkError};
+
+struct Connection {
+    client: AsyncClient,
+    events: EventLoop,
+    last_used: Instant,
+}
+
+/// Publishes records to IoT Core (or any MQTT 5 broker with mutual TLS).
+pub struct IotCoreSink {
+    name: String,
+    site: String,
+    config: IotCoreConfig,
+    tls: Arc<rustls::ClientConfig>,
+    connection: Option<Connection>,
+    /// Earliest time the next publish may go out (rate limit).
+    next_slot: Instant,
+}
+
+/// One publish ready to go.
+struct Outbound {
+    index: usize,
+    topic: String,
+    payload: Bytes,
+    properties: PublishProperties,
+}
+
+impl IotCoreSink {
+    /// Reads the certificate files; does not connect yet.
+    pub fn new(name: &str, site: &str, config: IotCoreConfig) -> Result<Self, SinkError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| SinkError::Config(format!("{}: {e}", p.display())))
+        };
+        let tls = crate::tls::mtls_client_config(
+            &read(&config.ca)?,
+            &read(&config.cert)?,
+            &read(&config.key)?,
+        )
+        .map_err(SinkError::Config)?;
+        Ok(IotCoreSink {
+            name: name.into(),
+            site: site.into(),
+            config,
+            tls: Arc::new(tls),
+            connection: None,
+            next_slot: Instant::now(),
+        })
+    }
+
+    fn outbound(&self, batch: &[Record]) -> (Vec<Outbound>, Vec<Rejected>) {
+        outbound(&self.config, &self.site, batch)
+    }
+
+    /// A live connection: reuses the current one unless it idled past half its keepalive.
+    async fn connect(&mut self) -> Result<(), SinkError> {
+        let keep_alive = Duration::from_secs(self.config.keep_alive_secs);
+        if self
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.last_used.elapsed() < keep_alive / 2)
+        {
+            return Ok(());
+        }
+        self.connection = None;
+        let (host, port) = self.config.host_port().map_err(SinkError::Config)?;
+        let client_id = self
+            .config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| self.site.clone());
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(keep_alive);
+        options.set_clean_start(true);
+        options.set_outgoing_inflight_upper_limit(self.config.max_inflight);
+        options.set_connection_timeout(self.config.ack_timeout.0.as_secs().max(1));
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(self.tls.clone()),
+        ));
+        let (client, mut events) =
+            AsyncClient::new(options, usize::from(self.config.max_inflight) + 16);
+        let deadline = tokio::time::Instant::now() + self.config.ack_timeout.0;
+        loop {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(SinkError::AccessDenied(format!("CONNACK {:?}", ack.code)));
+                    }
+                    break;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(classify(&e)),
+                Err(_) => {
+                    return Err(SinkError::Network(format!(
+                        "no CONNACK from {} in {:?}",
+                        self.config.endpoint, self.config.ack_timeout.0
+                    )))
+                }
+            }
+        }
+        tracing::info!(sink = %self.name, endpoint = %self.config.endpoint, "connected");
+        self.connection = Some(Connection {
+            client,
+            events,
+            last_used: Instant::now(),
+        });
+        Ok(())
+    }
+
+    fn take_slot(&mut self) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        if self.next_slot > now {
+            return Some(tokio::time::Instant::from_std(self.next_slot));
+        }
+        let interval = Duration::from_secs(1) / self.config.max_publish_rate.max(1);
+        // No credit for idle time beyond one interval: a burst never exceeds the rate.
+        self.next_slot = self.next_slot.max(now.checked_sub(interval).unwrap_or(now)) + interval;
+        None
+    }
+}
+
+/// Topic, body and user properties for each record; records IoT Core would refuse are rejected.
+fn outbound(
+    config: &IotCoreConfig,
+    site: &str,
+    batch: &[Record],
+) -> (Vec<Outbound>, Vec<Rejected>) {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut rejected = Vec::new();
+    let uses_columns = config.topic.uses_columns();
+    for (index, record) in batch.iter().enumerate() {
+        let parsed = if uses_columns {
+            record.payload_json()
+        } else {
+            None
+        };
+        let topic = config.topic.render(record, site, parsed.as_ref());
+
+        let reason = if topic.is_empty() || topic.contains(['+', '#']) {
+            Some(format!("topic {topic:?} is not a valid MQTT topic"))
+        } else if topic.len() > MAX_TOPIC_BYTES {
+            Some(format!(
+                "topic is {} bytes; IoT Core allows {MAX_TOPIC_BYTES}",
+                topic.len()
+            ))
+        } else if topic.matches('/').count() > MAX_TOPIC_SLASHES {
+            Some(format!(
+                "topic {topic:?} has more than {MAX_TOPIC_SLASHES} slashes, IoT Core's limit"
+            ))
+        } else {
+            None
+        };
+        let payload = record.envelope_bytes(site);
+        let reason = reason.or_else(|| {
+            (payload.len() > MAX_PAYLOAD_BYTES).then(|| {
+                format!(
+                    "payload is {} bytes; IoT Core allows {MAX_PAYLOAD_BYTES}",
+                    payload.len()
+                )
+            })
+        });
+        if let Some(reason) = reason {
+            rejected.push(Rejected { index, reason });
+            continue;
+        }
+        let properties = PublishProperties {
+            content_type: Some("application/json".into()),
+            user_properties: vec![
+                ("thing-name".into(), record.thing_name.clone()),
+                ("cert-id".into(), record.cert_id.clone()),
+                ("source-topic".into(), record.topic.clone()),
+                ("record-id".into(), record.id.to_string()),
+            ],
+            ..PublishProperties::default()
+        };
+        out.push(Outbound {
+            index,
+            topic,
+            payload: payload.into(),
+            properties,
+        });
+    }
+    (out, rejected)
+}
+
+fn classify(e: &rumqttc::v5::ConnectionError) -> SinkError {
+    use rumqttc::v5::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(code) => {
+            SinkError::AccessDenied(format!("connection refused: {code:?}"))
+        }
+        E::Tls(t) => SinkError::Network(format!("TLS: {t}")),
+        other => SinkError::Network(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Sink for IotCoreSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&mut self, batch: &[Record]) -> Result<Ack, SinkError> {
+        let (outbound, rejected) = self.outbound(batch);
+        if outbound.is_empty() {
+            return Ok(Ack {
+                done: batch.len(),
+                rejected,
+            });
+        }
+        self.connect().await?;
+        let total = outbound.len();
+        let mut queue: VecDeque<Outbound> = outbound.into();
+        // Batch indexes in publish order, and the ones whose PUBACK came back.
+        let mut published: VecDeque<usize> = VecDeque::new();
+        let mut by_pkid: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+        let mut acked = std::collections::BTreeSet::new();
+        let mut failure: Option<SinkError> = None;
+        let deadline = tokio::time::Instant::now() + self.config.ack_timeout.0;
+        let mut wake: Option<tokio::time::Instant> = None;
+        while acked.len() < total {
+            let in_flight = published.len() + by_pkid.len();
+            if wake.is_none()
+                && !queue.is_empty()
+                && in_flight < usize::from(self.config.max_inflight)
+            {
+                match self.take_slot() {
+                    None => {
+                        if let (Some(next), Some(conn)) =
+                            (queue.pop_front(), self.connection.as_ref())
+                        {
+                            if let Err(e) = conn.client.try_publish_with_properties(
+                                next.topic,
+                                QoS::AtLeastOnce,
+                                false,
+                                next.payload,
+                                next.properties,
+                            ) {
+                                failure = Some(SinkError::Network(e.to_string()));
+                                break;
+                            }
+                            published.push_back(next.index);
+                        }
+                        continue;
+                    }
+                    Some(at) => wake = Some(at),
+                }
+            }
+            let Some(conn) = self.connection.as_mut() else {
+                break;
+            };
+            let rate_wait = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                event = conn.events.poll() => match event {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(index) = published.pop_front() {
+                            by_pkid.insert(pkid, index);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        let Some(index) = by_pkid.remove(&ack.pkid) else { continue };
+                        match ack.reason {
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                                acked.insert(index);
+                            }
+                            reason => {
+                                failure = Some(match reason {
+                                    PubAckReason::NotAuthorized => SinkError::AccessDenied(format!("PUBACK {reason:?}: the policy does not allow this topic")),
+                                    PubAckReason::QuotaExceeded => SinkError::Throttled(format!("PUBACK {reason:?}")),
+                                    _ => SinkError::Server(format!("PUBACK {reason:?}")),
+                                });
+                                break;
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        failure = Some(classify(&e));
+                        self.connection = None;
+                        break;
+                    }
+                },
+                _ = rate_wait => wake = None,
+                _ = tokio::time::sleep_until(deadline) => {
+                    failure = Some(SinkError::Network(format!("PUBACKs missing after {:?}", self.config.ack_timeout.0)));
+                    // Unanswered publishes would be retransmitted later under new ids; start clean.
+                    self.connection = None;
+                    break;
+                }
+            }
+        }
+        if let Some(conn) = self.connection.as_mut() {
+            conn.last_used = Instant::now();
+        }
+        // Done: every record before the first one neither acknowledged nor rejected.
+        let done = (0..batch.len())
+            .find(|i| !acked.contains(i) && !rejected.iter().any(|r| r.index == *i))
+            .unwrap_or(batch.len());
+        if failure.is_some() {
+            self.connection = None;
+        }
+        match failure {
+            Some(e) if done == 0 => Err(e),
+            Some(e) => {
+                tracing::warn!(sink = %self.name, error = %e, done, "IoT Core batch partly sent");
+                Ok(Ack {
+                    done,
+                    rejected: rejected.into_iter().filter(|r| r.index < done).collect(),
+                })
+            }
+            None => Ok(Ack {
+                done,
+                rejected: rejected.into_iter().filter(|r| r.index < done).collect(),
+            }),
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        if let Some(mut conn) = self.connection.take() {
+            let _ = conn.client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(500), conn.events.poll()).await;
+        }
+        Ok(())
+    }
+}
