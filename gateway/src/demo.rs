@@ -20,6 +20,7 @@ use sitegate::daemon::{Gateway, Listeners};
 use sitegate::fleet::DeviceCredentials;
 use sitegate::pki;
 use sitegate_plugins::file::{FileConfig, DEFAULT_KEEP, DEFAULT_ROTATE_BYTES};
+use sitegate_plugins::kinesis::{KinesisConfig, KinesisSink};
 use sitegate_plugins::{ByteSize, SinkConfig};
 use tokio::sync::watch;
 
@@ -123,7 +124,10 @@ struct DeviceCounters {
     received: AtomicU64,
 }
 
-pub async fn run(duration: Duration) -> Result<()> {
+/// Stream the demo creates on `--kinesis-endpoint`.
+const DEMO_STREAM: &str = "sitegate-demo";
+
+pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("sitegate-demo-")
         .tempdir()?;
@@ -158,6 +162,34 @@ pub async fn run(duration: Duration) -> Result<()> {
             files.gateway_key,
         ))
     };
+    let mut config = config;
+    if let Some(endpoint) = &kinesis_endpoint {
+        let mut k = KinesisConfig::for_stream(DEMO_STREAM);
+        k.endpoint = Some(endpoint.clone());
+        // Emulators take any credentials; real ones come from the standard chain.
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
+            && std::env::var_os("AWS_PROFILE").is_none()
+        {
+            std::env::set_var("AWS_ACCESS_KEY_ID", "demo");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "demo");
+        }
+        KinesisSink::new("kinesis", "demo", k.clone())
+            .await
+            .create_stream_if_missing(1)
+            .await
+            .with_context(|| format!("creating stream {DEMO_STREAM} at {endpoint}"))?;
+        config
+            .sinks
+            .insert("kinesis".into(), SinkConfig::Kinesis(k));
+        config.routes.insert(
+            "to-kinesis".into(),
+            RouteConfig {
+                from: "dt/#".into(),
+                to: "kinesis".into(),
+            },
+        );
+        println!("kinesis: telemetry also goes to stream {DEMO_STREAM} at {endpoint}");
+    }
     config.validate()?;
     let listeners = Listeners {
         mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await?,

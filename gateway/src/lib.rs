@@ -19,6 +19,7 @@
 //! - `admin`: the local admin socket behind `sitegate device …`.
 //! - `stats`: counters of the device edge.
 //! - `daemon`: `run(config, listeners, shutdown)` and [`Gateway`].
+//! - `greengrass`: the component recipe and configuration from the nucleus.
 //! - `fleet`: virtual devices (rumqttc over mutual TLS) for the demo, simulator and tests.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -30,6 +31,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod fleet;
+pub mod greengrass;
 pub mod listener;
 pub mod pipeline;
 pub mod pki;

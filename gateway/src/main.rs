@@ -14,7 +14,7 @@ use sitegate::config::Config;
 use sitegate::daemon::{self, Listeners};
 use sitegate::sessions::SessionTable;
 use sitegate::stats::Stats;
-use sitegate::{pki, spool};
+use sitegate::{greengrass, pki, spool};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -28,14 +28,30 @@ struct Cli {
 enum Command {
     /// Run the gateway from a TOML config.
     Run {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// TOML config file; relative paths are taken from its folder.
+        #[arg(long, short, required_unless_present_any = ["config_json", "config_env"])]
+        config: Option<PathBuf>,
+        /// The config as JSON (the Greengrass component configuration), instead of a file.
+        #[arg(long, conflicts_with_all = ["config", "config_env"])]
+        config_json: Option<String>,
+        /// Read the JSON config from the SITEGATE_CONFIG_JSON environment variable (how the
+        /// Greengrass recipe passes `{configuration:/sitegate}`).
+        #[arg(long, conflicts_with = "config")]
+        config_env: bool,
+        /// Folder that relative paths in a JSON config are taken from (the component's work
+        /// folder); default the current folder.
+        #[arg(long)]
+        base_dir: Option<PathBuf>,
     },
     /// Run a self-contained demo: CA, gateway and a small fleet of virtual devices.
     Demo {
         /// How long the fleet runs before the summary (Ctrl-C stops earlier).
         #[arg(long, default_value_t = 8)]
         seconds: u64,
+        /// Also send telemetry to Kinesis at this endpoint (an emulator such as
+        /// http://127.0.0.1:5000); the stream `sitegate-demo` is created if missing.
+        #[arg(long)]
+        kinesis_endpoint: Option<String>,
     },
     /// Site certificate authority.
     Ca {
@@ -52,10 +68,28 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// AWS IoT Greengrass v2 component support.
+    Greengrass {
+        #[command(subcommand)]
+        command: GreengrassCommand,
+    },
     /// The encrypted store-and-forward spool.
     Spool {
         #[command(subcommand)]
         command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GreengrassCommand {
+    /// Print the component recipe (YAML) for this build.
+    Recipe {
+        /// Component version; defaults to this build's version.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        version: String,
+        /// Where the binary is uploaded; `{arch}` becomes x86_64 or aarch64 per manifest.
+        #[arg(long)]
+        artifact_uri: String,
     },
 }
 
@@ -99,6 +133,9 @@ enum CaCommand {
         /// Extra subject alternative name for the gateway certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Do nothing when DIR already holds a CA (for install scripts that run on every deploy).
+        #[arg(long)]
+        if_missing: bool,
     },
 }
 
@@ -176,22 +213,61 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            config_json,
+            config_env,
+            base_dir,
+        } => {
             init_logging("info");
-            let config = Config::load(&config)?;
+            let config = match (config, config_json, config_env) {
+                (Some(path), _, _) => Config::load(&path)?,
+                (None, json, from_env) => {
+                    let text = match (json, from_env) {
+                        (Some(text), _) => text,
+                        (None, true) => {
+                            std::env::var(greengrass::CONFIG_ENV).with_context(|| {
+                                format!("--config-env: {} is not set", greengrass::CONFIG_ENV)
+                            })?
+                        }
+                        (None, false) => bail!("give --config, --config-json or --config-env"),
+                    };
+                    let base = match base_dir {
+                        Some(dir) => dir,
+                        None => std::env::current_dir()?,
+                    };
+                    greengrass::config_from_json(&text, &base)?
+                }
+            };
             runtime()?.block_on(async {
                 let listeners = Listeners::bind(&config).await?;
                 daemon::run(config, listeners, shutdown_signal()).await?;
                 Ok(())
             })
         }
-        Command::Demo { seconds } => {
+        Command::Demo {
+            seconds,
+            kinesis_endpoint,
+        } => {
             init_logging("warn");
-            runtime()?.block_on(demo::run(std::time::Duration::from_secs(seconds)))
+            runtime()?.block_on(demo::run(
+                std::time::Duration::from_secs(seconds),
+                kinesis_endpoint,
+            ))
         }
         Command::Ca {
-            command: CaCommand::Init { dir, site, sans },
+            command:
+                CaCommand::Init {
+                    dir,
+                    site,
+                    sans,
+                    if_missing,
+                },
         } => {
+            if if_missing && dir.join(pki::CA_CERT_FILE).exists() {
+                println!("site CA already in {}; nothing to do", dir.display());
+                return Ok(());
+            }
             let files = pki::init_ca(&dir, &site, &sans)?;
             let kek = dir.join(SPOOL_KEK_FILE);
             spool::keys::generate_kek(&kek)?;
@@ -203,6 +279,16 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Device { command } => device(command),
+        Command::Greengrass {
+            command:
+                GreengrassCommand::Recipe {
+                    version,
+                    artifact_uri,
+                },
+        } => {
+            print!("{}", greengrass::recipe_yaml(&version, &artifact_uri));
+            Ok(())
+        }
         Command::Spool {
             command: SpoolCommand::Keygen { out },
         } => {

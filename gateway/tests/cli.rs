@@ -253,4 +253,6 @@ fn demo_runs_a_fleet_and_stops_cleanly() {
         text.contains("door-1         approved"),
         "door-1 is approved live: {text}"
     );
+    assert!(summary("spool commits (fsyncs)") > 0, "{text}");
+    assert!(text.contains("spool depth"), "{text}");
 }

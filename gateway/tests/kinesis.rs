@@ -235,3 +235,26 @@ async fn deaggregate(raw: &[StreamRecord]) -> Vec<serde_json::Value> {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_sends_to_an_emulated_kinesis() {
+    let moto = Moto::start().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sitegate"))
+        .args([
+            "demo",
+            "--seconds",
+            "3",
+            "--kinesis-endpoint",
+            &moto.endpoint,
+        ])
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let records = moto.read_stream("sitegate-demo").await;
+    assert!(!records.is_empty(), "{}", text(&out));
+    let e = json(&records[0].data);
+    assert_eq!(e["site"], "demo");
+    assert_eq!(records[0].partition_key, e["thing_name"]);
+}

@@ -213,3 +213,83 @@ impl Moto {
         out
     }
 }
+
+/// Reads one HTTP/1.1 request (head and Content-Length body) from `socket` into `buf`;
+/// returns (head, body) or None at end of stream.
+pub async fn read_http_request(
+    socket: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 8192];
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[head_end..head_end + len].to_vec();
+    buf.drain(..head_end + len);
+    Some((head, body))
+}
+
+/// A relay to `target` that keeps the head of the first request on each connection, to see
+/// how requests were signed.
+pub struct Sniffer {
+    pub addr: SocketAddr,
+    pub heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Sniffer {
+    pub async fn start(target: &str) -> Sniffer {
+        let target: SocketAddr = target.trim_start_matches("http://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let log = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let mut buf = Vec::new();
+                    let Some((head, body)) = read_http_request(&mut inbound, &mut buf).await else {
+                        return;
+                    };
+                    log.lock().unwrap().push(head.clone());
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = outbound.write_all(head.as_bytes()).await;
+                    let _ = outbound.write_all(&body).await;
+                    let _ = outbound.write_all(&buf).await;
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Sniffer { addr, heads }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}

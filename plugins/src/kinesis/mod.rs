@@ -70,6 +70,47 @@ impl KinesisSink {
         }
     }
 
+    /// Create the stream with `shards` shards unless it exists, and wait until it is active.
+    /// For demos against an emulator; production streams are made by infrastructure code.
+    pub async fn create_stream_if_missing(&self, shards: i32) -> Result<(), SinkError> {
+        let exists = self
+            .client
+            .describe_stream_summary()
+            .stream_name(&self.config.stream)
+            .send()
+            .await
+            .is_ok();
+        if !exists {
+            self.client
+                .create_stream()
+                .stream_name(&self.config.stream)
+                .shard_count(shards)
+                .send()
+                .await
+                .map_err(classify)?;
+        }
+        for _ in 0..100 {
+            let summary = self
+                .client
+                .describe_stream_summary()
+                .stream_name(&self.config.stream)
+                .send()
+                .await
+                .map_err(classify)?;
+            let active = summary
+                .stream_description_summary()
+                .is_some_and(|d| d.stream_status().as_str() == "ACTIVE");
+            if active {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(SinkError::Server(format!(
+            "stream {} did not become active",
+            self.config.stream
+        )))
+    }
+
     /// The Kinesis records (partition key, data) a batch becomes, and how many records were
     /// refused; what `send` would put, without sending. For benches and capacity planning.
     pub fn encode(&self, batch: &[Record]) -> (Vec<(String, Vec<u8>)>, usize) {
