@@ -82,3 +82,86 @@ fn invalid_configs_name_what_is_wrong() {
         );
     }
 }
+
+/// Every key of the config tree (one sink of each type, every optional section filled) appears
+/// in README's configuration reference, so the reference cannot fall behind the code.
+#[test]
+fn readme_reference_names_every_config_key() {
+    let root = repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme.find("## Configuration reference").expect("a configuration reference section");
+    let end = readme[start + 3..].find("\n## ").map(|i| start + 3 + i).unwrap_or(readme.len());
+    let reference = &readme[start..end];
+    let text = r##"
+site = "s"
+[listener]
+ca = "ca.pem"
+cert = "c.pem"
+key = "k.pem"
+[admin]
+socket = "a.sock"
+[auth.device_groups.NAME]
+selection_rule = "thingName: a"
+policy = "NAME"
+[auth.policies.NAME.STATEMENT]
+description = "d"
+operations = ["mqtt:connect"]
+resources = ["*"]
+[sinks.k]
+type = "kinesis"
+stream = "s"
+endpoint = "http://127.0.0.1:1"
+region = "r"
+[sinks.i]
+type = "iotcore"
+endpoint = "h:8883"
+cert = "c"
+key = "k"
+ca = "a"
+client_id = "c"
+[sinks.r]
+type = "republish"
+topic = "t"
+[sinks.f]
+type = "file"
+path = "p"
+[sinks.l]
+type = "log"
+[routes.NAME]
+from = "#"
+to = "f"
+[rules]
+error_sink = "f"
+[spool.sinks.f]
+max_bytes = "1MiB"
+max_age = "1d"
+when_full = "block"
+[spool.encryption]
+kms_key_id = "k"
+endpoint = "http://127.0.0.1:1"
+region = "r"
+key_file = "k"
+"##;
+    let config = Config::from_toml_str(text, "reference").unwrap();
+    config.validate().unwrap();
+    let tree = serde_json::to_value(&config).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    fn walk(v: &serde_json::Value, keys: &mut std::collections::BTreeSet<String>) {
+        if let serde_json::Value::Object(map) = v {
+            for (k, child) in map {
+                keys.insert(k.clone());
+                walk(child, keys);
+            }
+        }
+    }
+    walk(&tree, &mut keys);
+    assert!(keys.len() > 50, "the sample config should touch every section: {keys:?}");
+    // Names the example chose (sink names), not keys of the schema.
+    let chosen = ["k", "i", "r", "f", "l"];
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !chosen.contains(&k.as_str()))
+        .filter(|k| !reference.contains(k.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "README's configuration reference lacks {missing:?}");
+}
