@@ -13,7 +13,7 @@ while [ "$i" -le "$count" ]; do
       temp=$(( (seq * 7 + i * 3) % 15 - 20 ))
       mosquitto_pub -h "$host" -p 8883 --cafile /pki/ca.pem \
         --cert "/pki/devices/sim-$i.pem" --key "/pki/devices/sim-$i.key" \
-        -i "sim-$i" -q 1 -t "dt/sim-$i/temp" -m "{\"seq\":$seq,\"temp\":$temp}" || sleep 2
+        -i "sim-$i" -q 1 -t "dt/sim-$i/freezer" -m "{\"seq\":$seq,\"temp\":$temp}" || sleep 2
       seq=$((seq + 1))
       sleep 1
     done

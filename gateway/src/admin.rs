@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::auth::{Authority, DeviceState};
 use crate::sessions::{EndReason, SessionTable};
+use crate::pipeline::RulesReport;
 use crate::spool::{Spool, SpoolStatus};
 use crate::stats::{Stats, StatsSnapshot};
 
@@ -42,6 +43,8 @@ pub enum AdminRequest {
     Status,
     /// Depth and health of every spool queue.
     SpoolStatus,
+    /// Loaded rules, their counters, and refused rule files.
+    RulesStatus,
 }
 
 /// One device as `device list` shows it.
@@ -64,6 +67,7 @@ pub enum AdminResponse {
     Devices { devices: Vec<DeviceView> },
     Status { stats: StatsSnapshot },
     Spool { spool: SpoolStatus },
+    Rules { rules: RulesReport },
     Error { message: String },
 }
 
@@ -74,6 +78,8 @@ pub struct AdminService {
     pub stats: Arc<Stats>,
     /// The live spool; `None` when the CLI works on a stopped gateway's registry.
     pub spool: Option<Arc<Spool>>,
+    /// The rules report the committer keeps current.
+    pub rules: Arc<std::sync::Mutex<RulesReport>>,
 }
 
 impl AdminService {
@@ -130,6 +136,9 @@ impl AdminService {
             }),
             // Answered in `handle`, which can wait for the key ring.
             AdminRequest::SpoolStatus => Err("spool status is answered by handle()".into()),
+            AdminRequest::RulesStatus => Ok(AdminResponse::Rules {
+                rules: self.rules.lock().map(|r| r.clone()).unwrap_or_default(),
+            }),
         }
     }
 

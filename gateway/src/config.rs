@@ -95,8 +95,11 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
-    /// Sink that receives records a sink refused for good (too large, invalid), with the reason.
-    /// Without it they are logged and counted.
+    /// Folder of `*.sql` rule files (one rule per file, named by its stem), hot-reloaded.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Sink that receives messages a rule cannot decode and records a sink refused for good,
+    /// with the reason (IoT Core's errorAction). Without it they are logged and counted.
     #[serde(default)]
     pub error_sink: Option<String>,
 }
@@ -487,6 +490,9 @@ impl Config {
         resolve(&mut self.listener.key);
         if let Some(socket) = self.admin.socket.as_mut() {
             resolve(socket);
+        }
+        if let Some(dir) = self.rules.dir.as_mut() {
+            resolve(dir);
         }
         if let Some(key_file) = self.spool.encryption.key_file.as_mut() {
             resolve(key_file);

@@ -56,6 +56,8 @@ pub enum RunError {
     Registry(#[from] RegistryError),
     #[error("cannot open the spool: {0}")]
     Spool(String),
+    #[error("cannot start the rules: {0}")]
+    Rules(String),
     #[error("cannot start sink `{name}`: {source}")]
     Sink {
         name: String,
@@ -177,16 +179,18 @@ impl Gateway {
             Arc::clone(&spool),
             stopped.clone(),
         )));
-        let (ingest, committer) = if config.routes.is_empty() {
-            (None, None)
+        let (ingest, committer, rules) = if config.routes.is_empty() && config.rules.dir.is_none() {
+            (None, None, Arc::default())
         } else {
-            let (ingest, task) = pipeline::start(
+            let (ingest, task, report) = pipeline::start(
                 &config,
                 Arc::clone(&spool),
                 Arc::clone(&stats),
                 stopped.clone(),
-            );
-            (Some(ingest), Some(task))
+            )
+            .await
+            .map_err(RunError::Rules)?;
+            (Some(ingest), Some(task), report)
         };
         let l = &config.listener;
         let ctx = Arc::new(EdgeContext {
@@ -209,6 +213,7 @@ impl Gateway {
             sessions: Arc::clone(&sessions),
             stats: Arc::clone(&stats),
             spool: Some(Arc::clone(&spool)),
+            rules,
         });
         let tasks = vec![
             tokio::spawn(crate::listener::serve(

@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// SQL rule files: check them, try them on sample messages, see the running ones.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// AWS IoT Greengrass v2 component support.
     Greengrass {
         #[command(subcommand)]
@@ -77,6 +82,38 @@ enum Command {
     Spool {
         #[command(subcommand)]
         command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate every `*.sql` file in DIR offline; exit 1 listing each error with file, line
+    /// and column.
+    Check {
+        dir: PathBuf,
+        /// Also check that every INSERT INTO names a sink of this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run one rule over sample messages (JSON lines: {"topic", "thing", "payload", "ts"}) and
+    /// print what it would send, as a table.
+    Test {
+        file: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        /// Close windows as of this time (Unix ms); default: an hour after the last message.
+        #[arg(long)]
+        until: Option<i64>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Loaded rules with their counters, and rule files refused, from the running gateway.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -279,6 +316,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Device { command } => device(command),
+        Command::Rules { command } => rules_command(command),
         Command::Greengrass {
             command:
                 GreengrassCommand::Recipe {
@@ -390,6 +428,62 @@ fn device(command: DeviceCommand) -> Result<()> {
     print_response(response, json)
 }
 
+fn rules_command(command: RulesCommand) -> Result<()> {
+    match command {
+        RulesCommand::Check { dir, config } => {
+            let sinks: Option<Vec<String>> = match config {
+                Some(c) => Some(Config::load(&c)?.sinks.keys().cloned().collect()),
+                None => None,
+            };
+            let files = sitegate_rules::dir::scan(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            if files.is_empty() {
+                bail!("no *.sql rule files in {}", dir.display());
+            }
+            let errors = runtime()?.block_on(async {
+                let mut errors = Vec::new();
+                for (name, (path, text)) in &files {
+                    match sitegate_rules::check(name, &path.display().to_string(), text, sinks.as_deref()).await {
+                        Ok(spec) => println!("{}: ok ({} statement(s))", path.display(), spec.statements.len()),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                errors
+            });
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            if !errors.is_empty() {
+                bail!("{} of {} rule files refused", errors.len(), files.len());
+            }
+            Ok(())
+        }
+        RulesCommand::Test { file, input, until, json } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("rule").to_string();
+            let samples_text = std::fs::read_to_string(&input).with_context(|| format!("reading {}", input.display()))?;
+            let samples = sitegate_rules::sample::parse_samples(&samples_text).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+            let outputs = runtime()?.block_on(async {
+                let spec = sitegate_rules::check(&name, &file.display().to_string(), &text, None).await?;
+                anyhow::Ok(sitegate_rules::sample::run(spec, &samples, None, until).await)
+            })?;
+            if json {
+                for o in &outputs {
+                    let row: serde_json::Value = serde_json::from_slice(&o.payload)?;
+                    println!("{}", serde_json::json!({"sink": o.sink, "thing": o.thing, "row": row}));
+                }
+            } else {
+                print!("{}", sitegate_rules::sample::table(&outputs));
+            }
+            Ok(())
+        }
+        RulesCommand::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let response = runtime()?.block_on(admin::request(&config.admin_socket(), &AdminRequest::RulesStatus))?;
+            print_response(response, json)
+        }
+    }
+}
+
 /// The key file `sitegate ca init` writes next to the CA.
 const SPOOL_KEK_FILE: &str = "spool.kek";
 
@@ -428,6 +522,7 @@ async fn offline(config: &Config, request: AdminRequest) -> Result<AdminResponse
         sessions: Arc::new(SessionTable::default()),
         stats: Arc::new(Stats::default()),
         spool: None,
+        rules: Arc::default(),
     };
     let response = service.handle(request).await;
     db.flush()?;
@@ -445,6 +540,26 @@ fn print_response(response: AdminResponse, json: bool) -> Result<()> {
         AdminResponse::Devices { devices } => print_devices(&devices),
         AdminResponse::Status { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
         AdminResponse::Spool { spool } => print!("{}", spool::status::render(&spool)),
+        AdminResponse::Rules { rules } => {
+            println!(
+                "{:<24} {:>10} {:>10} {:>8} {:>6}  SINKS",
+                "RULE", "ROWS IN", "ROWS OUT", "ERRORS", "LATE"
+            );
+            for r in &rules.rules {
+                println!(
+                    "{:<24} {:>10} {:>10} {:>8} {:>6}  {}",
+                    r.name,
+                    r.rows_in,
+                    r.rows_out,
+                    r.errors,
+                    r.late_events,
+                    r.sinks.join(",")
+                );
+            }
+            for (name, why) in &rules.refused {
+                println!("refused {name}: {why}");
+            }
+        }
     }
     Ok(())
 }

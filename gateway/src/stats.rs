@@ -52,6 +52,10 @@ counters! {
     keepalive_timeouts,
     /// Live connections closed by revocation.
     revoked_disconnects,
+    /// Device messages handed to the SQL rules.
+    rule_messages_in,
+    /// Records the SQL rules produced (rows, window results and error records).
+    rule_rows_out,
     /// Group commits written to the spool (one fsync each).
     spool_commits,
     /// Times the committer waited because a `when_full = "block"` queue was full.

@@ -1,10 +1,26 @@
-//! sitegate-rules: the rule engine that runs AWS IoT Core SQL over the device stream.
+//! sitegate-rules: AWS IoT Core SQL over the device stream, executed by DataFusion.
 //!
-//! Empty on purpose for now: the rules issue fills it with the dialect parser, Arrow batch
-//! building from device payloads, one DataFusion plan per rule fed by an unbounded stream, and
-//! windowed aggregates. It will never depend on the `sitegate` gateway crate.
+//! Rule files (`*.sql`, one rule each, named by the file stem) hold `INSERT INTO <sink> SELECT …
+//! FROM '<topic filter>' …` statements in IoT Core's dialect, plus tumbling and hopping windows.
+//! Messages arrive in micro-batches, become one Arrow `RecordBatch` per statement, and run
+//! through a physical plan made once per input schema. Output rows are JSON objects for sinks,
+//! carrying the identity of the device they came from. This crate never depends on the gateway.
 //!
-//! Layout (planned):
-//! - `dialect`: IoT SQL to DataFusion SQL, topic filters, metadata functions.
-//! - `batch`: JSON payloads to Arrow `RecordBatch`es.
-//! - `engine`: planning once and executing over streaming input.
+//! Layout:
+//! - `dialect`: IoT SQL to DataFusion SQL, topic filters, metadata functions, windows, errors
+//!   with file, line and column.
+//! - `batch`: JSON payloads to Arrow batches (flattening, type inference, declared types) and
+//!   result rows back to JSON.
+//! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
+//! - `dir`: the rules directory: loading, change detection for hot reload.
+//! - `sample`: running a rule over sample messages (`sitegate rules test`, the test cases).
+
+pub mod batch;
+pub mod dialect;
+pub mod dir;
+pub mod engine;
+pub mod sample;
+
+pub use batch::Message;
+pub use dialect::{RuleError, RuleSpec};
+pub use engine::{check, Engine, ErrorRouting, Output, Produced, RuleStatus};

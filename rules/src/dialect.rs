@@ -1,0 +1,624 @@
+//! The AWS IoT SQL dialect, turned into DataFusion SQL over one table, `messages`.
+//!
+//! A rule file holds one or more `INSERT INTO <sink> SELECT … FROM '<topic filter>' [WHERE …]
+//! [GROUP BY …]` statements. The rewrite works on sqlparser tokens, so string literals and
+//! comments are never touched and lines stay where they were:
+//! - `FROM 'dt/+/temp'` (or `"…"` as EMQX writes it) becomes `FROM messages`; the filter is
+//!   kept to pick the messages the statement sees;
+//! - `topic()`, `topic(n)`, `clientid()`, `principal()`, `timestamp()`, `thing_name()` become
+//!   the metadata columns; `newuuid()` becomes `uuid()`;
+//! - `a.b` becomes the column `"a.b"` (nested payload fields are flattened with dots);
+//! - `first(x)` / `last(x)` become `first_value` / `last_value` ordered by the window's time;
+//! - `TUMBLE(…)` / `HOP(…)` in `GROUP BY` define the window and leave the group list.
+//!
+//! Directives in comments: `-- @schema temp DOUBLE, zone TEXT` fixes column types;
+//! `-- @error_sink NAME` overrides `[rules] error_sink`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace, Word};
+
+/// Metadata columns every message has.
+pub const TOPIC: &str = "__topic";
+pub const THING: &str = "__thing";
+pub const CERT_ID: &str = "__cert_id";
+pub const RECEIVED_AT: &str = "__received_at";
+/// Placeholder for the ordering column of `first`/`last`, filled once the window is known.
+const ORDER_PLACEHOLDER: &str = "__sg_order";
+
+/// A rule file that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct RuleError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub reason: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.reason)
+    }
+}
+
+/// Column types a rule may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    Double,
+    BigInt,
+    Text,
+    Boolean,
+}
+
+impl ColumnType {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "DOUBLE" | "FLOAT" | "REAL" | "DECIMAL" => ColumnType::Double,
+            "BIGINT" | "INT" | "INTEGER" | "LONG" => ColumnType::BigInt,
+            "TEXT" | "STRING" | "VARCHAR" => ColumnType::Text,
+            "BOOLEAN" | "BOOL" => ColumnType::Boolean,
+            _ => return None,
+        })
+    }
+}
+
+/// A window over the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub size_ms: u64,
+    /// Equal to `size_ms` for tumbling windows.
+    pub slide_ms: u64,
+    /// Payload column (Unix ms) for event time; `None` means processing time.
+    pub time_column: Option<String>,
+    /// How long after a window's end late events are still accepted (event time only).
+    pub lateness_ms: u64,
+}
+
+/// One `INSERT INTO … SELECT …` of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementSpec {
+    pub sink: String,
+    /// MQTT topic filter of the FROM clause.
+    pub source: String,
+    /// DataFusion SQL over `messages`, with the identity columns appended.
+    pub sql: String,
+    pub window: Option<WindowSpec>,
+    /// Columns the statement refers to (made present, as nulls, when a batch lacks them).
+    pub columns: BTreeSet<String>,
+    /// Line of the statement in the file.
+    pub line: u64,
+}
+
+/// A parsed rule file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub name: String,
+    pub statements: Vec<StatementSpec>,
+    pub declared: Vec<(String, ColumnType)>,
+    pub error_sink: Option<String>,
+}
+
+fn err(file: &str, at: Option<&TokenWithSpan>, reason: impl Into<String>) -> RuleError {
+    let (line, column) = at.map(|t| (t.span.start.line, t.span.start.column)).unwrap_or((1, 1));
+    RuleError { file: file.to_string(), line, column, reason: reason.into() }
+}
+
+fn is_trivia(t: &Token) -> bool {
+    matches!(t, Token::Whitespace(_))
+}
+
+fn word(t: &Token) -> Option<&Word> {
+    match t {
+        Token::Word(w) => Some(w),
+        _ => None,
+    }
+}
+
+fn ident(name: &str) -> Token {
+    Token::Word(Word { value: name.to_string(), quote_style: None, keyword: Keyword::NoKeyword })
+}
+
+fn quoted(name: &str) -> Token {
+    Token::Word(Word { value: name.to_string(), quote_style: Some('"'), keyword: Keyword::NoKeyword })
+}
+
+fn space() -> Token {
+    Token::Whitespace(Whitespace::Space)
+}
+
+/// Parse rule `name` from `file` (its text).
+pub fn parse(name: &str, file: &str, text: &str) -> Result<RuleSpec, RuleError> {
+    let tokens = Tokenizer::new(&GenericDialect {}, text)
+        .tokenize_with_location()
+        .map_err(|e| RuleError { file: file.into(), line: e.location.line, column: e.location.column, reason: e.message })?;
+    let mut declared = Vec::new();
+    let mut error_sink = None;
+    for t in &tokens {
+        if let Token::Whitespace(Whitespace::SingleLineComment { comment, .. }) = &t.token {
+            let c = comment.trim();
+            if let Some(cols) = c.strip_prefix("@schema") {
+                for part in cols.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    let mut it = part.split_whitespace();
+                    let (Some(col), Some(ty), None) = (it.next(), it.next(), it.next()) else {
+                        return Err(err(file, Some(t), format!("@schema entry {part:?}: write `column TYPE`")));
+                    };
+                    let ty = ColumnType::parse(ty)
+                        .ok_or_else(|| err(file, Some(t), format!("@schema: unknown type {ty:?} (DOUBLE, BIGINT, TEXT, BOOLEAN)")))?;
+                    declared.push((col.to_string(), ty));
+                }
+            } else if let Some(sink) = c.strip_prefix("@error_sink") {
+                error_sink = Some(sink.trim().to_string());
+            }
+        }
+    }
+    // Split into statements at top-level INSERT keywords and semicolons.
+    let mut statements: Vec<Vec<TokenWithSpan>> = Vec::new();
+    let mut depth = 0i32;
+    for t in tokens {
+        match &t.token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 && word(&t.token).is_some_and(|w| w.keyword == Keyword::INSERT) {
+            statements.push(Vec::new());
+        }
+        if matches!(t.token, Token::SemiColon) && depth == 0 {
+            continue;
+        }
+        match statements.last_mut() {
+            Some(s) => s.push(t),
+            None if is_trivia(&t.token) => {}
+            None => return Err(err(file, Some(&t), "expected `INSERT INTO <sink> SELECT …`")),
+        }
+    }
+    if statements.is_empty() {
+        return Err(RuleError { file: file.into(), line: 1, column: 1, reason: "no `INSERT INTO <sink> SELECT …` statement".into() });
+    }
+    let statements = statements
+        .into_iter()
+        .map(|s| statement(file, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RuleSpec { name: name.to_string(), statements, declared, error_sink })
+}
+
+fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, RuleError> {
+    let line = tokens.first().map(|t| t.span.start.line).unwrap_or(1);
+    let significant: Vec<usize> = (0..tokens.len()).filter(|&i| !is_trivia(&tokens[i].token)).collect();
+    let at = |k: usize| significant.get(k).map(|&i| &tokens[i]);
+    let kw = |k: usize, keyword: Keyword| at(k).and_then(|t| word(&t.token)).is_some_and(|w| w.keyword == keyword);
+    if !kw(1, Keyword::INTO) {
+        return Err(err(file, at(1).or(at(0)), "expected INTO after INSERT"));
+    }
+    let sink = at(2)
+        .and_then(|t| word(&t.token))
+        .map(|w| w.value.clone())
+        .ok_or_else(|| err(file, at(2).or(at(1)), "expected a sink name after INSERT INTO"))?;
+    if !kw(3, Keyword::SELECT) {
+        return Err(err(file, at(3).or(at(2)), "expected SELECT after the sink name"));
+    }
+    let body = &tokens[significant[3]..];
+    let mut rewrite = Rewrite::default();
+    rewrite.run(file, body)?;
+    let source = rewrite.source.clone().ok_or_else(|| err(file, body.first(), "expected FROM '<topic filter>'"))?;
+    if !sitegate_plugins::topic::valid_filter(&source) {
+        return Err(err(file, rewrite.source_at.as_ref(), format!("{source:?} is not an MQTT topic filter")));
+    }
+    let (mut out, window) = extract_window(file, rewrite.out, body)?;
+    let order = match &window {
+        Some(WindowSpec { time_column: Some(c), .. }) => quoted(c),
+        _ => ident(RECEIVED_AT),
+    };
+    for t in out.iter_mut() {
+        if word(t).is_some_and(|w| w.value == ORDER_PLACEHOLDER) {
+            *t = order.clone();
+        }
+    }
+    append_identity(&mut out, window.is_some());
+    let sql: String = out.iter().map(|t| t.to_string()).collect();
+    let mut columns = rewrite.columns;
+    if let Some(WindowSpec { time_column: Some(c), .. }) = &window {
+        columns.insert(c.clone());
+    }
+    Ok(StatementSpec { sink, source, sql, window, columns, line })
+}
+
+#[derive(Default)]
+struct Rewrite {
+    out: Vec<Token>,
+    source: Option<String>,
+    source_at: Option<TokenWithSpan>,
+    columns: BTreeSet<String>,
+}
+
+/// Keywords that are SQL structure, never a payload field. Any other word (even one sqlparser
+/// knows as a keyword, such as `temp`) may name a field.
+const STRUCTURAL: &[Keyword] = &[
+    Keyword::SELECT, Keyword::FROM, Keyword::WHERE, Keyword::GROUP, Keyword::BY, Keyword::ORDER,
+    Keyword::HAVING, Keyword::LIMIT, Keyword::OFFSET, Keyword::AS, Keyword::AND, Keyword::OR,
+    Keyword::NOT, Keyword::IS, Keyword::NULL, Keyword::TRUE, Keyword::FALSE, Keyword::CASE,
+    Keyword::WHEN, Keyword::THEN, Keyword::ELSE, Keyword::END, Keyword::IN, Keyword::LIKE,
+    Keyword::ILIKE, Keyword::BETWEEN, Keyword::DISTINCT, Keyword::ASC, Keyword::DESC,
+    Keyword::INTERVAL, Keyword::INSERT, Keyword::INTO, Keyword::CAST, Keyword::ALL,
+    Keyword::EXISTS, Keyword::NULLS, Keyword::UNION, Keyword::ESCAPE, Keyword::SIMILAR,
+    Keyword::MILLISECOND, Keyword::SECOND, Keyword::MINUTE, Keyword::HOUR, Keyword::DAY,
+];
+
+const METADATA_FUNCTIONS: &[&str] = &["topic", "clientid", "principal", "timestamp", "newuuid", "thing_name"];
+
+impl Rewrite {
+    fn run(&mut self, file: &str, body: &[TokenWithSpan]) -> Result<(), RuleError> {
+        let next_sig = |from: usize| (from..body.len()).find(|&j| !is_trivia(&body[j].token));
+        let mut i = 0;
+        let mut depth = 0i32;
+        // Paren depths at which a first()/last() call needs its ORDER BY.
+        let mut ordered_calls: Vec<i32> = Vec::new();
+        let mut after_as = false;
+        while i < body.len() {
+            let t = &body[i].token;
+            match t {
+                Token::LParen => {
+                    depth += 1;
+                    self.out.push(t.clone());
+                    i += 1;
+                    continue;
+                }
+                Token::RParen => {
+                    if ordered_calls.last() == Some(&depth) {
+                        ordered_calls.pop();
+                        self.out.extend([space(), ident("ORDER"), space(), ident("BY"), space(), ident(ORDER_PLACEHOLDER)]);
+                    }
+                    depth -= 1;
+                    self.out.push(t.clone());
+                    i += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(w) = word(t) else {
+                if !is_trivia(t) {
+                    after_as = false;
+                }
+                self.out.push(t.clone());
+                i += 1;
+                continue;
+            };
+            let next = next_sig(i + 1);
+            let next_tok = next.map(|j| &body[j].token);
+            if w.keyword == Keyword::FROM && depth == 0 && self.source.is_none() {
+                let Some(j) = next else { return Err(err(file, Some(&body[i]), "FROM needs a topic filter")) };
+                let filter = match &body[j].token {
+                    Token::SingleQuotedString(s) | Token::DoubleQuotedString(s) => s.clone(),
+                    Token::Word(Word { value, quote_style: Some(_), .. }) => value.clone(),
+                    _ => return Err(err(file, Some(&body[j]), "FROM takes a quoted topic filter, e.g. FROM 'dt/+/temp'")),
+                };
+                self.source = Some(filter);
+                self.source_at = Some(body[j].clone());
+                self.out.extend([t.clone(), space(), ident("messages")]);
+                i = j + 1;
+                continue;
+            }
+            if w.quote_style.is_none() && matches!(next_tok, Some(Token::LParen)) {
+                let lower = w.value.to_ascii_lowercase();
+                if METADATA_FUNCTIONS.contains(&lower.as_str()) {
+                    let open = next.unwrap_or(i);
+                    let arg = next_sig(open + 1);
+                    let (replacement, end) = match (lower.as_str(), arg.map(|a| &body[a].token)) {
+                        (_, Some(Token::RParen)) => {
+                            let r = match lower.as_str() {
+                                "topic" => vec![ident(TOPIC)],
+                                "clientid" | "thing_name" => vec![ident(THING)],
+                                "principal" => vec![ident(CERT_ID)],
+                                "timestamp" => vec![ident(RECEIVED_AT)],
+                                _ => vec![ident("uuid"), Token::LParen, Token::RParen],
+                            };
+                            (r, arg.unwrap_or(open))
+                        }
+                        ("topic", Some(Token::Number(n, _))) => {
+                            let close = next_sig(arg.unwrap_or(open) + 1);
+                            if !close.is_some_and(|c| matches!(body[c].token, Token::RParen)) {
+                                return Err(err(file, Some(&body[i]), "topic(n) takes one level number"));
+                            }
+                            let level: u64 = n.parse().map_err(|_| err(file, Some(&body[i]), "topic(n) takes a whole number"))?;
+                            if level == 0 {
+                                return Err(err(file, Some(&body[i]), "topic levels count from 1"));
+                            }
+                            let r = vec![
+                                ident("split_part"),
+                                Token::LParen,
+                                ident(TOPIC),
+                                Token::Comma,
+                                space(),
+                                Token::SingleQuotedString("/".into()),
+                                Token::Comma,
+                                space(),
+                                Token::Number(level.to_string(), false),
+                                Token::RParen,
+                            ];
+                            (r, close.unwrap_or(open))
+                        }
+                        _ => return Err(err(file, Some(&body[i]), format!("{}() takes no arguments here", w.value))),
+                    };
+                    self.out.extend(replacement);
+                    i = end + 1;
+                    continue;
+                }
+                if lower == "first" || lower == "last" {
+                    self.out.push(ident(if lower == "first" { "first_value" } else { "last_value" }));
+                    ordered_calls.push(depth + 1);
+                    i += 1;
+                    continue;
+                }
+                // Another function call: the name is not a column.
+                self.out.push(t.clone());
+                i += 1;
+                continue;
+            }
+            // a.b.c → "a.b.c", unless it names the table.
+            if w.quote_style.is_some() || !STRUCTURAL.contains(&w.keyword) {
+                let mut parts = vec![w.value.clone()];
+                let mut j = i + 1;
+                while j + 1 < body.len() && matches!(body[j].token, Token::Period) {
+                    match &body[j + 1].token {
+                        Token::Word(part) => {
+                            parts.push(part.value.clone());
+                            j += 2;
+                        }
+                        _ => break,
+                    }
+                }
+                if parts.len() > 1 && parts[0] != "messages" {
+                    let name = parts.join(".");
+                    if !after_as {
+                        self.columns.insert(name.clone());
+                    }
+                    self.out.push(quoted(&name));
+                    after_as = false;
+                    i = j;
+                    continue;
+                }
+                if !after_as && !w.value.starts_with("__") {
+                    self.columns.insert(w.value.clone());
+                }
+                after_as = false;
+                self.out.push(t.clone());
+                i += 1;
+                continue;
+            }
+            after_as = w.keyword == Keyword::AS;
+            self.out.push(t.clone());
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+fn interval_ms(file: &str, at: &TokenWithSpan, args: &[Token]) -> Result<u64, RuleError> {
+    // INTERVAL '1' MINUTE  or  INTERVAL '1 minute'
+    let sig: Vec<&Token> = args.iter().filter(|t| !is_trivia(t)).collect();
+    let text = match sig.as_slice() {
+        [Token::Word(w), Token::SingleQuotedString(n), Token::Word(unit)] if w.keyword == Keyword::INTERVAL => format!("{n} {}", unit.value),
+        [Token::Word(w), Token::SingleQuotedString(s)] if w.keyword == Keyword::INTERVAL => s.clone(),
+        _ => return Err(err(file, Some(at), "window sizes are written INTERVAL '1' MINUTE")),
+    };
+    let mut it = text.split_whitespace();
+    let n: u64 = it
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| err(file, Some(at), format!("interval {text:?} needs a whole number")))?;
+    let unit = it.next().unwrap_or("second").to_ascii_lowercase();
+    let ms = match unit.trim_end_matches('s') {
+        "millisecond" => 1,
+        "second" => 1_000,
+        "minute" => 60_000,
+        "hour" => 3_600_000,
+        "day" => 86_400_000,
+        _ => return Err(err(file, Some(at), format!("unknown interval unit {unit:?}"))),
+    };
+    if n == 0 {
+        return Err(err(file, Some(at), "a window interval must be longer than 0"));
+    }
+    Ok(n * ms)
+}
+
+/// Take `TUMBLE(…)`/`HOP(…)` out of the GROUP BY list.
+fn extract_window(file: &str, mut out: Vec<Token>, body: &[TokenWithSpan]) -> Result<(Vec<Token>, Option<WindowSpec>), RuleError> {
+    let at = body.first();
+    let pos = out.iter().position(|t| word(t).is_some_and(|w| matches!(w.value.to_ascii_uppercase().as_str(), "TUMBLE" | "HOP")));
+    let Some(start) = pos else { return Ok((out, None)) };
+    let hop = word(&out[start]).is_some_and(|w| w.value.eq_ignore_ascii_case("HOP"));
+    let open = (start + 1..out.len()).find(|&j| !is_trivia(&out[j])).filter(|&j| matches!(out[j], Token::LParen));
+    let Some(open) = open else { return Err(err(file, at, "TUMBLE/HOP need arguments")) };
+    let mut depth = 0;
+    let mut close = None;
+    let mut args: Vec<Vec<Token>> = vec![Vec::new()];
+    for (j, t) in out.iter().enumerate().skip(open) {
+        match t {
+            Token::LParen => {
+                depth += 1;
+                if depth == 1 {
+                    continue;
+                }
+            }
+            Token::RParen => {
+                depth -= 1;
+                if depth == 0 {
+                    close = Some(j);
+                    break;
+                }
+            }
+            Token::Comma if depth == 1 => {
+                args.push(Vec::new());
+                continue;
+            }
+            _ => {}
+        }
+        if let Some(a) = args.last_mut() {
+            a.push(t.clone());
+        }
+    }
+    let Some(close) = close else { return Err(err(file, at, "unclosed TUMBLE/HOP")) };
+    let at_ref = at.ok_or_else(|| err(file, None, "empty statement"))?;
+    // Optional first argument: the event-time column (or timestamp() for processing time).
+    let first_is_interval = args.first().and_then(|a| a.iter().find(|t| !is_trivia(t))).and_then(word).is_some_and(|w| w.keyword == Keyword::INTERVAL);
+    let time_column = if first_is_interval {
+        None
+    } else {
+        let col = args.remove(0);
+        let names: Vec<String> = col.iter().filter(|t| !is_trivia(t)).filter_map(word).map(|w| w.value.clone()).collect();
+        match names.as_slice() {
+            [c] if c == RECEIVED_AT => None,
+            [c] => Some(c.clone()),
+            _ => return Err(err(file, Some(at_ref), "the window's time argument is a column name or timestamp()")),
+        }
+    };
+    let intervals = args.iter().map(|a| interval_ms(file, at_ref, a)).collect::<Result<Vec<_>, _>>()?;
+    let (size_ms, slide_ms, lateness_ms) = match (hop, intervals.as_slice()) {
+        (false, [size]) => (*size, *size, 0),
+        (false, [size, late]) => (*size, *size, *late),
+        (true, [size, slide]) => (*size, *slide, 0),
+        (true, [size, slide, late]) => (*size, *slide, *late),
+        _ => {
+            return Err(err(
+                file,
+                Some(at_ref),
+                "TUMBLE([time,] size [, lateness]) or HOP([time,] size, slide [, lateness])",
+            ))
+        }
+    };
+    if slide_ms > size_ms {
+        return Err(err(file, Some(at_ref), "a hopping window's slide must not exceed its size"));
+    }
+    // Remove the call and one adjacent comma; drop GROUP BY if nothing is left.
+    let before = (0..start).rev().find(|&j| !is_trivia(&out[j]));
+    let after = (close + 1..out.len()).find(|&j| !is_trivia(&out[j]));
+    let (from, to) = match (before.map(|b| &out[b]), after.map(|a| &out[a])) {
+        (Some(Token::Comma), _) => (before.unwrap_or(start), close),
+        (_, Some(Token::Comma)) => (start, after.unwrap_or(close)),
+        _ => (start, close),
+    };
+    out.drain(from..=to);
+    // GROUP BY with nothing after it (before HAVING/ORDER/LIMIT or the end) goes too.
+    if let Some(g) = out.iter().position(|t| word(t).is_some_and(|w| w.keyword == Keyword::GROUP)) {
+        let by = (g + 1..out.len()).find(|&j| !is_trivia(&out[j]));
+        let next = by.and_then(|b| (b + 1..out.len()).find(|&j| !is_trivia(&out[j])));
+        let empty = match next.map(|n| &out[n]) {
+            None => true,
+            Some(t) => word(t).is_some_and(|w| matches!(w.keyword, Keyword::HAVING | Keyword::ORDER | Keyword::LIMIT)),
+        };
+        if empty {
+            out.drain(g..=by.unwrap_or(g));
+        }
+    }
+    Ok((out, Some(WindowSpec { size_ms, slide_ms, time_column, lateness_ms })))
+}
+
+/// Append the identity columns to the select list (before the top-level FROM).
+fn append_identity(out: &mut Vec<Token>, aggregated: bool) {
+    let mut depth = 0;
+    let mut from = None;
+    for (j, t) in out.iter().enumerate() {
+        match t {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::Word(w) if depth == 0 && w.keyword == Keyword::FROM => {
+                from = Some(j);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let Some(from) = from else { return };
+    let grouped_by_thing = aggregated && out.iter().any(|t| word(t).is_some_and(|w| w.value == THING)) && {
+        // Only when the thing is a group key; otherwise an aggregate spans devices.
+        let g = out.iter().position(|t| word(t).is_some_and(|w| w.keyword == Keyword::GROUP));
+        g.is_some_and(|g| out[g..].iter().any(|t| word(t).is_some_and(|w| w.value == THING)))
+    };
+    let cols: Vec<(String, &str)> = if !aggregated {
+        vec![
+            (THING.into(), "__sg_thing"),
+            (CERT_ID.into(), "__sg_cert_id"),
+            (TOPIC.into(), "__sg_topic"),
+            (RECEIVED_AT.into(), "__sg_received_at"),
+        ]
+    } else if grouped_by_thing {
+        vec![(THING.into(), "__sg_thing"), (format!("max({CERT_ID})"), "__sg_cert_id")]
+    } else {
+        Vec::new()
+    };
+    let mut extra: Vec<Token> = Vec::new();
+    for (expr, alias) in cols {
+        extra.push(Token::Comma);
+        extra.push(space());
+        extra.push(ident(&expr));
+        extra.extend([space(), ident("AS"), space(), ident(alias)]);
+    }
+    extra.push(space());
+    out.splice(from..from, extra);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn iot_core_rule_becomes_datafusion_sql() {
+        let r = parse("alerts", "alerts.sql", "-- hot freezers\nINSERT INTO alerts\nSELECT thing_name() AS thing, principal() AS cert, temp, topic(2) AS zone, a.b AS nested\nFROM 'dt/+/freezer'\nWHERE temp > -10").unwrap();
+        let s = &r.statements[0];
+        assert_eq!(s.sink, "alerts");
+        assert_eq!(s.source, "dt/+/freezer");
+        assert!(s.sql.contains("__thing AS thing"), "{}", s.sql);
+        assert!(s.sql.contains("split_part(__topic, '/', 2) AS zone"), "{}", s.sql);
+        assert!(s.sql.contains("\"a.b\" AS nested"), "{}", s.sql);
+        assert!(s.sql.contains("FROM messages"), "{}", s.sql);
+        assert!(s.sql.contains("__sg_thing"), "{}", s.sql);
+        assert!(s.columns.contains("temp") && s.columns.contains("a.b"));
+        assert!(!s.columns.contains("thing"), "aliases are not columns: {:?}", s.columns);
+        assert_eq!(s.line, 2);
+    }
+
+    #[test]
+    fn emqx_double_quoted_source_and_several_statements() {
+        let r = parse("two", "two.sql", "INSERT INTO a SELECT * FROM \"t/#\";\nINSERT INTO b SELECT x FROM \"t/#\" WHERE x = 1").unwrap();
+        assert_eq!(r.statements.len(), 2);
+        assert_eq!(r.statements[1].sink, "b");
+        assert_eq!(r.statements[1].source, "t/#");
+    }
+
+    #[test]
+    fn windows_leave_the_group_list() {
+        let r = parse("w", "w.sql", "INSERT INTO s SELECT thing_name() AS thing, avg(temp) AS t, last(temp) AS latest FROM 'dt/#' GROUP BY thing_name(), TUMBLE(ts, INTERVAL '1' MINUTE, INTERVAL '5' SECOND)").unwrap();
+        let s = &r.statements[0];
+        assert_eq!(s.window, Some(WindowSpec { size_ms: 60_000, slide_ms: 60_000, time_column: Some("ts".into()), lateness_ms: 5_000 }));
+        assert!(s.sql.contains("GROUP BY __thing"), "{}", s.sql);
+        assert!(!s.sql.to_uppercase().contains("TUMBLE"), "{}", s.sql);
+        assert!(s.sql.contains("last_value(temp ORDER BY \"ts\")"), "{}", s.sql);
+        let hop = parse("h", "h.sql", "INSERT INTO s SELECT count(*) AS n FROM 'dt/#' GROUP BY HOP(INTERVAL '10' SECOND, INTERVAL '5' SECOND)").unwrap();
+        let s = &hop.statements[0];
+        assert_eq!(s.window.as_ref().map(|w| (w.size_ms, w.slide_ms, w.time_column.clone())), Some((10_000, 5_000, None)));
+        assert!(!s.sql.contains("GROUP"), "{}", s.sql);
+    }
+
+    #[test]
+    fn errors_carry_file_line_and_column() {
+        let e = parse("bad", "bad.sql", "INSERT INTO a\nSELECT x FROM dt").unwrap_err();
+        assert_eq!((e.file.as_str(), e.line), ("bad.sql", 2));
+        assert!(e.reason.contains("quoted topic filter"), "{e}");
+        let e = parse("bad", "bad.sql", "SELECT 1").unwrap_err();
+        assert!(e.reason.contains("INSERT INTO"), "{e}");
+        let e = parse("bad", "bad.sql", "INSERT INTO a SELECT x FROM 'dt/#/x'").unwrap_err();
+        assert!(e.reason.contains("not an MQTT topic filter"), "{e}");
+        assert_eq!(e.column, 29);
+    }
+
+    #[test]
+    fn directives_declare_types_and_the_error_sink() {
+        let r = parse("d", "d.sql", "-- @schema temp DOUBLE, zone TEXT\n-- @error_sink errors\nINSERT INTO a SELECT temp FROM 'x'").unwrap();
+        assert_eq!(r.declared, vec![("temp".into(), ColumnType::Double), ("zone".into(), ColumnType::Text)]);
+        assert_eq!(r.error_sink.as_deref(), Some("errors"));
+    }
+}

@@ -1,0 +1,68 @@
+//! SQL rule cases as data files: every `tests/cases/*.sql` is a rule with its input and the
+//! output it must produce, written in comments:
+//!
+//! ```text
+//! -- input: {"topic":"dt/f-1/freezer","thing":"f-1","payload":{"temp":-5},"ts":1000}
+//! -- expect alerts: {"thing":"f-1","temp":-5}
+//! -- until: 70000            (optional: close windows as of this time)
+//! ```
+//!
+//! An expected object matches when every key it names has that value (`@thing` checks the
+//! record's identity). Adding a case is adding a file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use serde_json::Value;
+use sitegate_rules::sample::{self, Sample};
+
+fn subset(expected: &Value, actual: &Value) -> bool {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => e.iter().all(|(k, v)| a.get(k).is_some_and(|av| subset(v, av))),
+        (Value::Number(e), Value::Number(a)) => e.as_f64() == a.as_f64(),
+        _ => expected == actual,
+    }
+}
+
+#[tokio::test]
+async fn every_case_file_produces_its_expected_output() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
+    let mut ran = 0;
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "sql")).collect();
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file = path.file_name().unwrap().to_string_lossy().to_string();
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let mut inputs: Vec<Sample> = Vec::new();
+        let mut expected: Vec<(String, Value)> = Vec::new();
+        let mut until = None;
+        for line in text.lines() {
+            let Some(c) = line.strip_prefix("--") else { continue };
+            let c = c.trim();
+            if let Some(json) = c.strip_prefix("input:") {
+                inputs.push(serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{file}: input {json}: {e}")));
+            } else if let Some(rest) = c.strip_prefix("expect ") {
+                let (sink, json) = rest.split_once(':').unwrap_or_else(|| panic!("{file}: `-- expect SINK: {{…}}`"));
+                expected.push((sink.trim().to_string(), serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{file}: expect {json}: {e}"))));
+            } else if let Some(t) = c.strip_prefix("until:") {
+                until = Some(t.trim().parse::<i64>().unwrap());
+            }
+        }
+        let spec = sitegate_rules::check(&name, &file, &text, None).await.unwrap_or_else(|e| panic!("{e}"));
+        let outputs = sample::run(spec, &inputs, Some("errors".into()), until).await;
+        let table = sample::table(&outputs);
+        assert_eq!(outputs.len(), expected.len(), "{file}: expected {} rows, got\n{table}", expected.len());
+        for (i, ((sink, want), got)) in expected.iter().zip(&outputs).enumerate() {
+            assert_eq!(&got.sink, sink, "{file}: row {i} sink\n{table}");
+            let mut want = want.clone();
+            if let Some(thing) = want.as_object_mut().and_then(|o| o.remove("@thing")) {
+                assert_eq!(Value::from(got.thing.clone()), thing, "{file}: row {i} identity\n{table}");
+            }
+            let actual: Value = serde_json::from_slice(&got.payload).unwrap();
+            assert!(subset(&want, &actual), "{file}: row {i}: want {want} got {actual}\n{table}");
+        }
+        ran += 1;
+    }
+    assert!(ran >= 5, "only {ran} case files");
+}

@@ -1,0 +1,11 @@
+-- Hopping 10 s windows every 5 s by the payload's own time, with 2 s allowed lateness; the
+-- late reading (ts 3000, after the watermark passed 12000) is dropped and counted.
+-- input: {"topic":"s/a","thing":"a","payload":{"ts":1000,"v":1},"ts":100}
+-- input: {"topic":"s/a","thing":"a","payload":{"ts":6000,"v":2},"ts":200}
+-- input: {"topic":"s/a","thing":"a","payload":{"ts":17000,"v":4},"ts":300}
+-- input: {"topic":"s/a","thing":"a","payload":{"ts":3000,"v":100},"ts":400}
+-- until: 400
+-- expect sums: {"total":1,"window_start":-5000,"window_end":5000}
+-- expect sums: {"total":3,"window_start":0,"window_end":10000}
+-- expect sums: {"total":2,"window_start":5000,"window_end":15000}
+INSERT INTO sums SELECT sum(v) AS total FROM 's/#' GROUP BY HOP(ts, INTERVAL '10' SECOND, INTERVAL '5' SECOND, INTERVAL '2' SECOND)
