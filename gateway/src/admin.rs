@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::auth::{Authority, DeviceState};
-use crate::sessions::{EndReason, SessionTable};
 use crate::pipeline::RulesReport;
+use crate::sessions::{EndReason, SessionTable};
 use crate::spool::{Spool, SpoolStatus};
 use crate::stats::{Stats, StatsSnapshot};
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use sitegate::admin::{self, AdminRequest, AdminResponse};
-use sitegate::config::{AuthConfig, Config, ListenerConfig, RouteConfig};
+use sitegate::config::{AuthConfig, Config, ListenerConfig, RouteConfig, RulesConfig};
 use sitegate::daemon::{Gateway, Listeners};
 use sitegate::fleet::DeviceCredentials;
 use sitegate::pki;
@@ -124,6 +124,19 @@ struct DeviceCounters {
     received: AtomicU64,
 }
 
+/// The demo's two rules: a filter, and a tumbling average per device. The window is 5 seconds
+/// (not the example's minute) so it closes while the demo runs.
+const DEMO_RULES: [(&str, &str); 2] = [
+    (
+        "warm_thermostats",
+        "-- Readings above 23 °C, with the device's identity.\nINSERT INTO alerts\nSELECT thing_name() AS thing, temp, topic(3) AS kind\nFROM 'dt/+/temp'\nWHERE temp > 23\n",
+    ),
+    (
+        "average_temp",
+        "-- Average per thermostat over tumbling 5-second windows.\nINSERT INTO averages\nSELECT thing_name() AS thing, count(*) AS readings, avg(temp) AS avg_temp\nFROM 'dt/+/temp'\nGROUP BY thing_name(), TUMBLE(INTERVAL '5' SECOND)\n",
+    ),
+];
+
 /// Stream the demo creates on `--kinesis-endpoint`.
 const DEMO_STREAM: &str = "sitegate-demo";
 
@@ -133,20 +146,26 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
         .tempdir()?;
     let pki_dir = dir.path().join("pki");
     let files = pki::init_ca(&pki_dir, "demo", &[])?;
+    std::fs::create_dir_all(dir.path().join("rules"))?;
+    for (name, sql) in DEMO_RULES {
+        std::fs::write(dir.path().join(format!("rules/{name}.sql")), sql)?;
+    }
     let config = Config {
         site: Some("demo".into()),
         data_dir: dir.path().join("data"),
         auth: toml::from_str::<AuthConfig>(DEMO_AUTH).context("demo auth config")?,
-        sinks: [(
-            "archive".to_string(),
-            SinkConfig::File(FileConfig {
-                path: dir.path().join("out/archive.jsonl"),
-                rotate_bytes: ByteSize(DEFAULT_ROTATE_BYTES),
-                keep: DEFAULT_KEEP,
-                fsync: true,
-            }),
-        )]
-        .into(),
+        sinks: ["archive", "alerts", "averages"]
+            .into_iter()
+            .map(|name| {
+                let sink = SinkConfig::File(FileConfig {
+                    path: dir.path().join(format!("out/{name}.jsonl")),
+                    rotate_bytes: ByteSize(DEFAULT_ROTATE_BYTES),
+                    keep: DEFAULT_KEEP,
+                    fsync: true,
+                });
+                (name.to_string(), sink)
+            })
+            .collect(),
         routes: [(
             "telemetry".to_string(),
             RouteConfig {
@@ -298,6 +317,23 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
         s.sink_records_sent,
         spool.queues.iter().map(|q| q.records).sum::<u64>()
     );
+    for (label, sink) in [
+        ("rule warm_thermostats → alerts", "alerts"),
+        ("rule average_temp → averages", "averages"),
+    ] {
+        let lines: Vec<String> =
+            std::fs::read_to_string(dir.path().join(format!("out/{sink}.jsonl")))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect();
+        println!("  {label:<32} {} rows", lines.len());
+        for line in lines.iter().rev().take(3).rev() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                println!("      {}", v["payload"]);
+            }
+        }
+    }
     if let Some(by) = &spool.keys.wrapped_by {
         println!(
             "  spool data key           {by} (blocks LZ4 + AES-256-GCM; records in {})",

@@ -435,15 +435,27 @@ fn rules_command(command: RulesCommand) -> Result<()> {
                 Some(c) => Some(Config::load(&c)?.sinks.keys().cloned().collect()),
                 None => None,
             };
-            let files = sitegate_rules::dir::scan(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            let files = sitegate_rules::dir::scan(&dir)
+                .with_context(|| format!("reading {}", dir.display()))?;
             if files.is_empty() {
                 bail!("no *.sql rule files in {}", dir.display());
             }
             let errors = runtime()?.block_on(async {
                 let mut errors = Vec::new();
                 for (name, (path, text)) in &files {
-                    match sitegate_rules::check(name, &path.display().to_string(), text, sinks.as_deref()).await {
-                        Ok(spec) => println!("{}: ok ({} statement(s))", path.display(), spec.statements.len()),
+                    match sitegate_rules::check(
+                        name,
+                        &path.display().to_string(),
+                        text,
+                        sinks.as_deref(),
+                    )
+                    .await
+                    {
+                        Ok(spec) => println!(
+                            "{}: ok ({} statement(s))",
+                            path.display(),
+                            spec.statements.len()
+                        ),
                         Err(e) => errors.push(e),
                     }
                 }
@@ -457,19 +469,35 @@ fn rules_command(command: RulesCommand) -> Result<()> {
             }
             Ok(())
         }
-        RulesCommand::Test { file, input, until, json } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("rule").to_string();
-            let samples_text = std::fs::read_to_string(&input).with_context(|| format!("reading {}", input.display()))?;
-            let samples = sitegate_rules::sample::parse_samples(&samples_text).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+        RulesCommand::Test {
+            file,
+            input,
+            until,
+            json,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let name = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("rule")
+                .to_string();
+            let samples_text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let samples = sitegate_rules::sample::parse_samples(&samples_text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let outputs = runtime()?.block_on(async {
-                let spec = sitegate_rules::check(&name, &file.display().to_string(), &text, None).await?;
+                let spec =
+                    sitegate_rules::check(&name, &file.display().to_string(), &text, None).await?;
                 anyhow::Ok(sitegate_rules::sample::run(spec, &samples, None, until).await)
             })?;
             if json {
                 for o in &outputs {
                     let row: serde_json::Value = serde_json::from_slice(&o.payload)?;
-                    println!("{}", serde_json::json!({"sink": o.sink, "thing": o.thing, "row": row}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"sink": o.sink, "thing": o.thing, "row": row})
+                    );
                 }
             } else {
                 print!("{}", sitegate_rules::sample::table(&outputs));
@@ -478,7 +506,10 @@ fn rules_command(command: RulesCommand) -> Result<()> {
         }
         RulesCommand::Status { config, json } => {
             let config = Config::load(&config)?;
-            let response = runtime()?.block_on(admin::request(&config.admin_socket(), &AdminRequest::RulesStatus))?;
+            let response = runtime()?.block_on(admin::request(
+                &config.admin_socket(),
+                &AdminRequest::RulesStatus,
+            ))?;
             print_response(response, json)
         }
     }

@@ -65,7 +65,10 @@ impl Ingest {
     pub fn wants(&self, topic: &str) -> bool {
         self.filters
             .read()
-            .map(|f| f.iter().any(|filter| sitegate_plugins::topic::filter_matches(filter, topic)))
+            .map(|f| {
+                f.iter()
+                    .any(|filter| sitegate_plugins::topic::filter_matches(filter, topic))
+            })
             .unwrap_or(true)
     }
 
@@ -206,7 +209,17 @@ pub async fn start(
     let (tx, rx) = mpsc::channel(settings.max_pending.div_ceil(16).max(16));
     let task_filters = filters.clone();
     let task = tokio::spawn(async move {
-        committer(rx, routes, rules.take(), task_filters, settings, spool, stats, shutdown).await
+        committer(
+            rx,
+            routes,
+            rules.take(),
+            task_filters,
+            settings,
+            spool,
+            stats,
+            shutdown,
+        )
+        .await
     });
     Ok((Ingest { tx, filters }, task, report))
 }
@@ -264,7 +277,11 @@ async fn commit(
 }
 
 /// Add rule outputs to the per-sink batches.
-fn add_outputs(batches: &mut Vec<(String, Vec<Draft>)>, outputs: Vec<sitegate_rules::Output>, stats: &Stats) {
+fn add_outputs(
+    batches: &mut Vec<(String, Vec<Draft>)>,
+    outputs: Vec<sitegate_rules::Output>,
+    stats: &Stats,
+) {
     for o in outputs {
         stats.rule_rows_out.fetch_add(1, Relaxed);
         let draft = Draft {
@@ -351,8 +368,13 @@ async fn committer(
                     })
                 })
                 .collect();
-            stats.rule_messages_in.fetch_add(messages.len() as u64, Relaxed);
-            let produced = r.engine.process(&messages, crate::spool::now_ms() as i64).await;
+            stats
+                .rule_messages_in
+                .fetch_add(messages.len() as u64, Relaxed);
+            let produced = r
+                .engine
+                .process(&messages, crate::spool::now_ms() as i64)
+                .await;
             add_outputs(&mut batches, produced.outputs, &stats);
         }
         let result = commit(&spool, &batches, &stats, &mut shutdown).await;

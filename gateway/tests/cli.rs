@@ -228,7 +228,8 @@ fn config_check_names_the_wrong_key() {
 
 #[test]
 fn demo_runs_a_fleet_and_stops_cleanly() {
-    let out = sitegate(&["demo", "--seconds", "3"]);
+    // Long enough for a 5-second window of the demo's average rule to close.
+    let out = sitegate(&["demo", "--seconds", "7"]);
     let text = all(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("stopped cleanly"), "{text}");
@@ -254,5 +255,13 @@ fn demo_runs_a_fleet_and_stops_cleanly() {
         "door-1 is approved live: {text}"
     );
     assert!(summary("spool commits (fsyncs)") > 0, "{text}");
+    assert!(
+        summary("rule warm_thermostats → alerts") > 0,
+        "the filter rule shows rows: {text}"
+    );
+    assert!(
+        summary("rule average_temp → averages") > 0,
+        "the window rule shows rows: {text}"
+    );
     assert!(text.contains("spool depth"), "{text}");
 }

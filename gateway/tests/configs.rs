@@ -89,8 +89,13 @@ fn invalid_configs_name_what_is_wrong() {
 fn readme_reference_names_every_config_key() {
     let root = repo_root();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let start = readme.find("## Configuration reference").expect("a configuration reference section");
-    let end = readme[start + 3..].find("\n## ").map(|i| start + 3 + i).unwrap_or(readme.len());
+    let start = readme
+        .find("## Configuration reference")
+        .expect("a configuration reference section");
+    let end = readme[start + 3..]
+        .find("\n## ")
+        .map(|i| start + 3 + i)
+        .unwrap_or(readme.len());
     let reference = &readme[start..end];
     let text = r##"
 site = "s"
@@ -155,7 +160,10 @@ key_file = "k"
         }
     }
     walk(&tree, &mut keys);
-    assert!(keys.len() > 50, "the sample config should touch every section: {keys:?}");
+    assert!(
+        keys.len() > 50,
+        "the sample config should touch every section: {keys:?}"
+    );
     // Names the example chose (sink names), not keys of the schema.
     let chosen = ["k", "i", "r", "f", "l"];
     let missing: Vec<_> = keys
@@ -163,5 +171,8 @@ key_file = "k"
         .filter(|k| !chosen.contains(&k.as_str()))
         .filter(|k| !reference.contains(k.as_str()))
         .collect();
-    assert!(missing.is_empty(), "README's configuration reference lacks {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "README's configuration reference lacks {missing:?}"
+    );
 }

@@ -16,7 +16,12 @@ use sitegate_plugins::file::FileConfig;
 use sitegate_plugins::{ByteSize, SinkConfig};
 
 fn file_sink(path: PathBuf) -> SinkConfig {
-    SinkConfig::File(FileConfig { path, rotate_bytes: ByteSize(64 << 20), keep: 1, fsync: true })
+    SinkConfig::File(FileConfig {
+        path,
+        rotate_bytes: ByteSize(64 << 20),
+        keep: 1,
+        fsync: true,
+    })
 }
 
 fn root(config: &sitegate::Config) -> PathBuf {
@@ -49,7 +54,11 @@ async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{} never reached {n} lines: {:?}", path.display(), sink_lines(path));
+    panic!(
+        "{} never reached {n} lines: {:?}",
+        path.display(),
+        sink_lines(path)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,21 +84,33 @@ async fn rules_run_reload_live_and_refuse_broken_files() {
         let site = &site;
         let sensor = &sensor;
         async move {
-            let o = site.publish(sensor, "dt/sensor-1/temp", payload, 1, false).await;
+            let o = site
+                .publish(sensor, "dt/sensor-1/temp", payload, 1, false)
+                .await;
             assert!(o.status.success(), "{}", text(&o));
         }
     };
-    wait_until(&site, "the rule to load", |r| r.rules.iter().any(|r| r.name == "alerts")).await;
+    wait_until(&site, "the rule to load", |r| {
+        r.rules.iter().any(|r| r.name == "alerts")
+    })
+    .await;
     publish(r#"{"temp":5}"#).await;
     publish(r#"{"temp":-5}"#).await;
     let lines = wait_lines(&alerts, 1).await;
-    assert_eq!(lines[0]["payload"], serde_json::json!({"thing":"sensor-1","temp":5,"kind":"temp"}));
+    assert_eq!(
+        lines[0]["payload"],
+        serde_json::json!({"thing":"sensor-1","temp":5,"kind":"temp"})
+    );
     assert_eq!(lines[0]["thing_name"], "sensor-1");
     assert_eq!(lines[0]["cert_id"], sensor.cert_id);
     assert_eq!(lines[0]["rule"], "alerts");
 
     // Edit: applies within a second, no restart.
-    std::fs::write(root.join("rules/alerts.sql"), "INSERT INTO alerts SELECT temp * 10 AS deci FROM 'dt/+/temp' WHERE temp > 10").unwrap();
+    std::fs::write(
+        root.join("rules/alerts.sql"),
+        "INSERT INTO alerts SELECT temp * 10 AS deci FROM 'dt/+/temp' WHERE temp > 10",
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     publish(r#"{"temp":7}"#).await;
     publish(r#"{"temp":12}"#).await;
@@ -97,14 +118,22 @@ async fn rules_run_reload_live_and_refuse_broken_files() {
     assert_eq!(lines[1]["payload"], serde_json::json!({"deci":120}));
 
     // A broken edit is refused with file, line and column; the running version stays.
-    std::fs::write(root.join("rules/alerts.sql"), "INSERT INTO alerts\nSELECT temp\nFROM dt/+/temp").unwrap();
+    std::fs::write(
+        root.join("rules/alerts.sql"),
+        "INSERT INTO alerts\nSELECT temp\nFROM dt/+/temp",
+    )
+    .unwrap();
     let r = wait_until(&site, "the refusal", |r| r.refused.contains_key("alerts")).await;
     let why = &r.refused["alerts"];
     assert!(why.contains("alerts.sql:3:6"), "{why}");
     assert!(why.contains("quoted topic filter"), "{why}");
     publish(r#"{"temp":20}"#).await;
     let lines = wait_lines(&alerts, 3).await;
-    assert_eq!(lines[2]["payload"], serde_json::json!({"deci":200}), "the previous version kept running");
+    assert_eq!(
+        lines[2]["payload"],
+        serde_json::json!({"deci":200}),
+        "the previous version kept running"
+    );
 
     // Undecodable payloads go to the error sink with the reason and the original bytes.
     publish("not json").await;
@@ -117,13 +146,19 @@ async fn rules_run_reload_live_and_refuse_broken_files() {
 
     // Deleting the file removes the rule.
     std::fs::remove_file(root.join("rules/alerts.sql")).unwrap();
-    wait_until(&site, "the removal", |r| r.rules.is_empty() && r.refused.is_empty()).await;
+    wait_until(&site, "the removal", |r| {
+        r.rules.is_empty() && r.refused.is_empty()
+    })
+    .await;
     assert!(site.snapshot().rule_rows_out >= 4);
     site.stop().await;
 }
 
 fn sitegate(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sitegate")).args(args).output().unwrap()
+    std::process::Command::new(env!("CARGO_BIN_EXE_sitegate"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -131,10 +166,18 @@ fn rules_check_lists_errors_and_rules_test_prints_rows() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules");
     std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(rules.join("good.sql"), "INSERT INTO a SELECT temp FROM 'dt/#' WHERE temp > 1").unwrap();
+    std::fs::write(
+        rules.join("good.sql"),
+        "INSERT INTO a SELECT temp FROM 'dt/#' WHERE temp > 1",
+    )
+    .unwrap();
     let ok = sitegate(&["rules", "check", rules.to_str().unwrap()]);
     assert!(ok.status.success(), "{}", text(&ok));
-    std::fs::write(rules.join("bad.sql"), "INSERT INTO a\nSELECT nosuchfn(temp) FROM 'dt/#'").unwrap();
+    std::fs::write(
+        rules.join("bad.sql"),
+        "INSERT INTO a\nSELECT nosuchfn(temp) FROM 'dt/#'",
+    )
+    .unwrap();
     let bad = sitegate(&["rules", "check", rules.to_str().unwrap()]);
     assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
     let err = String::from_utf8_lossy(&bad.stderr);
@@ -147,10 +190,34 @@ fn rules_check_lists_errors_and_rules_test_prints_rows() {
         "{\"topic\":\"dt/f-1/t\",\"thing\":\"f-1\",\"payload\":{\"temp\":3},\"ts\":1}\n{\"topic\":\"dt/f-2/t\",\"thing\":\"f-2\",\"payload\":{\"temp\":0},\"ts\":2}\n",
     )
     .unwrap();
-    let out = sitegate(&["rules", "test", rules.join("good.sql").to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    let out = sitegate(&[
+        "rules",
+        "test",
+        rules.join("good.sql").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("sink") && table.contains("temp"), "{table}");
     assert!(table.contains("f-1") && !table.contains("f-2"), "{table}");
     assert!(table.contains("(1 rows)"), "{table}");
+}
+
+#[test]
+fn the_example_rules_check_against_the_example_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = sitegate(&[
+        "rules",
+        "check",
+        root.join("examples/rules").to_str().unwrap(),
+        "--config",
+        root.join("examples/sitegate.toml").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("freezer_alert.sql: ok") && stdout.contains("freezer_stats.sql: ok"),
+        "{stdout}"
+    );
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, Int64Builder, NullArray, StringBuilder,
+    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, Int64Builder, NullArray,
+    StringBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -37,12 +38,21 @@ pub struct DecodeFailure {
     pub reason: String,
 }
 
-fn flatten(prefix: &str, value: &Map<String, Value>, depth: usize, out: &mut Vec<(String, Value)>) -> Result<(), String> {
+fn flatten(
+    prefix: &str,
+    value: &Map<String, Value>,
+    depth: usize,
+    out: &mut Vec<(String, Value)>,
+) -> Result<(), String> {
     if depth > MAX_DEPTH {
         return Err(format!("payload nests deeper than {MAX_DEPTH} levels"));
     }
     for (k, v) in value {
-        let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match v {
             Value::Object(inner) => flatten(&name, inner, depth + 1, out)?,
             other => out.push((name, other.clone())),
@@ -70,19 +80,29 @@ fn declared_value(column: &str, ty: ColumnType, v: &Value) -> Result<Value, Stri
 /// Decode `messages` into one batch. Messages that fail (not JSON, not an object, too deep, a
 /// declared column of the wrong type) are left out and reported; `columns` are added as null
 /// columns when no message has them, so statements referring to them still plan.
-pub fn decode(messages: &[&Message], declared: &[(String, ColumnType)], columns: &BTreeSet<String>) -> (RecordBatch, Vec<usize>, Vec<DecodeFailure>) {
+pub fn decode(
+    messages: &[&Message],
+    declared: &[(String, ColumnType)],
+    columns: &BTreeSet<String>,
+) -> (RecordBatch, Vec<usize>, Vec<DecodeFailure>) {
     let mut rows: Vec<(usize, Vec<(String, Value)>)> = Vec::with_capacity(messages.len());
     let mut failures = Vec::new();
     'messages: for (index, m) in messages.iter().enumerate() {
         let parsed: Value = match serde_json::from_slice(&m.payload) {
             Ok(v) => v,
             Err(e) => {
-                failures.push(DecodeFailure { index, reason: format!("payload is not JSON: {e}") });
+                failures.push(DecodeFailure {
+                    index,
+                    reason: format!("payload is not JSON: {e}"),
+                });
                 continue;
             }
         };
         let Value::Object(obj) = parsed else {
-            failures.push(DecodeFailure { index, reason: "payload is not a JSON object".into() });
+            failures.push(DecodeFailure {
+                index,
+                reason: "payload is not a JSON object".into(),
+            });
             continue;
         };
         let mut fields = Vec::new();
@@ -131,20 +151,47 @@ pub fn decode(messages: &[&Message], declared: &[(String, ColumnType)], columns:
     ];
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(names.len() + 4);
     let picked: Vec<&Message> = rows.iter().map(|(i, _)| messages[*i]).collect();
-    arrays.push(Arc::new(picked.iter().map(|m| Some(m.topic.as_str())).collect::<datafusion::arrow::array::StringArray>()));
-    arrays.push(Arc::new(picked.iter().map(|m| Some(m.thing.as_str())).collect::<datafusion::arrow::array::StringArray>()));
-    arrays.push(Arc::new(picked.iter().map(|m| Some(m.cert_id.as_str())).collect::<datafusion::arrow::array::StringArray>()));
-    arrays.push(Arc::new(picked.iter().map(|m| Some(m.received_at_ms)).collect::<datafusion::arrow::array::Int64Array>()));
-    let lookup: Vec<BTreeMap<&str, &Value>> = rows.iter().map(|(_, f)| f.iter().map(|(n, v)| (n.as_str(), v)).collect()).collect();
+    arrays.push(Arc::new(
+        picked
+            .iter()
+            .map(|m| Some(m.topic.as_str()))
+            .collect::<datafusion::arrow::array::StringArray>(),
+    ));
+    arrays.push(Arc::new(
+        picked
+            .iter()
+            .map(|m| Some(m.thing.as_str()))
+            .collect::<datafusion::arrow::array::StringArray>(),
+    ));
+    arrays.push(Arc::new(
+        picked
+            .iter()
+            .map(|m| Some(m.cert_id.as_str()))
+            .collect::<datafusion::arrow::array::StringArray>(),
+    ));
+    arrays.push(Arc::new(
+        picked
+            .iter()
+            .map(|m| Some(m.received_at_ms))
+            .collect::<datafusion::arrow::array::Int64Array>(),
+    ));
+    let lookup: Vec<BTreeMap<&str, &Value>> = rows
+        .iter()
+        .map(|(_, f)| f.iter().map(|(n, v)| (n.as_str(), v)).collect())
+        .collect();
     for name in &names {
-        let values: Vec<Option<&Value>> = lookup.iter().map(|r| r.get(name.as_str()).copied().filter(|v| !v.is_null())).collect();
+        let values: Vec<Option<&Value>> = lookup
+            .iter()
+            .map(|r| r.get(name.as_str()).copied().filter(|v| !v.is_null()))
+            .collect();
         let declared_ty = declared.iter().find(|(c, _)| c == name).map(|(_, t)| *t);
         let (ty, array) = column(&values, declared_ty);
         fields.push(Field::new(name, ty, true));
         arrays.push(array);
     }
     let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap_or_else(|_| RecordBatch::new_empty(schema));
+    let batch = RecordBatch::try_new(schema.clone(), arrays)
+        .unwrap_or_else(|_| RecordBatch::new_empty(schema));
     (batch, rows.iter().map(|(i, _)| *i).collect(), failures)
 }
 
@@ -167,17 +214,23 @@ fn column(values: &[Option<&Value>], declared: Option<ColumnType>) -> (DataType,
         DataType::Null => Arc::new(NullArray::new(values.len())),
         DataType::Boolean => {
             let mut b = BooleanBuilder::with_capacity(values.len());
-            values.iter().for_each(|v| b.append_option(v.and_then(Value::as_bool)));
+            values
+                .iter()
+                .for_each(|v| b.append_option(v.and_then(Value::as_bool)));
             Arc::new(b.finish())
         }
         DataType::Int64 => {
             let mut b = Int64Builder::with_capacity(values.len());
-            values.iter().for_each(|v| b.append_option(v.and_then(Value::as_i64)));
+            values
+                .iter()
+                .for_each(|v| b.append_option(v.and_then(Value::as_i64)));
             Arc::new(b.finish())
         }
         DataType::Float64 => {
             let mut b = Float64Builder::with_capacity(values.len());
-            values.iter().for_each(|v| b.append_option(v.and_then(Value::as_f64)));
+            values
+                .iter()
+                .for_each(|v| b.append_option(v.and_then(Value::as_f64)));
             Arc::new(b.finish())
         }
         _ => {
@@ -212,7 +265,11 @@ fn cell(array: &dyn Array, row: usize) -> Value {
         return Value::Null;
     }
     match array.data_type() {
-        DataType::Boolean => array.as_any().downcast_ref::<BooleanArray>().map(|a| Value::Bool(a.value(row))).unwrap_or(Value::Null),
+        DataType::Boolean => array
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .map(|a| Value::Bool(a.value(row)))
+            .unwrap_or(Value::Null),
         DataType::Int64 => Value::from(array.as_primitive::<t::Int64Type>().value(row)),
         DataType::Int32 => Value::from(array.as_primitive::<t::Int32Type>().value(row)),
         DataType::UInt64 => Value::from(array.as_primitive::<t::UInt64Type>().value(row)),
@@ -240,7 +297,9 @@ fn insert_path(object: &mut Map<String, Value>, name: &str, value: Value) {
             current.insert(part.to_string(), value);
             return;
         }
-        let entry = current.entry(part.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
         if !entry.is_object() {
             *entry = Value::Object(Map::new());
         }
@@ -255,7 +314,13 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
     let schema = batch.schema();
     (0..batch.num_rows())
         .map(|r| {
-            let mut row = Row { object: Map::new(), thing: None, cert_id: None, topic: None, received_at_ms: None };
+            let mut row = Row {
+                object: Map::new(),
+                thing: None,
+                cert_id: None,
+                topic: None,
+                received_at_ms: None,
+            };
             for (i, field) in schema.fields().iter().enumerate() {
                 let value = cell(batch.column(i).as_ref(), r);
                 match field.name().as_str() {
@@ -282,23 +347,46 @@ mod tests {
     use super::*;
 
     fn msg(payload: &str) -> Message {
-        Message { topic: "dt/a/t".into(), thing: "a".into(), cert_id: "c".into(), payload: Bytes::from(payload.to_string()), received_at_ms: 5 }
+        Message {
+            topic: "dt/a/t".into(),
+            thing: "a".into(),
+            cert_id: "c".into(),
+            payload: Bytes::from(payload.to_string()),
+            received_at_ms: 5,
+        }
     }
 
     #[test]
     fn flattens_infers_and_reports_failures() {
-        let ms = [msg(r#"{"t":1,"z":"B","s":{"v":true}}"#), msg("nope"), msg(r#"{"t":2.5}"#), msg("[1]")];
+        let ms = [
+            msg(r#"{"t":1,"z":"B","s":{"v":true}}"#),
+            msg("nope"),
+            msg(r#"{"t":2.5}"#),
+            msg("[1]"),
+        ];
         let refs: Vec<&Message> = ms.iter().collect();
         let (batch, ok, failed) = decode(&refs, &[], &BTreeSet::from(["missing".to_string()]));
         assert_eq!(ok, vec![0, 2]);
         assert_eq!(failed.len(), 2);
         assert!(failed[0].reason.contains("not JSON"));
         let schema = batch.schema();
-        assert_eq!(schema.field_with_name("t").unwrap().data_type(), &DataType::Float64);
-        assert_eq!(schema.field_with_name("s.v").unwrap().data_type(), &DataType::Boolean);
-        assert_eq!(schema.field_with_name("missing").unwrap().data_type(), &DataType::Null);
+        assert_eq!(
+            schema.field_with_name("t").unwrap().data_type(),
+            &DataType::Float64
+        );
+        assert_eq!(
+            schema.field_with_name("s.v").unwrap().data_type(),
+            &DataType::Boolean
+        );
+        assert_eq!(
+            schema.field_with_name("missing").unwrap().data_type(),
+            &DataType::Null
+        );
         let out = rows(&batch);
-        assert_eq!(Value::Object(out[0].object.clone()), serde_json::json!({"t":1.0,"z":"B","s":{"v":true}}));
+        assert_eq!(
+            Value::Object(out[0].object.clone()),
+            serde_json::json!({"t":1.0,"z":"B","s":{"v":true}})
+        );
     }
 
     #[test]
@@ -306,7 +394,10 @@ mod tests {
         let ms = [msg(r#"{"t":1}"#), msg(r#"{"t":"hot"}"#)];
         let refs: Vec<&Message> = ms.iter().collect();
         let (batch, _, _) = decode(&refs, &[], &BTreeSet::new());
-        assert_eq!(batch.schema().field_with_name("t").unwrap().data_type(), &DataType::Utf8);
+        assert_eq!(
+            batch.schema().field_with_name("t").unwrap().data_type(),
+            &DataType::Utf8
+        );
         let (_, ok, failed) = decode(&refs, &[("t".into(), ColumnType::Double)], &BTreeSet::new());
         assert_eq!(ok, vec![0]);
         assert!(failed[0].reason.contains("declared Double"), "{:?}", failed);
@@ -314,7 +405,11 @@ mod tests {
 
     #[test]
     fn too_deep_is_refused() {
-        let deep = format!("{}1{}", "{\"a\":".repeat(MAX_DEPTH + 1), "}".repeat(MAX_DEPTH + 1));
+        let deep = format!(
+            "{}1{}",
+            "{\"a\":".repeat(MAX_DEPTH + 1),
+            "}".repeat(MAX_DEPTH + 1)
+        );
         let m = msg(&deep);
         let (_, ok, failed) = decode(&[&m], &[], &BTreeSet::new());
         assert!(ok.is_empty());

@@ -40,7 +40,11 @@ pub struct RuleError {
 
 impl fmt::Display for RuleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.reason)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.reason
+        )
     }
 }
 
@@ -102,8 +106,15 @@ pub struct RuleSpec {
 }
 
 fn err(file: &str, at: Option<&TokenWithSpan>, reason: impl Into<String>) -> RuleError {
-    let (line, column) = at.map(|t| (t.span.start.line, t.span.start.column)).unwrap_or((1, 1));
-    RuleError { file: file.to_string(), line, column, reason: reason.into() }
+    let (line, column) = at
+        .map(|t| (t.span.start.line, t.span.start.column))
+        .unwrap_or((1, 1));
+    RuleError {
+        file: file.to_string(),
+        line,
+        column,
+        reason: reason.into(),
+    }
 }
 
 fn is_trivia(t: &Token) -> bool {
@@ -118,11 +129,19 @@ fn word(t: &Token) -> Option<&Word> {
 }
 
 fn ident(name: &str) -> Token {
-    Token::Word(Word { value: name.to_string(), quote_style: None, keyword: Keyword::NoKeyword })
+    Token::Word(Word {
+        value: name.to_string(),
+        quote_style: None,
+        keyword: Keyword::NoKeyword,
+    })
 }
 
 fn quoted(name: &str) -> Token {
-    Token::Word(Word { value: name.to_string(), quote_style: Some('"'), keyword: Keyword::NoKeyword })
+    Token::Word(Word {
+        value: name.to_string(),
+        quote_style: Some('"'),
+        keyword: Keyword::NoKeyword,
+    })
 }
 
 fn space() -> Token {
@@ -133,7 +152,12 @@ fn space() -> Token {
 pub fn parse(name: &str, file: &str, text: &str) -> Result<RuleSpec, RuleError> {
     let tokens = Tokenizer::new(&GenericDialect {}, text)
         .tokenize_with_location()
-        .map_err(|e| RuleError { file: file.into(), line: e.location.line, column: e.location.column, reason: e.message })?;
+        .map_err(|e| RuleError {
+            file: file.into(),
+            line: e.location.line,
+            column: e.location.column,
+            reason: e.message,
+        })?;
     let mut declared = Vec::new();
     let mut error_sink = None;
     for t in &tokens {
@@ -143,10 +167,19 @@ pub fn parse(name: &str, file: &str, text: &str) -> Result<RuleSpec, RuleError> 
                 for part in cols.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                     let mut it = part.split_whitespace();
                     let (Some(col), Some(ty), None) = (it.next(), it.next(), it.next()) else {
-                        return Err(err(file, Some(t), format!("@schema entry {part:?}: write `column TYPE`")));
+                        return Err(err(
+                            file,
+                            Some(t),
+                            format!("@schema entry {part:?}: write `column TYPE`"),
+                        ));
                     };
-                    let ty = ColumnType::parse(ty)
-                        .ok_or_else(|| err(file, Some(t), format!("@schema: unknown type {ty:?} (DOUBLE, BIGINT, TEXT, BOOLEAN)")))?;
+                    let ty = ColumnType::parse(ty).ok_or_else(|| {
+                        err(
+                            file,
+                            Some(t),
+                            format!("@schema: unknown type {ty:?} (DOUBLE, BIGINT, TEXT, BOOLEAN)"),
+                        )
+                    })?;
                     declared.push((col.to_string(), ty));
                 }
             } else if let Some(sink) = c.strip_prefix("@error_sink") {
@@ -172,44 +205,86 @@ pub fn parse(name: &str, file: &str, text: &str) -> Result<RuleSpec, RuleError> 
         match statements.last_mut() {
             Some(s) => s.push(t),
             None if is_trivia(&t.token) => {}
-            None => return Err(err(file, Some(&t), "expected `INSERT INTO <sink> SELECT …`")),
+            None => {
+                return Err(err(
+                    file,
+                    Some(&t),
+                    "expected `INSERT INTO <sink> SELECT …`",
+                ))
+            }
         }
     }
     if statements.is_empty() {
-        return Err(RuleError { file: file.into(), line: 1, column: 1, reason: "no `INSERT INTO <sink> SELECT …` statement".into() });
+        return Err(RuleError {
+            file: file.into(),
+            line: 1,
+            column: 1,
+            reason: "no `INSERT INTO <sink> SELECT …` statement".into(),
+        });
     }
     let statements = statements
         .into_iter()
         .map(|s| statement(file, s))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(RuleSpec { name: name.to_string(), statements, declared, error_sink })
+    Ok(RuleSpec {
+        name: name.to_string(),
+        statements,
+        declared,
+        error_sink,
+    })
 }
 
 fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, RuleError> {
     let line = tokens.first().map(|t| t.span.start.line).unwrap_or(1);
-    let significant: Vec<usize> = (0..tokens.len()).filter(|&i| !is_trivia(&tokens[i].token)).collect();
+    let significant: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !is_trivia(&tokens[i].token))
+        .collect();
     let at = |k: usize| significant.get(k).map(|&i| &tokens[i]);
-    let kw = |k: usize, keyword: Keyword| at(k).and_then(|t| word(&t.token)).is_some_and(|w| w.keyword == keyword);
+    let kw = |k: usize, keyword: Keyword| {
+        at(k)
+            .and_then(|t| word(&t.token))
+            .is_some_and(|w| w.keyword == keyword)
+    };
     if !kw(1, Keyword::INTO) {
         return Err(err(file, at(1).or(at(0)), "expected INTO after INSERT"));
     }
     let sink = at(2)
         .and_then(|t| word(&t.token))
         .map(|w| w.value.clone())
-        .ok_or_else(|| err(file, at(2).or(at(1)), "expected a sink name after INSERT INTO"))?;
+        .ok_or_else(|| {
+            err(
+                file,
+                at(2).or(at(1)),
+                "expected a sink name after INSERT INTO",
+            )
+        })?;
     if !kw(3, Keyword::SELECT) {
-        return Err(err(file, at(3).or(at(2)), "expected SELECT after the sink name"));
+        return Err(err(
+            file,
+            at(3).or(at(2)),
+            "expected SELECT after the sink name",
+        ));
     }
     let body = &tokens[significant[3]..];
     let mut rewrite = Rewrite::default();
     rewrite.run(file, body)?;
-    let source = rewrite.source.clone().ok_or_else(|| err(file, body.first(), "expected FROM '<topic filter>'"))?;
+    let source = rewrite
+        .source
+        .clone()
+        .ok_or_else(|| err(file, body.first(), "expected FROM '<topic filter>'"))?;
     if !sitegate_plugins::topic::valid_filter(&source) {
-        return Err(err(file, rewrite.source_at.as_ref(), format!("{source:?} is not an MQTT topic filter")));
+        return Err(err(
+            file,
+            rewrite.source_at.as_ref(),
+            format!("{source:?} is not an MQTT topic filter"),
+        ));
     }
     let (mut out, window) = extract_window(file, rewrite.out, body)?;
     let order = match &window {
-        Some(WindowSpec { time_column: Some(c), .. }) => quoted(c),
+        Some(WindowSpec {
+            time_column: Some(c),
+            ..
+        }) => quoted(c),
         _ => ident(RECEIVED_AT),
     };
     for t in out.iter_mut() {
@@ -220,10 +295,21 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
     append_identity(&mut out, window.is_some());
     let sql: String = out.iter().map(|t| t.to_string()).collect();
     let mut columns = rewrite.columns;
-    if let Some(WindowSpec { time_column: Some(c), .. }) = &window {
+    if let Some(WindowSpec {
+        time_column: Some(c),
+        ..
+    }) = &window
+    {
         columns.insert(c.clone());
     }
-    Ok(StatementSpec { sink, source, sql, window, columns, line })
+    Ok(StatementSpec {
+        sink,
+        source,
+        sql,
+        window,
+        columns,
+        line,
+    })
 }
 
 #[derive(Default)]
@@ -237,17 +323,60 @@ struct Rewrite {
 /// Keywords that are SQL structure, never a payload field. Any other word (even one sqlparser
 /// knows as a keyword, such as `temp`) may name a field.
 const STRUCTURAL: &[Keyword] = &[
-    Keyword::SELECT, Keyword::FROM, Keyword::WHERE, Keyword::GROUP, Keyword::BY, Keyword::ORDER,
-    Keyword::HAVING, Keyword::LIMIT, Keyword::OFFSET, Keyword::AS, Keyword::AND, Keyword::OR,
-    Keyword::NOT, Keyword::IS, Keyword::NULL, Keyword::TRUE, Keyword::FALSE, Keyword::CASE,
-    Keyword::WHEN, Keyword::THEN, Keyword::ELSE, Keyword::END, Keyword::IN, Keyword::LIKE,
-    Keyword::ILIKE, Keyword::BETWEEN, Keyword::DISTINCT, Keyword::ASC, Keyword::DESC,
-    Keyword::INTERVAL, Keyword::INSERT, Keyword::INTO, Keyword::CAST, Keyword::ALL,
-    Keyword::EXISTS, Keyword::NULLS, Keyword::UNION, Keyword::ESCAPE, Keyword::SIMILAR,
-    Keyword::MILLISECOND, Keyword::SECOND, Keyword::MINUTE, Keyword::HOUR, Keyword::DAY,
+    Keyword::SELECT,
+    Keyword::FROM,
+    Keyword::WHERE,
+    Keyword::GROUP,
+    Keyword::BY,
+    Keyword::ORDER,
+    Keyword::HAVING,
+    Keyword::LIMIT,
+    Keyword::OFFSET,
+    Keyword::AS,
+    Keyword::AND,
+    Keyword::OR,
+    Keyword::NOT,
+    Keyword::IS,
+    Keyword::NULL,
+    Keyword::TRUE,
+    Keyword::FALSE,
+    Keyword::CASE,
+    Keyword::WHEN,
+    Keyword::THEN,
+    Keyword::ELSE,
+    Keyword::END,
+    Keyword::IN,
+    Keyword::LIKE,
+    Keyword::ILIKE,
+    Keyword::BETWEEN,
+    Keyword::DISTINCT,
+    Keyword::ASC,
+    Keyword::DESC,
+    Keyword::INTERVAL,
+    Keyword::INSERT,
+    Keyword::INTO,
+    Keyword::CAST,
+    Keyword::ALL,
+    Keyword::EXISTS,
+    Keyword::NULLS,
+    Keyword::UNION,
+    Keyword::ESCAPE,
+    Keyword::SIMILAR,
+    Keyword::MILLISECOND,
+    Keyword::SECOND,
+    Keyword::MINUTE,
+    Keyword::HOUR,
+    Keyword::DAY,
 ];
 
-const METADATA_FUNCTIONS: &[&str] = &["topic", "clientid", "principal", "timestamp", "newuuid", "thing_name"];
+const METADATA_FUNCTIONS: &[&str] = &[
+    "topic",
+    "clientid",
+    "principal",
+    "timestamp",
+    "newuuid",
+    "thing_name",
+];
 
 impl Rewrite {
     fn run(&mut self, file: &str, body: &[TokenWithSpan]) -> Result<(), RuleError> {
@@ -269,7 +398,14 @@ impl Rewrite {
                 Token::RParen => {
                     if ordered_calls.last() == Some(&depth) {
                         ordered_calls.pop();
-                        self.out.extend([space(), ident("ORDER"), space(), ident("BY"), space(), ident(ORDER_PLACEHOLDER)]);
+                        self.out.extend([
+                            space(),
+                            ident("ORDER"),
+                            space(),
+                            ident("BY"),
+                            space(),
+                            ident(ORDER_PLACEHOLDER),
+                        ]);
                     }
                     depth -= 1;
                     self.out.push(t.clone());
@@ -289,11 +425,23 @@ impl Rewrite {
             let next = next_sig(i + 1);
             let next_tok = next.map(|j| &body[j].token);
             if w.keyword == Keyword::FROM && depth == 0 && self.source.is_none() {
-                let Some(j) = next else { return Err(err(file, Some(&body[i]), "FROM needs a topic filter")) };
+                let Some(j) = next else {
+                    return Err(err(file, Some(&body[i]), "FROM needs a topic filter"));
+                };
                 let filter = match &body[j].token {
                     Token::SingleQuotedString(s) | Token::DoubleQuotedString(s) => s.clone(),
-                    Token::Word(Word { value, quote_style: Some(_), .. }) => value.clone(),
-                    _ => return Err(err(file, Some(&body[j]), "FROM takes a quoted topic filter, e.g. FROM 'dt/+/temp'")),
+                    Token::Word(Word {
+                        value,
+                        quote_style: Some(_),
+                        ..
+                    }) => value.clone(),
+                    _ => {
+                        return Err(err(
+                            file,
+                            Some(&body[j]),
+                            "FROM takes a quoted topic filter, e.g. FROM 'dt/+/temp'",
+                        ))
+                    }
                 };
                 self.source = Some(filter);
                 self.source_at = Some(body[j].clone());
@@ -320,9 +468,15 @@ impl Rewrite {
                         ("topic", Some(Token::Number(n, _))) => {
                             let close = next_sig(arg.unwrap_or(open) + 1);
                             if !close.is_some_and(|c| matches!(body[c].token, Token::RParen)) {
-                                return Err(err(file, Some(&body[i]), "topic(n) takes one level number"));
+                                return Err(err(
+                                    file,
+                                    Some(&body[i]),
+                                    "topic(n) takes one level number",
+                                ));
                             }
-                            let level: u64 = n.parse().map_err(|_| err(file, Some(&body[i]), "topic(n) takes a whole number"))?;
+                            let level: u64 = n.parse().map_err(|_| {
+                                err(file, Some(&body[i]), "topic(n) takes a whole number")
+                            })?;
                             if level == 0 {
                                 return Err(err(file, Some(&body[i]), "topic levels count from 1"));
                             }
@@ -340,14 +494,24 @@ impl Rewrite {
                             ];
                             (r, close.unwrap_or(open))
                         }
-                        _ => return Err(err(file, Some(&body[i]), format!("{}() takes no arguments here", w.value))),
+                        _ => {
+                            return Err(err(
+                                file,
+                                Some(&body[i]),
+                                format!("{}() takes no arguments here", w.value),
+                            ))
+                        }
                     };
                     self.out.extend(replacement);
                     i = end + 1;
                     continue;
                 }
                 if lower == "first" || lower == "last" {
-                    self.out.push(ident(if lower == "first" { "first_value" } else { "last_value" }));
+                    self.out.push(ident(if lower == "first" {
+                        "first_value"
+                    } else {
+                        "last_value"
+                    }));
                     ordered_calls.push(depth + 1);
                     i += 1;
                     continue;
@@ -400,15 +564,30 @@ fn interval_ms(file: &str, at: &TokenWithSpan, args: &[Token]) -> Result<u64, Ru
     // INTERVAL '1' MINUTE  or  INTERVAL '1 minute'
     let sig: Vec<&Token> = args.iter().filter(|t| !is_trivia(t)).collect();
     let text = match sig.as_slice() {
-        [Token::Word(w), Token::SingleQuotedString(n), Token::Word(unit)] if w.keyword == Keyword::INTERVAL => format!("{n} {}", unit.value),
-        [Token::Word(w), Token::SingleQuotedString(s)] if w.keyword == Keyword::INTERVAL => s.clone(),
-        _ => return Err(err(file, Some(at), "window sizes are written INTERVAL '1' MINUTE")),
+        [Token::Word(w), Token::SingleQuotedString(n), Token::Word(unit)]
+            if w.keyword == Keyword::INTERVAL =>
+        {
+            format!("{n} {}", unit.value)
+        }
+        [Token::Word(w), Token::SingleQuotedString(s)] if w.keyword == Keyword::INTERVAL => {
+            s.clone()
+        }
+        _ => {
+            return Err(err(
+                file,
+                Some(at),
+                "window sizes are written INTERVAL '1' MINUTE",
+            ))
+        }
     };
     let mut it = text.split_whitespace();
-    let n: u64 = it
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| err(file, Some(at), format!("interval {text:?} needs a whole number")))?;
+    let n: u64 = it.next().and_then(|n| n.parse().ok()).ok_or_else(|| {
+        err(
+            file,
+            Some(at),
+            format!("interval {text:?} needs a whole number"),
+        )
+    })?;
     let unit = it.next().unwrap_or("second").to_ascii_lowercase();
     let ms = match unit.trim_end_matches('s') {
         "millisecond" => 1,
@@ -416,22 +595,44 @@ fn interval_ms(file: &str, at: &TokenWithSpan, args: &[Token]) -> Result<u64, Ru
         "minute" => 60_000,
         "hour" => 3_600_000,
         "day" => 86_400_000,
-        _ => return Err(err(file, Some(at), format!("unknown interval unit {unit:?}"))),
+        _ => {
+            return Err(err(
+                file,
+                Some(at),
+                format!("unknown interval unit {unit:?}"),
+            ))
+        }
     };
     if n == 0 {
-        return Err(err(file, Some(at), "a window interval must be longer than 0"));
+        return Err(err(
+            file,
+            Some(at),
+            "a window interval must be longer than 0",
+        ));
     }
     Ok(n * ms)
 }
 
 /// Take `TUMBLE(…)`/`HOP(…)` out of the GROUP BY list.
-fn extract_window(file: &str, mut out: Vec<Token>, body: &[TokenWithSpan]) -> Result<(Vec<Token>, Option<WindowSpec>), RuleError> {
+fn extract_window(
+    file: &str,
+    mut out: Vec<Token>,
+    body: &[TokenWithSpan],
+) -> Result<(Vec<Token>, Option<WindowSpec>), RuleError> {
     let at = body.first();
-    let pos = out.iter().position(|t| word(t).is_some_and(|w| matches!(w.value.to_ascii_uppercase().as_str(), "TUMBLE" | "HOP")));
-    let Some(start) = pos else { return Ok((out, None)) };
+    let pos = out.iter().position(|t| {
+        word(t).is_some_and(|w| matches!(w.value.to_ascii_uppercase().as_str(), "TUMBLE" | "HOP"))
+    });
+    let Some(start) = pos else {
+        return Ok((out, None));
+    };
     let hop = word(&out[start]).is_some_and(|w| w.value.eq_ignore_ascii_case("HOP"));
-    let open = (start + 1..out.len()).find(|&j| !is_trivia(&out[j])).filter(|&j| matches!(out[j], Token::LParen));
-    let Some(open) = open else { return Err(err(file, at, "TUMBLE/HOP need arguments")) };
+    let open = (start + 1..out.len())
+        .find(|&j| !is_trivia(&out[j]))
+        .filter(|&j| matches!(out[j], Token::LParen));
+    let Some(open) = open else {
+        return Err(err(file, at, "TUMBLE/HOP need arguments"));
+    };
     let mut depth = 0;
     let mut close = None;
     let mut args: Vec<Vec<Token>> = vec![Vec::new()];
@@ -460,22 +661,42 @@ fn extract_window(file: &str, mut out: Vec<Token>, body: &[TokenWithSpan]) -> Re
             a.push(t.clone());
         }
     }
-    let Some(close) = close else { return Err(err(file, at, "unclosed TUMBLE/HOP")) };
+    let Some(close) = close else {
+        return Err(err(file, at, "unclosed TUMBLE/HOP"));
+    };
     let at_ref = at.ok_or_else(|| err(file, None, "empty statement"))?;
     // Optional first argument: the event-time column (or timestamp() for processing time).
-    let first_is_interval = args.first().and_then(|a| a.iter().find(|t| !is_trivia(t))).and_then(word).is_some_and(|w| w.keyword == Keyword::INTERVAL);
+    let first_is_interval = args
+        .first()
+        .and_then(|a| a.iter().find(|t| !is_trivia(t)))
+        .and_then(word)
+        .is_some_and(|w| w.keyword == Keyword::INTERVAL);
     let time_column = if first_is_interval {
         None
     } else {
         let col = args.remove(0);
-        let names: Vec<String> = col.iter().filter(|t| !is_trivia(t)).filter_map(word).map(|w| w.value.clone()).collect();
+        let names: Vec<String> = col
+            .iter()
+            .filter(|t| !is_trivia(t))
+            .filter_map(word)
+            .map(|w| w.value.clone())
+            .collect();
         match names.as_slice() {
             [c] if c == RECEIVED_AT => None,
             [c] => Some(c.clone()),
-            _ => return Err(err(file, Some(at_ref), "the window's time argument is a column name or timestamp()")),
+            _ => {
+                return Err(err(
+                    file,
+                    Some(at_ref),
+                    "the window's time argument is a column name or timestamp()",
+                ))
+            }
         }
     };
-    let intervals = args.iter().map(|a| interval_ms(file, at_ref, a)).collect::<Result<Vec<_>, _>>()?;
+    let intervals = args
+        .iter()
+        .map(|a| interval_ms(file, at_ref, a))
+        .collect::<Result<Vec<_>, _>>()?;
     let (size_ms, slide_ms, lateness_ms) = match (hop, intervals.as_slice()) {
         (false, [size]) => (*size, *size, 0),
         (false, [size, late]) => (*size, *size, *late),
@@ -490,7 +711,11 @@ fn extract_window(file: &str, mut out: Vec<Token>, body: &[TokenWithSpan]) -> Re
         }
     };
     if slide_ms > size_ms {
-        return Err(err(file, Some(at_ref), "a hopping window's slide must not exceed its size"));
+        return Err(err(
+            file,
+            Some(at_ref),
+            "a hopping window's slide must not exceed its size",
+        ));
     }
     // Remove the call and one adjacent comma; drop GROUP BY if nothing is left.
     let before = (0..start).rev().find(|&j| !is_trivia(&out[j]));
@@ -502,18 +727,31 @@ fn extract_window(file: &str, mut out: Vec<Token>, body: &[TokenWithSpan]) -> Re
     };
     out.drain(from..=to);
     // GROUP BY with nothing after it (before HAVING/ORDER/LIMIT or the end) goes too.
-    if let Some(g) = out.iter().position(|t| word(t).is_some_and(|w| w.keyword == Keyword::GROUP)) {
+    if let Some(g) = out
+        .iter()
+        .position(|t| word(t).is_some_and(|w| w.keyword == Keyword::GROUP))
+    {
         let by = (g + 1..out.len()).find(|&j| !is_trivia(&out[j]));
         let next = by.and_then(|b| (b + 1..out.len()).find(|&j| !is_trivia(&out[j])));
         let empty = match next.map(|n| &out[n]) {
             None => true,
-            Some(t) => word(t).is_some_and(|w| matches!(w.keyword, Keyword::HAVING | Keyword::ORDER | Keyword::LIMIT)),
+            Some(t) => word(t).is_some_and(|w| {
+                matches!(w.keyword, Keyword::HAVING | Keyword::ORDER | Keyword::LIMIT)
+            }),
         };
         if empty {
             out.drain(g..=by.unwrap_or(g));
         }
     }
-    Ok((out, Some(WindowSpec { size_ms, slide_ms, time_column, lateness_ms })))
+    Ok((
+        out,
+        Some(WindowSpec {
+            size_ms,
+            slide_ms,
+            time_column,
+            lateness_ms,
+        }),
+    ))
 }
 
 /// Append the identity columns to the select list (before the top-level FROM).
@@ -532,11 +770,21 @@ fn append_identity(out: &mut Vec<Token>, aggregated: bool) {
         }
     }
     let Some(from) = from else { return };
-    let grouped_by_thing = aggregated && out.iter().any(|t| word(t).is_some_and(|w| w.value == THING)) && {
-        // Only when the thing is a group key; otherwise an aggregate spans devices.
-        let g = out.iter().position(|t| word(t).is_some_and(|w| w.keyword == Keyword::GROUP));
-        g.is_some_and(|g| out[g..].iter().any(|t| word(t).is_some_and(|w| w.value == THING)))
-    };
+    let grouped_by_thing = aggregated
+        && out
+            .iter()
+            .any(|t| word(t).is_some_and(|w| w.value == THING))
+        && {
+            // Only when the thing is a group key; otherwise an aggregate spans devices.
+            let g = out
+                .iter()
+                .position(|t| word(t).is_some_and(|w| w.keyword == Keyword::GROUP));
+            g.is_some_and(|g| {
+                out[g..]
+                    .iter()
+                    .any(|t| word(t).is_some_and(|w| w.value == THING))
+            })
+        };
     let cols: Vec<(String, &str)> = if !aggregated {
         vec![
             (THING.into(), "__sg_thing"),
@@ -545,7 +793,10 @@ fn append_identity(out: &mut Vec<Token>, aggregated: bool) {
             (RECEIVED_AT.into(), "__sg_received_at"),
         ]
     } else if grouped_by_thing {
-        vec![(THING.into(), "__sg_thing"), (format!("max({CERT_ID})"), "__sg_cert_id")]
+        vec![
+            (THING.into(), "__sg_thing"),
+            (format!("max({CERT_ID})"), "__sg_cert_id"),
+        ]
     } else {
         Vec::new()
     };
@@ -572,18 +823,31 @@ mod tests {
         assert_eq!(s.sink, "alerts");
         assert_eq!(s.source, "dt/+/freezer");
         assert!(s.sql.contains("__thing AS thing"), "{}", s.sql);
-        assert!(s.sql.contains("split_part(__topic, '/', 2) AS zone"), "{}", s.sql);
+        assert!(
+            s.sql.contains("split_part(__topic, '/', 2) AS zone"),
+            "{}",
+            s.sql
+        );
         assert!(s.sql.contains("\"a.b\" AS nested"), "{}", s.sql);
         assert!(s.sql.contains("FROM messages"), "{}", s.sql);
         assert!(s.sql.contains("__sg_thing"), "{}", s.sql);
         assert!(s.columns.contains("temp") && s.columns.contains("a.b"));
-        assert!(!s.columns.contains("thing"), "aliases are not columns: {:?}", s.columns);
+        assert!(
+            !s.columns.contains("thing"),
+            "aliases are not columns: {:?}",
+            s.columns
+        );
         assert_eq!(s.line, 2);
     }
 
     #[test]
     fn emqx_double_quoted_source_and_several_statements() {
-        let r = parse("two", "two.sql", "INSERT INTO a SELECT * FROM \"t/#\";\nINSERT INTO b SELECT x FROM \"t/#\" WHERE x = 1").unwrap();
+        let r = parse(
+            "two",
+            "two.sql",
+            "INSERT INTO a SELECT * FROM \"t/#\";\nINSERT INTO b SELECT x FROM \"t/#\" WHERE x = 1",
+        )
+        .unwrap();
         assert_eq!(r.statements.len(), 2);
         assert_eq!(r.statements[1].sink, "b");
         assert_eq!(r.statements[1].source, "t/#");
@@ -593,13 +857,30 @@ mod tests {
     fn windows_leave_the_group_list() {
         let r = parse("w", "w.sql", "INSERT INTO s SELECT thing_name() AS thing, avg(temp) AS t, last(temp) AS latest FROM 'dt/#' GROUP BY thing_name(), TUMBLE(ts, INTERVAL '1' MINUTE, INTERVAL '5' SECOND)").unwrap();
         let s = &r.statements[0];
-        assert_eq!(s.window, Some(WindowSpec { size_ms: 60_000, slide_ms: 60_000, time_column: Some("ts".into()), lateness_ms: 5_000 }));
+        assert_eq!(
+            s.window,
+            Some(WindowSpec {
+                size_ms: 60_000,
+                slide_ms: 60_000,
+                time_column: Some("ts".into()),
+                lateness_ms: 5_000
+            })
+        );
         assert!(s.sql.contains("GROUP BY __thing"), "{}", s.sql);
         assert!(!s.sql.to_uppercase().contains("TUMBLE"), "{}", s.sql);
-        assert!(s.sql.contains("last_value(temp ORDER BY \"ts\")"), "{}", s.sql);
+        assert!(
+            s.sql.contains("last_value(temp ORDER BY \"ts\")"),
+            "{}",
+            s.sql
+        );
         let hop = parse("h", "h.sql", "INSERT INTO s SELECT count(*) AS n FROM 'dt/#' GROUP BY HOP(INTERVAL '10' SECOND, INTERVAL '5' SECOND)").unwrap();
         let s = &hop.statements[0];
-        assert_eq!(s.window.as_ref().map(|w| (w.size_ms, w.slide_ms, w.time_column.clone())), Some((10_000, 5_000, None)));
+        assert_eq!(
+            s.window
+                .as_ref()
+                .map(|w| (w.size_ms, w.slide_ms, w.time_column.clone())),
+            Some((10_000, 5_000, None))
+        );
         assert!(!s.sql.contains("GROUP"), "{}", s.sql);
     }
 
@@ -618,7 +899,13 @@ mod tests {
     #[test]
     fn directives_declare_types_and_the_error_sink() {
         let r = parse("d", "d.sql", "-- @schema temp DOUBLE, zone TEXT\n-- @error_sink errors\nINSERT INTO a SELECT temp FROM 'x'").unwrap();
-        assert_eq!(r.declared, vec![("temp".into(), ColumnType::Double), ("zone".into(), ColumnType::Text)]);
+        assert_eq!(
+            r.declared,
+            vec![
+                ("temp".into(), ColumnType::Double),
+                ("zone".into(), ColumnType::Text)
+            ]
+        );
         assert_eq!(r.error_sink.as_deref(), Some("errors"));
     }
 }

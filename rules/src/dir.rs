@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A new or edited file.
-    Upsert { name: String, file: PathBuf, text: String },
+    Upsert {
+        name: String,
+        file: PathBuf,
+        text: String,
+    },
     /// A deleted file.
     Removed { name: String },
 }
@@ -22,7 +26,9 @@ pub fn scan(dir: &Path) -> std::io::Result<BTreeMap<String, (PathBuf, String)>> 
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "sql") && path.is_file() {
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
             // Editors' temp files (".#rule.sql") are not rules.
             if name.starts_with('.') {
                 continue;
@@ -49,7 +55,10 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn new(dir: &Path) -> Self {
-        Watcher { dir: dir.to_path_buf(), seen: BTreeMap::new() }
+        Watcher {
+            dir: dir.to_path_buf(),
+            seen: BTreeMap::new(),
+        }
     }
 
     /// What changed since the last call (everything, the first time).
@@ -60,10 +69,19 @@ impl Watcher {
             let d = digest(text);
             if self.seen.get(name) != Some(&d) {
                 self.seen.insert(name.clone(), d);
-                changes.push(Change::Upsert { name: name.clone(), file: file.clone(), text: text.clone() });
+                changes.push(Change::Upsert {
+                    name: name.clone(),
+                    file: file.clone(),
+                    text: text.clone(),
+                });
             }
         }
-        let gone: Vec<String> = self.seen.keys().filter(|n| !now.contains_key(*n)).cloned().collect();
+        let gone: Vec<String> = self
+            .seen
+            .keys()
+            .filter(|n| !now.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             self.seen.remove(&name);
             changes.push(Change::Removed { name });
@@ -88,6 +106,9 @@ mod tests {
         std::fs::write(dir.path().join("a.sql"), "y").unwrap();
         assert!(matches!(&w.poll().unwrap()[..], [Change::Upsert { text, .. }] if text == "y"));
         std::fs::remove_file(dir.path().join("a.sql")).unwrap();
-        assert_eq!(w.poll().unwrap(), vec![Change::Removed { name: "a".into() }]);
+        assert_eq!(
+            w.poll().unwrap(),
+            vec![Change::Removed { name: "a".into() }]
+        );
     }
 }

@@ -72,8 +72,12 @@ impl PartitionStream for Slot {
     }
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let batch = self.batch.lock().ok().and_then(|mut b| b.take());
-        let items: Vec<datafusion::error::Result<RecordBatch>> = batch.into_iter().map(Ok).collect();
-        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), futures::stream::iter(items)))
+        let items: Vec<datafusion::error::Result<RecordBatch>> =
+            batch.into_iter().map(Ok).collect();
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter(items),
+        ))
     }
 }
 
@@ -84,7 +88,9 @@ struct Plan {
 }
 
 fn context() -> SessionContext {
-    let mut config = SessionConfig::new().with_target_partitions(1).with_coalesce_batches(false);
+    let mut config = SessionConfig::new()
+        .with_target_partitions(1)
+        .with_coalesce_batches(false);
     // Payload fields keep their case, as in IoT Core.
     config.options_mut().sql_parser.enable_ident_normalization = false;
     SessionContext::new_with_config(config)
@@ -94,18 +100,34 @@ fn context() -> SessionContext {
 /// that do not (`sum`, `avg`) get them as numbers, then as text.
 fn retype_nulls(batch: &RecordBatch, to: &DataType) -> Option<RecordBatch> {
     let schema = batch.schema();
-    if !schema.fields().iter().any(|f| f.data_type() == &DataType::Null) {
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| f.data_type() == &DataType::Null)
+    {
         return None;
     }
     let fields: Vec<Field> = schema
         .fields()
         .iter()
-        .map(|f| if f.data_type() == &DataType::Null { Field::new(f.name(), to.clone(), true) } else { f.as_ref().clone() })
+        .map(|f| {
+            if f.data_type() == &DataType::Null {
+                Field::new(f.name(), to.clone(), true)
+            } else {
+                f.as_ref().clone()
+            }
+        })
         .collect();
     let columns = batch
         .columns()
         .iter()
-        .map(|c| if c.data_type() == &DataType::Null { cast(c, to).ok() } else { Some(c.clone()) })
+        .map(|c| {
+            if c.data_type() == &DataType::Null {
+                cast(c, to).ok()
+            } else {
+                Some(c.clone())
+            }
+        })
         .collect::<Option<Vec<_>>>()?;
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).ok()
 }
@@ -132,9 +154,13 @@ async fn plan_for(sql: &str, batch: RecordBatch) -> Result<(Plan, RecordBatch), 
 async fn plan(sql: &str, schema: SchemaRef) -> Result<Plan, String> {
     let ctx = context();
     let slot = Arc::new(Mutex::new(None));
-    let source = Arc::new(Slot { schema: schema.clone(), batch: slot.clone() });
+    let source = Arc::new(Slot {
+        schema: schema.clone(),
+        batch: slot.clone(),
+    });
     let table = StreamingTable::try_new(schema, vec![source]).map_err(|e| e.to_string())?;
-    ctx.register_table("messages", Arc::new(table)).map_err(|e| e.to_string())?;
+    ctx.register_table("messages", Arc::new(table))
+        .map_err(|e| e.to_string())?;
     let df = ctx.sql(sql).await.map_err(|e| e.to_string())?;
     let plan = df.create_physical_plan().await.map_err(|e| e.to_string())?;
     Ok(Plan { ctx, plan, slot })
@@ -145,7 +171,9 @@ impl Plan {
         if let Ok(mut slot) = self.slot.lock() {
             *slot = Some(batch);
         }
-        collect(self.plan.clone(), self.ctx.task_ctx()).await.map_err(|e| e.to_string())
+        collect(self.plan.clone(), self.ctx.task_ctx())
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -155,7 +183,12 @@ fn p_schema_nulls(key: &str) -> Vec<bool> {
 }
 
 fn schema_key(schema: &SchemaRef) -> String {
-    schema.fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect::<Vec<_>>().join(",")
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{}:{}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 struct Window {
@@ -195,29 +228,48 @@ pub struct Engine {
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine").field("rules", &self.rules.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Engine")
+            .field("rules", &self.rules.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
 /// Check a rule offline: it parses, every statement plans (against null-typed columns, which
 /// coerce to anything), and it writes only to `sinks` when given.
-pub async fn check(name: &str, file: &str, text: &str, sinks: Option<&[String]>) -> Result<RuleSpec, RuleError> {
+pub async fn check(
+    name: &str,
+    file: &str,
+    text: &str,
+    sinks: Option<&[String]>,
+) -> Result<RuleSpec, RuleError> {
     let spec = dialect::parse(name, file, text)?;
     for s in &spec.statements {
         if let Some(sinks) = sinks {
             let mut known: Vec<&str> = sinks.iter().map(String::as_str).collect();
             known.sort_unstable();
             if !sinks.iter().any(|k| *k == s.sink) {
-                return Err(RuleError { file: file.into(), line: s.line, column: 1, reason: format!("no sink named {:?} (sinks: {})", s.sink, known.join(", ")) });
+                return Err(RuleError {
+                    file: file.into(),
+                    line: s.line,
+                    column: 1,
+                    reason: format!("no sink named {:?} (sinks: {})", s.sink, known.join(", ")),
+                });
             }
         }
         let (batch, _, _) = batch::decode(&[], &spec.declared, &s.columns);
-        plan_for(&s.sql, batch).await.map_err(|reason| located(file, text, s, reason))?;
+        plan_for(&s.sql, batch)
+            .await
+            .map_err(|reason| located(file, text, s, reason))?;
     }
     if let Some(e) = &spec.error_sink {
         if let Some(sinks) = sinks {
             if !sinks.iter().any(|k| k == e) {
-                return Err(RuleError { file: file.into(), line: 1, column: 1, reason: format!("@error_sink names no sink {e:?}") });
+                return Err(RuleError {
+                    file: file.into(),
+                    line: 1,
+                    column: 1,
+                    reason: format!("@error_sink names no sink {e:?}"),
+                });
             }
         }
     }
@@ -228,25 +280,58 @@ pub async fn check(name: &str, file: &str, text: &str, sinks: Option<&[String]>)
 /// carries, else by the first name it quotes (an unknown function or column), else at the
 /// statement's start.
 fn located(file: &str, text: &str, s: &StatementSpec, reason: String) -> RuleError {
-    let reason = reason.replace("Error during planning: ", "").replace("Schema error: ", "");
-    let find = |key: &str| reason.split(key).nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).and_then(|n| n.parse::<u64>().ok());
+    let reason = reason
+        .replace("Error during planning: ", "")
+        .replace("Schema error: ", "");
+    let find = |key: &str| {
+        reason
+            .split(key)
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
     if let (Some(line), Some(column)) = (find("Line: "), find("Column: ")) {
-        return RuleError { file: file.into(), line: s.line + line.saturating_sub(1), column, reason };
+        return RuleError {
+            file: file.into(),
+            line: s.line + line.saturating_sub(1),
+            column,
+            reason,
+        };
     }
-    let quoted = reason.split(['\'', '"']).nth(1).filter(|q| !q.is_empty() && !q.contains(' '));
+    let quoted = reason
+        .split(['\'', '"'])
+        .nth(1)
+        .filter(|q| !q.is_empty() && !q.contains(' '));
     if let Some(name) = quoted {
-        for (i, l) in text.lines().enumerate().skip(s.line.saturating_sub(1) as usize) {
+        for (i, l) in text
+            .lines()
+            .enumerate()
+            .skip(s.line.saturating_sub(1) as usize)
+        {
             if let Some(col) = l.find(name) {
-                return RuleError { file: file.into(), line: i as u64 + 1, column: col as u64 + 1, reason };
+                return RuleError {
+                    file: file.into(),
+                    line: i as u64 + 1,
+                    column: col as u64 + 1,
+                    reason,
+                };
             }
         }
     }
-    RuleError { file: file.into(), line: s.line, column: 1, reason }
+    RuleError {
+        file: file.into(),
+        line: s.line,
+        column: 1,
+        reason,
+    }
 }
 
 impl Engine {
     pub fn new(errors: ErrorRouting) -> Self {
-        Engine { rules: BTreeMap::new(), errors }
+        Engine {
+            rules: BTreeMap::new(),
+            errors,
+        }
     }
 
     /// Add or replace rule `spec` (already checked). A replaced rule's open windows are dropped.
@@ -260,9 +345,21 @@ impl Engine {
         let statements = spec
             .statements
             .iter()
-            .map(|s| Statement { spec: s.clone(), plans: HashMap::new(), windows: BTreeMap::new(), watermark: i64::MIN })
+            .map(|s| Statement {
+                spec: s.clone(),
+                plans: HashMap::new(),
+                windows: BTreeMap::new(),
+                watermark: i64::MIN,
+            })
             .collect();
-        self.rules.insert(spec.name.clone(), Rule { spec, statements, status });
+        self.rules.insert(
+            spec.name.clone(),
+            Rule {
+                spec,
+                statements,
+                status,
+            },
+        );
     }
 
     /// Note that a newer version of `name` was refused (the running one stays).
@@ -282,7 +379,10 @@ impl Engine {
 
     /// Topic filters of every statement.
     pub fn sources(&self) -> Vec<String> {
-        self.rules.values().flat_map(|r| r.spec.statements.iter().map(|s| s.source.clone())).collect()
+        self.rules
+            .values()
+            .flat_map(|r| r.spec.statements.iter().map(|s| s.source.clone()))
+            .collect()
     }
 
     pub fn status(&self) -> Vec<RuleStatus> {
@@ -294,9 +394,16 @@ impl Engine {
         let mut produced = Produced::default();
         let default_error_sink = self.errors.default_sink.clone();
         for rule in self.rules.values_mut() {
-            let error_sink = rule.spec.error_sink.clone().or_else(|| default_error_sink.clone());
+            let error_sink = rule
+                .spec
+                .error_sink
+                .clone()
+                .or_else(|| default_error_sink.clone());
             for st in rule.statements.iter_mut() {
-                let picked: Vec<&Arc<Message>> = messages.iter().filter(|m| sitegate_plugins::topic::filter_matches(&st.spec.source, &m.topic)).collect();
+                let picked: Vec<&Arc<Message>> = messages
+                    .iter()
+                    .filter(|m| sitegate_plugins::topic::filter_matches(&st.spec.source, &m.topic))
+                    .collect();
                 if picked.is_empty() {
                     continue;
                 }
@@ -307,10 +414,16 @@ impl Engine {
                     continue;
                 }
                 let refs: Vec<&Message> = picked.iter().map(|m| m.as_ref()).collect();
-                let (batch, _, failures) = batch::decode(&refs, &rule.spec.declared, &st.spec.columns);
+                let (batch, _, failures) =
+                    batch::decode(&refs, &rule.spec.declared, &st.spec.columns);
                 for f in failures {
                     rule.status.errors += 1;
-                    if let Some(out) = error_output(&rule.spec.name, error_sink.as_deref(), refs[f.index], &f.reason) {
+                    if let Some(out) = error_output(
+                        &rule.spec.name,
+                        error_sink.as_deref(),
+                        refs[f.index],
+                        &f.reason,
+                    ) {
                         produced.outputs.push(out);
                     } else {
                         tracing::warn!(rule = %rule.spec.name, thing = %refs[f.index].thing, reason = %f.reason, "message refused by rule; no error sink configured");
@@ -322,13 +435,18 @@ impl Engine {
                 match st.execute(batch).await {
                     Ok(rows) => {
                         rule.status.rows_out += rows.len() as u64;
-                        produced.outputs.extend(rows.into_iter().map(|row| output(&rule.spec.name, &st.spec.sink, row, None)));
+                        produced.outputs.extend(
+                            rows.into_iter()
+                                .map(|row| output(&rule.spec.name, &st.spec.sink, row, None)),
+                        );
                     }
                     Err(reason) => {
                         rule.status.errors += refs.len() as u64;
                         tracing::warn!(rule = %rule.spec.name, %reason, "rule failed on a batch");
                         for m in &refs {
-                            if let Some(out) = error_output(&rule.spec.name, error_sink.as_deref(), m, &reason) {
+                            if let Some(out) =
+                                error_output(&rule.spec.name, error_sink.as_deref(), m, &reason)
+                            {
                                 produced.outputs.push(out);
                             }
                         }
@@ -346,16 +464,26 @@ impl Engine {
         let mut produced = Produced::default();
         for rule in self.rules.values_mut() {
             for st in rule.statements.iter_mut() {
-                let Some(window) = st.spec.window.clone() else { continue };
+                let Some(window) = st.spec.window.clone() else {
+                    continue;
+                };
                 let horizon = match window.time_column {
                     None => now_ms,
                     Some(_) => st.watermark.saturating_sub(window.lateness_ms as i64),
                 };
-                let due: Vec<i64> = st.windows.values().filter(|w| w.end <= horizon).map(|w| w.start).collect();
+                let due: Vec<i64> = st
+                    .windows
+                    .values()
+                    .filter(|w| w.end <= horizon)
+                    .map(|w| w.start)
+                    .collect();
                 for start in due {
-                    let Some(w) = st.windows.remove(&start) else { continue };
+                    let Some(w) = st.windows.remove(&start) else {
+                        continue;
+                    };
                     let refs: Vec<&Message> = w.messages.iter().map(|m| m.as_ref()).collect();
-                    let (batch, _, failures) = batch::decode(&refs, &rule.spec.declared, &st.spec.columns);
+                    let (batch, _, failures) =
+                        batch::decode(&refs, &rule.spec.declared, &st.spec.columns);
                     rule.status.errors += failures.len() as u64;
                     if batch.num_rows() == 0 {
                         continue;
@@ -363,7 +491,9 @@ impl Engine {
                     match st.execute(batch).await {
                         Ok(rows) => {
                             rule.status.rows_out += rows.len() as u64;
-                            produced.outputs.extend(rows.into_iter().map(|row| output(&rule.spec.name, &st.spec.sink, row, Some((w.start, w.end)))));
+                            produced.outputs.extend(rows.into_iter().map(|row| {
+                                output(&rule.spec.name, &st.spec.sink, row, Some((w.start, w.end)))
+                            }));
                         }
                         Err(reason) => {
                             rule.status.errors += 1;
@@ -390,7 +520,17 @@ impl Statement {
                     self.plans.clear();
                 }
                 let (p, planned) = plan_for(&self.spec.sql, batch).await?;
-                let retype = NULL_FALLBACKS.iter().find(|ty| planned.schema().fields().iter().zip(p_schema_nulls(&key)).any(|(f, was_null)| was_null && f.data_type() == *ty)).cloned();
+                let retype = NULL_FALLBACKS
+                    .iter()
+                    .find(|ty| {
+                        planned
+                            .schema()
+                            .fields()
+                            .iter()
+                            .zip(p_schema_nulls(&key))
+                            .any(|(f, was_null)| was_null && f.data_type() == *ty)
+                    })
+                    .cloned();
                 self.plans.insert(key.clone(), (p, retype));
                 planned
             }
@@ -402,7 +542,9 @@ impl Statement {
 
     /// Put messages into their windows; returns how many came too late.
     fn absorb(&mut self, picked: &[&Arc<Message>], now_ms: i64) -> u64 {
-        let Some(w) = self.spec.window.clone() else { return 0 };
+        let Some(w) = self.spec.window.clone() else {
+            return 0;
+        };
         let mut late = 0;
         for m in picked {
             let t = match &w.time_column {
@@ -415,7 +557,11 @@ impl Statement {
             if w.time_column.is_some() {
                 self.watermark = self.watermark.max(t);
                 let horizon = self.watermark.saturating_sub(w.lateness_ms as i64);
-                if t < horizon && window_starts(t, &w).iter().all(|s| s + w.size_ms as i64 <= horizon) {
+                if t < horizon
+                    && window_starts(t, &w)
+                        .iter()
+                        .all(|s| s + w.size_ms as i64 <= horizon)
+                {
                     late += 1;
                     continue;
                 }
@@ -423,7 +569,11 @@ impl Statement {
             for start in window_starts(t, &w) {
                 self.windows
                     .entry(start)
-                    .or_insert_with(|| Window { start, end: start + w.size_ms as i64, messages: Vec::new() })
+                    .or_insert_with(|| Window {
+                        start,
+                        end: start + w.size_ms as i64,
+                        messages: Vec::new(),
+                    })
                     .messages
                     .push(Arc::clone(m));
             }
@@ -469,7 +619,10 @@ fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Outpu
         thing: row.thing.unwrap_or_default(),
         cert_id: row.cert_id.unwrap_or_default(),
         topic: row.topic.unwrap_or_default(),
-        received_at_ms: row.received_at_ms.or(window.map(|(_, end)| end)).unwrap_or_default(),
+        received_at_ms: row
+            .received_at_ms
+            .or(window.map(|(_, end)| end))
+            .unwrap_or_default(),
         payload: serde_json::to_vec(&Value::Object(object)).unwrap_or_default(),
     }
 }
@@ -504,9 +657,19 @@ mod tests {
 
     #[test]
     fn hopping_windows_overlap_and_tumbling_ones_do_not() {
-        let tumble = WindowSpec { size_ms: 10, slide_ms: 10, time_column: None, lateness_ms: 0 };
+        let tumble = WindowSpec {
+            size_ms: 10,
+            slide_ms: 10,
+            time_column: None,
+            lateness_ms: 0,
+        };
         assert_eq!(window_starts(25, &tumble), vec![20]);
-        let hop = WindowSpec { size_ms: 10, slide_ms: 5, time_column: None, lateness_ms: 0 };
+        let hop = WindowSpec {
+            size_ms: 10,
+            slide_ms: 5,
+            time_column: None,
+            lateness_ms: 0,
+        };
         assert_eq!(window_starts(25, &hop), vec![20, 25]);
         assert_eq!(window_starts(-1, &tumble), vec![-10]);
     }

@@ -37,8 +37,15 @@ pub fn parse_samples(text: &str) -> Result<Vec<Sample>, String> {
 
 /// Run `spec` over `samples` one message at a time (each at its `ts`), then close windows as of
 /// `until` (default: an hour after the last message, so every window closes).
-pub async fn run(spec: RuleSpec, samples: &[Sample], error_sink: Option<String>, until: Option<i64>) -> Vec<Output> {
-    let mut engine = Engine::new(ErrorRouting { default_sink: error_sink.or_else(|| Some("errors".into())) });
+pub async fn run(
+    spec: RuleSpec,
+    samples: &[Sample],
+    error_sink: Option<String>,
+    until: Option<i64>,
+) -> Vec<Output> {
+    let mut engine = Engine::new(ErrorRouting {
+        default_sink: error_sink.or_else(|| Some("errors".into())),
+    });
     engine.install(spec);
     let mut outputs = Vec::new();
     let mut now = 0i64;
@@ -51,7 +58,10 @@ pub async fn run(spec: RuleSpec, samples: &[Sample], error_sink: Option<String>,
         let message = Arc::new(Message {
             topic: s.topic.clone(),
             thing: s.thing.clone(),
-            cert_id: s.cert_id.clone().unwrap_or_else(|| format!("cert-{}", s.thing)),
+            cert_id: s
+                .cert_id
+                .clone()
+                .unwrap_or_else(|| format!("cert-{}", s.thing)),
             payload,
             received_at_ms: now,
         });
@@ -92,10 +102,22 @@ pub fn table(outputs: &[Output]) -> String {
         }
         cells.push(line);
     }
-    let widths: Vec<usize> = (0..cells[0].len()).map(|i| cells.iter().map(|l| l[i].chars().count().min(40)).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cells[0].len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|l| l[i].chars().count().min(40))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for line in cells {
-        let padded: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{:<w$}", c.chars().take(40).collect::<String>(), w = *w)).collect();
+        let padded: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{:<w$}", c.chars().take(40).collect::<String>(), w = *w))
+            .collect();
         out.push_str(padded.join("  ").trim_end());
         out.push('\n');
     }

@@ -8,7 +8,10 @@
 //! ```
 //!
 //! An expected object matches when every key it names has that value (`@thing` checks the
-//! record's identity). Adding a case is adding a file.
+//! record's identity). `-- expect-error: TEXT` says the rule must be refused with TEXT in the
+//! reason. Inputs and expectations may also live beside the rule, in `NAME.input.jsonl` (one
+//! message per line) and `NAME.expected.jsonl` (`{"sink": …, "row": {…}}` per line). Adding a
+//! case is adding a file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -18,7 +21,9 @@ use sitegate_rules::sample::{self, Sample};
 
 fn subset(expected: &Value, actual: &Value) -> bool {
     match (expected, actual) {
-        (Value::Object(e), Value::Object(a)) => e.iter().all(|(k, v)| a.get(k).is_some_and(|av| subset(v, av))),
+        (Value::Object(e), Value::Object(a)) => e
+            .iter()
+            .all(|(k, v)| a.get(k).is_some_and(|av| subset(v, av))),
         (Value::Number(e), Value::Number(a)) => e.as_f64() == a.as_f64(),
         _ => expected == actual,
     }
@@ -28,7 +33,12 @@ fn subset(expected: &Value, actual: &Value) -> bool {
 async fn every_case_file_produces_its_expected_output() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
     let mut ran = 0;
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "sql")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
     files.sort();
     for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
@@ -37,32 +47,85 @@ async fn every_case_file_produces_its_expected_output() {
         let mut inputs: Vec<Sample> = Vec::new();
         let mut expected: Vec<(String, Value)> = Vec::new();
         let mut until = None;
+        let mut expect_error: Option<String> = None;
+        let input_file = path.with_extension("input.jsonl");
+        if input_file.exists() {
+            inputs.extend(
+                sample::parse_samples(&std::fs::read_to_string(&input_file).unwrap()).unwrap(),
+            );
+        }
+        let expected_file = path.with_extension("expected.jsonl");
+        if expected_file.exists() {
+            for line in std::fs::read_to_string(&expected_file)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+            {
+                let v: Value = serde_json::from_str(line).unwrap();
+                expected.push((v["sink"].as_str().unwrap().to_string(), v["row"].clone()));
+            }
+        }
         for line in text.lines() {
-            let Some(c) = line.strip_prefix("--") else { continue };
+            let Some(c) = line.strip_prefix("--") else {
+                continue;
+            };
             let c = c.trim();
             if let Some(json) = c.strip_prefix("input:") {
-                inputs.push(serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{file}: input {json}: {e}")));
+                inputs.push(
+                    serde_json::from_str(json.trim())
+                        .unwrap_or_else(|e| panic!("{file}: input {json}: {e}")),
+                );
             } else if let Some(rest) = c.strip_prefix("expect ") {
-                let (sink, json) = rest.split_once(':').unwrap_or_else(|| panic!("{file}: `-- expect SINK: {{…}}`"));
-                expected.push((sink.trim().to_string(), serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{file}: expect {json}: {e}"))));
+                let (sink, json) = rest
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("{file}: `-- expect SINK: {{…}}`"));
+                expected.push((
+                    sink.trim().to_string(),
+                    serde_json::from_str(json.trim())
+                        .unwrap_or_else(|e| panic!("{file}: expect {json}: {e}")),
+                ));
+            } else if let Some(e) = c.strip_prefix("expect-error:") {
+                expect_error = Some(e.trim().to_string());
             } else if let Some(t) = c.strip_prefix("until:") {
                 until = Some(t.trim().parse::<i64>().unwrap());
             }
         }
-        let spec = sitegate_rules::check(&name, &file, &text, None).await.unwrap_or_else(|e| panic!("{e}"));
+        let checked = sitegate_rules::check(&name, &file, &text, None).await;
+        if let Some(want) = expect_error {
+            let e = checked.expect_err(&format!("{file}: should be refused"));
+            assert!(
+                e.to_string().contains(&want),
+                "{file}: refused with {e}, expected {want:?}"
+            );
+            ran += 1;
+            continue;
+        }
+        let spec = checked.unwrap_or_else(|e| panic!("{e}"));
         let outputs = sample::run(spec, &inputs, Some("errors".into()), until).await;
         let table = sample::table(&outputs);
-        assert_eq!(outputs.len(), expected.len(), "{file}: expected {} rows, got\n{table}", expected.len());
+        assert_eq!(
+            outputs.len(),
+            expected.len(),
+            "{file}: expected {} rows, got\n{table}",
+            expected.len()
+        );
         for (i, ((sink, want), got)) in expected.iter().zip(&outputs).enumerate() {
             assert_eq!(&got.sink, sink, "{file}: row {i} sink\n{table}");
             let mut want = want.clone();
             if let Some(thing) = want.as_object_mut().and_then(|o| o.remove("@thing")) {
-                assert_eq!(Value::from(got.thing.clone()), thing, "{file}: row {i} identity\n{table}");
+                assert_eq!(
+                    Value::from(got.thing.clone()),
+                    thing,
+                    "{file}: row {i} identity\n{table}"
+                );
             }
             let actual: Value = serde_json::from_slice(&got.payload).unwrap();
-            assert!(subset(&want, &actual), "{file}: row {i}: want {want} got {actual}\n{table}");
+            assert!(
+                subset(&want, &actual),
+                "{file}: row {i}: want {want} got {actual}\n{table}"
+            );
         }
         ran += 1;
     }
-    assert!(ran >= 5, "only {ran} case files");
+    assert!(ran >= 30, "only {ran} case files");
 }

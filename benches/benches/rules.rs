@@ -1,0 +1,88 @@
+//! Rules on 100-byte JSON telemetry, on one core (a current-thread runtime): the JSON → Arrow
+//! decode alone, a filter + projection rule (decode included), and a one-minute tumbling
+//! average per device (absorbing the batch, then closing the window).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sitegate_rules::batch::decode;
+use sitegate_rules::{Engine, ErrorRouting, Message};
+
+const BATCH: usize = 10_000;
+
+fn messages() -> Vec<Arc<Message>> {
+    (0..BATCH as i64)
+        .map(|n| {
+            let thing = format!("freezer-{:04}", n % 500);
+            // About 100 bytes, like the fleet's telemetry.
+            let payload = format!(
+                r#"{{"temp":{}.{},"humidity":{},"door":"closed","battery":{},"seq":{n}}}"#,
+                -30 + n % 40,
+                n % 10,
+                40 + n % 30,
+                90 - n % 20
+            );
+            Arc::new(Message {
+                topic: format!("dt/{thing}/telemetry"),
+                thing,
+                cert_id: format!("{:064x}", n % 500),
+                payload: Bytes::from(payload),
+                received_at_ms: 1_700_000_000_000 + n,
+            })
+        })
+        .collect()
+}
+
+fn engine(rt: &tokio::runtime::Runtime, sql: &str) -> Engine {
+    let spec = rt
+        .block_on(sitegate_rules::check("bench", "bench.sql", sql, None))
+        .unwrap();
+    let mut engine = Engine::new(ErrorRouting::default());
+    engine.install(spec);
+    engine
+}
+
+fn rules(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let msgs = messages();
+    let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
+    println!("average payload: {} bytes", bytes / msgs.len());
+
+    let mut g = c.benchmark_group("rules_10k_messages_one_core");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let refs: Vec<&Message> = msgs.iter().map(|m| m.as_ref()).collect();
+    let columns = BTreeSet::new();
+    g.bench_function("decode_json_to_arrow", |b| {
+        b.iter(|| decode(&refs, &[], &columns))
+    });
+
+    let mut filter = engine(&rt, "INSERT INTO out SELECT thing_name() AS thing, temp, humidity FROM 'dt/+/telemetry' WHERE temp > 0");
+    let selected = rt.block_on(filter.process(&msgs, 0)).outputs.len();
+    println!("filter + projection keeps {selected} of {BATCH} rows");
+    g.bench_function("filter_projection_with_decode", |b| {
+        b.iter(|| rt.block_on(filter.process(&msgs, 0)))
+    });
+
+    let mut window = engine(
+        &rt,
+        "INSERT INTO out SELECT thing_name() AS thing, avg(temp) AS avg_temp FROM 'dt/+/telemetry' GROUP BY thing_name(), TUMBLE(INTERVAL '1' MINUTE)",
+    );
+    let mut minute = 0i64;
+    g.bench_function("tumbling_avg_per_device", |b| {
+        b.iter(|| {
+            minute += 60_000;
+            rt.block_on(window.process(&msgs, minute));
+            rt.block_on(window.tick(minute + 60_000)).outputs.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, rules);
+criterion_main!(benches);
