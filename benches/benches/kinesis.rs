@@ -7,8 +7,7 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use sitegate::config::{EncryptionConfig, SpoolConfig};
-use sitegate::spool::{keys, Draft, Spool};
+use sitegate::spool::Draft;
 use sitegate_plugins::kinesis::{fake::fake_kinesis, KinesisConfig, KinesisSink};
 use sitegate_plugins::{Record, Sink};
 
@@ -38,20 +37,6 @@ fn draft(r: Record) -> Draft {
         rule: r.rule,
         payload: r.payload,
     }
-}
-
-fn open_spool(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Spool {
-    keys::generate_kek(&dir.join("kek")).unwrap();
-    let config = SpoolConfig {
-        encryption: EncryptionConfig {
-            key_file: Some(dir.join("kek")),
-            ..EncryptionConfig::default()
-        },
-        ..SpoolConfig::default()
-    };
-    let db = sled::Config::new().path(dir.join("db")).open().unwrap();
-    rt.block_on(Spool::open(db, &config, dir, ["bench".to_string()]))
-        .unwrap()
 }
 
 fn sink(rt: &tokio::runtime::Runtime, endpoint: &str, aggregate: bool) -> KinesisSink {
@@ -89,7 +74,7 @@ fn kinesis(c: &mut Criterion) {
 
     // The drain's loop: read 500 from the spool, PutRecords to the local endpoint, acknowledge.
     let dir = tempfile::tempdir().unwrap();
-    let spool = open_spool(&rt, dir.path());
+    let spool = sitegate_benches::fixtures::open_spool(&rt, dir.path());
     let mut g = c.benchmark_group("kinesis_drain_500_from_spool_to_local_endpoint");
     g.throughput(Throughput::Elements(500));
     for (name, mut sink) in [("plain", plain), ("aggregated", aggregated)] {

@@ -19,11 +19,12 @@ fn messages() -> Vec<Arc<Message>> {
             let thing = format!("freezer-{:04}", n % 500);
             // About 100 bytes, like the fleet's telemetry.
             let payload = format!(
-                r#"{{"temp":{}.{},"humidity":{},"door":"closed","battery":{},"seq":{n}}}"#,
+                r#"{{"temp":{}.{},"humidity":{},"door":"closed","battery":{},"seq":{n},"fw":"2.4.1","rssi":-{}}}"#,
                 -30 + n % 40,
                 n % 10,
                 40 + n % 30,
-                90 - n % 20
+                90 - n % 20,
+                40 + n % 50
             );
             Arc::new(Message {
                 topic: format!("dt/{thing}/telemetry"),

@@ -13,8 +13,7 @@ use std::io::Write;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use sitegate::config::{EncryptionConfig, SpoolConfig};
-use sitegate::spool::{keys, Draft, Spool};
+use sitegate::spool::Draft;
 
 const PAYLOAD: usize = 100;
 
@@ -40,20 +39,6 @@ fn draft(n: u64) -> Draft {
         rule: "telemetry".into(),
         payload: Bytes::from(payload),
     }
-}
-
-fn open(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Spool {
-    keys::generate_kek(&dir.join("kek")).unwrap();
-    let config = SpoolConfig {
-        encryption: EncryptionConfig {
-            key_file: Some(dir.join("kek")),
-            ..EncryptionConfig::default()
-        },
-        ..SpoolConfig::default()
-    };
-    let db = sled::Config::new().path(dir.join("db")).open().unwrap();
-    rt.block_on(Spool::open(db, &config, dir, ["bench".to_string()]))
-        .unwrap()
 }
 
 /// The bytes a plain appender would write for the same records (the fields, length-prefixed).
@@ -82,7 +67,7 @@ fn commit(c: &mut Criterion) {
         .unwrap();
     for batch in [100usize, 1000] {
         let dir = tempfile::tempdir().unwrap();
-        let spool = open(&rt, dir.path());
+        let spool = sitegate_benches::fixtures::open_spool(&rt, dir.path());
         let drafts: Vec<Draft> = (0..batch as u64).map(draft).collect();
         let raw = raw_bytes(&drafts);
         let mut file = std::fs::OpenOptions::new()
@@ -114,7 +99,7 @@ fn drain(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spool = open(&rt, dir.path());
+    let spool = sitegate_benches::fixtures::open_spool(&rt, dir.path());
     let mut g = c.benchmark_group("spool_drain");
     g.throughput(Throughput::Elements(500));
     let mut next = 0u64;

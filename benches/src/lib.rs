@@ -3,8 +3,11 @@
 //! compared across machines.
 //!
 //! Layout:
-//! - `fixtures`: synthetic policy sets shaped like a real site's.
+//! - `fixtures`: synthetic policy sets shaped like a real site's; a spool in a temp folder.
 //! - `benches/policy.rs`: the per-packet authorization check.
+//! - `benches/spool.rs`: group commit and drain against plain `std::fs` appends.
+//! - `benches/kinesis.rs`: PutRecords building (plain, aggregated) and draining to a local endpoint.
+//! - `benches/rules.rs`: JSON → Arrow decode, a filter rule and a window rule on one core.
 
 pub mod fixtures {
     use sitegate::config::{AuthConfig, DeviceGroupConfig, StatementConfig};
@@ -58,5 +61,35 @@ pub mod fixtures {
             auth.policies.insert(policy, statements);
         }
         auth
+    }
+
+    /// A spool with one queue, `bench`, sealed by a fresh key file in `dir`.
+    pub fn open_spool(
+        rt: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+    ) -> sitegate::spool::Spool {
+        use sitegate::config::{EncryptionConfig, SpoolConfig};
+        #[allow(clippy::expect_used)]
+        sitegate::spool::keys::generate_kek(&dir.join("kek")).expect("key file");
+        let config = SpoolConfig {
+            encryption: EncryptionConfig {
+                key_file: Some(dir.join("kek")),
+                ..EncryptionConfig::default()
+            },
+            ..SpoolConfig::default()
+        };
+        #[allow(clippy::expect_used)]
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .open()
+            .expect("sled");
+        #[allow(clippy::expect_used)]
+        rt.block_on(sitegate::spool::Spool::open(
+            db,
+            &config,
+            dir,
+            ["bench".to_string()],
+        ))
+        .expect("spool")
     }
 }

@@ -174,6 +174,10 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
             },
         )]
         .into(),
+        rules: RulesConfig {
+            dir: Some(dir.path().join("rules")),
+            error_sink: None,
+        },
         ..Config::with_listener(ListenerConfig::with_defaults(
             "127.0.0.1:0",
             files.ca_cert.clone(),

@@ -2,7 +2,8 @@
 //!
 //! Devices connect over MQTT with their own X.509 certificates; the gateway checks who each one
 //! is and what it may do on every packet, and relays what is allowed between local devices.
-//! Rules, the encrypted spool and the cloud sinks build on this edge.
+//! Allowed publishes then go through routes and SQL rules (`sitegate-rules`) into an encrypted,
+//! crash-safe spool, and from there to the sinks (`sitegate-plugins`).
 //!
 //! Layout:
 //! - `config`: the TOML configuration tree, defaults and validation.

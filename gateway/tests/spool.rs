@@ -257,20 +257,25 @@ async fn publish_counting_acks(
     acks
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_queue_withholds_pubacks_in_block_mode() {
-    let site = Site::start_with(|c| {
+/// A site whose only queue holds 8 KiB and whose sink never accepts anything.
+async fn site_with_a_tiny_stuck_queue(when_full: WhenFull) -> Site {
+    Site::start_with(|c| {
         archive_to(c, Path::new(UNWRITABLE));
         c.spool.sinks.insert(
             "archive".into(),
             QueueOverride {
                 max_bytes: Some(ByteSize(8 << 10)),
-                when_full: Some(WhenFull::Block),
+                when_full: Some(when_full),
                 ..Default::default()
             },
         );
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_withholds_pubacks_in_block_mode() {
+    let site = site_with_a_tiny_stuck_queue(WhenFull::Block).await;
     let sensor = site.device("sensor-1").await;
     let acked = publish_counting_acks(&site, &sensor, 40, Duration::from_secs(3)).await;
     assert!(acked > 0 && acked < 40, "{acked} of 40 acknowledged");
@@ -286,18 +291,7 @@ async fn a_full_queue_withholds_pubacks_in_block_mode() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_drops_its_oldest_blocks_in_drop_oldest_mode() {
-    let site = Site::start_with(|c| {
-        archive_to(c, Path::new(UNWRITABLE));
-        c.spool.sinks.insert(
-            "archive".into(),
-            QueueOverride {
-                max_bytes: Some(ByteSize(8 << 10)),
-                when_full: Some(WhenFull::DropOldest),
-                ..Default::default()
-            },
-        );
-    })
-    .await;
+    let site = site_with_a_tiny_stuck_queue(WhenFull::DropOldest).await;
     let sensor = site.device("sensor-1").await;
     let acked = publish_counting_acks(&site, &sensor, 40, Duration::from_secs(20)).await;
     assert_eq!(acked, 40);

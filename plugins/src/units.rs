@@ -25,49 +25,85 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// `"<digits><unit>"` as a whole number times the unit's factor from `units`; `what` and
+/// `example` word the error.
+fn parse_scaled(s: &str, units: &[(&str, u64)], what: &str, example: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a {what} (expected e.g. {example})"))?;
+    let unit = unit.trim();
+    let factor = units
+        .iter()
+        .find(|(u, _)| *u == unit)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| {
+            let names: Vec<&str> = units
+                .iter()
+                .map(|(u, _)| *u)
+                .filter(|u| !u.is_empty())
+                .collect();
+            format!(
+                "unknown {what} unit {unit:?} in {s:?} (use {})",
+                names.join(", ")
+            )
+        })?;
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Config values written either as a bare integer or as text with a unit.
+fn int_or_text<'de, D, T>(d: D, from_int: fn(u64) -> T) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(from_int(n)),
+        Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+const SIZE_UNITS: &[(&str, u64)] = &[
+    ("", 1),
+    ("B", 1),
+    ("KiB", 1 << 10),
+    ("MiB", 1 << 20),
+    ("GiB", 1 << 30),
+    ("TiB", 1 << 40),
+    ("KB", 1_000),
+    ("MB", 1_000_000),
+    ("GB", 1_000_000_000),
+    ("TB", 1_000_000_000_000),
+];
+
+const TIME_UNITS: &[(&str, u64)] = &[
+    ("", 1),
+    ("ms", 1),
+    ("s", 1_000),
+    ("m", 60_000),
+    ("h", 3_600_000),
+    ("d", 86_400_000),
+];
+
 impl std::str::FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| {
-            format!("{s:?} is not a size (expected e.g. 4096, \"256KiB\", \"8GiB\")")
-        })?;
-        let factor: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KB" => 1_000,
-            "KiB" => 1 << 10,
-            "MB" => 1_000_000,
-            "MiB" => 1 << 20,
-            "GB" => 1_000_000_000,
-            "GiB" => 1 << 30,
-            "TB" => 1_000_000_000_000,
-            "TiB" => 1 << 40,
-            other => {
-                return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ))
-            }
-        };
-        n.checked_mul(factor)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        parse_scaled(s, SIZE_UNITS, "size", "4096, \"256KiB\", \"8GiB\"").map(ByteSize)
     }
 }
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        int_or_text(d, ByteSize)
     }
 }
 
@@ -102,42 +138,14 @@ impl fmt::Display for Period {
 impl std::str::FromStr for Period {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| {
-            format!("{s:?} is not a period (expected e.g. 500, \"500ms\", \"30s\", \"7d\")")
-        })?;
-        let millis: u64 = match unit.trim() {
-            "" | "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            other => {
-                return Err(format!(
-                    "unknown time unit {other:?} in {s:?} (use ms, s, m, h, d)"
-                ))
-            }
-        };
-        n.checked_mul(millis)
+        parse_scaled(s, TIME_UNITS, "period", "500, \"500ms\", \"30s\", \"7d\"")
             .map(Period::from_millis)
-            .ok_or_else(|| format!("{s:?} is too long"))
     }
 }
 
 impl<'de> Deserialize<'de> for Period {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Period::from_millis(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        int_or_text(d, Period::from_millis)
     }
 }
 
@@ -162,6 +170,6 @@ mod tests {
             Duration::from_millis(250)
         );
         let err = "3 weeks".parse::<Period>().unwrap_err();
-        assert!(err.contains("unknown time unit"), "{err}");
+        assert!(err.contains("unknown period unit"), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 //! columns (`a.b` for nested fields), types inferred per batch or declared by the rule, and the
 //! metadata columns every statement can use. Rows back to JSON objects for the sinks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,9 +38,10 @@ pub struct DecodeFailure {
     pub reason: String,
 }
 
+/// Move the fields of `value` into `out`, nested objects as dotted names.
 fn flatten(
-    prefix: &str,
-    value: &Map<String, Value>,
+    prefix: Option<&str>,
+    value: Map<String, Value>,
     depth: usize,
     out: &mut Vec<(String, Value)>,
 ) -> Result<(), String> {
@@ -48,14 +49,13 @@ fn flatten(
         return Err(format!("payload nests deeper than {MAX_DEPTH} levels"));
     }
     for (k, v) in value {
-        let name = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
+        let name = match prefix {
+            None => k,
+            Some(p) => format!("{p}.{k}"),
         };
         match v {
-            Value::Object(inner) => flatten(&name, inner, depth + 1, out)?,
-            other => out.push((name, other.clone())),
+            Value::Object(inner) => flatten(Some(&name), inner, depth + 1, out)?,
+            other => out.push((name, other)),
         }
     }
     Ok(())
@@ -85,72 +85,85 @@ pub fn decode(
     declared: &[(String, ColumnType)],
     columns: &BTreeSet<String>,
 ) -> (RecordBatch, Vec<usize>, Vec<DecodeFailure>) {
-    let mut rows: Vec<(usize, Vec<(String, Value)>)> = Vec::with_capacity(messages.len());
+    // Columns are filled row by row: each message's fields are moved into their column, and
+    // columns a message lacks are padded with None when the next value (or the end) comes.
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut payload_columns: Vec<(String, Vec<Option<Value>>)> = Vec::new();
+    let mut kept: Vec<usize> = Vec::with_capacity(messages.len());
     let mut failures = Vec::new();
-    'messages: for (index, m) in messages.iter().enumerate() {
-        let parsed: Value = match serde_json::from_slice(&m.payload) {
-            Ok(v) => v,
+    let mut fields: Vec<(String, Value)> = Vec::new();
+    'messages: for (i, m) in messages.iter().enumerate() {
+        let object: Map<String, Value> = match serde_json::from_slice(&m.payload) {
+            Ok(o) => o,
             Err(e) => {
-                failures.push(DecodeFailure {
-                    index,
-                    reason: format!("payload is not JSON: {e}"),
-                });
+                let reason = match serde_json::from_slice::<Value>(&m.payload) {
+                    Ok(_) => "payload is not a JSON object".to_string(),
+                    Err(_) => format!("payload is not JSON: {e}"),
+                };
+                failures.push(DecodeFailure { index: i, reason });
                 continue;
             }
         };
-        let Value::Object(obj) = parsed else {
-            failures.push(DecodeFailure {
-                index,
-                reason: "payload is not a JSON object".into(),
-            });
-            continue;
-        };
-        let mut fields = Vec::new();
-        if let Err(reason) = flatten("", &obj, 1, &mut fields) {
-            failures.push(DecodeFailure { index, reason });
+        fields.clear();
+        if let Err(reason) = flatten(None, object, 1, &mut fields) {
+            failures.push(DecodeFailure { index: i, reason });
             continue;
         }
-        for (name, value) in fields.iter_mut() {
-            if let Some((_, ty)) = declared.iter().find(|(c, _)| c == name) {
-                match declared_value(name, *ty, value) {
-                    Ok(v) => *value = v,
-                    Err(reason) => {
-                        failures.push(DecodeFailure { index, reason });
-                        continue 'messages;
+        if !declared.is_empty() {
+            for (name, value) in fields.iter_mut() {
+                if let Some((_, ty)) = declared.iter().find(|(c, _)| c == name) {
+                    match declared_value(name, *ty, value) {
+                        Ok(v) => *value = v,
+                        Err(reason) => {
+                            failures.push(DecodeFailure { index: i, reason });
+                            continue 'messages;
+                        }
                     }
                 }
             }
         }
-        rows.push((index, fields));
-    }
-    // Column order: metadata first, then payload columns as first seen.
-    let mut names: Vec<String> = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (_, fields) in &rows {
-        for (n, _) in fields {
-            if !n.starts_with("__") && seen.insert(n.clone()) {
-                names.push(n.clone());
+        let row = kept.len();
+        kept.push(i);
+        for (name, value) in fields.drain(..) {
+            if name.starts_with("__") || value.is_null() {
+                continue;
+            }
+            let c = match index.get(&name) {
+                Some(&c) => c,
+                None => {
+                    index.insert(name.clone(), payload_columns.len());
+                    payload_columns.push((name, Vec::new()));
+                    payload_columns.len() - 1
+                }
+            };
+            let values = &mut payload_columns[c].1;
+            if values.len() > row {
+                values[row] = Some(value);
+            } else {
+                values.resize(row, None);
+                values.push(Some(value));
             }
         }
     }
-    for (c, _) in declared {
-        if seen.insert(c.clone()) {
-            names.push(c.clone());
+    let extra = declared
+        .iter()
+        .map(|(c, _)| c)
+        .chain(columns.iter().filter(|c| !c.starts_with("__")));
+    for c in extra {
+        if !index.contains_key(c) {
+            index.insert(c.clone(), payload_columns.len());
+            payload_columns.push((c.clone(), Vec::new()));
         }
     }
-    for c in columns {
-        if !c.starts_with("__") && seen.insert(c.clone()) {
-            names.push(c.clone());
-        }
-    }
-    let mut fields = vec![
+    let rows = kept.len();
+    let mut schema_fields = vec![
         Field::new(TOPIC, DataType::Utf8, false),
         Field::new(THING, DataType::Utf8, false),
         Field::new(CERT_ID, DataType::Utf8, false),
         Field::new(RECEIVED_AT, DataType::Int64, false),
     ];
-    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(names.len() + 4);
-    let picked: Vec<&Message> = rows.iter().map(|(i, _)| messages[*i]).collect();
+    let picked: Vec<&Message> = kept.iter().map(|&i| messages[i]).collect();
+    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(payload_columns.len() + 4);
     arrays.push(Arc::new(
         picked
             .iter()
@@ -175,28 +188,21 @@ pub fn decode(
             .map(|m| Some(m.received_at_ms))
             .collect::<datafusion::arrow::array::Int64Array>(),
     ));
-    let lookup: Vec<BTreeMap<&str, &Value>> = rows
-        .iter()
-        .map(|(_, f)| f.iter().map(|(n, v)| (n.as_str(), v)).collect())
-        .collect();
-    for name in &names {
-        let values: Vec<Option<&Value>> = lookup
-            .iter()
-            .map(|r| r.get(name.as_str()).copied().filter(|v| !v.is_null()))
-            .collect();
-        let declared_ty = declared.iter().find(|(c, _)| c == name).map(|(_, t)| *t);
+    for (name, mut values) in payload_columns {
+        values.resize(rows, None);
+        let declared_ty = declared.iter().find(|(c, _)| *c == name).map(|(_, t)| *t);
         let (ty, array) = column(&values, declared_ty);
-        fields.push(Field::new(name, ty, true));
+        schema_fields.push(Field::new(name, ty, true));
         arrays.push(array);
     }
-    let schema = Arc::new(Schema::new(fields));
+    let schema = Arc::new(Schema::new(schema_fields));
     let batch = RecordBatch::try_new(schema.clone(), arrays)
         .unwrap_or_else(|_| RecordBatch::new_empty(schema));
-    (batch, rows.iter().map(|(i, _)| *i).collect(), failures)
+    (batch, kept, failures)
 }
 
-fn column(values: &[Option<&Value>], declared: Option<ColumnType>) -> (DataType, ArrayRef) {
-    let present: Vec<&Value> = values.iter().flatten().copied().collect();
+fn column(values: &[Option<Value>], declared: Option<ColumnType>) -> (DataType, ArrayRef) {
+    let present: Vec<&Value> = values.iter().flatten().collect();
     let ty = match declared {
         Some(ColumnType::Double) => DataType::Float64,
         Some(ColumnType::BigInt) => DataType::Int64,
@@ -216,21 +222,21 @@ fn column(values: &[Option<&Value>], declared: Option<ColumnType>) -> (DataType,
             let mut b = BooleanBuilder::with_capacity(values.len());
             values
                 .iter()
-                .for_each(|v| b.append_option(v.and_then(Value::as_bool)));
+                .for_each(|v| b.append_option(v.as_ref().and_then(Value::as_bool)));
             Arc::new(b.finish())
         }
         DataType::Int64 => {
             let mut b = Int64Builder::with_capacity(values.len());
             values
                 .iter()
-                .for_each(|v| b.append_option(v.and_then(Value::as_i64)));
+                .for_each(|v| b.append_option(v.as_ref().and_then(Value::as_i64)));
             Arc::new(b.finish())
         }
         DataType::Float64 => {
             let mut b = Float64Builder::with_capacity(values.len());
             values
                 .iter()
-                .for_each(|v| b.append_option(v.and_then(Value::as_f64)));
+                .for_each(|v| b.append_option(v.as_ref().and_then(Value::as_f64)));
             Arc::new(b.finish())
         }
         _ => {

@@ -247,7 +247,7 @@ pub async fn check(
         if let Some(sinks) = sinks {
             let mut known: Vec<&str> = sinks.iter().map(String::as_str).collect();
             known.sort_unstable();
-            if !sinks.iter().any(|k| *k == s.sink) {
+            if !sinks.contains(&s.sink) {
                 return Err(RuleError {
                     file: file.into(),
                     line: s.line,

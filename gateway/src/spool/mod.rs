@@ -449,16 +449,7 @@ impl Spool {
         let cipher = match self.keys.opening_key(key_id).await {
             Ok(c) => c,
             Err(e) if e.retryable() => return Err(e.into()),
-            Err(e) => {
-                self.quarantine_block(
-                    &queue.sink,
-                    &queue.tree,
-                    &first.to_be_bytes(),
-                    &e.to_string(),
-                )?;
-                queue.index().remove(first);
-                return Ok(None);
-            }
+            Err(e) => return self.set_aside(queue, first, &e.to_string()),
         };
         match block::open(&queue.sink, &cipher, &stored) {
             Ok(records) => {
@@ -466,17 +457,20 @@ impl Spool {
                 queue.index().cache = Some((first, records.clone()));
                 Ok(Some(records))
             }
-            Err(e) => {
-                self.quarantine_block(
-                    &queue.sink,
-                    &queue.tree,
-                    &first.to_be_bytes(),
-                    &e.to_string(),
-                )?;
-                queue.index().remove(first);
-                Ok(None)
-            }
+            Err(e) => self.set_aside(queue, first, &e.to_string()),
         }
+    }
+
+    /// Quarantine the live queue's block at `first` and drop it from the index.
+    fn set_aside(
+        &self,
+        queue: &Queue,
+        first: u64,
+        reason: &str,
+    ) -> Result<Option<Arc<Vec<Record>>>, SpoolError> {
+        self.quarantine_block(&queue.sink, &queue.tree, &first.to_be_bytes(), reason)?;
+        queue.index().remove(first);
+        Ok(None)
     }
 
     /// Everything in `sink` up to and including record `through` is delivered: forget it.
