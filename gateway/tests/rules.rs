@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{sink_lines, text, Site};
+use common::{text, wait_lines, Site};
 use sitegate::admin::{AdminRequest, AdminResponse};
 use sitegate::pipeline::RulesReport;
 use sitegate_plugins::file::FileConfig;
@@ -44,21 +44,6 @@ async fn wait_until<F: Fn(&RulesReport) -> bool>(site: &Site, what: &str, check:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for {what}: {:?}", report(site).await);
-}
-
-async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
-    for _ in 0..200 {
-        let lines = sink_lines(path);
-        if lines.len() >= n {
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{} never reached {n} lines: {:?}",
-        path.display(),
-        sink_lines(path)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::aws::{Moto, Relay};
-use common::{files_containing, sink_lines, text, Site};
+use common::{files_containing, text, wait_lines, Site};
 use sitegate::config::{Config, QueueOverride, RouteConfig, WhenFull};
 use sitegate_plugins::file::FileConfig;
 use sitegate_plugins::{ByteSize, SinkConfig};
@@ -39,21 +39,6 @@ fn archive_to(config: &mut Config, path: &Path) {
 
 fn out_path(config: &Config) -> PathBuf {
     config.data_dir.parent().unwrap().join("out/archive.jsonl")
-}
-
-async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
-    for _ in 0..400 {
-        let lines = sink_lines(path);
-        if lines.len() >= n {
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "file sink {} never reached {n} lines: {:?}",
-        path.display(),
-        sink_lines(path)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -97,6 +82,15 @@ async fn qos1_messages_reach_the_file_sink_with_the_device_identity() {
     let status = site.spool_status().await;
     assert_eq!(status.queues[0].records, 0, "{status:?}");
     site.stop().await;
+}
+
+/// The spool's current data key is wrapped by `wrapper` ("file:…" or "kms:…").
+fn assert_wrapped_by(status: &sitegate::spool::SpoolStatus, wrapper: &str) {
+    let by = status.keys.wrapped_by.as_deref().unwrap_or_default();
+    assert!(
+        by.starts_with(wrapper),
+        "wrapped by {by:?}, expected {wrapper}…: {status:?}"
+    );
 }
 
 /// Publishes `count` messages whose payload and topic carry `marker`; all are acknowledged.
@@ -150,15 +144,7 @@ async fn nothing_is_stored_in_plaintext_with_a_key_file() {
     publish_marked(&site, &sensor, marker, 0, 6).await;
     let status = site.spool_status().await;
     assert_eq!(status.queues[0].records, 6, "{status:?}");
-    assert!(
-        status
-            .keys
-            .wrapped_by
-            .as_deref()
-            .unwrap()
-            .starts_with("file:"),
-        "{status:?}"
-    );
+    assert_wrapped_by(&status, "file:");
     let data_dir = site.config.data_dir.clone();
     let mut site = site;
     site.halt().await;
@@ -197,15 +183,7 @@ async fn kms_wraps_keys_and_an_offline_restart_keeps_accepting_then_drains() {
     publish_marked(&site, &sensor, marker, 4, 4).await;
     let status = site.spool_status().await;
     assert_eq!(status.queues[0].records, 8, "{status:?}");
-    assert!(
-        status
-            .keys
-            .wrapped_by
-            .as_deref()
-            .unwrap()
-            .starts_with("file:"),
-        "{status:?}"
-    );
+    assert_wrapped_by(&status, "file:");
     site.halt().await;
     assert_not_at_rest(&data_dir, marker);
 

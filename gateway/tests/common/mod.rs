@@ -316,6 +316,22 @@ pub fn sink_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (up to 20 s) until the file sink at `path` holds at least `n` lines; returns them all.
+pub async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..400 {
+        let lines = sink_lines(path);
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "file sink {} never reached {n} lines: {:?}",
+        path.display(),
+        sink_lines(path)
+    );
+}
+
 pub fn text(output: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
