@@ -355,9 +355,16 @@ async fn committer(
         }
         let mut batches = route(&routes, &waiting);
         if let Some(r) = rules.as_mut() {
+            // Only messages some rule takes are copied for the engine; routes need no copy.
+            let sources = r.engine.sources();
             let messages: Vec<Arc<sitegate_rules::Message>> = waiting
                 .iter()
                 .flat_map(|s| s.messages.iter())
+                .filter(|m| {
+                    sources
+                        .iter()
+                        .any(|f| sitegate_plugins::topic::filter_matches(f, &m.topic))
+                })
                 .map(|m| {
                     Arc::new(sitegate_rules::Message {
                         topic: m.topic.clone(),
@@ -371,11 +378,16 @@ async fn committer(
             stats
                 .rule_messages_in
                 .fetch_add(messages.len() as u64, Relaxed);
-            let produced = r
-                .engine
-                .process(&messages, crate::spool::now_ms() as i64)
-                .await;
-            add_outputs(&mut batches, produced.outputs, &stats);
+            if messages.is_empty() {
+                let closed = r.engine.tick(crate::spool::now_ms() as i64).await;
+                add_outputs(&mut batches, closed.outputs, &stats);
+            } else {
+                let produced = r
+                    .engine
+                    .process(&messages, crate::spool::now_ms() as i64)
+                    .await;
+                add_outputs(&mut batches, produced.outputs, &stats);
+            }
         }
         let result = commit(&spool, &batches, &stats, &mut shutdown).await;
         for s in waiting {

@@ -135,16 +135,19 @@ fn retype_nulls(batch: &RecordBatch, to: &DataType) -> Option<RecordBatch> {
 const NULL_FALLBACKS: [DataType; 2] = [DataType::Float64, DataType::Utf8];
 
 /// Plan `sql` for `batch`'s schema, retyping absent columns when null does not plan. Returns
-/// the plan and the batch as the plan expects it.
-async fn plan_for(sql: &str, batch: RecordBatch) -> Result<(Plan, RecordBatch), String> {
+/// the plan, the batch as the plan expects it, and the type absent columns were given (if any).
+async fn plan_for(
+    sql: &str,
+    batch: RecordBatch,
+) -> Result<(Plan, RecordBatch, Option<DataType>), String> {
     let first = match plan(sql, batch.schema()).await {
-        Ok(p) => return Ok((p, batch)),
+        Ok(p) => return Ok((p, batch, None)),
         Err(e) => e,
     };
     for ty in &NULL_FALLBACKS {
         if let Some(retyped) = retype_nulls(&batch, ty) {
             if let Ok(p) = plan(sql, retyped.schema()).await {
-                return Ok((p, retyped));
+                return Ok((p, retyped, Some(ty.clone())));
             }
         }
     }
@@ -175,11 +178,6 @@ impl Plan {
             .await
             .map_err(|e| e.to_string())
     }
-}
-
-/// For each field of a schema key, whether it was null-typed.
-fn p_schema_nulls(key: &str) -> Vec<bool> {
-    key.split(',').map(|f| f.ends_with(":Null")).collect()
 }
 
 fn schema_key(schema: &SchemaRef) -> String {
@@ -519,18 +517,7 @@ impl Statement {
                 if self.plans.len() >= MAX_PLANS_PER_STATEMENT {
                     self.plans.clear();
                 }
-                let (p, planned) = plan_for(&self.spec.sql, batch).await?;
-                let retype = NULL_FALLBACKS
-                    .iter()
-                    .find(|ty| {
-                        planned
-                            .schema()
-                            .fields()
-                            .iter()
-                            .zip(p_schema_nulls(&key))
-                            .any(|(f, was_null)| was_null && f.data_type() == *ty)
-                    })
-                    .cloned();
+                let (p, planned, retype) = plan_for(&self.spec.sql, batch).await?;
                 self.plans.insert(key.clone(), (p, retype));
                 planned
             }

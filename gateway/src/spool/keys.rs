@@ -18,6 +18,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use crate::config::EncryptionConfig;
+use crate::spool::now_ms;
 
 const KIND_KMS: u8 = 1;
 const KIND_FILE: u8 = 2;
@@ -114,10 +115,6 @@ fn dek_aad(key_id: u32) -> Vec<u8> {
     let mut aad = b"sitegate-spool-dek".to_vec();
     aad.extend_from_slice(&key_id.to_be_bytes());
     aad
-}
-
-fn now_ms() -> u64 {
-    crate::spool::now_ms()
 }
 
 impl KeyRing {
