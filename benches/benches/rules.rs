@@ -1,6 +1,7 @@
 //! Rules on 100-byte JSON telemetry, on one core (a current-thread runtime): the JSON → Arrow
-//! decode alone, a filter + projection rule (decode included), and a one-minute tumbling
-//! average per device (absorbing the batch, then closing the window).
+//! decode alone (every field, and the two fields a rule names), a filter + projection rule
+//! (decode included), and a one-minute tumbling average per device (absorbing the batch, then
+//! closing the window).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sitegate_rules::batch::decode;
+use sitegate_rules::batch::Decoder;
 use sitegate_rules::{Engine, ErrorRouting, Message};
 
 const BATCH: usize = 10_000;
@@ -58,9 +59,17 @@ fn rules(c: &mut Criterion) {
     let mut g = c.benchmark_group("rules_10k_messages_one_core");
     g.throughput(Throughput::Elements(BATCH as u64));
     let refs: Vec<&Message> = msgs.iter().map(|m| m.as_ref()).collect();
-    let columns = BTreeSet::new();
+    let every_field = Decoder::new(&[], &BTreeSet::new(), true);
     g.bench_function("decode_json_to_arrow", |b| {
-        b.iter(|| decode(&refs, &[], &columns))
+        b.iter(|| every_field.decode(&refs))
+    });
+    let two_fields = Decoder::new(
+        &[],
+        &BTreeSet::from(["temp".into(), "humidity".into()]),
+        false,
+    );
+    g.bench_function("decode_two_of_eight_fields", |b| {
+        b.iter(|| two_fields.decode(&refs))
     });
 
     let mut filter = engine(&rt, "INSERT INTO out SELECT thing_name() AS thing, temp, humidity FROM 'dt/+/telemetry' WHERE temp > 0");

@@ -264,6 +264,10 @@ pub struct AdminConfig {
     /// Unix socket path (mode 0600). Defaults to `<data_dir>/admin.sock`.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at `http://<this>/metrics`, e.g. "127.0.0.1:9464". A loopback
+    /// address only: the endpoint has no authentication. Off when absent.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 fn default_spool_max_bytes() -> ByteSize {
@@ -548,6 +552,20 @@ impl Config {
         for (key, value) in positive {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        if let Some(metrics) = &self.admin.metrics {
+            let addr = metrics.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid(
+                    "admin.metrics",
+                    format!("{e}: expected host:port such as \"127.0.0.1:9464\""),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::invalid(
+                    "admin.metrics",
+                    format!("{addr} is not a loopback address; the metrics endpoint has no authentication, so it serves 127.0.0.1 or ::1 only"),
+                ));
             }
         }
         self.auth.validate()?;

@@ -69,6 +69,8 @@ pub enum RunError {
 pub struct Listeners {
     pub mqtts: TcpListener,
     pub admin: UnixListener,
+    /// The Prometheus endpoint (`[admin] metrics`), when served.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -87,15 +89,42 @@ impl Listeners {
             addr: socket.display().to_string(),
             source,
         })?;
-        Ok(Listeners { mqtts, admin })
+        let metrics = match &config.admin.metrics {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Bind {
+                        what: "admin.metrics",
+                        addr: addr.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        Ok(Listeners {
+            mqtts,
+            admin,
+            metrics,
+        })
     }
 }
+
+/// Raises this process's open-file limit to its hard limit (each device connection is a
+/// descriptor; the soft limit is often 1024); returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
+/// sled's page cache. Its default (1 GiB) fills with freshly written spool blocks under load;
+/// drains read what was just written, which the OS page cache holds anyway.
+const STORE_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Opens the gateway's sled database under `data_dir`.
 pub fn open_store(config: &Config) -> Result<sled::Db, RunError> {
     let path = config.data_dir.join("db");
     sled::Config::new()
         .path(&path)
+        .cache_capacity(STORE_CACHE_BYTES)
         .open()
         .map_err(|source| RunError::Store { path, source })
 }
@@ -103,6 +132,7 @@ pub fn open_store(config: &Config) -> Result<sled::Db, RunError> {
 /// A started gateway.
 pub struct Gateway {
     local_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     sessions: Arc<SessionTable>,
     stop: watch::Sender<bool>,
@@ -208,14 +238,28 @@ impl Gateway {
             ingest,
         });
         let local_addr = listeners.mqtts.local_addr().ok();
+        let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
         let admin_service = Arc::new(AdminService {
             authority,
             sessions: Arc::clone(&sessions),
             stats: Arc::clone(&stats),
             spool: Some(Arc::clone(&spool)),
-            rules,
+            rules: Arc::clone(&rules),
         });
-        let tasks = vec![
+        let mut tasks = Vec::new();
+        if let Some(listener) = listeners.metrics {
+            let sources = crate::prometheus::Sources {
+                stats: Arc::clone(&stats),
+                spool: Arc::clone(&spool),
+                rules,
+            };
+            tasks.push(tokio::spawn(crate::prometheus::serve(
+                listener,
+                sources,
+                stopped.clone(),
+            )));
+        }
+        tasks.extend([
             tokio::spawn(crate::listener::serve(
                 listeners.mqtts,
                 acceptor,
@@ -225,16 +269,18 @@ impl Gateway {
                 stopped.clone(),
             )),
             tokio::spawn(admin::serve(listeners.admin, admin_service, stopped)),
-        ];
+        ]);
         info!(
             site = %config.site_name(),
             mqtts = ?local_addr,
+            metrics = ?metrics_addr,
             admin = %config.admin_socket().display(),
             data_dir = %config.data_dir.display(),
             "sitegate started"
         );
         Ok(Gateway {
             local_addr,
+            metrics_addr,
             stats,
             sessions,
             stop,
@@ -249,6 +295,11 @@ impl Gateway {
     /// The address devices connect to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The spool (depth, status).

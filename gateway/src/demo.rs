@@ -217,6 +217,7 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
     let listeners = Listeners {
         mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
         admin: admin::bind(&config.admin_socket())?,
+        metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
     };
     let gateway = Gateway::start(config.clone(), listeners).await?;
     let addr = gateway.local_addr().context("gateway has no address")?;
@@ -304,6 +305,13 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
     let s = gateway.stats().snapshot();
     let list = ask(&socket, AdminRequest::List).await?;
     let spool = gateway.spool().status().await;
+    let metrics = match gateway.metrics_addr() {
+        Some(addr) => sitegate::prometheus::scrape(addr)
+            .await
+            .ok()
+            .map(|t| (addr, t)),
+        None => None,
+    };
     gateway.stop().await;
 
     println!("\nsummary after {:.1}s", started.elapsed().as_secs_f64());
@@ -358,6 +366,31 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
                 d.thing,
                 d.state.to_string(),
                 d.groups.join(",")
+            );
+        }
+    }
+    if let Some((addr, text)) = metrics {
+        println!("\n  a few of the Prometheus metrics at http://{addr}/metrics:");
+        for series in [
+            "sitegate_connections_open",
+            "sitegate_messages_in_total{qos=\"1\"}",
+            "sitegate_denied_total{reason=\"publish_not_allowed\"}",
+            "sitegate_rule_rows_out_total{rule=\"warm_thermostats\"}",
+            "sitegate_spool_records{sink=\"archive\"}",
+            "sitegate_receive_to_durable_seconds_count",
+        ] {
+            if let Some(v) = sitegate::prometheus::value_of(&text, series) {
+                println!("  {series:<58} {v}");
+            }
+        }
+        let sum = sitegate::prometheus::value_of(&text, "sitegate_receive_to_durable_seconds_sum");
+        let count =
+            sitegate::prometheus::value_of(&text, "sitegate_receive_to_durable_seconds_count");
+        if let (Some(sum), Some(count)) = (sum, count.filter(|c| *c > 0.0)) {
+            println!(
+                "  {:<58} {:.2} ms",
+                "mean receive → durable",
+                sum / count * 1000.0
             );
         }
     }

@@ -106,8 +106,17 @@ impl DeviceCredentials {
         gateway: SocketAddr,
         keep_alive: Duration,
     ) -> Result<rumqttc::v5::MqttOptions, FleetError> {
-        let mut opts =
-            rumqttc::v5::MqttOptions::new(&self.thing, gateway.ip().to_string(), gateway.port());
+        self.mqtt5_options_for(&gateway.ip().to_string(), gateway.port(), keep_alive)
+    }
+
+    /// MQTT 5 options for a gateway by name: the name is also what its certificate must show.
+    pub fn mqtt5_options_for(
+        &self,
+        host: &str,
+        port: u16,
+        keep_alive: Duration,
+    ) -> Result<rumqttc::v5::MqttOptions, FleetError> {
+        let mut opts = rumqttc::v5::MqttOptions::new(&self.thing, host, port);
         opts.set_keep_alive(keep_alive);
         opts.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(Arc::new(self.client_config()?)),

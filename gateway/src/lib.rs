@@ -19,9 +19,11 @@
 //! - `spool`: per-sink durable queues in sled, compressed and AES-256-GCM sealed; the drains.
 //! - `admin`: the local admin socket behind `sitegate device …`.
 //! - `stats`: counters of the device edge.
+//! - `prometheus`: the `/metrics` endpoint on a loopback port, latency histograms.
 //! - `daemon`: `run(config, listeners, shutdown)` and [`Gateway`].
 //! - `greengrass`: the component recipe and configuration from the nucleus.
 //! - `fleet`: virtual devices (rumqttc over mutual TLS) for the demo, simulator and tests.
+//! - `simulate`: `sitegate simulate`, a fleet of thousands of virtual devices with a summary.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -36,8 +38,10 @@ pub mod greengrass;
 pub mod listener;
 pub mod pipeline;
 pub mod pki;
+pub mod prometheus;
 pub mod session;
 pub mod sessions;
+pub mod simulate;
 pub mod spool;
 pub mod stats;
 pub mod tls;

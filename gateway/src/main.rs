@@ -1,4 +1,5 @@
-//! The `sitegate` command line: run the gateway, make certificates, manage devices, demo.
+//! The `sitegate` command line: run the gateway, make certificates, manage devices, demo,
+//! simulate a fleet.
 
 mod demo;
 
@@ -13,9 +14,11 @@ use sitegate::auth::{Authority, PolicySet, Registry};
 use sitegate::config::Config;
 use sitegate::daemon::{self, Listeners};
 use sitegate::sessions::SessionTable;
+use sitegate::simulate::{self, Profile};
 use sitegate::stats::Stats;
 use sitegate::{greengrass, pki, spool};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "sitegate", version, about = "Site gateway for IoT fleets")]
@@ -53,6 +56,9 @@ enum Command {
         #[arg(long)]
         kinesis_endpoint: Option<String>,
     },
+    /// Run a fleet of virtual devices against a gateway (or any MQTT 5 broker that takes
+    /// client certificates), then print a summary.
+    Simulate(SimulateArgs),
     /// Site certificate authority.
     Ca {
         #[command(subcommand)]
@@ -156,6 +162,71 @@ enum SpoolCommand {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Gateway address, HOST:PORT.
+    #[arg(long)]
+    gateway: String,
+    /// Site CA folder (`sitegate ca init`): trusted for the gateway, and used to issue the
+    /// devices' certificates in memory unless --certs is given.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Load THING.pem and THING.key from this folder instead of issuing certificates.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Number of devices, each with its own certificate and connection.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Messages per second across the fleet; 0 publishes as fast as PUBACKs come back.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Seconds of publishing (before and after the storm, with --storm).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// The devices' thing type.
+    #[arg(long, value_enum, default_value_t = Profile::Mixed)]
+    profile: Profile,
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Pad payloads to at least this many bytes.
+    #[arg(long)]
+    payload_bytes: Option<usize>,
+    /// Devices are named PREFIX-PROFILE-N.
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    /// Approve every device into GROUP before connecting (through --config's admin socket,
+    /// or the registry when the gateway is stopped).
+    #[arg(long, requires = "config")]
+    approve_as: Option<String>,
+    /// The gateway's config file, for --approve-as.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This many devices send bad JSON, oversize payloads and forbidden topics now and then.
+    #[arg(long, default_value_t = 0)]
+    misbehaving: usize,
+    /// New connections per second while the fleet comes up.
+    #[arg(long, default_value_t = 1000.0)]
+    connect_rate: f64,
+    /// Chance per acknowledged publish that a device drops its link and reconnects.
+    #[arg(long, default_value_t = 0.0)]
+    reconnect_chance: f64,
+    /// QoS 1 publishes each device keeps in flight.
+    #[arg(long, default_value_t = 16)]
+    inflight: u16,
+    /// After --duration, drop all devices but --storm-keep at once and time their return.
+    #[arg(long)]
+    storm: bool,
+    /// Devices that stay connected through the storm.
+    #[arg(long, default_value_t = 50)]
+    storm_keep: usize,
+    /// Also write the summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -276,11 +347,23 @@ fn dispatch(cli: Cli) -> Result<()> {
                     greengrass::config_from_json(&text, &base)?
                 }
             };
+            let limit = daemon::raise_fd_limit();
+            if (limit as usize) < config.listener.max_connections + 64 {
+                tracing::warn!(
+                    open_files = limit,
+                    max_connections = config.listener.max_connections,
+                    "the open-file limit is below listener.max_connections: raise LimitNOFILE (or ulimit -Hn)"
+                );
+            }
             runtime()?.block_on(async {
                 let listeners = Listeners::bind(&config).await?;
                 daemon::run(config, listeners, shutdown_signal()).await?;
                 Ok(())
             })
+        }
+        Command::Simulate(args) => {
+            init_logging("warn");
+            simulate(args)
         }
         Command::Demo {
             seconds,
@@ -397,6 +480,104 @@ async fn shutdown_signal() {
             let _ = ctrl_c.await;
         }
     }
+}
+
+fn simulate(args: SimulateArgs) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = args
+        .gateway
+        .rsplit_once(':')
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse::<u16>().ok()?,
+            ))
+        })
+        .with_context(|| format!("--gateway {}: expected HOST:PORT", args.gateway))?;
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .with_context(|| format!("--gateway {}", args.gateway))?
+        .next()
+        .with_context(|| format!("--gateway {} resolves to no address", args.gateway))?;
+    let rt = runtime()?;
+    if let (Some(group), Some(config)) = (&args.approve_as, &args.config) {
+        let config = Config::load(config)?;
+        let names = simulate::device_names(&args.prefix, args.profile, args.devices);
+        let approved = rt.block_on(approve_all(&config, &names, group))?;
+        eprintln!("approved {approved} devices into group {group}");
+    }
+    let limit = daemon::raise_fd_limit();
+    if (limit as usize) < args.devices + 64 {
+        eprintln!(
+            "warning: {} devices need about as many open files; the limit is {limit}. Raise it with `ulimit -n {}` (and the hard limit in /etc/security/limits.conf or the unit's LimitNOFILE).",
+            args.devices,
+            args.devices + 1024
+        );
+    }
+    let options = simulate::Options {
+        host,
+        port,
+        ca_dir: args.ca,
+        certs_dir: args.certs,
+        devices: args.devices,
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration),
+        profile: args.profile,
+        qos: args.qos,
+        payload_bytes: args.payload_bytes,
+        prefix: args.prefix,
+        misbehaving: args.misbehaving,
+        connect_rate: args.connect_rate,
+        reconnect_chance: args.reconnect_chance,
+        inflight: args.inflight,
+        storm: args.storm.then_some(simulate::StormOptions {
+            keep: args.storm_keep,
+            settle: Duration::from_secs(args.duration),
+        }),
+        progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = rt.block_on(simulate::run(options))?;
+    print!("{}", summary.text());
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Approves `things` into `group`: through the running gateway, or on its registry when it is
+/// stopped (opened once for all of them).
+async fn approve_all(config: &Config, things: &[String], group: &str) -> Result<usize> {
+    let groups = vec![group.to_string()];
+    let request = |thing: &String| AdminRequest::Approve {
+        thing: thing.clone(),
+        groups: groups.clone(),
+    };
+    let Some(first) = things.first() else {
+        return Ok(0);
+    };
+    let check = |response: AdminResponse| match response {
+        AdminResponse::Error { message } => Err(anyhow::anyhow!(message)),
+        _ => Ok(()),
+    };
+    match admin::request(&config.admin_socket(), &request(first)).await {
+        Ok(response) => {
+            check(response)?;
+            for thing in &things[1..] {
+                check(admin::request(&config.admin_socket(), &request(thing)).await?)?;
+            }
+        }
+        Err(AdminClientError::NotRunning(_)) => {
+            let db = daemon::open_store(config)?;
+            let authority = Authority::new(PolicySet::compile(&config.auth)?, Registry::open(&db)?);
+            for thing in things {
+                authority.approve(thing, &groups)?;
+            }
+            db.flush()?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(things.len())
 }
 
 fn device(command: DeviceCommand) -> Result<()> {

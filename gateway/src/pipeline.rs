@@ -34,6 +34,8 @@ pub struct Message {
     pub cert_id: Arc<str>,
     pub qos: u8,
     pub received_at_ms: u64,
+    /// When the PUBLISH was read, for the receive → durable histogram.
+    pub received: std::time::Instant,
 }
 
 /// Resolves when the submitted messages are durable, or with the reason they are not.
@@ -390,6 +392,12 @@ async fn committer(
             }
         }
         let result = commit(&spool, &batches, &stats, &mut shutdown).await;
+        if result.is_ok() {
+            let durable = metrics::histogram!(crate::prometheus::RECEIVE_TO_DURABLE);
+            for m in waiting.iter().flat_map(|s| s.messages.iter()) {
+                durable.record(m.received.elapsed().as_secs_f64());
+            }
+        }
         for s in waiting {
             let _ = s.done.send(result.clone());
         }

@@ -155,36 +155,70 @@ pub fn issue_device_with_validity(
     valid_from_days: i64,
     days: i64,
 ) -> Result<IssuedDevice, PkiError> {
-    if !valid_thing_name(thing) {
-        return Err(PkiError::InvalidThing(thing.to_owned()));
-    }
-    let files = CaFiles::in_dir(ca_dir);
-    let ca_pem = fs::read_to_string(&files.ca_cert).map_err(io_err(&files.ca_cert))?;
-    let ca_key_pem = fs::read_to_string(&files.ca_key).map_err(io_err(&files.ca_key))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)?;
-
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = name(thing);
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    set_validity(&mut params, days, &key);
-    params.not_before += Duration::days(valid_from_days);
-    params.not_after += Duration::days(valid_from_days);
-    let cert = params.signed_by(&key, &issuer)?;
-
+    let device = SiteCa::load(ca_dir)?.issue(thing, valid_from_days, days)?;
     fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let cert_path = out_dir.join(format!("{thing}.pem"));
     let key_path = out_dir.join(format!("{thing}.key"));
-    write_public(&cert_path, cert.pem().as_bytes())?;
-    write_secret(&key_path, key.serialize_pem().as_bytes())?;
+    write_public(&cert_path, device.cert_pem.as_bytes())?;
+    write_secret(&key_path, device.key_pem.as_bytes())?;
     Ok(IssuedDevice {
         thing: thing.to_owned(),
-        cert_id: cert_id(cert.der()),
+        cert_id: device.cert_id,
         cert: cert_path,
         key: key_path,
     })
+}
+
+/// A site CA loaded once to issue many device certificates (the simulator's fleet).
+pub struct SiteCa {
+    pub ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A device certificate and key, in memory.
+pub struct DeviceCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_id: String,
+}
+
+impl SiteCa {
+    /// Reads the CA certificate and key from `ca_dir` (as `sitegate ca init` wrote them).
+    pub fn load(ca_dir: &Path) -> Result<SiteCa, PkiError> {
+        let files = CaFiles::in_dir(ca_dir);
+        let ca_pem = fs::read_to_string(&files.ca_cert).map_err(io_err(&files.ca_cert))?;
+        let ca_key_pem = fs::read_to_string(&files.ca_key).map_err(io_err(&files.ca_key))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+        Ok(SiteCa { ca_pem, issuer })
+    }
+
+    /// A new key and a certificate with subject CN=`thing`, valid from `valid_from_days`
+    /// (relative to now) for `days`.
+    pub fn issue(
+        &self,
+        thing: &str,
+        valid_from_days: i64,
+        days: i64,
+    ) -> Result<DeviceCert, PkiError> {
+        if !valid_thing_name(thing) {
+            return Err(PkiError::InvalidThing(thing.to_owned()));
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(thing);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, days, &key);
+        params.not_before += Duration::days(valid_from_days);
+        params.not_after += Duration::days(valid_from_days);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(DeviceCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_id: cert_id(cert.der()),
+        })
+    }
 }
 
 /// Lowercase hex SHA-256 of a certificate's DER bytes: AWS IoT's certificate id.

@@ -652,6 +652,7 @@ impl Session {
                             cert_id: Arc::clone(&self.cert_id),
                             qos: frame.qos,
                             received_at_ms: crate::spool::now_ms(),
+                            received: std::time::Instant::now(),
                         });
                     }
                     self.to_router.push(Packet::Publish(publish, props));

@@ -18,7 +18,7 @@ fn compose_file_parses_and_names_only_files_that_exist() {
     let compose: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(dir.join("compose.yaml")).unwrap()).unwrap();
     let services = compose["services"].as_mapping().expect("services");
-    for name in ["sitegate", "aws", "fleet", "init", "approve", "aws-init"] {
+    for name in ["sitegate", "aws", "fleet", "init", "aws-init"] {
         assert!(services.contains_key(name), "service {name} missing");
     }
     let mut checked = 0;
@@ -72,6 +72,32 @@ fn compose_file_parses_and_names_only_files_that_exist() {
         }
     }
     assert!(checked >= 8, "only {checked} paths checked");
+}
+
+/// The fleet is `sitegate simulate`, approving its devices into a group whose selection rule
+/// matches the names the simulator gives them.
+#[test]
+fn the_fleet_is_the_simulator_and_its_devices_fall_in_the_approved_group() {
+    let script = std::fs::read_to_string(docker_dir().join("scripts/fleet.sh")).unwrap();
+    assert!(script.contains("sitegate simulate"), "{script}");
+    let group = script
+        .split("--approve-as ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("--approve-as GROUP in fleet.sh");
+    let config = sitegate::config::Config::load(&docker_dir().join("sitegate.toml")).unwrap();
+    let policies = sitegate::auth::PolicySet::compile(&config.auth).unwrap();
+    assert!(
+        policies.has_group(group),
+        "group {group} not in docker/sitegate.toml"
+    );
+    use sitegate::simulate::{device_names, Profile};
+    for thing in device_names("sim", Profile::Mixed, 3) {
+        assert!(
+            policies.groups_matching(&thing).iter().any(|g| g == group),
+            "{thing} is not selected by group {group}"
+        );
+    }
 }
 
 #[test]

@@ -2,17 +2,21 @@
 //! columns (`a.b` for nested fields), types inferred per batch or declared by the rule, and the
 //! metadata columns every statement can use. Rows back to JSON objects for the sinks.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, Int64Builder, NullArray,
-    StringBuilder,
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, NullArray, StringArray, StringBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::dialect::{ColumnType, CERT_ID, RECEIVED_AT, THING, TOPIC};
@@ -38,220 +42,556 @@ pub struct DecodeFailure {
     pub reason: String,
 }
 
-/// Move the fields of `value` into `out`, nested objects as dotted names.
-fn flatten(
-    prefix: Option<&str>,
-    value: Map<String, Value>,
-    depth: usize,
-    out: &mut Vec<(String, Value)>,
-) -> Result<(), String> {
-    if depth > MAX_DEPTH {
-        return Err(format!("payload nests deeper than {MAX_DEPTH} levels"));
-    }
-    for (k, v) in value {
-        let name = match prefix {
-            None => k,
-            Some(p) => format!("{p}.{k}"),
-        };
-        match v {
-            Value::Object(inner) => flatten(Some(&name), inner, depth + 1, out)?,
-            other => out.push((name, other)),
+/// How one statement's messages become batches, fixed when the statement is installed: which
+/// payload fields are decoded (every one for `SELECT *`, otherwise only those the statement
+/// names, so a rule reading two fields of a ten-field payload skips the other eight), and the
+/// rule's declared types.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    declared: Vec<(String, ColumnType)>,
+    /// `None`: every field. Otherwise the named fields, in a fixed order (column order).
+    only: Option<Vec<String>>,
+    /// For `only`: each dotted name the statement reaches, and its dotted prefixes.
+    lookup: HashMap<String, Target>,
+    /// Columns present (as nulls) even when no message of a batch has them.
+    always: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Target {
+    /// The column this exact name fills.
+    column: Option<usize>,
+    /// Some wanted name lies below this one (`motor` for `motor.amps`).
+    descend: bool,
+}
+
+/// One decoded payload value. JSON null is never stored: an absent value and a null one are the
+/// same to a rule, as in IoT Core.
+#[derive(Debug, Clone)]
+enum Cell<'m> {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(Cow<'m, str>),
+    /// An array, kept as its compact JSON text.
+    Json(String),
+}
+
+impl Cell<'_> {
+    fn kind(&self) -> u8 {
+        match self {
+            Cell::Bool(_) => KIND_BOOL,
+            Cell::Int(_) => KIND_INT,
+            Cell::Float(_) => KIND_FLOAT,
+            Cell::Text(_) | Cell::Json(_) => KIND_TEXT,
         }
     }
-    Ok(())
-}
 
-fn declared_value(column: &str, ty: ColumnType, v: &Value) -> Result<Value, String> {
-    let ok = match (ty, v) {
-        (_, Value::Null) => true,
-        (ColumnType::Double, Value::Number(_)) => true,
-        (ColumnType::BigInt, Value::Number(n)) => n.is_i64(),
-        (ColumnType::Text, Value::String(_)) => true,
-        (ColumnType::Boolean, Value::Bool(_)) => true,
-        _ => false,
-    };
-    if ok {
-        Ok(v.clone())
-    } else {
-        Err(format!("column {column}: declared {ty:?}, got {v}"))
+    /// The value as JSON text (error reasons, and text columns holding a number or a bool).
+    fn json(&self) -> String {
+        match self {
+            Cell::Bool(b) => b.to_string(),
+            Cell::Int(i) => i.to_string(),
+            Cell::Float(f) => float_text(*f),
+            Cell::Text(s) => Value::from(s.as_ref()).to_string(),
+            Cell::Json(s) => s.clone(),
+        }
+    }
+
+    fn fits(&self, ty: ColumnType) -> bool {
+        matches!(
+            (ty, self),
+            (ColumnType::Double, Cell::Int(_) | Cell::Float(_))
+                | (ColumnType::BigInt, Cell::Int(_))
+                | (ColumnType::Text, Cell::Text(_))
+                | (ColumnType::Boolean, Cell::Bool(_))
+        )
     }
 }
 
-/// Decode `messages` into one batch. Messages that fail (not JSON, not an object, too deep, a
-/// declared column of the wrong type) are left out and reported; `columns` are added as null
-/// columns when no message has them, so statements referring to them still plan.
-pub fn decode(
-    messages: &[&Message],
-    declared: &[(String, ColumnType)],
-    columns: &BTreeSet<String>,
-) -> (RecordBatch, Vec<usize>, Vec<DecodeFailure>) {
-    // Columns are filled row by row: each message's fields are moved into their column, and
-    // columns a message lacks are padded with None when the next value (or the end) comes.
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut payload_columns: Vec<(String, Vec<Option<Value>>)> = Vec::new();
-    let mut kept: Vec<usize> = Vec::with_capacity(messages.len());
-    let mut failures = Vec::new();
-    let mut fields: Vec<(String, Value)> = Vec::new();
-    'messages: for (i, m) in messages.iter().enumerate() {
-        let object: Map<String, Value> = match serde_json::from_slice(&m.payload) {
-            Ok(o) => o,
-            Err(e) => {
-                let reason = match serde_json::from_slice::<Value>(&m.payload) {
-                    Ok(_) => "payload is not a JSON object".to_string(),
-                    Err(_) => format!("payload is not JSON: {e}"),
+fn float_text(f: f64) -> String {
+    serde_json::Number::from_f64(f)
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| f.to_string())
+}
+
+const KIND_BOOL: u8 = 1;
+const KIND_INT: u8 = 2;
+const KIND_FLOAT: u8 = 4;
+const KIND_TEXT: u8 = 8;
+
+struct Column<'m> {
+    name: String,
+    declared: Option<ColumnType>,
+    cells: Vec<Option<Cell<'m>>>,
+    /// Which kinds of value the column holds (`KIND_*` bits), for type inference.
+    kinds: u8,
+}
+
+impl<'m> Column<'m> {
+    fn new(name: String, declared: Option<ColumnType>) -> Self {
+        Column {
+            name,
+            declared,
+            cells: Vec::new(),
+            kinds: 0,
+        }
+    }
+
+    fn set(&mut self, row: usize, cell: Cell<'m>) {
+        self.kinds |= cell.kind();
+        if self.cells.len() > row {
+            // A key repeated in one object: the last one wins, as with serde_json.
+            self.cells[row] = Some(cell);
+        } else {
+            self.cells.resize_with(row, || None);
+            self.cells.push(Some(cell));
+        }
+    }
+
+    fn data_type(&self) -> DataType {
+        match self.declared {
+            Some(ColumnType::Double) => DataType::Float64,
+            Some(ColumnType::BigInt) => DataType::Int64,
+            Some(ColumnType::Text) => DataType::Utf8,
+            Some(ColumnType::Boolean) => DataType::Boolean,
+            None => match self.kinds {
+                0 => DataType::Null,
+                KIND_BOOL => DataType::Boolean,
+                KIND_INT => DataType::Int64,
+                k if k & (KIND_BOOL | KIND_TEXT) == 0 => DataType::Float64,
+                // Strings, arrays, or a field whose type changed within the batch: text, so the
+                // rule keeps running.
+                _ => DataType::Utf8,
+            },
+        }
+    }
+
+    fn finish(mut self, rows: usize) -> (Field, ArrayRef) {
+        self.cells.resize_with(rows, || None);
+        let ty = self.data_type();
+        let cells = &self.cells;
+        let array: ArrayRef = match ty {
+            DataType::Null => Arc::new(NullArray::new(rows)),
+            DataType::Boolean => Arc::new(
+                cells
+                    .iter()
+                    .map(|c| match c {
+                        Some(Cell::Bool(b)) => Some(*b),
+                        _ => None,
+                    })
+                    .collect::<BooleanArray>(),
+            ),
+            DataType::Int64 => Arc::new(
+                cells
+                    .iter()
+                    .map(|c| match c {
+                        Some(Cell::Int(i)) => Some(*i),
+                        _ => None,
+                    })
+                    .collect::<Int64Array>(),
+            ),
+            DataType::Float64 => Arc::new(
+                cells
+                    .iter()
+                    .map(|c| match c {
+                        Some(Cell::Float(f)) => Some(*f),
+                        Some(Cell::Int(i)) => Some(*i as f64),
+                        _ => None,
+                    })
+                    .collect::<Float64Array>(),
+            ),
+            _ => {
+                let mut b = StringBuilder::with_capacity(rows, rows * 8);
+                for c in cells {
+                    match c {
+                        None => b.append_null(),
+                        Some(Cell::Text(s)) => b.append_value(s),
+                        Some(Cell::Json(s)) => b.append_value(s),
+                        Some(other) => b.append_value(other.json()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+        };
+        (Field::new(self.name, ty, true), array)
+    }
+}
+
+/// One batch being decoded.
+struct Builder<'d, 'm> {
+    decoder: &'d Decoder,
+    /// Column by name (every-field mode; `only` mode uses the decoder's lookup).
+    index: HashMap<String, usize>,
+    columns: Vec<Column<'m>>,
+    /// The current message's values, committed to `columns` once the whole payload decoded.
+    pending: Vec<(usize, Cell<'m>)>,
+    /// The dotted path of the field being read.
+    path: String,
+    /// Why the current message was refused, when the refusal is ours rather than serde_json's.
+    refusal: Option<String>,
+}
+
+impl<'d, 'm> Builder<'d, 'm> {
+    fn target(&self) -> Option<Target> {
+        match &self.decoder.only {
+            Some(_) => self.decoder.lookup.get(self.path.as_str()).copied(),
+            None => Some(Target {
+                column: None,
+                descend: true,
+            }),
+        }
+    }
+
+    /// Hold `cell` for the field at `path`, checking a declared type.
+    fn hold<E: de::Error>(&mut self, target: Target, cell: Cell<'m>) -> Result<(), E> {
+        let column = match (target.column, &self.decoder.only) {
+            (Some(c), _) => c,
+            (None, Some(_)) => return Ok(()),
+            (None, None) => match self.index.get(self.path.as_str()) {
+                Some(&c) => c,
+                None => {
+                    let declared = self.decoder.declared_type(&self.path);
+                    self.index.insert(self.path.clone(), self.columns.len());
+                    self.columns.push(Column::new(self.path.clone(), declared));
+                    self.columns.len() - 1
+                }
+            },
+        };
+        if let Some(ty) = self.columns[column].declared {
+            if !cell.fits(ty) {
+                return Err(self.refuse(format!(
+                    "column {}: declared {ty:?}, got {}",
+                    self.path,
+                    cell.json()
+                )));
+            }
+        }
+        self.pending.push((column, cell));
+        Ok(())
+    }
+
+    fn refuse<E: de::Error>(&mut self, reason: String) -> E {
+        self.refusal = Some(reason);
+        E::custom("refused")
+    }
+
+    fn too_deep<E: de::Error>(&mut self) -> E {
+        self.refuse(format!("payload nests deeper than {MAX_DEPTH} levels"))
+    }
+
+    /// A skipped value still counts towards the nesting limit.
+    fn skipped<E: de::Error>(&mut self, raw: &RawValue, depth: usize) -> Result<(), E> {
+        if raw.get().starts_with('{') && depth + object_depth(raw.get()) > MAX_DEPTH {
+            return Err(self.too_deep());
+        }
+        Ok(())
+    }
+}
+
+/// How deeply objects nest in a JSON text (0 for a scalar), not counting inside strings.
+fn object_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// A key, borrowed from the payload unless it held escapes.
+struct Key<'m>(Cow<'m, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// An object's fields, at `depth` (the payload itself is depth 1).
+struct ObjectFields<'b, 'd, 'm> {
+    builder: &'b mut Builder<'d, 'm>,
+    depth: usize,
+}
+
+impl<'m> DeserializeSeed<'m> for ObjectFields<'_, '_, 'm> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'m>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'m> Visitor<'m> for ObjectFields<'_, '_, 'm> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'m>>(self, mut map: A) -> Result<(), A::Error> {
+        let b = self.builder;
+        if self.depth > MAX_DEPTH {
+            return Err(b.too_deep());
+        }
+        let prefix = b.path.len();
+        while let Some(Key(key)) = map.next_key::<Key<'m>>()? {
+            b.path.truncate(prefix);
+            if prefix > 0 {
+                b.path.push('.');
+            }
+            b.path.push_str(&key);
+            match b.target() {
+                Some(target) => map.next_value_seed(FieldValue {
+                    builder: &mut *b,
+                    depth: self.depth,
+                    target,
+                })?,
+                None => {
+                    let raw: &RawValue = map.next_value()?;
+                    b.skipped(raw, self.depth)?;
+                }
+            }
+        }
+        b.path.truncate(prefix);
+        Ok(())
+    }
+}
+
+/// The value of one field the statement may want.
+struct FieldValue<'b, 'd, 'm> {
+    builder: &'b mut Builder<'d, 'm>,
+    depth: usize,
+    target: Target,
+}
+
+impl<'m> DeserializeSeed<'m> for FieldValue<'_, '_, 'm> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'m>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'m> Visitor<'m> for FieldValue<'_, '_, 'm> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.builder.hold(self.target, Cell::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.builder.hold(self.target, Cell::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        let cell = i64::try_from(v).map_or(Cell::Float(v as f64), Cell::Int);
+        self.builder.hold(self.target, cell)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.builder.hold(self.target, Cell::Float(v))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'m str) -> Result<(), E> {
+        self.builder.hold(self.target, Cell::Text(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.builder
+            .hold(self.target, Cell::Text(Cow::Owned(v.to_string())))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'m>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        let cell = Cell::Json(Value::Array(items).to_string());
+        self.builder.hold(self.target, cell)
+    }
+    fn visit_map<A: MapAccess<'m>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.target.descend {
+            return ObjectFields {
+                builder: self.builder,
+                depth: self.depth + 1,
+            }
+            .visit_map(map);
+        }
+        // Wanted as a whole but an object: like IoT Core's flattening view, only its leaves are
+        // columns, so nothing is held; its depth still counts.
+        if self.depth + 1 > MAX_DEPTH {
+            return Err(self.builder.too_deep());
+        }
+        while let Some((IgnoredAny, raw)) = map.next_entry::<IgnoredAny, &RawValue>()? {
+            self.builder.skipped(raw, self.depth + 1)?;
+        }
+        Ok(())
+    }
+}
+
+impl Decoder {
+    /// `columns`: the names a statement refers to; `whole_payload`: it selects `*`.
+    pub fn new(
+        declared: &[(String, ColumnType)],
+        columns: &BTreeSet<String>,
+        whole_payload: bool,
+    ) -> Self {
+        let always: Vec<String> = declared
+            .iter()
+            .map(|(c, _)| c.clone())
+            .chain(columns.iter().filter(|c| !c.starts_with("__")).cloned())
+            .fold(Vec::new(), |mut acc, c| {
+                if !acc.contains(&c) {
+                    acc.push(c);
+                }
+                acc
+            });
+        let mut lookup: HashMap<String, Target> = HashMap::new();
+        let only = (!whole_payload).then(|| {
+            for (i, name) in always.iter().enumerate() {
+                lookup.entry(name.clone()).or_default().column = Some(i);
+                let mut end = 0;
+                while let Some(dot) = name[end..].find('.') {
+                    end += dot;
+                    lookup.entry(name[..end].to_string()).or_default().descend = true;
+                    end += 1;
+                }
+            }
+            always.clone()
+        });
+        Decoder {
+            declared: declared.to_vec(),
+            only,
+            lookup,
+            always,
+        }
+    }
+
+    fn declared_type(&self, column: &str) -> Option<ColumnType> {
+        self.declared
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, t)| *t)
+    }
+
+    /// Decode `messages` into one batch. Messages that fail (not JSON, not an object, too deep,
+    /// a declared column of the wrong type) are left out and reported.
+    pub fn decode(&self, messages: &[&Message]) -> (RecordBatch, Vec<usize>, Vec<DecodeFailure>) {
+        let mut b = Builder {
+            decoder: self,
+            index: HashMap::new(),
+            columns: Vec::new(),
+            pending: Vec::new(),
+            path: String::new(),
+            refusal: None,
+        };
+        if let Some(only) = &self.only {
+            b.columns = only
+                .iter()
+                .map(|c| Column::new(c.clone(), self.declared_type(c)))
+                .collect();
+        }
+        let mut kept: Vec<usize> = Vec::with_capacity(messages.len());
+        let mut failures = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            b.pending.clear();
+            b.path.clear();
+            b.refusal = None;
+            let mut de = serde_json::Deserializer::from_slice(&m.payload);
+            let result = ObjectFields {
+                builder: &mut b,
+                depth: 1,
+            }
+            .deserialize(&mut de)
+            .and_then(|()| de.end());
+            if let Err(e) = result {
+                let reason = match b.refusal.take() {
+                    Some(reason) => reason,
+                    None if e.is_data() => "payload is not a JSON object".to_string(),
+                    None => format!("payload is not JSON: {e}"),
                 };
                 failures.push(DecodeFailure { index: i, reason });
                 continue;
             }
-        };
-        fields.clear();
-        if let Err(reason) = flatten(None, object, 1, &mut fields) {
-            failures.push(DecodeFailure { index: i, reason });
-            continue;
-        }
-        if !declared.is_empty() {
-            for (name, value) in fields.iter_mut() {
-                if let Some((_, ty)) = declared.iter().find(|(c, _)| c == name) {
-                    match declared_value(name, *ty, value) {
-                        Ok(v) => *value = v,
-                        Err(reason) => {
-                            failures.push(DecodeFailure { index: i, reason });
-                            continue 'messages;
-                        }
-                    }
-                }
+            let row = kept.len();
+            kept.push(i);
+            for (c, cell) in b.pending.drain(..) {
+                b.columns[c].set(row, cell);
             }
         }
-        let row = kept.len();
-        kept.push(i);
-        for (name, value) in fields.drain(..) {
-            if name.starts_with("__") || value.is_null() {
-                continue;
-            }
-            let c = match index.get(&name) {
-                Some(&c) => c,
-                None => {
-                    index.insert(name.clone(), payload_columns.len());
-                    payload_columns.push((name, Vec::new()));
-                    payload_columns.len() - 1
-                }
-            };
-            let values = &mut payload_columns[c].1;
-            if values.len() > row {
-                values[row] = Some(value);
-            } else {
-                values.resize(row, None);
-                values.push(Some(value));
+        let mut columns = b.columns;
+        for c in &self.always {
+            if self.only.is_none() && !b.index.contains_key(c) {
+                columns.push(Column::new(c.clone(), self.declared_type(c)));
             }
         }
+        let rows = kept.len();
+        let mut fields = vec![
+            Field::new(TOPIC, DataType::Utf8, false),
+            Field::new(THING, DataType::Utf8, false),
+            Field::new(CERT_ID, DataType::Utf8, false),
+            Field::new(RECEIVED_AT, DataType::Int64, false),
+        ];
+        let picked = || kept.iter().map(|&i| messages[i]);
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len() + 4);
+        arrays.push(Arc::new(
+            picked()
+                .map(|m| Some(m.topic.as_str()))
+                .collect::<StringArray>(),
+        ));
+        arrays.push(Arc::new(
+            picked()
+                .map(|m| Some(m.thing.as_str()))
+                .collect::<StringArray>(),
+        ));
+        arrays.push(Arc::new(
+            picked()
+                .map(|m| Some(m.cert_id.as_str()))
+                .collect::<StringArray>(),
+        ));
+        arrays.push(Arc::new(
+            picked()
+                .map(|m| Some(m.received_at_ms))
+                .collect::<Int64Array>(),
+        ));
+        for column in columns {
+            let (field, array) = column.finish(rows);
+            fields.push(field);
+            arrays.push(array);
+        }
+        let schema = Arc::new(Schema::new(fields));
+        let batch = RecordBatch::try_new(schema.clone(), arrays)
+            .unwrap_or_else(|_| RecordBatch::new_empty(schema));
+        (batch, kept, failures)
     }
-    let extra = declared
-        .iter()
-        .map(|(c, _)| c)
-        .chain(columns.iter().filter(|c| !c.starts_with("__")));
-    for c in extra {
-        if !index.contains_key(c) {
-            index.insert(c.clone(), payload_columns.len());
-            payload_columns.push((c.clone(), Vec::new()));
-        }
-    }
-    let rows = kept.len();
-    let mut schema_fields = vec![
-        Field::new(TOPIC, DataType::Utf8, false),
-        Field::new(THING, DataType::Utf8, false),
-        Field::new(CERT_ID, DataType::Utf8, false),
-        Field::new(RECEIVED_AT, DataType::Int64, false),
-    ];
-    let picked: Vec<&Message> = kept.iter().map(|&i| messages[i]).collect();
-    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(payload_columns.len() + 4);
-    arrays.push(Arc::new(
-        picked
-            .iter()
-            .map(|m| Some(m.topic.as_str()))
-            .collect::<datafusion::arrow::array::StringArray>(),
-    ));
-    arrays.push(Arc::new(
-        picked
-            .iter()
-            .map(|m| Some(m.thing.as_str()))
-            .collect::<datafusion::arrow::array::StringArray>(),
-    ));
-    arrays.push(Arc::new(
-        picked
-            .iter()
-            .map(|m| Some(m.cert_id.as_str()))
-            .collect::<datafusion::arrow::array::StringArray>(),
-    ));
-    arrays.push(Arc::new(
-        picked
-            .iter()
-            .map(|m| Some(m.received_at_ms))
-            .collect::<datafusion::arrow::array::Int64Array>(),
-    ));
-    for (name, mut values) in payload_columns {
-        values.resize(rows, None);
-        let declared_ty = declared.iter().find(|(c, _)| *c == name).map(|(_, t)| *t);
-        let (ty, array) = column(&values, declared_ty);
-        schema_fields.push(Field::new(name, ty, true));
-        arrays.push(array);
-    }
-    let schema = Arc::new(Schema::new(schema_fields));
-    let batch = RecordBatch::try_new(schema.clone(), arrays)
-        .unwrap_or_else(|_| RecordBatch::new_empty(schema));
-    (batch, kept, failures)
-}
-
-fn column(values: &[Option<Value>], declared: Option<ColumnType>) -> (DataType, ArrayRef) {
-    let present: Vec<&Value> = values.iter().flatten().collect();
-    let ty = match declared {
-        Some(ColumnType::Double) => DataType::Float64,
-        Some(ColumnType::BigInt) => DataType::Int64,
-        Some(ColumnType::Text) => DataType::Utf8,
-        Some(ColumnType::Boolean) => DataType::Boolean,
-        None if present.is_empty() => DataType::Null,
-        None if present.iter().all(|v| v.is_boolean()) => DataType::Boolean,
-        None if present.iter().all(|v| v.is_i64()) => DataType::Int64,
-        None if present.iter().all(|v| v.is_number()) => DataType::Float64,
-        // Strings, arrays, or a field whose type changed within the batch: text, so the
-        // rule keeps running.
-        None => DataType::Utf8,
-    };
-    let array: ArrayRef = match ty {
-        DataType::Null => Arc::new(NullArray::new(values.len())),
-        DataType::Boolean => {
-            let mut b = BooleanBuilder::with_capacity(values.len());
-            values
-                .iter()
-                .for_each(|v| b.append_option(v.as_ref().and_then(Value::as_bool)));
-            Arc::new(b.finish())
-        }
-        DataType::Int64 => {
-            let mut b = Int64Builder::with_capacity(values.len());
-            values
-                .iter()
-                .for_each(|v| b.append_option(v.as_ref().and_then(Value::as_i64)));
-            Arc::new(b.finish())
-        }
-        DataType::Float64 => {
-            let mut b = Float64Builder::with_capacity(values.len());
-            values
-                .iter()
-                .for_each(|v| b.append_option(v.as_ref().and_then(Value::as_f64)));
-            Arc::new(b.finish())
-        }
-        _ => {
-            let mut b = StringBuilder::with_capacity(values.len(), values.len() * 8);
-            for v in values {
-                match v {
-                    None => b.append_null(),
-                    Some(Value::String(s)) => b.append_value(s),
-                    Some(other) => b.append_value(other.to_string()),
-                }
-            }
-            Arc::new(b.finish())
-        }
-    };
-    (ty, array)
 }
 
 /// One output row: the JSON object for the sink, and the identity columns the rule carried.
@@ -351,6 +691,7 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use proptest::prelude::*;
 
     fn msg(payload: &str) -> Message {
         Message {
@@ -371,7 +712,8 @@ mod tests {
             msg("[1]"),
         ];
         let refs: Vec<&Message> = ms.iter().collect();
-        let (batch, ok, failed) = decode(&refs, &[], &BTreeSet::from(["missing".to_string()]));
+        let (batch, ok, failed) =
+            Decoder::new(&[], &BTreeSet::from(["missing".to_string()]), true).decode(&refs);
         assert_eq!(ok, vec![0, 2]);
         assert_eq!(failed.len(), 2);
         assert!(failed[0].reason.contains("not JSON"));
@@ -399,12 +741,13 @@ mod tests {
     fn a_type_change_within_a_batch_becomes_text_and_declared_types_are_enforced() {
         let ms = [msg(r#"{"t":1}"#), msg(r#"{"t":"hot"}"#)];
         let refs: Vec<&Message> = ms.iter().collect();
-        let (batch, _, _) = decode(&refs, &[], &BTreeSet::new());
+        let (batch, _, _) = Decoder::new(&[], &BTreeSet::new(), true).decode(&refs);
         assert_eq!(
             batch.schema().field_with_name("t").unwrap().data_type(),
             &DataType::Utf8
         );
-        let (_, ok, failed) = decode(&refs, &[("t".into(), ColumnType::Double)], &BTreeSet::new());
+        let (_, ok, failed) =
+            Decoder::new(&[("t".into(), ColumnType::Double)], &BTreeSet::new(), true).decode(&refs);
         assert_eq!(ok, vec![0]);
         assert!(failed[0].reason.contains("declared Double"), "{:?}", failed);
     }
@@ -417,8 +760,142 @@ mod tests {
             "}".repeat(MAX_DEPTH + 1)
         );
         let m = msg(&deep);
-        let (_, ok, failed) = decode(&[&m], &[], &BTreeSet::new());
+        let (_, ok, failed) = Decoder::new(&[], &BTreeSet::new(), true).decode(&[&m]);
         assert!(ok.is_empty());
         assert!(failed[0].reason.contains("deeper"));
+    }
+
+    #[test]
+    fn only_the_named_fields_are_decoded_and_skipped_parts_still_count_towards_depth() {
+        let deep = format!("{}1{}", "{\"z\":".repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
+        let ms = [
+            msg(r#"{"temp":-3.5,"door":"open","motor":{"amps":4,"hot":true},"tags":[1,"a"]}"#),
+            msg(r#"{"temp":2,"motor":{"amps":4.5},"m\u0061x":"\u00e9"}"#),
+            msg(&format!(r#"{{"temp":1,"skip":{deep}}}"#)),
+        ];
+        let refs: Vec<&Message> = ms.iter().collect();
+        let columns = BTreeSet::from(["temp".to_string(), "motor.amps".to_string(), "max".into()]);
+        let (batch, ok, failed) = Decoder::new(&[], &columns, false).decode(&refs);
+        assert_eq!(ok, vec![0, 1]);
+        assert!(failed[0].reason.contains("deeper"), "{failed:?}");
+        let schema = batch.schema();
+        let names: Vec<&str> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .skip(4)
+            .collect();
+        assert_eq!(names, ["max", "motor.amps", "temp"]);
+        assert_eq!(
+            schema.field_with_name("temp").unwrap().data_type(),
+            &DataType::Float64
+        );
+        assert_eq!(
+            schema.field_with_name("max").unwrap().data_type(),
+            &DataType::Utf8
+        );
+        let out = rows(&batch);
+        assert_eq!(
+            Value::Object(out[1].object.clone()),
+            serde_json::json!({"temp":2.0,"motor":{"amps":4.5},"max":"é"})
+        );
+        assert_eq!(
+            Value::Object(out[0].object.clone()),
+            serde_json::json!({"temp":-3.5,"motor":{"amps":4.0}})
+        );
+    }
+
+    #[test]
+    fn arrays_and_mixed_types_become_text() {
+        let ms = [
+            msg(r#"{"v":[1, {"a":null}],"w":true}"#),
+            msg(r#"{"v":2.5,"w":3}"#),
+        ];
+        let refs: Vec<&Message> = ms.iter().collect();
+        let (batch, _, _) = Decoder::new(&[], &BTreeSet::new(), true).decode(&refs);
+        let out = rows(&batch);
+        assert_eq!(out[0].object["v"], Value::from(r#"[1,{"a":null}]"#));
+        assert_eq!(out[1].object["v"], Value::from("2.5"));
+        assert_eq!(out[1].object["w"], Value::from("3"));
+    }
+
+    /// JSON objects up to three levels deep, with every kind of leaf.
+    fn object() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(Value::from),
+            "[a-z\u{e9}\"\\\\ ]{0,6}".prop_map(Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 24, 4, |inner| {
+            prop::collection::btree_map("[a-d]{1,2}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect()))
+        });
+        prop::collection::btree_map("[a-d]{1,2}", value, 0..5)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    /// The object with nulls (and objects left empty by them) removed: what a row gives back.
+    fn without_nulls(v: &Value) -> Option<Value> {
+        match v {
+            Value::Null => None,
+            Value::Object(m) => {
+                let kept: Map<String, Value> = m
+                    .iter()
+                    .filter_map(|(k, v)| without_nulls(v).map(|v| (k.clone(), v)))
+                    .collect();
+                (!kept.is_empty()).then_some(Value::Object(kept))
+            }
+            other => Some(other.clone()),
+        }
+    }
+
+    /// Equal, but for the last bit of a float: serde_json's fast float parsing (without its
+    /// `float_roundtrip` feature) may differ from the shortest printed form by one ulp.
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+                let (x, y) = (
+                    x.as_f64().unwrap_or(f64::NAN),
+                    y.as_f64().unwrap_or(f64::NAN),
+                );
+                (x - y).abs() <= f64::EPSILON * x.abs().max(y.abs())
+            }
+            _ => a == b,
+        }
+    }
+
+    proptest! {
+        /// Every field decodes and comes back as it was (one message per batch, so no type is
+        /// widened by a neighbour), and a statement naming some fields sees the same values.
+        #[test]
+        fn payloads_round_trip_and_projection_agrees(payload in object(), pick in any::<prop::sample::Index>()) {
+            let text = payload.to_string();
+            let m = msg(&text);
+            let (batch, ok, failed) = Decoder::new(&[], &BTreeSet::new(), true).decode(&[&m]);
+            prop_assert!(failed.is_empty(), "{failed:?}");
+            prop_assert_eq!(ok.len(), 1);
+            let all = rows(&batch);
+            let expected = without_nulls(&payload).unwrap_or(Value::Object(Map::new()));
+            let got = Value::Object(all[0].object.clone());
+            prop_assert!(same(&got, &expected), "{got} != {expected}");
+
+            let schema = batch.schema();
+            let names: Vec<String> = schema.fields().iter().skip(4).map(|f| f.name().clone()).collect();
+            if names.is_empty() {
+                return Ok(());
+            }
+            let name = names[pick.index(names.len())].clone();
+            let columns = BTreeSet::from([name.clone()]);
+            let (only, _, _) = Decoder::new(&[], &columns, false).decode(&[&m]);
+            prop_assert_eq!(only.num_columns(), 5);
+            let from_all = cell(batch.column_by_name(&name).unwrap().as_ref(), 0);
+            let from_only = cell(only.column_by_name(&name).unwrap().as_ref(), 0);
+            prop_assert_eq!(from_all, from_only);
+        }
     }
 }

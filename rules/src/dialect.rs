@@ -92,6 +92,8 @@ pub struct StatementSpec {
     pub window: Option<WindowSpec>,
     /// Columns the statement refers to (made present, as nulls, when a batch lacks them).
     pub columns: BTreeSet<String>,
+    /// The statement selects `*`, so every payload field is decoded; otherwise only `columns`.
+    pub whole_payload: bool,
     /// Line of the statement in the file.
     pub line: u64,
 }
@@ -308,8 +310,32 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         sql,
         window,
         columns,
+        whole_payload: selects_star(body),
         line,
     })
+}
+
+/// Whether a `*` in `body` means "every column" (after SELECT, DISTINCT, a comma or a period)
+/// rather than multiplication or `count(*)`.
+fn selects_star(body: &[TokenWithSpan]) -> bool {
+    let mut previous: Option<&Token> = None;
+    for t in body.iter().map(|t| &t.token).filter(|t| !is_trivia(t)) {
+        if matches!(t, Token::Mul) {
+            let star = match previous {
+                Some(Token::Comma | Token::Period) => true,
+                Some(Token::Word(w)) => matches!(
+                    w.keyword,
+                    Keyword::SELECT | Keyword::DISTINCT | Keyword::ALL
+                ),
+                _ => false,
+            };
+            if star {
+                return true;
+            }
+        }
+        previous = Some(t);
+    }
+    false
 }
 
 #[derive(Default)]
@@ -838,6 +864,21 @@ mod tests {
             s.columns
         );
         assert_eq!(s.line, 2);
+        assert!(!s.whole_payload);
+    }
+
+    #[test]
+    fn star_means_the_whole_payload_but_not_multiplication_or_count() {
+        let whole = |select: &str| {
+            let text = format!("INSERT INTO out SELECT {select} FROM 'x'");
+            parse("r", "r.sql", &text).unwrap().statements[0].whole_payload
+        };
+        assert!(whole("*"));
+        assert!(whole("thing_name() AS thing, *"));
+        assert!(whole("messages.*"));
+        assert!(!whole("temp * 2 AS double"));
+        assert!(!whole("count(*) AS n"));
+        assert!(!whole("temp"));
     }
 
     #[test]

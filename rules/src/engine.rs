@@ -197,6 +197,7 @@ struct Window {
 
 struct Statement {
     spec: StatementSpec,
+    decoder: batch::Decoder,
     /// Plans by input schema, with the type absent columns were given (if not null).
     plans: HashMap<String, (Plan, Option<DataType>)>,
     /// Open windows by start time.
@@ -254,7 +255,8 @@ pub async fn check(
                 });
             }
         }
-        let (batch, _, _) = batch::decode(&[], &spec.declared, &s.columns);
+        let (batch, _, _) =
+            batch::Decoder::new(&spec.declared, &s.columns, s.whole_payload).decode(&[]);
         plan_for(&s.sql, batch)
             .await
             .map_err(|reason| located(file, text, s, reason))?;
@@ -344,6 +346,7 @@ impl Engine {
             .statements
             .iter()
             .map(|s| Statement {
+                decoder: batch::Decoder::new(&spec.declared, &s.columns, s.whole_payload),
                 spec: s.clone(),
                 plans: HashMap::new(),
                 windows: BTreeMap::new(),
@@ -412,8 +415,7 @@ impl Engine {
                     continue;
                 }
                 let refs: Vec<&Message> = picked.iter().map(|m| m.as_ref()).collect();
-                let (batch, _, failures) =
-                    batch::decode(&refs, &rule.spec.declared, &st.spec.columns);
+                let (batch, _, failures) = st.decoder.decode(&refs);
                 for f in failures {
                     rule.status.errors += 1;
                     if let Some(out) = error_output(
@@ -480,8 +482,7 @@ impl Engine {
                         continue;
                     };
                     let refs: Vec<&Message> = w.messages.iter().map(|m| m.as_ref()).collect();
-                    let (batch, _, failures) =
-                        batch::decode(&refs, &rule.spec.declared, &st.spec.columns);
+                    let (batch, _, failures) = st.decoder.decode(&refs);
                     rule.status.errors += failures.len() as u64;
                     if batch.num_rows() == 0 {
                         continue;

@@ -10,6 +10,7 @@ use sitegate_plugins::{Record, Sink};
 use tokio::sync::watch;
 
 use super::{now_ms, Draft, Spool};
+use crate::prometheus::SinkMetrics;
 use crate::stats::Stats;
 
 /// Records per `send` at most (Kinesis PutRecords takes 500).
@@ -38,6 +39,7 @@ pub async fn run(
         tracing::error!(sink = %name, "no spool queue for sink; not draining");
         return;
     };
+    let series = SinkMetrics::new(&name);
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut lingered = false;
     loop {
@@ -80,6 +82,12 @@ pub async fn run(
                         if done > 0 {
                             let through = batch[done - 1].id;
                             stats.sink_records_sent.fetch_add(done as u64, Relaxed);
+                            series.sent.increment(done as u64);
+                            let now = now_ms();
+                            for r in &batch[..done] {
+                                let ms = now.saturating_sub(r.received_at_ms);
+                                series.latency.record(ms as f64 / 1000.0);
+                            }
                             if let Err(e) = spool.ack(&name, through) {
                                 tracing::error!(sink = %name, error = %e, "spool acknowledgement failed; records may be sent again");
                             }
@@ -91,6 +99,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         stats.sink_send_failures.fetch_add(1, Relaxed);
+                        series.failures.increment(1);
                         let delay = backoff.step();
                         if e.retryable() {
                             tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink send failed; will retry");
@@ -109,6 +118,7 @@ pub async fn run(
         };
         if let Some(delay) = wait {
             stats.sink_retries.fetch_add(1, Relaxed);
+            series.retries.increment(1);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => {}

@@ -62,6 +62,8 @@ pub struct Site {
     pub ca: CaFiles,
     pub config: Config,
     pub addr: SocketAddr,
+    /// Where the gateway serves `/metrics`.
+    pub metrics: SocketAddr,
     pub stats: Arc<Stats>,
     gateway: Option<Gateway>,
 }
@@ -96,10 +98,12 @@ impl Site {
         let listeners = Listeners {
             mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: admin::bind(&config.admin_socket()).unwrap(),
+            metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
         };
         let gateway = Gateway::start(config.clone(), listeners).await.unwrap();
         Site {
             addr: gateway.local_addr().unwrap(),
+            metrics: gateway.metrics_addr().unwrap(),
             stats: gateway.stats(),
             gateway: Some(gateway),
             dir,
@@ -131,11 +135,13 @@ impl Site {
         let listeners = Listeners {
             mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: admin::bind(&self.config.admin_socket()).unwrap(),
+            metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
         };
         let gateway = Gateway::start(self.config.clone(), listeners)
             .await
             .unwrap();
         self.addr = gateway.local_addr().unwrap();
+        self.metrics = gateway.metrics_addr().unwrap();
         self.stats = gateway.stats();
         self.gateway = Some(gateway);
     }

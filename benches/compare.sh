@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Side by side, in one run on this machine: the same simulated fleet (QoS 1, ~100-byte JSON,
+# mutual TLS with one certificate per device) through
+#   1. Mosquitto (Debian package) with TLS and client certificates, as a plain relay to one
+#      subscriber, and
+#   2. sitegate: policy on every packet, a filter rule, the encrypted durable spool, a file sink.
+# For each: accepted messages/s, publish → PUBACK latency p50/p99, messages that reached the
+# subscriber or the sink, CPU seconds and peak RSS of the broker process, and the ratios
+# sitegate / Mosquitto. Prints a table and writes JSON.
+#
+# Usage: benches/compare.sh [DEVICES ...]          (default: 100 1000)
+# Environment: DURATION seconds of publishing (15), RATE messages/s across the fleet (0: as fast
+# as PUBACKs come back), INFLIGHT per device (16), OUT JSON file (target/compare.json).
+# Needs: mosquitto, mosquitto-clients, python3 (scripts/test installs them). Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-15}
+RATE=${RATE:-0}
+INFLIGHT=${INFLIGHT:-16}
+TARGET=${CARGO_TARGET_DIR:-target}
+OUT=${OUT:-$TARGET/compare.json}
+SIZES=("$@")
+[ ${#SIZES[@]} -gt 0 ] || SIZES=(100 1000)
+
+command -v mosquitto >/dev/null || { echo "compare.sh: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)" >&2; exit 2; }
+command -v mosquitto_sub >/dev/null || { echo "compare.sh: mosquitto_sub is not installed (apt-get install mosquitto-clients)" >&2; exit 2; }
+MOSQUITTO=$(command -v mosquitto)
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo build --release -q -p sitegate --bin sitegate
+BIN=$TARGET/release/sitegate
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 100); do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "compare.sh: nothing listens on 127.0.0.1:$1" >&2; return 1
+}
+# CPU seconds (user + system) and peak RSS (MiB) of a live process.
+usage_of() {
+  python3 - "$1" <<'PY'
+import os, sys
+pid = sys.argv[1]
+fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+hwm = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM"))
+print(f"{cpu:.2f} {hwm / 1024:.1f}")
+PY
+}
+
+"$BIN" ca init --dir "$WORK/pki" --site compare >/dev/null
+"$BIN" device issue compare-sub --ca "$WORK/pki" --out "$WORK/sub" >/dev/null
+
+simulate() { # PORT DEVICES JSON [extra args]
+  local port=$1 devices=$2 json=$3; shift 3
+  "$BIN" simulate --gateway "127.0.0.1:$port" --ca "$WORK/pki" --devices "$devices" \
+    --rate "$RATE" --duration "$DURATION" --qos 1 --payload-bytes 100 --profile thermostat \
+    --inflight "$INFLIGHT" --connect-rate 2000 --quiet --json "$json" "$@" >/dev/null
+}
+
+run_mosquitto() { # DEVICES
+  local n=$1 port; port=$(free_port)
+  cat > "$WORK/mosquitto.conf" <<EOF
+listener $port 127.0.0.1
+cafile $WORK/pki/ca.pem
+certfile $WORK/pki/gateway.pem
+keyfile $WORK/pki/gateway.key
+require_certificate true
+use_identity_as_username true
+allow_anonymous true
+max_connections -1
+max_queued_messages 1000000
+persistence false
+log_dest none
+EOF
+  # Started as root, Mosquitto drops to user mosquitto, which cannot read the 0600 key.
+  [ "$(id -u)" != 0 ] || echo "user root" >> "$WORK/mosquitto.conf"
+  "$MOSQUITTO" -c "$WORK/mosquitto.conf" & local mpid=$!; PIDS+=("$mpid")
+  wait_port "$port"
+  mosquitto_sub -h 127.0.0.1 -p "$port" --cafile "$WORK/pki/ca.pem" --cert "$WORK/sub/compare-sub.pem" \
+    --key "$WORK/sub/compare-sub.key" -i compare-sub -q 1 -t 'dt/#' > "$WORK/sub.out" & local spid=$!; PIDS+=("$spid")
+  sleep 0.5
+  simulate "$port" "$n" "$WORK/mosquitto-$n.json"
+  sleep 2
+  local usage; usage=$(usage_of "$mpid")
+  # The subscriber first, while the broker can still take its DISCONNECT.
+  kill "$spid" 2>/dev/null || true; sleep 0.5; kill -9 "$spid" 2>/dev/null || true
+  kill "$mpid"; wait "$spid" "$mpid" 2>/dev/null || true
+  echo "$usage $(wc -l < "$WORK/sub.out")" > "$WORK/mosquitto-$n.usage"
+}
+
+run_sitegate() { # DEVICES
+  local n=$1 port; port=$(free_port)
+  local dir="$WORK/sitegate-$n"; mkdir -p "$dir/rules"
+  cat > "$dir/rules/readings.sql" <<'EOF'
+-- Every reading with a temperature, with the device's identity.
+INSERT INTO out
+SELECT thing_name() AS thing, principal() AS cert_id, temp, humidity, seq
+FROM 'dt/+/+'
+WHERE temp IS NOT NULL
+EOF
+  cat > "$dir/sitegate.toml" <<EOF
+site = "compare"
+data_dir = "data"
+
+[listener]
+mqtts = "127.0.0.1:$port"
+ca = "$WORK/pki/ca.pem"
+cert = "$WORK/pki/gateway.pem"
+key = "$WORK/pki/gateway.key"
+max_connections = 20000
+
+[auth.device_groups.sim]
+selection_rule = "thingName: sim-*"
+policy = "telemetry"
+
+[auth.policies.telemetry.connect]
+operations = ["mqtt:connect"]
+resources = ["mqtt:clientId:\${iot:Connection.Thing.ThingName}"]
+
+[auth.policies.telemetry.publish]
+operations = ["mqtt:publish"]
+resources = ["mqtt:topic:dt/\${iot:Connection.Thing.ThingName}/#"]
+
+[rules]
+dir = "rules"
+
+[sinks.out]
+type = "file"
+path = "out/readings.jsonl"
+rotate_bytes = "4GiB"
+
+[spool.encryption]
+key_file = "$WORK/pki/spool.kek"
+EOF
+  RUST_LOG=warn "$BIN" run --config "$dir/sitegate.toml" 2>"$dir/gateway.log" & local gpid=$!; PIDS+=("$gpid")
+  wait_port "$port"
+  simulate "$port" "$n" "$WORK/sitegate-$n.json" --approve-as sim --config "$dir/sitegate.toml"
+  # Wait for the spool to drain into the sink (bounded).
+  for _ in $(seq 100); do
+    "$BIN" spool status --config "$dir/sitegate.toml" --json 2>/dev/null \
+      | python3 -c 'import json,sys; sys.exit(0 if sum(q["records"] for q in json.load(sys.stdin)["queues"]) == 0 else 1)' && break
+    sleep 0.1
+  done
+  local usage; usage=$(usage_of "$gpid")
+  kill "$gpid"; wait "$gpid" 2>/dev/null || true
+  echo "$usage $(cat "$dir"/out/readings.jsonl* 2>/dev/null | wc -l)" > "$WORK/sitegate-$n.usage"
+}
+
+for n in "${SIZES[@]}"; do
+  echo "compare.sh: $n devices, ${DURATION}s, rate ${RATE} (0 = as fast as acknowledged)" >&2
+  run_mosquitto "$n"
+  run_sitegate "$n"
+done
+
+python3 - "$WORK" "$OUT" "${SIZES[@]}" <<'PY'
+import json, os, platform, sys, time
+work, out, sizes = sys.argv[1], sys.argv[2], sys.argv[3:]
+cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+machine = f"{os.cpu_count()} cores, {cpu_model}, {platform.system()} {platform.release()}"
+runs = []
+for n in sizes:
+    row = {"devices": int(n)}
+    for broker in ("mosquitto", "sitegate"):
+        s = json.load(open(f"{work}/{broker}-{n}.json"))
+        cpu, rss, delivered = open(f"{work}/{broker}-{n}.usage").read().split()
+        row[broker] = {
+            "connected": s["connected"], "rate": round(s["rate"]), "acknowledged": s["acknowledged"],
+            "delivered": int(delivered), "p50_ms": s["latency"]["p50_ms"], "p99_ms": s["latency"]["p99_ms"],
+            "cpu_s": float(cpu), "peak_rss_mib": float(rss),
+            "cpu_us_per_msg": round(float(cpu) * 1e6 / max(s["acknowledged"], 1), 1),
+        }
+    m, g = row["mosquitto"], row["sitegate"]
+    row["ratio"] = {k: round(g[k] / m[k], 2) if m[k] else None
+                    for k in ("rate", "p50_ms", "p99_ms", "cpu_us_per_msg", "peak_rss_mib")}
+    runs.append(row)
+result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "runs": runs}
+os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+json.dump(result, open(out, "w"), indent=2)
+print(f"machine: {machine}")
+print("| devices | broker | msg/s | p50 ms | p99 ms | delivered | CPU µs/msg | peak RSS MiB |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|")
+for r in runs:
+    for b in ("mosquitto", "sitegate"):
+        x = r[b]
+        print(f"| {r['devices']} | {b} | {x['rate']} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['delivered']} | {x['cpu_us_per_msg']} | {x['peak_rss_mib']} |")
+    q = r["ratio"]
+    print(f"| {r['devices']} | sitegate / mosquitto | {q['rate']}× | {q['p50_ms']}× | {q['p99_ms']}× | | {q['cpu_us_per_msg']}× | {q['peak_rss_mib']}× |")
+print(f"(JSON in {out})")
+PY

@@ -1,0 +1,233 @@
+//! Prometheus metrics on a loopback port (`[admin] metrics`): `GET /metrics` in the text format.
+//!
+//! The series live in the `metrics` crate's recorder, rendered by its Prometheus exporter. The
+//! edge's hot-path counters stay plain atomics in [`Stats`] and are copied into the recorder
+//! at each scrape, as are spool depths and per-rule counters; per-sink counters and the latency
+//! histograms are recorded where they happen (per batch or per commit, never per packet).
+//! The `metrics` recorder is process-wide: several gateways in one process (tests) share it.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::{counter, gauge, Counter, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::pipeline::RulesReport;
+use crate::spool::Spool;
+use crate::stats::Stats;
+
+/// Time a scraper has to send its request and take the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request head read.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Scrapes answered at once; more connections are closed.
+const MAX_CONCURRENT_SCRAPES: usize = 4;
+/// Histogram buckets, in seconds: 100 µs to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// From a device's PUBLISH arriving to its group commit being durable.
+pub const RECEIVE_TO_DURABLE: &str = "sitegate_receive_to_durable_seconds";
+/// From a device's PUBLISH arriving to the sink acknowledging the record.
+pub const RECEIVE_TO_SINK_ACK: &str = "sitegate_receive_to_sink_ack_seconds";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's recorder, installed on first use; `None` if another recorder was installed
+/// first (then the series go there).
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+/// One sink's series, registered once when its drain starts.
+pub struct SinkMetrics {
+    pub sent: Counter,
+    pub failures: Counter,
+    pub retries: Counter,
+    pub latency: Histogram,
+}
+
+impl SinkMetrics {
+    pub fn new(sink: &str) -> SinkMetrics {
+        handle();
+        let label = [("sink", sink.to_string())];
+        SinkMetrics {
+            sent: counter!("sitegate_sink_records_sent_total", &label),
+            failures: counter!("sitegate_sink_send_failures_total", &label),
+            retries: counter!("sitegate_sink_retries_total", &label),
+            latency: metrics::histogram!(RECEIVE_TO_SINK_ACK, &label),
+        }
+    }
+}
+
+/// What a scrape reads besides the recorder.
+#[derive(Clone)]
+pub struct Sources {
+    pub stats: Arc<Stats>,
+    pub spool: Arc<Spool>,
+    pub rules: Arc<Mutex<RulesReport>>,
+}
+
+/// Copies the counters kept elsewhere into the recorder.
+async fn refresh(sources: &Sources) {
+    let s = sources.stats.snapshot();
+    gauge!("sitegate_connections_open").set(s.connections_open as f64);
+    counter!("sitegate_connections_accepted_total").absolute(s.connections_accepted);
+    counter!("sitegate_keepalive_timeouts_total").absolute(s.keepalive_timeouts);
+    counter!("sitegate_messages_in_total", "qos" => "0").absolute(s.messages_in_qos0);
+    counter!("sitegate_messages_in_total", "qos" => "1").absolute(s.messages_in_qos1);
+    counter!("sitegate_messages_out_total").absolute(s.messages_out);
+    for (reason, n) in [
+        ("handshake_failed", s.handshakes_failed),
+        ("connect_refused", s.connects_refused),
+        ("over_connection_limit", s.connections_over_limit),
+        ("publish_not_allowed", s.publishes_denied),
+        ("subscribe_not_allowed", s.subscriptions_denied),
+        ("protocol_error", s.protocol_errors),
+        ("revoked", s.revoked_disconnects),
+    ] {
+        counter!("sitegate_denied_total", "reason" => reason).absolute(n);
+    }
+    counter!("sitegate_rule_messages_in_total").absolute(s.rule_messages_in);
+    counter!("sitegate_spool_commits_total").absolute(s.spool_commits);
+    counter!("sitegate_spool_full_waits_total").absolute(s.spool_full_waits);
+    counter!("sitegate_spool_errors_total").absolute(s.spool_errors);
+    for q in sources.spool.status().await.queues {
+        let sink = [("sink", q.sink.clone())];
+        gauge!("sitegate_spool_records", &sink).set(q.records as f64);
+        gauge!("sitegate_spool_bytes", &sink).set(q.bytes as f64);
+        gauge!("sitegate_spool_oldest_age_seconds", &sink)
+            .set(q.oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
+        counter!("sitegate_spool_dropped_records_total", &sink).absolute(q.dropped_records);
+        counter!("sitegate_spool_quarantined_blocks_total", &sink).absolute(q.quarantined_blocks);
+    }
+    let report = sources.rules.lock().map(|r| r.clone()).unwrap_or_default();
+    for r in &report.rules {
+        let rule = [("rule", r.name.clone())];
+        counter!("sitegate_rule_rows_in_total", &rule).absolute(r.rows_in);
+        counter!("sitegate_rule_rows_out_total", &rule).absolute(r.rows_out);
+        counter!("sitegate_rule_errors_total", &rule).absolute(r.errors);
+        counter!("sitegate_rule_late_events_total", &rule).absolute(r.late_events);
+    }
+    gauge!("sitegate_rules_refused").set(report.refused.len() as f64);
+}
+
+/// Answers scrapes on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch::Receiver<bool>) {
+    let Some(handle) = handle() else {
+        tracing::warn!("another metrics recorder is installed; /metrics is not served");
+        return;
+    };
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (handle, sources) = (handle.clone(), sources.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) =
+                tokio::time::timeout(IO_TIMEOUT, answer(stream, &handle, &sources)).await
+            {
+                tracing::debug!(error = %e, "metrics scrape timed out");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, handle: &PrometheusHandle, sources: &Sources) {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+        if head.len() > MAX_REQUEST_BYTES {
+            let _ = respond(&mut stream, "431 Request Header Fields Too Large", "").await;
+            return;
+        }
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (parts.next(), parts.next());
+    let (status, body) = match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => {
+            refresh(sources).await;
+            ("200 OK", handle.render())
+        }
+        (Some(b"GET"), _) => ("404 Not Found", "metrics are at /metrics\n".to_string()),
+        _ => ("405 Method Not Allowed", String::new()),
+    };
+    let _ = respond(&mut stream, status, &body).await;
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Fetches `/metrics` from `addr` (for `sitegate demo` and the tests): the exposition text.
+pub async fn scrape(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    let io = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: sitegate\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => Err(std::io::Error::other(format!(
+                "unexpected answer from {addr}: {}",
+                response.lines().next().unwrap_or_default()
+            ))),
+        }
+    };
+    tokio::time::timeout(IO_TIMEOUT, io).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "metrics scrape timed out")
+    })?
+}
+
+/// The value of one series in exposition text: `name` with its labels as written, e.g.
+/// `sitegate_messages_in_total{qos="1"}`.
+pub fn value_of(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
