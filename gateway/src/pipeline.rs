@@ -394,8 +394,9 @@ async fn committer(
         let result = commit(&spool, &batches, &stats, &mut shutdown).await;
         if result.is_ok() {
             let durable = metrics::histogram!(crate::prometheus::RECEIVE_TO_DURABLE);
+            let now = std::time::Instant::now();
             for m in waiting.iter().flat_map(|s| s.messages.iter()) {
-                durable.record(m.received.elapsed().as_secs_f64());
+                durable.record(now.duration_since(m.received).as_secs_f64());
             }
         }
         for s in waiting {

@@ -190,6 +190,7 @@ where
         read_acks: Vec::new(),
         held: std::collections::VecDeque::new(),
         denials_logged: 0,
+        read_at: (std::time::Instant::now(), 0),
         wake_router: false,
     };
     // A resumed session's grant may have shrunk while the device was away.
@@ -429,6 +430,9 @@ struct Session {
     /// Earlier reads' PUBACKs waiting for the spool, oldest first.
     held: std::collections::VecDeque<HeldAcks>,
     denials_logged: u32,
+    /// When the current socket read was taken (monotonic, and Unix ms for the records): every
+    /// message of one read shares it.
+    read_at: (std::time::Instant, u64),
     /// The router paused deliveries to this link until it is told we caught up.
     wake_router: bool,
 }
@@ -539,6 +543,7 @@ impl Session {
 
     /// Parses and handles every whole packet in `rbuf`, then hands the router its share.
     async fn handle_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Flow {
+        self.read_at = (std::time::Instant::now(), crate::spool::now_ms());
         if self.epoch.has_changed().unwrap_or(false) {
             if let Flow::Close(c) = self.refresh_grant().await {
                 return Flow::Close(c);
@@ -651,8 +656,8 @@ impl Session {
                             thing: Arc::clone(&self.thing),
                             cert_id: Arc::clone(&self.cert_id),
                             qos: frame.qos,
-                            received_at_ms: crate::spool::now_ms(),
-                            received: std::time::Instant::now(),
+                            received_at_ms: self.read_at.1,
+                            received: self.read_at.0,
                         });
                     }
                     self.to_router.push(Packet::Publish(publish, props));

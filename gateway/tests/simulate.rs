@@ -183,6 +183,8 @@ async fn a_fleet_nobody_approved_can_do_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_comes_back_and_kept_devices_are_served() {
+    // The gateway runs in this process: one descriptor per connection, old and new.
+    sitegate::daemon::raise_fd_limit();
     let site = Site::start().await;
     let s = simulate(
         &site,
