@@ -136,25 +136,35 @@ where
         }
     };
     let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
-    let link = match ctx
-        .fabric
-        .link(&connect.client_id, connect.clean_session)
-        .await
-    {
-        Ok(link) => link,
-        Err(e) => {
-            warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
-            let _ = conn
-                .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
-                .await;
-            return;
-        }
+    // A device gets a router link of its own only when it needs one: to keep or resume a
+    // persistent session (or to clear one left behind), or once it subscribes. Until then its
+    // publishes go through the fabric's shared link.
+    let needs_link = !connect.clean_session || ctx.sessions.is_parked(&connect.client_id);
+    let link = match needs_link {
+        false => None,
+        true => match ctx
+            .fabric
+            .link(&connect.client_id, connect.clean_session)
+            .await
+        {
+            Ok(link) => Some(link),
+            Err(e) => {
+                warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
+                let _ = conn
+                    .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
+                    .await;
+                return;
+            }
+        },
     };
     let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
-    let session_present = link.session_present && !connect.clean_session;
+    let session_present =
+        link.as_ref().is_some_and(|l| l.session_present) && !connect.clean_session;
     let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive);
     if conn.send_connack(&codec, ack).await.is_err() {
-        release_link(link, None).await;
+        if let Some(link) = link {
+            release_link(link, None).await;
+        }
         return;
     }
     info!(
@@ -417,7 +427,8 @@ struct Session {
     grant: Grant,
     epoch: watch::Receiver<u64>,
     will: Option<(LastWill, Option<LastWillProperties>)>,
-    link: RouterLink,
+    /// This device's own router link, once it needs one (see `run`).
+    link: Option<RouterLink>,
     clean_session: bool,
     /// Filters granted and passed to the router, re-checked when the grant changes.
     filters: Vec<String>,
@@ -514,7 +525,7 @@ impl Session {
                             Err(_) => return Close::Spool("pipeline stopped".into()),
                         }
                     }
-                    notification = self.link.rx.next() => {
+                    notification = next_notification(&mut self.link), if self.link.is_some() => {
                         match notification {
                             Ok(Some(n)) => {
                                 if let Flow::Close(c) = self.handle_notification(n, &mut conn.wbuf) {
@@ -535,8 +546,12 @@ impl Session {
             if let Err(e) = conn.flush().await {
                 return Close::Network(e);
             }
-            if std::mem::take(&mut self.wake_router) && self.link.rx.wake().await.is_err() {
-                return Close::RouterGone;
+            if std::mem::take(&mut self.wake_router) {
+                if let Some(link) = self.link.as_mut() {
+                    if link.rx.wake().await.is_err() {
+                        return Close::RouterGone;
+                    }
+                }
             }
         }
     }
@@ -576,11 +591,8 @@ impl Session {
             }
         }
         // Whatever was accepted before a protocol error still reaches the router.
-        if let Some(last) = self.to_router.pop() {
-            self.link.tx.buffer().extend(self.to_router.drain(..));
-            if self.link.tx.send(last).await.is_err() {
-                return Flow::Close(Close::RouterGone);
-            }
+        if let Flow::Close(c) = self.hand_to_router().await {
+            return Flow::Close(c);
         }
         let receipt = match (&self.ctx.ingest, self.to_ingest.is_empty()) {
             (Some(ingest), false) => Some(ingest.submit(std::mem::take(&mut self.to_ingest)).await),
@@ -595,6 +607,42 @@ impl Session {
             self.held.push_back(HeldAcks { receipt, acks });
         }
         flow
+    }
+
+    /// Sends `to_router` through this device's link, making it at the first SUBSCRIBE, or
+    /// through the shared link while the device has none.
+    async fn hand_to_router(&mut self) -> Flow {
+        if self.to_router.is_empty() {
+            return Flow::Continue;
+        }
+        let subscribes = self
+            .to_router
+            .iter()
+            .any(|p| matches!(p, Packet::Subscribe(..)));
+        if self.link.is_none() && subscribes {
+            match self.ctx.fabric.link(&self.thing, true).await {
+                Ok(link) => self.link = Some(link),
+                Err(e) => {
+                    warn!(thing = %self.identity.thing, error = %e, "router link failed");
+                    return Flow::Close(Close::RouterGone);
+                }
+            }
+        }
+        let mut packets = std::mem::take(&mut self.to_router);
+        let sent = match self.link.as_mut() {
+            Some(link) => match packets.pop() {
+                Some(last) => {
+                    link.tx.buffer().extend(packets);
+                    link.tx.send(last).await.is_ok()
+                }
+                None => true,
+            },
+            None => self.ctx.fabric.forward(packets).await.is_ok(),
+        };
+        match sent {
+            true => Flow::Continue,
+            false => Flow::Close(Close::RouterGone),
+        }
     }
 
     /// The oldest held read is durable: send its PUBACKs and those queued behind it that
@@ -766,7 +814,10 @@ impl Session {
     async fn drain_ready_notifications(&mut self, wbuf: &mut BytesMut) -> Flow {
         for _ in 0..MAX_NOTIFICATIONS_PER_WRITE {
             // A zero timeout polls once: ready notifications are taken, none are waited for.
-            match tokio::time::timeout(Duration::ZERO, self.link.rx.next()).await {
+            let Some(link) = self.link.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout(Duration::ZERO, link.rx.next()).await {
                 Ok(Ok(Some(n))) => {
                     if let Flow::Close(c) = self.handle_notification(n, wbuf) {
                         return Flow::Close(c);
@@ -820,8 +871,10 @@ impl Session {
         self.filters = kept;
         for filter in dropped {
             info!(thing = %self.identity.thing, %filter, "subscription no longer allowed; removed");
-            if self.link.tx.unsubscribe(filter).is_err() {
-                return Flow::Close(Close::RouterGone);
+            if let Some(link) = self.link.as_mut() {
+                if link.tx.unsubscribe(filter).is_err() {
+                    return Flow::Close(Close::RouterGone);
+                }
             }
         }
         Flow::Continue
@@ -890,19 +943,38 @@ impl Session {
                 .sessions
                 .park(&thing, std::mem::take(&mut self.filters));
         }
-        release_link(self.link, will.map(|(w, _)| w)).await;
+        let will = will.map(|(w, _)| will_packet(w));
+        match self.link {
+            Some(link) => release_link(link, will).await,
+            None => {
+                if let Some(w) = will {
+                    let _ = self.ctx.fabric.forward(vec![w]).await;
+                }
+            }
+        }
     }
+}
+
+/// The next notification on `link`; never resolves without one (the caller guards on it).
+async fn next_notification(
+    link: &mut Option<RouterLink>,
+) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    match link {
+        Some(link) => link.rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn will_packet(w: LastWill) -> Packet {
+    let topic = String::from_utf8_lossy(&w.topic).into_owned();
+    Packet::Publish(publish_packet(&topic, &w.message, w.qos, w.retain), None)
 }
 
 /// Publishes the will (if any) and tells the router this link is gone, so a persistent session
 /// is parked and a clean one forgotten.
-async fn release_link(mut link: RouterLink, will: Option<LastWill>) {
+async fn release_link(mut link: RouterLink, will: Option<Packet>) {
     if let Some(w) = will {
-        let topic = String::from_utf8_lossy(&w.topic).into_owned();
-        link.tx.buffer().push_back(Packet::Publish(
-            publish_packet(&topic, &w.message, w.qos, w.retain),
-            None,
-        ));
+        link.tx.buffer().push_back(w);
     }
     let bye = Packet::Disconnect(
         Disconnect {

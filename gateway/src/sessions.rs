@@ -146,6 +146,14 @@ impl SessionTable {
             .insert(client_id.to_owned(), filters);
     }
 
+    /// Whether `client_id` left a persistent session behind in the router.
+    pub fn is_parked(&self, client_id: &str) -> bool {
+        self.parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(client_id)
+    }
+
     /// Takes back parked filters; `resumed` false (a clean start) just forgets them.
     pub fn unpark(&self, client_id: &str, resumed: bool) -> Vec<String> {
         let parked = self
