@@ -182,13 +182,7 @@ impl sitegate_plugins::republish::LocalBroker for LocalPublisher {
             QoS::AtMostOnce
         };
         let packet = Packet::Publish(publish_packet(&topic, &payload, qos, retain), None);
-        self.tx
-            .lock()
-            .await
-            .send(packet)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.forward(vec![packet]).await.map_err(|e| e.to_string())
     }
 }
 

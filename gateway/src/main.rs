@@ -548,34 +548,30 @@ fn simulate(args: SimulateArgs) -> Result<()> {
 /// Approves `things` into `group`: through the running gateway, or on its registry when it is
 /// stopped (opened once for all of them).
 async fn approve_all(config: &Config, things: &[String], group: &str) -> Result<usize> {
-    let groups = vec![group.to_string()];
-    let request = |thing: &String| AdminRequest::Approve {
+    let mut requests = things.iter().map(|thing| AdminRequest::Approve {
         thing: thing.clone(),
-        groups: groups.clone(),
-    };
-    let Some(first) = things.first() else {
+        groups: vec![group.to_string()],
+    });
+    let Some(first) = requests.next() else {
         return Ok(0);
     };
-    let check = |response: AdminResponse| match response {
-        AdminResponse::Error { message } => Err(anyhow::anyhow!(message)),
-        _ => Ok(()),
-    };
-    match admin::request(&config.admin_socket(), &request(first)).await {
+    let responses = match admin::request(&config.admin_socket(), &first).await {
         Ok(response) => {
-            check(response)?;
-            for thing in &things[1..] {
-                check(admin::request(&config.admin_socket(), &request(thing)).await?)?;
+            let mut responses = vec![response];
+            for request in requests {
+                responses.push(admin::request(&config.admin_socket(), &request).await?);
             }
+            responses
         }
         Err(AdminClientError::NotRunning(_)) => {
-            let db = daemon::open_store(config)?;
-            let authority = Authority::new(PolicySet::compile(&config.auth)?, Registry::open(&db)?);
-            for thing in things {
-                authority.approve(thing, &groups)?;
-            }
-            db.flush()?;
+            offline(config, std::iter::once(first).chain(requests).collect()).await?
         }
         Err(e) => return Err(e.into()),
+    };
+    for response in responses {
+        if let AdminResponse::Error { message } = response {
+            bail!(message);
+        }
     }
     Ok(things.len())
 }
@@ -721,12 +717,16 @@ fn offline_spool_status(data_dir: &std::path::Path) -> Result<spool::SpoolStatus
 async fn ask_gateway(config: &Config, request: &AdminRequest) -> Result<AdminResponse> {
     match admin::request(&config.admin_socket(), request).await {
         Ok(r) => Ok(r),
-        Err(AdminClientError::NotRunning(_)) => offline(config, request.clone()).await,
+        Err(AdminClientError::NotRunning(_)) => offline(config, vec![request.clone()])
+            .await?
+            .pop()
+            .context("no answer from the registry"),
         Err(e) => Err(e.into()),
     }
 }
 
-async fn offline(config: &Config, request: AdminRequest) -> Result<AdminResponse> {
+/// Carries out `requests` on a stopped gateway's registry, opened once for all of them.
+async fn offline(config: &Config, requests: Vec<AdminRequest>) -> Result<Vec<AdminResponse>> {
     let db = daemon::open_store(config)?;
     let policies = PolicySet::compile(&config.auth)?;
     let service = AdminService {
@@ -736,9 +736,12 @@ async fn offline(config: &Config, request: AdminRequest) -> Result<AdminResponse
         spool: None,
         rules: Arc::default(),
     };
-    let response = service.handle(request).await;
+    let mut responses = Vec::with_capacity(requests.len());
+    for request in requests {
+        responses.push(service.handle(request).await);
+    }
     db.flush()?;
-    Ok(response)
+    Ok(responses)
 }
 
 fn print_response(response: AdminResponse, json: bool) -> Result<()> {

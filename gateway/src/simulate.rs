@@ -385,8 +385,9 @@ pub async fn run(options: Options) -> Result<Summary, SimulateError> {
         opts.set_outgoing_inflight_upper_limit(options.inflight.max(1));
         opts.set_connection_timeout(30);
         opts.set_max_packet_size(Some(OVERSIZE_BYTES as u32 * 2));
+        let kept = options.storm.is_some_and(|s| n < s.keep);
         let device = Device {
-            thing: c.thing.clone(),
+            thing: c.thing,
             profile: options.profile.for_device(n),
             qos: if options.qos == 1 {
                 QoS::AtLeastOnce
@@ -396,7 +397,6 @@ pub async fn run(options: Options) -> Result<Summary, SimulateError> {
             payload_bytes: options.payload_bytes,
             misbehaves: n < options.misbehaving,
             other: names[(n + 1) % names.len()].clone(),
-            kept: options.storm.is_some_and(|s| n < s.keep),
             period: per_device_period,
         };
         let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
@@ -404,7 +404,7 @@ pub async fn run(options: Options) -> Result<Summary, SimulateError> {
         next_start += connect_gap;
         tasks.push(tokio::spawn(drive(
             eventloop,
-            device.kept,
+            kept,
             options.reconnect_chance,
             start_at,
             shared.clone(),
@@ -576,7 +576,6 @@ struct Device {
     misbehaves: bool,
     /// Another device's name: a misbehaving device publishes on its topics (forbidden).
     other: String,
-    kept: bool,
     /// Time between two publishes; `None`: as fast as the client takes them.
     period: Option<Duration>,
 }
@@ -830,7 +829,6 @@ mod tests {
             payload_bytes: None,
             misbehaves: true,
             other: "sim-door-1".into(),
-            kept: false,
             period: None,
         };
         let mut rng = rand::thread_rng();
