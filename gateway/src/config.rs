@@ -79,6 +79,24 @@ pub struct Config {
     /// The durable, encrypted store between rules and sinks.
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// Running as a Greengrass v2 component.
+    #[serde(default)]
+    pub greengrass: GreengrassConfig,
+    /// The folder relative paths were resolved against (the config file's, or the component's
+    /// work folder); a configuration update from the nucleus resolves against it too.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// `[greengrass]`: what sitegate does with the nucleus when it runs as a component.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GreengrassConfig {
+    /// Talk to the nucleus over Greengrass IPC: follow component configuration updates (sinks,
+    /// routes and rules reload live) and let `iotcore` sinks publish with `via = "nucleus"`.
+    /// Needs the component's IPC environment (`SVCUID`, the nucleus socket).
+    #[serde(default)]
+    pub ipc: bool,
 }
 
 /// `[routes.NAME]`: every allowed device message on `from` becomes a record for `to`.
@@ -98,6 +116,10 @@ pub struct RulesConfig {
     /// Folder of `*.sql` rule files (one rule per file, named by its stem), hot-reloaded.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// Rules written in the config itself, name → SQL (handy in a Greengrass component
+    /// configuration, which has no folder to ship); a file of the same name in `dir` is refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sql: BTreeMap<String, String>,
     /// Sink that receives messages a rule cannot decode and records a sink refused for good,
     /// with the reason (IoT Core's errorAction). Without it they are logged and counted.
     #[serde(default)]
@@ -457,6 +479,8 @@ impl Config {
             routes: BTreeMap::new(),
             rules: RulesConfig::default(),
             spool: SpoolConfig::default(),
+            greengrass: GreengrassConfig::default(),
+            base_dir: None,
         }
     }
 
@@ -483,6 +507,7 @@ impl Config {
 
     /// Makes every relative path absolute against `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
+        self.base_dir = Some(base.to_path_buf());
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -573,6 +598,24 @@ impl Config {
             validate_name(name).map_err(|r| ConfigError::invalid(format!("sinks.{name}"), r))?;
             sink.validate()
                 .map_err(|r| ConfigError::invalid(format!("sinks.{name}"), r))?;
+            if let sitegate_plugins::SinkConfig::Iotcore(c) = sink {
+                if c.via == sitegate_plugins::iotcore::Via::Nucleus && !self.greengrass.ipc {
+                    return Err(ConfigError::invalid(
+                        format!("sinks.{name}.via"),
+                        "\"nucleus\" needs [greengrass] ipc = true",
+                    ));
+                }
+            }
+        }
+        for (name, sql) in &self.rules.sql {
+            validate_name(name)
+                .map_err(|r| ConfigError::invalid(format!("rules.sql.{name}"), r))?;
+            if sql.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("rules.sql.{name}"),
+                    "is empty; give the rule's SQL",
+                ));
+            }
         }
         for (name, route) in &self.routes {
             validate_name(name).map_err(|r| ConfigError::invalid(format!("routes.{name}"), r))?;

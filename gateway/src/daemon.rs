@@ -18,16 +18,15 @@ use tracing::info;
 use crate::admin::{self, AdminService};
 use crate::auth::{Authority, PolicySet, Registry, RegistryError};
 use crate::broker::Fabric;
-use crate::broker::LocalPublisher;
 use crate::config::{Config, ConfigError};
+use crate::live::{Live, SinkSet};
 use crate::pipeline;
 use crate::session::{EdgeContext, Limits};
 use crate::sessions::{EndReason, SessionTable};
-use crate::spool::{drain, Spool};
+use crate::spool::Spool;
 use crate::stats::Stats;
 use crate::tls::{self, TlsSetupError};
-use sitegate_plugins::republish::LocalBroker;
-use sitegate_plugins::{SinkConfig, SinkContext, SinkError};
+use sitegate_plugins::nucleus::{IpcError, Nucleus};
 
 /// How long shutdown waits for sessions to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -63,6 +62,8 @@ pub enum RunError {
         name: String,
         source: sitegate_plugins::SinkError,
     },
+    #[error("greengrass.ipc: {0}")]
+    Nucleus(#[from] IpcError),
 }
 
 /// The sockets the gateway serves; bound by the caller so tests can use port 0.
@@ -71,6 +72,8 @@ pub struct Listeners {
     pub admin: UnixListener,
     /// The Prometheus endpoint (`[admin] metrics`), when served.
     pub metrics: Option<TcpListener>,
+    /// The Greengrass nucleus's IPC connection (`[greengrass] ipc = true`).
+    pub nucleus: Option<Arc<Nucleus>>,
 }
 
 impl Listeners {
@@ -101,10 +104,16 @@ impl Listeners {
                     })?,
             ),
         };
+        let nucleus = if config.greengrass.ipc {
+            Some(Arc::new(Nucleus::from_env().await?))
+        } else {
+            None
+        };
         Ok(Listeners {
             mqtts,
             admin,
             metrics,
+            nucleus,
         })
     }
 }
@@ -137,9 +146,11 @@ pub struct Gateway {
     sessions: Arc<SessionTable>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    committer: Option<JoinHandle<()>>,
-    drains: Vec<JoinHandle<()>>,
+    committer: JoinHandle<()>,
+    sinks: Arc<tokio::sync::Mutex<SinkSet>>,
+    background: Vec<JoinHandle<()>>,
     spool: Arc<Spool>,
+    live: Arc<Live>,
     db: sled::Db,
 }
 
@@ -168,60 +179,53 @@ impl Gateway {
             config.listener.max_connections + INTERNAL_LINKS,
             config.listener.max_inflight,
         ));
-        let site = config.site_name();
-        let mut drains = Vec::new();
+        let mut sink_set = SinkSet::new(
+            Arc::clone(&spool),
+            Arc::clone(&fabric),
+            listeners.nucleus.clone(),
+            Arc::clone(&stats),
+            config.site_name(),
+            config.rules.error_sink.clone(),
+        );
         for (name, sink_config) in &config.sinks {
-            let local: Option<Arc<dyn LocalBroker>> = match sink_config {
-                SinkConfig::Republish(_) => {
-                    // Dots never occur in thing names, so no device's client id can take over this link.
-                    let link = fabric
-                        .link(&format!("sitegate.republish.{name}"), true)
-                        .await
-                        .map_err(|e| RunError::Sink {
-                            name: name.clone(),
-                            source: SinkError::Config(e.to_string()),
-                        })?;
-                    Some(Arc::new(LocalPublisher::new(link)))
-                }
-                _ => None,
-            };
-            let context = SinkContext {
-                name: name.clone(),
-                site: site.clone(),
-                local,
-            };
-            let sink = sitegate_plugins::build(sink_config.clone(), context)
-                .await
-                .map_err(|source| RunError::Sink {
-                    name: name.clone(),
-                    source,
-                })?;
-            drains.push(tokio::spawn(drain::run(
-                Arc::clone(&spool),
-                sink,
-                config.rules.error_sink.clone(),
-                sink_config.linger(),
-                Arc::clone(&stats),
+            let sink =
+                sink_set
+                    .build(name, sink_config)
+                    .await
+                    .map_err(|source| RunError::Sink {
+                        name: name.clone(),
+                        source,
+                    })?;
+            sink_set.spawn(name, sink_config.clone(), sink);
+        }
+        let sinks = Arc::new(tokio::sync::Mutex::new(sink_set));
+        let mut background = vec![
+            tokio::spawn(expire_periodically(Arc::clone(&spool), stopped.clone())),
+            tokio::spawn(crate::prometheus::upkeep(stopped.clone())),
+        ];
+        let started = pipeline::start(
+            &config,
+            Arc::clone(&spool),
+            Arc::clone(&stats),
+            stopped.clone(),
+        )
+        .await
+        .map_err(RunError::Rules)?;
+        let rules = started.report;
+        let live = Arc::new(Live::new(
+            config.clone(),
+            Arc::clone(&sinks),
+            started.control,
+            Arc::clone(&spool),
+            Arc::clone(&stats),
+        ));
+        if let Some(nucleus) = &listeners.nucleus {
+            background.push(tokio::spawn(crate::greengrass::follow_configuration(
+                Arc::clone(nucleus),
+                Arc::clone(&live),
                 stopped.clone(),
             )));
         }
-        drains.push(tokio::spawn(expire_periodically(
-            Arc::clone(&spool),
-            stopped.clone(),
-        )));
-        let (ingest, committer, rules) = if config.routes.is_empty() && config.rules.dir.is_none() {
-            (None, None, Arc::default())
-        } else {
-            let (ingest, task, report) = pipeline::start(
-                &config,
-                Arc::clone(&spool),
-                Arc::clone(&stats),
-                stopped.clone(),
-            )
-            .await
-            .map_err(RunError::Rules)?;
-            (Some(ingest), Some(task), report)
-        };
         let l = &config.listener;
         let ctx = Arc::new(EdgeContext {
             authority: Arc::clone(&authority),
@@ -235,7 +239,7 @@ impl Gateway {
                 write_timeout: l.write_timeout(),
                 max_keep_alive_secs: l.max_keep_alive_secs,
             },
-            ingest,
+            ingest: Some(started.ingest),
         });
         let local_addr = listeners.mqtts.local_addr().ok();
         let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
@@ -285,9 +289,11 @@ impl Gateway {
             sessions,
             stop,
             tasks,
-            committer,
-            drains,
+            committer: started.task,
+            sinks,
+            background,
             spool,
+            live,
             db,
         })
     }
@@ -305,6 +311,11 @@ impl Gateway {
     /// The spool (depth, status).
     pub fn spool(&self) -> Arc<Spool> {
         Arc::clone(&self.spool)
+    }
+
+    /// The running configuration and live reconfiguration.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live)
     }
 
     /// Live counters.
@@ -329,18 +340,17 @@ impl Gateway {
         self.sessions
             .end_all(EndReason::Shutdown, SHUTDOWN_GRACE)
             .await;
+        for task in self.background {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+        }
         // Sessions are gone, so the committer's channel closes once it has written what it holds.
-        if let Some(committer) = self.committer {
-            if tokio::time::timeout(SHUTDOWN_GRACE, committer)
-                .await
-                .is_err()
-            {
-                tracing::warn!("spool committer did not finish in time");
-            }
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.committer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("spool committer did not finish in time");
         }
-        for drain in self.drains {
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, drain).await;
-        }
+        self.sinks.lock().await.stop_all().await;
         if let Err(e) = self.spool.flush().await {
             tracing::error!(error = %e, "final spool flush failed");
         }

@@ -176,7 +176,7 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
         .into(),
         rules: RulesConfig {
             dir: Some(dir.path().join("rules")),
-            error_sink: None,
+            ..RulesConfig::default()
         },
         ..Config::with_listener(ListenerConfig::with_defaults(
             "127.0.0.1:0",
@@ -218,6 +218,7 @@ pub async fn run(duration: Duration, kinesis_endpoint: Option<String>) -> Result
         mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
         admin: admin::bind(&config.admin_socket())?,
         metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+        nucleus: None,
     };
     let gateway = Gateway::start(config.clone(), listeners).await?;
     let addr = gateway.local_addr().context("gateway has no address")?;

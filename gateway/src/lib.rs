@@ -21,7 +21,8 @@
 //! - `stats`: counters of the device edge.
 //! - `prometheus`: the `/metrics` endpoint on a loopback port, latency histograms.
 //! - `daemon`: `run(config, listeners, shutdown)` and [`Gateway`].
-//! - `greengrass`: the component recipe and configuration from the nucleus.
+//! - `greengrass`: the component recipe, configuration from the nucleus and following its updates.
+//! - `live`: live reconfiguration of sinks, routes and rules; the sinks' drains.
 //! - `fleet`: virtual devices (rumqttc over mutual TLS) for the demo, simulator and tests.
 //! - `simulate`: `sitegate simulate`, a fleet of thousands of virtual devices with a summary.
 
@@ -36,6 +37,7 @@ pub mod daemon;
 pub mod fleet;
 pub mod greengrass;
 pub mod listener;
+pub mod live;
 pub mod pipeline;
 pub mod pki;
 pub mod prometheus;

@@ -101,55 +101,239 @@ pub struct RulesReport {
     pub refused: BTreeMap<String, String>,
 }
 
-/// The rules as the committer runs them.
+/// The rules as the committer runs them: files from `dir` and rules given inline in the config.
 struct Rules {
     engine: Engine,
-    watcher: Watcher,
-    dir: PathBuf,
+    watcher: Option<Watcher>,
+    dir: Option<PathBuf>,
+    inline: BTreeMap<String, String>,
     sinks: Vec<String>,
     refused: BTreeMap<String, String>,
     report: Arc<Mutex<RulesReport>>,
 }
 
+/// What a live reconfiguration changes in the pipeline (from the component configuration).
+#[derive(Debug, Clone)]
+pub struct PipelineUpdate {
+    routes: Vec<Route>,
+    dir: Option<PathBuf>,
+    inline: BTreeMap<String, String>,
+    error_sink: Option<String>,
+    sinks: Vec<String>,
+}
+
+impl PipelineUpdate {
+    pub fn of(config: &Config) -> PipelineUpdate {
+        PipelineUpdate {
+            routes: routes_of(config),
+            dir: config.rules.dir.clone(),
+            inline: config.rules.sql.clone(),
+            error_sink: config.rules.error_sink.clone(),
+            sinks: config.sinks.keys().cloned().collect(),
+        }
+    }
+}
+
+/// Hands live reconfigurations to the committer, which applies them between batches.
+#[derive(Clone)]
+pub struct PipelineControl {
+    tx: mpsc::Sender<(PipelineUpdate, oneshot::Sender<Result<(), String>>)>,
+}
+
+impl PipelineControl {
+    /// Applies `update`; refused as a whole (nothing changes) when a rule that stays would
+    /// write to a sink the update removes.
+    pub async fn reconfigure(&self, update: PipelineUpdate) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((update, reply))
+            .await
+            .map_err(|_| "the pipeline has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the pipeline has stopped".to_string())?
+    }
+}
+
+fn routes_of(config: &Config) -> Vec<Route> {
+    config
+        .routes
+        .iter()
+        .map(|(name, RouteConfig { from, to })| Route {
+            name: name.clone(),
+            from: from.clone(),
+            to: to.clone(),
+        })
+        .collect()
+}
+
+/// How an inline rule is named in messages, where a file rule shows its path.
+fn inline_label(name: &str) -> PathBuf {
+    PathBuf::from(format!("rules.sql.{name}"))
+}
+
 impl Rules {
+    fn new(
+        dir: Option<PathBuf>,
+        error_sink: Option<String>,
+        sinks: Vec<String>,
+        report: Arc<Mutex<RulesReport>>,
+    ) -> Rules {
+        Rules {
+            engine: Engine::new(ErrorRouting {
+                default_sink: error_sink,
+            }),
+            watcher: dir.as_deref().map(Watcher::new),
+            dir,
+            inline: BTreeMap::new(),
+            sinks,
+            refused: BTreeMap::new(),
+            report,
+        }
+    }
+
     /// Apply what changed in the directory; returns whether the set of rules changed.
     async fn reload(&mut self) -> bool {
-        let changes = match self.watcher.poll() {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return false;
+        };
+        let changes = match watcher.poll() {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the rules directory");
+                let dir = self.dir.as_deref().unwrap_or(std::path::Path::new(""));
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the rules directory");
                 return false;
             }
         };
         let mut changed = false;
         for change in changes {
             match change {
-                Change::Upsert { name, file, text } => {
-                    let shown = file.display().to_string();
-                    match sitegate_rules::check(&name, &shown, &text, Some(&self.sinks)).await {
-                        Ok(spec) => {
-                            tracing::info!(rule = %name, file = %shown, statements = spec.statements.len(), "rule loaded");
-                            self.engine.install(spec);
-                            self.refused.remove(&name);
-                            changed = true;
-                        }
-                        Err(e) => {
-                            tracing::error!(rule = %name, error = %e, "rule refused; the previous version, if any, keeps running");
-                            self.engine.refused(&name, &e);
-                            self.refused.insert(name, e.to_string());
-                        }
-                    }
+                Change::Upsert { name, file, .. } if self.inline.contains_key(&name) => {
+                    let reason = format!(
+                        "{}: a rule named `{name}` is given in rules.sql; rename the file",
+                        file.display()
+                    );
+                    tracing::error!(rule = %name, %reason, "rule file refused");
+                    self.refused.insert(name, reason);
                 }
-                Change::Removed { name } => {
-                    if self.engine.remove(&name) {
-                        tracing::info!(rule = %name, "rule removed");
-                        changed = true;
-                    }
+                Change::Removed { name } if self.inline.contains_key(&name) => {
                     self.refused.remove(&name);
                 }
+                change => changed |= self.apply(change).await,
             }
         }
         changed
+    }
+
+    /// Checks and installs one new or edited rule, or removes one; returns whether the set of
+    /// running rules changed.
+    async fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Upsert { name, file, text } => {
+                let shown = file.display().to_string();
+                match sitegate_rules::check(&name, &shown, &text, Some(&self.sinks)).await {
+                    Ok(spec) => {
+                        tracing::info!(rule = %name, file = %shown, statements = spec.statements.len(), "rule loaded");
+                        self.engine.install(spec);
+                        self.refused.remove(&name);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(rule = %name, error = %e, "rule refused; the previous version, if any, keeps running");
+                        self.engine.refused(&name, &e);
+                        self.refused.insert(name, e.to_string());
+                        false
+                    }
+                }
+            }
+            Change::Removed { name } => {
+                self.refused.remove(&name);
+                let removed = self.engine.remove(&name);
+                if removed {
+                    tracing::info!(rule = %name, "rule removed");
+                }
+                removed
+            }
+        }
+    }
+
+    /// Applies a live reconfiguration: new sinks and error sink, inline rules added, changed
+    /// or removed, a new rules folder. Checked before anything changes: a rule that would keep
+    /// running (untouched, or its new version refused) must not lose a sink it writes to.
+    async fn reconfigure(&mut self, update: &PipelineUpdate) -> Result<(), String> {
+        let dir_changes = update.dir != self.dir;
+        let mut upserts = Vec::new();
+        for (name, text) in &update.inline {
+            if self.inline.get(name) != Some(text) {
+                let label = inline_label(name).display().to_string();
+                let checked = sitegate_rules::check(name, &label, text, Some(&update.sinks)).await;
+                upserts.push((name.clone(), text.clone(), checked));
+            }
+        }
+        let mut removals: Vec<String> = self
+            .inline
+            .keys()
+            .filter(|name| !update.inline.contains_key(*name))
+            .cloned()
+            .collect();
+        if dir_changes {
+            // Rules from the old folder go; the new folder's files come in at the next poll.
+            removals.extend(
+                self.engine
+                    .names()
+                    .into_iter()
+                    .filter(|name| !self.inline.contains_key(name)),
+            );
+        }
+        let mut after = self.engine.sinks_by_rule();
+        for name in &removals {
+            after.remove(name);
+        }
+        for (name, _, checked) in &upserts {
+            if let Ok(spec) = checked {
+                after.insert(name.clone(), sitegate_rules::engine::spec_sinks(spec));
+            }
+        }
+        for (rule, sinks) in &after {
+            if let Some(missing) = sinks.iter().find(|s| !update.sinks.contains(s)) {
+                return Err(format!(
+                    "rule `{rule}` writes to sink `{missing}`, which the update removes; change or remove the rule in the same update"
+                ));
+            }
+        }
+        self.sinks = update.sinks.clone();
+        self.engine.set_errors(ErrorRouting {
+            default_sink: update.error_sink.clone(),
+        });
+        for name in removals {
+            self.apply(Change::Removed { name }).await;
+        }
+        for (name, text, checked) in upserts {
+            match checked {
+                Ok(spec) => {
+                    tracing::info!(rule = %name, "rule loaded from the configuration");
+                    self.engine.install(spec);
+                    self.refused.remove(&name);
+                }
+                Err(e) => {
+                    tracing::error!(rule = %name, error = %e, "rule refused; the previous version, if any, keeps running");
+                    self.engine.refused(&name, &e);
+                    self.refused.insert(name.clone(), e.to_string());
+                }
+            }
+            self.inline.insert(name, text);
+        }
+        self.inline
+            .retain(|name, _| update.inline.contains_key(name));
+        if dir_changes {
+            self.dir = update.dir.clone();
+            self.watcher = self.dir.as_deref().map(Watcher::new);
+            if let Ok(mut r) = self.report.lock() {
+                r.dir = self.dir.clone();
+            }
+            self.reload().await;
+        }
+        Ok(())
     }
 
     fn publish_report(&self) {
@@ -160,22 +344,22 @@ impl Rules {
     }
 }
 
-/// Start the committer; returns the sessions' handle, the task, and the rules report.
+/// The handles [`start`] returns.
+pub struct Started {
+    pub ingest: Ingest,
+    pub control: PipelineControl,
+    pub task: tokio::task::JoinHandle<()>,
+    pub report: Arc<Mutex<RulesReport>>,
+}
+
+/// Start the committer.
 pub async fn start(
     config: &Config,
     spool: Arc<Spool>,
     stats: Arc<Stats>,
     shutdown: watch::Receiver<bool>,
-) -> Result<(Ingest, tokio::task::JoinHandle<()>, Arc<Mutex<RulesReport>>), String> {
-    let routes: Vec<Route> = config
-        .routes
-        .iter()
-        .map(|(name, RouteConfig { from, to })| Route {
-            name: name.clone(),
-            from: from.clone(),
-            to: to.clone(),
-        })
-        .collect();
+) -> Result<Started, String> {
+    let routes = routes_of(config);
     let settings = CommitSettings {
         interval: config.spool.commit_interval.0,
         max_records: config.spool.commit_records,
@@ -185,37 +369,46 @@ pub async fn start(
         dir: config.rules.dir.clone(),
         ..RulesReport::default()
     }));
-    let mut rules = match &config.rules.dir {
-        None => None,
-        Some(dir) => {
-            if !dir.is_dir() {
-                return Err(format!("rules.dir {} is not a directory", dir.display()));
-            }
-            let mut r = Rules {
-                engine: Engine::new(ErrorRouting {
-                    default_sink: config.rules.error_sink.clone(),
-                }),
-                watcher: Watcher::new(dir),
-                dir: dir.clone(),
-                sinks: config.sinks.keys().cloned().collect(),
-                refused: BTreeMap::new(),
-                report: report.clone(),
-            };
-            r.reload().await;
-            r.publish_report();
-            Some(r)
+    if let Some(dir) = &config.rules.dir {
+        if !dir.is_dir() {
+            return Err(format!("rules.dir {} is not a directory", dir.display()));
         }
-    };
+    }
+    let mut rules = None;
+    if config.rules.dir.is_some() || !config.rules.sql.is_empty() {
+        let mut r = Rules::new(
+            config.rules.dir.clone(),
+            config.rules.error_sink.clone(),
+            config.sinks.keys().cloned().collect(),
+            report.clone(),
+        );
+        for (name, text) in &config.rules.sql {
+            r.inline.insert(name.clone(), text.clone());
+            r.apply(Change::Upsert {
+                name: name.clone(),
+                file: inline_label(name),
+                text: text.clone(),
+            })
+            .await;
+        }
+        r.reload().await;
+        r.publish_report();
+        rules = Some(r);
+    }
     let filters = Arc::new(RwLock::new(filters_of(&routes, rules.as_ref())));
     // The channel counts submissions, not messages; one read is rarely more than a few dozen.
     let (tx, rx) = mpsc::channel(settings.max_pending.div_ceil(16).max(16));
+    let (control_tx, control_rx) = mpsc::channel(4);
     let task_filters = filters.clone();
+    let task_report = report.clone();
     let task = tokio::spawn(async move {
         committer(
             rx,
+            control_rx,
             routes,
-            rules.take(),
+            rules,
             task_filters,
+            task_report,
             settings,
             spool,
             stats,
@@ -223,7 +416,12 @@ pub async fn start(
         )
         .await
     });
-    Ok((Ingest { tx, filters }, task, report))
+    Ok(Started {
+        ingest: Ingest { tx, filters },
+        control: PipelineControl { tx: control_tx },
+        task,
+        report,
+    })
 }
 
 fn filters_of(routes: &[Route], rules: Option<&Rules>) -> Vec<String> {
@@ -304,9 +502,11 @@ fn add_outputs(
 #[allow(clippy::too_many_arguments)]
 async fn committer(
     mut rx: mpsc::Receiver<Submission>,
-    routes: Vec<Route>,
+    mut control: mpsc::Receiver<(PipelineUpdate, oneshot::Sender<Result<(), String>>)>,
+    mut routes: Vec<Route>,
     mut rules: Option<Rules>,
     filters: Arc<RwLock<Vec<String>>>,
+    report: Arc<Mutex<RulesReport>>,
     settings: CommitSettings,
     spool: Arc<Spool>,
     stats: Arc<Stats>,
@@ -314,12 +514,38 @@ async fn committer(
 ) {
     let mut poll = tokio::time::interval(RULES_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut control_open = true;
     loop {
         let first = tokio::select! {
             next = rx.recv() => match next {
                 Some(s) => s,
                 None => break,
             },
+            update = control.recv(), if control_open => {
+                let Some((update, reply)) = update else {
+                    control_open = false;
+                    continue;
+                };
+                let wants_rules = update.dir.is_some() || !update.inline.is_empty();
+                if rules.is_none() && wants_rules {
+                    rules = Some(Rules::new(None, update.error_sink.clone(), update.sinks.clone(), report.clone()));
+                }
+                let result = match rules.as_mut() {
+                    Some(r) => r.reconfigure(&update).await,
+                    None => Ok(()),
+                };
+                if result.is_ok() {
+                    routes = update.routes;
+                }
+                if let Some(r) = rules.as_ref() {
+                    r.publish_report();
+                }
+                if let Ok(mut f) = filters.write() {
+                    *f = filters_of(&routes, rules.as_ref());
+                }
+                let _ = reply.send(result);
+                continue;
+            }
             _ = poll.tick(), if rules.is_some() => {
                 if let Some(r) = rules.as_mut() {
                     if r.reload().await {

@@ -31,6 +31,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
+/// How often histogram samples are folded into their buckets. The exporter keeps every raw
+/// sample until a render; with no scraper (or a slow one) that would grow without bound, about
+/// 8 bytes per message.
+const UPKEEP: Duration = Duration::from_secs(1);
+
 /// From a device's PUBLISH arriving to its group commit being durable.
 pub const RECEIVE_TO_DURABLE: &str = "sitegate_receive_to_durable_seconds";
 /// From a device's PUBLISH arriving to the sink acknowledging the record.
@@ -52,6 +57,20 @@ pub fn handle() -> Option<PrometheusHandle> {
             Some(handle)
         })
         .clone()
+}
+
+/// Folds histogram samples into their buckets every [`UPKEEP`] until `stopped`, whether or not
+/// anyone scrapes.
+pub async fn upkeep(mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(UPKEEP) => {}
+            _ = stopped.changed() => return,
+        }
+        if let Some(h) = handle() {
+            let _ = h.render();
+        }
+    }
 }
 
 /// One sink's series, registered once when its drain starts.
@@ -106,6 +125,10 @@ async fn refresh(sources: &Sources) {
     counter!("sitegate_rule_messages_in_total").absolute(s.rule_messages_in);
     counter!("sitegate_spool_commits_total").absolute(s.spool_commits);
     counter!("sitegate_spool_full_waits_total").absolute(s.spool_full_waits);
+    counter!("sitegate_config_updates_total", "result" => "applied")
+        .absolute(s.config_updates_applied);
+    counter!("sitegate_config_updates_total", "result" => "refused")
+        .absolute(s.config_updates_refused);
     counter!("sitegate_spool_errors_total").absolute(s.spool_errors);
     for q in sources.spool.status().await.queues {
         let sink = [("sink", q.sink.clone())];

@@ -70,4 +70,9 @@ counters! {
     sink_retries,
     /// Records sinks refused for good (sent to the error sink or dropped with a log line).
     sink_records_rejected,
+    /// Configuration updates from the Greengrass nucleus applied live.
+    config_updates_applied,
+    /// Configuration updates refused (invalid, or a rule would lose its sink); the running
+    /// configuration stayed.
+    config_updates_refused,
 }

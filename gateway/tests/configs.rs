@@ -135,8 +135,15 @@ type = "log"
 [routes.NAME]
 from = "#"
 to = "f"
+[sinks.n]
+type = "iotcore"
+via = "nucleus"
 [rules]
 error_sink = "f"
+[rules.sql]
+NAME = "INSERT INTO f SELECT * FROM '#'"
+[greengrass]
+ipc = true
 [spool.sinks.f]
 max_bytes = "1MiB"
 max_age = "1d"
@@ -165,7 +172,7 @@ key_file = "k"
         "the sample config should touch every section: {keys:?}"
     );
     // Names the example chose (sink names), not keys of the schema.
-    let chosen = ["k", "i", "r", "f", "l"];
+    let chosen = ["k", "i", "n", "r", "f", "l"];
     let missing: Vec<_> = keys
         .iter()
         .filter(|k| !chosen.contains(&k.as_str()))

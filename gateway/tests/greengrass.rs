@@ -138,10 +138,20 @@ async fn runs_from_the_component_configuration_with_token_exchange_credentials()
         "device_groups": {"sensors": {"selection_rule": "thingName: sensor-*", "policy": "telemetry"}},
         "policies": {"telemetry": {"all": {"operations": ["mqtt:connect", "mqtt:publish"], "resources": ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topic:dt/${iot:Connection.Thing.ThingName}/#"]}}}
     });
+    // The nucleus: the recipe's default turns on IPC, so sitegate connects and follows updates.
+    let nucleus = sitegate_plugins::nucleus::standin::StandIn::start(
+        &work.path().join("ipc.socket"),
+        "svcuid-hub-7",
+        sitegate::greengrass::COMPONENT_NAME,
+        serde_json::json!({ "sitegate": config.clone() }),
+    )
+    .unwrap();
     let mut child = sitegate()
         .args(["run", "--config-env", "--base-dir"])
         .arg(work.path())
         .env(sitegate::greengrass::CONFIG_ENV, config.to_string())
+        .env(sitegate_plugins::nucleus::SOCKET_ENV, nucleus.socket())
+        .env(sitegate_plugins::nucleus::SVCUID_ENV, "svcuid-hub-7")
         .env("AWS_IOT_THING_NAME", "hub-7")
         .env("AWS_REGION", "us-east-1")
         .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &tes_uri)
@@ -181,27 +191,23 @@ async fn runs_from_the_component_configuration_with_token_exchange_credentials()
         matches!(approved, AdminResponse::Device { .. }),
         "{approved:?}"
     );
-    let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
-        .arg(work.path().join("pki/ca.pem"))
-        .arg("--cert")
-        .arg(&sensor.cert)
-        .arg("--key")
-        .arg(&sensor.key)
-        .args([
-            "-i",
-            "sensor-1",
-            "-t",
-            "dt/sensor-1/temp",
-            "-m",
-            r#"{"t":4.5}"#,
-            "-q",
-            "1",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", common::text(&out));
+    // One QoS 1 reading from sensor-1, with mosquitto_pub.
+    let publish = |body: String| {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
+            .arg(work.path().join("pki/ca.pem"))
+            .arg("--cert")
+            .arg(&sensor.cert)
+            .arg("--key")
+            .arg(&sensor.key)
+            .args(["-i", "sensor-1", "-t", "dt/sensor-1/temp", "-q", "1", "-m"])
+            .arg(body);
+        async move {
+            let out = cmd.output().await.unwrap();
+            assert!(out.status.success(), "{}", common::text(&out));
+        }
+    };
+    publish(r#"{"t":4.5}"#.to_string()).await;
 
     let mut records = Vec::new();
     for _ in 0..100 {
@@ -235,6 +241,34 @@ async fn runs_from_the_component_configuration_with_token_exchange_credentials()
         work.path().join("data/db").exists(),
         "state lives under the work folder"
     );
+    assert_eq!(
+        nucleus.connections(),
+        (1, 0),
+        "one IPC connection, SVCUID accepted"
+    );
+
+    // A deployment adds a file sink and a route to it; the relative path lands in the work folder.
+    nucleus.set_configuration(
+        &["sitegate", "sinks", "copy"],
+        serde_json::json!({"type": "file", "path": "out/copy.jsonl"}),
+    );
+    nucleus.set_configuration(
+        &["sitegate", "routes", "copy"],
+        serde_json::json!({"from": "dt/#", "to": "copy"}),
+    );
+    let copy = work.path().join("out/copy.jsonl");
+    let mut lines = Vec::new();
+    for attempt in 0..100 {
+        // Publish until the route is live (the update applies a few hundred ms after the events).
+        publish(format!(r#"{{"t":5,"n":{attempt}}}"#)).await;
+        lines = common::sink_lines(&copy);
+        if !lines.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["thing_name"], "sensor-1");
 
     // Greengrass stops a component with SIGTERM: it must exit 0, promptly.
     let started = Instant::now();
@@ -251,4 +285,230 @@ async fn runs_from_the_component_configuration_with_token_exchange_credentials()
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     println!("stopped {:?} after SIGTERM", started.elapsed());
+}
+
+mod ipc {
+    //! `[greengrass] ipc = true` against a nucleus stand-in that speaks the published protocol:
+    //! configuration updates apply live while a device stays connected, bad ones are refused
+    //! with the running configuration kept, and an `iotcore` sink publishes through the nucleus.
+    use super::common::{self, Site};
+    use rumqttc::{Event, Outgoing, Packet, QoS};
+    use serde_json::{json, Value};
+    use sitegate::admin::{AdminRequest, AdminResponse};
+    use sitegate_plugins::nucleus::{standin::StandIn, Nucleus};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const SVCUID: &str = "test-svcuid";
+
+    /// A device that stays connected and publishes on demand, counting its PUBACKs.
+    struct Device {
+        client: rumqttc::AsyncClient,
+        acked: Arc<std::sync::atomic::AtomicUsize>,
+        reconnects: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Device {
+        async fn connect(site: &Site, thing: &str) -> Device {
+            let issued = site.device(thing).await;
+            let opts = site
+                .credentials(&issued)
+                .mqtt_options(site.addr, Duration::from_secs(30))
+                .unwrap();
+            let (client, mut events) = rumqttc::AsyncClient::new(opts, 100);
+            let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let reconnects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let (a, r) = (acked.clone(), reconnects.clone());
+            tokio::spawn(async move {
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            });
+            Device {
+                client,
+                acked,
+                reconnects,
+            }
+        }
+
+        /// Publishes and waits for the PUBACK.
+        async fn publish(&self, topic: &str, body: Value) {
+            let before = self.acked.load(std::sync::atomic::Ordering::SeqCst);
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, body.to_string())
+                .await
+                .unwrap();
+            for _ in 0..200 {
+                if self.acked.load(std::sync::atomic::Ordering::SeqCst) > before {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("no PUBACK for {topic}");
+        }
+    }
+
+    async fn rules_report(site: &Site) -> sitegate::pipeline::RulesReport {
+        match site.admin(AdminRequest::RulesStatus).await {
+            AdminResponse::Rules { rules } => rules,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..400 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn configuration_updates_from_the_nucleus_apply_live_and_iotcore_publishes_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nucleus.socket");
+        // The stand-in holds the component configuration; it is filled in once the site's
+        // paths are known.
+        let standin = StandIn::start(&socket, SVCUID, "io.sitegate.Gateway", json!({})).unwrap();
+        let nucleus = Arc::new(Nucleus::connect(&socket, SVCUID).await.unwrap());
+        let site = Site::start_with_nucleus(
+            |c| {
+                c.greengrass.ipc = true;
+                c.sinks.insert(
+                    "archive".into(),
+                    serde_json::from_value(
+                        json!({"type": "file", "path": c.data_dir.join("../out/archive.jsonl")}),
+                    )
+                    .unwrap(),
+                );
+                c.routes.insert(
+                    "all".into(),
+                    serde_json::from_value(json!({"from": "dt/#", "to": "archive"})).unwrap(),
+                );
+            },
+            Some(nucleus),
+        )
+        .await;
+        let initial = serde_json::to_value(&site.config).unwrap();
+        standin.set_configuration(&["sitegate"], initial.clone());
+        let archive = site.dir.path().join("out/archive.jsonl");
+        let device = Device::connect(&site, "sensor-1").await;
+        device
+            .publish("dt/sensor-1/temp", json!({"temp": 21}))
+            .await;
+        common::wait_lines(&archive, 1).await;
+        let applied = || site.snapshot().config_updates_applied;
+        let refused = || site.snapshot().config_updates_refused;
+
+        // A deployment adds an iotcore sink through the nucleus and an inline rule feeding it.
+        standin.set_configuration(
+            &["sitegate", "sinks", "cloud"],
+            json!({"type": "iotcore", "via": "nucleus"}),
+        );
+        standin.set_configuration(
+            &["sitegate", "rules", "sql"],
+            json!({"hot": "INSERT INTO cloud SELECT thing_name() AS thing, temp FROM 'dt/+/temp' WHERE temp > 30"}),
+        );
+        wait_until("the update to apply", || applied() >= 1).await;
+        assert!(site.live().running().await.rules.sql.contains_key("hot"));
+        assert!(rules_report(&site)
+            .await
+            .rules
+            .iter()
+            .any(|r| r.name == "hot"));
+        device
+            .publish("dt/sensor-1/temp", json!({"temp": 35}))
+            .await;
+        device
+            .publish("dt/sensor-1/temp", json!({"temp": 20}))
+            .await;
+        wait_until("a publish through the nucleus", || {
+            !standin.published().is_empty()
+        })
+        .await;
+        let published = standin.published();
+        assert_eq!(published[0].topic, "sitegate/test/sensor-1/hot");
+        assert!(published[0]
+            .user_properties
+            .contains(&("thing-name".into(), "sensor-1".into())));
+        let body: Value = serde_json::from_slice(&published[0].payload).unwrap();
+        assert_eq!(body["payload"]["temp"], 35, "{body}");
+        assert_eq!(body["thing_name"], "sensor-1", "{body}");
+        common::wait_lines(&archive, 3).await;
+
+        // A rule with bad SQL is refused by name; everything else keeps running.
+        standin.set_configuration(
+            &["sitegate", "rules", "sql", "broken"],
+            json!("SELEC temp FRUM"),
+        );
+        let mut report = rules_report(&site).await;
+        for _ in 0..100 {
+            if report.refused.contains_key("broken") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            report = rules_report(&site).await;
+        }
+        assert!(
+            report.refused["broken"].contains("rules.sql.broken"),
+            "{report:?}"
+        );
+        assert!(report.rules.iter().any(|r| r.name == "hot"), "{report:?}");
+
+        // An invalid configuration is refused as a whole; the running one stays.
+        let before = refused();
+        standin.set_configuration(&["sitegate", "sinks", "cloud", "via"], json!("pigeon"));
+        wait_until("the invalid update to be refused", || refused() > before).await;
+        device
+            .publish("dt/sensor-1/temp", json!({"temp": 40}))
+            .await;
+        wait_until("the rule to still publish", || {
+            standin.published().len() == 2
+        })
+        .await;
+
+        // Removing the sink while the rule still writes to it is refused…
+        let before = refused();
+        let mut without_cloud = initial.clone();
+        without_cloud["rules"]["sql"] =
+            json!({"hot": "INSERT INTO cloud SELECT temp FROM 'dt/+/temp'"});
+        standin.set_configuration(&["sitegate"], without_cloud);
+        wait_until("the sink removal to be refused", || refused() > before).await;
+        // …and applied when the rule goes in the same update.
+        let applied_before = applied();
+        standin.set_configuration(&["sitegate"], initial.clone());
+        wait_until("the removal to apply", || applied() > applied_before).await;
+        device
+            .publish("dt/sensor-1/temp", json!({"temp": 50}))
+            .await;
+        common::wait_lines(&archive, 5).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            standin.published().len(),
+            2,
+            "the removed rule and sink stay gone"
+        );
+        assert!(rules_report(&site).await.rules.is_empty());
+
+        // The device never had to reconnect, and every message reached the archive.
+        assert_eq!(
+            device.reconnects.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        assert_eq!(site.snapshot().connections_accepted, 1);
+        assert_eq!(common::sink_lines(&archive).len(), 5);
+        site.stop().await;
+    }
 }

@@ -13,6 +13,7 @@
 //! - `aws`: one rustls HTTPS client and the standard credential chain for the AWS SDK.
 //! - `backoff`: exponential backoff with jitter for every retry loop.
 //! - `tls`: mutual-TLS client configuration from PEM files.
+//! - `nucleus/`: Greengrass IPC (event-stream RPC to the nucleus) and, for tests, a nucleus stand-in.
 //! - `file/`, `log/`, `kinesis/`, `iotcore/`, `republish/`: one folder per sink with its config and tests.
 
 pub mod aws;
@@ -21,6 +22,7 @@ pub mod file;
 pub mod iotcore;
 pub mod kinesis;
 pub mod log;
+pub mod nucleus;
 pub mod record;
 pub mod registry;
 pub mod republish;

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 use crate::file::{FileConfig, FileSink};
-use crate::iotcore::{IotCoreConfig, IotCoreSink};
+use crate::iotcore::{IotCoreConfig, IotCoreSink, NucleusSink, Via};
 use crate::kinesis::{KinesisConfig, KinesisSink};
 use crate::log::{LogConfig, LogSink};
 use crate::republish::{LocalBroker, RepublishConfig, RepublishSink};
@@ -23,7 +23,7 @@ pub enum SinkConfig {
     Log(LogConfig),
     /// Amazon Kinesis Data Streams.
     Kinesis(KinesisConfig),
-    /// AWS IoT Core (or any MQTT 5 broker) over mutual TLS.
+    /// AWS IoT Core: over mutual TLS (or any MQTT 5 broker), or through the Greengrass nucleus.
     Iotcore(IotCoreConfig),
     /// Back into the gateway's local broker.
     Republish(RepublishConfig),
@@ -56,7 +56,10 @@ impl SinkConfig {
     pub fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
         match self {
             SinkConfig::File(c) => vec![&mut c.path],
-            SinkConfig::Iotcore(c) => vec![&mut c.cert, &mut c.key, &mut c.ca],
+            SinkConfig::Iotcore(c) => [&mut c.cert, &mut c.key, &mut c.ca]
+                .into_iter()
+                .filter_map(Option::as_mut)
+                .collect(),
             SinkConfig::Log(_) | SinkConfig::Kinesis(_) | SinkConfig::Republish(_) => Vec::new(),
         }
     }
@@ -79,6 +82,8 @@ pub struct SinkContext {
     pub site: String,
     /// The gateway's local broker, for `republish`.
     pub local: Option<std::sync::Arc<dyn LocalBroker>>,
+    /// The Greengrass nucleus, when `[greengrass] ipc = true`, for `iotcore` with `via = "nucleus"`.
+    pub nucleus: Option<std::sync::Arc<crate::nucleus::Nucleus>>,
 }
 
 /// A sink under construction (connecting may take a while).
@@ -165,7 +170,17 @@ fn build_iotcore(config: SinkConfig, cx: SinkContext) -> SinkBuild {
         let SinkConfig::Iotcore(c) = config else {
             return Err(mismatch("iotcore", &config));
         };
-        Ok(Box::new(IotCoreSink::new(&cx.name, &cx.site, c)?) as Box<dyn Sink>)
+        match c.via {
+            Via::Mqtt => Ok(Box::new(IotCoreSink::new(&cx.name, &cx.site, c)?) as Box<dyn Sink>),
+            Via::Nucleus => {
+                let nucleus = cx.nucleus.ok_or_else(|| {
+                    SinkError::Config(
+                        "via = \"nucleus\" needs [greengrass] ipc = true and sitegate running as a Greengrass component".into(),
+                    )
+                })?;
+                Ok(Box::new(NucleusSink::new(&cx.name, &cx.site, c, nucleus)) as Box<dyn Sink>)
+            }
+        }
     })
 }
 

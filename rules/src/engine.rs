@@ -326,6 +326,15 @@ fn located(file: &str, text: &str, s: &StatementSpec, reason: String) -> RuleErr
     }
 }
 
+/// The sinks a rule writes to: its statements' and its own error sink.
+pub fn spec_sinks(spec: &RuleSpec) -> Vec<String> {
+    let mut sinks: Vec<String> = spec.statements.iter().map(|s| s.sink.clone()).collect();
+    sinks.extend(spec.error_sink.clone());
+    sinks.sort();
+    sinks.dedup();
+    sinks
+}
+
 impl Engine {
     pub fn new(errors: ErrorRouting) -> Self {
         Engine {
@@ -372,6 +381,19 @@ impl Engine {
 
     pub fn remove(&mut self, name: &str) -> bool {
         self.rules.remove(name).is_some()
+    }
+
+    /// Where undecodable messages go when a rule names no error sink of its own.
+    pub fn set_errors(&mut self, errors: ErrorRouting) {
+        self.errors = errors;
+    }
+
+    /// Every sink each installed rule writes to, its own error sink included.
+    pub fn sinks_by_rule(&self) -> BTreeMap<String, Vec<String>> {
+        self.rules
+            .iter()
+            .map(|(name, rule)| (name.clone(), spec_sinks(&rule.spec)))
+            .collect()
     }
 
     pub fn names(&self) -> Vec<String> {

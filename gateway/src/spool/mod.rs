@@ -134,7 +134,8 @@ pub struct Spool {
     meta: sled::Tree,
     quarantine: sled::Tree,
     keys: KeyRing,
-    queues: BTreeMap<String, Arc<Queue>>,
+    /// One queue per sink; a sink added by a live reconfiguration adds one.
+    queues: std::sync::RwLock<BTreeMap<String, Arc<Queue>>>,
     /// Woken when acknowledgements or evictions free space.
     pub space: Notify,
     pub counters: SpoolCounters,
@@ -162,25 +163,36 @@ impl Spool {
         let keys = KeyRing::open(&db, &config.encryption, data_dir).await?;
         let meta = db.open_tree(META_TREE).map_err(|e| e.to_string())?;
         let quarantine = db.open_tree(QUARANTINE_TREE).map_err(|e| e.to_string())?;
-        let mut spool = Spool {
+        let spool = Spool {
             db,
             meta,
             quarantine,
             keys,
-            queues: BTreeMap::new(),
+            queues: Default::default(),
             space: Notify::new(),
             counters: SpoolCounters::default(),
         };
         for sink in sinks {
-            let limits = config.limits_for(&sink);
-            let queue = spool
-                .open_queue(&sink, limits)
-                .await
-                .map_err(|e| format!("spool queue `{sink}`: {e}"))?;
-            spool.queues.insert(sink, Arc::new(queue));
+            spool.add_queue(&sink, config).await?;
         }
         spool.db.flush_async().await.map_err(|e| e.to_string())?;
         Ok(spool)
+    }
+
+    /// Opens the queue for `sink` unless it is open (a sink added while running). A queue
+    /// whose sink is removed stays: its records wait for the sink's return, or expire.
+    pub async fn add_queue(&self, sink: &str, config: &SpoolConfig) -> Result<(), String> {
+        if self.queue(sink).is_some() {
+            return Ok(());
+        }
+        let queue = self
+            .open_queue(sink, config.limits_for(sink))
+            .await
+            .map_err(|e| format!("spool queue `{sink}`: {e}"))?;
+        if let Ok(mut queues) = self.queues.write() {
+            queues.entry(sink.to_string()).or_insert(Arc::new(queue));
+        }
+        Ok(())
     }
 
     async fn open_queue(&self, sink: &str, limits: QueueLimits) -> Result<Queue, SpoolError> {
@@ -262,12 +274,19 @@ impl Spool {
 
     /// The queue feeding `sink`.
     pub fn queue(&self, sink: &str) -> Option<Arc<Queue>> {
-        self.queues.get(sink).cloned()
+        self.queues.read().ok()?.get(sink).cloned()
     }
 
     /// Names of all queues.
-    pub fn sinks(&self) -> impl Iterator<Item = &str> {
-        self.queues.keys().map(String::as_str)
+    pub fn sinks(&self) -> Vec<String> {
+        self.queues().into_iter().map(|q| q.sink.clone()).collect()
+    }
+
+    fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues
+            .read()
+            .map(|q| q.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Append records for several sinks as one commit, and return once they are on disk.
@@ -509,7 +528,8 @@ impl Spool {
     pub fn expire(&self) -> Result<u64, SpoolError> {
         let now = now_ms();
         let mut total = 0;
-        for queue in self.queues.values() {
+        for queue in self.queues() {
+            let queue = &queue;
             let mut index = queue.index();
             let before = index.expired_records;
             while let Some((&first, info)) = index.blocks.iter().next() {
@@ -530,8 +550,8 @@ impl Spool {
     pub async fn status(&self) -> SpoolStatus {
         let now = now_ms();
         let queues = self
-            .queues
-            .values()
+            .queues()
+            .iter()
             .map(|q| {
                 let index = q.index();
                 QueueStatus {

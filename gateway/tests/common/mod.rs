@@ -75,6 +75,14 @@ impl Site {
 
     /// Starts a gateway after `adjust` has had its say on the config.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Site {
+        Site::start_with_nucleus(adjust, None).await
+    }
+
+    /// Starts a gateway connected to a Greengrass nucleus (a stand-in in tests).
+    pub async fn start_with_nucleus(
+        adjust: impl FnOnce(&mut Config),
+        nucleus: Option<Arc<sitegate_plugins::nucleus::Nucleus>>,
+    ) -> Site {
         if std::env::var_os("RUST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
                 .with_test_writer()
@@ -99,6 +107,7 @@ impl Site {
             mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: admin::bind(&config.admin_socket()).unwrap(),
             metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            nucleus,
         };
         let gateway = Gateway::start(config.clone(), listeners).await.unwrap();
         Site {
@@ -136,6 +145,7 @@ impl Site {
             mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: admin::bind(&self.config.admin_socket()).unwrap(),
             metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            nucleus: None,
         };
         let gateway = Gateway::start(self.config.clone(), listeners)
             .await
@@ -164,6 +174,11 @@ impl Site {
 
     pub fn issue(&self, thing: &str) -> IssuedDevice {
         pki::issue_device(thing, &self.pki_dir(), &self.devices_dir(), 30).unwrap()
+    }
+
+    /// The gateway's live reconfiguration (what runs now).
+    pub fn live(&self) -> Arc<sitegate::live::Live> {
+        self.gateway.as_ref().expect("gateway running").live()
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -1,4 +1,5 @@
-//! `type = "iotcore"`: AWS IoT Core over MQTT 5 with the gateway's own certificate.
+//! `type = "iotcore"`: AWS IoT Core over MQTT 5 with the gateway's own certificate, or through
+//! the Greengrass nucleus's connection (`via = "nucleus"`).
 
 use std::path::PathBuf;
 
@@ -24,19 +25,38 @@ pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 10_000;
 /// QoS 1 publishes in flight at once.
 pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
 
+/// How an `iotcore` sink reaches IoT Core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Its own MQTT 5 connection with the gateway's certificate (`endpoint`, `cert`, `key`, `ca`).
+    #[default]
+    Mqtt,
+    /// The Greengrass nucleus's connection: `PublishToIoTCore` over IPC. Needs
+    /// `[greengrass] ipc = true` and the recipe's `accessControl` for the topics.
+    Nucleus,
+}
+
 /// `[sinks.NAME]` with `type = "iotcore"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IotCoreConfig {
-    /// The account's IoT data endpoint as host:port, e.g. "abc123-ats.iot.eu-west-1.amazonaws.com:8883".
-    pub endpoint: String,
-    /// The gateway's certificate (PEM) registered in IoT Core.
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
-    /// CA certificates that sign the endpoint's server certificate (Amazon Root CA 1).
-    pub ca: PathBuf,
-    /// MQTT client id; defaults to the site name (a thing name in IoT Core).
+    /// "mqtt" (default): the sink's own connection; "nucleus": through Greengrass IPC.
+    #[serde(default)]
+    pub via: Via,
+    /// The account's IoT data endpoint as host:port, e.g. "abc123-ats.iot.eu-west-1.amazonaws.com:8883" (via = "mqtt").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The gateway's certificate (PEM) registered in IoT Core (via = "mqtt").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM) (via = "mqtt").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// CA certificates that sign the endpoint's server certificate, Amazon Root CA 1 (via = "mqtt").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// MQTT client id; defaults to the site name (a thing name in IoT Core) (via = "mqtt").
     #[serde(default)]
     pub client_id: Option<String>,
     /// Topic template for each record.
@@ -73,13 +93,26 @@ fn default_max_inflight() -> u16 {
 }
 
 impl IotCoreConfig {
-    /// A config with every optional key at its default.
+    /// A config for the sink's own connection, every optional key at its default.
     pub fn new(endpoint: &str, cert: PathBuf, key: PathBuf, ca: PathBuf) -> Self {
         IotCoreConfig {
-            endpoint: endpoint.to_string(),
-            cert,
-            key,
-            ca,
+            via: Via::Mqtt,
+            endpoint: Some(endpoint.to_string()),
+            cert: Some(cert),
+            key: Some(key),
+            ca: Some(ca),
+            ..IotCoreConfig::through_nucleus()
+        }
+    }
+
+    /// A config that publishes through the Greengrass nucleus.
+    pub fn through_nucleus() -> Self {
+        IotCoreConfig {
+            via: Via::Nucleus,
+            endpoint: None,
+            cert: None,
+            key: None,
+            ca: None,
             client_id: None,
             topic: default_topic(),
             max_publish_rate: DEFAULT_MAX_PUBLISH_RATE,
@@ -91,11 +124,12 @@ impl IotCoreConfig {
 
     /// Host and port of `endpoint`.
     pub fn host_port(&self) -> Result<(String, u16), String> {
-        let (host, port) = self.endpoint.rsplit_once(':').ok_or_else(|| {
-            format!(
-                "`endpoint` {:?} needs a port, e.g. \"…amazonaws.com:8883\"",
-                self.endpoint
-            )
+        let endpoint = self
+            .endpoint
+            .as_deref()
+            .ok_or("`endpoint` is required unless via = \"nucleus\"")?;
+        let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| {
+            format!("`endpoint` {endpoint:?} needs a port, e.g. \"…amazonaws.com:8883\"")
         })?;
         let port: u16 = port
             .parse()
@@ -109,10 +143,30 @@ impl IotCoreConfig {
 
     /// Pure checks; errors name the key below `[sinks.NAME]`.
     pub fn validate(&self) -> Result<(), String> {
-        self.host_port()?;
-        for (key, path) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
-            if path.as_os_str().is_empty() {
-                return Err(format!("`{key}` must name a PEM file"));
+        let own_connection = [
+            ("endpoint", self.endpoint.is_some()),
+            ("cert", self.cert.is_some()),
+            ("key", self.key.is_some()),
+            ("ca", self.ca.is_some()),
+            ("client_id", self.client_id.is_some()),
+        ];
+        match self.via {
+            Via::Nucleus => {
+                if let Some((key, _)) = own_connection.iter().find(|(_, given)| *given) {
+                    return Err(format!(
+                        "`{key}` is not used with via = \"nucleus\": the nucleus holds the connection to IoT Core"
+                    ));
+                }
+            }
+            Via::Mqtt => {
+                self.host_port()?;
+                for (key, path) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+                    if path.as_ref().is_none_or(|p| p.as_os_str().is_empty()) {
+                        return Err(format!(
+                            "`{key}` must name a PEM file (or set via = \"nucleus\" on Greengrass)"
+                        ));
+                    }
+                }
             }
         }
         if self

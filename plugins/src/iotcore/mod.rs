@@ -6,12 +6,17 @@
 //! The connection is driven inside `send` (rumqttc's event loop is polled while a batch is in
 //! flight), so PUBACKs map to records without a second task. A connection idle for half its
 //! keepalive, or broken, is replaced at the next send; the drain's backoff paces reconnects.
+//!
+//! With `via = "nucleus"` ([`NucleusSink`], in `nucleus.rs`) the same publishes go through
+//! Greengrass IPC (`PublishToIoTCore`) on the nucleus's own IoT Core connection.
 
 mod config;
+mod nucleus;
 #[cfg(test)]
 mod tests;
 
 pub use config::*;
+pub use nucleus::NucleusSink;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -40,8 +45,43 @@ pub struct IotCoreSink {
     config: IotCoreConfig,
     tls: Arc<rustls::ClientConfig>,
     connection: Option<Connection>,
-    /// Earliest time the next publish may go out (rate limit).
+    pacer: Pacer,
+}
+
+/// `max_publish_rate`: when the next publish may go out.
+struct Pacer {
     next_slot: Instant,
+    interval: Duration,
+}
+
+impl Pacer {
+    fn new(per_second: u32) -> Pacer {
+        Pacer {
+            next_slot: Instant::now(),
+            interval: Duration::from_secs(1) / per_second.max(1),
+        }
+    }
+
+    /// Takes the next slot if it is due; otherwise says when it will be.
+    fn take(&mut self) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        if self.next_slot > now {
+            return Some(tokio::time::Instant::from_std(self.next_slot));
+        }
+        // No credit for idle time beyond one interval: a burst never exceeds the rate.
+        self.next_slot = self
+            .next_slot
+            .max(now.checked_sub(self.interval).unwrap_or(now))
+            + self.interval;
+        None
+    }
+
+    /// Waits for and takes the next slot.
+    async fn wait(&mut self) {
+        while let Some(at) = self.take() {
+            tokio::time::sleep_until(at).await;
+        }
+    }
 }
 
 /// One publish ready to go.
@@ -58,19 +98,23 @@ impl IotCoreSink {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| SinkError::Config(format!("{}: {e}", p.display())))
         };
+        let path = |p: &Option<std::path::PathBuf>, key: &str| {
+            p.clone()
+                .ok_or_else(|| SinkError::Config(format!("`{key}` must name a PEM file")))
+        };
         let tls = crate::tls::mtls_client_config(
-            &read(&config.ca)?,
-            &read(&config.cert)?,
-            &read(&config.key)?,
+            &read(&path(&config.ca, "ca")?)?,
+            &read(&path(&config.cert, "cert")?)?,
+            &read(&path(&config.key, "key")?)?,
         )
         .map_err(SinkError::Config)?;
         Ok(IotCoreSink {
             name: name.into(),
             site: site.into(),
-            config,
             tls: Arc::new(tls),
             connection: None,
-            next_slot: Instant::now(),
+            pacer: Pacer::new(config.max_publish_rate),
+            config,
         })
     }
 
@@ -120,29 +164,19 @@ impl IotCoreSink {
                 Err(_) => {
                     return Err(SinkError::Network(format!(
                         "no CONNACK from {} in {:?}",
-                        self.config.endpoint, self.config.ack_timeout.0
+                        self.config.endpoint.as_deref().unwrap_or_default(),
+                        self.config.ack_timeout.0
                     )))
                 }
             }
         }
-        tracing::info!(sink = %self.name, endpoint = %self.config.endpoint, "connected");
+        tracing::info!(sink = %self.name, endpoint = %self.config.endpoint.as_deref().unwrap_or_default(), "connected");
         self.connection = Some(Connection {
             client,
             events,
             last_used: Instant::now(),
         });
         Ok(())
-    }
-
-    fn take_slot(&mut self) -> Option<tokio::time::Instant> {
-        let now = Instant::now();
-        if self.next_slot > now {
-            return Some(tokio::time::Instant::from_std(self.next_slot));
-        }
-        let interval = Duration::from_secs(1) / self.config.max_publish_rate.max(1);
-        // No credit for idle time beyond one interval: a burst never exceeds the rate.
-        self.next_slot = self.next_slot.max(now.checked_sub(interval).unwrap_or(now)) + interval;
-        None
     }
 }
 
@@ -210,6 +244,32 @@ fn outbound(
     (out, rejected)
 }
 
+/// The batch's [`Ack`]: done through the record before the first one neither acknowledged nor
+/// rejected; an error only when nothing at all is done.
+fn settle(
+    sink: &str,
+    len: usize,
+    acked: &std::collections::BTreeSet<usize>,
+    rejected: Vec<Rejected>,
+    failure: Option<SinkError>,
+) -> Result<Ack, SinkError> {
+    let done = (0..len)
+        .find(|i| !acked.contains(i) && !rejected.iter().any(|r| r.index == *i))
+        .unwrap_or(len);
+    let ack = Ack {
+        done,
+        rejected: rejected.into_iter().filter(|r| r.index < done).collect(),
+    };
+    match failure {
+        Some(e) if done == 0 => Err(e),
+        Some(e) => {
+            tracing::warn!(sink, error = %e, done, "IoT Core batch partly sent");
+            Ok(ack)
+        }
+        None => Ok(ack),
+    }
+}
+
 fn classify(e: &rumqttc::v5::ConnectionError) -> SinkError {
     use rumqttc::v5::ConnectionError as E;
     match e {
@@ -251,7 +311,7 @@ impl Sink for IotCoreSink {
                 && !queue.is_empty()
                 && in_flight < usize::from(self.config.max_inflight)
             {
-                match self.take_slot() {
+                match self.pacer.take() {
                     None => {
                         if let (Some(next), Some(conn)) =
                             (queue.pop_front(), self.connection.as_ref())
@@ -324,27 +384,10 @@ impl Sink for IotCoreSink {
         if let Some(conn) = self.connection.as_mut() {
             conn.last_used = Instant::now();
         }
-        // Done: every record before the first one neither acknowledged nor rejected.
-        let done = (0..batch.len())
-            .find(|i| !acked.contains(i) && !rejected.iter().any(|r| r.index == *i))
-            .unwrap_or(batch.len());
         if failure.is_some() {
             self.connection = None;
         }
-        match failure {
-            Some(e) if done == 0 => Err(e),
-            Some(e) => {
-                tracing::warn!(sink = %self.name, error = %e, done, "IoT Core batch partly sent");
-                Ok(Ack {
-                    done,
-                    rejected: rejected.into_iter().filter(|r| r.index < done).collect(),
-                })
-            }
-            None => Ok(Ack {
-                done,
-                rejected: rejected.into_iter().filter(|r| r.index < done).collect(),
-            }),
-        }
+        settle(&self.name, batch.len(), &acked, rejected, failure)
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {

@@ -65,9 +65,61 @@ fn records_over_iot_core_limits_are_rejected_with_the_reason() {
 #[test]
 fn validation_names_the_key() {
     let mut c = config(DEFAULT_TOPIC);
-    c.endpoint = "no-port.example.com".into();
+    c.endpoint = Some("no-port.example.com".into());
     assert!(c.validate().unwrap_err().contains("endpoint"));
+    let mut c = config(DEFAULT_TOPIC);
+    c.cert = None;
+    assert!(c.validate().unwrap_err().contains("`cert`"));
+    let mut c = IotCoreConfig::through_nucleus();
+    c.validate().unwrap();
+    c.endpoint = Some("x.amazonaws.com:8883".into());
+    let err = c.validate().unwrap_err();
+    assert!(
+        err.contains("`endpoint` is not used with via = \"nucleus\""),
+        "{err}"
+    );
     let mut c = config(DEFAULT_TOPIC);
     c.keep_alive_secs = 2;
     assert!(c.validate().unwrap_err().contains("keep_alive_secs"));
+}
+
+#[tokio::test]
+async fn through_the_nucleus_records_arrive_in_order_with_identity_and_a_denied_topic_stops_the_batch(
+) {
+    use crate::nucleus::{standin::StandIn, Nucleus};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipc.socket");
+    let standin = StandIn::start(
+        &socket,
+        "token",
+        "io.sitegate.Gateway",
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let nucleus = std::sync::Arc::new(Nucleus::connect(&socket, "token").await.unwrap());
+    let mut config = IotCoreConfig::through_nucleus();
+    config.max_inflight = 4;
+    let mut sink = NucleusSink::new("cloud", "plant-7", config, nucleus);
+    let batch: Vec<_> = (0..10)
+        .map(|i| sample(i, &format!("freezer-{i}"), &format!(r#"{{"t":{i}}}"#)))
+        .collect();
+    let ack = sink.send(&batch).await.unwrap();
+    assert_eq!(ack, Ack::all(10));
+    let published = standin.published();
+    let topics: Vec<_> = published.iter().map(|p| p.topic.as_str()).collect();
+    assert_eq!(topics[0], "sitegate/plant-7/freezer-0/raw");
+    assert_eq!(topics[9], "sitegate/plant-7/freezer-9/raw");
+    assert!(published[3]
+        .user_properties
+        .contains(&("thing-name".into(), "freezer-3".into())));
+    let body: serde_json::Value = serde_json::from_slice(&published[3].payload).unwrap();
+    assert_eq!(body["thing_name"], "freezer-3");
+
+    // Record 2 is refused by the nucleus: 0 and 1 are done, the rest is sent again later.
+    standin.deny_publish("sitegate/plant-7/freezer-2/");
+    let ack = sink.send(&batch[..5]).await.unwrap();
+    assert_eq!(ack.done, 2);
+    let err = sink.send(&batch[2..5]).await.unwrap_err();
+    assert!(matches!(err, SinkError::AccessDenied(_)), "{err}");
+    assert!(err.to_string().contains("accessControl"), "{err}");
 }

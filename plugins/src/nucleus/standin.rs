@@ -1,0 +1,383 @@
+//! A Greengrass nucleus stand-in for tests: it serves the IPC protocol on a Unix socket the way
+//! the nucleus does for one component. It accepts one SVCUID, answers `GetConfiguration` from
+//! the configuration document it holds, sends `ConfigurationUpdateEvents` to subscribers when a
+//! test changes that document, and records `PublishToIoTCore` requests (refusing topics a test
+//! denies, as a missing `accessControl` entry would). Requests with a wrong header get a
+//! protocol error and the connection is closed, as the nucleus does.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use super::{flags, message_type, read_frame, write_frame, Frame, PROTOCOL_VERSION, SERVICE};
+
+/// A publish the stand-in accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    pub topic: String,
+    pub qos: String,
+    pub payload: Vec<u8>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The component's whole configuration (what `{configuration:/}` shows).
+    configuration: Value,
+    published: Vec<Published>,
+    denied_prefixes: Vec<String>,
+    connections: usize,
+    refused_connections: usize,
+}
+
+/// The running stand-in; stops when dropped.
+pub struct StandIn {
+    socket: PathBuf,
+    state: Arc<Mutex<State>>,
+    updates: broadcast::Sender<Vec<String>>,
+    task: JoinHandle<()>,
+    connection_tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Drop for StandIn {
+    // Like a nucleus that stops: the socket goes, and so does every connection on it.
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Ok(tasks) = self.connection_tasks.lock() {
+            tasks.iter().for_each(JoinHandle::abort);
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl StandIn {
+    /// Serves `component` on `socket`, accepting only `svcuid`.
+    pub fn start(
+        socket: &Path,
+        svcuid: &str,
+        component: &str,
+        configuration: Value,
+    ) -> std::io::Result<StandIn> {
+        // A socket file left by a stopped stand-in would make bind fail.
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        let state = Arc::new(Mutex::new(State {
+            configuration,
+            ..State::default()
+        }));
+        let (updates, _) = broadcast::channel(64);
+        let connection_tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let task = tokio::spawn({
+            let (state, updates, tasks) =
+                (state.clone(), updates.clone(), connection_tasks.clone());
+            let (svcuid, component) = (svcuid.to_string(), component.to_string());
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let task = tokio::spawn(serve(
+                        stream,
+                        svcuid.clone(),
+                        component.clone(),
+                        state.clone(),
+                        updates.subscribe(),
+                    ));
+                    if let Ok(mut t) = tasks.lock() {
+                        t.push(task);
+                    }
+                }
+            }
+        });
+        Ok(StandIn {
+            socket: socket.to_path_buf(),
+            state,
+            updates,
+            task,
+            connection_tasks,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Replaces the value at `key_path` (as a deployment's merge would) and tells subscribers.
+    pub fn set_configuration(&self, key_path: &[&str], value: Value) {
+        if let Ok(mut s) = self.state.lock() {
+            let mut node = &mut s.configuration;
+            for key in key_path {
+                if !node.is_object() {
+                    *node = json!({});
+                }
+                node = &mut node[*key];
+            }
+            *node = value;
+        }
+        let _ = self
+            .updates
+            .send(key_path.iter().map(|k| k.to_string()).collect());
+    }
+
+    /// Publishes to topics starting with `prefix` are refused with `UnauthorizedError`.
+    pub fn deny_publish(&self, prefix: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            s.denied_prefixes.push(prefix.to_string());
+        }
+    }
+
+    pub fn published(&self) -> Vec<Published> {
+        self.state
+            .lock()
+            .map(|s| s.published.clone())
+            .unwrap_or_default()
+    }
+
+    /// Connections accepted and refused so far.
+    pub fn connections(&self) -> (usize, usize) {
+        self.state
+            .lock()
+            .map(|s| (s.connections, s.refused_connections))
+            .unwrap_or_default()
+    }
+}
+
+/// A subscription of one connection: its stream id and key path.
+type Subscribed = (i32, Vec<String>);
+
+/// A request's `keyPath`, as strings.
+fn key_path(request: &Value) -> Vec<String> {
+    request["keyPath"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn error_frame(stream_id: i32, model: &str, message: &str) -> Frame {
+    Frame::new(
+        message_type::APPLICATION_ERROR,
+        flags::TERMINATE_STREAM,
+        stream_id,
+    )
+    .with("service-model-type", &format!("{SERVICE}{model}"))
+    .json(&json!({ "_message": message, "message": message }))
+}
+
+fn response(stream_id: i32, operation: &str, flags: i32, body: &Value) -> Frame {
+    Frame::new(message_type::APPLICATION_MESSAGE, flags, stream_id)
+        .with(
+            "service-model-type",
+            &format!("{SERVICE}{operation}Response"),
+        )
+        .json(body)
+}
+
+async fn serve(
+    stream: UnixStream,
+    svcuid: String,
+    component: String,
+    state: Arc<Mutex<State>>,
+    mut updates: broadcast::Receiver<Vec<String>>,
+) {
+    let (mut read, write) = stream.into_split();
+    let write = Arc::new(tokio::sync::Mutex::new(write));
+    let send = |frame: Frame| {
+        let write = write.clone();
+        async move {
+            let mut w = write.lock().await;
+            write_frame(&mut *w, &frame).await.is_ok()
+        }
+    };
+    // CONNECT first: version and token checked.
+    let Ok(Some(hello)) = read_frame(&mut read).await else {
+        return;
+    };
+    let token_ok = serde_json::from_slice::<Value>(&hello.payload)
+        .ok()
+        .and_then(|v| v["authToken"].as_str().map(|t| t == svcuid))
+        .unwrap_or(false);
+    let accepted = hello.message_type == message_type::CONNECT
+        && hello.header(":version") == Some(PROTOCOL_VERSION)
+        && token_ok;
+    if let Ok(mut s) = state.lock() {
+        if accepted {
+            s.connections += 1;
+        } else {
+            s.refused_connections += 1;
+        }
+    }
+    let ack = Frame::new(
+        message_type::CONNECT_ACK,
+        if accepted {
+            flags::CONNECTION_ACCEPTED
+        } else {
+            0
+        },
+        0,
+    );
+    if !send(ack).await || !accepted {
+        return;
+    }
+    let subscriptions: Arc<Mutex<Vec<Subscribed>>> = Arc::default();
+    let events = tokio::spawn({
+        let (subscriptions, component, write) =
+            (subscriptions.clone(), component.clone(), write.clone());
+        async move {
+            while let Ok(path) = updates.recv().await {
+                let targets: Vec<i32> = subscriptions
+                    .lock()
+                    .map(|subs| {
+                        subs.iter()
+                            .filter(|(_, sub)| {
+                                let n = sub.len().min(path.len());
+                                sub[..n] == path[..n]
+                            })
+                            .map(|(id, _)| *id)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for id in targets {
+                    let event = Frame::new(message_type::APPLICATION_MESSAGE, 0, id)
+                        .with(
+                            "service-model-type",
+                            &format!("{SERVICE}ConfigurationUpdateEvents"),
+                        )
+                        .json(&json!({ "configurationUpdateEvent": {
+                            "componentName": component, "keyPath": path } }));
+                    let mut w: tokio::sync::MutexGuard<'_, OwnedWriteHalf> = write.lock().await;
+                    if write_frame(&mut *w, &event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Ok(Some(frame)) = read_frame(&mut read).await {
+        if frame.message_type == message_type::PING {
+            let pong = Frame::new(message_type::PING_RESPONSE, 0, 0).payload(frame.payload);
+            if !send(pong).await {
+                break;
+            }
+            continue;
+        }
+        let operation = frame
+            .header("operation")
+            .and_then(|o| o.strip_prefix(SERVICE))
+            .unwrap_or("")
+            .to_string();
+        let well_formed = frame.message_type == message_type::APPLICATION_MESSAGE
+            && frame.stream_id > 0
+            && !operation.is_empty()
+            && frame.header("service-model-type")
+                == Some(format!("{SERVICE}{operation}Request").as_str())
+            && frame.header(":content-type") == Some("application/json");
+        let request: Option<Value> = serde_json::from_slice(&frame.payload).ok();
+        let (true, Some(request)) = (well_formed, request) else {
+            let refusal = Frame::new(message_type::PROTOCOL_ERROR, 0, 0)
+                .payload(Bytes::from_static(b"{\"message\":\"malformed request\"}"));
+            let _ = send(refusal).await;
+            break;
+        };
+        let id = frame.stream_id;
+        let reply = match operation.as_str() {
+            "GetConfiguration" => {
+                let path = key_path(&request);
+                let found = state.lock().ok().and_then(|s| {
+                    let mut node = &s.configuration;
+                    for key in &path {
+                        node = node.get(key)?;
+                    }
+                    Some(node.clone())
+                });
+                match found {
+                    // The nucleus answers a leaf as a one-key object.
+                    Some(v) if !v.is_object() => response(
+                        id,
+                        &operation,
+                        flags::TERMINATE_STREAM,
+                        &json!({ "componentName": component,
+                                 "value": { path.last().cloned().unwrap_or_default(): v } }),
+                    ),
+                    Some(v) => response(
+                        id,
+                        &operation,
+                        flags::TERMINATE_STREAM,
+                        &json!({ "componentName": component, "value": v }),
+                    ),
+                    None => error_frame(id, "ResourceNotFoundError", "Key not found"),
+                }
+            }
+            "SubscribeToConfigurationUpdate" => {
+                let path = key_path(&request);
+                if let Ok(mut subs) = subscriptions.lock() {
+                    subs.push((id, path));
+                }
+                response(id, &operation, 0, &json!({}))
+            }
+            "PublishToIoTCore" => {
+                let topic = request["topicName"].as_str().unwrap_or("").to_string();
+                let payload = request["payload"]
+                    .as_str()
+                    .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok());
+                let denied = state
+                    .lock()
+                    .map(|s| s.denied_prefixes.iter().any(|p| topic.starts_with(p)))
+                    .unwrap_or(true);
+                match payload {
+                    None => error_frame(id, "InvalidArgumentsError", "payload is not base64"),
+                    Some(_) if topic.is_empty() => {
+                        error_frame(id, "InvalidArgumentsError", "topicName is required")
+                    }
+                    Some(_) if denied => error_frame(
+                        id,
+                        "UnauthorizedError",
+                        &format!("Principal {component} is not authorized to perform aws.greengrass.ipc.mqttproxy:aws.greengrass#PublishToIoTCore on resource {topic}"),
+                    ),
+                    Some(payload) => {
+                        let user_properties = request["userProperties"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .map(|p| {
+                                        (
+                                            p["key"].as_str().unwrap_or("").to_string(),
+                                            p["value"].as_str().unwrap_or("").to_string(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        if let Ok(mut s) = state.lock() {
+                            s.published.push(Published {
+                                topic,
+                                qos: request["qos"].as_str().unwrap_or("0").to_string(),
+                                payload,
+                                content_type: request["contentType"].as_str().map(String::from),
+                                user_properties,
+                            });
+                        }
+                        response(id, &operation, flags::TERMINATE_STREAM, &json!({}))
+                    }
+                }
+            }
+            _ => error_frame(
+                id,
+                "ServiceError",
+                &format!("the stand-in does not serve {operation}"),
+            ),
+        };
+        if !send(reply).await {
+            break;
+        }
+    }
+    events.abort();
+}
