@@ -5,7 +5,8 @@
 #      subscriber, and
 #   2. sitegate: policy on every packet, a filter rule, the encrypted durable spool, a file sink.
 # For each: accepted messages/s, publish → PUBACK latency p50/p99, messages that reached the
-# subscriber or the sink, CPU seconds and peak RSS of the broker process, and the ratios
+# subscriber or the sink, CPU seconds, peak RSS and peak anonymous RSS (heap and stacks, without
+# the program's file-backed code pages) of the broker process, and the ratios
 # sitegate / Mosquitto. Prints a table and writes JSON.
 #
 # Usage: benches/compare.sh [DEVICES ...]          (default: 100 1000)
@@ -62,6 +63,16 @@ PY
 "$BIN" ca init --dir "$WORK/pki" --site compare >/dev/null
 "$BIN" device issue compare-sub --ca "$WORK/pki" --out "$WORK/sub" >/dev/null
 
+# Samples a process's anonymous RSS every 100 ms into FILE (KiB, the peak so far) until it exits.
+sample_anon() { # PID FILE
+  local peak=0 a
+  while kill -0 "$1" 2>/dev/null; do
+    a=$(awk '/^Anonymous:/{print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0)
+    [ -n "$a" ] && [ "$a" -gt "$peak" ] && peak=$a && echo "$peak" > "$2"
+    sleep 0.1
+  done
+}
+
 simulate() { # PORT DEVICES JSON [extra args]
   local port=$1 devices=$2 json=$3; shift 3
   "$BIN" simulate --gateway "127.0.0.1:$port" --ca "$WORK/pki" --devices "$devices" \
@@ -87,6 +98,7 @@ EOF
   # Started as root, Mosquitto drops to user mosquitto, which cannot read the 0600 key.
   [ "$(id -u)" != 0 ] || echo "user root" >> "$WORK/mosquitto.conf"
   "$MOSQUITTO" -c "$WORK/mosquitto.conf" & local mpid=$!; PIDS+=("$mpid")
+  sample_anon "$mpid" "$WORK/mosquitto-$n.anon" & PIDS+=("$!")
   wait_port "$port"
   mosquitto_sub -h 127.0.0.1 -p "$port" --cafile "$WORK/pki/ca.pem" --cert "$WORK/sub/compare-sub.pem" \
     --key "$WORK/sub/compare-sub.key" -i compare-sub -q 1 -t 'dt/#' > "$WORK/sub.out" & local spid=$!; PIDS+=("$spid")
@@ -97,7 +109,7 @@ EOF
   # The subscriber first, while the broker can still take its DISCONNECT.
   kill "$spid" 2>/dev/null || true; sleep 0.5; kill -9 "$spid" 2>/dev/null || true
   kill "$mpid"; wait "$spid" "$mpid" 2>/dev/null || true
-  echo "$usage $(wc -l < "$WORK/sub.out")" > "$WORK/mosquitto-$n.usage"
+  echo "$usage $(wc -l < "$WORK/sub.out") $(cat "$WORK/mosquitto-$n.anon" 2>/dev/null || echo 0)" > "$WORK/mosquitto-$n.usage"
 }
 
 run_sitegate() { # DEVICES
@@ -119,7 +131,7 @@ mqtts = "127.0.0.1:$port"
 ca = "$WORK/pki/ca.pem"
 cert = "$WORK/pki/gateway.pem"
 key = "$WORK/pki/gateway.key"
-max_connections = 20000
+max_connections = $(( n * 2 > 1000 ? n * 2 : 1000 ))
 
 [auth.device_groups.sim]
 selection_rule = "thingName: sim-*"
@@ -145,6 +157,7 @@ rotate_bytes = "4GiB"
 key_file = "$WORK/pki/spool.kek"
 EOF
   RUST_LOG=warn "$BIN" run --config "$dir/sitegate.toml" 2>"$dir/gateway.log" & local gpid=$!; PIDS+=("$gpid")
+  sample_anon "$gpid" "$WORK/sitegate-$n.anon" & PIDS+=("$!")
   wait_port "$port"
   simulate "$port" "$n" "$WORK/sitegate-$n.json" --approve-as sim --config "$dir/sitegate.toml"
   # Wait for the spool to drain into the sink (bounded).
@@ -155,7 +168,7 @@ EOF
   done
   local usage; usage=$(usage_of "$gpid")
   kill "$gpid"; wait "$gpid" 2>/dev/null || true
-  echo "$usage $(cat "$dir"/out/readings.jsonl* 2>/dev/null | wc -l)" > "$WORK/sitegate-$n.usage"
+  echo "$usage $(cat "$dir"/out/readings.jsonl* 2>/dev/null | wc -l) $(cat "$WORK/sitegate-$n.anon" 2>/dev/null || echo 0)" > "$WORK/sitegate-$n.usage"
 }
 
 for n in "${SIZES[@]}"; do
@@ -174,28 +187,29 @@ for n in sizes:
     row = {"devices": int(n)}
     for broker in ("mosquitto", "sitegate"):
         s = json.load(open(f"{work}/{broker}-{n}.json"))
-        cpu, rss, delivered = open(f"{work}/{broker}-{n}.usage").read().split()
+        cpu, rss, delivered, anon = open(f"{work}/{broker}-{n}.usage").read().split()
         row[broker] = {
             "connected": s["connected"], "rate": round(s["rate"]), "acknowledged": s["acknowledged"],
             "delivered": int(delivered), "p50_ms": s["latency"]["p50_ms"], "p99_ms": s["latency"]["p99_ms"],
             "cpu_s": float(cpu), "peak_rss_mib": float(rss),
+            "peak_anon_mib": round(int(anon) / 1024, 1),
             "cpu_us_per_msg": round(float(cpu) * 1e6 / max(s["acknowledged"], 1), 1),
         }
     m, g = row["mosquitto"], row["sitegate"]
     row["ratio"] = {k: round(g[k] / m[k], 2) if m[k] else None
-                    for k in ("rate", "p50_ms", "p99_ms", "cpu_us_per_msg", "peak_rss_mib")}
+                    for k in ("rate", "p50_ms", "p99_ms", "cpu_us_per_msg", "peak_rss_mib", "peak_anon_mib")}
     runs.append(row)
 result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "runs": runs}
 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 json.dump(result, open(out, "w"), indent=2)
 print(f"machine: {machine}")
-print("| devices | broker | msg/s | p50 ms | p99 ms | delivered | CPU µs/msg | peak RSS MiB |")
-print("|---:|---|---:|---:|---:|---:|---:|---:|")
+print("| devices | broker | msg/s | p50 ms | p99 ms | delivered | CPU µs/msg | peak RSS MiB | peak anon MiB |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in runs:
     for b in ("mosquitto", "sitegate"):
         x = r[b]
-        print(f"| {r['devices']} | {b} | {x['rate']} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['delivered']} | {x['cpu_us_per_msg']} | {x['peak_rss_mib']} |")
+        print(f"| {r['devices']} | {b} | {x['rate']} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['delivered']} | {x['cpu_us_per_msg']} | {x['peak_rss_mib']} | {x['peak_anon_mib']} |")
     q = r["ratio"]
-    print(f"| {r['devices']} | sitegate / mosquitto | {q['rate']}× | {q['p50_ms']}× | {q['p99_ms']}× | | {q['cpu_us_per_msg']}× | {q['peak_rss_mib']}× |")
+    print(f"| {r['devices']} | sitegate / mosquitto | {q['rate']}× | {q['p50_ms']}× | {q['p99_ms']}× | | {q['cpu_us_per_msg']}× | {q['peak_rss_mib']}× | {q['peak_anon_mib']}× |")
 print(f"(JSON in {out})")
 PY

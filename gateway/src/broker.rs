@@ -37,6 +37,10 @@ pub struct Fabric {
     connect: Box<Connector>,
     /// The link that carries publishes of devices without a link of their own.
     shared: tokio::sync::OnceCell<LocalPublisher>,
+    /// A device has linked (it subscribed, or has a persistent session), so some publish may
+    /// have a local subscriber. Never cleared: a parked persistent session keeps its
+    /// subscriptions in the router.
+    device_linked: std::sync::atomic::AtomicBool,
 }
 
 /// Client id of the shared link; dots never occur in thing names.
@@ -72,6 +76,7 @@ impl Fabric {
                     .map_err(Box::new)
             }),
             shared: tokio::sync::OnceCell::new(),
+            device_linked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -79,7 +84,19 @@ impl Fabric {
     /// only publishes needs no link of its own; each link costs the router two 200-slot packet
     /// queues (about 150 KB), which for a fleet of publish-only devices was most of the
     /// gateway's memory.
-    pub async fn forward(self: &Arc<Self>, packets: Vec<Packet>) -> Result<(), FabricError> {
+    ///
+    /// Until some device has linked, nothing can be subscribed, so only retained publishes
+    /// (kept for later subscribers) go to the router; a publish-only fleet costs it nothing.
+    pub async fn forward(self: &Arc<Self>, mut packets: Vec<Packet>) -> Result<(), FabricError> {
+        if !self
+            .device_linked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            packets.retain(|p| matches!(p, Packet::Publish(publish, _) if publish.retain));
+            if packets.is_empty() {
+                return Ok(());
+            }
+        }
         let publisher = self
             .shared
             .get_or_try_init(|| async {
@@ -96,6 +113,11 @@ impl Fabric {
         client_id: &str,
         clean: bool,
     ) -> Result<RouterLink, FabricError> {
+        // Dots never occur in thing names: the gateway's own links (shared, republish) have them.
+        if !client_id.contains('.') {
+            self.device_linked
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let fabric = Arc::clone(self);
         let client_id = client_id.to_owned();
         let (tx, rx, ack) =

@@ -32,6 +32,12 @@ use crate::pki::Identity;
 use crate::sessions::{EndReason, SessionSlot, SessionTable};
 use crate::stats::Stats;
 
+/// Initial read buffer per connection: a burst of small publishes in one read.
+const READ_BUFFER: usize = 4096;
+/// Initial write buffer per connection: acknowledgements are a few bytes each; it grows for
+/// deliveries to subscribers.
+const WRITE_BUFFER: usize = 1024;
+
 /// How long a new connection waits for an old one with the same client id to close.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// Router deliveries gathered into one socket write at most.
@@ -93,8 +99,8 @@ where
 {
     let mut conn = Conn {
         stream,
-        rbuf: BytesMut::with_capacity(4096),
-        wbuf: BytesMut::with_capacity(4096),
+        rbuf: BytesMut::with_capacity(READ_BUFFER),
+        wbuf: BytesMut::with_capacity(WRITE_BUFFER),
         write_timeout: ctx.limits.write_timeout,
     };
     let first = tokio::time::timeout(
@@ -595,7 +601,11 @@ impl Session {
             return Flow::Close(c);
         }
         let receipt = match (&self.ctx.ingest, self.to_ingest.is_empty()) {
-            (Some(ingest), false) => Some(ingest.submit(std::mem::take(&mut self.to_ingest)).await),
+            (Some(ingest), false) => {
+                let mut messages = std::mem::take(&mut self.to_ingest);
+                detach_payloads(&mut messages);
+                Some(ingest.submit(messages).await)
+            }
             _ => None,
         };
         let acks = std::mem::take(&mut self.read_acks);
@@ -1005,5 +1015,47 @@ fn packet_name(p: &Packet) -> &'static str {
         Packet::Unsubscribe(..) => "UNSUBSCRIBE",
         Packet::UnsubAck(..) => "UNSUBACK",
         Packet::Disconnect(..) => "DISCONNECT",
+    }
+}
+
+/// Copies the payloads of one socket read into one buffer of exactly their size. A payload as
+/// parsed is a slice of the session's read buffer and would keep that whole buffer (4 KiB or
+/// more) alive until its group commit, while the session allocates a fresh one for every read
+/// meanwhile: under load that was most of the gateway's memory.
+fn detach_payloads(messages: &mut [Message]) {
+    let total = messages.iter().map(|m| m.payload.len()).sum();
+    let mut arena = BytesMut::with_capacity(total);
+    for m in messages.iter_mut() {
+        arena.extend_from_slice(&m.payload);
+        m.payload = arena.split().freeze();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detached_payloads_keep_their_bytes_but_not_the_read_buffer() {
+        let mut read = BytesMut::with_capacity(4096);
+        read.extend_from_slice(b"{\"a\":1}{\"b\":22}");
+        let read = read.freeze();
+        let message = |payload: bytes::Bytes| Message {
+            topic: "dt/x".into(),
+            payload,
+            thing: Arc::from("x"),
+            cert_id: Arc::from("c"),
+            qos: 1,
+            received_at_ms: 0,
+            received: std::time::Instant::now(),
+        };
+        let mut messages = vec![message(read.slice(0..7)), message(read.slice(7..15))];
+        detach_payloads(&mut messages);
+        assert_eq!(&messages[0].payload[..], b"{\"a\":1}");
+        assert_eq!(&messages[1].payload[..], b"{\"b\":22}");
+        // Only the read buffer's own handle is left: it can be reused for the next read.
+        assert!(read.is_unique());
+        let inside = |p: &bytes::Bytes| read.as_ptr_range().contains(&p.as_ptr());
+        assert!(!messages.iter().any(|m| inside(&m.payload)));
     }
 }
