@@ -204,11 +204,7 @@ async fn apply_latest(nucleus: &Nucleus, live: &Live) {
             return;
         }
     };
-    if new.sinks == running.sinks
-        && new.routes == running.routes
-        && new.rules == running.rules
-        && crate::live::restart_needed(&running, &new).is_empty()
-    {
+    if !live.differs(&new).await {
         return;
     }
     match live.apply(new).await {

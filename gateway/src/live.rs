@@ -188,6 +188,15 @@ impl Live {
         self.running.lock().await.clone()
     }
 
+    /// Whether `new` differs from what runs in anything [`Live::apply`] would act on or warn about.
+    pub async fn differs(&self, new: &Config) -> bool {
+        let running = self.running.lock().await;
+        new.sinks != running.sinks
+            || new.routes != running.routes
+            || new.rules != running.rules
+            || !restart_needed(&running, new).is_empty()
+    }
+
     /// Counts an update refused before it reached [`Live::apply`] (it did not validate).
     pub fn refused(&self) {
         self.stats
@@ -263,7 +272,7 @@ impl Live {
 }
 
 /// Keys of `new` that differ from `running` and only take effect at a restart.
-pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
+fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     let mut differs = |key: &'static str, changed: bool| {
         if changed {

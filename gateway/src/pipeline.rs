@@ -231,20 +231,8 @@ impl Rules {
         match change {
             Change::Upsert { name, file, text } => {
                 let shown = file.display().to_string();
-                match sitegate_rules::check(&name, &shown, &text, Some(&self.sinks)).await {
-                    Ok(spec) => {
-                        tracing::info!(rule = %name, file = %shown, statements = spec.statements.len(), "rule loaded");
-                        self.engine.install(spec);
-                        self.refused.remove(&name);
-                        true
-                    }
-                    Err(e) => {
-                        tracing::error!(rule = %name, error = %e, "rule refused; the previous version, if any, keeps running");
-                        self.engine.refused(&name, &e);
-                        self.refused.insert(name, e.to_string());
-                        false
-                    }
-                }
+                let checked = sitegate_rules::check(&name, &shown, &text, Some(&self.sinks)).await;
+                self.install_checked(name, &shown, checked)
             }
             Change::Removed { name } => {
                 self.refused.remove(&name);
@@ -253,6 +241,30 @@ impl Rules {
                     tracing::info!(rule = %name, "rule removed");
                 }
                 removed
+            }
+        }
+    }
+
+    /// Installs a checked rule, or records why it was refused (the previous version, if any,
+    /// keeps running); returns whether the running rules changed.
+    fn install_checked(
+        &mut self,
+        name: String,
+        shown: &str,
+        checked: Result<sitegate_rules::RuleSpec, sitegate_rules::RuleError>,
+    ) -> bool {
+        match checked {
+            Ok(spec) => {
+                tracing::info!(rule = %name, file = %shown, statements = spec.statements.len(), "rule loaded");
+                self.engine.install(spec);
+                self.refused.remove(&name);
+                true
+            }
+            Err(e) => {
+                tracing::error!(rule = %name, error = %e, "rule refused; the previous version, if any, keeps running");
+                self.engine.refused(&name, &e);
+                self.refused.insert(name, e.to_string());
+                false
             }
         }
     }
@@ -309,18 +321,8 @@ impl Rules {
             self.apply(Change::Removed { name }).await;
         }
         for (name, text, checked) in upserts {
-            match checked {
-                Ok(spec) => {
-                    tracing::info!(rule = %name, "rule loaded from the configuration");
-                    self.engine.install(spec);
-                    self.refused.remove(&name);
-                }
-                Err(e) => {
-                    tracing::error!(rule = %name, error = %e, "rule refused; the previous version, if any, keeps running");
-                    self.engine.refused(&name, &e);
-                    self.refused.insert(name.clone(), e.to_string());
-                }
-            }
+            let shown = inline_label(&name).display().to_string();
+            self.install_checked(name.clone(), &shown, checked);
             self.inline.insert(name, text);
         }
         self.inline
