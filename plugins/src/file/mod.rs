@@ -7,7 +7,7 @@ mod tests;
 pub use config::{FileConfig, DEFAULT_KEEP, DEFAULT_ROTATE_BYTES};
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -55,9 +55,32 @@ fn open_append(path: &Path) -> Result<OpenFile, SinkError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
-    let len = file.metadata()?.len();
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let mut len = file.metadata()?.len();
+    if ends_mid_line(&mut file, len)? {
+        // A crash cut the last batch short. Its records were never acknowledged, so they come
+        // again; ending the fragment here keeps the first of them from being glued onto it
+        // (which would make that whole line unreadable). The fragment's bytes are kept.
+        tracing::warn!(path = %path.display(), "file sink: the file ended mid-line (an interrupted write); that line is closed and left as it is");
+        file.write_all(b"\n")?;
+        len += 1;
+    }
     Ok(OpenFile { file, len })
+}
+
+/// Whether a non-empty file's last byte is not a newline.
+fn ends_mid_line(file: &mut File, len: u64) -> std::io::Result<bool> {
+    if len == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 fn rotated(path: &Path, n: usize) -> PathBuf {

@@ -73,3 +73,30 @@ async fn an_unwritable_path_fails_sends_without_acknowledging() {
     let err = sink.send(&[sample(1, "a", "{}")]).await.unwrap_err();
     assert!(err.retryable(), "{err}");
 }
+
+#[tokio::test]
+async fn a_line_cut_short_by_a_crash_does_not_swallow_the_next_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.jsonl");
+    let whole = sample(1, "pump-1", r#"{"n":1}"#).envelope_bytes("plant-7");
+    let mut text = whole.clone();
+    text.push(b'\n');
+    // The next batch's first line, interrupted halfway by SIGKILL.
+    text.extend_from_slice(&whole[..whole.len() / 2]);
+    std::fs::write(&path, &text).unwrap();
+    let mut sink = FileSink::open("archive", "plant-7", config(path.clone(), 1 << 20, 2));
+    let again = [sample(2, "pump-1", r#"{"n":2}"#)];
+    assert_eq!(sink.send(&again).await.unwrap(), Ack::all(1));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let readable: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| l["payload"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(readable, vec![1, 2]);
+    assert_eq!(
+        text.lines().count(),
+        3,
+        "the fragment stays, on its own line"
+    );
+}
