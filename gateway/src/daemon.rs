@@ -196,7 +196,7 @@ impl Gateway {
                         name: name.clone(),
                         source,
                     })?;
-            sink_set.spawn(name, sink_config.clone(), sink);
+            sink_set.spawn(name, sink_config.linger(), sink);
         }
         let sinks = Arc::new(tokio::sync::Mutex::new(sink_set));
         let mut background = vec![

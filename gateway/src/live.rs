@@ -39,7 +39,8 @@ pub struct SinkSet {
     nucleus: Option<Arc<Nucleus>>,
     stats: Arc<Stats>,
     site: String,
-    error_sink: Option<String>,
+    /// `[rules] error_sink`, read by every drain when its sink refuses records.
+    error_sink: watch::Sender<Option<String>>,
     running: BTreeMap<String, RunningDrain>,
 }
 
@@ -58,7 +59,7 @@ impl SinkSet {
             nucleus,
             stats,
             site,
-            error_sink,
+            error_sink: watch::Sender::new(error_sink),
             running: BTreeMap::new(),
         }
     }
@@ -86,14 +87,14 @@ impl SinkSet {
         sitegate_plugins::build(config.clone(), context).await
     }
 
-    /// Starts draining `name`'s queue into `sink`.
-    pub fn spawn(&mut self, name: &str, config: SinkConfig, sink: Box<dyn Sink>) {
+    /// Starts draining `name`'s queue into `sink`, waiting up to `linger` to fill a batch.
+    pub fn spawn(&mut self, name: &str, linger: Duration, sink: Box<dyn Sink>) {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(drain::run(
             Arc::clone(&self.spool),
             sink,
-            self.error_sink.clone(),
-            config.linger(),
+            self.error_sink.subscribe(),
+            linger,
             Arc::clone(&self.stats),
             stopped,
         ));
@@ -105,12 +106,7 @@ impl SinkSet {
     pub async fn stop(&mut self, name: &str) {
         if let Some(d) = self.running.remove(name) {
             d.stop.send_replace(true);
-            if tokio::time::timeout(DRAIN_STOP_GRACE, d.task)
-                .await
-                .is_err()
-            {
-                tracing::warn!(sink = name, "drain did not stop in time");
-            }
+            wait_stopped(name, d.task).await;
         }
     }
 
@@ -121,18 +117,19 @@ impl SinkSet {
             d.stop.send_replace(true);
         }
         for (name, d) in running {
-            if tokio::time::timeout(DRAIN_STOP_GRACE, d.task)
-                .await
-                .is_err()
-            {
-                tracing::warn!(sink = %name, "drain did not stop in time");
-            }
+            wait_stopped(&name, d.task).await;
         }
     }
 
     /// Names of the sinks being drained.
     pub fn names(&self) -> Vec<String> {
         self.running.keys().cloned().collect()
+    }
+}
+
+async fn wait_stopped(sink: &str, task: JoinHandle<()>) {
+    if tokio::time::timeout(DRAIN_STOP_GRACE, task).await.is_err() {
+        tracing::warn!(sink, "drain did not stop in time");
     }
 }
 
@@ -218,7 +215,6 @@ impl Live {
     async fn apply_inner(&self, new: Config) -> Result<Applied, ApplyError> {
         let mut running = self.running.lock().await;
         let mut sinks = self.sinks.lock().await;
-        let error_sink_changed = running.rules.error_sink != new.rules.error_sink;
         let mut applied = Applied {
             restart_needed: restart_needed(&running, &new),
             ..Applied::default()
@@ -228,7 +224,7 @@ impl Live {
         let mut built = Vec::new();
         for (name, config) in &new.sinks {
             let previous = running.sinks.get(name);
-            if previous == Some(config) && !error_sink_changed {
+            if previous == Some(config) {
                 continue;
             }
             self.spool
@@ -242,27 +238,27 @@ impl Live {
                     name: name.clone(),
                     source,
                 })?;
-            built.push((name.clone(), config.clone(), sink, previous.is_some()));
+            built.push((name.clone(), config.linger(), sink, previous.is_some()));
         }
         self.control
             .reconfigure(PipelineUpdate::of(&new))
             .await
             .map_err(ApplyError::Pipeline)?;
-        sinks.error_sink = new.rules.error_sink.clone();
+        sinks.error_sink.send_replace(new.rules.error_sink.clone());
         for name in sinks.names() {
             if !new.sinks.contains_key(&name) {
                 sinks.stop(&name).await;
                 applied.sinks_stopped.push(name);
             }
         }
-        for (name, config, sink, replaces) in built {
+        for (name, linger, sink, replaces) in built {
             if replaces {
                 sinks.stop(&name).await;
                 applied.sinks_replaced.push(name.clone());
             } else {
                 applied.sinks_started.push(name.clone());
             }
-            sinks.spawn(&name, config, sink);
+            sinks.spawn(&name, linger, sink);
         }
         running.sinks = new.sinks;
         running.routes = new.routes;

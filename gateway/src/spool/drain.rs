@@ -25,11 +25,12 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Feed `sink` from its queue until `shutdown` turns true, then close it.
 ///
 /// With a `linger`, a batch smaller than [`DRAIN_BATCH`] waits that long once for more records,
-/// so a trickle of messages still fills PutRecords requests.
+/// so a trickle of messages still fills PutRecords requests. `error_sink` is read when records
+/// are refused, so a live reconfiguration can move it without restarting the drain.
 pub async fn run(
     spool: Arc<Spool>,
     mut sink: Box<dyn Sink>,
-    error_sink: Option<String>,
+    error_sink: watch::Receiver<Option<String>>,
     linger: Duration,
     stats: Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
@@ -69,6 +70,7 @@ pub async fn run(
                     Ok(ack) => {
                         let done = ack.done.min(batch.len());
                         if !ack.rejected.is_empty() {
+                            let error_sink = error_sink.borrow().clone();
                             reject(
                                 &spool,
                                 &name,

@@ -55,6 +55,11 @@ impl Frame {
         }
     }
 
+    /// The answer to this PING: a PING_RESPONSE echoing its payload.
+    pub fn pong(&self) -> Frame {
+        Frame::new(message_type::PING_RESPONSE, 0, 0).payload(self.payload.clone())
+    }
+
     /// Adds a string header.
     pub fn with(mut self, name: &str, value: &str) -> Frame {
         self.headers.push((name.to_string(), value.to_string()));

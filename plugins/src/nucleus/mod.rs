@@ -359,8 +359,7 @@ impl Connection {
                         return Ok((read, write));
                     }
                     Some(f) if f.message_type == message_type::PING => {
-                        let pong = Frame::new(message_type::PING_RESPONSE, 0, 0)
-                            .payload(f.payload.clone());
+                        let pong = f.pong();
                         write_frame(&mut write, &pong).await?;
                     }
                     Some(f) => {
@@ -393,8 +392,7 @@ impl Connection {
                     if frame.stream_id == 0 {
                         match frame.message_type {
                             message_type::PING => {
-                                let pong = Frame::new(message_type::PING_RESPONSE, 0, 0)
-                                    .payload(frame.payload.clone());
+                                let pong = frame.pong();
                                 let mut w = writer.lock().await;
                                 if let Err(e) = write_frame(&mut *w, &pong).await {
                                     break e.to_string();

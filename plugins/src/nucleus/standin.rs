@@ -263,7 +263,7 @@ async fn serve(
     });
     while let Ok(Some(frame)) = read_frame(&mut read).await {
         if frame.message_type == message_type::PING {
-            let pong = Frame::new(message_type::PING_RESPONSE, 0, 0).payload(frame.payload);
+            let pong = frame.pong();
             if !send(pong).await {
                 break;
             }
