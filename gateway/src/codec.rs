@@ -85,6 +85,125 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
     }
 }
 
+/// The remaining length a fixed header at the start of `buf` announces, plus the header's own
+/// bytes; `None` until the header is whole (or when it is not a valid varint).
+pub fn announced_len(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
+        len |= usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Some(len + i + 1);
+        }
+    }
+    None
+}
+
+/// The fixed-header flags MQTT requires of each packet type a client sends (§2.1.3: PUBLISH
+/// has its own; SUBSCRIBE, UNSUBSCRIBE and PUBREL 0b0010; the rest 0). rumqttd's parser
+/// does not check them.
+fn check_fixed_header(first: u8) -> Result<(), CodecError> {
+    let (kind, flags) = (first >> 4, first & 0x0f);
+    let required = match kind {
+        3 => {
+            // QoS 3 is malformed (MQTT-3.3.1-4).
+            return match (flags >> 1) & 0b11 {
+                3 => Err(CodecError::Malformed("PUBLISH with QoS 3".into())),
+                _ => Ok(()),
+            };
+        }
+        6 | 8 | 10 => 0b0010,
+        _ => 0,
+    };
+    match flags == required {
+        true => Ok(()),
+        false => Err(CodecError::Malformed(format!(
+            "reserved fixed-header flags 0x{flags:x} on packet type {kind}"
+        ))),
+    }
+}
+
+/// CONNECT flags (§3.1.2.3): the reserved bit is 0 (MQTT-3.1.2-3); without a will, will QoS
+/// and will retain are 0 (MQTT-3.1.2-11, -13); will QoS is never 3 (MQTT-3.1.2-12); on 3.1.1
+/// a password needs a user name (MQTT-3.1.2-22). `buf` holds the whole CONNECT.
+fn check_connect_flags(buf: &[u8], version: Version) -> Result<(), CodecError> {
+    let header = announced_len(buf).map(|total| total - remaining_len(buf));
+    let Some(at) = header else { return Ok(()) };
+    // Protocol name (2 + 4 bytes), level, then the flags.
+    let Some(&flags) = buf.get(at + 7) else {
+        return Ok(());
+    };
+    let will = flags & 0b0000_0100 != 0;
+    let will_qos = (flags >> 3) & 0b11;
+    let will_retain = flags & 0b0010_0000 != 0;
+    let problem = if flags & 1 != 0 {
+        Some("reserved CONNECT flag is set")
+    } else if !will && (will_qos != 0 || will_retain) {
+        Some("will QoS or retain set without a will")
+    } else if will_qos == 3 {
+        Some("will QoS 3")
+    } else if version == Version::V311 && flags & 0b0100_0000 != 0 && flags & 0b1000_0000 == 0 {
+        Some("password without a user name")
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(CodecError::Malformed(p.into())),
+        None => Ok(()),
+    }
+}
+
+/// The remaining length of a whole fixed header at the start of `buf` (0 when not whole).
+fn remaining_len(buf: &[u8]) -> usize {
+    let mut len = 0usize;
+    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
+        len |= usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return len;
+        }
+    }
+    0
+}
+
+/// Subscription options (§3.8.3.1): the reserved bits are 0 (MQTT-3.8.3-5; on 3.1.1 every
+/// bit above the QoS, MQTT-3-8.3-4), QoS is never 3, and retain handling never 3. `body` is
+/// the SUBSCRIBE after its fixed header.
+fn check_subscribe_options(body: &[u8], version: Version) -> Result<(), CodecError> {
+    let mut pos = 2; // packet id
+    if version == Version::V5 {
+        // Properties length (varint) and the properties.
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let Some(&b) = body.get(pos) else {
+                return Ok(());
+            };
+            pos += 1;
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 || shift > 21 {
+                break;
+            }
+        }
+        pos += len;
+    }
+    while pos + 2 <= body.len() {
+        let n = usize::from(u16::from_be_bytes([body[pos], body[pos + 1]]));
+        pos += 2 + n;
+        let Some(&options) = body.get(pos) else { break };
+        pos += 1;
+        let reserved = match version {
+            Version::V311 => options & 0b1111_1100,
+            Version::V5 => options & 0b1100_0000,
+        };
+        if reserved != 0 || options & 0b11 == 3 || (options >> 4) & 0b11 == 3 {
+            return Err(CodecError::Malformed(format!(
+                "subscription options 0x{options:02x} use reserved values"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A parsed packet with, for a PUBLISH, its QoS and packet id.
 #[derive(Debug)]
 pub struct Frame {
@@ -137,6 +256,16 @@ impl Codec {
     pub fn read(&self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         if buf.is_empty() {
             return Ok(None);
+        }
+        check_fixed_header(buf[0])?;
+        // The checks below need the whole packet; until it is here the parser asks for more.
+        if let Some(total) = announced_len(buf).filter(|&t| t <= buf.len()) {
+            let header = total - remaining_len(buf);
+            match buf[0] >> 4 {
+                1 => check_connect_flags(buf, self.version)?,
+                8 => check_subscribe_options(&buf[header..total], self.version)?,
+                _ => {}
+            }
         }
         // Read before parsing: the parser consumes the frame and keeps these crate-private.
         let publish = publish_header(buf);
@@ -304,6 +433,59 @@ mod tests {
         );
         assert!(!codec.write(d, &mut out).unwrap());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn reserved_flags_are_malformed() {
+        let codec = Codec::new(Version::V311, 1024);
+        // CONNECT with the reserved flag (MQTT-3.1.2-3).
+        let mut c = connect(4);
+        c[9] |= 1;
+        assert!(matches!(
+            codec.read(&mut BytesMut::from(&c[..])),
+            Err(CodecError::Malformed(_))
+        ));
+        // Will retain without a will (MQTT-3.1.2-13).
+        let mut c = connect(4);
+        c[9] |= 0b0010_0000;
+        assert!(matches!(
+            codec.read(&mut BytesMut::from(&c[..])),
+            Err(CodecError::Malformed(_))
+        ));
+        // SUBSCRIBE whose fixed header flags are not 0b0010 (MQTT-3.8.1-1).
+        let sub = [0x80u8, 6, 0, 1, 0, 1, b'a', 0];
+        assert!(matches!(
+            codec.read(&mut BytesMut::from(&sub[..])),
+            Err(CodecError::Malformed(_))
+        ));
+        // SUBSCRIBE options with reserved bits (MQTT-3-8.3-4 on 3.1.1).
+        let sub = [0x82u8, 6, 0, 1, 0, 1, b'a', 0b0000_0100];
+        assert!(matches!(
+            codec.read(&mut BytesMut::from(&sub[..])),
+            Err(CodecError::Malformed(_))
+        ));
+        let sub = [0x82u8, 6, 0, 1, 0, 1, b'a', 1];
+        assert!(codec.read(&mut BytesMut::from(&sub[..])).unwrap().is_some());
+        // PUBLISH QoS 3 (MQTT-3.3.1-4); PINGREQ with flags.
+        assert!(matches!(
+            codec.read(&mut BytesMut::from(&[0x36u8, 0][..])),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            codec.read(&mut BytesMut::from(&[0xc1u8, 0][..])),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn announced_length_is_read_from_the_header() {
+        assert_eq!(announced_len(&[0x10]), None);
+        assert_eq!(announced_len(&[0x10, 0x05]), Some(7));
+        // 268,435,455: the largest remaining length MQTT can say.
+        assert_eq!(
+            announced_len(&[0x10, 0xff, 0xff, 0xff, 0x7f]),
+            Some(268_435_455 + 5)
+        );
     }
 
     proptest! {

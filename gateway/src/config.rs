@@ -31,6 +31,21 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MAX_KEEP_ALIVE_SECS: u16 = 1_200;
 /// A write to a device that does not complete in this many milliseconds closes the connection.
 pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Connections still in their TLS handshake or before CONNECT, site-wide: they have not shown
+/// a valid certificate yet, so they get a budget of their own beside `max_connections`.
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 256;
+/// Of those, from one source address.
+pub const DEFAULT_MAX_PENDING_PER_ADDRESS: usize = 32;
+/// Topic filters in one SUBSCRIBE (IoT Core's limit).
+pub const DEFAULT_MAX_FILTERS_PER_SUBSCRIBE: usize = 8;
+/// Subscriptions one connection may hold (IoT Core's limit).
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 50;
+/// Retained messages kept for the whole site.
+pub const DEFAULT_MAX_RETAINED_MESSAGES: usize = 10_000;
+/// Bytes (topic and payload) of the retained messages of the whole site.
+pub const DEFAULT_MAX_RETAINED_BYTES: u64 = 8 * 1024 * 1024;
+/// Distinct topics and filters the local router may cache before it is rebuilt to free them.
+pub const DEFAULT_ROUTER_CACHE_LIMIT: usize = 100_000;
 /// Stored bytes per sink queue when `[spool] max_bytes` is not given.
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 /// Age limit of spooled records when `[spool] max_age` is not given (7 days).
@@ -242,6 +257,36 @@ pub struct ListenerConfig {
     /// Milliseconds a write to a device may take before the connection is closed.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// Connections still in their TLS handshake or waiting for CONNECT, site-wide; further
+    /// ones are closed at once, so unauthenticated sockets cannot take the places of devices.
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
+    /// Of `max_pending_connections`, how many may come from one source address.
+    #[serde(default = "default_max_pending_per_address")]
+    pub max_pending_per_address: usize,
+    /// Longest topic name or filter, in bytes of UTF-8.
+    #[serde(default = "default_max_topic_bytes")]
+    pub max_topic_bytes: usize,
+    /// Most levels (`/`-separated parts) in a topic name or filter.
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
+    /// Most topic filters in one SUBSCRIBE; the rest are refused with 0x97 (quota exceeded).
+    #[serde(default = "default_max_filters_per_subscribe")]
+    pub max_filters_per_subscribe: usize,
+    /// Most subscriptions one connection holds; further filters are refused with 0x97.
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
+    /// Most retained messages kept for the whole site; a retained publish beyond it is refused
+    /// (MQTT 5 PUBACK 0x97).
+    #[serde(default = "default_max_retained_messages")]
+    pub max_retained_messages: usize,
+    /// Most bytes (topic and payload) of retained messages for the whole site.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: ByteSize,
+    /// Distinct topics and filters the local router may have cached before it is rebuilt to
+    /// free them (its caches are never freed otherwise); sessions link again on their own.
+    #[serde(default = "default_router_cache_limit")]
+    pub router_cache_limit: usize,
 }
 
 /// `[auth]`: who may do what.
@@ -292,6 +337,33 @@ pub struct AdminConfig {
     pub metrics: Option<String>,
 }
 
+fn default_max_pending_connections() -> usize {
+    DEFAULT_MAX_PENDING_CONNECTIONS
+}
+fn default_max_pending_per_address() -> usize {
+    DEFAULT_MAX_PENDING_PER_ADDRESS
+}
+fn default_max_topic_bytes() -> usize {
+    crate::topic::DEFAULT_MAX_TOPIC_BYTES
+}
+fn default_max_topic_levels() -> usize {
+    crate::topic::DEFAULT_MAX_TOPIC_LEVELS
+}
+fn default_max_filters_per_subscribe() -> usize {
+    DEFAULT_MAX_FILTERS_PER_SUBSCRIBE
+}
+fn default_max_subscriptions() -> usize {
+    DEFAULT_MAX_SUBSCRIPTIONS
+}
+fn default_max_retained_messages() -> usize {
+    DEFAULT_MAX_RETAINED_MESSAGES
+}
+fn default_max_retained_bytes() -> ByteSize {
+    ByteSize(DEFAULT_MAX_RETAINED_BYTES)
+}
+fn default_router_cache_limit() -> usize {
+    DEFAULT_ROUTER_CACHE_LIMIT
+}
 fn default_spool_max_bytes() -> ByteSize {
     ByteSize(DEFAULT_SPOOL_MAX_BYTES)
 }
@@ -573,6 +645,22 @@ impl Config {
                 u64::from(l.max_keep_alive_secs),
             ),
             ("listener.write_timeout_ms", l.write_timeout_ms),
+            (
+                "listener.max_pending_connections",
+                l.max_pending_connections as u64,
+            ),
+            (
+                "listener.max_pending_per_address",
+                l.max_pending_per_address as u64,
+            ),
+            ("listener.max_topic_bytes", l.max_topic_bytes as u64),
+            ("listener.max_topic_levels", l.max_topic_levels as u64),
+            (
+                "listener.max_filters_per_subscribe",
+                l.max_filters_per_subscribe as u64,
+            ),
+            ("listener.max_subscriptions", l.max_subscriptions as u64),
+            ("listener.router_cache_limit", l.router_cache_limit as u64),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -676,6 +764,23 @@ impl ListenerConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             max_keep_alive_secs: DEFAULT_MAX_KEEP_ALIVE_SECS,
             write_timeout_ms: DEFAULT_WRITE_TIMEOUT_MS,
+            max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
+            max_pending_per_address: DEFAULT_MAX_PENDING_PER_ADDRESS,
+            max_topic_bytes: crate::topic::DEFAULT_MAX_TOPIC_BYTES,
+            max_topic_levels: crate::topic::DEFAULT_MAX_TOPIC_LEVELS,
+            max_filters_per_subscribe: DEFAULT_MAX_FILTERS_PER_SUBSCRIBE,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
+            max_retained_bytes: ByteSize(DEFAULT_MAX_RETAINED_BYTES),
+            router_cache_limit: DEFAULT_ROUTER_CACHE_LIMIT,
+        }
+    }
+
+    /// The topic size limits of this listener.
+    pub fn topic_limits(&self) -> crate::topic::TopicLimits {
+        crate::topic::TopicLimits {
+            max_bytes: self.max_topic_bytes,
+            max_levels: self.max_topic_levels,
         }
     }
 

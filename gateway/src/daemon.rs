@@ -17,7 +17,7 @@ use tracing::info;
 
 use crate::admin::{self, AdminService};
 use crate::auth::{Authority, PolicySet, Registry, RegistryError};
-use crate::broker::Fabric;
+use crate::broker::{Fabric, FabricLimits};
 use crate::config::{Config, ConfigError};
 use crate::live::{Live, SinkSet};
 use crate::pipeline;
@@ -51,6 +51,11 @@ pub enum RunError {
         "cannot open the store in {path}: {source} (is another sitegate using this data_dir?)"
     )]
     Store { path: PathBuf, source: sled::Error },
+    #[error("cannot create data_dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("cannot open the spool: {0}")]
@@ -128,8 +133,29 @@ pub fn raise_fd_limit() -> u64 {
 /// drains read what was just written, which the OS page cache holds anyway.
 const STORE_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Creates `dir` readable by its owner only (the registry names every device, and sled writes
+/// its files 0644); an existing one that others may read is reported, not changed.
+pub fn private_dir(dir: &std::path::Path) -> Result<(), RunError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir);
+    let io = |source| RunError::DataDir {
+        path: dir.to_owned(),
+        source,
+    };
+    made.map_err(io)?;
+    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(data_dir = %dir.display(), mode = format!("{mode:o}"), "data_dir can be read by other users (the device registry and store are inside); chmod 700 it");
+    }
+    Ok(())
+}
+
 /// Opens the gateway's sled database under `data_dir`.
 pub fn open_store(config: &Config) -> Result<sled::Db, RunError> {
+    private_dir(&config.data_dir)?;
     let path = config.data_dir.join("db");
     sled::Config::new()
         .path(&path)
@@ -175,13 +201,21 @@ impl Gateway {
             .await
             .map_err(RunError::Spool)?,
         );
+        let l = &config.listener;
         let fabric = Arc::new(Fabric::start(
-            config.listener.max_connections + INTERNAL_LINKS,
-            config.listener.max_inflight,
+            FabricLimits {
+                max_connections: l.max_connections + INTERNAL_LINKS,
+                max_inflight: l.max_inflight,
+                cache_limit: l.router_cache_limit,
+                max_retained_messages: l.max_retained_messages,
+                max_retained_bytes: l.max_retained_bytes.0,
+            },
+            Arc::clone(&stats),
         ));
         let mut sink_set = SinkSet::new(
             Arc::clone(&spool),
             Arc::clone(&fabric),
+            l.topic_limits(),
             listeners.nucleus.clone(),
             Arc::clone(&stats),
             config.site_name(),
@@ -200,6 +234,7 @@ impl Gateway {
         }
         let sinks = Arc::new(tokio::sync::Mutex::new(sink_set));
         let mut background = vec![
+            tokio::spawn(Arc::clone(&fabric).watchdog(stopped.clone())),
             tokio::spawn(expire_periodically(Arc::clone(&spool), stopped.clone())),
             tokio::spawn(crate::prometheus::upkeep(stopped.clone())),
         ];
@@ -226,7 +261,6 @@ impl Gateway {
                 stopped.clone(),
             )));
         }
-        let l = &config.listener;
         let ctx = Arc::new(EdgeContext {
             authority: Arc::clone(&authority),
             fabric,
@@ -238,6 +272,9 @@ impl Gateway {
                 connect_timeout: l.connect_timeout(),
                 write_timeout: l.write_timeout(),
                 max_keep_alive_secs: l.max_keep_alive_secs,
+                topics: l.topic_limits(),
+                max_filters_per_subscribe: l.max_filters_per_subscribe,
+                max_subscriptions: l.max_subscriptions,
             },
             ingest: Some(started.ingest),
         });
@@ -268,8 +305,7 @@ impl Gateway {
                 listeners.mqtts,
                 acceptor,
                 ctx,
-                l.handshake_timeout(),
-                l.max_connections,
+                crate::listener::Budget::of(l),
                 stopped.clone(),
             )),
             tokio::spawn(admin::serve(listeners.admin, admin_service, stopped)),

@@ -7,6 +7,8 @@
 //!
 //! Layout:
 //! - `config`: the TOML configuration tree, defaults and validation.
+//! - `topic`: what a topic or filter may be (MQTT's UTF-8 and wildcard rules, size limits).
+//! - `escape`: device-controlled text made safe for log lines.
 //! - `pki`: site CA, gateway and device certificates, identity from a certificate.
 //! - `auth`: policies, device groups and the device registry; what a device may do.
 //! - `tls`: the listener's mutual-TLS setup.
@@ -24,6 +26,8 @@
 //! - `greengrass`: the component recipe, configuration from the nucleus and following its updates.
 //! - `live`: live reconfiguration of sinks, routes and rules; the sinks' drains.
 //! - `fleet`: virtual devices (rumqttc over mutual TLS) for the demo, simulator and tests.
+//! - `fuzzing`: the device edge in memory (real sessions and router) for fuzzers and property
+//!   tests; MQTT packets as bytes.
 //! - `simulate`: `sitegate simulate`, a fleet of thousands of virtual devices with a summary.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -34,7 +38,9 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod escape;
 pub mod fleet;
+pub mod fuzzing;
 pub mod greengrass;
 pub mod listener;
 pub mod live;
@@ -47,6 +53,7 @@ pub mod simulate;
 pub mod spool;
 pub mod stats;
 pub mod tls;
+pub mod topic;
 
 pub use config::Config;
 pub use daemon::{run, Gateway, Listeners, RunError};

@@ -18,11 +18,12 @@ use sitegate_plugins::{Sink, SinkConfig, SinkContext, SinkError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::broker::{Fabric, LocalPublisher};
+use crate::broker::{Fabric, Republisher};
 use crate::config::Config;
 use crate::pipeline::{PipelineControl, PipelineUpdate};
 use crate::spool::{drain, Spool};
 use crate::stats::Stats;
+use crate::topic::TopicLimits;
 
 /// How long a stopping drain may take to finish its send and close its sink.
 pub const DRAIN_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -36,6 +37,8 @@ struct RunningDrain {
 pub struct SinkSet {
     spool: Arc<Spool>,
     fabric: Arc<Fabric>,
+    /// The topic rules republished topics are held to, as devices' are.
+    topics: TopicLimits,
     nucleus: Option<Arc<Nucleus>>,
     stats: Arc<Stats>,
     site: String,
@@ -48,6 +51,7 @@ impl SinkSet {
     pub fn new(
         spool: Arc<Spool>,
         fabric: Arc<Fabric>,
+        topics: TopicLimits,
         nucleus: Option<Arc<Nucleus>>,
         stats: Arc<Stats>,
         site: String,
@@ -56,6 +60,7 @@ impl SinkSet {
         SinkSet {
             spool,
             fabric,
+            topics,
             nucleus,
             stats,
             site,
@@ -67,15 +72,10 @@ impl SinkSet {
     /// Builds the sink `name` describes (connecting happens at its first send).
     pub async fn build(&self, name: &str, config: &SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
         let local: Option<Arc<dyn LocalBroker>> = match config {
-            SinkConfig::Republish(_) => {
-                // Dots never occur in thing names, so no device's client id can take over this link.
-                let link = self
-                    .fabric
-                    .link(&format!("sitegate.republish.{name}"), true)
-                    .await
-                    .map_err(|e| SinkError::Config(e.to_string()))?;
-                Some(Arc::new(LocalPublisher::new(link)))
-            }
+            SinkConfig::Republish(_) => Some(Arc::new(Republisher::new(
+                Arc::clone(&self.fabric),
+                self.topics,
+            ))),
             _ => None,
         };
         let context = SinkContext {

@@ -295,19 +295,48 @@ enum ConfigCommand {
     },
 }
 
+/// `println!` that reports a failed write (a closed pipe, as under `| head`) as an error
+/// instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
+        // A reader that stopped reading (`sitegate device list | head`) is not an error.
+        let closed_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if closed_pipe {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
+/// rumqttd logs every link and subscription at info; the gateway logs what matters of those.
+const DEFAULT_LOG: &str = "info,rumqttd=warn";
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal as _;
+    // Colour codes only for a person at a terminal, never into a journal or a log file.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -327,7 +356,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             config_env,
             base_dir,
         } => {
-            init_logging("info");
+            init_logging(DEFAULT_LOG);
             let config = match (config, config_json, config_env) {
                 (Some(path), _, _) => Config::load(&path)?,
                 (None, json, from_env) => {
@@ -385,17 +414,17 @@ fn dispatch(cli: Cli) -> Result<()> {
                 },
         } => {
             if if_missing && dir.join(pki::CA_CERT_FILE).exists() {
-                println!("site CA already in {}; nothing to do", dir.display());
+                outln!("site CA already in {}; nothing to do", dir.display());
                 return Ok(());
             }
             let files = pki::init_ca(&dir, &site, &sans)?;
             let kek = dir.join(SPOOL_KEK_FILE);
             spool::keys::generate_kek(&kek)?;
-            println!("site CA:             {}", files.ca_cert.display());
-            println!("site CA key (0600):  {}", files.ca_key.display());
-            println!("gateway certificate: {}", files.gateway_cert.display());
-            println!("gateway key (0600):  {}", files.gateway_key.display());
-            println!("spool key file (0600): {}", kek.display());
+            outln!("site CA:             {}", files.ca_cert.display());
+            outln!("site CA key (0600):  {}", files.ca_key.display());
+            outln!("gateway certificate: {}", files.gateway_cert.display());
+            outln!("gateway key (0600):  {}", files.gateway_key.display());
+            outln!("spool key file (0600): {}", kek.display());
             Ok(())
         }
         Command::Device { command } => device(command),
@@ -414,7 +443,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             command: SpoolCommand::Keygen { out },
         } => {
             spool::keys::generate_kek(&out)?;
-            println!("spool key file (0600): {}", out.display());
+            outln!("spool key file (0600): {}", out.display());
             Ok(())
         }
         Command::Spool {
@@ -445,9 +474,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                 (None, None) => bail!("give --config or --data-dir"),
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", spool::status::render(&status));
+                out!("{}", spool::status::render(&status));
             }
             Ok(())
         }
@@ -455,7 +484,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             command: ConfigCommand::Check { config },
         } => {
             let c = Config::load(&config)?;
-            println!(
+            // `run` loads these too: a config whose TLS files are missing or do not match is
+            // not valid, whatever its TOML says.
+            sitegate::tls::acceptor(&c.listener)?;
+            outln!(
                 "{}: valid ({} device groups, {} policies)",
                 config.display(),
                 c.auth.device_groups.len(),
@@ -585,11 +617,11 @@ fn device(command: DeviceCommand) -> Result<()> {
             days,
         } => {
             let issued = pki::issue_device(&thing, &ca, &out, days)?;
-            println!("thing:          {}", issued.thing);
-            println!("certificate id: {}", issued.cert_id);
-            println!("certificate:    {}", issued.cert.display());
-            println!("key (0600):     {}", issued.key.display());
-            println!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
+            outln!("thing:          {}", issued.thing);
+            outln!("certificate id: {}", issued.cert_id);
+            outln!("certificate:    {}", issued.cert.display());
+            outln!("key (0600):     {}", issued.key.display());
+            outln!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
             return Ok(());
         }
         DeviceCommand::Approve {
@@ -628,7 +660,7 @@ fn rules_command(command: RulesCommand) -> Result<()> {
                     )
                     .await
                     {
-                        Ok(spec) => println!(
+                        Ok(spec) => outln!(
                             "{}: ok ({} statement(s))",
                             path.display(),
                             spec.statements.len()
@@ -636,8 +668,8 @@ fn rules_command(command: RulesCommand) -> Result<()> {
                         Err(e) => errors.push(e),
                     }
                 }
-                errors
-            });
+                Ok::<_, anyhow::Error>(errors)
+            })?;
             for e in &errors {
                 eprintln!("{e}");
             }
@@ -671,7 +703,7 @@ fn rules_command(command: RulesCommand) -> Result<()> {
             if json {
                 for o in &outputs {
                     let row: serde_json::Value = serde_json::from_slice(&o.payload)?;
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"sink": o.sink, "thing": o.thing, "row": row})
                     );
@@ -746,22 +778,26 @@ async fn offline(config: &Config, requests: Vec<AdminRequest>) -> Result<Vec<Adm
 
 fn print_response(response: AdminResponse, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&response)?);
+        outln!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(());
     }
     match response {
         AdminResponse::Error { message } => bail!(message),
-        AdminResponse::Device { device } => print_devices(&[device]),
-        AdminResponse::Devices { devices } => print_devices(&devices),
-        AdminResponse::Status { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
-        AdminResponse::Spool { spool } => print!("{}", spool::status::render(&spool)),
+        AdminResponse::Device { device } => print_devices(&[device])?,
+        AdminResponse::Devices { devices } => print_devices(&devices)?,
+        AdminResponse::Status { stats } => outln!("{}", serde_json::to_string_pretty(&stats)?),
+        AdminResponse::Spool { spool } => out!("{}", spool::status::render(&spool)),
         AdminResponse::Rules { rules } => {
-            println!(
+            outln!(
                 "{:<24} {:>10} {:>10} {:>8} {:>6}  SINKS",
-                "RULE", "ROWS IN", "ROWS OUT", "ERRORS", "LATE"
+                "RULE",
+                "ROWS IN",
+                "ROWS OUT",
+                "ERRORS",
+                "LATE"
             );
             for r in &rules.rules {
-                println!(
+                outln!(
                     "{:<24} {:>10} {:>10} {:>8} {:>6}  {}",
                     r.name,
                     r.rows_in,
@@ -772,21 +808,24 @@ fn print_response(response: AdminResponse, json: bool) -> Result<()> {
                 );
             }
             for (name, why) in &rules.refused {
-                println!("refused {name}: {why}");
+                outln!("refused {name}: {why}");
             }
         }
     }
     Ok(())
 }
 
-fn print_devices(devices: &[DeviceView]) {
-    println!(
+fn print_devices(devices: &[DeviceView]) -> Result<()> {
+    outln!(
         "{:<24} {:<9} {:<10} {:<28} CERTIFICATE IDS",
-        "THING", "STATE", "CONNECTED", "GROUPS"
+        "THING",
+        "STATE",
+        "CONNECTED",
+        "GROUPS"
     );
     for d in devices {
         let certs: Vec<&str> = d.cert_ids.iter().map(|c| &c[..c.len().min(16)]).collect();
-        println!(
+        outln!(
             "{:<24} {:<9} {:<10} {:<28} {}",
             d.thing,
             d.state.to_string(),
@@ -795,4 +834,5 @@ fn print_devices(devices: &[DeviceView]) {
             certs.join(",")
         );
     }
+    Ok(())
 }

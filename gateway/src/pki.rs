@@ -40,8 +40,10 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("{0:?} is not a valid thing name (1-128 of letters, digits, : _ -)")]
     InvalidThing(String),
-    #[error("{path} already exists; refusing to overwrite a key")]
+    #[error("{path} already exists; refusing to overwrite it (revoke the device and remove its files first)")]
     Exists { path: PathBuf },
+    #[error("certificate subject has {0} common names; refusing an ambiguous identity")]
+    AmbiguousCommonName(usize),
     #[error("certificate is not valid X.509: {0}")]
     Parse(String),
     #[error("certificate has no subject CN, so it names no thing")]
@@ -159,8 +161,20 @@ pub fn issue_device_with_validity(
     fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let cert_path = out_dir.join(format!("{thing}.pem"));
     let key_path = out_dir.join(format!("{thing}.key"));
-    write_public(&cert_path, device.cert_pem.as_bytes())?;
+    // Refuse before writing anything: a new certificate beside the old key (or the other way
+    // round) is a pair that no longer matches, and the device stops working.
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(PkiError::Exists { path: path.clone() });
+        }
+    }
+    // The key is written first and with `create_new`, so a race with another issuer fails
+    // before a certificate exists; a certificate that cannot be written takes its key along.
     write_secret(&key_path, device.key_pem.as_bytes())?;
+    if let Err(e) = write_public_new(&cert_path, device.cert_pem.as_bytes()) {
+        let _ = fs::remove_file(&key_path);
+        return Err(e);
+    }
     Ok(IssuedDevice {
         thing: thing.to_owned(),
         cert_id: device.cert_id,
@@ -239,8 +253,22 @@ impl Identity {
     pub fn from_der(der: &[u8]) -> Result<Identity, PkiError> {
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
-        let thing = cert
-            .subject()
+        // One CN, alone in its RDN: with two (or a CN inside a multi-valued RDN) which one names
+        // the thing depends on who reads the certificate.
+        let subject = cert.subject();
+        let cns = subject.iter_common_name().count();
+        if cns > 1 {
+            return Err(PkiError::AmbiguousCommonName(cns));
+        }
+        if subject.iter().any(|rdn| {
+            rdn.iter().count() > 1
+                && rdn
+                    .iter()
+                    .any(|a| *a.attr_type() == x509_parser::oid_registry::OID_X509_COMMON_NAME)
+        }) {
+            return Err(PkiError::AmbiguousCommonName(cns));
+        }
+        let thing = subject
             .iter_common_name()
             .next()
             .and_then(|cn| cn.as_str().ok())
@@ -284,6 +312,25 @@ fn host_name() -> Option<String> {
 
 fn write_public(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     fs::write(path, bytes).map_err(io_err(path))
+}
+
+/// Writes a certificate that must not replace an existing file.
+fn write_public_new(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => PkiError::Exists {
+                path: path.to_owned(),
+            },
+            _ => PkiError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
 }
 
 /// Writes a private key readable by its owner only (0600), never wider even for a moment.

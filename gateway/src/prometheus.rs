@@ -111,15 +111,8 @@ async fn refresh(sources: &Sources) {
     counter!("sitegate_messages_in_total", "qos" => "0").absolute(s.messages_in_qos0);
     counter!("sitegate_messages_in_total", "qos" => "1").absolute(s.messages_in_qos1);
     counter!("sitegate_messages_out_total").absolute(s.messages_out);
-    for (reason, n) in [
-        ("handshake_failed", s.handshakes_failed),
-        ("connect_refused", s.connects_refused),
-        ("over_connection_limit", s.connections_over_limit),
-        ("publish_not_allowed", s.publishes_denied),
-        ("subscribe_not_allowed", s.subscriptions_denied),
-        ("protocol_error", s.protocol_errors),
-        ("revoked", s.revoked_disconnects),
-    ] {
+    counter!("sitegate_router_rebuilds_total").absolute(s.router_rebuilds);
+    for (reason, n) in s.denials() {
         counter!("sitegate_denied_total", "reason" => reason).absolute(n);
     }
     counter!("sitegate_rule_messages_in_total").absolute(s.rule_messages_in);

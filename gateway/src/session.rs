@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::protocol::{
-    valid_filter, ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect,
-    DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason,
-    QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
+    Filter, LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, QoS, SubAck,
+    Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,12 +25,14 @@ use tracing::{debug, info, warn};
 
 use crate::auth::policy::valid_thing_name;
 use crate::auth::{Authority, DeviceState, Grant, Operation};
-use crate::broker::{publish_packet, Fabric, RouterLink};
+use crate::broker::{device_topic, publish_packet, Fabric, RouterLink};
 use crate::codec::{connect_version, Codec, CodecError, Frame, Version};
+use crate::escape::Escaped;
 use crate::pipeline::{Ingest, Message, Receipt};
 use crate::pki::Identity;
-use crate::sessions::{EndReason, SessionSlot, SessionTable};
+use crate::sessions::{EndReason, Parked, SessionSlot, SessionTable};
 use crate::stats::Stats;
+use crate::topic::{check_filter, check_text, check_topic, TopicError, TopicLimits};
 
 /// Initial read buffer per connection: a burst of small publishes in one read.
 const READ_BUFFER: usize = 4096;
@@ -53,6 +55,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     pub write_timeout: Duration,
     pub max_keep_alive_secs: u16,
+    pub topics: TopicLimits,
+    pub max_filters_per_subscribe: usize,
+    pub max_subscriptions: usize,
 }
 
 /// What every session shares.
@@ -164,12 +169,25 @@ where
         },
     };
     let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
-    let session_present =
-        link.as_ref().is_some_and(|l| l.session_present) && !connect.clean_session;
+    // A parked session whose router has since been rebuilt lives on in the filters kept here;
+    // they are given to the new router below.
+    let parked = ctx
+        .sessions
+        .unpark(&connect.client_id, !connect.clean_session);
+    let (session_present, filters, lost) = match (&link, parked) {
+        (Some(l), Some(p)) if p.generation != l.generation => (true, p.filters, true),
+        (Some(l), Some(p)) if l.session_present => (true, p.filters, false),
+        (Some(l), None) => (
+            l.session_present && !connect.clean_session,
+            Vec::new(),
+            false,
+        ),
+        _ => (false, Vec::new(), false),
+    };
     let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive);
     if conn.send_connack(&codec, ack).await.is_err() {
         if let Some(link) = link {
-            release_link(link, None).await;
+            release_link(&ctx.fabric, link, None).await;
         }
         return;
     }
@@ -200,7 +218,8 @@ where
         clean_session: connect.clean_session,
         // A resumed session's subscriptions come back from the router; track them so a later
         // change of grant can prune them too.
-        filters: ctx.sessions.unpark(&connect.client_id, session_present),
+        filters,
+        generations: ctx.fabric.generations(),
         to_router: Vec::new(),
         to_ingest: Vec::new(),
         read_acks: Vec::new(),
@@ -209,10 +228,18 @@ where
         read_at: (std::time::Instant::now(), 0),
         wake_router: false,
     };
-    // A resumed session's grant may have shrunk while the device was away.
-    let resumed_refused = match session_present {
-        true => session.refresh_grant().await,
+    if lost {
+        info!(thing = %session.thing, "the local router was rebuilt while this session was away: its subscriptions are restored, messages queued in the old router are lost");
+    }
+    let resubscribed = match lost {
+        true => session.resubscribe().await,
         false => Flow::Continue,
+    };
+    // A resumed session's grant may have shrunk while the device was away.
+    let resumed_refused = match (resubscribed, session_present) {
+        (Flow::Close(c), _) => Flow::Close(c),
+        (Flow::Continue, true) => session.refresh_grant().await,
+        (Flow::Continue, false) => Flow::Continue,
     };
     let close = match resumed_refused {
         Flow::Close(c) => c,
@@ -246,6 +273,13 @@ async fn read_connect<S: AsyncRead + Unpin>(
     max_packet_size: usize,
 ) -> Result<(Codec, Packet), ConnectError> {
     loop {
+        if let Some(len) = crate::codec::announced_len(&conn.rbuf) {
+            if len > max_packet_size {
+                return Err(ConnectError::Other(format!(
+                    "first packet announces {len} bytes, over listener.max_packet_size"
+                )));
+            }
+        }
         match connect_version(&conn.rbuf) {
             Ok(Some(version)) => {
                 let codec = Codec::new(version, max_packet_size);
@@ -286,15 +320,15 @@ fn admit(
     if connect.client_id != *thing {
         warn!(
             %peer,
-            client_id = %connect.client_id,
-            thing = %thing,
+            client_id = %Escaped(&connect.client_id),
+            thing = %Escaped(thing),
             cert_id = %identity.cert_id,
             "client id does not match the certificate's thing name; refused"
         );
         return Err(ConnectReturnCode::NotAuthorized);
     }
     if !valid_thing_name(thing) {
-        warn!(%peer, thing = %thing, "certificate CN is not a valid thing name; refused");
+        warn!(%peer, thing = %Escaped(thing), "certificate CN is not a valid thing name; refused");
         return Err(ConnectReturnCode::NotAuthorized);
     }
     let grant = ctx.authority.admit(thing, &identity.cert_id).map_err(|e| {
@@ -315,8 +349,13 @@ fn admit(
     let mut will = will;
     if let Some(w) = will.as_mut() {
         let topic = std::str::from_utf8(&w.topic).unwrap_or("");
-        if topic.is_empty() || topic.contains(['+', '#']) {
-            return Err(ConnectReturnCode::TopicNameInvalid);
+        if let Err(e) = check_topic(topic, ctx.limits.topics) {
+            info!(thing = %thing, will_topic = %Escaped(topic), error = %e, "will topic refused");
+            return Err(if e.is_malformed() {
+                ConnectReturnCode::MalformedPacket
+            } else {
+                ConnectReturnCode::TopicNameInvalid
+            });
         }
         if w.qos == QoS::ExactlyOnce {
             match codec.version {
@@ -326,7 +365,7 @@ fn admit(
             }
         }
         if !grant.permissions.allows(Operation::Publish, topic) {
-            warn!(thing = %thing, will_topic = %topic, "will topic not allowed by policy; refused");
+            warn!(thing = %thing, will_topic = %Escaped(topic), "will topic not allowed by policy; refused");
             return Err(ConnectReturnCode::NotAuthorized);
         }
     }
@@ -436,8 +475,11 @@ struct Session {
     /// This device's own router link, once it needs one (see `run`).
     link: Option<RouterLink>,
     clean_session: bool,
-    /// Filters granted and passed to the router, re-checked when the grant changes.
-    filters: Vec<String>,
+    /// Filters granted and passed to the router with their granted QoS, re-checked when the
+    /// grant changes and given to a rebuilt router.
+    filters: Vec<(String, u8)>,
+    /// The router's generation; a change means this session's link is gone and it links again.
+    generations: watch::Receiver<u64>,
     /// Packets for the router from the current read, handed over in one go.
     to_router: Vec<Packet>,
     /// Allowed publishes of the current read that a route takes.
@@ -524,6 +566,11 @@ impl Session {
                             }
                         }
                     }
+                    _ = self.generations.changed(), if self.link.is_some() => {
+                        if let Flow::Close(c) = self.relink().await {
+                            return c;
+                        }
+                    }
                     durable = front_receipt(&mut self.held), if self.held.front().is_some_and(|h| h.receipt.is_some()) => {
                         match durable {
                             Ok(Ok(())) => self.release_held(&mut conn.wbuf),
@@ -544,6 +591,11 @@ impl Session {
                                 }
                             }
                             Ok(None) => {}
+                            Err(_) if self.router_moved() => {
+                                if let Flow::Close(c) = self.relink().await {
+                                    return c;
+                                }
+                            }
                             Err(_) => return Close::RouterGone,
                         }
                     }
@@ -554,7 +606,7 @@ impl Session {
             }
             if std::mem::take(&mut self.wake_router) {
                 if let Some(link) = self.link.as_mut() {
-                    if link.rx.wake().await.is_err() {
+                    if link.rx.wake().await.is_err() && !self.router_moved() {
                         return Close::RouterGone;
                     }
                 }
@@ -633,25 +685,81 @@ impl Session {
             match self.ctx.fabric.link(&self.thing, true).await {
                 Ok(link) => self.link = Some(link),
                 Err(e) => {
-                    warn!(thing = %self.identity.thing, error = %e, "router link failed");
+                    warn!(thing = %self.thing, error = %e, "router link failed");
                     return Flow::Close(Close::RouterGone);
                 }
             }
         }
-        let mut packets = std::mem::take(&mut self.to_router);
+        let packets = std::mem::take(&mut self.to_router);
+        if self.router_moved() {
+            if let Flow::Close(c) = self.relink().await {
+                return Flow::Close(c);
+            }
+        }
+        let fabric = Arc::clone(&self.ctx.fabric);
         let sent = match self.link.as_mut() {
-            Some(link) => match packets.pop() {
-                Some(last) => {
-                    link.tx.buffer().extend(packets);
-                    link.tx.send(last).await.is_ok()
-                }
-                None => true,
-            },
-            None => self.ctx.fabric.forward(packets).await.is_ok(),
+            Some(link) => fabric.send(link, packets).await.is_ok(),
+            None => fabric.forward(packets).await.is_ok(),
         };
         match sent {
             true => Flow::Continue,
-            false => Flow::Close(Close::RouterGone),
+            // A router that died under the send is rebuilt by the watchdog; the session then
+            // links again, and what this read carried is lost to local subscribers only.
+            false if self.link.is_some() && !self.router_moved() => Flow::Close(Close::RouterGone),
+            false => Flow::Continue,
+        }
+    }
+
+    /// This session's link belongs to a router generation that is no longer running.
+    fn router_moved(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.generation != self.ctx.fabric.generation())
+    }
+
+    /// Links to the rebuilt router and gives it this session's subscriptions.
+    async fn relink(&mut self) -> Flow {
+        self.generations.borrow_and_update();
+        if !self.router_moved() {
+            return Flow::Continue;
+        }
+        self.link = None;
+        match self.ctx.fabric.link(&self.thing, self.clean_session).await {
+            Ok(link) => self.link = Some(link),
+            Err(e) => {
+                warn!(thing = %self.thing, error = %e, "cannot link to the rebuilt router");
+                return Flow::Close(Close::RouterGone);
+            }
+        }
+        debug!(thing = %self.thing, filters = self.filters.len(), "linked to the rebuilt router");
+        self.resubscribe().await
+    }
+
+    /// Subscribes this session's filters on its link again.
+    async fn resubscribe(&mut self) -> Flow {
+        if self.filters.is_empty() {
+            return Flow::Continue;
+        }
+        let filters = self
+            .filters
+            .iter()
+            .map(|(path, qos)| Filter {
+                path: path.clone(),
+                qos: rumqttd::protocol::qos(*qos).unwrap_or(QoS::AtMostOnce),
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        let packet = Packet::Subscribe(Subscribe { pkid: 1, filters }, None);
+        let fabric = Arc::clone(&self.ctx.fabric);
+        let failed = match self.link.as_mut() {
+            Some(link) => fabric.send(link, vec![packet]).await.is_err(),
+            None => false,
+        };
+        match failed {
+            true => Flow::Close(Close::RouterGone),
+            false => Flow::Continue,
         }
     }
 
@@ -681,17 +789,38 @@ impl Session {
                         "topic is not UTF-8",
                     );
                 };
-                if topic.is_empty() {
+                // CONNACK offers no topic aliases (Topic Alias Maximum absent = 0), so any alias
+                // is invalid (MQTT-3.3.2-8); an empty topic would need one.
+                if topic.is_empty() || props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
                     return protocol_error(
                         DisconnectReasonCode::TopicAliasInvalid,
-                        "empty topic (topic aliases are not offered)",
+                        "topic alias (none are offered)",
                     );
                 }
-                if topic.contains(['+', '#']) {
+                // MQTT-3.3.4-6: a client's PUBLISH never carries a Subscription Identifier.
+                if props
+                    .as_ref()
+                    .is_some_and(|p| !p.subscription_identifiers.is_empty())
+                {
                     return protocol_error(
-                        DisconnectReasonCode::TopicNameInvalid,
-                        "wildcard in a PUBLISH topic",
+                        DisconnectReasonCode::ProtocolError,
+                        "subscription identifier in a PUBLISH from a client",
                     );
+                }
+                if let Some(response) = props.as_ref().and_then(|p| p.response_topic.as_deref()) {
+                    if let Err(e) = check_topic(response, self.ctx.limits.topics) {
+                        return topic_error(
+                            &e,
+                            DisconnectReasonCode::ProtocolError,
+                            "response topic",
+                        );
+                    }
+                }
+                let checked = check_topic(topic, self.ctx.limits.topics);
+                if let Err(e) = &checked {
+                    if e.is_malformed() || *e == TopicError::Wildcard {
+                        return topic_error(e, DisconnectReasonCode::TopicNameInvalid, "topic");
+                    }
                 }
                 if frame.qos > 1 {
                     return protocol_error(
@@ -699,8 +828,25 @@ impl Session {
                         "QoS 2 is not supported (maximum QoS is 1)",
                     );
                 }
-                let allowed = self.grant.permissions.allows(Operation::Publish, topic);
-                let reason = if allowed {
+                let refusal = match checked {
+                    Err(e) => Some((e.reason(), PubAckReason::TopicNameInvalid, e.to_string())),
+                    Ok(()) if !self.grant.permissions.allows(Operation::Publish, topic) => Some((
+                        "publish_not_allowed",
+                        PubAckReason::NotAuthorized,
+                        "denied by policy".into(),
+                    )),
+                    Ok(()) => self
+                        .ctx
+                        .fabric
+                        .retain(&publish, &props)
+                        .err()
+                        .map(|e| ("retained_quota", PubAckReason::QuotaExceeded, e.to_string())),
+                };
+                let reason = if let Some((label, code, why)) = refusal {
+                    self.ctx.stats.deny(label);
+                    self.log_denial("publish", topic, &why);
+                    code
+                } else {
                     let counter = if frame.qos == 0 {
                         &self.ctx.stats.messages_in_qos0
                     } else {
@@ -720,10 +866,6 @@ impl Session {
                     }
                     self.to_router.push(Packet::Publish(publish, props));
                     PubAckReason::Success
-                } else {
-                    self.ctx.stats.publishes_denied.fetch_add(1, Relaxed);
-                    self.log_denial("publish", topic);
-                    PubAckReason::NotAuthorized
                 };
                 // MQTT 3.1.1 has no way to say "not authorized" in a PUBACK (§3.3.5): the
                 // message is acknowledged and dropped. MQTT 5 carries the reason code.
@@ -742,12 +884,24 @@ impl Session {
                 self.to_router.push(Packet::PubAck(ack, None));
                 Flow::Continue
             }
-            Packet::Subscribe(subscribe, _) => {
-                self.subscribe(subscribe, wbuf);
-                Flow::Continue
+            Packet::Subscribe(subscribe, props) => {
+                // CONNACK says Subscription Identifier Available = 0 (MQTT-3.8.2-1 … 3.2.2.3.12).
+                if props.as_ref().is_some_and(|p| p.id.is_some()) {
+                    return protocol_error(
+                        DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
+                        "subscription identifiers are not supported",
+                    );
+                }
+                self.subscribe(subscribe, wbuf)
             }
             Packet::Unsubscribe(unsubscribe, _) => {
-                self.filters.retain(|f| !unsubscribe.filters.contains(f));
+                for f in &unsubscribe.filters {
+                    if let Err(e) = check_text(f) {
+                        return topic_error(&e, DisconnectReasonCode::ProtocolError, "filter");
+                    }
+                }
+                self.filters
+                    .retain(|(f, _)| !unsubscribe.filters.contains(f));
                 let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
                 let pkid = unsubscribe.pkid;
                 self.to_router.push(Packet::Unsubscribe(unsubscribe, None));
@@ -772,30 +926,55 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, mut subscribe: Subscribe, wbuf: &mut BytesMut) {
+    fn subscribe(&mut self, mut subscribe: Subscribe, wbuf: &mut BytesMut) -> Flow {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
-        for mut filter in subscribe.filters.drain(..) {
-            if !valid_filter(&filter.path) {
-                codes.push(SubscribeReasonCode::TopicFilterInvalid);
-                continue;
+        let limits = self.ctx.limits;
+        for (i, mut filter) in subscribe.filters.drain(..).enumerate() {
+            let checked = check_filter(&filter.path, limits.topics);
+            if let Err(e) = &checked {
+                if e.is_malformed() {
+                    return topic_error(e, DisconnectReasonCode::ProtocolError, "filter");
+                }
             }
-            if !self
-                .grant
-                .permissions
-                .allows(Operation::Subscribe, &filter.path)
-            {
-                self.ctx.stats.subscriptions_denied.fetch_add(1, Relaxed);
-                self.log_denial("subscribe", &filter.path);
-                codes.push(SubscribeReasonCode::NotAuthorized);
+            let known = self.filters.iter().any(|(f, _)| *f == filter.path);
+            let refusal = match checked {
+                Err(TopicError::Shared) => Some((
+                    "shared_subscription",
+                    SubscribeReasonCode::SharedSubscriptionsNotSupported,
+                    TopicError::Shared.to_string(),
+                )),
+                Err(e) => Some((e.reason(), SubscribeReasonCode::TopicFilterInvalid, e.to_string())),
+                Ok(()) if i >= limits.max_filters_per_subscribe => Some((
+                    "subscribe_quota",
+                    SubscribeReasonCode::QuotaExceeded,
+                    format!("more than listener.max_filters_per_subscribe ({}) filters in one SUBSCRIBE", limits.max_filters_per_subscribe),
+                )),
+                Ok(()) if !known && self.filters.len() >= limits.max_subscriptions => Some((
+                    "subscribe_quota",
+                    SubscribeReasonCode::QuotaExceeded,
+                    format!("the connection holds listener.max_subscriptions ({})", limits.max_subscriptions),
+                )),
+                Ok(()) if !self.grant.permissions.allows(Operation::Subscribe, &filter.path) => Some((
+                    "subscribe_not_allowed",
+                    SubscribeReasonCode::NotAuthorized,
+                    "denied by policy".into(),
+                )),
+                Ok(()) => None,
+            };
+            if let Some((label, code, why)) = refusal {
+                self.ctx.stats.deny(label);
+                self.log_denial("subscribe", &filter.path, &why);
+                codes.push(code);
                 continue;
             }
             if filter.qos == QoS::ExactlyOnce {
                 filter.qos = QoS::AtLeastOnce;
             }
             codes.push(SubscribeReasonCode::Success(filter.qos));
-            if !self.filters.contains(&filter.path) {
-                self.filters.push(filter.path.clone());
+            match self.filters.iter_mut().find(|(f, _)| *f == filter.path) {
+                Some(known) => known.1 = filter.qos as u8,
+                None => self.filters.push((filter.path.clone(), filter.qos as u8)),
             }
             granted.push(filter);
         }
@@ -819,6 +998,7 @@ impl Session {
             ),
             wbuf,
         );
+        Flow::Continue
     }
 
     async fn drain_ready_notifications(&mut self, wbuf: &mut BytesMut) -> Flow {
@@ -834,6 +1014,7 @@ impl Session {
                     }
                 }
                 Ok(Ok(None)) | Err(_) => break,
+                Ok(Err(_)) if self.router_moved() => break,
                 Ok(Err(_)) => return Flow::Close(Close::RouterGone),
             }
         }
@@ -842,8 +1023,9 @@ impl Session {
 
     fn handle_notification(&mut self, notification: Notification, wbuf: &mut BytesMut) -> Flow {
         match notification {
-            Notification::Forward(forward) => {
+            Notification::Forward(mut forward) => {
                 self.ctx.stats.messages_out.fetch_add(1, Relaxed);
+                device_topic(&mut forward.publish);
                 self.write(Packet::Publish(forward.publish, forward.properties), wbuf);
                 Flow::Continue
             }
@@ -851,6 +1033,7 @@ impl Session {
                 self.wake_router = true;
                 Flow::Continue
             }
+            Notification::Disconnect(..) if self.router_moved() => Flow::Continue,
             Notification::Disconnect(..) => Flow::Close(Close::RouterGone),
             // Acks for what we relayed: the device already got its answer from us.
             _ => Flow::Continue,
@@ -875,19 +1058,28 @@ impl Session {
             info!(thing = %self.identity.thing, state = %grant.state, groups = ?grant.groups, "grant changed on the live connection");
         }
         self.grant = grant;
-        let (kept, dropped): (Vec<String>, Vec<String>) = std::mem::take(&mut self.filters)
+        let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.filters)
             .into_iter()
-            .partition(|f| self.grant.permissions.allows(Operation::Subscribe, f));
+            .partition(|(f, _)| self.grant.permissions.allows(Operation::Subscribe, f));
         self.filters = kept;
-        for filter in dropped {
-            info!(thing = %self.identity.thing, %filter, "subscription no longer allowed; removed");
-            if let Some(link) = self.link.as_mut() {
-                if link.tx.unsubscribe(filter).is_err() {
-                    return Flow::Close(Close::RouterGone);
-                }
-            }
+        if dropped.is_empty() {
+            return Flow::Continue;
         }
-        Flow::Continue
+        let mut filters = Vec::with_capacity(dropped.len());
+        for (filter, _) in dropped {
+            info!(thing = %self.identity.thing, filter = %Escaped(&filter), "subscription no longer allowed; removed");
+            filters.push(filter);
+        }
+        let packet = Packet::Unsubscribe(rumqttd::protocol::Unsubscribe { pkid: 1, filters }, None);
+        let fabric = Arc::clone(&self.ctx.fabric);
+        let failed = match self.link.as_mut() {
+            Some(link) => fabric.send(link, vec![packet]).await.is_err(),
+            None => false,
+        };
+        match failed && !self.router_moved() {
+            true => Flow::Close(Close::RouterGone),
+            false => Flow::Continue,
+        }
     }
 
     fn write(&mut self, packet: Packet, wbuf: &mut BytesMut) {
@@ -896,12 +1088,13 @@ impl Session {
         }
     }
 
-    fn log_denial(&mut self, what: &str, resource: &str) {
+    fn log_denial(&mut self, what: &str, resource: &str, why: &str) {
+        let resource = Escaped(resource);
         if self.denials_logged < LOGGED_DENIALS_PER_SESSION {
             self.denials_logged += 1;
-            info!(thing = %self.identity.thing, groups = ?self.grant.groups, %resource, "{what} denied by policy");
+            info!(thing = %self.identity.thing, groups = ?self.grant.groups, %resource, "{what} refused: {why}");
         } else {
-            debug!(thing = %self.identity.thing, %resource, "{what} denied by policy");
+            debug!(thing = %self.identity.thing, %resource, "{what} refused: {why}");
         }
     }
 
@@ -949,16 +1142,35 @@ impl Session {
             return;
         }
         if !self.clean_session {
-            self.ctx
-                .sessions
-                .park(&thing, std::mem::take(&mut self.filters));
+            let generation = self
+                .link
+                .as_ref()
+                .map_or(self.ctx.fabric.generation(), |l| l.generation);
+            self.ctx.sessions.park(
+                &thing,
+                Parked {
+                    filters: std::mem::take(&mut self.filters),
+                    generation,
+                },
+            );
         }
-        let will = will.map(|(w, _)| will_packet(w));
-        match self.link {
-            Some(link) => release_link(link, will).await,
+        let will = will.and_then(|(w, _)| {
+            let packet = will_publish(w);
+            match self.ctx.fabric.retain(&packet, &None) {
+                Ok(()) => Some(Packet::Publish(packet, None)),
+                Err(e) => {
+                    self.ctx.stats.deny("retained_quota");
+                    info!(thing = %thing, error = %e, "will not published");
+                    None
+                }
+            }
+        });
+        let fabric = Arc::clone(&self.ctx.fabric);
+        match self.link.take() {
+            Some(link) => release_link(&fabric, link, will).await,
             None => {
                 if let Some(w) = will {
-                    let _ = self.ctx.fabric.forward(vec![w]).await;
+                    let _ = fabric.forward(vec![w]).await;
                 }
             }
         }
@@ -975,28 +1187,38 @@ async fn next_notification(
     }
 }
 
-fn will_packet(w: LastWill) -> Packet {
+fn will_publish(w: LastWill) -> rumqttd::protocol::Publish {
     let topic = String::from_utf8_lossy(&w.topic).into_owned();
-    Packet::Publish(publish_packet(&topic, &w.message, w.qos, w.retain), None)
+    publish_packet(&topic, &w.message, w.qos, w.retain)
 }
 
 /// Publishes the will (if any) and tells the router this link is gone, so a persistent session
 /// is parked and a clean one forgotten.
-async fn release_link(mut link: RouterLink, will: Option<Packet>) {
-    if let Some(w) = will {
-        link.tx.buffer().push_back(w);
-    }
+async fn release_link(fabric: &Fabric, mut link: RouterLink, will: Option<Packet>) {
     let bye = Packet::Disconnect(
         Disconnect {
             reason_code: DisconnectReasonCode::NormalDisconnection,
         },
         None,
     );
-    let _ = link.tx.send(bye).await;
+    let mut packets: Vec<Packet> = will.into_iter().collect();
+    packets.push(bye);
+    let _ = fabric.send(&mut link, packets).await;
 }
 
 fn protocol_error(code: DisconnectReasonCode, detail: &str) -> Flow {
     Flow::Close(Close::Protocol(code, detail.to_owned()))
+}
+
+/// A topic or filter refused: malformed text closes with 0x81 (MQTT §1.5.4), anything else
+/// with `otherwise`.
+fn topic_error(e: &TopicError, otherwise: DisconnectReasonCode, what: &str) -> Flow {
+    let code = if e.is_malformed() {
+        DisconnectReasonCode::MalformedPacket
+    } else {
+        otherwise
+    };
+    protocol_error(code, &format!("{what}: {e}"))
 }
 
 fn packet_name(p: &Packet) -> &'static str {

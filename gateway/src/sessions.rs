@@ -12,6 +12,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Why the gateway ends a session from outside.
+/// A persistent session whose device is away: its subscriptions (filter, granted QoS), and the
+/// router generation that holds its state. A rebuilt router does not know the session, so
+/// the filters are given to the new one when the device comes back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parked {
+    pub filters: Vec<(String, u8)>,
+    pub generation: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     /// Another connection with the same client id arrived.
@@ -35,7 +44,7 @@ pub struct SessionTable {
     next_id: AtomicU64,
     /// Subscriptions of persistent sessions while their device is away (the router keeps the
     /// subscriptions themselves; this lets a resumed session re-check them against its grant).
-    parked: Mutex<HashMap<String, Vec<String>>>,
+    parked: Mutex<HashMap<String, Parked>>,
 }
 
 /// Held by a session while it lives; dropping it removes the entry and wakes waiters.
@@ -139,7 +148,7 @@ impl SessionTable {
     }
 
     /// Keeps a persistent session's filters until its device comes back.
-    pub fn park(&self, client_id: &str, filters: Vec<String>) {
+    pub fn park(&self, client_id: &str, filters: Parked) {
         self.parked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -155,17 +164,13 @@ impl SessionTable {
     }
 
     /// Takes back parked filters; `resumed` false (a clean start) just forgets them.
-    pub fn unpark(&self, client_id: &str, resumed: bool) -> Vec<String> {
+    pub fn unpark(&self, client_id: &str, resumed: bool) -> Option<Parked> {
         let parked = self
             .parked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(client_id);
-        if resumed {
-            parked.unwrap_or_default()
-        } else {
-            Vec::new()
-        }
+        parked.filter(|_| resumed)
     }
 
     pub fn is_connected(&self, client_id: &str) -> bool {

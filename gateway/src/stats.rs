@@ -44,6 +44,22 @@ counters! {
     publishes_denied,
     /// SUBSCRIBE filters refused by policy.
     subscriptions_denied,
+    /// Topics and filters refused as invalid (wildcards misplaced, empty, bad characters).
+    topics_invalid,
+    /// Topics and filters over `listener.max_topic_bytes`.
+    topics_too_long,
+    /// Topics and filters over `listener.max_topic_levels`.
+    topics_too_deep,
+    /// `$share/…` filters refused (shared subscriptions are not offered).
+    shared_subscriptions_refused,
+    /// Filters refused over `max_filters_per_subscribe` or `max_subscriptions`.
+    subscribe_quota_refused,
+    /// Retained publishes (and wills) refused over the site's retained limits.
+    retained_quota_refused,
+    /// Connections closed at once because the handshake budget (site or address) was spent.
+    pending_over_limit,
+    /// Times the local router was rebuilt (its thread ended, or its caches were freed).
+    router_rebuilds,
     /// Messages delivered to subscribed devices.
     messages_out,
     /// Connections closed for a malformed or oversize packet or a protocol error.
@@ -75,4 +91,44 @@ counters! {
     /// Configuration updates refused (invalid, or a rule would lose its sink); the running
     /// configuration stayed.
     config_updates_refused,
+}
+
+impl Stats {
+    /// Counts one refusal under its `sitegate_denied_total` reason label.
+    pub fn deny(&self, reason: &str) {
+        let counter = match reason {
+            "publish_not_allowed" => &self.publishes_denied,
+            "subscribe_not_allowed" => &self.subscriptions_denied,
+            "topic_too_long" => &self.topics_too_long,
+            "topic_too_deep" => &self.topics_too_deep,
+            "shared_subscription" => &self.shared_subscriptions_refused,
+            "subscribe_quota" => &self.subscribe_quota_refused,
+            "retained_quota" => &self.retained_quota_refused,
+            "over_pending_limit" => &self.pending_over_limit,
+            _ => &self.topics_invalid,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+impl StatsSnapshot {
+    /// Every refusal by its `sitegate_denied_total` reason label.
+    pub fn denials(&self) -> [(&'static str, u64); 14] {
+        [
+            ("handshake_failed", self.handshakes_failed),
+            ("connect_refused", self.connects_refused),
+            ("over_connection_limit", self.connections_over_limit),
+            ("over_pending_limit", self.pending_over_limit),
+            ("publish_not_allowed", self.publishes_denied),
+            ("subscribe_not_allowed", self.subscriptions_denied),
+            ("topic_invalid", self.topics_invalid),
+            ("topic_too_long", self.topics_too_long),
+            ("topic_too_deep", self.topics_too_deep),
+            ("shared_subscription", self.shared_subscriptions_refused),
+            ("subscribe_quota", self.subscribe_quota_refused),
+            ("retained_quota", self.retained_quota_refused),
+            ("protocol_error", self.protocol_errors),
+            ("revoked", self.revoked_disconnects),
+        ]
+    }
 }

@@ -69,6 +69,18 @@ fn load_certs(
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs("ca", path)? {
+        // webpki takes any certificate as a trust anchor; only a CA may anchor device trust,
+        // or a leaf (a device's own certificate, say) would vouch for whatever it signs.
+        let ca = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| e.to_string())
+            .and_then(|(_, c)| c.is_ca().then_some(()).ok_or_else(|| "basicConstraints CA:FALSE (or absent): a leaf certificate cannot be a trust anchor".to_owned()));
+        if let Err(reason) = ca {
+            return Err(TlsSetupError::File {
+                key: "ca",
+                path: path.to_owned(),
+                reason: format!("not a CA certificate: {reason}"),
+            });
+        }
         roots.add(cert).map_err(|e| TlsSetupError::File {
             key: "ca",
             path: path.to_owned(),

@@ -2,6 +2,10 @@
 //! offline and against a running gateway, SIGTERM, and the demo.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+#[path = "cli/rounds.rs"]
+mod rounds;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -264,4 +268,93 @@ fn demo_runs_a_fleet_and_stops_cleanly() {
         "the window rule shows rows: {text}"
     );
     assert!(text.contains("spool depth"), "{text}");
+}
+
+/// Findings 5, 10 and 11 of the hardening issue, as an operator meets them.
+#[test]
+fn operator_mistakes_are_refused_before_anything_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    assert!(sitegate(&["ca", "init", "--dir", s(&pki), "--site", "t"])
+        .status
+        .success());
+    let devices = dir.path().join("devices");
+    let issue = || {
+        sitegate(&[
+            "device",
+            "issue",
+            "sensor-1",
+            "--ca",
+            s(&pki),
+            "--out",
+            s(&devices),
+        ])
+    };
+    assert!(issue().status.success());
+    let cert = std::fs::read(devices.join("sensor-1.pem")).unwrap();
+    let key = std::fs::read(devices.join("sensor-1.key")).unwrap();
+    // Finding 5: issuing over an existing device is refused and leaves the pair as it was.
+    let again = issue();
+    assert!(!again.status.success());
+    assert!(all(&again).contains("already exists"), "{}", all(&again));
+    assert_eq!(std::fs::read(devices.join("sensor-1.pem")).unwrap(), cert);
+    assert_eq!(std::fs::read(devices.join("sensor-1.key")).unwrap(), key);
+
+    let config = dir.path().join("sitegate.toml");
+    let write = |ca: &str, cert: &str, resource: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"data\"\n[listener]\nmqtts = \"127.0.0.1:0\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"pki/gateway.key\"\n[auth.device_groups.s]\nselection_rule = \"thingName: sensor-*\"\npolicy = \"p\"\n[auth.policies.p.pub]\noperations = [\"mqtt:publish\"]\nresources = [\"mqtt:topic:{resource}\"]\n"
+            ),
+        )
+        .unwrap()
+    };
+    let check = || sitegate(&["config", "check", "--config", s(&config)]);
+    write("pki/ca.pem", "pki/gateway.pem", "dt/#");
+    assert!(check().status.success(), "{}", all(&check()));
+    // Finding 10: a leaf certificate is not a trust anchor; missing TLS files fail the check.
+    write("devices/sensor-1.pem", "pki/gateway.pem", "dt/#");
+    let out = check();
+    assert!(!out.status.success());
+    assert!(
+        all(&out).contains("listener.ca") && all(&out).contains("not a CA"),
+        "{}",
+        all(&out)
+    );
+    write("pki/ca.pem", "pki/missing.pem", "dt/#");
+    let out = check();
+    assert!(!out.status.success());
+    assert!(all(&out).contains("listener.cert"), "{}", all(&out));
+    // Topic resources that can never match are refused by name.
+    for never in ["dt/#/x", "dt/+x/#"] {
+        write("pki/ca.pem", "pki/gateway.pem", never);
+        let out = check();
+        assert!(!out.status.success(), "{never} accepted");
+        assert!(
+            all(&out).contains(never) && all(&out).contains("can never match"),
+            "{}",
+            all(&out)
+        );
+    }
+
+    // Finding 11: `device list | head` (a reader that goes away) is not a panic.
+    write("pki/ca.pem", "pki/gateway.pem", "dt/#");
+    assert!(
+        sitegate(&["device", "approve", "sensor-1", "--config", s(&config)])
+            .status
+            .success()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sitegate"))
+        .args(["device", "list", "--config", s(&config)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
 }

@@ -273,8 +273,28 @@ fn compile_statement(key: &str, statement: &StatementConfig) -> Result<Statement
                     format!("{resource:?} names nothing after the prefix"),
                 ));
             }
+            if op != Operation::Connect {
+                // MQTT wildcards in a topic resource must be whole levels, or the resource can
+                // never match anything a device is allowed to send (§4.7.1).
+                let sample = template
+                    .replace(THING_NAME_VAR, "x")
+                    .replace(CLIENT_ID_VAR, "x")
+                    .replace('*', "x");
+                if let Err(e) = crate::topic::check_wildcards(&sample) {
+                    return Err(policy_error(
+                        format!("{key}.resources"),
+                        format!("{resource:?} can never match: {e}"),
+                    ));
+                }
+            }
             compiled.templates[op.index()].push(template.to_owned());
         }
+    }
+    if compiled.templates.iter().all(|t| t.is_empty()) {
+        return Err(policy_error(
+            key.to_owned(),
+            "grants nothing: none of its resources is of a kind its operations use (mqtt:connect takes mqtt:clientId:, mqtt:publish mqtt:topic:, mqtt:subscribe mqtt:topicfilter:)",
+        ));
     }
     Ok(compiled)
 }

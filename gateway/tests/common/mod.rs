@@ -371,3 +371,4 @@ pub async fn collect(mut child: Child, limit: Duration) -> String {
 }
 
 pub mod aws;
+pub mod raw;

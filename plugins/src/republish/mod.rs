@@ -52,7 +52,19 @@ pub trait LocalBroker: Send + Sync {
         payload: Bytes,
         qos: u8,
         retain: bool,
-    ) -> Result<(), String>;
+    ) -> Result<(), LocalPublishError>;
+}
+
+/// Why the local broker did not take a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocalPublishError {
+    /// The message can never be taken (its topic breaks the site's topic rules, the retained
+    /// limits are reached): the record is refused, not retried.
+    #[error("{0}")]
+    Refused(String),
+    /// The broker is not there right now; retrying can help.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Publishes records to local subscribers.
@@ -112,18 +124,24 @@ impl Sink for RepublishSink {
             } else {
                 record.payload.clone()
             };
-            if let Err(e) = self
+            match self
                 .broker
                 .publish(topic, payload, self.config.qos, self.config.retain)
                 .await
             {
-                if index == 0 {
-                    return Err(SinkError::Server(format!("local broker: {e}")));
+                Ok(()) => {}
+                Err(LocalPublishError::Refused(reason)) => {
+                    rejected.push(Rejected { index, reason });
                 }
-                return Ok(Ack {
-                    done: index,
-                    rejected,
-                });
+                Err(e @ LocalPublishError::Unavailable(_)) => {
+                    if index == 0 {
+                        return Err(SinkError::Server(format!("local broker: {e}")));
+                    }
+                    return Ok(Ack {
+                        done: index,
+                        rejected,
+                    });
+                }
             }
         }
         Ok(Ack {
@@ -152,7 +170,7 @@ mod tests {
             payload: Bytes,
             _qos: u8,
             _retain: bool,
-        ) -> Result<(), String> {
+        ) -> Result<(), LocalPublishError> {
             self.0.lock().unwrap().push((topic, payload));
             Ok(())
         }
