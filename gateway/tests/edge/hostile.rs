@@ -315,3 +315,76 @@ async fn data_dir_is_private() {
     assert_eq!(mode & 0o777, 0o700);
     site.stop().await;
 }
+
+/// Finding 10: a certificate whose subject holds two CNs names no single thing; which one a
+/// reader takes is a guess, so the connection is refused after the handshake.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_with_two_common_names_is_refused() {
+    let site = open_site(|_| {}).await;
+    site.approve("dev-a", &[]).await;
+    let dir = site.dir.path().join("twocn");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("k.pem");
+    let csr = dir.join("r.csr");
+    let cert = dir.join("c.pem");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_owned();
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p(&key),
+        "-subj",
+        "/CN=dev-a/CN=dev-b",
+        "-out",
+        &p(&csr),
+    ]);
+    // A v3 certificate with the extensions a device certificate has.
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&site.ca.ca_cert),
+        "-CAkey",
+        &p(&site.ca.ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&cert),
+    ]);
+    let creds =
+        sitegate::fleet::DeviceCredentials::load("dev-a", &site.ca.ca_cert, &cert, &key).unwrap();
+    let mut raw = RawClient::tls_to(site.addr, &creds).await;
+    raw.send(&raw::connect("dev-a", true, 0x02)).await;
+    assert!(raw.closed().await, "a two-CN certificate was served");
+    site.wait_for("the refusal", |s| s.handshakes_failed == 1)
+        .await;
+    assert_eq!(site.snapshot().connections_accepted, 0);
+    site.stop().await;
+}
