@@ -245,19 +245,7 @@ mod tests {
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             (
-                any::<String>(),
-                0u8..4,
-                any::<bool>(),
-                proptest::collection::vec(any::<u8>(), 0..6)
-            )
-                .prop_map(|(topic, qos, retain, props)| Step::Publish {
-                    topic,
-                    qos,
-                    retain,
-                    props
-                }),
-            (
-                "\\PC{0,12}",
+                prop_oneof![any::<String>(), "\\PC{0,12}"],
                 0u8..4,
                 any::<bool>(),
                 proptest::collection::vec(any::<u8>(), 0..6)
