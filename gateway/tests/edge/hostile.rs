@@ -36,27 +36,7 @@ async fn open_site(adjust: impl FnOnce(&mut sitegate::config::Config)) -> Site {
     .await
 }
 
-/// Publishes `topic` as `publisher` until `sub` has printed `want` (its SUBSCRIBE may still be
-/// in flight); returns what it printed.
-async fn until_received(
-    site: &Site,
-    mut sub: tokio::process::Child,
-    publisher: &sitegate::pki::IssuedDevice,
-    topic: &str,
-    message: &str,
-) -> String {
-    for _ in 0..40 {
-        let out = site.publish(publisher, topic, message, 1, true).await;
-        assert!(out.status.success(), "{}", text(&out));
-        if tokio::time::timeout(Duration::from_millis(250), sub.wait())
-            .await
-            .is_ok()
-        {
-            break;
-        }
-    }
-    collect(sub, Duration::from_secs(10)).await
-}
+use super::publish_until_received as until_received;
 
 /// Finding 1: `é/dev-b/x` (a first character wider than a byte) used to panic rumqttd's router
 /// thread, after which nothing was delivered. Now it is delivered like any topic, and the
