@@ -369,12 +369,21 @@ impl Fabric {
         packets: Vec<Packet>,
         count_topics: bool,
     ) -> Vec<Packet> {
+        // One buffer holds the batch's router-form topics, not one allocation per message.
+        let size: usize = packets
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(publish, _) => publish.topic.len() + PLAIN.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut arena = BytesMut::with_capacity(size);
         let mut cached = gen.cached();
         let out: Vec<Packet> = packets
             .into_iter()
             .map(|packet| match packet {
                 Packet::Publish(mut publish, props) => {
-                    publish.topic = router_topic(&publish.topic);
+                    publish.topic = router_topic(&publish.topic, &mut arena);
                     if count_topics {
                         cached.insert(hash(&publish.topic[..]));
                     }
@@ -470,16 +479,16 @@ fn hash(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-/// A device topic in router form.
-fn router_topic(topic: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(topic.len() + 2);
-    out.put_slice(if topic.first() == Some(&b'$') {
+/// A device topic in router form, written into `arena`.
+fn router_topic(topic: &[u8], arena: &mut BytesMut) -> Bytes {
+    let prefix = if topic.first() == Some(&b'$') {
         DOLLAR
     } else {
         PLAIN
-    });
-    out.put_slice(topic);
-    out.freeze()
+    };
+    arena.put_slice(prefix);
+    arena.put_slice(topic);
+    arena.split().freeze()
 }
 
 /// A device filter in router form: one starting with `$` matches only `$` topics, and one
@@ -507,7 +516,7 @@ fn strip_properties(mut props: PublishProperties) -> PublishProperties {
 }
 
 /// The gateway's own way into the router: one local link, publishing what it is handed.
-pub struct LocalPublisher {
+struct LocalPublisher {
     tx: tokio::sync::Mutex<LinkTx>,
     alive: Arc<AtomicBool>,
     _drain: tokio::task::JoinHandle<()>,
@@ -649,8 +658,12 @@ mod tests {
 
     #[test]
     fn router_form_keeps_dollar_topics_apart() {
-        assert_eq!(&router_topic(b"\xc3\xa9/x")[..], "t/é/x".as_bytes());
-        assert_eq!(&router_topic(b"$aws/x")[..], b"s/$aws/x");
+        let mut arena = BytesMut::new();
+        assert_eq!(
+            &router_topic(b"\xc3\xa9/x", &mut arena)[..],
+            "t/é/x".as_bytes()
+        );
+        assert_eq!(&router_topic(b"$aws/x", &mut arena)[..], b"s/$aws/x");
         assert_eq!(router_filter("#"), "t/#");
         assert_eq!(router_filter("$aws/#"), "s/$aws/#");
         // A wildcard filter in router form does not reach a $ topic (MQTT §4.7.2).

@@ -51,22 +51,9 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
     if first >> 4 != 1 {
         return Err(CodecError::NotConnect(first >> 4));
     }
-    // Skip the remaining-length varint (1 to 4 bytes).
-    let mut pos = 1;
-    loop {
-        let Some(&b) = buf.get(pos) else {
-            return Ok(None);
-        };
-        pos += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if pos > 4 {
-            return Err(CodecError::Malformed(
-                "remaining length longer than 4 bytes".into(),
-            ));
-        }
-    }
+    let Some((pos, _)) = fixed_header(buf)? else {
+        return Ok(None);
+    };
     let (Some(&hi), Some(&lo)) = (buf.get(pos), buf.get(pos + 1)) else {
         return Ok(None);
     };
@@ -85,17 +72,40 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
     }
 }
 
-/// The remaining length a fixed header at the start of `buf` announces, plus the header's own
-/// bytes; `None` until the header is whole (or when it is not a valid varint).
-pub fn announced_len(buf: &[u8]) -> Option<usize> {
-    let mut len = 0usize;
-    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
-        len |= usize::from(b & 0x7f) << (7 * (i - 1));
+/// MQTT's variable byte integer at the start of `buf` (§1.5.5): its value and length, `None`
+/// while incomplete; more than four bytes is malformed.
+fn varint(buf: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
+    let mut value = 0usize;
+    for (i, &b) in buf.iter().enumerate() {
+        if i == 4 {
+            break;
+        }
+        value |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            return Some(len + i + 1);
+            return Ok(Some((value, i + 1)));
         }
     }
-    None
+    match buf.len() >= 4 {
+        true => Err(CodecError::Malformed(
+            "variable byte integer longer than 4 bytes".into(),
+        )),
+        false => Ok(None),
+    }
+}
+
+/// The fixed header at the start of `buf`: its length in bytes and the remaining length it
+/// announces.
+fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
+    match buf.get(1..) {
+        Some(rest) => Ok(varint(rest)?.map(|(remaining, n)| (1 + n, remaining))),
+        None => Ok(None),
+    }
+}
+
+/// The whole length (header and remaining length) a packet at the start of `buf` announces;
+/// `None` until the header is whole or when it is malformed.
+pub fn announced_len(buf: &[u8]) -> Option<usize> {
+    fixed_header(buf).ok().flatten().map(|(h, r)| h + r)
 }
 
 /// The fixed-header flags MQTT requires of each packet type a client sends (§2.1.3: PUBLISH
@@ -124,12 +134,10 @@ fn check_fixed_header(first: u8) -> Result<(), CodecError> {
 
 /// CONNECT flags (§3.1.2.3): the reserved bit is 0 (MQTT-3.1.2-3); without a will, will QoS
 /// and will retain are 0 (MQTT-3.1.2-11, -13); will QoS is never 3 (MQTT-3.1.2-12); on 3.1.1
-/// a password needs a user name (MQTT-3.1.2-22). `buf` holds the whole CONNECT.
-fn check_connect_flags(buf: &[u8], version: Version) -> Result<(), CodecError> {
-    let header = announced_len(buf).map(|total| total - remaining_len(buf));
-    let Some(at) = header else { return Ok(()) };
+/// a password needs a user name (MQTT-3.1.2-22). `body` is the CONNECT after its fixed header.
+fn check_connect_flags(body: &[u8], version: Version) -> Result<(), CodecError> {
     // Protocol name (2 + 4 bytes), level, then the flags.
-    let Some(&flags) = buf.get(at + 7) else {
+    let Some(&flags) = body.get(7) else {
         return Ok(());
     };
     let will = flags & 0b0000_0100 != 0;
@@ -152,39 +160,17 @@ fn check_connect_flags(buf: &[u8], version: Version) -> Result<(), CodecError> {
     }
 }
 
-/// The remaining length of a whole fixed header at the start of `buf` (0 when not whole).
-fn remaining_len(buf: &[u8]) -> usize {
-    let mut len = 0usize;
-    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
-        len |= usize::from(b & 0x7f) << (7 * (i - 1));
-        if b & 0x80 == 0 {
-            return len;
-        }
-    }
-    0
-}
-
 /// Subscription options (§3.8.3.1): the reserved bits are 0 (MQTT-3.8.3-5; on 3.1.1 every
 /// bit above the QoS, MQTT-3-8.3-4), QoS is never 3, and retain handling never 3. `body` is
 /// the SUBSCRIBE after its fixed header.
 fn check_subscribe_options(body: &[u8], version: Version) -> Result<(), CodecError> {
     let mut pos = 2; // packet id
     if version == Version::V5 {
-        // Properties length (varint) and the properties.
-        let mut len = 0usize;
-        let mut shift = 0;
-        loop {
-            let Some(&b) = body.get(pos) else {
-                return Ok(());
-            };
-            pos += 1;
-            len |= usize::from(b & 0x7f) << shift;
-            shift += 7;
-            if b & 0x80 == 0 || shift > 21 {
-                break;
-            }
-        }
-        pos += len;
+        // Properties length and the properties.
+        let Some((len, n)) = body.get(pos..).map(varint).transpose()?.flatten() else {
+            return Ok(());
+        };
+        pos += n + len;
     }
     while pos + 2 <= body.len() {
         let n = usize::from(u16::from_be_bytes([body[pos], body[pos + 1]]));
@@ -221,14 +207,7 @@ fn publish_header(buf: &[u8]) -> Option<(u8, u16)> {
         return None;
     }
     let qos = (first >> 1) & 0b11;
-    let mut pos = 1;
-    while *buf.get(pos)? & 0x80 != 0 {
-        pos += 1;
-        if pos > 4 {
-            return None;
-        }
-    }
-    pos += 1;
+    let (pos, _) = fixed_header(buf).ok()??;
     let topic_len = usize::from(u16::from_be_bytes([*buf.get(pos)?, *buf.get(pos + 1)?]));
     if qos == 0 {
         return Some((0, 0));
@@ -259,12 +238,13 @@ impl Codec {
         }
         check_fixed_header(buf[0])?;
         // The checks below need the whole packet; until it is here the parser asks for more.
-        if let Some(total) = announced_len(buf).filter(|&t| t <= buf.len()) {
-            let header = total - remaining_len(buf);
-            match buf[0] >> 4 {
-                1 => check_connect_flags(buf, self.version)?,
-                8 => check_subscribe_options(&buf[header..total], self.version)?,
-                _ => {}
+        if let Some((header, remaining)) = fixed_header(buf)? {
+            if let Some(body) = buf.get(header..header + remaining) {
+                match buf[0] >> 4 {
+                    1 => check_connect_flags(body, self.version)?,
+                    8 => check_subscribe_options(body, self.version)?,
+                    _ => {}
+                }
             }
         }
         // Read before parsing: the parser consumes the frame and keeps these crate-private.

@@ -115,11 +115,11 @@ where
     .await;
     let (codec, packet) = match first {
         Err(_) => {
-            debug!(%peer, thing = %identity.thing, "no CONNECT in time; closing");
+            debug!(%peer, thing = %Escaped(&identity.thing), "no CONNECT in time; closing");
             return;
         }
         Ok(Err(ConnectError::Version(level))) => {
-            info!(%peer, thing = %identity.thing, level, "unsupported MQTT protocol level; refused");
+            info!(%peer, thing = %Escaped(&identity.thing), level, "unsupported MQTT protocol level; refused");
             let codec = Codec::new(Version::V311, ctx.limits.max_packet_size);
             let _ = conn
                 .send_connack(&codec, refusal(ConnectReturnCode::RefusedProtocolVersion))
@@ -127,7 +127,7 @@ where
             return;
         }
         Ok(Err(ConnectError::Other(reason))) => {
-            debug!(%peer, thing = %identity.thing, %reason, "connection closed before CONNECT");
+            debug!(%peer, thing = %Escaped(&identity.thing), %reason, "connection closed before CONNECT");
             return;
         }
         Ok(Ok(v)) => v,
