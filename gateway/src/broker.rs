@@ -108,9 +108,35 @@ struct Generation {
     cached: Mutex<HashSet<u64>>,
 }
 
+/// Generations whose router thread is being ended on purpose (see `Generation::retire`).
+static RETIRING: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+/// Keeps the deliberate fault of a retiring router out of the log and, above all, keeps the
+/// panic hook from capturing a backtrace for it: with `RUST_BACKTRACE` set, the first capture
+/// loads the binary's debug info, which stayed resident (85 MiB) for the life of the process.
+/// Any other panic goes to the hook that was there before.
+fn quiet_retired_routers() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let retiring = std::thread::current()
+                .name()
+                .and_then(|n| n.strip_prefix("router-"))
+                .and_then(|id| id.parse::<u64>().ok())
+                .is_some_and(|id| RETIRING.lock().map(|r| r.contains(&id)).unwrap_or(false));
+            if !retiring {
+                previous(info);
+            }
+        }));
+    });
+}
+
 impl Generation {
     fn start(id: u64, config: RouterConfig) -> Generation {
-        let router_tx = Router::new(0, config).spawn();
+        quiet_retired_routers();
+        // The router's id names its thread (`router-<generation>`).
+        let router_tx = Router::new(usize::try_from(id).unwrap_or(usize::MAX), config).spawn();
         let probe = router_tx.clone();
         Generation {
             id,
@@ -162,6 +188,17 @@ impl Generation {
             return true;
         }
         *self.shared.lock().await = None;
+        if let Ok(mut r) = RETIRING.lock() {
+            r.push(self.id);
+        }
+        let ended = self.end_thread().await;
+        if let Ok(mut r) = RETIRING.lock() {
+            r.retain(|&id| id != self.id);
+        }
+        ended
+    }
+
+    async fn end_thread(self: &Arc<Self>) -> bool {
         if let Ok(mut link) = self.link("sitegate.retire", true).await {
             let _ = link.tx.subscribe("r");
             let _ = link.tx.publish("\u{e9}", "");
@@ -269,9 +306,13 @@ impl Fabric {
 
     /// Books a retained publish against the site's limits (an empty payload clears the topic),
     /// before it is handed over. Non-retained publishes pass.
+    ///
+    /// A kept message gets its own exact-size copy of topic and payload (here and in the
+    /// router): as parsed they are slices of the device's read buffer, which a retained message
+    /// would otherwise keep alive whole for as long as it is retained.
     pub fn retain(
         &self,
-        publish: &Publish,
+        publish: &mut Publish,
         props: &Option<PublishProperties>,
     ) -> Result<(), RetainError> {
         if !publish.retain {
@@ -297,6 +338,11 @@ impl Fabric {
             return Err(RetainError::Bytes(self.limits.max_retained_bytes));
         }
         r.bytes = total;
+        let mut own = BytesMut::with_capacity(publish.topic.len() + publish.payload.len());
+        own.put_slice(&publish.topic);
+        publish.topic = own.split().freeze();
+        own.put_slice(&publish.payload);
+        publish.payload = own.freeze();
         r.messages
             .insert(publish.topic.clone(), (publish.clone(), props.clone()));
         Ok(())
@@ -607,9 +653,9 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
         } else {
             QoS::AtMostOnce
         };
-        let publish = publish_packet(&topic, &payload, qos, retain);
+        let mut publish = publish_packet(&topic, &payload, qos, retain);
         self.fabric
-            .retain(&publish, &None)
+            .retain(&mut publish, &None)
             .map_err(|e| LocalPublishError::Refused(e.to_string()))?;
         self.fabric
             .forward(vec![Packet::Publish(publish, None)])
@@ -675,19 +721,19 @@ mod tests {
     async fn retained_messages_are_held_to_the_site_limits() {
         let fabric = Fabric::start(limits(), Default::default());
         let p = |t: &str, body: &str| publish_packet(t, body.as_bytes(), QoS::AtMostOnce, true);
-        fabric.retain(&p("a", "1"), &None).unwrap();
-        fabric.retain(&p("b", "2"), &None).unwrap();
+        fabric.retain(&mut p("a", "1"), &None).unwrap();
+        fabric.retain(&mut p("b", "2"), &None).unwrap();
         assert_eq!(
-            fabric.retain(&p("c", "3"), &None),
+            fabric.retain(&mut p("c", "3"), &None),
             Err(RetainError::Messages(2))
         );
         // Replacing one does not count twice; clearing one makes room.
-        fabric.retain(&p("a", "11"), &None).unwrap();
-        fabric.retain(&p("a", ""), &None).unwrap();
-        fabric.retain(&p("c", "3"), &None).unwrap();
+        fabric.retain(&mut p("a", "11"), &None).unwrap();
+        fabric.retain(&mut p("a", ""), &None).unwrap();
+        fabric.retain(&mut p("c", "3"), &None).unwrap();
         assert_eq!(fabric.retained(), (2, 4));
         assert_eq!(
-            fabric.retain(&p("c", &"x".repeat(200)), &None),
+            fabric.retain(&mut p("c", &"x".repeat(200)), &None),
             Err(RetainError::Bytes(100))
         );
     }

@@ -782,8 +782,11 @@ impl Session {
 
     fn handle_packet(&mut self, frame: Frame, wbuf: &mut BytesMut) -> Flow {
         match frame.packet {
-            Packet::Publish(publish, props) => {
-                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            Packet::Publish(mut publish, props) => {
+                // A handle on the topic bytes (a reference count, no copy): `retain` may give
+                // the publish its own copy below while `topic` is still in use.
+                let topic_bytes = publish.topic.clone();
+                let Ok(topic) = std::str::from_utf8(&topic_bytes) else {
                     return protocol_error(
                         DisconnectReasonCode::TopicNameInvalid,
                         "topic is not UTF-8",
@@ -838,7 +841,7 @@ impl Session {
                     Ok(()) => self
                         .ctx
                         .fabric
-                        .retain(&publish, &props)
+                        .retain(&mut publish, &props)
                         .err()
                         .map(|e| ("retained_quota", PubAckReason::QuotaExceeded, e.to_string())),
                 };
@@ -1155,8 +1158,8 @@ impl Session {
             );
         }
         let will = will.and_then(|(w, _)| {
-            let packet = will_publish(w);
-            match self.ctx.fabric.retain(&packet, &None) {
+            let mut packet = will_publish(w);
+            match self.ctx.fabric.retain(&mut packet, &None) {
                 Ok(()) => Some(Packet::Publish(packet, None)),
                 Err(e) => {
                     self.ctx.stats.deny("retained_quota");

@@ -16,16 +16,21 @@ use super::common::raw::{self, RawClient};
 use sitegate::fleet::DeviceCredentials;
 use sitegate::pki;
 
-/// Resident memory of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
+/// A line of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, …), in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 async fn wait_port(addr: SocketAddr, child: &mut Child) {
@@ -222,7 +227,14 @@ async fn hostile_rounds_leave_memory_bounded_and_the_log_escaped() {
     drop(RawClient::connect_to(addr, &ca_creds, "dev-a", true).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = rss_kib(gateway.id());
+    let anon_start = status_kib(gateway.id(), "RssAnon");
     let (peak, after) = rounds(addr, gateway.id(), &ca_creds, &cb_creds).await;
+    let anon_after = status_kib(gateway.id(), "RssAnon");
+    println!(
+        "sitegate rounds: anonymous memory start {} MiB, after {} MiB (the rest is the binary's pages)",
+        anon_start / 1024,
+        anon_after / 1024
+    );
     println!(
         "sitegate rounds: RSS start {} MiB, peak {} MiB, after {} MiB",
         start / 1024,
