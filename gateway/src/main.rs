@@ -321,9 +321,26 @@ fn main() {
         if closed_pipe {
             std::process::exit(0);
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", render(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes joined by ": ", each said once: many errors name their cause in
+/// their own message and hand it on as `source()` too, which `{:#}` printed twice.
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// rumqttd logs every link and subscription at info; the gateway logs what matters of those.
@@ -835,4 +852,21 @@ fn print_devices(devices: &[DeviceView]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(sitegate::config::ConfigError::Read {
+            path: "nope.toml".into(),
+            source: io,
+        })
+        .context("loading the config");
+        assert_eq!(
+            super::render(&e),
+            "loading the config: cannot read config nope.toml: No such file"
+        );
+    }
 }

@@ -338,6 +338,16 @@ fn operator_mistakes_are_refused_before_anything_breaks() {
         );
     }
 
+    // Finding 11: an error says its cause once.
+    let out = sitegate(&[
+        "device",
+        "list",
+        "--config",
+        s(&dir.path().join("nope.toml")),
+    ]);
+    assert!(!out.status.success());
+    assert_eq!(all(&out).matches("os error 2").count(), 1, "{}", all(&out));
+
     // Finding 11: `device list | head` (a reader that goes away) is not a panic.
     write("pki/ca.pem", "pki/gateway.pem", "dt/#");
     assert!(
