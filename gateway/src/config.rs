@@ -50,6 +50,9 @@ pub const DEFAULT_ROUTER_CACHE_LIMIT: usize = 100_000;
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 /// Age limit of spooled records when `[spool] max_age` is not given (7 days).
 pub const DEFAULT_SPOOL_MAX_AGE_SECS: u64 = 7 * 86_400;
+/// Free space kept on the data_dir filesystem when `[spool] disk_reserve` is not given: room
+/// for sled's own segment writes and the device registry after the spool stops taking data.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
 /// Group commit interval in milliseconds.
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 5;
 /// Group commit size in messages.
@@ -165,6 +168,11 @@ pub struct SpoolConfig {
     /// What a full queue does: "block" or "drop_oldest".
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Free space the spool leaves on the data_dir filesystem. Below it, every queue acts as
+    /// if at `max_bytes` (`when_full` applies) and new devices are not registered, so sled
+    /// never meets a full disk; both resume by themselves when space returns. 0 turns it off.
+    #[serde(default = "default_disk_reserve")]
+    pub disk_reserve: ByteSize,
     /// Group commit: a commit (one fsync) happens this long after the first waiting message…
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Period,
@@ -367,6 +375,9 @@ fn default_router_cache_limit() -> usize {
 fn default_spool_max_bytes() -> ByteSize {
     ByteSize(DEFAULT_SPOOL_MAX_BYTES)
 }
+fn default_disk_reserve() -> ByteSize {
+    ByteSize(DEFAULT_DISK_RESERVE)
+}
 fn default_spool_max_age() -> Period {
     Period::from_secs(DEFAULT_SPOOL_MAX_AGE_SECS)
 }
@@ -392,6 +403,7 @@ impl Default for SpoolConfig {
             max_bytes: default_spool_max_bytes(),
             max_age: default_spool_max_age(),
             when_full: WhenFull::Block,
+            disk_reserve: default_disk_reserve(),
             commit_interval: default_commit_interval(),
             commit_records: DEFAULT_COMMIT_RECORDS,
             max_pending: DEFAULT_MAX_PENDING,

@@ -23,6 +23,7 @@ use crate::live::{Live, SinkSet};
 use crate::pipeline;
 use crate::session::{EdgeContext, Limits};
 use crate::sessions::{EndReason, SessionTable};
+use crate::spool::store::{OnDamage, StoreError};
 use crate::spool::Spool;
 use crate::stats::Stats;
 use crate::tls::{self, TlsSetupError};
@@ -30,6 +31,9 @@ use sitegate_plugins::nucleus::{IpcError, Nucleus};
 
 /// How long shutdown waits for sessions to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The whole of a stop at most (well inside systemd's and the nucleus's SIGTERM timeouts);
+/// past it the gateway gives up on a clean stop and reports it.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(25);
 /// Router links beyond the device limit, for the gateway's own links.
 const INTERNAL_LINKS: usize = 16;
 
@@ -47,10 +51,8 @@ pub enum RunError {
         addr: String,
         source: std::io::Error,
     },
-    #[error(
-        "cannot open the store in {path}: {source} (is another sitegate using this data_dir?)"
-    )]
-    Store { path: PathBuf, source: sled::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("cannot create data_dir {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -69,6 +71,10 @@ pub enum RunError {
     },
     #[error("greengrass.ipc: {0}")]
     Nucleus(#[from] IpcError),
+    /// The store failed while running, or the stop ran out of time. Restarting can help:
+    /// sled recovers its files at the next open.
+    #[error("stopped because {0}; exiting non-zero so that the supervisor restarts the gateway")]
+    Stopped(String),
 }
 
 /// The sockets the gateway serves; bound by the caller so tests can use port 0.
@@ -129,10 +135,6 @@ pub fn raise_fd_limit() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
 }
 
-/// sled's page cache. Its default (1 GiB) fills with freshly written spool blocks under load;
-/// drains read what was just written, which the OS page cache holds anyway.
-const STORE_CACHE_BYTES: u64 = 16 * 1024 * 1024;
-
 /// Creates `dir` readable by its owner only (the registry names every device, and sled writes
 /// its files 0644); an existing one that others may read is reported, not changed.
 pub fn private_dir(dir: &std::path::Path) -> Result<(), RunError> {
@@ -153,15 +155,11 @@ pub fn private_dir(dir: &std::path::Path) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Opens the gateway's sled database under `data_dir`.
-pub fn open_store(config: &Config) -> Result<sled::Db, RunError> {
+/// Opens the gateway's sled database under `data_dir`. The daemon sets a damaged store aside
+/// and starts on a fresh one (`OnDamage::SetAside`); offline tools report it (`Fail`).
+pub fn open_store(config: &Config, on_damage: OnDamage) -> Result<sled::Db, RunError> {
     private_dir(&config.data_dir)?;
-    let path = config.data_dir.join("db");
-    sled::Config::new()
-        .path(&path)
-        .cache_capacity(STORE_CACHE_BYTES)
-        .open()
-        .map_err(|source| RunError::Store { path, source })
+    Ok(crate::spool::store::open(&config.data_dir, on_damage)?.0)
 }
 
 /// A started gateway.
@@ -185,9 +183,10 @@ impl Gateway {
     pub async fn start(config: Config, listeners: Listeners) -> Result<Gateway, RunError> {
         config.validate()?;
         let acceptor = tls::acceptor(&config.listener)?;
-        let db = open_store(&config)?;
+        let db = open_store(&config, OnDamage::SetAside)?;
         let policies = PolicySet::compile(&config.auth).map_err(ConfigError::from)?;
-        let authority = Arc::new(Authority::new(policies, Registry::open(&db)?));
+        let disk = crate::disk::DiskGuard::new(&config.data_dir, config.spool.disk_reserve.0);
+        let authority = Arc::new(Authority::new(policies, Registry::open(&db, disk)?));
         let stats = Arc::new(Stats::default());
         let sessions = Arc::new(SessionTable::default());
         let (stop, stopped) = watch::channel(false);
@@ -359,15 +358,39 @@ impl Gateway {
         Arc::clone(&self.stats)
     }
 
-    /// Serves until `shutdown` completes, then stops.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
-        shutdown.await;
-        self.stop().await;
+    /// Serves until `shutdown` completes or the store fails, then stops.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Stopped {
+        let mut failed = self.spool.failed();
+        tokio::select! {
+            _ = shutdown => {}
+            _ = failed.wait_for(|f| f.is_some()) => {}
+        }
+        self.stop().await
     }
 
     /// Stops accepting, ends every session (MQTT 5 devices hear "server shutting down"),
-    /// and flushes the store.
-    pub async fn stop(self) {
+    /// and flushes the store; all within [`STOP_DEADLINE`].
+    pub async fn stop(self) -> Stopped {
+        let failure = self.spool.failed();
+        let keep = (self.db.clone(), Arc::clone(&self.spool));
+        let in_time = tokio::time::timeout(STOP_DEADLINE, self.stop_parts())
+            .await
+            .is_ok();
+        let mut reason = failure.borrow().clone();
+        if !in_time && reason.is_none() {
+            reason = Some(format!("the gateway did not stop within {STOP_DEADLINE:?}"));
+        }
+        match &reason {
+            Some(r) => tracing::error!(reason = %r, "sitegate stopped without a clean store"),
+            None => info!("sitegate stopped"),
+        }
+        Stopped {
+            failure: reason,
+            store: Some(keep),
+        }
+    }
+
+    async fn stop_parts(self) {
         info!("sitegate stopping");
         self.stop.send_replace(true);
         for task in self.tasks {
@@ -387,11 +410,27 @@ impl Gateway {
             tracing::warn!("spool committer did not finish in time");
         }
         self.sinks.lock().await.stop_all().await;
-        if let Err(e) = self.spool.flush().await {
+        if let Err(e) = self.spool.settle().await {
             tracing::error!(error = %e, "final spool flush failed");
         }
-        let _ = self.db.flush_async().await;
-        info!("sitegate stopped");
+    }
+}
+
+/// A stopped gateway. When the store failed (or the stop ran out of time), dropping this
+/// leaves the store alone: sled's handles flush when dropped, and a failed sled can block
+/// there for good, so the process must exit without it (see [`Stopped::failure`]).
+pub struct Stopped {
+    /// Why the gateway stopped uncleanly: the process should exit non-zero so that systemd or
+    /// the Greengrass nucleus restarts it.
+    pub failure: Option<String>,
+    store: Option<(sled::Db, Arc<Spool>)>,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if self.failure.is_some() {
+            std::mem::forget(self.store.take());
+        }
     }
 }
 
@@ -416,9 +455,12 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    Gateway::start(config, listeners)
+    let stopped = Gateway::start(config, listeners)
         .await?
         .run_until(shutdown)
         .await;
-    Ok(())
+    match stopped.failure.clone() {
+        Some(reason) => Err(RunError::Stopped(reason)),
+        None => Ok(()),
+    }
 }

@@ -123,7 +123,7 @@ impl Harness {
         let dir = tempfile::tempdir()?;
         let db = sled::Config::new().path(dir.path().join("db")).open()?;
         let auth: AuthConfig = toml::from_str(AUTH)?;
-        let registry = Registry::open(&db)?;
+        let registry = Registry::open(&db, crate::disk::DiskGuard::off())?;
         for thing in ["dev-fuzz", "dev-good", "dev-sub"] {
             registry.approve(thing, &[])?;
         }

@@ -9,6 +9,7 @@
 //! - `config`: the TOML configuration tree, defaults and validation.
 //! - `topic`: what a topic or filter may be (MQTT's UTF-8 and wildcard rules, size limits).
 //! - `escape`: device-controlled text made safe for log lines.
+//! - `disk`: the free-space reserve of the data_dir filesystem.
 //! - `pki`: site CA, gateway and device certificates, identity from a certificate.
 //! - `auth`: policies, device groups and the device registry; what a device may do.
 //! - `tls`: the listener's mutual-TLS setup.
@@ -38,6 +39,7 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod disk;
 pub mod escape;
 pub mod fleet;
 pub mod fuzzing;

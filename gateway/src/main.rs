@@ -156,6 +156,19 @@ enum SpoolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Salvage records from a damaged store the gateway set aside (`<data_dir>/db.damaged-…`)
+    /// into the live spool: the records the ledger lists as lost, each checked by its
+    /// authentication tag. Run it while the gateway is stopped.
+    Recover {
+        /// The gateway's config (its data_dir, sinks and spool keys).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The damaged store's folder.
+        damaged: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a local key-encryption key file (32 random bytes, mode 0600) for `[spool.encryption] key_file`.
     Keygen {
         /// Where to write it; an existing file is never overwritten.
@@ -457,6 +470,38 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Spool {
+            command:
+                SpoolCommand::Recover {
+                    config,
+                    damaged,
+                    json,
+                },
+        } => {
+            init_logging("warn");
+            let config = Config::load(&config)?;
+            let report = runtime()?.block_on(recover(&config, &damaged))?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            outln!(
+                "read {} files: {} block headers, {} blocks authenticated",
+                report.files,
+                report.candidates,
+                report.blocks
+            );
+            for (sink, n) in &report.recovered {
+                outln!("{sink}: {n} records recovered");
+            }
+            if report.recovered.is_empty() {
+                outln!("no lost record was found in {}", damaged.display());
+            }
+            for (sink, n) in &report.still_lost {
+                outln!("{sink}: {n} records still lost");
+            }
+            Ok(())
+        }
+        Command::Spool {
             command: SpoolCommand::Keygen { out },
         } => {
             spool::keys::generate_kek(&out)?;
@@ -745,7 +790,7 @@ fn rules_command(command: RulesCommand) -> Result<()> {
 const SPOOL_KEK_FILE: &str = "spool.kek";
 
 fn offline_spool_status(data_dir: &std::path::Path) -> Result<spool::SpoolStatus> {
-    let path = data_dir.join("db");
+    let path = data_dir.join(spool::store::STORE_DIR);
     if !path.exists() {
         bail!(
             "no spool in {} (no {} directory)",
@@ -753,13 +798,28 @@ fn offline_spool_status(data_dir: &std::path::Path) -> Result<spool::SpoolStatus
             path.display()
         );
     }
-    let db = sled::Config::new().path(&path).open().with_context(|| {
-        format!(
-            "opening {} (is a gateway running on it? then use --config)",
-            path.display()
-        )
-    })?;
-    Ok(spool::status::offline(&db)?)
+    let (db, _) = spool::store::open(data_dir, spool::store::OnDamage::Fail)?;
+    Ok(spool::status::offline(&db, data_dir)?)
+}
+
+/// `sitegate spool recover`: opens the stopped gateway's spool and salvages into it.
+async fn recover(
+    config: &Config,
+    damaged: &std::path::Path,
+) -> Result<spool::salvage::Report> {
+    config.validate()?;
+    let db = daemon::open_store(config, spool::store::OnDamage::Fail)?;
+    let spool = spool::Spool::open(
+        db,
+        &config.spool,
+        &config.data_dir,
+        config.sinks.keys().cloned(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let report = spool::salvage::recover(&spool, damaged).await?;
+    spool.settle().await?;
+    Ok(report)
 }
 
 /// Asks the running gateway; when none runs, works on the registry directly.
@@ -776,10 +836,13 @@ async fn ask_gateway(config: &Config, request: &AdminRequest) -> Result<AdminRes
 
 /// Carries out `requests` on a stopped gateway's registry, opened once for all of them.
 async fn offline(config: &Config, requests: Vec<AdminRequest>) -> Result<Vec<AdminResponse>> {
-    let db = daemon::open_store(config)?;
+    let db = daemon::open_store(config, spool::store::OnDamage::Fail)?;
     let policies = PolicySet::compile(&config.auth)?;
     let service = AdminService {
-        authority: Arc::new(Authority::new(policies, Registry::open(&db)?)),
+        authority: Arc::new(Authority::new(
+            policies,
+            Registry::open(&db, sitegate::disk::DiskGuard::off())?,
+        )),
         sessions: Arc::new(SessionTable::default()),
         stats: Arc::new(Stats::default()),
         spool: None,

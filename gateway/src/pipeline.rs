@@ -436,6 +436,9 @@ fn filters_of(routes: &[Route], rules: Option<&Rules>) -> Vec<String> {
     f
 }
 
+/// How often a commit held by a low disk looks at the free space again.
+const DISK_RECHECK: Duration = Duration::from_millis(500);
+
 /// Commit, waiting while a `block` queue is full; the error text goes to the sessions.
 async fn commit(
     spool: &Spool,
@@ -460,6 +463,21 @@ async fn commit(
                 tokio::select! {
                     _ = spool.space.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return Err("gateway is shutting down".to_string());
+                }
+            }
+            Err(SpoolError::DiskLow(low)) => {
+                stats.spool_full_waits.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    free = low.free,
+                    reserve = low.reserve,
+                    "disk below the spool's reserve: holding PUBACKs until space returns"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(DISK_RECHECK) => {}
                     _ = shutdown.changed() => {}
                 }
                 if *shutdown.borrow() {

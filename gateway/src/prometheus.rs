@@ -131,6 +131,7 @@ async fn refresh(sources: &Sources) {
             .set(q.oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
         counter!("sitegate_spool_dropped_records_total", &sink).absolute(q.dropped_records);
         counter!("sitegate_spool_quarantined_blocks_total", &sink).absolute(q.quarantined_blocks);
+        counter!("sitegate_spool_lost_records_total", &sink).absolute(q.lost_records);
     }
     let report = sources.rules.lock().map(|r| r.clone()).unwrap_or_default();
     for r in &report.rules {

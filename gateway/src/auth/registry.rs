@@ -67,6 +67,9 @@ impl DeviceRecord {
 pub enum RegistryError {
     #[error("device registry storage: {0}")]
     Storage(#[from] sled::Error),
+    /// A new device is not registered while the disk is below its reserve.
+    #[error("device registry: {0}")]
+    DiskLow(#[from] crate::disk::DiskLow),
     #[error("device registry record for {thing:?} is unreadable: {reason}")]
     Corrupt { thing: String, reason: String },
 }
@@ -74,7 +77,7 @@ pub enum RegistryError {
 impl RegistryError {
     /// True when trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RegistryError::Storage(_))
+        matches!(self, RegistryError::Storage(_) | RegistryError::DiskLow(_))
     }
 }
 
@@ -90,12 +93,15 @@ enum Durability {
 #[derive(Clone)]
 pub struct Registry {
     tree: sled::Tree,
+    disk: crate::disk::DiskGuard,
 }
 
 impl Registry {
-    pub fn open(db: &sled::Db) -> Result<Registry, RegistryError> {
+    /// The registry in `db`; devices' own writes keep `disk`'s reserve free.
+    pub fn open(db: &sled::Db, disk: crate::disk::DiskGuard) -> Result<Registry, RegistryError> {
         Ok(Registry {
             tree: db.open_tree(TREE)?,
+            disk,
         })
     }
 
@@ -108,7 +114,17 @@ impl Registry {
 
     /// Records a connection attempt by `thing` with `cert_id`; creates a pending record for a
     /// thing never seen before.
+    ///
+    /// Below the disk reserve a known device's sighting is not written (its record is
+    /// returned as it is) and an unknown device is refused for now, so that a flood of new
+    /// certificates cannot fill the disk the spool needs.
     pub fn observe(&self, thing: &str, cert_id: &str) -> Result<DeviceRecord, RegistryError> {
+        if let Err(low) = self.disk.check(0) {
+            return match self.get(thing)? {
+                Some(record) => Ok(record),
+                None => Err(low.into()),
+            };
+        }
         // Not flushed here: a sighting lost to a crash costs nothing, and a reconnect storm must
         // not wait on one fsync per device. sled writes it out within its flush interval.
         self.update(thing, Durability::Lazy, |r| {
@@ -208,7 +224,7 @@ mod tests {
     fn registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
-        (dir, Registry::open(&db).unwrap())
+        (dir, Registry::open(&db, crate::disk::DiskGuard::off()).unwrap())
     }
 
     #[test]
@@ -226,7 +242,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = sled::open(dir.path().join("db")).unwrap();
-            let r = Registry::open(&db).unwrap();
+            let r = Registry::open(&db, crate::disk::DiskGuard::off()).unwrap();
             r.approve("pump-1", &["pumps".into()]).unwrap();
             r.approve("pump-1", &["pumps".into(), "extra".into()])
                 .unwrap();
@@ -234,7 +250,7 @@ mod tests {
             r.revoke("door-1").unwrap();
         }
         let db = sled::open(dir.path().join("db")).unwrap();
-        let r = Registry::open(&db).unwrap();
+        let r = Registry::open(&db, crate::disk::DiskGuard::off()).unwrap();
         let pump = r.get("pump-1").unwrap().unwrap();
         assert_eq!(pump.state, DeviceState::Approved);
         assert_eq!(pump.groups, vec!["pumps", "extra"]);

@@ -3,8 +3,13 @@
 //! Stored layout (all integers little-endian):
 //!
 //! ```text
-//! magic "SGB1" | key_id u32 | nonce [12] | first_id u64 | count u32 | created_ms u64 | sealed…
+//! magic "SGB2" | key_id u32 | nonce [12] | first_id u64 | count u32 | created_ms u64
+//!              | sealed_len u32 | sealed [sealed_len]
 //! ```
+//!
+//! `sealed_len` makes a block self-delimiting, so `spool recover` can find whole blocks in a
+//! damaged store's raw files. Blocks written before it (magic "SGB1", no `sealed_len`, the
+//! sealed part running to the end of the value) are still read.
 //!
 //! The associated data is the sink name followed by the whole header, so a block moved to
 //! another sink's queue, renumbered, or given another key fails authentication. The header
@@ -15,9 +20,14 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use bytes::Bytes;
 use sitegate_plugins::Record;
 
-const MAGIC: &[u8; 4] = b"SGB1";
+/// The magic of blocks written now.
+pub const MAGIC: &[u8; 4] = b"SGB2";
+const MAGIC_V1: &[u8; 4] = b"SGB1";
+const HEADER_LEN_V1: usize = 4 + 4 + 12 + 8 + 4 + 8;
 /// Bytes before the sealed part.
-pub const HEADER_LEN: usize = 4 + 4 + 12 + 8 + 4 + 8;
+pub const HEADER_LEN: usize = HEADER_LEN_V1 + 4;
+/// AES-GCM's tag.
+const TAG_LEN: usize = 16;
 
 /// A record before the spool gave it an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,44 +72,91 @@ pub struct Header {
     pub first_id: u64,
     pub count: u32,
     pub created_ms: u64,
+    /// Bytes of the sealed part; `None` in a version 1 block.
+    pub sealed_len: Option<u32>,
 }
 
 impl Header {
+    /// Bytes of the header itself.
+    pub fn len(&self) -> usize {
+        if self.sealed_len.is_some() {
+            HEADER_LEN
+        } else {
+            HEADER_LEN_V1
+        }
+    }
+
     /// Id of the last record in the block.
     pub fn last_id(&self) -> u64 {
         self.first_id + u64::from(self.count.max(1)) - 1
     }
 
     fn write(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(if self.sealed_len.is_some() {
+            MAGIC
+        } else {
+            MAGIC_V1
+        });
         out.extend_from_slice(&self.key_id.to_le_bytes());
         out.extend_from_slice(&self.nonce);
         out.extend_from_slice(&self.first_id.to_le_bytes());
         out.extend_from_slice(&self.count.to_le_bytes());
         out.extend_from_slice(&self.created_ms.to_le_bytes());
+        if let Some(len) = self.sealed_len {
+            out.extend_from_slice(&len.to_le_bytes());
+        }
     }
 
     /// Parse the header of a stored block.
     pub fn parse(stored: &[u8]) -> Result<Header, BlockError> {
-        if stored.len() < HEADER_LEN + 16 {
-            return Err(BlockError::Truncated(stored.len()));
+        let (header, len) = Header::parse_prefix(stored)?;
+        if len != stored.len() {
+            return Err(BlockError::Content("length does not match the stored value"));
         }
-        if &stored[..4] != MAGIC {
-            return Err(BlockError::BadMagic);
+        Ok(header)
+    }
+
+    /// Parse a header at the start of `buf`, which may go on past the block; returns the
+    /// header and the whole block's length (for a version 1 block, all of `buf`).
+    pub fn parse_prefix(buf: &[u8]) -> Result<(Header, usize), BlockError> {
+        let v2 = match buf.get(..4) {
+            Some(m) if m == MAGIC => true,
+            Some(m) if m == MAGIC_V1 => false,
+            Some(_) => return Err(BlockError::BadMagic),
+            None => return Err(BlockError::Truncated(buf.len())),
+        };
+        let header_len = if v2 { HEADER_LEN } else { HEADER_LEN_V1 };
+        if buf.len() < header_len + TAG_LEN {
+            return Err(BlockError::Truncated(buf.len()));
         }
         let mut r = Reader {
-            buf: &stored[4..HEADER_LEN],
+            buf: &buf[4..header_len],
         };
         let key_id = r.u32()?;
         let mut nonce = [0u8; 12];
         nonce.copy_from_slice(r.take(12)?);
-        Ok(Header {
-            key_id,
-            nonce,
-            first_id: r.u64()?,
-            count: r.u32()?,
-            created_ms: r.u64()?,
-        })
+        let first_id = r.u64()?;
+        let count = r.u32()?;
+        let created_ms = r.u64()?;
+        let sealed_len = if v2 { Some(r.u32()?) } else { None };
+        let total = match sealed_len {
+            Some(n) => header_len.saturating_add(n as usize),
+            None => buf.len(),
+        };
+        if total > buf.len() || total < header_len + TAG_LEN {
+            return Err(BlockError::Truncated(buf.len()));
+        }
+        Ok((
+            Header {
+                key_id,
+                nonce,
+                first_id,
+                count,
+                created_ms,
+                sealed_len,
+            },
+            total,
+        ))
     }
 }
 
@@ -153,12 +210,15 @@ pub fn seal(
         }
     }
     let compressed = lz4_flex::compress_prepend_size(&plain);
+    let sealed_len = u32::try_from(compressed.len() + TAG_LEN)
+        .map_err(|_| BlockError::Content("block over 4 GiB"))?;
     let header = Header {
         key_id,
         nonce,
         first_id,
         count: u32::try_from(drafts.len()).map_err(|_| BlockError::Content("too many records"))?,
         created_ms,
+        sealed_len: Some(sealed_len),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 16);
     header.write(&mut out);
@@ -189,12 +249,12 @@ fn decrypt(
     header: &Header,
     stored: &[u8],
 ) -> Result<Vec<u8>, BlockError> {
-    let aad = associated_data(sink, &stored[..HEADER_LEN]);
+    let aad = associated_data(sink, &stored[..header.len()]);
     cipher
         .decrypt(
             Nonce::from_slice(&header.nonce),
             Payload {
-                msg: &stored[HEADER_LEN..],
+                msg: &stored[header.len()..],
                 aad: &aad,
             },
         )
@@ -310,6 +370,36 @@ mod tests {
             open("kinesis", &cipher(1), &stored[..30]),
             Err(BlockError::Truncated(30))
         );
+        let n = stored.len();
+        assert!(open("kinesis", &cipher(1), &stored[..n - 1]).is_err());
+    }
+
+    #[test]
+    fn a_block_is_found_in_surrounding_bytes_by_its_length() {
+        let stored = seal("q", &cipher(4), 2, [3; 12], 9, 5, &[draft("a", b"xyz")]).unwrap();
+        let mut around = b"noise".to_vec();
+        around.extend_from_slice(&stored);
+        around.extend_from_slice(b"more noise after the block");
+        let (header, len) = Header::parse_prefix(&around[5..]).unwrap();
+        assert_eq!((header.first_id, len), (9, stored.len()));
+        assert_eq!(open("q", &cipher(4), &around[5..5 + len]).unwrap()[0].id, 9);
+    }
+
+    #[test]
+    fn version_1_blocks_are_still_read() {
+        let drafts = [draft("old", b"{}")];
+        let v2 = seal("q", &cipher(5), 1, [4; 12], 3, 5, &drafts).unwrap();
+        let mut h = Header::parse(&v2).unwrap();
+        h.sealed_len = None;
+        let mut v1 = Vec::new();
+        h.write(&mut v1);
+        let aad = associated_data("q", &v1);
+        let plain = decrypt("q", &cipher(5), &Header::parse(&v2).unwrap(), &v2).unwrap();
+        let sealed = cipher(5)
+            .encrypt(Nonce::from_slice(&h.nonce), Payload { msg: &plain, aad: &aad })
+            .unwrap();
+        v1.extend_from_slice(&sealed);
+        assert_eq!(open("q", &cipher(5), &v1).unwrap()[0].thing_name, "old");
     }
 
     #[test]

@@ -90,7 +90,11 @@ pub async fn run(
                                 let ms = now.saturating_sub(r.received_at_ms);
                                 series.latency.record(ms as f64 / 1000.0);
                             }
-                            if let Err(e) = spool.ack(&name, through) {
+                            let settled = match spool.ack(&name, through) {
+                                Ok(()) => spool.settle().await,
+                                Err(e) => Err(e),
+                            };
+                            if let Err(e) = settled {
                                 tracing::error!(sink = %name, error = %e, "spool acknowledgement failed; records may be sent again");
                             }
                             backoff.reset();

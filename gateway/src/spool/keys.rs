@@ -6,6 +6,12 @@
 //! configured too, new keys are wrapped by the key file instead, so a hub restarting offline
 //! keeps accepting data; KMS is tried again on the next rotation. Blocks sealed under a
 //! KMS-wrapped key wait, undamaged, until KMS answers the `Decrypt`.
+//!
+//! Each wrapped key is also appended to `<data_dir>/spool.keys`, outside sled, and fsynced
+//! before its first block is sealed: a store that is damaged, truncated or set aside loses no
+//! key, so its blocks can still be opened (`sitegate spool recover`). Format, repeated:
+//! `magic "SGK1" | key_id u32 | len u32 | record [len] | CRC-32 of id, len and record`
+//! (little-endian); a torn last entry is ignored.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,9 @@ use crate::spool::now_ms;
 const KIND_KMS: u8 = 1;
 const KIND_FILE: u8 = 2;
 const KEK_LEN: usize = 32;
+/// The keys' sidecar file under data_dir.
+pub const KEYS_FILE: &str = "spool.keys";
+const KEYS_MAGIC: &[u8; 4] = b"SGK1";
 /// After KMS failed to make a key, wait this long before asking it again.
 const KMS_RETRY: Duration = Duration::from_secs(30);
 
@@ -79,6 +88,7 @@ struct Kms {
 /// All data keys of one spool.
 pub struct KeyRing {
     tree: sled::Tree,
+    sidecar: PathBuf,
     kms: Option<Kms>,
     kek: Option<(Aes256Gcm, String)>,
     rotate_blocks: u64,
@@ -107,6 +117,88 @@ pub fn generate_kek(path: &Path) -> Result<(), crate::pki::PkiError> {
     crate::pki::write_secret(path, &kek)
 }
 
+/// Appends one key record to the sidecar and waits until it is on disk.
+fn append_to_sidecar(path: &Path, id: u32, value: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut entry = KEYS_MAGIC.to_vec();
+    entry.extend_from_slice(&id.to_le_bytes());
+    entry.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    entry.extend_from_slice(value);
+    let crc = crc32fast::hash(&entry[4..]);
+    entry.extend_from_slice(&crc.to_le_bytes());
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(&entry)?;
+    file.sync_data()
+}
+
+/// The whole entries of a keys sidecar file, in order; stops at the first torn or damaged one.
+pub fn read_sidecar(bytes: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 12 && &rest[..4] == KEYS_MAGIC {
+        let id = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let len = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]) as usize;
+        let Some(crc) = rest.get(12 + len..16 + len) else {
+            break;
+        };
+        if crc32fast::hash(&rest[4..12 + len]).to_le_bytes() != crc {
+            break;
+        }
+        out.push((id, rest[12..12 + len].to_vec()));
+        rest = &rest[16 + len..];
+    }
+    out
+}
+
+/// Puts keys the sidecar has and the tree lacks back into the tree; how many.
+fn restore_from_sidecar(tree: &sled::Tree, path: &Path) -> Result<usize, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(format!("keys file {}: {e}", path.display())),
+    };
+    let mut restored = 0;
+    for (id, value) in read_sidecar(&bytes) {
+        let key = id.to_be_bytes();
+        if tree.get(key).map_err(|e| e.to_string())?.is_none() {
+            tree.insert(key, value).map_err(|e| e.to_string())?;
+            restored += 1;
+        }
+    }
+    Ok(restored)
+}
+
+/// Blocks waiting in any queue of `db`.
+fn sealed_blocks(db: &sled::Db) -> usize {
+    db.tree_names()
+        .iter()
+        .filter(|n| n.starts_with(super::TREE_PREFIX.as_bytes()))
+        .filter_map(|n| db.open_tree(n).ok())
+        .map(|t| t.len())
+        .sum()
+}
+
+/// Fingerprints of the key files that wrapped keys on record.
+fn file_wrapped_keys(tree: &sled::Tree) -> Vec<String> {
+    let mut out: Vec<String> = tree
+        .iter()
+        .filter_map(|item| item.ok())
+        .filter(|(_, v)| v.first() == Some(&KIND_FILE) && v.len() >= 11)
+        .filter_map(|(_, v)| {
+            let n = u16::from_le_bytes([v[9], v[10]]) as usize;
+            v.get(11..11 + n)
+                .and_then(|w| std::str::from_utf8(w).ok())
+                .map(str::to_string)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn fingerprint(kek: &[u8]) -> String {
     hex::encode(&Sha256::digest(kek)[..8])
 }
@@ -126,6 +218,11 @@ impl KeyRing {
         data_dir: &Path,
     ) -> Result<Self, String> {
         let tree = db.open_tree("spool-keys").map_err(|e| e.to_string())?;
+        let sidecar = data_dir.join(KEYS_FILE);
+        let restored = restore_from_sidecar(&tree, &sidecar)?;
+        if restored > 0 {
+            tracing::warn!(keys = restored, file = %sidecar.display(), "spool data keys missing from the store were restored from the keys file");
+        }
         let kek_path: Option<PathBuf> = match (&config.key_file, &config.kms_key_id) {
             (Some(path), _) => Some(path.clone()),
             (None, Some(_)) => None,
@@ -134,6 +231,19 @@ impl KeyRing {
                 // operator is told to move to KMS or to a key file on other media.
                 let path = data_dir.join("spool.kek");
                 if !path.exists() {
+                    let blocks = sealed_blocks(db);
+                    let wrapped = file_wrapped_keys(&tree);
+                    if blocks > 0 && !wrapped.is_empty() {
+                        return Err(format!(
+                            "{} is missing, but the spool holds {blocks} sealed blocks under data keys wrapped by key file {}. \
+                             Put the key file back (from a backup) and start again. If it is lost for good, \
+                             those records cannot be read: stop the gateway, move {} and {} aside, and start on an empty spool",
+                            path.display(),
+                            wrapped.join(", "),
+                            data_dir.join(super::store::STORE_DIR).display(),
+                            sidecar.display(),
+                        ));
+                    }
                     generate_kek(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
                     tracing::warn!(path = %path.display(), "no [spool.encryption] configured: created a local key file; use kms_key_id or a key_file kept off the data disk");
                 }
@@ -165,6 +275,7 @@ impl KeyRing {
         };
         Ok(KeyRing {
             tree,
+            sidecar,
             kms,
             kek,
             rotate_blocks: config.rotate_blocks,
@@ -281,6 +392,9 @@ impl KeyRing {
         value.extend_from_slice(&(wrapper.len() as u16).to_le_bytes());
         value.extend_from_slice(wrapper.as_bytes());
         value.extend_from_slice(&blob);
+        append_to_sidecar(&self.sidecar, id, &value).map_err(|e| {
+            KeyError::NoSealingKey(format!("keys file {}: {e}", self.sidecar.display()))
+        })?;
         self.tree.insert(id.to_be_bytes(), value)?;
         let cipher = Arc::new(
             Aes256Gcm::new_from_slice(&plain)

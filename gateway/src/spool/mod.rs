@@ -6,18 +6,30 @@
 //! reads from the oldest unacknowledged record and acknowledges by id; whole blocks are deleted
 //! once every record in them is acknowledged.
 //!
+//! Storage faults: the spool never writes into the disk's last `disk_reserve` bytes (it acts as
+//! full instead); any error sled returns is taken as fatal for the store, reported through
+//! [`Spool::failed`] so the daemon exits and its supervisor restarts it (sled does not recover
+//! in place); the ledger, outside sled, lets a restart count records a damaged or truncated
+//! store no longer holds.
+//!
 //! Layout:
 //! - `block`: the sealed block format (header, LZ4, AES-256-GCM with sink and position bound in).
 //! - `keys`: data keys wrapped by KMS or a local key file; rotation; offline fallback.
 //! - `queue`: the in-memory index of one sink's blocks (depth, bytes, age, ack point).
+//! - `ledger`: each queue's high-water marks and lost ranges, in a sidecar file.
+//! - `store`: opening sled's files; damage repaired or set aside.
+//! - `salvage`: `sitegate spool recover`, sealed blocks found in a damaged store's raw files.
 //! - `drain`: the per-sink loop that sends, acknowledges and backs off.
 //! - `status`: depth and health per sink, live or read from a stopped gateway's data_dir.
 
 pub mod block;
 pub mod drain;
 pub mod keys;
+pub mod ledger;
 pub mod queue;
+pub mod salvage;
 pub mod status;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use aes_gcm::Aes256Gcm;
 use rand::RngCore;
 use sitegate_plugins::Record;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 pub use block::Draft;
 use block::{BlockError, Header};
@@ -36,6 +48,8 @@ use queue::QueueIndex;
 pub use status::{QueueStatus, SpoolStatus};
 
 use crate::config::{SpoolConfig, WhenFull};
+use crate::disk::{DiskGuard, DiskLow};
+use ledger::{Ledger, LedgerError};
 
 /// Records per block at most; larger commits are split.
 pub const MAX_BLOCK_RECORDS: usize = 1_000;
@@ -64,10 +78,19 @@ pub enum SpoolError {
         bytes: u64,
         max_bytes: u64,
     },
+    /// The disk is below `disk_reserve`; in `block` mode the commit waits for space.
+    #[error("spool: {0}; holding new data until space returns")]
+    DiskLow(#[from] DiskLow),
     #[error("no spool queue for sink `{0}`")]
     UnknownSink(String),
+    /// sled failed; the store is taken as broken and the gateway restarts (see [`Spool::failed`]).
     #[error("spool storage: {0}")]
     Store(#[from] sled::Error),
+    /// sled did not finish a flush within [`FLUSH_DEADLINE`].
+    #[error("spool storage: a flush did not finish within {0:?}")]
+    Stalled(std::time::Duration),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("spool block: {0}")]
@@ -78,7 +101,9 @@ impl SpoolError {
     /// Whether the same operation may succeed later.
     pub fn retryable(&self) -> bool {
         match self {
-            SpoolError::Full { .. } | SpoolError::Store(_) => true,
+            SpoolError::Full { .. } | SpoolError::DiskLow(_) => true,
+            // After a restart of the gateway, which these make happen.
+            SpoolError::Store(_) | SpoolError::Stalled(_) | SpoolError::Ledger(_) => true,
             SpoolError::Key(k) => k.retryable(),
             SpoolError::UnknownSink(_) | SpoolError::Block(_) => false,
         }
@@ -103,7 +128,14 @@ pub struct SpoolCounters {
     pub dropped_records: AtomicU64,
     pub quarantined_blocks: AtomicU64,
     pub io_errors: AtomicU64,
+    /// Commits held or blocks dropped because the disk was below its reserve.
+    pub disk_low: AtomicU64,
 }
+
+/// A sled flush that takes longer than this is taken as a store that will not recover
+/// (sled's I/O threads stay parked after some write errors).
+pub const FLUSH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
 
 /// One sink's queue.
 pub struct Queue {
@@ -139,6 +171,10 @@ pub struct Spool {
     /// Woken when acknowledgements or evictions free space.
     pub space: Notify,
     pub counters: SpoolCounters,
+    disk: DiskGuard,
+    ledger: Mutex<Ledger>,
+    /// Set once with the reason when the store fails; never cleared (restart to recover).
+    failure: watch::Sender<Option<String>>,
 }
 
 fn ack_key(sink: &str) -> Vec<u8> {
@@ -154,12 +190,16 @@ fn quarantine_prefix(sink: &str) -> Vec<u8> {
 impl Spool {
     /// Open the queues for `sinks` in `db`, verify every stored block, and quarantine the
     /// damaged ones. Blocks whose key is unavailable now (KMS down) are kept unverified.
+    ///
+    /// The ledger in `data_dir` is checked against what the store holds: records it promised
+    /// that the store lost are counted (and logged), and ids are never handed out twice.
     pub async fn open(
         db: sled::Db,
         config: &SpoolConfig,
         data_dir: &Path,
         sinks: impl IntoIterator<Item = String>,
     ) -> Result<Spool, String> {
+        let ledger = Ledger::open(data_dir).map_err(|e| e.to_string())?;
         let keys = KeyRing::open(&db, &config.encryption, data_dir).await?;
         let meta = db.open_tree(META_TREE).map_err(|e| e.to_string())?;
         let quarantine = db.open_tree(QUARANTINE_TREE).map_err(|e| e.to_string())?;
@@ -171,12 +211,112 @@ impl Spool {
             queues: Default::default(),
             space: Notify::new(),
             counters: SpoolCounters::default(),
+            disk: DiskGuard::new(data_dir, config.disk_reserve.0),
+            ledger: Mutex::new(ledger),
+            failure: watch::channel(None).0,
         };
-        for sink in sinks {
+        // Queues the ledger knows but the config no longer names still hold records.
+        let known: Vec<String> = spool.ledger().state().sinks.keys().cloned().collect();
+        let mut names: Vec<String> = sinks.into_iter().collect();
+        for k in known {
+            if !names.contains(&k) && spool.has_tree(&k) {
+                names.push(k);
+            }
+        }
+        for sink in names {
             spool.add_queue(&sink, config).await?;
         }
         spool.db.flush_async().await.map_err(|e| e.to_string())?;
+        spool.write_ledger().map_err(|e| e.to_string())?;
         Ok(spool)
+    }
+
+    fn has_tree(&self, sink: &str) -> bool {
+        let name = format!("{TREE_PREFIX}{sink}");
+        self.db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes())
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The marks of every queue now, with the lost ranges already on record.
+    fn marks(&self) -> ledger::State {
+        let old = self.ledger().state().clone();
+        let mut state = ledger::State::default();
+        for q in self.queues() {
+            let index = q.index();
+            let lost = old
+                .sinks
+                .get(&q.sink)
+                .map(|m| m.lost.clone())
+                .unwrap_or_default();
+            state.sinks.insert(
+                q.sink.clone(),
+                ledger::Marks {
+                    committed: index.next_id.saturating_sub(1),
+                    acked: index.acked,
+                    lost,
+                },
+            );
+        }
+        // A queue not open in this run keeps its marks.
+        for (sink, marks) in old.sinks {
+            state.sinks.entry(sink).or_insert(marks);
+        }
+        state
+    }
+
+    fn write_ledger(&self) -> Result<(), SpoolError> {
+        let state = self.marks();
+        self.ledger().write(state).map_err(|e| {
+            self.counters.io_errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "spool ledger write failed");
+            SpoolError::Ledger(e)
+        })
+    }
+
+    /// Records acknowledged to devices that the store no longer holds, per sink, as found
+    /// when the spool opened (and not recovered since).
+    pub fn lost_records(&self, sink: &str) -> u64 {
+        self.ledger()
+            .state()
+            .sinks
+            .get(sink)
+            .map_or(0, ledger::Marks::lost_records)
+    }
+
+    /// Resolves with the reason once the store has failed. The store then takes nothing
+    /// more; the gateway should stop and be restarted.
+    pub fn failed(&self) -> watch::Receiver<Option<String>> {
+        self.failure.subscribe()
+    }
+
+    /// Counts, logs and remembers a store failure; returns it as the caller's error.
+    fn store_failed(&self, what: &str, error: SpoolError) -> SpoolError {
+        self.counters.io_errors.fetch_add(1, Relaxed);
+        let reason = format!("{what}: {error}");
+        let first = self.failure.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(reason.clone());
+                true
+            } else {
+                false
+            }
+        });
+        if first {
+            tracing::error!(%reason, "the spool's store failed; the gateway stops so that it can be restarted (sled does not recover in place)");
+        }
+        error
+    }
+
+    fn check_healthy(&self) -> Result<(), SpoolError> {
+        match self.failure.borrow().as_ref() {
+            Some(reason) => Err(SpoolError::Store(sled::Error::ReportableBug(format!(
+                "store failed earlier ({reason})"
+            )))),
+            None => Ok(()),
+        }
     }
 
     /// Opens the queue for `sink` unless it is open (a sink added while running). A queue
@@ -203,6 +343,8 @@ impl Spool {
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0);
+        let marks = self.ledger().state().sinks.get(sink).cloned();
+        let acked = acked.max(marks.as_ref().map_or(0, |m| m.acked));
         let (mut index, damaged) = QueueIndex::scan(&tree, acked)?;
         for d in damaged {
             self.quarantine_block(sink, &tree, &d.key, &d.error.to_string())?;
@@ -229,6 +371,9 @@ impl Spool {
                 }
             }
         }
+        if let Some(marks) = marks {
+            self.count_missing(sink, &mut index, &marks);
+        }
         if unverified > 0 {
             tracing::warn!(
                 sink,
@@ -249,6 +394,38 @@ impl Spool {
             index: Mutex::new(index),
             appended: Notify::new(),
         })
+    }
+
+    /// Compares the ledger's promise with the blocks found: every id after the ack point and
+    /// up to `committed` that no block holds is lost. Adds them to the ledger's lost ranges
+    /// (once), and moves `next_id` past `committed` so no id is handed out twice.
+    fn count_missing(&self, sink: &str, index: &mut QueueIndex, marks: &ledger::Marks) {
+        index.next_id = index.next_id.max(marks.committed + 1);
+        let mut updated = marks.clone();
+        let mut found = 0u64;
+        for (first, last) in index.gaps(marks.committed) {
+            for id in first..=last {
+                if !marks.lost.iter().any(|&(a, b)| a <= id && id <= b) {
+                    found += 1;
+                }
+            }
+            updated.add_lost(first, last);
+        }
+        if found > 0 {
+            tracing::error!(
+                sink,
+                lost_records = found,
+                acked_through = index.acked,
+                committed_through = marks.committed,
+                "spool records acknowledged to devices are missing from the store (damaged or truncated files); counted in sitegate_spool_lost_records_total"
+            );
+            let mut ledger = self.ledger();
+            let mut state = ledger.state().clone();
+            state.sinks.insert(sink.to_string(), updated);
+            if let Err(e) = ledger.write(state) {
+                tracing::error!(error = %e, "spool ledger write failed");
+            }
+        }
     }
 
     fn quarantine_block(
@@ -293,6 +470,7 @@ impl Spool {
     ///
     /// All or nothing for `Full`: if any `block`-mode queue lacks room, nothing is written.
     pub async fn commit(&self, batches: &[(String, Vec<Draft>)]) -> Result<(), SpoolError> {
+        self.check_healthy()?;
         let mut planned = Vec::with_capacity(batches.len());
         for (sink, drafts) in batches {
             if drafts.is_empty() {
@@ -303,31 +481,70 @@ impl Spool {
                 .ok_or_else(|| SpoolError::UnknownSink(sink.clone()))?;
             let incoming: u64 = drafts.iter().map(|d| d.encoded_len() as u64).sum();
             self.make_room(&queue, incoming)?;
-            planned.push((queue, drafts));
+            planned.push((queue, drafts, incoming));
         }
         if planned.is_empty() {
             return Ok(());
         }
+        self.make_disk_room(&planned)?;
         let (key_id, cipher) = self.keys.sealing_key().await?;
         let created = now_ms();
-        for (queue, drafts) in planned {
+        for (queue, drafts, _) in planned {
             for chunk in chunks(drafts) {
                 self.append_block(&queue, key_id, &cipher, created, chunk)?;
             }
             queue.appended.notify_one();
         }
         self.flush().await?;
+        self.write_ledger()?;
         self.counters.commits.fetch_add(1, Relaxed);
         Ok(())
     }
 
-    /// Make sled durable up to now.
+    /// Make sled durable up to now. A failed or stalled flush fails the store.
     pub async fn flush(&self) -> Result<(), SpoolError> {
-        self.db.flush_async().await.map(|_| ()).map_err(|e| {
-            self.counters.io_errors.fetch_add(1, Relaxed);
-            tracing::error!(error = %e, "spool flush failed; publishes are not acknowledged until it succeeds");
-            SpoolError::Store(e)
-        })
+        self.check_healthy()?;
+        match tokio::time::timeout(FLUSH_DEADLINE, self.db.flush_async()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.store_failed("flush", SpoolError::Store(e))),
+            Err(_) => Err(self.store_failed("flush", SpoolError::Stalled(FLUSH_DEADLINE))),
+        }
+    }
+
+    /// Makes acknowledgements durable, in sled and in the ledger, so that a restart does not
+    /// send again what the sinks already have. The drains call it after each batch.
+    pub async fn settle(&self) -> Result<(), SpoolError> {
+        self.flush().await?;
+        self.write_ledger()
+    }
+
+    /// Keeps the disk's reserve: below it, `block` queues refuse the commit (the committer
+    /// waits and tries again), `drop_oldest` queues give up their oldest blocks for the new
+    /// data. With nothing left to drop, the commit waits too.
+    fn make_disk_room(&self, planned: &[(Arc<Queue>, &Vec<Draft>, u64)]) -> Result<(), SpoolError> {
+        let incoming: u64 = planned.iter().map(|(_, _, n)| *n).sum();
+        let Err(low) = self.disk.check(incoming) else {
+            return Ok(());
+        };
+        self.counters.disk_low.fetch_add(1, Relaxed);
+        let must_wait = planned.iter().any(|(queue, _, _)| {
+            queue.limits.when_full != WhenFull::DropOldest || queue.index().blocks.is_empty()
+        });
+        if must_wait {
+            return Err(low.into());
+        }
+        for (queue, _, wanted) in planned {
+            let mut index = queue.index();
+            let goal = index.bytes.saturating_sub(*wanted);
+            while index.bytes > goal {
+                let Some((&first, _)) = index.blocks.iter().next() else {
+                    break;
+                };
+                self.evict(queue, &mut index, first, false)?;
+            }
+        }
+        tracing::warn!(free = low.free, reserve = low.reserve, "disk below the spool's reserve: dropped the oldest blocks for new data (when_full = drop_oldest)");
+        Ok(())
     }
 
     fn make_room(&self, queue: &Queue, incoming: u64) -> Result<(), SpoolError> {
@@ -399,10 +616,7 @@ impl Spool {
         queue
             .tree
             .insert(first.to_be_bytes(), stored)
-            .inspect_err(|e| {
-                self.counters.io_errors.fetch_add(1, Relaxed);
-                tracing::error!(sink = %queue.sink, error = %e, "spool write failed");
-            })?;
+            .map_err(|e| self.store_failed("write", SpoolError::Store(e)))?;
         index.insert(header, len);
         self.counters
             .appended_records
@@ -507,10 +721,13 @@ impl Spool {
             }
             let before = index.pending_records();
             index.acked = through;
-            self.meta.insert(ack_key(sink), &through.to_be_bytes())?;
+            let failed = |e: sled::Error| self.store_failed("acknowledge", e.into());
+            self.meta
+                .insert(ack_key(sink), &through.to_be_bytes())
+                .map_err(failed)?;
             let done = index.fully_acked();
             for first in &done {
-                queue.tree.remove(first.to_be_bytes())?;
+                queue.tree.remove(first.to_be_bytes()).map_err(failed)?;
                 index.remove(*first);
             }
             self.counters
@@ -564,6 +781,7 @@ impl Spool {
                     dropped_records: index.dropped_records,
                     expired_records: index.expired_records,
                     quarantined_blocks: status::quarantined(&self.quarantine, &q.sink),
+                    lost_records: self.lost_records(&q.sink),
                     max_bytes: q.limits.max_bytes,
                 }
             })

@@ -132,6 +132,25 @@ impl QueueIndex {
             .collect()
     }
 
+    /// Id ranges after the ack point and up to `through` that no block holds.
+    pub fn gaps(&self, through: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut next = self.acked + 1;
+        for (&first, b) in &self.blocks {
+            if next > through {
+                break;
+            }
+            if first > next {
+                out.push((next, (first - 1).min(through)));
+            }
+            next = next.max(b.last_id + 1);
+        }
+        if next <= through {
+            out.push((next, through));
+        }
+        out
+    }
+
     /// Creation time of the oldest block.
     pub fn oldest_ms(&self) -> Option<u64> {
         self.blocks.values().map(|b| b.created_ms).min()

@@ -26,6 +26,10 @@ pub struct QueueStatus {
     pub expired_records: u64,
     /// Damaged blocks set aside (kept in the quarantine tree, still sealed).
     pub quarantined_blocks: u64,
+    /// Records acknowledged to devices that the store lost (damaged or truncated files), as
+    /// the ledger counts them; `sitegate spool recover` takes back what it finds.
+    #[serde(default)]
+    pub lost_records: u64,
     /// The queue's `max_bytes` (0 when read offline).
     pub max_bytes: u64,
 }
@@ -41,8 +45,13 @@ pub(super) fn quarantined(tree: &sled::Tree, sink: &str) -> u64 {
     tree.scan_prefix(quarantine_prefix(sink)).count() as u64
 }
 
-/// Read the status from a database no gateway has open.
-pub fn offline(db: &sled::Db) -> Result<SpoolStatus, sled::Error> {
+/// Read the status from a database no gateway has open, and the ledger in `data_dir`.
+pub fn offline(db: &sled::Db, data_dir: &std::path::Path) -> Result<SpoolStatus, sled::Error> {
+    let ledger = std::fs::read(data_dir.join(super::ledger::LEDGER_FILE))
+        .ok()
+        .and_then(|b| super::ledger::read_slots(&b))
+        .map(|(_, state)| state)
+        .unwrap_or_default();
     let meta = db.open_tree(META_TREE)?;
     let quarantine = db.open_tree(QUARANTINE_TREE)?;
     let now = now_ms();
@@ -71,6 +80,10 @@ pub fn offline(db: &sled::Db) -> Result<SpoolStatus, sled::Error> {
             dropped_records: 0,
             expired_records: 0,
             quarantined_blocks: quarantined(&quarantine, sink) + damaged.len() as u64,
+            lost_records: ledger
+                .sinks
+                .get(sink)
+                .map_or(0, super::ledger::Marks::lost_records),
             max_bytes: 0,
         });
     }
@@ -83,8 +96,8 @@ pub fn offline(db: &sled::Db) -> Result<SpoolStatus, sled::Error> {
 /// A table for people.
 pub fn render(status: &SpoolStatus) -> String {
     let mut out = format!(
-        "{:<20} {:>10} {:>12} {:>8} {:>12} {:>8} {:>11}\n",
-        "SINK", "RECORDS", "BYTES", "BLOCKS", "OLDEST", "DROPPED", "QUARANTINED"
+        "{:<20} {:>10} {:>12} {:>8} {:>12} {:>8} {:>11} {:>8}\n",
+        "SINK", "RECORDS", "BYTES", "BLOCKS", "OLDEST", "DROPPED", "QUARANTINED", "LOST"
     );
     for q in &status.queues {
         let age = q
@@ -92,14 +105,15 @@ pub fn render(status: &SpoolStatus) -> String {
             .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<20} {:>10} {:>12} {:>8} {:>12} {:>8} {:>11}\n",
+            "{:<20} {:>10} {:>12} {:>8} {:>12} {:>8} {:>11} {:>8}\n",
             q.sink,
             q.records,
             q.bytes,
             q.blocks,
             age,
             q.dropped_records + q.expired_records,
-            q.quarantined_blocks
+            q.quarantined_blocks,
+            q.lost_records
         ));
     }
     let key = match (&status.keys.current_key, &status.keys.wrapped_by) {
