@@ -1,9 +1,12 @@
 //! Crash safety: a child `sitegate run` takes QoS 1 messages from a real client and is killed
 //! with SIGKILL at random points, again and again. Every message it acknowledged must come out
 //! of the file sink, in order; only messages in flight at a kill may appear twice.
+//! `faults`: the same promise when the disk fills or the store's files are damaged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "crash/faults.rs"]
+mod faults;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::Path;

@@ -17,8 +17,9 @@ use crate::stats::Stats;
 pub const DRAIN_BATCH: usize = 500;
 /// First retry delay after a failed send.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest retry delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest retry delay: a sink whose endpoint comes back is sending again within about this
+/// long. One small request per sink this often is no load on an endpoint that is down.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// An idle drain re-checks its queue this often even without a wake-up (age expiry, keys).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 

@@ -37,6 +37,28 @@ pub struct Marks {
     /// Id ranges `(first, last)` found missing from the store: promised, then lost.
     #[serde(default)]
     pub lost: Vec<(u64, u64)>,
+    /// Old ids of records `spool recover` put back (under new ids): gaps that are accounted
+    /// for. Dropped once the ack point passes them.
+    #[serde(default)]
+    pub recovered: Vec<(u64, u64)>,
+}
+
+/// Adds `(first, last)` to sorted, disjoint `ranges`, merging neighbours.
+fn add_range(ranges: &mut Vec<(u64, u64)>, first: u64, last: u64) {
+    ranges.push((first, last));
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(prev) if a <= prev.1.saturating_add(1) => prev.1 = prev.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    *ranges = merged;
+}
+
+fn contains(ranges: &[(u64, u64)], id: u64) -> bool {
+    ranges.iter().any(|&(a, b)| a <= id && id <= b)
 }
 
 impl Marks {
@@ -47,20 +69,49 @@ impl Marks {
 
     /// Adds `(first, last)` to the lost ranges, merging neighbours.
     pub fn add_lost(&mut self, first: u64, last: u64) {
-        self.lost.push((first, last));
-        self.lost.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.lost.len());
-        for (a, b) in self.lost.drain(..) {
-            match merged.last_mut() {
-                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
-                _ => merged.push((a, b)),
-            }
-        }
-        self.lost = merged;
+        add_range(&mut self.lost, first, last);
     }
 
-    /// Takes `id` out of the lost ranges (it was recovered); whether it was in one.
-    pub fn remove_lost(&mut self, id: u64) -> bool {
+    /// Accounts for ids `first..=last` that no block holds: those neither lost nor recovered
+    /// before become lost. Returns how many did.
+    pub fn account_gap(&mut self, first: u64, last: u64) -> u64 {
+        let mut newly = 0;
+        let mut run: Option<(u64, u64)> = None;
+        let mut runs = Vec::new();
+        for id in first..=last {
+            if contains(&self.recovered, id) {
+                runs.extend(run.take());
+                continue;
+            }
+            if !contains(&self.lost, id) {
+                newly += 1;
+            }
+            run = Some(run.map_or((id, id), |(a, _)| (a, id)));
+        }
+        runs.extend(run);
+        for (a, b) in runs {
+            add_range(&mut self.lost, a, b);
+        }
+        newly
+    }
+
+    /// Forgets recovered ranges the ack point has passed.
+    pub fn prune(&mut self) {
+        let acked = self.acked;
+        self.recovered.retain(|&(_, b)| b > acked);
+    }
+
+    /// Takes `id` out of the lost ranges and marks it recovered; whether it was lost.
+    pub fn recover(&mut self, id: u64) -> bool {
+        if !self.remove_lost(id) {
+            return false;
+        }
+        add_range(&mut self.recovered, id, id);
+        true
+    }
+
+    /// Takes `id` out of the lost ranges; whether it was in one.
+    fn remove_lost(&mut self, id: u64) -> bool {
         let Some(i) = self.lost.iter().position(|&(a, b)| a <= id && id <= b) else {
             return false;
         };
@@ -213,7 +264,7 @@ mod tests {
             Marks {
                 committed,
                 acked,
-                lost: vec![],
+                ..Marks::default()
             },
         );
         s
@@ -250,6 +301,23 @@ mod tests {
         assert!(m.remove_lost(5));
         assert!(m.remove_lost(12));
         assert_eq!(m.lost, vec![(6, 6), (8, 11)]);
+    }
+
+    #[test]
+    fn a_recovered_gap_is_not_lost_again() {
+        let mut m = Marks::default();
+        assert_eq!(m.account_gap(1, 10), 10);
+        assert_eq!(m.account_gap(1, 10), 0, "counted once");
+        for id in 3..=5 {
+            assert!(m.recover(id));
+        }
+        assert!(!m.recover(4));
+        assert_eq!(m.account_gap(1, 10), 0);
+        assert_eq!(m.lost, vec![(1, 2), (6, 10)]);
+        assert_eq!(m.recovered, vec![(3, 5)]);
+        m.acked = 5;
+        m.prune();
+        assert!(m.recovered.is_empty());
     }
 
     proptest::proptest! {

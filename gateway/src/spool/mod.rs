@@ -246,19 +246,11 @@ impl Spool {
         let mut state = ledger::State::default();
         for q in self.queues() {
             let index = q.index();
-            let lost = old
-                .sinks
-                .get(&q.sink)
-                .map(|m| m.lost.clone())
-                .unwrap_or_default();
-            state.sinks.insert(
-                q.sink.clone(),
-                ledger::Marks {
-                    committed: index.next_id.saturating_sub(1),
-                    acked: index.acked,
-                    lost,
-                },
-            );
+            let mut marks = old.sinks.get(&q.sink).cloned().unwrap_or_default();
+            marks.committed = index.next_id.saturating_sub(1);
+            marks.acked = index.acked;
+            marks.prune();
+            state.sinks.insert(q.sink.clone(), marks);
         }
         // A queue not open in this run keeps its marks.
         for (sink, marks) in old.sinks {
@@ -404,12 +396,7 @@ impl Spool {
         let mut updated = marks.clone();
         let mut found = 0u64;
         for (first, last) in index.gaps(marks.committed) {
-            for id in first..=last {
-                if !marks.lost.iter().any(|&(a, b)| a <= id && id <= b) {
-                    found += 1;
-                }
-            }
-            updated.add_lost(first, last);
+            found += updated.account_gap(first, last);
         }
         if found > 0 {
             tracing::error!(
@@ -519,11 +506,15 @@ impl Spool {
     }
 
     /// Keeps the disk's reserve: below it, `block` queues refuse the commit (the committer
-    /// waits and tries again), `drop_oldest` queues give up their oldest blocks for the new
-    /// data. With nothing left to drop, the commit waits too.
+    /// waits and tries again), `drop_oldest` queues hold their size from the moment the disk
+    /// went low, giving up their oldest blocks for new data (sled reuses the space). With
+    /// nothing left to drop, the commit waits too.
     fn make_disk_room(&self, planned: &[(Arc<Queue>, &Vec<Draft>, u64)]) -> Result<(), SpoolError> {
         let incoming: u64 = planned.iter().map(|(_, _, n)| *n).sum();
         let Err(low) = self.disk.check(incoming) else {
+            for (queue, _, _) in planned {
+                queue.index().disk_cap = None;
+            }
             return Ok(());
         };
         self.counters.disk_low.fetch_add(1, Relaxed);
@@ -535,15 +526,18 @@ impl Spool {
         }
         for (queue, _, wanted) in planned {
             let mut index = queue.index();
-            let goal = index.bytes.saturating_sub(*wanted);
-            while index.bytes > goal {
+            if index.disk_cap.is_none() {
+                tracing::warn!(sink = %queue.sink, free = low.free, reserve = low.reserve, bytes = index.bytes, "disk below the spool's reserve: the queue keeps its size, dropping its oldest blocks for new data (when_full = drop_oldest)");
+            }
+            let bytes = index.bytes;
+            let cap = *index.disk_cap.get_or_insert(bytes);
+            while index.bytes + wanted > cap {
                 let Some((&first, _)) = index.blocks.iter().next() else {
                     break;
                 };
                 self.evict(queue, &mut index, first, false)?;
             }
         }
-        tracing::warn!(free = low.free, reserve = low.reserve, "disk below the spool's reserve: dropped the oldest blocks for new data (when_full = drop_oldest)");
         Ok(())
     }
 

@@ -33,6 +33,8 @@ pub struct QueueIndex {
     pub dropped_records: u64,
     pub dropped_blocks: u64,
     pub expired_records: u64,
+    /// While the disk is below its reserve, a `drop_oldest` queue's size is held here.
+    pub disk_cap: Option<u64>,
     /// The most recently opened block, so a retried drain does not decrypt it again.
     pub cache: Option<(u64, Arc<Vec<Record>>)>,
 }

@@ -88,7 +88,7 @@ pub async fn recover(spool: &Spool, damaged: &Path) -> Result<Report, SalvageErr
                 continue;
             };
             for r in records {
-                if marks.remove_lost(r.id) {
+                if marks.recover(r.id) {
                     found.entry(sink.clone()).or_default().insert(
                         r.id,
                         Draft {
@@ -117,6 +117,7 @@ pub async fn recover(spool: &Spool, damaged: &Path) -> Result<Report, SalvageErr
         for (sink, marks) in &wanted {
             if let Some(m) = state.sinks.get_mut(sink) {
                 m.lost = marks.lost.clone();
+                m.recovered = marks.recovered.clone();
             }
         }
         ledger.write(state).map_err(SpoolError::from)?;

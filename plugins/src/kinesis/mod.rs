@@ -242,14 +242,21 @@ impl KinesisSink {
                 Ok(out) => out,
                 Err(e) => {
                     let error = classify(e);
-                    if !error.retryable() || attempt == self.config.max_attempts {
+                    // An endpoint that cannot be reached is the drain's to retry: it reports
+                    // at once and its backoff is short, where attempts here would each wait
+                    // out a full attempt timeout before anyone heard of the outage.
+                    if !error.retryable()
+                        || attempt == self.config.max_attempts
+                        || matches!(error, SinkError::Network(_))
+                    {
                         return Err(error);
                     }
                     if matches!(error, SinkError::Throttled(_)) {
                         backoff.slow_down();
                     }
-                    tracing::debug!(sink = %self.name, %error, attempt, "PutRecords failed; retrying");
-                    tokio::time::sleep(backoff.step()).await;
+                    let delay = backoff.step();
+                    tracing::warn!(sink = %self.name, %error, attempt, of = self.config.max_attempts, retry_in_ms = delay.as_millis() as u64, "PutRecords failed; retrying");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
