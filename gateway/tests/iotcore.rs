@@ -109,7 +109,9 @@ impl Cloud {
 
     /// A persistent MQTT 5 reader of `sitegate/#` printing `topic|user properties|payload`.
     fn reader(&self, reader: &IssuedDevice) -> Child {
-        Command::new("mosquitto_sub")
+        // Line-buffered, so that what it printed is all there when it is stopped.
+        Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("--cafile")
             .arg(self.dir.join("cloud-pki/ca.pem"))
@@ -239,15 +241,24 @@ async fn records_reach_the_broker_with_identity_and_survive_a_broker_restart() {
     })
     .await;
     assert!(site.spool_status().await.queues[0].records > 0);
+    // A ten-second outage: long enough for the drain's backoff to reach its cap.
+    tokio::time::sleep(Duration::from_secs(10)).await;
 
     // Back: the broker restores the reader's session and queues what the sink now delivers.
     cloud.restart().await;
+    let back = std::time::Instant::now();
     for _ in 0..300 {
         if site.spool_status().await.queues[0].records == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A figure for the record, not a bound: the backoff cap is BACKOFF_MAX.
+    println!(
+        "IoT Core sink drained {:?} after the broker returned from a 10 s outage (backoff cap {:?})",
+        back.elapsed(),
+        sitegate::spool::drain::BACKOFF_MAX
+    );
     assert_eq!(
         site.spool_status().await.queues[0].records,
         0,
@@ -266,6 +277,123 @@ async fn records_reach_the_broker_with_identity_and_survive_a_broker_restart() {
     let mut distinct = ns.clone();
     distinct.dedup();
     assert_eq!(distinct, vec![2, 3, 4], "in order, nothing lost: {ns:?}");
+    cloud.stop().await;
+    site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batched_publishes_carry_many_records_each_so_the_publish_rate_does_not_bound_throughput() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let mut cloud = Cloud::start(cloud_dir.path()).await;
+    let gateway_identity = cloud.issue("plant-7-gateway");
+    let reader_identity = cloud.issue("cloud-reader");
+    // A rumqttc reader: it hands over each publish whole, however large.
+    let reader_creds = sitegate::fleet::DeviceCredentials::load(
+        "cloud-reader",
+        &cloud_dir.path().join("cloud-pki/ca.pem"),
+        &reader_identity.cert,
+        &reader_identity.key,
+    )
+    .unwrap();
+    let mut reader_opts = reader_creds
+        .mqtt_options(
+            format!("127.0.0.1:{}", cloud.port).parse().unwrap(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    // Batched publishes are larger than rumqttc's 10 KiB default.
+    reader_opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (reader, mut reader_events) = rumqttc::AsyncClient::new(reader_opts, 100);
+    reader
+        .subscribe("sitegate/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let received = tokio::spawn(async move {
+        let mut got: Vec<(String, bytes::Bytes)> = Vec::new();
+        while let Ok(Ok(event)) =
+            tokio::time::timeout(Duration::from_secs(10), reader_events.poll()).await
+        {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                got.push((p.topic.clone(), p.payload.clone()));
+                let records: usize = got
+                    .iter()
+                    .map(|(_, b)| {
+                        serde_json::from_slice::<serde_json::Value>(b)
+                            .map(|v| v.as_array().map_or(0, Vec::len))
+                            .unwrap_or(0)
+                    })
+                    .sum();
+                if records >= 300 {
+                    break;
+                }
+            }
+        }
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cloud_ca = cloud_dir.path().join("cloud-pki/ca.pem");
+    let port = cloud.port;
+    let site = Site::start_with(|c| {
+        let mut sink = IotCoreConfig::new(
+            &format!("127.0.0.1:{port}"),
+            gateway_identity.cert.clone(),
+            gateway_identity.key.clone(),
+            cloud_ca,
+        );
+        sink.client_id = Some("plant-7-gateway".into());
+        // Five publishes a second: one record each would take a minute for 300.
+        sink.max_publish_rate = 5;
+        sink.batch_records = 100;
+        c.sinks.insert("cloud".into(), SinkConfig::Iotcore(sink));
+        c.routes.insert(
+            "raw".into(),
+            RouteConfig {
+                from: "dt/#".into(),
+                to: "cloud".into(),
+            },
+        );
+    })
+    .await;
+    let sensor = site.device("sensor-1").await;
+    let creds = site.credentials(&sensor);
+    let opts = creds
+        .mqtt_options(site.addr, Duration::from_secs(30))
+        .unwrap();
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 400);
+    for n in 0..300u64 {
+        client
+            .publish(
+                "dt/sensor-1/temp",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"n":{n}}}"#),
+            )
+            .await
+            .unwrap();
+    }
+    let mut acks = 0;
+    while acks < 300 {
+        match tokio::time::timeout(Duration::from_secs(30), events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acks += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("publishing stopped: {other:?}"),
+        }
+    }
+    let mut ns = Vec::new();
+    let mut publishes = 0;
+    for (topic, payload) in received.await.unwrap() {
+        assert_eq!(topic, "sitegate/test/sensor-1/raw");
+        let body: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        for envelope in body.as_array().unwrap() {
+            assert_eq!(envelope["thing_name"], "sensor-1");
+            assert_eq!(envelope["cert_id"], sensor.cert_id);
+            ns.push(envelope["payload"]["n"].as_u64().unwrap());
+        }
+        publishes += 1;
+    }
+    println!("300 records in {publishes} publishes");
+    assert_eq!(ns, (0..300).collect::<Vec<_>>(), "every record once, in order");
+    assert!(publishes < 300 / 2, "records were not batched: {publishes} publishes");
     cloud.stop().await;
     site.stop().await;
 }

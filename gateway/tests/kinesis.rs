@@ -258,3 +258,40 @@ async fn the_demo_sends_to_an_emulated_kinesis() {
     assert_eq!(e["site"], "demo");
     assert_eq!(records[0].partition_key, e["thing_name"]);
 }
+
+/// A frozen endpoint (it accepts connections and never answers) is reported after one
+/// attempt, not after `max_attempts` attempt timeouts: the drain counts the failure while
+/// the endpoint has seen a single connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_endpoint_is_reported_at_the_first_failed_attempt() {
+    common::aws::fake_credentials();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let site = Site::start_with(|c| route_to_kinesis(c, &endpoint, "site-telemetry", false)).await;
+    let started = std::time::Instant::now();
+    publish_from(&site, &["sensor-1"], 1).await;
+    for _ in 0..600 {
+        if site.snapshot().sink_send_failures > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_report = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "frozen Kinesis endpoint reported after {:?} ({at_report} connection)",
+        started.elapsed()
+    );
+    assert!(site.snapshot().sink_send_failures > 0, "never reported");
+    assert_eq!(at_report, 1, "attempts were retried inside the sink before the drain heard");
+    assert_eq!(site.spool_status().await.queues[0].records, 1, "kept in the spool");
+    site.stop().await;
+}

@@ -24,6 +24,10 @@ pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 30;
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 10_000;
 /// QoS 1 publishes in flight at once.
 pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
+/// Records per publish when `batch_records` is not given: one, each its own message.
+pub const DEFAULT_BATCH_RECORDS: u16 = 1;
+/// `batch_records` at most.
+pub const MAX_BATCH_RECORDS: u16 = 500;
 
 /// How an `iotcore` sink reaches IoT Core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -74,6 +78,12 @@ pub struct IotCoreConfig {
     /// QoS 1 publishes in flight at once.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
+    /// Records per publish at most. Above 1, records bound for the same topic go out together
+    /// as a JSON array of their envelopes (up to IoT Core's 128 KiB payload), so throughput is
+    /// not bound to `max_publish_rate` publishes per second; the user properties then carry
+    /// `record-count` and `first-record-id`/`last-record-id`, and each envelope names its device.
+    #[serde(default = "default_batch_records")]
+    pub batch_records: u16,
 }
 
 fn default_topic() -> Template {
@@ -90,6 +100,9 @@ fn default_ack_timeout() -> Period {
 }
 fn default_max_inflight() -> u16 {
     DEFAULT_MAX_INFLIGHT
+}
+fn default_batch_records() -> u16 {
+    DEFAULT_BATCH_RECORDS
 }
 
 impl IotCoreConfig {
@@ -119,6 +132,7 @@ impl IotCoreConfig {
             keep_alive_secs: DEFAULT_KEEP_ALIVE_SECS,
             ack_timeout: default_ack_timeout(),
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            batch_records: DEFAULT_BATCH_RECORDS,
         }
     }
 
@@ -181,6 +195,12 @@ impl IotCoreConfig {
         }
         if self.keep_alive_secs < 5 || self.keep_alive_secs > 1200 {
             return Err("`keep_alive_secs` must be between 5 and 1200 (IoT Core's range)".into());
+        }
+        if self.batch_records == 0 || self.batch_records > MAX_BATCH_RECORDS {
+            return Err(format!(
+                "`batch_records` is {}; it must be between 1 and {MAX_BATCH_RECORDS}",
+                self.batch_records
+            ));
         }
         if self.max_inflight == 0 {
             return Err("`max_inflight` must be at least 1".into());

@@ -86,7 +86,8 @@ impl Pacer {
 
 /// One publish ready to go.
 struct Outbound {
-    index: usize,
+    /// The batch indexes of the records it carries, in order.
+    indexes: Vec<usize>,
     topic: String,
     payload: Bytes,
     properties: PublishProperties,
@@ -188,6 +189,7 @@ fn outbound(
 ) -> (Vec<Outbound>, Vec<Rejected>) {
     let mut out = Vec::with_capacity(batch.len());
     let mut rejected = Vec::new();
+    let mut grouped = Groups::default();
     let uses_columns = config.topic.uses_columns();
     for (index, record) in batch.iter().enumerate() {
         let parsed = if uses_columns {
@@ -224,24 +226,96 @@ fn outbound(
             rejected.push(Rejected { index, reason });
             continue;
         }
-        let properties = PublishProperties {
-            content_type: Some("application/json".into()),
-            user_properties: vec![
-                ("thing-name".into(), record.thing_name.clone()),
-                ("cert-id".into(), record.cert_id.clone()),
-                ("source-topic".into(), record.topic.clone()),
-                ("record-id".into(), record.id.to_string()),
-            ],
-            ..PublishProperties::default()
-        };
-        out.push(Outbound {
-            index,
-            topic,
-            payload: payload.into(),
-            properties,
-        });
+        if config.batch_records <= 1 {
+            let properties = PublishProperties {
+                content_type: Some("application/json".into()),
+                user_properties: vec![
+                    ("thing-name".into(), record.thing_name.clone()),
+                    ("cert-id".into(), record.cert_id.clone()),
+                    ("source-topic".into(), record.topic.clone()),
+                    ("record-id".into(), record.id.to_string()),
+                ],
+                ..PublishProperties::default()
+            };
+            out.push(Outbound {
+                indexes: vec![index],
+                topic,
+                payload: payload.into(),
+                properties,
+            });
+            continue;
+        }
+        grouped.add(topic, index, record.id, payload, usize::from(config.batch_records));
     }
+    out.extend(grouped.finish());
+    out.sort_by_key(|o| o.indexes.first().copied().unwrap_or(usize::MAX));
     (out, rejected)
+}
+
+/// Records bound for the same topic, gathered into JSON arrays of envelopes.
+#[derive(Default)]
+struct Groups {
+    open: std::collections::HashMap<String, Group>,
+    done: Vec<Outbound>,
+}
+
+struct Group {
+    indexes: Vec<usize>,
+    first_id: u64,
+    last_id: u64,
+    body: Vec<u8>,
+}
+
+impl Groups {
+    fn add(&mut self, topic: String, index: usize, id: u64, envelope: Vec<u8>, max: usize) {
+        let full = self.open.get(&topic).is_some_and(|g| {
+            g.indexes.len() >= max || g.body.len() + 1 + envelope.len() + 1 > MAX_PAYLOAD_BYTES
+        });
+        if full {
+            if let Some(g) = self.open.remove(&topic) {
+                self.done.push(g.close(topic.clone()));
+            }
+        }
+        let g = self.open.entry(topic).or_insert_with(|| Group {
+            indexes: Vec::new(),
+            first_id: id,
+            last_id: id,
+            body: vec![b'['],
+        });
+        if !g.indexes.is_empty() {
+            g.body.push(b',');
+        }
+        g.body.extend_from_slice(&envelope);
+        g.indexes.push(index);
+        g.last_id = id;
+    }
+
+    fn finish(mut self) -> Vec<Outbound> {
+        for (topic, g) in self.open.drain() {
+            self.done.push(g.close(topic));
+        }
+        self.done
+    }
+}
+
+impl Group {
+    fn close(mut self, topic: String) -> Outbound {
+        self.body.push(b']');
+        Outbound {
+            properties: PublishProperties {
+                content_type: Some("application/json".into()),
+                user_properties: vec![
+                    ("record-count".into(), self.indexes.len().to_string()),
+                    ("first-record-id".into(), self.first_id.to_string()),
+                    ("last-record-id".into(), self.last_id.to_string()),
+                ],
+                ..PublishProperties::default()
+            },
+            indexes: self.indexes,
+            topic,
+            payload: self.body.into(),
+        }
+    }
 }
 
 /// The batch's [`Ack`]: done through the record before the first one neither acknowledged nor
@@ -296,11 +370,12 @@ impl Sink for IotCoreSink {
             });
         }
         self.connect().await?;
-        let total = outbound.len();
+        let total: usize = outbound.iter().map(|o| o.indexes.len()).sum();
         let mut queue: VecDeque<Outbound> = outbound.into();
         // Batch indexes in publish order, and the ones whose PUBACK came back.
-        let mut published: VecDeque<usize> = VecDeque::new();
-        let mut by_pkid: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+        let mut published: VecDeque<Vec<usize>> = VecDeque::new();
+        let mut by_pkid: std::collections::HashMap<u16, Vec<usize>> =
+            std::collections::HashMap::new();
         let mut acked = std::collections::BTreeSet::new();
         let mut failure: Option<SinkError> = None;
         let deadline = tokio::time::Instant::now() + self.config.ack_timeout.0;
@@ -326,7 +401,7 @@ impl Sink for IotCoreSink {
                                 failure = Some(SinkError::Network(e.to_string()));
                                 break;
                             }
-                            published.push_back(next.index);
+                            published.push_back(next.indexes);
                         }
                         continue;
                     }
@@ -345,15 +420,15 @@ impl Sink for IotCoreSink {
             tokio::select! {
                 event = conn.events.poll() => match event {
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(index) = published.pop_front() {
-                            by_pkid.insert(pkid, index);
+                        if let Some(indexes) = published.pop_front() {
+                            by_pkid.insert(pkid, indexes);
                         }
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        let Some(index) = by_pkid.remove(&ack.pkid) else { continue };
+                        let Some(indexes) = by_pkid.remove(&ack.pkid) else { continue };
                         match ack.reason {
                             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                                acked.insert(index);
+                                acked.extend(indexes);
                             }
                             reason => {
                                 failure = Some(match reason {

@@ -56,7 +56,7 @@ impl Sink for NucleusSink {
     async fn send(&mut self, batch: &[Record]) -> Result<Ack, SinkError> {
         let (outbound, rejected) = outbound(&self.config, &self.site, batch);
         let mut queue = outbound.into_iter();
-        let mut window: VecDeque<(usize, Pending)> = VecDeque::new();
+        let mut window: VecDeque<(Vec<usize>, Pending)> = VecDeque::new();
         let mut acked = BTreeSet::new();
         let mut failure = None;
         let limit = usize::from(self.config.max_inflight);
@@ -71,7 +71,7 @@ impl Sink for NucleusSink {
                     user_properties: &next.properties.user_properties,
                 };
                 match self.nucleus.publish_to_iot_core(&publish).await {
-                    Ok(pending) => window.push_back((next.index, pending)),
+                    Ok(pending) => window.push_back((next.indexes, pending)),
                     Err(e) => {
                         failure = Some(sink_error(e));
                         break 'batch;
@@ -79,12 +79,12 @@ impl Sink for NucleusSink {
                 }
             }
             // Answers arrive in any order but are taken in publish order, so `done` stays a prefix.
-            let Some((index, pending)) = window.pop_front() else {
+            let Some((indexes, pending)) = window.pop_front() else {
                 break;
             };
             match pending.response().await {
                 Ok(_) => {
-                    acked.insert(index);
+                    acked.extend(indexes);
                 }
                 Err(e) => {
                     failure = Some(sink_error(e));

@@ -123,3 +123,49 @@ async fn through_the_nucleus_records_arrive_in_order_with_identity_and_a_denied_
     assert!(matches!(err, SinkError::AccessDenied(_)), "{err}");
     assert!(err.to_string().contains("accessControl"), "{err}");
 }
+
+#[test]
+fn batched_records_share_a_publish_per_topic_in_order_within_the_payload_limit() {
+    let mut c = config(DEFAULT_TOPIC);
+    c.batch_records = 3;
+    let records: Vec<Record> = (1..=8)
+        .map(|i| sample(i, if i % 2 == 0 { "a" } else { "b" }, &format!(r#"{{"i":{i}}}"#)))
+        .collect();
+    let (out, rejected) = outbound(&c, "s", &records);
+    assert!(rejected.is_empty());
+    let groups: Vec<(&str, Vec<usize>)> =
+        out.iter().map(|o| (o.topic.as_str(), o.indexes.clone())).collect();
+    assert_eq!(
+        groups,
+        vec![
+            ("sitegate/s/b/raw", vec![0, 2, 4]),
+            ("sitegate/s/a/raw", vec![1, 3, 5]),
+            ("sitegate/s/b/raw", vec![6]),
+            ("sitegate/s/a/raw", vec![7]),
+        ]
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out[0].payload).unwrap();
+    let ids: Vec<u64> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["record_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 3, 5]);
+    assert_eq!(body[0]["thing_name"], "b");
+    let props = &out[0].properties.user_properties;
+    assert!(props.contains(&("record-count".into(), "3".into())));
+    assert!(props.contains(&("first-record-id".into(), "1".into())));
+    assert!(props.contains(&("last-record-id".into(), "5".into())));
+
+    // Large records: a publish never passes IoT Core's payload limit.
+    c.batch_records = 500;
+    let pad = "x".repeat(50_000);
+    let big: Vec<Record> = (1..=5)
+        .map(|i| sample(i, "a", &format!(r#"{{"pad":"{pad}"}}"#)))
+        .collect();
+    let (out, _) = outbound(&c, "s", &big);
+    assert!(out.len() >= 3, "{}", out.len());
+    assert!(out.iter().all(|o| o.payload.len() <= MAX_PAYLOAD_BYTES));
+    assert_eq!(out.iter().map(|o| o.indexes.len()).sum::<usize>(), 5);
+}
