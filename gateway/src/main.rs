@@ -803,10 +803,7 @@ fn offline_spool_status(data_dir: &std::path::Path) -> Result<spool::SpoolStatus
 }
 
 /// `sitegate spool recover`: opens the stopped gateway's spool and salvages into it.
-async fn recover(
-    config: &Config,
-    damaged: &std::path::Path,
-) -> Result<spool::salvage::Report> {
+async fn recover(config: &Config, damaged: &std::path::Path) -> Result<spool::salvage::Report> {
     config.validate()?;
     let db = daemon::open_store(config, spool::store::OnDamage::Fail)?;
     let spool = spool::Spool::open(

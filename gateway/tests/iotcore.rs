@@ -392,8 +392,15 @@ async fn batched_publishes_carry_many_records_each_so_the_publish_rate_does_not_
         publishes += 1;
     }
     println!("300 records in {publishes} publishes");
-    assert_eq!(ns, (0..300).collect::<Vec<_>>(), "every record once, in order");
-    assert!(publishes < 300 / 2, "records were not batched: {publishes} publishes");
+    assert_eq!(
+        ns,
+        (0..300).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    assert!(
+        publishes < 300 / 2,
+        "records were not batched: {publishes} publishes"
+    );
     cloud.stop().await;
     site.stop().await;
 }

@@ -291,7 +291,14 @@ async fn a_frozen_endpoint_is_reported_at_the_first_failed_attempt() {
         started.elapsed()
     );
     assert!(site.snapshot().sink_send_failures > 0, "never reported");
-    assert_eq!(at_report, 1, "attempts were retried inside the sink before the drain heard");
-    assert_eq!(site.spool_status().await.queues[0].records, 1, "kept in the spool");
+    assert_eq!(
+        at_report, 1,
+        "attempts were retried inside the sink before the drain heard"
+    );
+    assert_eq!(
+        site.spool_status().await.queues[0].records,
+        1,
+        "kept in the spool"
+    );
     site.stop().await;
 }

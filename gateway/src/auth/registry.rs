@@ -224,7 +224,10 @@ mod tests {
     fn registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
-        (dir, Registry::open(&db, crate::disk::DiskGuard::off()).unwrap())
+        (
+            dir,
+            Registry::open(&db, crate::disk::DiskGuard::off()).unwrap(),
+        )
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub struct Header {
 
 impl Header {
     /// Bytes of the header itself.
-    pub fn len(&self) -> usize {
+    pub fn header_len(&self) -> usize {
         if self.sealed_len.is_some() {
             HEADER_LEN
         } else {
@@ -111,7 +111,9 @@ impl Header {
     pub fn parse(stored: &[u8]) -> Result<Header, BlockError> {
         let (header, len) = Header::parse_prefix(stored)?;
         if len != stored.len() {
-            return Err(BlockError::Content("length does not match the stored value"));
+            return Err(BlockError::Content(
+                "length does not match the stored value",
+            ));
         }
         Ok(header)
     }
@@ -249,12 +251,12 @@ fn decrypt(
     header: &Header,
     stored: &[u8],
 ) -> Result<Vec<u8>, BlockError> {
-    let aad = associated_data(sink, &stored[..header.len()]);
+    let aad = associated_data(sink, &stored[..header.header_len()]);
     cipher
         .decrypt(
             Nonce::from_slice(&header.nonce),
             Payload {
-                msg: &stored[header.len()..],
+                msg: &stored[header.header_len()..],
                 aad: &aad,
             },
         )
@@ -396,7 +398,13 @@ mod tests {
         let aad = associated_data("q", &v1);
         let plain = decrypt("q", &cipher(5), &Header::parse(&v2).unwrap(), &v2).unwrap();
         let sealed = cipher(5)
-            .encrypt(Nonce::from_slice(&h.nonce), Payload { msg: &plain, aad: &aad })
+            .encrypt(
+                Nonce::from_slice(&h.nonce),
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
             .unwrap();
         v1.extend_from_slice(&sealed);
         assert_eq!(open("q", &cipher(5), &v1).unwrap()[0].thing_name, "old");

@@ -136,7 +136,6 @@ pub struct SpoolCounters {
 /// (sled's I/O threads stay parked after some write errors).
 pub const FLUSH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 
-
 /// One sink's queue.
 pub struct Queue {
     sink: String,
@@ -233,7 +232,10 @@ impl Spool {
 
     fn has_tree(&self, sink: &str) -> bool {
         let name = format!("{TREE_PREFIX}{sink}");
-        self.db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes())
+        self.db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {

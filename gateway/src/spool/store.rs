@@ -65,7 +65,11 @@ pub fn open(data_dir: &Path, on_damage: OnDamage) -> Result<(sled::Db, Repairs),
     if on_damage == OnDamage::SetAside {
         let conf = path.join("conf");
         if conf_is_damaged(&conf) {
-            let to = aside(&conf, &mut repairs, "checksum of sled's settings file failed")?;
+            let to = aside(
+                &conf,
+                &mut repairs,
+                "checksum of sled's settings file failed",
+            )?;
             tracing::error!(file = %conf.display(), moved_to = %to.display(), "the store's settings file is damaged; moved aside, sled writes it again");
         }
     }
@@ -151,7 +155,7 @@ fn held_by_another(path: &Path) -> bool {
     };
     match file.try_lock_exclusive() {
         Ok(()) => {
-            let _ = file.unlock();
+            let _ = fs2::FileExt::unlock(&file);
             false
         }
         Err(_) => true,
@@ -197,9 +201,11 @@ mod tests {
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         assert!(err.to_string().contains("another sitegate"), "{err}");
         drop(db);
-        assert!(std::fs::read_dir(dir.path())
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
             .unwrap()
-            .all(|e| !e.unwrap().file_name().to_string_lossy().contains("damaged")));
+            .file_name()
+            .to_string_lossy()
+            .contains("damaged")));
     }
 
     #[test]

@@ -324,7 +324,10 @@ fn stored_blocks(db: &sled::Db, sink: &str) -> Vec<(u64, Vec<u8>)> {
         .iter()
         .map(|kv| {
             let (k, v) = kv.unwrap();
-            (u64::from_be_bytes(k.as_ref().try_into().unwrap()), v.to_vec())
+            (
+                u64::from_be_bytes(k.as_ref().try_into().unwrap()),
+                v.to_vec(),
+            )
         })
         .collect()
 }
@@ -354,15 +357,38 @@ async fn records_a_store_lost_are_counted_once_and_their_ids_never_reused() {
     let spool = reopen(dir.path(), &cfg, &["a"]).await;
     assert_eq!(spool.lost_records("a"), 3);
     assert_eq!(spool.status().await.queues[0].lost_records, 3);
-    let left: Vec<u64> = spool.read("a", 100).await.unwrap().iter().map(|r| r.id).collect();
+    let left: Vec<u64> = spool
+        .read("a", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
     assert_eq!(left, vec![3, 4, 5, 6]);
-    spool.commit(&[("a".into(), vec![draft(99)])]).await.unwrap();
-    let ids: Vec<u64> = spool.read("a", 100).await.unwrap().iter().map(|r| r.id).collect();
-    assert_eq!(ids, vec![3, 4, 5, 6, 10], "ids 7..=9 were promised once and are not reused");
+    spool
+        .commit(&[("a".into(), vec![draft(99)])])
+        .await
+        .unwrap();
+    let ids: Vec<u64> = spool
+        .read("a", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec![3, 4, 5, 6, 10],
+        "ids 7..=9 were promised once and are not reused"
+    );
     spool.settle().await.unwrap();
     drop(spool);
     let spool = reopen(dir.path(), &cfg, &["a"]).await;
-    assert_eq!(spool.lost_records("a"), 3, "counted once, not again at each start");
+    assert_eq!(
+        spool.lost_records("a"),
+        3,
+        "counted once, not again at each start"
+    );
 }
 
 #[tokio::test]
@@ -378,7 +404,10 @@ async fn a_store_set_aside_keeps_its_keys_and_recover_brings_its_records_back() 
             ])
             .await
             .unwrap();
-        spool.commit(&[("a".into(), (5..8).map(draft).collect())]).await.unwrap();
+        spool
+            .commit(&[("a".into(), (5..8).map(draft).collect())])
+            .await
+            .unwrap();
         spool.ack("a", 3).unwrap();
         spool.settle().await.unwrap();
     }
@@ -393,16 +422,32 @@ async fn a_store_set_aside_keeps_its_keys_and_recover_brings_its_records_back() 
     let spool = reopen(dir.path(), &cfg, &["a", "b"]).await;
     assert_eq!((spool.lost_records("a"), spool.lost_records("b")), (5, 1));
     // Devices go on being served while the old store waits.
-    spool.commit(&[("a".into(), vec![draft(100)])]).await.unwrap();
+    spool
+        .commit(&[("a".into(), vec![draft(100)])])
+        .await
+        .unwrap();
     let report = salvage::recover(&spool, &damaged).await.unwrap();
     assert_eq!(report.recovered.get("a"), Some(&5));
     assert_eq!(report.recovered.get("b"), Some(&1));
     assert!(report.still_lost.is_empty(), "{report:?}");
-    let a: Vec<u64> = spool.read("a", 100).await.unwrap().iter().map(n_of).collect();
-    assert_eq!(a, vec![100, 3, 4, 5, 6, 7], "recovered records follow what arrived meanwhile");
+    let a: Vec<u64> = spool
+        .read("a", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(n_of)
+        .collect();
+    assert_eq!(
+        a,
+        vec![100, 3, 4, 5, 6, 7],
+        "recovered records follow what arrived meanwhile"
+    );
     assert_eq!(spool.lost_records("a"), 0);
     let again = salvage::recover(&spool, &damaged).await.unwrap();
-    assert!(again.recovered.is_empty(), "nothing is recovered twice: {again:?}");
+    assert!(
+        again.recovered.is_empty(),
+        "nothing is recovered twice: {again:?}"
+    );
 }
 
 #[tokio::test]
@@ -422,10 +467,15 @@ async fn a_deleted_default_key_file_is_an_error_while_blocks_wait() {
         .unwrap();
     assert!(err.contains("spool.kek is missing"), "{err}");
     assert!(err.contains("1 sealed blocks"), "{err}");
-    assert!(!dir.path().join("spool.kek").exists(), "no new key is made over the old one");
+    assert!(
+        !dir.path().join("spool.kek").exists(),
+        "no new key is made over the old one"
+    );
     // Once the queue is empty (here: acknowledged by hand), a new key may be made.
     db.open_tree("spool:a").unwrap().clear().unwrap();
-    let spool = Spool::open(db, &cfg, dir.path(), ["a".to_string()]).await.unwrap();
+    let spool = Spool::open(db, &cfg, dir.path(), ["a".to_string()])
+        .await
+        .unwrap();
     spool.commit(&[("a".into(), vec![draft(2)])]).await.unwrap();
     assert!(dir.path().join("spool.kek").exists());
 }
@@ -437,7 +487,10 @@ async fn below_the_disk_reserve_block_waits_and_drop_oldest_makes_room() {
     let mut spool = open(dir.path(), &cfg, &["a"]).await;
     spool.commit(&[("a".into(), vec![draft(1)])]).await.unwrap();
     spool.disk = DiskGuard::new(dir.path(), u64::MAX / 4);
-    let err = spool.commit(&[("a".into(), vec![draft(2)])]).await.unwrap_err();
+    let err = spool
+        .commit(&[("a".into(), vec![draft(2)])])
+        .await
+        .unwrap_err();
     assert!(matches!(err, SpoolError::DiskLow(_)), "{err}");
     assert!(err.retryable());
     assert_eq!(spool.status().await.queues[0].records, 1, "nothing written");
@@ -451,8 +504,18 @@ async fn below_the_disk_reserve_block_waits_and_drop_oldest_makes_room() {
     }
     spool.disk = DiskGuard::new(dir.path(), u64::MAX / 4);
     spool.commit(&[("a".into(), vec![draft(3)])]).await.unwrap();
-    let left: Vec<u64> = spool.read("a", 10).await.unwrap().iter().map(n_of).collect();
-    assert_eq!(left, vec![1, 2, 3], "the oldest block made room for the newest");
+    let left: Vec<u64> = spool
+        .read("a", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(n_of)
+        .collect();
+    assert_eq!(
+        left,
+        vec![1, 2, 3],
+        "the oldest block made room for the newest"
+    );
     assert_eq!(spool.status().await.queues[0].dropped_records, 1);
 }
 

@@ -24,7 +24,10 @@ struct FaultSite {
 impl Drop for FaultSite {
     fn drop(&mut self) {
         if let Some(m) = &self.mount {
-            let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
         }
     }
 }
@@ -69,7 +72,10 @@ impl FaultSite {
         let port = free_port();
         let config = root.join("sitegate.toml");
         let encryption = if key_file {
-            format!("[spool.encryption]\nkey_file = \"{}/pki/spool.kek\"\n", root.display())
+            format!(
+                "[spool.encryption]\nkey_file = \"{}/pki/spool.kek\"\n",
+                root.display()
+            )
         } else {
             String::new()
         };
@@ -187,7 +193,13 @@ to = "archive"
 
     async fn status(&self) -> serde_json::Value {
         let out = self
-            .sitegate(&["spool", "status", "--json", "--config", self.config.to_str().unwrap()])
+            .sitegate(&[
+                "spool",
+                "status",
+                "--json",
+                "--config",
+                self.config.to_str().unwrap(),
+            ])
             .await;
         assert!(out.status.success(), "{}", common::text(&out));
         serde_json::from_slice(&out.stdout).unwrap()
@@ -229,7 +241,12 @@ fn noise(n: u64, len: usize) -> String {
 }
 
 impl Publisher {
-    fn start(site: &FaultSite, next: Arc<Mutex<u64>>, acked: Arc<Mutex<BTreeSet<u64>>>, size: usize) -> Publisher {
+    fn start(
+        site: &FaultSite,
+        next: Arc<Mutex<u64>>,
+        acked: Arc<Mutex<BTreeSet<u64>>>,
+        size: usize,
+    ) -> Publisher {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let creds = site.creds.clone();
         let port = site.port;
@@ -244,11 +261,7 @@ impl Publisher {
             }
         });
         let _ = next;
-        Publisher {
-            acked,
-            stop,
-            task,
-        }
+        Publisher { acked, stop, task }
     }
 
     fn acked(&self) -> BTreeSet<u64> {
@@ -424,12 +437,23 @@ async fn disk_full_round(when_full: &str) {
         assert!(!quiet, "drop_oldest must keep acknowledging");
         assert!(log.contains("dropping its oldest blocks"), "{log}");
     }
-    assert!(child.try_wait().unwrap().is_none(), "the gateway died: {log}");
-    assert!(!log.contains("No space left"), "sled met a full disk: {log}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the gateway died: {log}"
+    );
+    assert!(
+        !log.contains("No space left"),
+        "sled met a full disk: {log}"
+    );
     // Space comes back: PUBACKs resume without a restart.
     std::fs::remove_file(&filler).unwrap();
-    let resumed = publisher.wait_acks(held_at, 200, Duration::from_secs(30)).await;
-    assert!(resumed >= 200, "PUBACKs did not resume after space returned ({resumed})");
+    let resumed = publisher
+        .wait_acks(held_at, 200, Duration::from_secs(30))
+        .await;
+    assert!(
+        resumed >= 200,
+        "PUBACKs did not resume after space returned ({resumed})"
+    );
     let acked = publisher.stop().await;
     site.unblock_sink();
     let (delivered, dups) = site.wait_delivered(&acked, Duration::from_secs(90)).await;
@@ -480,7 +504,10 @@ async fn with_no_reserve_a_store_error_ends_the_process_and_a_restart_delivers_e
         .await
         .expect("the gateway neither failed nor stopped with its disk full")
         .unwrap();
-    assert!(!status.success(), "a failed store must exit non-zero: {status:?}");
+    assert!(
+        !status.success(),
+        "a failed store must exit non-zero: {status:?}"
+    );
     let acked = publisher.stop().await;
     let log = site.log_text();
     assert!(log.contains("the spool's store failed"), "{log}");
@@ -498,7 +525,12 @@ async fn with_no_reserve_a_store_error_ends_the_process_and_a_restart_delivers_e
     );
     let (code, _) = terminate(&mut child).await;
     assert!(code.success());
-    assert!(missing.is_empty(), "acknowledged but never delivered: {} (log {})", missing.len(), site.log.display());
+    assert!(
+        missing.is_empty(),
+        "acknowledged but never delivered: {} (log {})",
+        missing.len(),
+        site.log.display()
+    );
 }
 
 /// How a damaged store is damaged, between a clean stop and the next start.
@@ -574,7 +606,12 @@ async fn damaged_store_files_never_stop_the_gateway_and_losses_are_counted_and_r
         let aside: Vec<PathBuf> = std::fs::read_dir(&site.data)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("db.damaged-"))
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("db.damaged-")
+            })
             .collect();
         let mut recovered = 0u64;
         for dir in &aside {
@@ -607,9 +644,17 @@ async fn damaged_store_files_never_stop_the_gateway_and_losses_are_counted_and_r
             delivered.len(),
             aside.len()
         );
-        assert_eq!(missing, lost, "{how:?}: every missing message is counted lost, and only those ({})", site.log.display());
+        assert_eq!(
+            missing,
+            lost,
+            "{how:?}: every missing message is counted lost, and only those ({})",
+            site.log.display()
+        );
         if lost_at_start > 0 {
-            assert!(site.log_text().contains("missing from the store"), "{how:?}: losses are logged");
+            assert!(
+                site.log_text().contains("missing from the store"),
+                "{how:?}: losses are logged"
+            );
         }
     }
 }
@@ -631,5 +676,8 @@ async fn a_deleted_default_key_file_stops_the_start_with_the_fix_spelled_out() {
     assert!(!out.status.success());
     assert!(text.contains("spool.kek is missing"), "{text}");
     assert!(text.contains("Put the key file back"), "{text}");
-    assert!(!site.data.join("spool.kek").exists(), "no new key replaces the lost one");
+    assert!(
+        !site.data.join("spool.kek").exists(),
+        "no new key replaces the lost one"
+    );
 }

@@ -245,7 +245,13 @@ fn outbound(
             });
             continue;
         }
-        grouped.add(topic, index, record.id, payload, usize::from(config.batch_records));
+        grouped.add(
+            topic,
+            index,
+            record.id,
+            payload,
+            usize::from(config.batch_records),
+        );
     }
     out.extend(grouped.finish());
     out.sort_by_key(|o| o.indexes.first().copied().unwrap_or(usize::MAX));

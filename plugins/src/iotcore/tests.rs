@@ -129,12 +129,20 @@ fn batched_records_share_a_publish_per_topic_in_order_within_the_payload_limit()
     let mut c = config(DEFAULT_TOPIC);
     c.batch_records = 3;
     let records: Vec<Record> = (1..=8)
-        .map(|i| sample(i, if i % 2 == 0 { "a" } else { "b" }, &format!(r#"{{"i":{i}}}"#)))
+        .map(|i| {
+            sample(
+                i,
+                if i % 2 == 0 { "a" } else { "b" },
+                &format!(r#"{{"i":{i}}}"#),
+            )
+        })
         .collect();
     let (out, rejected) = outbound(&c, "s", &records);
     assert!(rejected.is_empty());
-    let groups: Vec<(&str, Vec<usize>)> =
-        out.iter().map(|o| (o.topic.as_str(), o.indexes.clone())).collect();
+    let groups: Vec<(&str, Vec<usize>)> = out
+        .iter()
+        .map(|o| (o.topic.as_str(), o.indexes.clone()))
+        .collect();
     assert_eq!(
         groups,
         vec![
