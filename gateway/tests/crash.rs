@@ -27,11 +27,21 @@ const PER_ROUND: u64 = 4_000;
 /// kill window (about half a second) and kills land while messages are in flight.
 const BURST: u64 = 8;
 
-fn config_toml(dir: &Path, port: u16) -> String {
+/// The site's config: data_dir at `data`, a file sink in `<dir>/out`, extra `[spool]` keys,
+/// and the key file of `<dir>/pki` unless the spool should make its own.
+fn config_toml(dir: &Path, data: &Path, port: u16, spool: &str, key_file: bool) -> String {
+    let encryption = if key_file {
+        format!(
+            "[spool.encryption]\nkey_file = \"{}/pki/spool.kek\"\n",
+            dir.display()
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"
 site = "crash"
-data_dir = "{dir}/data"
+data_dir = "{data}"
 
 [listener]
 mqtts = "127.0.0.1:{port}"
@@ -47,16 +57,30 @@ path = "{dir}/out/archive.jsonl"
 from = "dt/#"
 to = "archive"
 
-[spool.encryption]
-key_file = "{dir}/pki/spool.kek"
+[spool]
+{spool}
+
+{encryption}
 
 {auth}
 "#,
         dir = dir.display(),
+        data = data.display(),
         auth = common::AUTH
             .replace("[device_groups", "[auth.device_groups")
             .replace("[policies", "[auth.policies"),
     )
+}
+
+/// `sitegate device approve sensor-1` on the stopped gateway of `config`.
+async fn approve_sensor(config: &Path) {
+    let approve = sitegate()
+        .args(["device", "approve", "sensor-1", "--config"])
+        .arg(config)
+        .output()
+        .await
+        .unwrap();
+    assert!(approve.status.success(), "{}", common::text(&approve));
 }
 
 fn sitegate() -> Command {
@@ -132,23 +156,33 @@ async fn publish_until_killed(
         })
     };
     let mut by_pkid: HashMap<u16, u64> = HashMap::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
-            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                if let Some(n) = sent.lock().unwrap().pop_front() {
-                    by_pkid.insert(pkid, n);
-                }
-            }
-            Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                if let Some(n) = by_pkid.remove(&ack.pkid) {
-                    acked.lock().unwrap().insert(n);
-                }
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => break,
-        }
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+        track(&event, &sent, &mut by_pkid, &acked);
     }
     producer.abort();
+}
+
+/// Follows one client event: a publish going out takes the next number sent, its PUBACK
+/// marks that number acknowledged.
+fn track(
+    event: &Event,
+    sent: &Mutex<VecDeque<u64>>,
+    by_pkid: &mut HashMap<u16, u64>,
+    acked: &Mutex<BTreeSet<u64>>,
+) {
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => {
+            if let Some(n) = sent.lock().unwrap().pop_front() {
+                by_pkid.insert(*pkid, n);
+            }
+        }
+        Event::Incoming(Packet::PubAck(ack)) => {
+            if let Some(n) = by_pkid.remove(&ack.pkid) {
+                acked.lock().unwrap().insert(n);
+            }
+        }
+        _ => {}
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,14 +202,12 @@ async fn sigkill_at_random_points_loses_no_acknowledged_message() {
         .unwrap()
         .port();
     let config = root.join("sitegate.toml");
-    std::fs::write(&config, config_toml(root, port)).unwrap();
-    let approve = sitegate()
-        .args(["device", "approve", "sensor-1", "--config"])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
-    assert!(approve.status.success(), "{}", common::text(&approve));
+    std::fs::write(
+        &config,
+        config_toml(root, &root.join("data"), port, "", true),
+    )
+    .unwrap();
+    approve_sensor(&config).await;
 
     let seed: u64 = rand::thread_rng().gen();
     println!("kill-point seed {seed}");

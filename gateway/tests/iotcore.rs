@@ -97,6 +97,29 @@ impl Cloud {
         }
     }
 
+    /// A gateway whose `cloud` sink publishes here as `identity`, with `dt/#` routed to it.
+    async fn site(&self, identity: &IssuedDevice, adjust: impl FnOnce(&mut IotCoreConfig)) -> Site {
+        let mut sink = IotCoreConfig::new(
+            &format!("127.0.0.1:{}", self.port),
+            identity.cert.clone(),
+            identity.key.clone(),
+            self.dir.join("cloud-pki/ca.pem"),
+        );
+        sink.client_id = Some("plant-7-gateway".into());
+        adjust(&mut sink);
+        Site::start_with(|c| {
+            c.sinks.insert("cloud".into(), SinkConfig::Iotcore(sink));
+            c.routes.insert(
+                "raw".into(),
+                RouteConfig {
+                    from: "dt/#".into(),
+                    to: "cloud".into(),
+                },
+            );
+        })
+        .await
+    }
+
     fn issue(&self, name: &str) -> IssuedDevice {
         pki::issue_device(
             name,
@@ -161,26 +184,7 @@ async fn records_reach_the_broker_with_identity_and_survive_a_broker_restart() {
     let reader = cloud.reader(&reader_identity);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let cloud_ca = cloud_dir.path().join("cloud-pki/ca.pem");
-    let port = cloud.port;
-    let site = Site::start_with(|c| {
-        let mut sink = IotCoreConfig::new(
-            &format!("127.0.0.1:{port}"),
-            gateway_identity.cert.clone(),
-            gateway_identity.key.clone(),
-            cloud_ca,
-        );
-        sink.client_id = Some("plant-7-gateway".into());
-        c.sinks.insert("cloud".into(), SinkConfig::Iotcore(sink));
-        c.routes.insert(
-            "raw".into(),
-            RouteConfig {
-                from: "dt/#".into(),
-                to: "cloud".into(),
-            },
-        );
-    })
-    .await;
+    let site = cloud.site(&gateway_identity, |_| {}).await;
     let sensor = site.device("sensor-1").await;
     for n in 0..2 {
         let o = site
@@ -331,29 +335,13 @@ async fn batched_publishes_carry_many_records_each_so_the_publish_rate_does_not_
         got
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cloud_ca = cloud_dir.path().join("cloud-pki/ca.pem");
-    let port = cloud.port;
-    let site = Site::start_with(|c| {
-        let mut sink = IotCoreConfig::new(
-            &format!("127.0.0.1:{port}"),
-            gateway_identity.cert.clone(),
-            gateway_identity.key.clone(),
-            cloud_ca,
-        );
-        sink.client_id = Some("plant-7-gateway".into());
-        // Five publishes a second: one record each would take a minute for 300.
-        sink.max_publish_rate = 5;
-        sink.batch_records = 100;
-        c.sinks.insert("cloud".into(), SinkConfig::Iotcore(sink));
-        c.routes.insert(
-            "raw".into(),
-            RouteConfig {
-                from: "dt/#".into(),
-                to: "cloud".into(),
-            },
-        );
-    })
-    .await;
+    let site = cloud
+        .site(&gateway_identity, |sink| {
+            // Five publishes a second: one record each would take a minute for 300.
+            sink.max_publish_rate = 5;
+            sink.batch_records = 100;
+        })
+        .await;
     let sensor = site.device("sensor-1").await;
     let creds = site.credentials(&sensor);
     let opts = creds

@@ -51,6 +51,18 @@ impl Draft {
             + self.payload.len()
     }
 
+    /// The draft a record was made from (its id dropped), to append it again.
+    pub fn of(record: Record) -> Draft {
+        Draft {
+            received_at_ms: record.received_at_ms,
+            thing_name: record.thing_name,
+            cert_id: record.cert_id,
+            topic: record.topic,
+            rule: record.rule,
+            payload: record.payload,
+        }
+    }
+
     fn into_record(self, id: u64) -> Record {
         Record {
             id,

@@ -89,17 +89,10 @@ pub async fn recover(spool: &Spool, damaged: &Path) -> Result<Report, SalvageErr
             };
             for r in records {
                 if marks.recover(r.id) {
-                    found.entry(sink.clone()).or_default().insert(
-                        r.id,
-                        Draft {
-                            received_at_ms: r.received_at_ms,
-                            thing_name: r.thing_name,
-                            cert_id: r.cert_id,
-                            topic: r.topic,
-                            rule: r.rule,
-                            payload: r.payload,
-                        },
-                    );
+                    found
+                        .entry(sink.clone())
+                        .or_default()
+                        .insert(r.id, Draft::of(r));
                 }
             }
         }

@@ -20,24 +20,7 @@ fn config(dir: &Path, max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
 }
 
 async fn open(dir: &Path, cfg: &SpoolConfig, sinks: &[&str]) -> Spool {
-    if !dir.join("kek").exists() {
-        keys::generate_kek(&dir.join("kek")).unwrap();
-    }
-    // sled's flusher thread lets go of the file lock of a dropped database a moment later.
-    let mut tries = 0;
-    let db = loop {
-        match sled::Config::new().path(dir.join("db")).open() {
-            Ok(db) => break db,
-            Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
-    Spool::open(db, cfg, dir, sinks.iter().map(|s| s.to_string()))
-        .await
-        .unwrap()
+    reopen(dir, cfg, sinks).await
 }
 
 fn draft(n: u64) -> Draft {

@@ -71,57 +71,8 @@ impl FaultSite {
         };
         let port = free_port();
         let config = root.join("sitegate.toml");
-        let encryption = if key_file {
-            format!(
-                "[spool.encryption]\nkey_file = \"{}/pki/spool.kek\"\n",
-                root.display()
-            )
-        } else {
-            String::new()
-        };
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-site = "faults"
-data_dir = "{data}"
-
-[listener]
-mqtts = "127.0.0.1:{port}"
-ca = "{root}/pki/ca.pem"
-cert = "{root}/pki/gateway.pem"
-key = "{root}/pki/gateway.key"
-
-[sinks.archive]
-type = "file"
-path = "{root}/out/archive.jsonl"
-
-[routes.telemetry]
-from = "dt/#"
-to = "archive"
-
-[spool]
-{spool}
-
-{encryption}
-
-{auth}
-"#,
-                data = data.display(),
-                root = root.display(),
-                auth = common::AUTH
-                    .replace("[device_groups", "[auth.device_groups")
-                    .replace("[policies", "[auth.policies"),
-            ),
-        )
-        .unwrap();
-        let approve = sitegate()
-            .args(["device", "approve", "sensor-1", "--config"])
-            .arg(&config)
-            .output()
-            .await
-            .unwrap();
-        assert!(approve.status.success(), "{}", common::text(&approve));
+        std::fs::write(&config, config_toml(&root, &data, port, spool, key_file)).unwrap();
+        approve_sensor(&config).await;
         FaultSite {
             log: root.join("gateway.log"),
             root,
@@ -331,17 +282,7 @@ async fn publish_session(
     loop {
         tokio::select! {
             ev = tokio::time::timeout(Duration::from_secs(30), events.poll()) => match ev {
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                    if let Some(n) = sent.lock().unwrap().pop_front() {
-                        by_pkid.insert(pkid, n);
-                    }
-                }
-                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    if let Some(n) = by_pkid.remove(&ack.pkid) {
-                        acked.lock().unwrap().insert(n);
-                    }
-                }
-                Ok(Ok(_)) => {}
+                Ok(Ok(event)) => track(&event, &sent, &mut by_pkid, acked),
                 Ok(Err(_)) | Err(_) => break,
             },
             _ = stopped.changed() => {
@@ -350,17 +291,7 @@ async fn publish_session(
                 producer.0.abort();
                 loop {
                     match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
-                        Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                            if let Some(n) = sent.lock().unwrap().pop_front() {
-                                by_pkid.insert(pkid, n);
-                            }
-                        }
-                        Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                            if let Some(n) = by_pkid.remove(&ack.pkid) {
-                                acked.lock().unwrap().insert(n);
-                            }
-                        }
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(event)) => track(&event, &sent, &mut by_pkid, acked),
                         Ok(Err(_)) => break,
                         Err(_) if by_pkid.is_empty() => break,
                         Err(_) => {}
