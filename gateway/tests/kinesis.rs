@@ -135,8 +135,17 @@ async fn an_outage_buffers_in_the_spool_and_drains_after_with_nothing_lost() {
     assert!(moto.read_stream("site-telemetry").await.is_empty());
     site.wait_for("a failed send", |s| s.sink_send_failures > 0)
         .await;
+    // Long enough for the drain's backoff to reach its cap.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     relay.set(true);
+    let back = std::time::Instant::now();
     let records = wait_records(&moto, "site-telemetry", 10).await;
+    // A figure for the record, not a bound.
+    println!(
+        "Kinesis: records in the stream {:?} after the endpoint returned (backoff cap {:?})",
+        back.elapsed(),
+        sitegate::spool::drain::BACKOFF_MAX
+    );
     assert_eq!(records.len(), 10);
     let envelopes: Vec<_> = records.iter().map(|r| json(&r.data)).collect();
     for (_, ns) in per_thing(&envelopes) {

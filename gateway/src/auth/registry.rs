@@ -241,6 +241,30 @@ mod tests {
     }
 
     #[test]
+    fn below_the_disk_reserve_new_devices_wait_and_known_ones_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        Registry::open(&db, crate::disk::DiskGuard::off())
+            .unwrap()
+            .approve("pump-1", &["pumps".into()])
+            .unwrap();
+        let full = crate::disk::DiskGuard::new(dir.path(), u64::MAX / 4);
+        let r = Registry::open(&db, full).unwrap();
+        let err = r.observe("stranger-1", "cc").unwrap_err();
+        assert!(matches!(err, RegistryError::DiskLow(_)), "{err}");
+        assert!(
+            err.is_retryable(),
+            "a CONNECT refused now may succeed later"
+        );
+        assert!(r.get("stranger-1").unwrap().is_none(), "nothing written");
+        let known = r.observe("pump-1", "dd").unwrap();
+        assert_eq!(known.state, DeviceState::Approved);
+        assert!(known.cert_ids.is_empty(), "the sighting is not written");
+        // An operator's decision still goes through: it is small, and the reserve is for it.
+        r.approve("stranger-1", &[]).unwrap();
+    }
+
+    #[test]
     fn approve_then_revoke_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
