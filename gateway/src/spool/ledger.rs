@@ -10,8 +10,8 @@
 //! ```
 //!
 //! (integers little-endian). The valid slot with the higher `seq` wins. The file is written
-//! and fdatasynced after every commit has been flushed by sled and before PUBACKs go out, so
-//! `committed` never claims a record sled did not have when it answered.
+//! and fdatasynced beside every sled flush, before PUBACKs go out; `committed` only ever
+//! names records an earlier flush made durable, so it never claims one sled did not have.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -32,6 +32,10 @@ const SLOT_HEADER: usize = 4 + 8 + 4;
 pub struct Marks {
     /// The last record id acknowledged to a device (durable in sled when it was written).
     pub committed: u64,
+    /// The last id being flushed when this was written: never handed out again, but not
+    /// checked (it may not have been acknowledged).
+    #[serde(default)]
+    pub pending: u64,
     /// Every id up to this one was delivered or dropped.
     pub acked: u64,
     /// Id ranges `(first, last)` found missing from the store: promised, then lost.

@@ -142,6 +142,8 @@ pub struct Queue {
     tree: sled::Tree,
     limits: QueueLimits,
     index: Mutex<QueueIndex>,
+    /// Every id up to this one was flushed by sled (what the ledger may call committed).
+    durable: AtomicU64,
     /// Woken when records are appended, so the drain need not poll.
     pub appended: Notify,
 }
@@ -171,7 +173,7 @@ pub struct Spool {
     pub space: Notify,
     pub counters: SpoolCounters,
     disk: DiskGuard,
-    ledger: Mutex<Ledger>,
+    ledger: Arc<Mutex<Ledger>>,
     /// Set once with the reason when the store fails; never cleared (restart to recover).
     failure: watch::Sender<Option<String>>,
 }
@@ -211,7 +213,7 @@ impl Spool {
             space: Notify::new(),
             counters: SpoolCounters::default(),
             disk: DiskGuard::new(data_dir, config.disk_reserve.0),
-            ledger: Mutex::new(ledger),
+            ledger: Arc::new(Mutex::new(ledger)),
             failure: watch::channel(None).0,
         };
         // Queues the ledger knows but the config no longer names still hold records.
@@ -239,35 +241,54 @@ impl Spool {
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+        lock_ledger(&self.ledger)
     }
 
-    /// The marks of every queue now, with the lost ranges already on record.
-    fn marks(&self) -> ledger::State {
-        let old = self.ledger().state().clone();
-        let mut state = ledger::State::default();
-        for q in self.queues() {
-            let index = q.index();
-            let mut marks = old.sinks.get(&q.sink).cloned().unwrap_or_default();
-            marks.committed = index.next_id.saturating_sub(1);
-            marks.acked = index.acked;
-            marks.prune();
-            state.sinks.insert(q.sink.clone(), marks);
-        }
-        // A queue not open in this run keeps its marks.
-        for (sink, marks) in old.sinks {
-            state.sinks.entry(sink).or_insert(marks);
-        }
-        state
-    }
-
+    /// Writes the ledger now (at open, and by `spool recover`).
     fn write_ledger(&self) -> Result<(), SpoolError> {
-        let state = self.marks();
-        self.ledger().write(state).map_err(|e| {
-            self.counters.io_errors.fetch_add(1, Relaxed);
-            tracing::error!(error = %e, "spool ledger write failed");
-            SpoolError::Ledger(e)
-        })
+        let queues = self.queues();
+        let mut ledger = self.ledger();
+        let state = marks_of(&queues, ledger.state());
+        ledger.write(state).map_err(|e| self.ledger_failed(e))
+    }
+
+    fn ledger_failed(&self, e: LedgerError) -> SpoolError {
+        self.counters.io_errors.fetch_add(1, Relaxed);
+        tracing::error!(error = %e, "spool ledger write failed");
+        SpoolError::Ledger(e)
+    }
+
+    /// Flushes sled and, at the same time, writes the ledger. The ledger calls committed only
+    /// what an earlier flush made durable (and names the ids being flushed as `pending`, so
+    /// they are never handed out again); acknowledgements in it may run ahead of sled's,
+    /// since the sink has those records already. Both writes overlap, so a commit waits for
+    /// one disk round trip, not two; the price is that the last commit before a crash is
+    /// not checked at the next start.
+    async fn flush_with_ledger(&self) -> Result<(), SpoolError> {
+        let queues = self.queues();
+        let flushing: Vec<u64> = queues
+            .iter()
+            .map(|q| q.index().next_id.saturating_sub(1))
+            .collect();
+        let ledger = Arc::clone(&self.ledger);
+        let snapshot = queues.clone();
+        let write = tokio::task::spawn_blocking(move || {
+            let mut ledger = lock_ledger(&ledger);
+            let state = marks_of(&snapshot, ledger.state());
+            ledger.write(state)
+        });
+        let (flushed, written) = tokio::join!(self.flush(), write);
+        flushed?;
+        for (q, id) in queues.iter().zip(flushing) {
+            q.durable.fetch_max(id, Relaxed);
+        }
+        match written {
+            Ok(result) => result.map_err(|e| self.ledger_failed(e)),
+            Err(join) => Err(self.ledger_failed(LedgerError::Io {
+                path: Path::new(ledger::LEDGER_FILE).to_owned(),
+                source: std::io::Error::other(join.to_string()),
+            })),
+        }
     }
 
     /// Records acknowledged to devices that the store no longer holds, per sink, as found
@@ -385,6 +406,7 @@ impl Spool {
             sink: sink.to_string(),
             tree,
             limits,
+            durable: AtomicU64::new(index.next_id.saturating_sub(1)),
             index: Mutex::new(index),
             appended: Notify::new(),
         })
@@ -394,7 +416,10 @@ impl Spool {
     /// up to `committed` that no block holds is lost. Adds them to the ledger's lost ranges
     /// (once), and moves `next_id` past `committed` so no id is handed out twice.
     fn count_missing(&self, sink: &str, index: &mut QueueIndex, marks: &ledger::Marks) {
-        index.next_id = index.next_id.max(marks.committed + 1);
+        index.next_id = index
+            .next_id
+            .max(marks.committed + 1)
+            .max(marks.pending + 1);
         let mut updated = marks.clone();
         let mut found = 0u64;
         for (first, last) in index.gaps(marks.committed) {
@@ -484,8 +509,7 @@ impl Spool {
             }
             queue.appended.notify_one();
         }
-        self.flush().await?;
-        self.write_ledger()?;
+        self.flush_with_ledger().await?;
         self.counters.commits.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -503,8 +527,13 @@ impl Spool {
     /// Makes acknowledgements durable, in sled and in the ledger, so that a restart does not
     /// send again what the sinks already have. The drains call it after each batch.
     pub async fn settle(&self) -> Result<(), SpoolError> {
-        self.flush().await?;
-        self.write_ledger()
+        self.flush_with_ledger().await?;
+        // Once more, so that the ledger calls committed what the flush just made durable
+        // (a clean stop leaves nothing unchecked). Unchanged marks cost no write.
+        let queues = self.queues();
+        let mut ledger = self.ledger();
+        let state = marks_of(&queues, ledger.state());
+        ledger.write(state).map_err(|e| self.ledger_failed(e))
     }
 
     /// Keeps the disk's reserve: below it, `block` queues refuse the commit (the committer
@@ -787,6 +816,32 @@ impl Spool {
             keys: self.keys.status().await,
         }
     }
+}
+
+fn lock_ledger(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The marks of `queues` now, with the lost ranges already on record in `old`.
+fn marks_of(queues: &[Arc<Queue>], old: &ledger::State) -> ledger::State {
+    let mut state = ledger::State::default();
+    for q in queues {
+        let index = q.index();
+        let mut marks = old.sinks.get(&q.sink).cloned().unwrap_or_default();
+        marks.committed = marks.committed.max(q.durable.load(Relaxed));
+        marks.pending = marks.pending.max(index.next_id.saturating_sub(1));
+        marks.acked = marks.acked.max(index.acked);
+        marks.prune();
+        state.sinks.insert(q.sink.clone(), marks);
+    }
+    // A queue not open in this run keeps its marks.
+    for (sink, marks) in &old.sinks {
+        state
+            .sinks
+            .entry(sink.clone())
+            .or_insert_with(|| marks.clone());
+    }
+    state
 }
 
 /// Split drafts into blocks of at most `MAX_BLOCK_RECORDS` records and about `MAX_BLOCK_BYTES`.
