@@ -86,6 +86,9 @@ pub enum SpoolError {
     /// sled failed; the store is taken as broken and the gateway restarts (see [`Spool::failed`]).
     #[error("spool storage: {0}")]
     Store(#[from] sled::Error),
+    /// The store failed earlier in this run; nothing more is taken until a restart.
+    #[error("spool storage failed earlier ({0}); the gateway restarts")]
+    Failed(String),
     /// sled did not finish a flush within [`FLUSH_DEADLINE`].
     #[error("spool storage: a flush did not finish within {0:?}")]
     Stalled(std::time::Duration),
@@ -103,7 +106,10 @@ impl SpoolError {
         match self {
             SpoolError::Full { .. } | SpoolError::DiskLow(_) => true,
             // After a restart of the gateway, which these make happen.
-            SpoolError::Store(_) | SpoolError::Stalled(_) | SpoolError::Ledger(_) => true,
+            SpoolError::Store(_)
+            | SpoolError::Failed(_)
+            | SpoolError::Stalled(_)
+            | SpoolError::Ledger(_) => true,
             SpoolError::Key(k) => k.retryable(),
             SpoolError::UnknownSink(_) | SpoolError::Block(_) => false,
         }
@@ -128,8 +134,6 @@ pub struct SpoolCounters {
     pub dropped_records: AtomicU64,
     pub quarantined_blocks: AtomicU64,
     pub io_errors: AtomicU64,
-    /// Commits held or blocks dropped because the disk was below its reserve.
-    pub disk_low: AtomicU64,
 }
 
 /// A sled flush that takes longer than this is taken as a store that will not recover
@@ -327,9 +331,7 @@ impl Spool {
 
     fn check_healthy(&self) -> Result<(), SpoolError> {
         match self.failure.borrow().as_ref() {
-            Some(reason) => Err(SpoolError::Store(sled::Error::ReportableBug(format!(
-                "store failed earlier ({reason})"
-            )))),
+            Some(reason) => Err(SpoolError::Failed(reason.clone())),
             None => Ok(()),
         }
     }
@@ -548,7 +550,6 @@ impl Spool {
             }
             return Ok(());
         };
-        self.counters.disk_low.fetch_add(1, Relaxed);
         let must_wait = planned.iter().any(|(queue, _, _)| {
             queue.limits.when_full != WhenFull::DropOldest || queue.index().blocks.is_empty()
         });

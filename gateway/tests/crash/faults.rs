@@ -192,12 +192,9 @@ fn noise(n: u64, len: usize) -> String {
 }
 
 impl Publisher {
-    fn start(
-        site: &FaultSite,
-        next: Arc<Mutex<u64>>,
-        acked: Arc<Mutex<BTreeSet<u64>>>,
-        size: usize,
-    ) -> Publisher {
+    fn start(site: &FaultSite, size: usize) -> Publisher {
+        let next: Arc<Mutex<u64>> = Arc::default();
+        let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let creds = site.creds.clone();
         let port = site.port;
@@ -211,7 +208,6 @@ impl Publisher {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
-        let _ = next;
         Publisher { acked, stop, task }
     }
 
@@ -337,9 +333,7 @@ async fn disk_full_round(when_full: &str) {
     .await;
     site.block_sink();
     let mut child = site.start().await;
-    let next = Arc::new(Mutex::new(0u64));
-    let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
-    let publisher = Publisher::start(&site, next, acked, 2000);
+    let publisher = Publisher::start(&site, 2000);
     assert!(publisher.wait_acks(0, 500, Duration::from_secs(30)).await >= 500);
     // Leave 12 MiB: the spool reaches its 8 MiB reserve after a few MiB more.
     let filler = fill_until(&site.data, 12 << 20);
@@ -428,7 +422,7 @@ async fn with_no_reserve_a_store_error_ends_the_process_and_a_restart_delivers_e
     let site = FaultSite::new(Some(24), "disk_reserve = 0", true).await;
     site.block_sink();
     let mut child = site.start().await;
-    let publisher = Publisher::start(&site, Arc::default(), Arc::default(), 2000);
+    let publisher = Publisher::start(&site, 2000);
     assert!(publisher.wait_acks(0, 200, Duration::from_secs(30)).await >= 200);
     let filler = fill_until(&site.data, 1 << 20);
     let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
@@ -522,7 +516,7 @@ async fn damaged_store_files_never_stop_the_gateway_and_losses_are_counted_and_r
         let site = FaultSite::new(None, "", true).await;
         site.block_sink();
         let mut child = site.start().await;
-        let publisher = Publisher::start(&site, Arc::default(), Arc::default(), 300);
+        let publisher = Publisher::start(&site, 300);
         publisher.wait_acks(0, 3000, Duration::from_secs(60)).await;
         let acked = publisher.stop().await;
         let (code, _) = terminate(&mut child).await;
@@ -595,7 +589,7 @@ async fn a_deleted_default_key_file_stops_the_start_with_the_fix_spelled_out() {
     let site = FaultSite::new(None, "", false).await;
     site.block_sink();
     let mut child = site.start().await;
-    let publisher = Publisher::start(&site, Arc::default(), Arc::default(), 100);
+    let publisher = Publisher::start(&site, 100);
     publisher.wait_acks(0, 500, Duration::from_secs(30)).await;
     publisher.stop().await;
     terminate(&mut child).await;
