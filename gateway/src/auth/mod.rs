@@ -6,14 +6,17 @@
 //! connection at its next packet without a reconnect.
 //!
 //! Layout:
+//! - `config`: the `[auth]` section (groups, policies, statements).
 //! - `policy`: selection rules, resource patterns, [`Permissions`] per device.
 //! - `registry`: the sled-backed device registry (pending, approved, revoked).
 
+mod config;
 pub mod policy;
-pub mod registry;
+mod registry;
 
 use tokio::sync::watch;
 
+pub use config::{AuthConfig, DeviceGroupConfig, StatementConfig};
 pub use policy::{Operation, Permissions, PolicySet, PROVISIONING_GROUP};
 pub use registry::{DeviceRecord, DeviceState, Registry, RegistryError};
 
@@ -102,7 +105,7 @@ impl Authority {
 
     /// Approves `thing`, adding `groups`; live sessions pick it up at their next packet.
     pub fn approve(&self, thing: &str, groups: &[String]) -> Result<DeviceRecord, AdminError> {
-        if !policy::valid_thing_name(thing) {
+        if !crate::identity::valid_thing_name(thing) {
             return Err(AdminError::InvalidThing(thing.to_owned()));
         }
         if let Some(unknown) = groups.iter().find(|g| !self.policies.has_group(g)) {
@@ -115,7 +118,7 @@ impl Authority {
 
     /// Revokes `thing`; the caller also disconnects its live session.
     pub fn revoke(&self, thing: &str) -> Result<DeviceRecord, AdminError> {
-        if !policy::valid_thing_name(thing) {
+        if !crate::identity::valid_thing_name(thing) {
             return Err(AdminError::InvalidThing(thing.to_owned()));
         }
         // A thing never seen may be revoked ahead of time: it is then refused at its first CONNECT.

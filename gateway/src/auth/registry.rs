@@ -4,8 +4,6 @@
 //! operator assigned, and every certificate id seen for it. Writes are flushed before they are
 //! reported done, so an approval or revocation survives a crash that follows it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
 const TREE: &str = "things";
@@ -56,7 +54,7 @@ impl DeviceRecord {
             cert_ids: Vec::new(),
             first_seen_ms: None,
             last_seen_ms: None,
-            updated_ms: now_ms(),
+            updated_ms: crate::clock::now_ms(),
         }
     }
 }
@@ -76,7 +74,7 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// True when trying again later may succeed.
-    pub fn is_retryable(&self) -> bool {
+    pub fn retryable(&self) -> bool {
         matches!(self, RegistryError::Storage(_) | RegistryError::DiskLow(_))
     }
 }
@@ -128,7 +126,7 @@ impl Registry {
         // Not flushed here: a sighting lost to a crash costs nothing, and a reconnect storm must
         // not wait on one fsync per device. sled writes it out within its flush interval.
         self.update(thing, Durability::Lazy, |r| {
-            let now = now_ms();
+            let now = crate::clock::now_ms();
             r.first_seen_ms.get_or_insert(now);
             r.last_seen_ms = Some(now);
             if !r.cert_ids.iter().any(|c| c == cert_id) {
@@ -146,7 +144,7 @@ impl Registry {
                     r.groups.push(g.clone());
                 }
             }
-            r.updated_ms = now_ms();
+            r.updated_ms = crate::clock::now_ms();
         })
     }
 
@@ -154,7 +152,7 @@ impl Registry {
     pub fn revoke(&self, thing: &str) -> Result<DeviceRecord, RegistryError> {
         self.update(thing, Durability::Flushed, |r| {
             r.state = DeviceState::Revoked;
-            r.updated_ms = now_ms();
+            r.updated_ms = crate::clock::now_ms();
         })
     }
 
@@ -210,13 +208,6 @@ fn decode(thing: &str, bytes: &[u8]) -> Result<DeviceRecord, RegistryError> {
     })
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,10 +243,7 @@ mod tests {
         let r = Registry::open(&db, full).unwrap();
         let err = r.observe("stranger-1", "cc").unwrap_err();
         assert!(matches!(err, RegistryError::DiskLow(_)), "{err}");
-        assert!(
-            err.is_retryable(),
-            "a CONNECT refused now may succeed later"
-        );
+        assert!(err.retryable(), "a CONNECT refused now may succeed later");
         assert!(r.get("stranger-1").unwrap().is_none(), "nothing written");
         let known = r.observe("pump-1", "dd").unwrap();
         assert_eq!(known.state, DeviceState::Approved);

@@ -23,8 +23,8 @@ use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::config::EncryptionConfig;
-use crate::spool::now_ms;
+use super::EncryptionConfig;
+use crate::clock::now_ms;
 
 const KIND_KMS: u8 = 1;
 const KIND_FILE: u8 = 2;
@@ -50,12 +50,42 @@ pub enum KeyError {
     Lost { key_id: u32, reason: String },
     #[error("spool key store: {0}")]
     Store(#[from] sled::Error),
+    /// A key-encryption key file cannot be read or made, or is not a key file.
+    #[error("key file {}: {reason}", path.display())]
+    KeyFile { path: PathBuf, reason: String },
+    /// The default key file is gone while blocks sealed under keys it wrapped remain.
+    #[error(
+        "{} is missing, but the spool holds {blocks} sealed blocks under data keys wrapped by key file {}. \
+         Put the key file back (from a backup) and start again. If it is lost for good, \
+         those records cannot be read: stop the gateway, move {} and {} aside, and start on an empty spool",
+        path.display(), wrapped.join(", "), store.display(), sidecar.display()
+    )]
+    KeyFileMissing {
+        path: PathBuf,
+        blocks: usize,
+        wrapped: Vec<String>,
+        store: PathBuf,
+        sidecar: PathBuf,
+    },
+    /// The `spool.keys` sidecar could not be read.
+    #[error("keys file {}: {source}", path.display())]
+    Sidecar {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl KeyError {
     /// Whether blocks under this key could be read later (so must not be quarantined).
     pub fn retryable(&self) -> bool {
-        !matches!(self, KeyError::Lost { .. })
+        match self {
+            KeyError::Lost { .. } => false,
+            // The files have to be put right first.
+            KeyError::KeyFile { .. }
+            | KeyError::KeyFileMissing { .. }
+            | KeyError::Sidecar { .. } => false,
+            KeyError::Unavailable { .. } | KeyError::NoSealingKey(_) | KeyError::Store(_) => true,
+        }
     }
 }
 
@@ -99,22 +129,28 @@ pub struct KeyRing {
 }
 
 /// Read a key-encryption key file (32 raw bytes).
-pub fn read_kek(path: &Path) -> Result<[u8; KEK_LEN], String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
-    <[u8; KEK_LEN]>::try_from(bytes.as_slice()).map_err(|_| {
-        format!(
-            "key file {} holds {} bytes; a spool key file is {KEK_LEN} random bytes (make one with `sitegate spool keygen`)",
-            path.display(),
+pub fn read_kek(path: &Path) -> Result<[u8; KEK_LEN], KeyError> {
+    let bytes = std::fs::read(path).map_err(|e| KeyError::KeyFile {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    <[u8; KEK_LEN]>::try_from(bytes.as_slice()).map_err(|_| KeyError::KeyFile {
+        path: path.to_owned(),
+        reason: format!(
+            "holds {} bytes; a spool key file is {KEK_LEN} random bytes (make one with `sitegate spool keygen`)",
             bytes.len()
-        )
+        ),
     })
 }
 
 /// Make a new key-encryption key file, readable by its owner only. Never overwrites.
-pub fn generate_kek(path: &Path) -> Result<(), crate::pki::PkiError> {
+pub fn generate_kek(path: &Path) -> Result<(), KeyError> {
     let mut kek = [0u8; KEK_LEN];
     rand::rngs::OsRng.fill_bytes(&mut kek);
-    crate::pki::write_secret(path, &kek)
+    crate::secret::write_secret(path, &kek).map_err(|e| KeyError::KeyFile {
+        path: path.to_owned(),
+        reason: format!("cannot create it: {e}"),
+    })
 }
 
 /// Appends one key record to the sidecar and waits until it is on disk.
@@ -154,17 +190,22 @@ pub fn read_sidecar(bytes: &[u8]) -> Vec<(u32, Vec<u8>)> {
 }
 
 /// Puts keys the sidecar has and the tree lacks back into the tree; how many.
-fn restore_from_sidecar(tree: &sled::Tree, path: &Path) -> Result<usize, String> {
+fn restore_from_sidecar(tree: &sled::Tree, path: &Path) -> Result<usize, KeyError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(format!("keys file {}: {e}", path.display())),
+        Err(source) => {
+            return Err(KeyError::Sidecar {
+                path: path.to_owned(),
+                source,
+            })
+        }
     };
     let mut restored = 0;
     for (id, value) in read_sidecar(&bytes) {
         let key = id.to_be_bytes();
-        if tree.get(key).map_err(|e| e.to_string())?.is_none() {
-            tree.insert(key, value).map_err(|e| e.to_string())?;
+        if tree.get(key)?.is_none() {
+            tree.insert(key, value)?;
             restored += 1;
         }
     }
@@ -216,8 +257,8 @@ impl KeyRing {
         db: &sled::Db,
         config: &EncryptionConfig,
         data_dir: &Path,
-    ) -> Result<Self, String> {
-        let tree = db.open_tree("spool-keys").map_err(|e| e.to_string())?;
+    ) -> Result<Self, KeyError> {
+        let tree = db.open_tree("spool-keys")?;
         let sidecar = data_dir.join(KEYS_FILE);
         let restored = restore_from_sidecar(&tree, &sidecar)?;
         if restored > 0 {
@@ -234,17 +275,15 @@ impl KeyRing {
                     let blocks = sealed_blocks(db);
                     let wrapped = file_wrapped_keys(&tree);
                     if blocks > 0 && !wrapped.is_empty() {
-                        return Err(format!(
-                            "{} is missing, but the spool holds {blocks} sealed blocks under data keys wrapped by key file {}. \
-                             Put the key file back (from a backup) and start again. If it is lost for good, \
-                             those records cannot be read: stop the gateway, move {} and {} aside, and start on an empty spool",
-                            path.display(),
-                            wrapped.join(", "),
-                            data_dir.join(super::store::STORE_DIR).display(),
-                            sidecar.display(),
-                        ));
+                        return Err(KeyError::KeyFileMissing {
+                            path,
+                            blocks,
+                            wrapped,
+                            store: data_dir.join(super::store::STORE_DIR),
+                            sidecar,
+                        });
                     }
-                    generate_kek(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+                    generate_kek(&path)?;
                     tracing::warn!(path = %path.display(), "no [spool.encryption] configured: created a local key file; use kms_key_id or a key_file kept off the data disk");
                 }
                 Some(path)
@@ -253,7 +292,10 @@ impl KeyRing {
         let kek = match kek_path {
             Some(path) => {
                 let raw = read_kek(&path)?;
-                let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|e| e.to_string())?;
+                let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|e| KeyError::KeyFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
                 Some((cipher, fingerprint(&raw)))
             }
             None => None,

@@ -13,17 +13,17 @@
 //! store no longer holds.
 //!
 //! Layout:
+//! - `config`: the `[spool]` section.
 //! - `block`: the sealed block format (header, LZ4, AES-256-GCM with sink and position bound in).
 //! - `keys`: data keys wrapped by KMS or a local key file; rotation; offline fallback.
 //! - `queue`: the in-memory index of one sink's blocks (depth, bytes, age, ack point).
 //! - `ledger`: each queue's high-water marks and lost ranges, in a sidecar file.
 //! - `store`: opening sled's files; damage repaired or set aside.
 //! - `salvage`: `sitegate spool recover`, sealed blocks found in a damaged store's raw files.
-//! - `drain`: the per-sink loop that sends, acknowledges and backs off.
 //! - `status`: depth and health per sink, live or read from a stopped gateway's data_dir.
 
 pub mod block;
-pub mod drain;
+mod config;
 pub mod keys;
 pub mod ledger;
 pub mod queue;
@@ -43,11 +43,11 @@ use tokio::sync::{watch, Notify};
 
 pub use block::Draft;
 use block::{BlockError, Header};
+pub use config::{EncryptionConfig, QueueOverride, SpoolConfig, WhenFull};
 pub use keys::{KeyError, KeyRing};
 use queue::QueueIndex;
 pub use status::{QueueStatus, SpoolStatus};
 
-use crate::config::{SpoolConfig, WhenFull};
 use crate::disk::{DiskGuard, DiskLow};
 use ledger::{Ledger, LedgerError};
 
@@ -59,14 +59,6 @@ pub const MAX_BLOCK_BYTES: usize = 1 << 20;
 const TREE_PREFIX: &str = "spool:";
 const META_TREE: &str = "spool-meta";
 const QUARANTINE_TREE: &str = "spool-quarantine";
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// Why the spool could not take or give records.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +90,12 @@ pub enum SpoolError {
     Key(#[from] KeyError),
     #[error("spool block: {0}")]
     Block(#[from] BlockError),
+    /// A queue could not be opened (at start, or for a sink added while running).
+    #[error("spool queue `{sink}`: {source}")]
+    Queue {
+        sink: String,
+        source: Box<SpoolError>,
+    },
 }
 
 impl SpoolError {
@@ -112,6 +110,7 @@ impl SpoolError {
             | SpoolError::Ledger(_) => true,
             SpoolError::Key(k) => k.retryable(),
             SpoolError::UnknownSink(_) | SpoolError::Block(_) => false,
+            SpoolError::Queue { source, .. } => source.retryable(),
         }
     }
 }
@@ -122,18 +121,6 @@ pub struct QueueLimits {
     pub max_bytes: u64,
     pub max_age_ms: u64,
     pub when_full: WhenFull,
-}
-
-/// Spool-wide counters (also reported per queue in status).
-#[derive(Debug, Default)]
-pub struct SpoolCounters {
-    pub appended_records: AtomicU64,
-    pub appended_blocks: AtomicU64,
-    pub commits: AtomicU64,
-    pub acked_records: AtomicU64,
-    pub dropped_records: AtomicU64,
-    pub quarantined_blocks: AtomicU64,
-    pub io_errors: AtomicU64,
 }
 
 /// A sled flush that takes longer than this is taken as a store that will not recover
@@ -175,7 +162,6 @@ pub struct Spool {
     queues: std::sync::RwLock<BTreeMap<String, Arc<Queue>>>,
     /// Woken when acknowledgements or evictions free space.
     pub space: Notify,
-    pub counters: SpoolCounters,
     disk: DiskGuard,
     ledger: Arc<Mutex<Ledger>>,
     /// Set once with the reason when the store fails; never cleared (restart to recover).
@@ -203,11 +189,11 @@ impl Spool {
         config: &SpoolConfig,
         data_dir: &Path,
         sinks: impl IntoIterator<Item = String>,
-    ) -> Result<Spool, String> {
-        let ledger = Ledger::open(data_dir).map_err(|e| e.to_string())?;
+    ) -> Result<Spool, SpoolError> {
+        let ledger = Ledger::open(data_dir)?;
         let keys = KeyRing::open(&db, &config.encryption, data_dir).await?;
-        let meta = db.open_tree(META_TREE).map_err(|e| e.to_string())?;
-        let quarantine = db.open_tree(QUARANTINE_TREE).map_err(|e| e.to_string())?;
+        let meta = db.open_tree(META_TREE)?;
+        let quarantine = db.open_tree(QUARANTINE_TREE)?;
         let spool = Spool {
             db,
             meta,
@@ -215,7 +201,6 @@ impl Spool {
             keys,
             queues: Default::default(),
             space: Notify::new(),
-            counters: SpoolCounters::default(),
             disk: DiskGuard::new(data_dir, config.disk_reserve.0),
             ledger: Arc::new(Mutex::new(ledger)),
             failure: watch::channel(None).0,
@@ -231,8 +216,8 @@ impl Spool {
         for sink in names {
             spool.add_queue(&sink, config).await?;
         }
-        spool.db.flush_async().await.map_err(|e| e.to_string())?;
-        spool.write_ledger().map_err(|e| e.to_string())?;
+        spool.db.flush_async().await?;
+        spool.write_ledger()?;
         Ok(spool)
     }
 
@@ -257,7 +242,6 @@ impl Spool {
     }
 
     fn ledger_failed(&self, e: LedgerError) -> SpoolError {
-        self.counters.io_errors.fetch_add(1, Relaxed);
         tracing::error!(error = %e, "spool ledger write failed");
         SpoolError::Ledger(e)
     }
@@ -313,7 +297,6 @@ impl Spool {
 
     /// Counts, logs and remembers a store failure; returns it as the caller's error.
     fn store_failed(&self, what: &str, error: SpoolError) -> SpoolError {
-        self.counters.io_errors.fetch_add(1, Relaxed);
         let reason = format!("{what}: {error}");
         let first = self.failure.send_if_modified(|f| {
             if f.is_none() {
@@ -338,14 +321,17 @@ impl Spool {
 
     /// Opens the queue for `sink` unless it is open (a sink added while running). A queue
     /// whose sink is removed stays: its records wait for the sink's return, or expire.
-    pub async fn add_queue(&self, sink: &str, config: &SpoolConfig) -> Result<(), String> {
+    pub async fn add_queue(&self, sink: &str, config: &SpoolConfig) -> Result<(), SpoolError> {
         if self.queue(sink).is_some() {
             return Ok(());
         }
         let queue = self
             .open_queue(sink, config.limits_for(sink))
             .await
-            .map_err(|e| format!("spool queue `{sink}`: {e}"))?;
+            .map_err(|e| SpoolError::Queue {
+                sink: sink.to_owned(),
+                source: Box::new(e),
+            })?;
         if let Ok(mut queues) = self.queues.write() {
             queues.entry(sink.to_string()).or_insert(Arc::new(queue));
         }
@@ -460,7 +446,6 @@ impl Spool {
         record.extend_from_slice(reason.as_bytes());
         record.extend_from_slice(&value);
         self.quarantine.insert(qkey, record)?;
-        self.counters.quarantined_blocks.fetch_add(1, Relaxed);
         tracing::error!(sink, block = %hex::encode(key), %reason, "spool block quarantined; the rest of the queue carries on");
         Ok(())
     }
@@ -504,7 +489,7 @@ impl Spool {
         }
         self.make_disk_room(&planned)?;
         let (key_id, cipher) = self.keys.sealing_key().await?;
-        let created = now_ms();
+        let created = crate::clock::now_ms();
         for (queue, drafts, _) in planned {
             for chunk in chunks(drafts) {
                 self.append_block(&queue, key_id, &cipher, created, chunk)?;
@@ -512,7 +497,6 @@ impl Spool {
             queue.appended.notify_one();
         }
         self.flush_with_ledger().await?;
-        self.counters.commits.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -618,7 +602,6 @@ impl Spool {
                 index.dropped_records += lost;
                 index.dropped_blocks += 1;
             }
-            self.counters.dropped_records.fetch_add(lost, Relaxed);
             tracing::warn!(sink = %queue.sink, records = lost, reason = if expired { "older than max_age" } else { "queue full (when_full = drop_oldest)" }, "spool dropped a block");
         }
         Ok(())
@@ -644,10 +627,6 @@ impl Spool {
             .insert(first.to_be_bytes(), stored)
             .map_err(|e| self.store_failed("write", SpoolError::Store(e)))?;
         index.insert(header, len);
-        self.counters
-            .appended_records
-            .fetch_add(drafts.len() as u64, Relaxed);
-        self.counters.appended_blocks.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -745,7 +724,6 @@ impl Spool {
             if through <= index.acked {
                 return Ok(());
             }
-            let before = index.pending_records();
             index.acked = through;
             let failed = |e: sled::Error| self.store_failed("acknowledge", e.into());
             self.meta
@@ -756,9 +734,6 @@ impl Spool {
                 queue.tree.remove(first.to_be_bytes()).map_err(failed)?;
                 index.remove(*first);
             }
-            self.counters
-                .acked_records
-                .fetch_add(before - index.pending_records(), Relaxed);
             !done.is_empty()
         };
         if freed {
@@ -769,7 +744,7 @@ impl Spool {
 
     /// Drop blocks older than each queue's `max_age`. Returns the records dropped.
     pub fn expire(&self) -> Result<u64, SpoolError> {
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         let mut total = 0;
         for queue in self.queues() {
             let queue = &queue;
@@ -791,11 +766,13 @@ impl Spool {
 
     /// Depth and health of every queue.
     pub async fn status(&self) -> SpoolStatus {
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         let queues = self
             .queues()
             .iter()
             .map(|q| {
+                // The ledger before the index: commits take the index, then the ledger.
+                let lost_records = self.lost_records(&q.sink);
                 let index = q.index();
                 QueueStatus {
                     sink: q.sink.clone(),
@@ -807,7 +784,7 @@ impl Spool {
                     dropped_records: index.dropped_records,
                     expired_records: index.expired_records,
                     quarantined_blocks: status::quarantined(&self.quarantine, &q.sink),
-                    lost_records: self.lost_records(&q.sink),
+                    lost_records,
                     max_bytes: q.limits.max_bytes,
                 }
             })

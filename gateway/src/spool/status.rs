@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{key_status, KeyStatus};
 use super::queue::QueueIndex;
-use super::{ack_key, now_ms, quarantine_prefix, META_TREE, QUARANTINE_TREE, TREE_PREFIX};
+use super::{ack_key, quarantine_prefix, META_TREE, QUARANTINE_TREE, TREE_PREFIX};
+use crate::clock::now_ms;
 
 /// One queue's state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

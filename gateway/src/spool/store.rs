@@ -179,7 +179,7 @@ fn conf_is_damaged(conf: &Path) -> bool {
 /// Renames `path` to `<path>.damaged-<unix ms>`; never deletes.
 fn aside(path: &Path, repairs: &mut Repairs, why: &str) -> Result<PathBuf, StoreError> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".damaged-{}", super::now_ms()));
+    name.push(format!(".damaged-{}", crate::clock::now_ms()));
     let to = path.with_file_name(name);
     std::fs::rename(path, &to).map_err(|source| StoreError::SetAside {
         path: path.to_owned(),

@@ -5,11 +5,11 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
-use crate::config::{EncryptionConfig, SpoolConfig};
+use super::{EncryptionConfig, SpoolConfig};
 
 fn config(dir: &Path, max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
     SpoolConfig {
-        max_bytes: crate::config::ByteSize(max_bytes),
+        max_bytes: sitegate_plugins::units::ByteSize(max_bytes),
         when_full,
         encryption: EncryptionConfig {
             key_file: Some(dir.join("kek")),
@@ -447,7 +447,8 @@ async fn a_deleted_default_key_file_is_an_error_while_blocks_wait() {
     let err = Spool::open(db.clone(), &cfg, dir.path(), ["a".to_string()])
         .await
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
     assert!(err.contains("spool.kek is missing"), "{err}");
     assert!(err.contains("1 sealed blocks"), "{err}");
     assert!(

@@ -4,6 +4,7 @@
 
 pub mod aggregate;
 mod config;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,192 @@
+//! The device-facing accept loop: one task per connection, a bounded TLS handshake, a cap on
+//! concurrent connections, and a separate, smaller budget (site-wide and per source address)
+//! for connections still in their handshake.
+//!
+//! Each handshake runs in its connection's own task under `handshake_timeout`, so a client
+//! that opens TCP and sends nothing holds only its own task, never the accept loop.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::edge::session::{self, EdgeContext};
+use crate::identity::pki::Identity;
+
+/// Pause after an accept error (such as running out of file descriptors) before retrying.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The listener's limits, from `[listener]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Connections that finished their handshake (they hold a certificate of the site's CA).
+    pub max_connections: usize,
+    /// Connections still in their handshake, site-wide.
+    pub max_pending: usize,
+    /// Of those, from one source address.
+    pub max_pending_per_address: usize,
+    pub handshake_timeout: Duration,
+}
+
+impl Budget {
+    pub fn of(l: &super::ListenerConfig) -> Budget {
+        Budget {
+            max_connections: l.max_connections,
+            max_pending: l.max_pending_connections,
+            max_pending_per_address: l.max_pending_per_address,
+            handshake_timeout: l.handshake_timeout(),
+        }
+    }
+}
+
+/// Places for connections that have not shown a certificate yet: a site-wide count and one per
+/// source address, so sockets that never finish a handshake cannot lock devices out.
+struct Pending {
+    slots: Arc<Semaphore>,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    max_per_address: usize,
+}
+
+/// One pending place; given back when dropped (handshake done, failed or timed out).
+struct PendingPlace {
+    _slot: OwnedSemaphorePermit,
+    table: Arc<Pending>,
+    ip: IpAddr,
+}
+
+impl Pending {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PendingPlace> {
+        let slot = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        let mut per = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per.entry(ip).or_insert(0);
+        if *n >= self.max_per_address {
+            return None;
+        }
+        *n += 1;
+        Some(PendingPlace {
+            _slot: slot,
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for PendingPlace {
+    fn drop(&mut self) {
+        let mut per = self
+            .table
+            .per_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts device connections until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    ctx: Arc<EdgeContext>,
+    budget: Budget,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(budget.max_connections));
+    let pending = Arc::new(Pending {
+        slots: Arc::new(Semaphore::new(budget.max_pending)),
+        per_address: Mutex::new(HashMap::new()),
+        max_per_address: budget.max_pending_per_address,
+    });
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed; retrying");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(place) = pending.take(peer.ip()) else {
+            ctx.stats.deny("over_pending_limit");
+            debug!(%peer, "handshake budget (listener.max_pending_connections / max_pending_per_address) spent; closing new connection");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(handle(
+            tcp,
+            peer,
+            acceptor.clone(),
+            Arc::clone(&ctx),
+            budget.handshake_timeout,
+            place,
+            Arc::clone(&slots),
+        ));
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<EdgeContext>,
+    handshake_timeout: Duration,
+    place: PendingPlace,
+    slots: Arc<Semaphore>,
+) {
+    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+    drop(place);
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            ctx.stats.handshakes_failed.fetch_add(1, Relaxed);
+            info!(%peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            ctx.stats.handshakes_failed.fetch_add(1, Relaxed);
+            info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|der| Identity::from_der(der));
+    let identity = match identity {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => {
+            ctx.stats.handshakes_failed.fetch_add(1, Relaxed);
+            info!(%peer, error = %e, "client certificate names no thing; closing");
+            return;
+        }
+        None => {
+            // The verifier requires a certificate, so this is unreachable in practice.
+            ctx.stats.handshakes_failed.fetch_add(1, Relaxed);
+            return;
+        }
+    };
+    // Only a connection that showed a certificate of the site's CA takes a device's place.
+    let Ok(_permit) = slots.try_acquire_owned() else {
+        ctx.stats.connections_over_limit.fetch_add(1, Relaxed);
+        debug!(%peer, "connection limit (listener.max_connections) reached; closing");
+        return;
+    };
+    session::run(tls, identity, peer, ctx).await;
+}

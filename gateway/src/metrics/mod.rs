@@ -1,0 +1,68 @@
+//! What the gateway counts and times: the series names, the process's recorder, and the handles
+//! the data path writes to. A leaf: it imports no other part, so the hot path does not depend
+//! on the HTTP exporter (`ops::prometheus`), which is the only code that reads them all.
+//!
+//! Layout:
+//! - `stats`: the device edge's counters, plain atomics bumped per packet and copied into the
+//!   recorder at each scrape.
+//! - here: the recorder ([`handle`]), the latency series and one sink's handles
+//!   ([`SinkMetrics`]), recorded per batch or per commit, never per packet.
+
+mod stats;
+
+use std::sync::OnceLock;
+
+use metrics::{counter, Counter, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub use stats::{Stats, StatsSnapshot};
+
+/// Histogram buckets, in seconds: 100 µs to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// From a device's PUBLISH arriving to its group commit being durable.
+pub const RECEIVE_TO_DURABLE: &str = "sitegate_receive_to_durable_seconds";
+/// From a device's PUBLISH arriving to the sink acknowledging the record.
+pub const RECEIVE_TO_SINK_ACK: &str = "sitegate_receive_to_sink_ack_seconds";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's recorder, installed on first use; `None` if another recorder was installed
+/// first (then the series go there).
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+/// One sink's series, registered once when its drain starts.
+pub struct SinkMetrics {
+    pub sent: Counter,
+    pub failures: Counter,
+    pub retries: Counter,
+    pub latency: Histogram,
+}
+
+impl SinkMetrics {
+    pub fn new(sink: &str) -> SinkMetrics {
+        handle();
+        let label = [("sink", sink.to_string())];
+        SinkMetrics {
+            sent: counter!("sitegate_sink_records_sent_total", &label),
+            failures: counter!("sitegate_sink_send_failures_total", &label),
+            retries: counter!("sitegate_sink_retries_total", &label),
+            latency: metrics::histogram!(RECEIVE_TO_SINK_ACK, &label),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The local administration endpoint: JSON lines over a Unix socket (mode 0600) in `data_dir`.
+//!
+//! One request per connection: `{"op":"approve","thing":"pump-1","groups":["pumps"]}`,
+//! `{"op":"revoke","thing":"pump-1"}`, `{"op":"list"}` or `{"op":"status"}`; one JSON line back.
+//! File permissions are the access control: only the gateway's user (and root) can connect.
+//! When no gateway is running the CLI opens the registry itself and uses the same
+//! [`AdminService`], so approving ahead of the first start works too.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::auth::{Authority, DeviceState};
+use crate::edge::{EndReason, SessionTable};
+use crate::metrics::{Stats, StatsSnapshot};
+use crate::pipeline::RulesReport;
+use crate::spool::{Spool, SpoolStatus};
+
+/// Longest request line accepted.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// Time a client has to send its request, and the CLI to get its answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request to the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    Approve {
+        thing: String,
+        #[serde(default)]
+        groups: Vec<String>,
+    },
+    Revoke {
+        thing: String,
+    },
+    List,
+    Status,
+    /// Depth and health of every spool queue.
+    SpoolStatus,
+    /// Loaded rules, their counters, and refused rule files.
+    RulesStatus,
+}
+
+/// One device as `device list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceView {
+    pub thing: String,
+    pub state: DeviceState,
+    /// Groups in force: configured groups whose rule matches, plus assigned ones (or `provisioning`).
+    pub groups: Vec<String>,
+    pub cert_ids: Vec<String>,
+    pub connected: bool,
+    pub last_seen_ms: Option<u64>,
+}
+
+/// The gateway's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdminResponse {
+    Device { device: DeviceView },
+    Devices { devices: Vec<DeviceView> },
+    Status { stats: StatsSnapshot },
+    Spool { spool: SpoolStatus },
+    Rules { rules: RulesReport },
+    Error { message: String },
+}
+
+/// Carries out admin requests against an authority and the live sessions.
+pub struct AdminService {
+    pub authority: Arc<Authority>,
+    pub sessions: Arc<SessionTable>,
+    pub stats: Arc<Stats>,
+    /// The live spool; `None` when the CLI works on a stopped gateway's registry.
+    pub spool: Option<Arc<Spool>>,
+    /// The rules report the committer keeps current.
+    pub rules: Arc<std::sync::Mutex<RulesReport>>,
+}
+
+impl AdminService {
+    pub async fn handle(&self, request: AdminRequest) -> AdminResponse {
+        if let AdminRequest::SpoolStatus = request {
+            return match &self.spool {
+                Some(spool) => AdminResponse::Spool {
+                    spool: spool.status().await,
+                },
+                None => AdminResponse::Error {
+                    message: "no spool open here".into(),
+                },
+            };
+        }
+        match self.try_handle(request) {
+            Ok(r) => r,
+            Err(message) => AdminResponse::Error { message },
+        }
+    }
+
+    fn try_handle(&self, request: AdminRequest) -> Result<AdminResponse, String> {
+        match request {
+            AdminRequest::Approve { thing, groups } => {
+                self.authority
+                    .approve(&thing, &groups)
+                    .map_err(|e| e.to_string())?;
+                info!(%thing, ?groups, "device approved");
+                Ok(AdminResponse::Device {
+                    device: self.view(&thing)?,
+                })
+            }
+            AdminRequest::Revoke { thing } => {
+                self.authority.revoke(&thing).map_err(|e| e.to_string())?;
+                let was_connected = self.sessions.end(&thing, EndReason::Revoked);
+                info!(%thing, was_connected, "device revoked");
+                Ok(AdminResponse::Device {
+                    device: self.view(&thing)?,
+                })
+            }
+            AdminRequest::List => {
+                let records = self
+                    .authority
+                    .registry()
+                    .list()
+                    .map_err(|e| e.to_string())?;
+                let devices = records
+                    .iter()
+                    .map(|r| self.view(&r.thing))
+                    .collect::<Result<_, _>>()?;
+                Ok(AdminResponse::Devices { devices })
+            }
+            AdminRequest::Status => Ok(AdminResponse::Status {
+                stats: self.stats.snapshot(),
+            }),
+            // Answered in `handle`, which can wait for the key ring.
+            AdminRequest::SpoolStatus => Err("spool status is answered by handle()".into()),
+            AdminRequest::RulesStatus => Ok(AdminResponse::Rules {
+                rules: self.rules.lock().map(|r| r.clone()).unwrap_or_default(),
+            }),
+        }
+    }
+
+    fn view(&self, thing: &str) -> Result<DeviceView, String> {
+        let record = self
+            .authority
+            .registry()
+            .get(thing)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no device named {thing:?}"))?;
+        let grant = self
+            .authority
+            .current_grant(thing)
+            .map_err(|e| e.to_string())?;
+        Ok(DeviceView {
+            thing: record.thing,
+            state: record.state,
+            groups: grant.groups,
+            cert_ids: record.cert_ids,
+            connected: self.sessions.is_connected(thing),
+            last_seen_ms: record.last_seen_ms,
+        })
+    }
+}
+
+/// Binds the admin socket, replacing a stale one, readable and writable by the owner only.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use: is another sitegate running on this data_dir?",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        // Usually data_dir itself, which only its owner may read (see `daemon::private_dir`).
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves admin requests until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<AdminService>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let service = Arc::clone(&service);
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, &service).await {
+                        warn!(error = %e, "admin request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, service: &AdminService) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "admin request timed out")
+        })??;
+    let response = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(request) => service.handle(request).await,
+        Err(e) => AdminResponse::Error {
+            message: format!("bad request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// Why the CLI could not get an answer from a running gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    /// No gateway listens on the socket; the caller may work on the registry directly.
+    #[error("no gateway is running at {0}")]
+    NotRunning(String),
+    #[error("admin socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("admin answer unreadable: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends one request to the gateway listening on `socket`.
+pub async fn request(
+    socket: &Path,
+    request: &AdminRequest,
+) -> Result<AdminResponse, AdminClientError> {
+    let stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(AdminClientError::NotRunning(socket.display().to_string()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let exchange = async {
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        write.write_all(&line).await?;
+        let mut answer = String::new();
+        BufReader::new(read).read_line(&mut answer).await?;
+        Ok::<_, AdminClientError>(serde_json::from_str(&answer)?)
+    };
+    tokio::time::timeout(IO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "gateway did not answer"))?
+}
