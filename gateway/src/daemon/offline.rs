@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{open_store, RunError};
-use crate::auth::{Authority, PolicySet, Registry};
+use crate::auth::{Authority, PolicySet, Registry, RegistryError};
 use crate::config::{Config, ConfigError};
 use crate::disk::DiskGuard;
 use crate::edge::SessionTable;
@@ -37,7 +37,7 @@ pub async fn offline(
     for request in requests {
         responses.push(service.handle(request).await);
     }
-    db.flush().map_err(SpoolError::from)?;
+    db.flush().map_err(RegistryError::from)?;
     Ok(responses)
 }
 

@@ -37,7 +37,8 @@ pub(super) fn routes_of(routes: &BTreeMap<String, RouteConfig>) -> Vec<Route> {
         .collect()
 }
 
-/// What takes one message, as decided when the session matched its topic.
+/// What takes one message, as decided when the session matched its topic. The default is
+/// "nothing", for messages built outside a session (tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Wanted {
     /// The [`Filters`] generation it was matched against; a reconfiguration since means the
