@@ -29,14 +29,6 @@ use crate::control::live::Live;
 pub const COMPONENT_NAME: &str = "io.sitegate.Gateway";
 /// Environment variable carrying the component configuration as JSON.
 pub const CONFIG_ENV: &str = "SITEGATE_CONFIG_JSON";
-/// glibc allocator settings for the gateway process (two arenas, freed memory trimmed back to
-/// the system). With glibc's defaults, memory freed after a flood stayed resident in its
-/// per-thread arenas: in the hostile rounds test, anonymous memory after the sessions ended was
-/// 89 MiB with the defaults and 55 MiB with these (from 6 MiB at start).
-pub const ALLOCATOR_ENV: [(&str, &str); 2] = [
-    ("MALLOC_ARENA_MAX", "2"),
-    ("MALLOC_TRIM_THRESHOLD_", "131072"),
-];
 /// The key of the component configuration that holds sitegate's config tree.
 pub const CONFIG_KEY: &str = "sitegate";
 /// A deployment changes many keys at once, one event each: wait this long for quiet.
@@ -63,18 +55,13 @@ pub fn default_config() -> Config {
     config
 }
 
-/// The recipe for `version`, with artifacts at `artifact_uri` (`{arch}` becomes x86_64 or
-/// aarch64 per manifest).
-/// The component's environment: its configuration and the allocator settings.
+/// The component's environment: its configuration.
 fn setenv() -> Value {
-    let mut env = serde_json::Map::new();
-    env.insert(CONFIG_ENV.into(), "{configuration:/sitegate}".into());
-    for (key, value) in ALLOCATOR_ENV {
-        env.insert(key.into(), value.into());
-    }
-    Value::Object(env)
+    json!({ (CONFIG_ENV): "{configuration:/sitegate}" })
 }
 
+/// The recipe for `version`, with artifacts at `artifact_uri` (`{arch}` becomes x86_64 or
+/// aarch64 per manifest).
 pub fn recipe(version: &str, artifact_uri: &str) -> Value {
     let defaults = serde_json::to_value(default_config()).unwrap_or(Value::Null);
     let manifests: Vec<Value> = ARCHITECTURES
