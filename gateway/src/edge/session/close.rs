@@ -1,0 +1,172 @@
+//! How a session ends: the reason, the DISCONNECT the device is told (MQTT 5), the will, and
+//! what is left behind (a parked persistent session, or nothing).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, LastWill, Packet};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::info;
+
+use crate::auth::Operation;
+use crate::edge::broker::{publish_packet, Fabric, RouterLink};
+use crate::edge::table::{EndReason, Parked};
+use crate::topic::TopicError;
+
+use super::{Conn, Session};
+
+/// Why a session ended; decides the DISCONNECT sent and whether the will is published.
+pub(super) enum Close {
+    /// DISCONNECT from the device: no will, unless it asked for one (MQTT 5 reason 0x04).
+    ByClient {
+        with_will: bool,
+    },
+    /// The socket closed or failed.
+    Network(String),
+    KeepAlive,
+    Protocol(DisconnectReasonCode, String),
+    Ended(EndReason),
+    /// The router dropped the link.
+    RouterGone,
+    /// The spool could not make the device's messages durable; closing makes the device send
+    /// them again once it reconnects (MQTT 3.1.1 has no negative PUBACK).
+    Spool(String),
+}
+
+impl Close {
+    fn describe(&self) -> String {
+        match self {
+            Close::ByClient { with_will: false } => "DISCONNECT from device".into(),
+            Close::ByClient { with_will: true } => "DISCONNECT from device, with will".into(),
+            Close::Network(detail) => format!("network: {detail}"),
+            Close::KeepAlive => "silent past its keepalive".into(),
+            Close::Protocol(code, detail) => format!("protocol error ({code:?}): {detail}"),
+            Close::Ended(reason) => format!("ended by gateway: {reason:?}"),
+            Close::RouterGone => "local router dropped the link".into(),
+            Close::Spool(reason) => format!("spool could not store its messages: {reason}"),
+        }
+    }
+}
+
+pub(super) enum Flow {
+    Continue,
+    Close(Close),
+}
+
+impl Session {
+    /// Tells the device why (MQTT 5), publishes the will when due, and releases the link.
+    pub(super) async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+        mut self,
+        conn: &mut Conn<S>,
+        close: Close,
+    ) {
+        let thing = self.identity.thing.clone();
+        let (reason, publish_will) = match &close {
+            Close::ByClient { with_will } => (None, *with_will),
+            Close::Network(_) | Close::RouterGone => (None, true),
+            Close::Spool(_) => (Some(DisconnectReasonCode::UnspecifiedError), true),
+            Close::KeepAlive => {
+                self.ctx.stats.keepalive_timeouts.fetch_add(1, Relaxed);
+                (Some(DisconnectReasonCode::KeepAliveTimeout), true)
+            }
+            Close::Protocol(code, _) => {
+                self.ctx.stats.protocol_errors.fetch_add(1, Relaxed);
+                (Some(*code), true)
+            }
+            Close::Ended(EndReason::TakenOver) => {
+                (Some(DisconnectReasonCode::SessionTakenOver), true)
+            }
+            Close::Ended(EndReason::Shutdown) => {
+                (Some(DisconnectReasonCode::ServerShuttingDown), true)
+            }
+            Close::Ended(EndReason::Revoked) => {
+                self.ctx.stats.revoked_disconnects.fetch_add(1, Relaxed);
+                (Some(DisconnectReasonCode::NotAuthorized), false)
+            }
+        };
+        info!(thing = %thing, reason = %close.describe(), "device disconnected");
+        if let Some(code) = reason {
+            let d = Packet::Disconnect(Disconnect { reason_code: code }, None);
+            if matches!(self.codec.write(d, &mut conn.wbuf), Ok(true)) {
+                let _ = conn.flush().await;
+            }
+        }
+        let _ = conn.stream.shutdown().await;
+        let will = if publish_will { self.will.take() } else { None };
+        let will = will.filter(|(w, _)| {
+            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+            // The grant may have changed since CONNECT; the will is a publish like any other.
+            self.grant.permissions.allows(Operation::Publish, topic)
+        });
+        if matches!(close, Close::RouterGone) {
+            return;
+        }
+        if !self.clean_session {
+            let generation = self
+                .link
+                .as_ref()
+                .map_or(self.ctx.fabric.generation(), |l| l.generation);
+            self.ctx.sessions.park(
+                &thing,
+                Parked {
+                    filters: std::mem::take(&mut self.filters),
+                    generation,
+                },
+            );
+        }
+        let will = will.and_then(|(w, _)| {
+            let mut packet = will_publish(w);
+            match self.ctx.fabric.retain(&mut packet, &None) {
+                Ok(()) => Some(Packet::Publish(packet, None)),
+                Err(e) => {
+                    self.ctx.stats.deny("retained_quota");
+                    info!(thing = %thing, error = %e, "will not published");
+                    None
+                }
+            }
+        });
+        let fabric = Arc::clone(&self.ctx.fabric);
+        match self.link.take() {
+            Some(link) => release_link(&fabric, link, will).await,
+            None => {
+                if let Some(w) = will {
+                    let _ = fabric.forward(vec![w]).await;
+                }
+            }
+        }
+    }
+}
+
+fn will_publish(w: LastWill) -> rumqttd::protocol::Publish {
+    let topic = String::from_utf8_lossy(&w.topic).into_owned();
+    publish_packet(&topic, &w.message, w.qos, w.retain)
+}
+
+/// Publishes the will (if any) and tells the router this link is gone, so a persistent session
+/// is parked and a clean one forgotten.
+pub(super) async fn release_link(fabric: &Fabric, mut link: RouterLink, will: Option<Packet>) {
+    let bye = Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    let mut packets: Vec<Packet> = will.into_iter().collect();
+    packets.push(bye);
+    let _ = fabric.send(&mut link, packets).await;
+}
+
+pub(super) fn protocol_error(code: DisconnectReasonCode, detail: &str) -> Flow {
+    Flow::Close(Close::Protocol(code, detail.to_owned()))
+}
+
+/// A topic or filter refused: malformed text closes with 0x81 (MQTT §1.5.4), anything else
+/// with `otherwise`.
+pub(super) fn topic_error(e: &TopicError, otherwise: DisconnectReasonCode, what: &str) -> Flow {
+    let code = if e.is_malformed() {
+        DisconnectReasonCode::MalformedPacket
+    } else {
+        otherwise
+    };
+    protocol_error(code, &format!("{what}: {e}"))
+}

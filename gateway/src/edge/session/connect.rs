@@ -1,0 +1,348 @@
+//! The CONNECT phase: the first packet within `listener.connect_timeout`, the identity and
+//! registry checks, the router link a persistent session needs, and CONNACK.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, LastWill, LastWillProperties, Packet,
+    QoS,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tracing::{debug, info, warn};
+
+use crate::auth::{DeviceState, Grant, Operation};
+use crate::edge::codec::{connect_version, Codec, CodecError, Version};
+use crate::escape::Escaped;
+use crate::identity::pki::Identity;
+use crate::identity::valid_thing_name;
+use crate::topic::check_topic;
+
+use super::close::{release_link, Flow};
+use super::{Conn, EdgeContext, Limits, Session, READ_BUFFER, WRITE_BUFFER};
+
+/// How long a new connection waits for an old one with the same client id to close.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs a session on an authenticated TLS stream until it closes.
+pub async fn run<S>(stream: S, identity: Identity, peer: SocketAddr, ctx: Arc<EdgeContext>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Conn {
+        stream,
+        rbuf: BytesMut::with_capacity(READ_BUFFER),
+        wbuf: BytesMut::with_capacity(WRITE_BUFFER),
+        write_timeout: ctx.limits.write_timeout,
+    };
+    let first = tokio::time::timeout(
+        ctx.limits.connect_timeout,
+        read_connect(&mut conn, ctx.limits.max_packet_size),
+    )
+    .await;
+    let (codec, packet) = match first {
+        Err(_) => {
+            debug!(%peer, thing = %Escaped(&identity.thing), "no CONNECT in time; closing");
+            return;
+        }
+        Ok(Err(ConnectError::Version(level))) => {
+            info!(%peer, thing = %Escaped(&identity.thing), level, "unsupported MQTT protocol level; refused");
+            let codec = Codec::new(Version::V311, ctx.limits.max_packet_size);
+            let _ = conn
+                .send_connack(&codec, refusal(ConnectReturnCode::RefusedProtocolVersion))
+                .await;
+            return;
+        }
+        Ok(Err(ConnectError::Other(reason))) => {
+            debug!(%peer, thing = %Escaped(&identity.thing), %reason, "connection closed before CONNECT");
+            return;
+        }
+        Ok(Ok(v)) => v,
+    };
+    let Packet::Connect(connect, _props, will, will_props, _login) = packet else {
+        return;
+    };
+    // Watched from before admission: an approval or revocation during CONNECT is then seen
+    // as a change at the first packet instead of being missed.
+    let epoch = ctx.authority.watch();
+    let admitted = match admit(&ctx, &identity, peer, &codec, &connect, will, will_props) {
+        Ok(a) => a,
+        Err(code) => {
+            ctx.stats.connects_refused.fetch_add(1, Relaxed);
+            let _ = conn.send_connack(&codec, refusal(code)).await;
+            return;
+        }
+    };
+    let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
+    // A device gets a router link of its own only when it needs one: to keep or resume a
+    // persistent session (or to clear one left behind), or once it subscribes. Until then its
+    // publishes go through the fabric's shared link.
+    let needs_link = !connect.clean_session || ctx.sessions.is_parked(&connect.client_id);
+    let link = match needs_link {
+        false => None,
+        true => match ctx
+            .fabric
+            .link(&connect.client_id, connect.clean_session)
+            .await
+        {
+            Ok(link) => Some(link),
+            Err(e) => {
+                warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
+                let _ = conn
+                    .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
+                    .await;
+                return;
+            }
+        },
+    };
+    let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
+    // A parked session whose router has since been rebuilt lives on in the filters kept here;
+    // they are given to the new router below.
+    let parked = ctx
+        .sessions
+        .unpark(&connect.client_id, !connect.clean_session);
+    let (session_present, filters, lost) = match (&link, parked) {
+        (Some(l), Some(p)) if p.generation != l.generation => (true, p.filters, true),
+        (Some(l), Some(p)) if l.session_present => (true, p.filters, false),
+        (Some(l), None) => (
+            l.session_present && !connect.clean_session,
+            Vec::new(),
+            false,
+        ),
+        _ => (false, Vec::new(), false),
+    };
+    let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive);
+    if conn.send_connack(&codec, ack).await.is_err() {
+        if let Some(link) = link {
+            release_link(&ctx.fabric, link, None).await;
+        }
+        return;
+    }
+    info!(
+        thing = %identity.thing,
+        cert_id = %identity.cert_id,
+        %peer,
+        mqtt = %codec.version,
+        state = %admitted.grant.state,
+        groups = ?admitted.grant.groups,
+        "device connected"
+    );
+    if admitted.grant.state == DeviceState::Pending {
+        info!(thing = %identity.thing, "device is pending approval: it may publish only to its provisioning topic");
+    }
+    ctx.stats.connections_accepted.fetch_add(1, Relaxed);
+    ctx.stats.connections_open.fetch_add(1, Relaxed);
+    let mut session = Session {
+        epoch,
+        ctx: Arc::clone(&ctx),
+        codec,
+        thing: Arc::from(identity.thing.as_str()),
+        cert_id: Arc::from(identity.cert_id.as_str()),
+        identity,
+        grant: admitted.grant,
+        will: admitted.will,
+        link,
+        clean_session: connect.clean_session,
+        // A resumed session's subscriptions come back from the router; track them so a later
+        // change of grant can prune them too.
+        filters,
+        generations: ctx.fabric.generations(),
+        to_router: Vec::new(),
+        to_ingest: Vec::new(),
+        read_acks: Vec::new(),
+        held: std::collections::VecDeque::new(),
+        denials_logged: 0,
+        read_at: (std::time::Instant::now(), 0),
+        wake_router: false,
+    };
+    if lost {
+        info!(thing = %session.thing, "the local router was rebuilt while this session was away: its subscriptions are restored, messages queued in the old router are lost");
+    }
+    let resubscribed = match lost {
+        true => session.resubscribe().await,
+        false => Flow::Continue,
+    };
+    // A resumed session's grant may have shrunk while the device was away.
+    let resumed_refused = match (resubscribed, session_present) {
+        (Flow::Close(c), _) => Flow::Close(c),
+        (Flow::Continue, true) => session.refresh_grant().await,
+        (Flow::Continue, false) => Flow::Continue,
+    };
+    let close = match resumed_refused {
+        Flow::Close(c) => c,
+        Flow::Continue => {
+            session
+                .serve(&mut conn, slot, Duration::from_secs(u64::from(keep_alive)))
+                .await
+        }
+    };
+    session.finish(&mut conn, close).await;
+    ctx.stats.connections_open.fetch_sub(1, Relaxed);
+}
+
+enum ConnectError {
+    Version(u8),
+    Other(String),
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    max_packet_size: usize,
+) -> Result<(Codec, Packet), ConnectError> {
+    loop {
+        if let Some(len) = crate::edge::codec::announced_len(&conn.rbuf) {
+            if len > max_packet_size {
+                return Err(ConnectError::Other(format!(
+                    "first packet announces {len} bytes, over listener.max_packet_size"
+                )));
+            }
+        }
+        match connect_version(&conn.rbuf) {
+            Ok(Some(version)) => {
+                let codec = Codec::new(version, max_packet_size);
+                match codec.read(&mut conn.rbuf) {
+                    Ok(Some(frame)) => return Ok((codec, frame.packet)),
+                    Ok(None) => {}
+                    Err(e) => return Err(ConnectError::Other(e.to_string())),
+                }
+            }
+            Ok(None) => {}
+            Err(CodecError::UnsupportedVersion(level)) => return Err(ConnectError::Version(level)),
+            Err(e) => return Err(ConnectError::Other(e.to_string())),
+        }
+        match conn.stream.read_buf(&mut conn.rbuf).await {
+            Ok(0) => return Err(ConnectError::Other("end of stream".into())),
+            Ok(_) => {}
+            Err(e) => return Err(ConnectError::Other(e.to_string())),
+        }
+    }
+}
+
+struct Admitted {
+    grant: Grant,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+}
+
+/// The CONNECT checks: identity, registry state, connect permission, will permission.
+fn admit(
+    ctx: &EdgeContext,
+    identity: &Identity,
+    peer: SocketAddr,
+    codec: &Codec,
+    connect: &Connect,
+    will: Option<LastWill>,
+    will_props: Option<LastWillProperties>,
+) -> Result<Admitted, ConnectReturnCode> {
+    let thing = &identity.thing;
+    if connect.client_id != *thing {
+        warn!(
+            %peer,
+            client_id = %Escaped(&connect.client_id),
+            thing = %Escaped(thing),
+            cert_id = %identity.cert_id,
+            "client id does not match the certificate's thing name; refused"
+        );
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    if !valid_thing_name(thing) {
+        warn!(%peer, thing = %Escaped(thing), "certificate CN is not a valid thing name; refused");
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    let grant = ctx.authority.admit(thing, &identity.cert_id).map_err(|e| {
+        warn!(thing = %thing, error = %e, "device registry unavailable; refusing connection");
+        ConnectReturnCode::ServerUnavailable
+    })?;
+    if grant.state == DeviceState::Revoked {
+        warn!(%peer, thing = %thing, cert_id = %identity.cert_id, "revoked device refused");
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    if !grant
+        .permissions
+        .allows(Operation::Connect, &connect.client_id)
+    {
+        warn!(%peer, thing = %thing, groups = ?grant.groups, "no policy allows mqtt:connect; refused");
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    let mut will = will;
+    if let Some(w) = will.as_mut() {
+        let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+        if let Err(e) = check_topic(topic, ctx.limits.topics) {
+            info!(thing = %thing, will_topic = %Escaped(topic), error = %e, "will topic refused");
+            return Err(if e.is_malformed() {
+                ConnectReturnCode::MalformedPacket
+            } else {
+                ConnectReturnCode::TopicNameInvalid
+            });
+        }
+        if w.qos == QoS::ExactlyOnce {
+            match codec.version {
+                Version::V5 => return Err(ConnectReturnCode::QoSNotSupported),
+                // 3.1.1 cannot say why; deliver the will at the highest QoS we offer.
+                Version::V311 => w.qos = QoS::AtLeastOnce,
+            }
+        }
+        if !grant.permissions.allows(Operation::Publish, topic) {
+            warn!(thing = %thing, will_topic = %Escaped(topic), "will topic not allowed by policy; refused");
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
+    }
+    Ok(Admitted {
+        grant,
+        will: will.map(|w| (w, will_props)),
+    })
+}
+
+fn granted_keep_alive(requested: u16, max: u16) -> u16 {
+    if requested == 0 || requested > max {
+        max
+    } else {
+        requested
+    }
+}
+
+fn refusal(code: ConnectReturnCode) -> Packet {
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        None,
+    )
+}
+
+fn connack_success(
+    limits: &Limits,
+    session_present: bool,
+    keep_alive: u16,
+    requested_keep_alive: u16,
+) -> Packet {
+    let props = ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: Some(limits.max_inflight),
+        max_qos: Some(1),
+        retain_available: Some(1),
+        max_packet_size: Some(u32::try_from(limits.max_packet_size).unwrap_or(u32::MAX)),
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(0),
+        shared_subscription_available: Some(0),
+        server_keep_alive: (keep_alive != requested_keep_alive).then_some(keep_alive),
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    };
+    Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        Some(props),
+    )
+}

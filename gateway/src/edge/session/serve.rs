@@ -1,0 +1,624 @@
+//! Serving a connected device: the loop over its socket, the router's deliveries, grant
+//! changes and router rebuilds, and the checks on every packet it sends.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::protocol::{
+    DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason, Publish,
+    PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::auth::{DeviceState, Operation};
+use crate::edge::broker::{device_topic, RouterLink};
+use crate::edge::codec::{CodecError, Frame};
+use crate::edge::table::{EndReason, SessionSlot};
+use crate::escape::Escaped;
+use crate::pipeline::Message;
+use crate::topic::{check_filter, check_text, check_topic, TopicError};
+
+use super::acks::{detach_payloads, front_receipt, HeldAcks};
+use super::close::{protocol_error, topic_error, Close, Flow};
+use super::{Conn, Session};
+
+/// Router deliveries gathered into one socket write at most.
+const MAX_NOTIFICATIONS_PER_WRITE: usize = 256;
+/// Denials logged at info per session before the rest go to debug (they are all counted).
+const LOGGED_DENIALS_PER_SESSION: u32 = 3;
+
+impl Session {
+    pub(super) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        mut slot: SessionSlot,
+        keep_alive: Duration,
+    ) -> Close {
+        // MQTT: a client silent for 1.5 × its keepalive is gone.
+        let idle = keep_alive + keep_alive / 2;
+        let mut deadline = Instant::now() + idle;
+        let mut epoch_open = true;
+        // Bytes left over after CONNECT belong to the first packets.
+        let mut pending_input = !conn.rbuf.is_empty();
+        loop {
+            if pending_input {
+                pending_input = false;
+                if let Flow::Close(c) = self.handle_input(&mut conn.rbuf, &mut conn.wbuf).await {
+                    return c;
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    changed = slot.end.changed() => {
+                        let reason = *slot.end.borrow();
+                        match (changed, reason) {
+                            (_, Some(reason)) => return Close::Ended(reason),
+                            (Err(_), None) => return Close::Ended(EndReason::Shutdown),
+                            (Ok(()), None) => {}
+                        }
+                    }
+                    changed = self.epoch.changed(), if epoch_open => {
+                        if changed.is_err() {
+                            epoch_open = false;
+                        } else if let Flow::Close(c) = self.refresh_grant().await {
+                            return c;
+                        }
+                    }
+                    read = tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.rbuf)) => {
+                        match read {
+                            Err(_) => return Close::KeepAlive,
+                            Ok(Err(e)) => return Close::Network(e.to_string()),
+                            Ok(Ok(0)) => return Close::Network("connection closed by device".into()),
+                            Ok(Ok(_)) => {
+                                deadline = Instant::now() + idle;
+                                if let Flow::Close(c) = self.handle_input(&mut conn.rbuf, &mut conn.wbuf).await {
+                                    return c;
+                                }
+                            }
+                        }
+                    }
+                    _ = self.generations.changed(), if self.link.is_some() => {
+                        if let Flow::Close(c) = self.relink().await {
+                            return c;
+                        }
+                    }
+                    durable = front_receipt(&mut self.held), if self.held.front().is_some_and(|h| h.receipt.is_some()) => {
+                        match durable {
+                            Ok(Ok(())) => self.release_held(&mut conn.wbuf),
+                            Ok(Err(reason)) => return Close::Spool(reason.to_string()),
+                            Err(_) => return Close::Spool("pipeline stopped".into()),
+                        }
+                    }
+                    notification = next_notification(&mut self.link), if self.link.is_some() => {
+                        match notification {
+                            Ok(Some(n)) => {
+                                if let Flow::Close(c) = self.handle_notification(n, &mut conn.wbuf) {
+                                    return c;
+                                }
+                                // Take what else the router already queued, so a burst goes out
+                                // in one write instead of one per message.
+                                if let Flow::Close(c) = self.drain_ready_notifications(&mut conn.wbuf).await {
+                                    return c;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(_) if self.router_moved() => {
+                                if let Flow::Close(c) = self.relink().await {
+                                    return c;
+                                }
+                            }
+                            Err(_) => return Close::RouterGone,
+                        }
+                    }
+                }
+            }
+            if let Err(e) = conn.flush().await {
+                return Close::Network(e);
+            }
+            if std::mem::take(&mut self.wake_router) {
+                if let Some(link) = self.link.as_mut() {
+                    if link.rx.wake().await.is_err() && !self.router_moved() {
+                        return Close::RouterGone;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parses and handles every whole packet in `rbuf`, then hands the router its share.
+    async fn handle_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Flow {
+        self.read_at = (std::time::Instant::now(), crate::clock::now_ms());
+        if self.epoch.has_changed().unwrap_or(false) {
+            if let Flow::Close(c) = self.refresh_grant().await {
+                return Flow::Close(c);
+            }
+        }
+        let mut flow = Flow::Continue;
+        loop {
+            match self.codec.read(rbuf) {
+                Ok(Some(frame)) => {
+                    if let Flow::Close(c) = self.handle_packet(frame, wbuf) {
+                        flow = Flow::Close(c);
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(CodecError::TooLarge(n)) => {
+                    flow = Flow::Close(Close::Protocol(
+                        DisconnectReasonCode::PacketTooLarge,
+                        format!("packet of {n} bytes exceeds listener.max_packet_size"),
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    flow = Flow::Close(Close::Protocol(
+                        DisconnectReasonCode::MalformedPacket,
+                        e.to_string(),
+                    ));
+                    break;
+                }
+            }
+        }
+        // Whatever was accepted before a protocol error still reaches the router.
+        if let Flow::Close(c) = self.hand_to_router().await {
+            return Flow::Close(c);
+        }
+        let receipt = match (&self.ctx.ingest, self.to_ingest.is_empty()) {
+            (Some(ingest), false) => {
+                let mut messages = std::mem::take(&mut self.to_ingest);
+                detach_payloads(&mut messages);
+                Some(ingest.submit(messages).await)
+            }
+            _ => None,
+        };
+        let acks = std::mem::take(&mut self.read_acks);
+        if receipt.is_none() && self.held.is_empty() {
+            for ack in acks {
+                self.write(ack, wbuf);
+            }
+        } else if receipt.is_some() || !acks.is_empty() {
+            self.held.push_back(HeldAcks { receipt, acks });
+        }
+        flow
+    }
+
+    /// Sends `to_router` through this device's link, making it at the first SUBSCRIBE, or
+    /// through the shared link while the device has none.
+    async fn hand_to_router(&mut self) -> Flow {
+        if self.to_router.is_empty() {
+            return Flow::Continue;
+        }
+        let subscribes = self
+            .to_router
+            .iter()
+            .any(|p| matches!(p, Packet::Subscribe(..)));
+        if self.link.is_none() && subscribes {
+            match self.ctx.fabric.link(&self.thing, true).await {
+                Ok(link) => self.link = Some(link),
+                Err(e) => {
+                    warn!(thing = %self.thing, error = %e, "router link failed");
+                    return Flow::Close(Close::RouterGone);
+                }
+            }
+        }
+        let packets = std::mem::take(&mut self.to_router);
+        if self.router_moved() {
+            if let Flow::Close(c) = self.relink().await {
+                return Flow::Close(c);
+            }
+        }
+        let fabric = Arc::clone(&self.ctx.fabric);
+        let sent = match self.link.as_mut() {
+            Some(link) => fabric.send(link, packets).await.is_ok(),
+            None => fabric.forward(packets).await.is_ok(),
+        };
+        match sent {
+            true => Flow::Continue,
+            // A router that died under the send is rebuilt by the watchdog; the session then
+            // links again, and what this read carried is lost to local subscribers only.
+            false if self.link.is_some() && !self.router_moved() => Flow::Close(Close::RouterGone),
+            false => Flow::Continue,
+        }
+    }
+
+    /// This session's link belongs to a router generation that is no longer running.
+    fn router_moved(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.generation != self.ctx.fabric.generation())
+    }
+
+    /// Links to the rebuilt router and gives it this session's subscriptions.
+    async fn relink(&mut self) -> Flow {
+        self.generations.borrow_and_update();
+        if !self.router_moved() {
+            return Flow::Continue;
+        }
+        self.link = None;
+        match self.ctx.fabric.link(&self.thing, self.clean_session).await {
+            Ok(link) => self.link = Some(link),
+            Err(e) => {
+                warn!(thing = %self.thing, error = %e, "cannot link to the rebuilt router");
+                return Flow::Close(Close::RouterGone);
+            }
+        }
+        debug!(thing = %self.thing, filters = self.filters.len(), "linked to the rebuilt router");
+        self.resubscribe().await
+    }
+
+    /// Subscribes this session's filters on its link again.
+    pub(super) async fn resubscribe(&mut self) -> Flow {
+        if self.filters.is_empty() {
+            return Flow::Continue;
+        }
+        let filters = self
+            .filters
+            .iter()
+            .map(|(path, qos)| Filter {
+                path: path.clone(),
+                qos: rumqttd::protocol::qos(*qos).unwrap_or(QoS::AtMostOnce),
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        let packet = Packet::Subscribe(Subscribe { pkid: 1, filters }, None);
+        let fabric = Arc::clone(&self.ctx.fabric);
+        let failed = match self.link.as_mut() {
+            Some(link) => fabric.send(link, vec![packet]).await.is_err(),
+            None => false,
+        };
+        match failed {
+            true => Flow::Close(Close::RouterGone),
+            false => Flow::Continue,
+        }
+    }
+
+    /// A PUBLISH from the device: its topic and properties checked, the policy asked, then to the
+    /// router and (when a route takes it) the pipeline; its PUBACK joins the read's.
+    fn publish(
+        &mut self,
+        mut publish: Publish,
+        props: Option<PublishProperties>,
+        qos: u8,
+        pkid: u16,
+    ) -> Flow {
+        // A handle on the topic bytes (a reference count, no copy): `retain` may give
+        // the publish its own copy below while `topic` is still in use.
+        let topic_bytes = publish.topic.clone();
+        let Ok(topic) = std::str::from_utf8(&topic_bytes) else {
+            return protocol_error(DisconnectReasonCode::TopicNameInvalid, "topic is not UTF-8");
+        };
+        // CONNACK offers no topic aliases (Topic Alias Maximum absent = 0), so any alias
+        // is invalid (MQTT-3.3.2-8); an empty topic would need one.
+        if topic.is_empty() || props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+            return protocol_error(
+                DisconnectReasonCode::TopicAliasInvalid,
+                "topic alias (none are offered)",
+            );
+        }
+        // MQTT-3.3.4-6: a client's PUBLISH never carries a Subscription Identifier.
+        if props
+            .as_ref()
+            .is_some_and(|p| !p.subscription_identifiers.is_empty())
+        {
+            return protocol_error(
+                DisconnectReasonCode::ProtocolError,
+                "subscription identifier in a PUBLISH from a client",
+            );
+        }
+        if let Some(response) = props.as_ref().and_then(|p| p.response_topic.as_deref()) {
+            if let Err(e) = check_topic(response, self.ctx.limits.topics) {
+                return topic_error(&e, DisconnectReasonCode::ProtocolError, "response topic");
+            }
+        }
+        let checked = check_topic(topic, self.ctx.limits.topics);
+        if let Err(e) = &checked {
+            if e.is_malformed() || *e == TopicError::Wildcard {
+                return topic_error(e, DisconnectReasonCode::TopicNameInvalid, "topic");
+            }
+        }
+        if qos > 1 {
+            return protocol_error(
+                DisconnectReasonCode::QoSNotSupported,
+                "QoS 2 is not supported (maximum QoS is 1)",
+            );
+        }
+        let refusal = match checked {
+            Err(e) => Some((e.reason(), PubAckReason::TopicNameInvalid, e.to_string())),
+            Ok(()) if !self.grant.permissions.allows(Operation::Publish, topic) => Some((
+                "publish_not_allowed",
+                PubAckReason::NotAuthorized,
+                "denied by policy".into(),
+            )),
+            Ok(()) => self
+                .ctx
+                .fabric
+                .retain(&mut publish, &props)
+                .err()
+                .map(|e| ("retained_quota", PubAckReason::QuotaExceeded, e.to_string())),
+        };
+        let reason = if let Some((label, code, why)) = refusal {
+            self.ctx.stats.deny(label);
+            self.log_denial("publish", topic, &why);
+            code
+        } else {
+            let counter = if qos == 0 {
+                &self.ctx.stats.messages_in_qos0
+            } else {
+                &self.ctx.stats.messages_in_qos1
+            };
+            counter.fetch_add(1, Relaxed);
+            if let Some(wanted) = self.ctx.ingest.as_ref().and_then(|i| i.wants(topic)) {
+                self.to_ingest.push(Message {
+                    wanted,
+                    topic: topic.to_owned(),
+                    payload: publish.payload.clone(),
+                    thing: Arc::clone(&self.thing),
+                    cert_id: Arc::clone(&self.cert_id),
+                    qos,
+                    received_at_ms: self.read_at.1,
+                    received: self.read_at.0,
+                });
+            }
+            self.to_router.push(Packet::Publish(publish, props));
+            PubAckReason::Success
+        };
+        // MQTT 3.1.1 has no way to say "not authorized" in a PUBACK (§3.3.5): the
+        // message is acknowledged and dropped. MQTT 5 carries the reason code.
+        if qos == 1 {
+            self.read_acks
+                .push(Packet::PubAck(PubAck { pkid, reason }, None));
+        }
+        Flow::Continue
+    }
+
+    fn handle_packet(&mut self, frame: Frame, wbuf: &mut BytesMut) -> Flow {
+        match frame.packet {
+            Packet::Publish(publish, props) => self.publish(publish, props, frame.qos, frame.pkid),
+            Packet::PubAck(ack, _) => {
+                self.to_router.push(Packet::PubAck(ack, None));
+                Flow::Continue
+            }
+            Packet::Subscribe(subscribe, props) => {
+                // CONNACK says Subscription Identifier Available = 0 (MQTT-3.8.2-1 … 3.2.2.3.12).
+                if props.as_ref().is_some_and(|p| p.id.is_some()) {
+                    return protocol_error(
+                        DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
+                        "subscription identifiers are not supported",
+                    );
+                }
+                self.subscribe(subscribe, wbuf)
+            }
+            Packet::Unsubscribe(unsubscribe, _) => {
+                for f in &unsubscribe.filters {
+                    if let Err(e) = check_text(f) {
+                        return topic_error(&e, DisconnectReasonCode::ProtocolError, "filter");
+                    }
+                }
+                self.filters
+                    .retain(|(f, _)| !unsubscribe.filters.contains(f));
+                let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
+                let pkid = unsubscribe.pkid;
+                self.to_router.push(Packet::Unsubscribe(unsubscribe, None));
+                self.write(Packet::UnsubAck(UnsubAck { pkid, reasons }, None), wbuf);
+                Flow::Continue
+            }
+            Packet::PingReq(_) => {
+                self.write(Packet::PingResp(PingResp), wbuf);
+                Flow::Continue
+            }
+            Packet::Disconnect(d, _) => Flow::Close(Close::ByClient {
+                with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            }),
+            Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => protocol_error(
+                DisconnectReasonCode::QoSNotSupported,
+                "QoS 2 flow is not supported",
+            ),
+            other => protocol_error(
+                DisconnectReasonCode::ProtocolError,
+                &format!("unexpected packet from a client: {}", packet_name(&other)),
+            ),
+        }
+    }
+
+    fn subscribe(&mut self, mut subscribe: Subscribe, wbuf: &mut BytesMut) -> Flow {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut granted = Vec::with_capacity(subscribe.filters.len());
+        let limits = self.ctx.limits;
+        for (i, mut filter) in subscribe.filters.drain(..).enumerate() {
+            let checked = check_filter(&filter.path, limits.topics);
+            if let Err(e) = &checked {
+                if e.is_malformed() {
+                    return topic_error(e, DisconnectReasonCode::ProtocolError, "filter");
+                }
+            }
+            let known = self.filters.iter().any(|(f, _)| *f == filter.path);
+            let refusal = match checked {
+                Err(TopicError::Shared) => Some((
+                    "shared_subscription",
+                    SubscribeReasonCode::SharedSubscriptionsNotSupported,
+                    TopicError::Shared.to_string(),
+                )),
+                Err(e) => Some((e.reason(), SubscribeReasonCode::TopicFilterInvalid, e.to_string())),
+                Ok(()) if i >= limits.max_filters_per_subscribe => Some((
+                    "subscribe_quota",
+                    SubscribeReasonCode::QuotaExceeded,
+                    format!("more than listener.max_filters_per_subscribe ({}) filters in one SUBSCRIBE", limits.max_filters_per_subscribe),
+                )),
+                Ok(()) if !known && self.filters.len() >= limits.max_subscriptions => Some((
+                    "subscribe_quota",
+                    SubscribeReasonCode::QuotaExceeded,
+                    format!("the connection holds listener.max_subscriptions ({})", limits.max_subscriptions),
+                )),
+                Ok(()) if !self.grant.permissions.allows(Operation::Subscribe, &filter.path) => Some((
+                    "subscribe_not_allowed",
+                    SubscribeReasonCode::NotAuthorized,
+                    "denied by policy".into(),
+                )),
+                Ok(()) => None,
+            };
+            if let Some((label, code, why)) = refusal {
+                self.ctx.stats.deny(label);
+                self.log_denial("subscribe", &filter.path, &why);
+                codes.push(code);
+                continue;
+            }
+            if filter.qos == QoS::ExactlyOnce {
+                filter.qos = QoS::AtLeastOnce;
+            }
+            codes.push(SubscribeReasonCode::Success(filter.qos));
+            match self.filters.iter_mut().find(|(f, _)| *f == filter.path) {
+                Some(known) => known.1 = filter.qos as u8,
+                None => self.filters.push((filter.path.clone(), filter.qos as u8)),
+            }
+            granted.push(filter);
+        }
+        let pkid = subscribe.pkid;
+        if !granted.is_empty() {
+            self.to_router.push(Packet::Subscribe(
+                Subscribe {
+                    pkid,
+                    filters: granted,
+                },
+                None,
+            ));
+        }
+        self.write(
+            Packet::SubAck(
+                SubAck {
+                    pkid,
+                    return_codes: codes,
+                },
+                None,
+            ),
+            wbuf,
+        );
+        Flow::Continue
+    }
+
+    async fn drain_ready_notifications(&mut self, wbuf: &mut BytesMut) -> Flow {
+        for _ in 0..MAX_NOTIFICATIONS_PER_WRITE {
+            // A zero timeout polls once: ready notifications are taken, none are waited for.
+            let Some(link) = self.link.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout(Duration::ZERO, link.rx.next()).await {
+                Ok(Ok(Some(n))) => {
+                    if let Flow::Close(c) = self.handle_notification(n, wbuf) {
+                        return Flow::Close(c);
+                    }
+                }
+                Ok(Ok(None)) | Err(_) => break,
+                Ok(Err(_)) if self.router_moved() => break,
+                Ok(Err(_)) => return Flow::Close(Close::RouterGone),
+            }
+        }
+        Flow::Continue
+    }
+
+    fn handle_notification(&mut self, notification: Notification, wbuf: &mut BytesMut) -> Flow {
+        match notification {
+            Notification::Forward(mut forward) => {
+                self.ctx.stats.messages_out.fetch_add(1, Relaxed);
+                device_topic(&mut forward.publish);
+                self.write(Packet::Publish(forward.publish, forward.properties), wbuf);
+                Flow::Continue
+            }
+            Notification::Unschedule => {
+                self.wake_router = true;
+                Flow::Continue
+            }
+            Notification::Disconnect(..) if self.router_moved() => Flow::Continue,
+            Notification::Disconnect(..) => Flow::Close(Close::RouterGone),
+            // Acks for what we relayed: the device already got its answer from us.
+            _ => Flow::Continue,
+        }
+    }
+
+    /// Re-reads the grant after an approval or revocation; prunes subscriptions it no longer
+    /// allows.
+    pub(super) async fn refresh_grant(&mut self) -> Flow {
+        self.epoch.borrow_and_update();
+        let grant = match self.ctx.authority.current_grant(&self.identity.thing) {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(thing = %self.identity.thing, error = %e, "cannot re-read grant; keeping the current one");
+                return Flow::Continue;
+            }
+        };
+        if grant.state == DeviceState::Revoked {
+            return Flow::Close(Close::Ended(EndReason::Revoked));
+        }
+        if grant.state != self.grant.state || grant.groups != self.grant.groups {
+            info!(thing = %self.identity.thing, state = %grant.state, groups = ?grant.groups, "grant changed on the live connection");
+        }
+        self.grant = grant;
+        let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.filters)
+            .into_iter()
+            .partition(|(f, _)| self.grant.permissions.allows(Operation::Subscribe, f));
+        self.filters = kept;
+        if dropped.is_empty() {
+            return Flow::Continue;
+        }
+        let mut filters = Vec::with_capacity(dropped.len());
+        for (filter, _) in dropped {
+            info!(thing = %self.identity.thing, filter = %Escaped(&filter), "subscription no longer allowed; removed");
+            filters.push(filter);
+        }
+        let packet = Packet::Unsubscribe(rumqttd::protocol::Unsubscribe { pkid: 1, filters }, None);
+        let fabric = Arc::clone(&self.ctx.fabric);
+        let failed = match self.link.as_mut() {
+            Some(link) => fabric.send(link, vec![packet]).await.is_err(),
+            None => false,
+        };
+        match failed && !self.router_moved() {
+            true => Flow::Close(Close::RouterGone),
+            false => Flow::Continue,
+        }
+    }
+
+    fn log_denial(&mut self, what: &str, resource: &str, why: &str) {
+        let resource = Escaped(resource);
+        if self.denials_logged < LOGGED_DENIALS_PER_SESSION {
+            self.denials_logged += 1;
+            info!(thing = %self.identity.thing, groups = ?self.grant.groups, %resource, "{what} refused: {why}");
+        } else {
+            debug!(thing = %self.identity.thing, %resource, "{what} refused: {why}");
+        }
+    }
+}
+
+/// The next notification on `link`; never resolves without one (the caller guards on it).
+async fn next_notification(
+    link: &mut Option<RouterLink>,
+) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    match link {
+        Some(link) => link.rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::Publish(..) => "PUBLISH",
+        Packet::PubAck(..) => "PUBACK",
+        Packet::PingReq(..) => "PINGREQ",
+        Packet::PingResp(..) => "PINGRESP",
+        Packet::Subscribe(..) => "SUBSCRIBE",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::Disconnect(..) => "DISCONNECT",
+    }
+}
