@@ -1,7 +1,6 @@
 //! The drain: one task per sink that reads the queue in order, sends, and acknowledges only
 //! what the sink accepted. Failures back off exponentially with jitter; nothing is dropped.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +9,7 @@ use sitegate_plugins::{Record, Sink};
 use tokio::sync::watch;
 
 use crate::clock::now_ms;
-use crate::metrics::SinkMetrics;
-use crate::metrics::Stats;
+use crate::metrics::{SinkMetrics, Stats};
 use crate::spool::{Draft, Spool};
 
 /// Records per `send` at most (Kinesis PutRecords takes 500).
@@ -42,7 +40,7 @@ pub async fn run(
         tracing::error!(sink = %name, "no spool queue for sink; not draining");
         return;
     };
-    let series = SinkMetrics::new(&name);
+    let series = SinkMetrics::new(&name, &stats);
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut lingered = false;
     loop {
@@ -79,19 +77,13 @@ pub async fn run(
                                 error_sink.as_deref(),
                                 &batch,
                                 &ack.rejected,
-                                &stats,
+                                &series,
                             )
                             .await;
                         }
                         if done > 0 {
                             let through = batch[done - 1].id;
-                            stats.sink_records_sent.fetch_add(done as u64, Relaxed);
-                            series.sent.increment(done as u64);
-                            let now = now_ms();
-                            for r in &batch[..done] {
-                                let ms = now.saturating_sub(r.received_at_ms);
-                                series.latency.record(ms as f64 / 1000.0);
-                            }
+                            series.sent(batch[..done].iter().map(|r| r.received_at_ms), now_ms());
                             let settled = match spool.ack(&name, through) {
                                 Ok(()) => spool.settle().await,
                                 Err(e) => Err(e),
@@ -106,8 +98,7 @@ pub async fn run(
                         }
                     }
                     Err(e) => {
-                        stats.sink_send_failures.fetch_add(1, Relaxed);
-                        series.failures.increment(1);
+                        series.failed();
                         let delay = backoff.step();
                         if e.retryable() {
                             tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink send failed; will retry");
@@ -125,8 +116,7 @@ pub async fn run(
             }
         };
         if let Some(delay) = wait {
-            stats.sink_retries.fetch_add(1, Relaxed);
-            series.retries.increment(1);
+            series.retrying();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => {}
@@ -145,11 +135,9 @@ async fn reject(
     error_sink: Option<&str>,
     batch: &[Record],
     rejected: &[sitegate_plugins::Rejected],
-    stats: &Stats,
+    series: &SinkMetrics,
 ) {
-    stats
-        .sink_records_rejected
-        .fetch_add(rejected.len() as u64, Relaxed);
+    series.rejected(rejected.len());
     let target = error_sink.filter(|e| *e != sink);
     let Some(target) = target else {
         for r in rejected {

@@ -11,8 +11,8 @@
 //! - `codec`: MQTT 3.1.1 / 5 framing over rumqttd's protocol codec, with the checks its parser
 //!   skips.
 //! - `session/`: one device's session from CONNECT to close, with the policy on every packet
-//!   (a file per phase: `connect`, `serve`, `acks`, `close`)
-//!   and PUBACKs held until the pipeline's commit.
+//!   and PUBACKs held until the pipeline's commit; a file per phase (`connect`, `serve`,
+//!   `acks`, `close`).
 //! - `table`: the live sessions by client id (takeover, revocation, shutdown).
 //! - `broker`: rumqttd's router as the local fan-out fabric, rebuilt in generations.
 //! - `harness`: the whole edge in memory, for fuzzers and property tests.

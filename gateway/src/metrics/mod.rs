@@ -6,16 +6,20 @@
 //! - `stats`: the device edge's counters, plain atomics bumped per packet and copied into the
 //!   recorder at each scrape.
 //! - here: the recorder ([`handle`]), the latency series and one sink's handles
-//!   ([`SinkMetrics`]), recorded per batch or per commit, never per packet.
+//!   ([`SinkMetrics`]: its counters in [`Stats`] and its latency histogram), recorded per
+//!   batch or per commit, never per packet.
 
 mod stats;
 
 use std::sync::OnceLock;
 
-use metrics::{counter, Counter, Histogram};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use metrics::Histogram;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{SinkCounters, SinkCounts, Stats, StatsSnapshot};
 
 /// Histogram buckets, in seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -46,23 +50,46 @@ pub fn handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// One sink's series, registered once when its drain starts.
+/// One sink's handles, taken once when its drain starts: each event is counted once, in the
+/// sink's [`SinkCounters`] (the exporter copies them at each scrape), and each acknowledged
+/// record's latency goes to the histogram.
 pub struct SinkMetrics {
-    pub sent: Counter,
-    pub failures: Counter,
-    pub retries: Counter,
-    pub latency: Histogram,
+    counters: Arc<SinkCounters>,
+    latency: Histogram,
 }
 
 impl SinkMetrics {
-    pub fn new(sink: &str) -> SinkMetrics {
+    pub fn new(sink: &str, stats: &Stats) -> SinkMetrics {
         handle();
-        let label = [("sink", sink.to_string())];
         SinkMetrics {
-            sent: counter!("sitegate_sink_records_sent_total", &label),
-            failures: counter!("sitegate_sink_send_failures_total", &label),
-            retries: counter!("sitegate_sink_retries_total", &label),
-            latency: metrics::histogram!(RECEIVE_TO_SINK_ACK, &label),
+            counters: stats.sink(sink),
+            latency: metrics::histogram!(RECEIVE_TO_SINK_ACK, "sink" => sink.to_string()),
         }
+    }
+
+    /// The sink accepted records received at `received_at_ms` (Unix ms), acknowledged `now_ms`.
+    pub fn sent(&self, received_at_ms: impl Iterator<Item = u64>, now_ms: u64) {
+        let mut n = 0;
+        for at in received_at_ms {
+            n += 1;
+            self.latency
+                .record(now_ms.saturating_sub(at) as f64 / 1000.0);
+        }
+        self.counters.sent.fetch_add(n, Relaxed);
+    }
+
+    /// A send failed as a whole.
+    pub fn failed(&self) {
+        self.counters.failures.fetch_add(1, Relaxed);
+    }
+
+    /// The drain waits before trying again.
+    pub fn retrying(&self) {
+        self.counters.retries.fetch_add(1, Relaxed);
+    }
+
+    /// The sink refused `n` records for good.
+    pub fn rejected(&self, n: usize) {
+        self.counters.rejected.fetch_add(n as u64, Relaxed);
     }
 }

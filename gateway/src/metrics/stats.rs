@@ -1,9 +1,12 @@
 //! Counters of what the device edge, the spool and the sinks did, shared by every connection.
 //!
-//! Plain atomics, bumped once per event; read by the demo, the admin `status` request and the
-//! tests. Relaxed ordering: each counter stands alone.
+//! Plain atomics, bumped once per event; read by the demo, the admin `status` request, the
+//! Prometheus exporter and the tests. Relaxed ordering: each counter stands alone. A sink's
+//! counters are kept per sink ([`SinkCounters`]); the snapshot's `sink_*` fields are their sums.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -11,15 +14,44 @@ macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// Live counters of the device edge.
         #[derive(Debug, Default)]
-        pub struct Stats { $($(#[$doc])* pub $name: AtomicU64,)* }
+        pub struct Stats {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+            /// Each sink's counters, by sink name; kept when a sink is removed, so a series
+            /// never goes backwards.
+            sinks: Mutex<BTreeMap<String, Arc<SinkCounters>>>,
+        }
 
         /// A point-in-time copy of [`Stats`].
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-        pub struct StatsSnapshot { $($(#[$doc])* pub $name: u64,)* }
+        pub struct StatsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+            /// Records sinks accepted (all sinks).
+            pub sink_records_sent: u64,
+            /// Sends that failed as a whole (all sinks).
+            pub sink_send_failures: u64,
+            /// Waits before retrying a send or a read (all sinks).
+            pub sink_retries: u64,
+            /// Records sinks refused for good: sent to the error sink or dropped with a log line
+            /// (all sinks).
+            pub sink_records_rejected: u64,
+        }
 
         impl Stats {
             pub fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+                let mut total = SinkCounts::default();
+                for (_, c) in self.sinks() {
+                    total.sent += c.sent;
+                    total.failures += c.failures;
+                    total.retries += c.retries;
+                    total.rejected += c.rejected;
+                }
+                StatsSnapshot {
+                    $($name: self.$name.load(Relaxed),)*
+                    sink_records_sent: total.sent,
+                    sink_send_failures: total.failures,
+                    sink_retries: total.retries,
+                    sink_records_rejected: total.rejected,
+                }
             }
         }
     };
@@ -78,14 +110,6 @@ counters! {
     spool_full_waits,
     /// Commits that failed (I/O, no key); their QoS 1 publishes were not acknowledged.
     spool_errors,
-    /// Records sinks accepted.
-    sink_records_sent,
-    /// Sends that failed as a whole.
-    sink_send_failures,
-    /// Waits before retrying a send or a read.
-    sink_retries,
-    /// Records sinks refused for good (sent to the error sink or dropped with a log line).
-    sink_records_rejected,
     /// Configuration updates from the Greengrass nucleus applied live.
     config_updates_applied,
     /// Configuration updates refused (invalid, or a rule would lose its sink); the running
@@ -93,7 +117,52 @@ counters! {
     config_updates_refused,
 }
 
+/// One sink's counters, bumped by its drain once per batch.
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    /// Records the sink accepted.
+    pub sent: AtomicU64,
+    /// Sends that failed as a whole.
+    pub failures: AtomicU64,
+    /// Waits before retrying a send or a read.
+    pub retries: AtomicU64,
+    /// Records the sink refused for good.
+    pub rejected: AtomicU64,
+}
+
+/// A point-in-time copy of [`SinkCounters`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SinkCounts {
+    pub sent: u64,
+    pub failures: u64,
+    pub retries: u64,
+    pub rejected: u64,
+}
+
+impl SinkCounters {
+    fn counts(&self) -> SinkCounts {
+        SinkCounts {
+            sent: self.sent.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+        }
+    }
+}
+
 impl Stats {
+    /// The counters of the sink named `sink`, made at its first use.
+    pub fn sink(&self, sink: &str) -> Arc<SinkCounters> {
+        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(sinks.entry(sink.to_owned()).or_default())
+    }
+
+    /// Every sink's counts, by name.
+    pub fn sinks(&self) -> Vec<(String, SinkCounts)> {
+        let sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        sinks.iter().map(|(n, c)| (n.clone(), c.counts())).collect()
+    }
+
     /// Counts one refusal under its `sitegate_denied_total` reason label.
     pub fn deny(&self, reason: &str) {
         let counter = match reason {

@@ -84,23 +84,13 @@ pub struct AdminService {
 
 impl AdminService {
     pub async fn handle(&self, request: AdminRequest) -> AdminResponse {
-        if let AdminRequest::SpoolStatus = request {
-            return match &self.spool {
-                Some(spool) => AdminResponse::Spool {
-                    spool: spool.status().await,
-                },
-                None => AdminResponse::Error {
-                    message: "no spool open here".into(),
-                },
-            };
-        }
-        match self.try_handle(request) {
+        match self.try_handle(request).await {
             Ok(r) => r,
             Err(message) => AdminResponse::Error { message },
         }
     }
 
-    fn try_handle(&self, request: AdminRequest) -> Result<AdminResponse, String> {
+    async fn try_handle(&self, request: AdminRequest) -> Result<AdminResponse, String> {
         match request {
             AdminRequest::Approve { thing, groups } => {
                 self.authority
@@ -134,8 +124,12 @@ impl AdminService {
             AdminRequest::Status => Ok(AdminResponse::Status {
                 stats: self.stats.snapshot(),
             }),
-            // Answered in `handle`, which can wait for the key ring.
-            AdminRequest::SpoolStatus => Err("spool status is answered by handle()".into()),
+            AdminRequest::SpoolStatus => match &self.spool {
+                Some(spool) => Ok(AdminResponse::Spool {
+                    spool: spool.status().await,
+                }),
+                None => Err("no spool open here".into()),
+            },
             AdminRequest::RulesStatus => Ok(AdminResponse::Rules {
                 rules: self.rules.lock().map(|r| r.clone()).unwrap_or_default(),
             }),

@@ -2,7 +2,7 @@
 //!
 //! The series live in the `metrics` crate's recorder, rendered by its Prometheus exporter. The
 //! edge's hot-path counters stay plain atomics in [`Stats`] and are copied into the recorder
-//! at each scrape, as are spool depths and per-rule counters; per-sink counters and the latency
+//! at each scrape, as are per-sink counters, spool depths and per-rule counters; the latency
 //! histograms are recorded where they happen (per batch or per commit, never per packet).
 //! The `metrics` recorder is process-wide: several gateways in one process (tests) share it.
 
@@ -72,6 +72,13 @@ async fn refresh(sources: &Sources) {
     counter!("sitegate_config_updates_total", "result" => "refused")
         .absolute(s.config_updates_refused);
     counter!("sitegate_spool_errors_total").absolute(s.spool_errors);
+    for (sink, c) in sources.stats.sinks() {
+        let sink = [("sink", sink)];
+        counter!("sitegate_sink_records_sent_total", &sink).absolute(c.sent);
+        counter!("sitegate_sink_send_failures_total", &sink).absolute(c.failures);
+        counter!("sitegate_sink_retries_total", &sink).absolute(c.retries);
+        counter!("sitegate_sink_records_rejected_total", &sink).absolute(c.rejected);
+    }
     for q in sources.spool.status().await.queues {
         let sink = [("sink", q.sink.clone())];
         gauge!("sitegate_spool_records", &sink).set(q.records as f64);
