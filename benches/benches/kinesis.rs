@@ -7,36 +7,26 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use sitegate::spool::Draft;
 use sitegate_plugins::kinesis::{fake::fake_kinesis, KinesisConfig, KinesisSink};
-use sitegate_plugins::{Record, Sink};
+use sitegate_plugins::{Entry, Record, Sink};
 
 fn records(count: u64, devices: u64) -> Vec<Record> {
     (0..count)
         .map(|n| Record {
             id: n + 1,
-            received_at_ms: 1_700_000_000_000 + n,
-            thing_name: format!("freezer-{:04}", n % devices),
-            cert_id: format!("{:064x}", n % devices),
-            topic: format!("dt/freezer-{:04}/temp", n % devices),
-            rule: "telemetry".into(),
-            payload: Bytes::from(format!(
-                r#"{{"n":{n},"temp":-18.{},"door":"closed"}}"#,
-                n % 10
-            )),
+            entry: Entry {
+                received_at_ms: 1_700_000_000_000 + n,
+                thing_name: format!("freezer-{:04}", n % devices),
+                cert_id: format!("{:064x}", n % devices),
+                topic: format!("dt/freezer-{:04}/temp", n % devices),
+                rule: "telemetry".into(),
+                payload: Bytes::from(format!(
+                    r#"{{"n":{n},"temp":-18.{},"door":"closed"}}"#,
+                    n % 10
+                )),
+            },
         })
         .collect()
-}
-
-fn draft(r: Record) -> Draft {
-    Draft {
-        received_at_ms: r.received_at_ms,
-        thing_name: r.thing_name,
-        cert_id: r.cert_id,
-        topic: r.topic,
-        rule: r.rule,
-        payload: r.payload,
-    }
 }
 
 fn sink(rt: &tokio::runtime::Runtime, endpoint: &str, aggregate: bool) -> KinesisSink {
@@ -81,8 +71,9 @@ fn kinesis(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter_batched(
                 || {
-                    let drafts: Vec<Draft> = records(500, 100).into_iter().map(draft).collect();
-                    rt.block_on(spool.commit(&[("bench".to_string(), drafts)]))
+                    let entries: Vec<Entry> =
+                        records(500, 100).into_iter().map(|r| r.entry).collect();
+                    rt.block_on(spool.commit(&[("bench".to_string(), entries)]))
                         .unwrap();
                 },
                 |()| {

@@ -13,11 +13,11 @@ use std::io::Write;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use sitegate::spool::Draft;
+use sitegate_plugins::Entry;
 
 const PAYLOAD: usize = 100;
 
-fn draft(n: u64) -> Draft {
+fn entry(n: u64) -> Entry {
     // 100 bytes of JSON telemetry, varied so compression does not flatter us.
     let mut payload = format!(
         r#"{{"n":{n},"temp":{}.{},"hum":{},"door":"closed","pad":""#,
@@ -31,7 +31,7 @@ fn draft(n: u64) -> Draft {
         ));
     }
     payload.push_str("\"}");
-    Draft {
+    Entry {
         received_at_ms: 1_700_000_000_000 + n,
         thing_name: format!("freezer-{:04}", n % 1000),
         cert_id: format!("{:064x}", n % 1000),
@@ -42,9 +42,9 @@ fn draft(n: u64) -> Draft {
 }
 
 /// The bytes a plain appender would write for the same records (the fields, length-prefixed).
-fn raw_bytes(drafts: &[Draft]) -> Vec<u8> {
+fn raw_bytes(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
-    for d in drafts {
+    for d in entries {
         for f in [
             d.thing_name.as_bytes(),
             d.cert_id.as_bytes(),
@@ -68,8 +68,8 @@ fn commit(c: &mut Criterion) {
     for batch in [100usize, 1000] {
         let dir = tempfile::tempdir().unwrap();
         let spool = sitegate_benches::fixtures::open_spool(&rt, dir.path());
-        let drafts: Vec<Draft> = (0..batch as u64).map(draft).collect();
-        let raw = raw_bytes(&drafts);
+        let entries: Vec<Entry> = (0..batch as u64).map(entry).collect();
+        let raw = raw_bytes(&entries);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -78,7 +78,7 @@ fn commit(c: &mut Criterion) {
 
         let mut g = c.benchmark_group(format!("spool_write_{batch}_per_fsync"));
         g.throughput(Throughput::Elements(batch as u64));
-        let batches = vec![("bench".to_string(), drafts)];
+        let batches = vec![("bench".to_string(), entries)];
         g.bench_function("commit_encrypted_sled", |b| {
             b.iter(|| rt.block_on(spool.commit(&batches)).unwrap());
         });
@@ -106,9 +106,9 @@ fn drain(c: &mut Criterion) {
     g.bench_function("read_500_decrypt_ack", |b| {
         b.iter_batched(
             || {
-                let drafts: Vec<Draft> = (next..next + 500).map(draft).collect();
+                let entries: Vec<Entry> = (next..next + 500).map(entry).collect();
                 next += 500;
-                rt.block_on(spool.commit(&[("bench".to_string(), drafts)]))
+                rt.block_on(spool.commit(&[("bench".to_string(), entries)]))
                     .unwrap();
             },
             |()| {

@@ -4,7 +4,7 @@
 //! what the sink acknowledged. This crate never depends on the gateway.
 //!
 //! Layout:
-//! - `record`: [`Record`], one row with the identity of the device it came from, and its JSON envelope.
+//! - `record`: [`Record`] (an [`Entry`] and its spool id), one row with the identity of the device it came from, and its JSON envelope.
 //! - `sink`: the [`Sink`] trait, [`Ack`], [`SinkError`] (retryable or not).
 //! - `registry`: [`SinkConfig`] (`[sinks.NAME]`, tagged by `type`) and [`registry()`] of factories.
 //! - `template`: `${thing_name}`-style templates for partition keys and topics.
@@ -32,7 +32,7 @@ pub mod tls;
 pub mod topic;
 pub mod units;
 
-pub use record::Record;
+pub use record::{Entry, Record};
 pub use registry::{build, registry, SinkConfig, SinkContext, SinkFactory};
 pub use sink::{Ack, Rejected, Sink, SinkError};
 pub use units::{ByteSize, Period};

@@ -4,12 +4,19 @@
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-/// One unit of delivery to a sink.
+/// One unit of delivery to a sink: an [`Entry`] and the id the spool gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Sequence number in the sink's queue, assigned by the spool when the record became
     /// durable. Redelivery after a crash repeats the id, so consumers can drop duplicates.
     pub id: u64,
+    pub entry: Entry,
+}
+
+/// What a record says: the row and who, where and when. Rules and routes make entries; the
+/// spool makes them records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
     /// When the gateway received the device's message (Unix milliseconds).
     pub received_at_ms: u64,
     /// Thing name of the device (certificate subject CN).
@@ -22,6 +29,14 @@ pub struct Record {
     pub rule: String,
     /// The row: a JSON object for rule output, or the device's payload bytes for a direct route.
     pub payload: Bytes,
+}
+
+/// A record reads as its entry (`record.thing_name`), which it owns and never changes.
+impl std::ops::Deref for Record {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        &self.entry
+    }
 }
 
 impl Record {
@@ -65,12 +80,14 @@ impl Record {
 pub(crate) fn sample(id: u64, thing: &str, payload: &str) -> Record {
     Record {
         id,
-        received_at_ms: 1_700_000_000_000 + id,
-        thing_name: thing.to_string(),
-        cert_id: format!("{:064x}", id),
-        topic: format!("dt/{thing}/temp"),
-        rule: "raw".into(),
-        payload: Bytes::from(payload.to_string()),
+        entry: Entry {
+            received_at_ms: 1_700_000_000_000 + id,
+            thing_name: thing.to_string(),
+            cert_id: format!("{:064x}", id),
+            topic: format!("dt/{thing}/temp"),
+            rule: "raw".into(),
+            payload: Bytes::from(payload.to_string()),
+        },
     }
 }
 

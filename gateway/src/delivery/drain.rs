@@ -10,7 +10,8 @@ use tokio::sync::watch;
 
 use crate::clock::now_ms;
 use crate::metrics::{SinkMetrics, Stats};
-use crate::spool::{Draft, Spool};
+use crate::spool::Spool;
+use sitegate_plugins::Entry;
 
 /// Records per `send` at most (Kinesis PutRecords takes 500).
 pub const DRAIN_BATCH: usize = 500;
@@ -145,7 +146,7 @@ async fn reject(
         }
         return;
     };
-    let drafts: Vec<Draft> = rejected
+    let entries: Vec<Entry> = rejected
         .iter()
         .filter_map(|r| {
             let record = batch.get(r.index)?;
@@ -157,7 +158,7 @@ async fn reject(
                 "payload_base64": base64::engine::general_purpose::STANDARD.encode(&record.payload),
                 "failed_at": now_ms(),
             });
-            Some(Draft {
+            Some(Entry {
                 received_at_ms: record.received_at_ms,
                 thing_name: record.thing_name.clone(),
                 cert_id: record.cert_id.clone(),
@@ -167,7 +168,7 @@ async fn reject(
             })
         })
         .collect();
-    if let Err(e) = spool.commit(&[(target.to_string(), drafts)]).await {
+    if let Err(e) = spool.commit(&[(target.to_string(), entries)]).await {
         tracing::error!(sink, error_sink = target, error = %e, "could not spool refused records for the error sink; dropped");
     }
 }

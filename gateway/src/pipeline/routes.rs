@@ -12,7 +12,7 @@ use bytes::Bytes;
 use sitegate_plugins::topic::filter_matches;
 
 use super::{Message, RouteConfig};
-use crate::spool::Draft;
+use sitegate_plugins::Entry;
 
 /// Routes a [`Wanted`] can name by bit; a config with more routes has them matched again in
 /// the committer.
@@ -113,13 +113,13 @@ impl Filters {
 
 /// The records one commit writes, per sink in the order sinks first appear.
 #[derive(Debug, Default)]
-pub(super) struct Batches(Vec<(String, Vec<Draft>)>);
+pub(super) struct Batches(Vec<(String, Vec<Entry>)>);
 
 impl Batches {
-    pub(super) fn push(&mut self, sink: &str, draft: Draft) {
+    pub(super) fn push(&mut self, sink: &str, entry: Entry) {
         match self.0.iter_mut().find(|(s, _)| s == sink) {
-            Some((_, drafts)) => drafts.push(draft),
-            None => self.0.push((sink.to_owned(), vec![draft])),
+            Some((_, entries)) => entries.push(entry),
+            None => self.0.push((sink.to_owned(), vec![entry])),
         }
     }
 
@@ -135,7 +135,7 @@ impl Batches {
                 None => filter_matches(&r.from, &m.topic),
             };
             if takes {
-                self.push(&r.to, draft_of(m, &r.name));
+                self.push(&r.to, entry_of(m, &r.name));
             }
         }
     }
@@ -143,7 +143,7 @@ impl Batches {
     /// Adds rule output rows, each to its sink.
     pub(super) fn add_outputs(&mut self, outputs: Vec<sitegate_rules::Output>) {
         for o in outputs {
-            let draft = Draft {
+            let entry = Entry {
                 received_at_ms: u64::try_from(o.received_at_ms).unwrap_or(0),
                 thing_name: o.thing,
                 cert_id: o.cert_id,
@@ -151,18 +151,18 @@ impl Batches {
                 rule: o.rule,
                 payload: Bytes::from(o.payload),
             };
-            self.push(&o.sink, draft);
+            self.push(&o.sink, entry);
         }
     }
 
-    pub(super) fn as_slice(&self) -> &[(String, Vec<Draft>)] {
+    pub(super) fn as_slice(&self) -> &[(String, Vec<Entry>)] {
         &self.0
     }
 }
 
 /// The record a direct route makes of a device message: its payload unchanged.
-fn draft_of(m: &Message, route: &str) -> Draft {
-    Draft {
+fn entry_of(m: &Message, route: &str) -> Entry {
+    Entry {
         received_at_ms: m.received_at_ms,
         thing_name: m.thing.to_string(),
         cert_id: m.cert_id.to_string(),

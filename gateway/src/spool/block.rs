@@ -18,7 +18,7 @@
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use bytes::Bytes;
-use sitegate_plugins::Record;
+use sitegate_plugins::{Entry, Record};
 
 /// The magic of blocks written now.
 pub const MAGIC: &[u8; 4] = b"SGB2";
@@ -29,51 +29,14 @@ pub const HEADER_LEN: usize = HEADER_LEN_V1 + 4;
 /// AES-GCM's tag.
 const TAG_LEN: usize = 16;
 
-/// A record before the spool gave it an id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Draft {
-    pub received_at_ms: u64,
-    pub thing_name: String,
-    pub cert_id: String,
-    pub topic: String,
-    pub rule: String,
-    pub payload: Bytes,
-}
-
-impl Draft {
-    /// Bytes this draft takes in a block before compression.
-    pub fn encoded_len(&self) -> usize {
-        8 + 5 * 4
-            + self.thing_name.len()
-            + self.cert_id.len()
-            + self.topic.len()
-            + self.rule.len()
-            + self.payload.len()
-    }
-
-    /// The draft a record was made from (its id dropped), to append it again.
-    pub fn of(record: Record) -> Draft {
-        Draft {
-            received_at_ms: record.received_at_ms,
-            thing_name: record.thing_name,
-            cert_id: record.cert_id,
-            topic: record.topic,
-            rule: record.rule,
-            payload: record.payload,
-        }
-    }
-
-    fn into_record(self, id: u64) -> Record {
-        Record {
-            id,
-            received_at_ms: self.received_at_ms,
-            thing_name: self.thing_name,
-            cert_id: self.cert_id,
-            topic: self.topic,
-            rule: self.rule,
-            payload: self.payload,
-        }
-    }
+/// Bytes `entry` takes in a block before compression.
+pub fn encoded_len(entry: &Entry) -> usize {
+    8 + 5 * 4
+        + entry.thing_name.len()
+        + entry.cert_id.len()
+        + entry.topic.len()
+        + entry.rule.len()
+        + entry.payload.len()
 }
 
 /// The clear-text header of a stored block.
@@ -196,7 +159,7 @@ fn associated_data(sink: &str, header_bytes: &[u8]) -> Vec<u8> {
     aad
 }
 
-/// Encode, compress and seal `drafts` as the block starting at record `first_id`.
+/// Encode, compress and seal `entries` as the block starting at record `first_id`.
 pub fn seal(
     sink: &str,
     cipher: &Aes256Gcm,
@@ -204,11 +167,11 @@ pub fn seal(
     nonce: [u8; 12],
     first_id: u64,
     created_ms: u64,
-    drafts: &[Draft],
+    entries: &[Entry],
 ) -> Result<Vec<u8>, BlockError> {
-    let plain_len: usize = drafts.iter().map(Draft::encoded_len).sum();
+    let plain_len: usize = entries.iter().map(encoded_len).sum();
     let mut plain = Vec::with_capacity(plain_len);
-    for d in drafts {
+    for d in entries {
         plain.extend_from_slice(&d.received_at_ms.to_le_bytes());
         for field in [
             d.thing_name.as_bytes(),
@@ -230,7 +193,7 @@ pub fn seal(
         key_id,
         nonce,
         first_id,
-        count: u32::try_from(drafts.len()).map_err(|_| BlockError::Content("too many records"))?,
+        count: u32::try_from(entries.len()).map_err(|_| BlockError::Content("too many records"))?,
         created_ms,
         sealed_len: Some(sealed_len),
     };
@@ -290,7 +253,7 @@ pub fn open(sink: &str, cipher: &Aes256Gcm, stored: &[u8]) -> Result<Vec<Record>
         let topic = r.string()?;
         let rule = r.string()?;
         let payload = Bytes::copy_from_slice(r.field()?);
-        let draft = Draft {
+        let entry = Entry {
             received_at_ms,
             thing_name,
             cert_id,
@@ -298,7 +261,10 @@ pub fn open(sink: &str, cipher: &Aes256Gcm, stored: &[u8]) -> Result<Vec<Record>
             rule,
             payload,
         };
-        records.push(draft.into_record(header.first_id + i));
+        records.push(Record {
+            id: header.first_id + i,
+            entry,
+        });
     }
     if !r.buf.is_empty() {
         return Err(BlockError::Content("bytes after the last record"));
@@ -350,8 +316,8 @@ mod tests {
         Aes256Gcm::new_from_slice(&[byte; 32]).unwrap()
     }
 
-    fn draft(thing: &str, payload: &[u8]) -> Draft {
-        Draft {
+    fn entry(thing: &str, payload: &[u8]) -> Entry {
+        Entry {
             received_at_ms: 42,
             thing_name: thing.into(),
             cert_id: "ab".repeat(32),
@@ -363,8 +329,8 @@ mod tests {
 
     #[test]
     fn a_block_cannot_move_between_sinks_positions_or_keys() {
-        let drafts = vec![draft("pump-1", b"{\"t\":1}")];
-        let stored = seal("kinesis", &cipher(1), 1, [7; 12], 100, 5, &drafts).unwrap();
+        let entries = vec![entry("pump-1", b"{\"t\":1}")];
+        let stored = seal("kinesis", &cipher(1), 1, [7; 12], 100, 5, &entries).unwrap();
         assert_eq!(open("kinesis", &cipher(1), &stored).unwrap()[0].id, 100);
         assert_eq!(
             open("archive", &cipher(1), &stored),
@@ -390,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_block_is_found_in_surrounding_bytes_by_its_length() {
-        let stored = seal("q", &cipher(4), 2, [3; 12], 9, 5, &[draft("a", b"xyz")]).unwrap();
+        let stored = seal("q", &cipher(4), 2, [3; 12], 9, 5, &[entry("a", b"xyz")]).unwrap();
         let mut around = b"noise".to_vec();
         around.extend_from_slice(&stored);
         around.extend_from_slice(b"more noise after the block");
@@ -401,8 +367,8 @@ mod tests {
 
     #[test]
     fn version_1_blocks_are_still_read() {
-        let drafts = [draft("old", b"{}")];
-        let v2 = seal("q", &cipher(5), 1, [4; 12], 3, 5, &drafts).unwrap();
+        let entries = [entry("old", b"{}")];
+        let v2 = seal("q", &cipher(5), 1, [4; 12], 3, 5, &entries).unwrap();
         let mut h = Header::parse(&v2).unwrap();
         h.sealed_len = None;
         let mut v1 = Vec::new();
@@ -424,11 +390,11 @@ mod tests {
 
     #[test]
     fn nothing_readable_outside_the_sealed_part() {
-        let drafts = vec![draft(
+        let entries = vec![entry(
             "MARKER-thing",
             b"MARKER-payload MARKER-payload MARKER-payload",
         )];
-        let stored = seal("s", &cipher(3), 1, [1; 12], 1, 5, &drafts).unwrap();
+        let stored = seal("s", &cipher(3), 1, [1; 12], 1, 5, &entries).unwrap();
         assert!(!stored.windows(6).any(|w| w == b"MARKER"));
     }
 
@@ -439,11 +405,11 @@ mod tests {
             thing in "[a-z0-9-]{1,20}",
             first_id in 0u64..u64::MAX / 2,
         ) {
-            let drafts: Vec<_> = payloads.iter().map(|p| draft(&thing, p)).collect();
-            let stored = seal("q", &cipher(9), 3, [2; 12], first_id, 7, &drafts).unwrap();
+            let entries: Vec<_> = payloads.iter().map(|p| entry(&thing, p)).collect();
+            let stored = seal("q", &cipher(9), 3, [2; 12], first_id, 7, &entries).unwrap();
             let records = open("q", &cipher(9), &stored).unwrap();
-            prop_assert_eq!(records.len(), drafts.len());
-            for (i, (r, d)) in records.iter().zip(&drafts).enumerate() {
+            prop_assert_eq!(records.len(), entries.len());
+            for (i, (r, d)) in records.iter().zip(&entries).enumerate() {
                 prop_assert_eq!(r.id, first_id + i as u64);
                 prop_assert_eq!(&r.payload, &d.payload);
                 prop_assert_eq!(&r.thing_name, &d.thing_name);
@@ -452,7 +418,7 @@ mod tests {
 
         #[test]
         fn any_flipped_byte_is_caught(flip in 0usize..200, bit in 0u8..8) {
-            let stored = seal("q", &cipher(9), 3, [2; 12], 1, 7, &[draft("a", &[5; 100])]).unwrap();
+            let stored = seal("q", &cipher(9), 3, [2; 12], 1, 7, &[entry("a", &[5; 100])]).unwrap();
             let mut bad = stored.clone();
             let at = flip % bad.len();
             bad[at] ^= 1 << bit;

@@ -38,10 +38,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use aes_gcm::Aes256Gcm;
 use rand::RngCore;
-use sitegate_plugins::Record;
+use sitegate_plugins::{Entry, Record};
 use tokio::sync::{watch, Notify};
 
-pub use block::Draft;
 use block::{BlockError, Header};
 pub use config::{EncryptionConfig, QueueOverride, SpoolConfig, WhenFull};
 pub use keys::{KeyError, KeyRing};
@@ -470,19 +469,19 @@ impl Spool {
     /// Append records for several sinks as one commit, and return once they are on disk.
     ///
     /// All or nothing for `Full`: if any `block`-mode queue lacks room, nothing is written.
-    pub async fn commit(&self, batches: &[(String, Vec<Draft>)]) -> Result<(), SpoolError> {
+    pub async fn commit(&self, batches: &[(String, Vec<Entry>)]) -> Result<(), SpoolError> {
         self.check_healthy()?;
         let mut planned = Vec::with_capacity(batches.len());
-        for (sink, drafts) in batches {
-            if drafts.is_empty() {
+        for (sink, entries) in batches {
+            if entries.is_empty() {
                 continue;
             }
             let queue = self
                 .queue(sink)
                 .ok_or_else(|| SpoolError::UnknownSink(sink.clone()))?;
-            let incoming: u64 = drafts.iter().map(|d| d.encoded_len() as u64).sum();
+            let incoming: u64 = entries.iter().map(|d| block::encoded_len(d) as u64).sum();
             self.make_room(&queue, incoming)?;
-            planned.push((queue, drafts, incoming));
+            planned.push((queue, entries, incoming));
         }
         if planned.is_empty() {
             return Ok(());
@@ -490,8 +489,8 @@ impl Spool {
         self.make_disk_room(&planned)?;
         let (key_id, cipher) = self.keys.sealing_key().await?;
         let created = crate::clock::now_ms();
-        for (queue, drafts, _) in planned {
-            for chunk in chunks(drafts) {
+        for (queue, entries, _) in planned {
+            for chunk in chunks(entries) {
                 self.append_block(&queue, key_id, &cipher, created, chunk)?;
             }
             queue.appended.notify_one();
@@ -526,7 +525,7 @@ impl Spool {
     /// waits and tries again), `drop_oldest` queues hold their size from the moment the disk
     /// went low, giving up their oldest blocks for new data (sled reuses the space). With
     /// nothing left to drop, the commit waits too.
-    fn make_disk_room(&self, planned: &[(Arc<Queue>, &Vec<Draft>, u64)]) -> Result<(), SpoolError> {
+    fn make_disk_room(&self, planned: &[(Arc<Queue>, &Vec<Entry>, u64)]) -> Result<(), SpoolError> {
         let incoming: u64 = planned.iter().map(|(_, _, n)| *n).sum();
         let Err(low) = self.disk.check(incoming) else {
             for (queue, _, _) in planned {
@@ -613,13 +612,13 @@ impl Spool {
         key_id: u32,
         cipher: &Aes256Gcm,
         created: u64,
-        drafts: &[Draft],
+        entries: &[Entry],
     ) -> Result<(), SpoolError> {
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let mut index = queue.index();
         let first = index.next_id;
-        let stored = block::seal(&queue.sink, cipher, key_id, nonce, first, created, drafts)?;
+        let stored = block::seal(&queue.sink, cipher, key_id, nonce, first, created, entries)?;
         let header = Header::parse(&stored)?;
         let len = stored.len() as u64;
         queue
@@ -822,22 +821,22 @@ fn marks_of(queues: &[Arc<Queue>], old: &ledger::State) -> ledger::State {
     state
 }
 
-/// Split drafts into blocks of at most `MAX_BLOCK_RECORDS` records and about `MAX_BLOCK_BYTES`.
-fn chunks(drafts: &[Draft]) -> Vec<&[Draft]> {
+/// Split entries into blocks of at most `MAX_BLOCK_RECORDS` records and about `MAX_BLOCK_BYTES`.
+fn chunks(entries: &[Entry]) -> Vec<&[Entry]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
-    for (i, d) in drafts.iter().enumerate() {
-        let len = d.encoded_len();
+    for (i, d) in entries.iter().enumerate() {
+        let len = block::encoded_len(d);
         if i > start && (i - start == MAX_BLOCK_RECORDS || bytes + len > MAX_BLOCK_BYTES) {
-            out.push(&drafts[start..i]);
+            out.push(&entries[start..i]);
             start = i;
             bytes = 0;
         }
         bytes += len;
     }
-    if start < drafts.len() {
-        out.push(&drafts[start..]);
+    if start < entries.len() {
+        out.push(&entries[start..]);
     }
     out
 }

@@ -14,8 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::block::{self, Draft, Header, MAGIC};
+use super::block::{self, Header, MAGIC};
 use super::{Spool, SpoolError};
+use sitegate_plugins::Entry;
 
 /// What a recovery found and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -62,8 +63,8 @@ pub async fn recover(spool: &Spool, damaged: &Path) -> Result<Report, SalvageErr
         .filter(|(s, m)| sinks.contains(s) && !m.lost.is_empty())
         .map(|(s, m)| (s.clone(), m.clone()))
         .collect();
-    // Recovered drafts by sink, by their old id (which orders them and removes duplicates).
-    let mut found: BTreeMap<String, BTreeMap<u64, Draft>> = BTreeMap::new();
+    // Recovered entries by sink, by their old id (which orders them and removes duplicates).
+    let mut found: BTreeMap<String, BTreeMap<u64, Entry>> = BTreeMap::new();
     let mut seen: BTreeSet<(String, u64)> = BTreeSet::new();
     for path in files_under(damaged)? {
         let bytes = std::fs::read(&path).map_err(|source| SalvageError::Read {
@@ -89,18 +90,15 @@ pub async fn recover(spool: &Spool, damaged: &Path) -> Result<Report, SalvageErr
             };
             for r in records {
                 if marks.recover(r.id) {
-                    found
-                        .entry(sink.clone())
-                        .or_default()
-                        .insert(r.id, Draft::of(r));
+                    found.entry(sink.clone()).or_default().insert(r.id, r.entry);
                 }
             }
         }
     }
-    for (sink, drafts) in found {
-        let n = drafts.len() as u64;
-        let drafts: Vec<Draft> = drafts.into_values().collect();
-        spool.commit(&[(sink.clone(), drafts)]).await?;
+    for (sink, entries) in found {
+        let n = entries.len() as u64;
+        let entries: Vec<Entry> = entries.into_values().collect();
+        spool.commit(&[(sink.clone(), entries)]).await?;
         report.recovered.insert(sink, n);
     }
     // The lost ranges shrink only after the records are durable again.

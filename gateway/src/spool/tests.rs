@@ -23,8 +23,8 @@ async fn open(dir: &Path, cfg: &SpoolConfig, sinks: &[&str]) -> Spool {
     reopen(dir, cfg, sinks).await
 }
 
-fn draft(n: u64) -> Draft {
-    Draft {
+fn entry(n: u64) -> Entry {
+    Entry {
         received_at_ms: n,
         thing_name: format!("pump-{}", n % 7),
         cert_id: "c".repeat(64),
@@ -61,13 +61,13 @@ async fn appends_read_back_in_order_and_acks_delete_blocks() {
     let spool = open(dir.path(), &cfg, &["a", "b"]).await;
     spool
         .commit(&[
-            ("a".into(), (0..5).map(draft).collect()),
-            ("b".into(), vec![draft(100)]),
+            ("a".into(), (0..5).map(entry).collect()),
+            ("b".into(), vec![entry(100)]),
         ])
         .await
         .unwrap();
     spool
-        .commit(&[("a".into(), (5..8).map(draft).collect())])
+        .commit(&[("a".into(), (5..8).map(entry).collect())])
         .await
         .unwrap();
     let got = spool.read("a", 100).await.unwrap();
@@ -98,7 +98,7 @@ async fn damaged_blocks_are_quarantined_and_the_rest_drains() {
     {
         let spool = open(dir.path(), &cfg, &["a"]).await;
         for i in 0..3 {
-            spool.commit(&[("a".into(), vec![draft(i)])]).await.unwrap();
+            spool.commit(&[("a".into(), vec![entry(i)])]).await.unwrap();
         }
         spool.flush().await.unwrap();
     }
@@ -137,9 +137,9 @@ async fn block_mode_refuses_when_full_and_drop_oldest_evicts() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 4096, WhenFull::Block);
     let spool = open(dir.path(), &cfg, &["a"]).await;
-    let big = |n| Draft {
+    let big = |n| Entry {
         payload: incompressible(1500, n),
-        ..draft(n)
+        ..entry(n)
     };
     spool.commit(&[("a".into(), vec![big(1)])]).await.unwrap();
     spool.commit(&[("a".into(), vec![big(2)])]).await.unwrap();
@@ -157,9 +157,9 @@ async fn block_mode_refuses_when_full_and_drop_oldest_evicts() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 4096, WhenFull::DropOldest);
     let spool = open(dir.path(), &cfg, &["a"]).await;
-    let big = |n| Draft {
+    let big = |n| Entry {
         payload: incompressible(1500, n),
-        ..draft(n)
+        ..entry(n)
     };
     for n in 1..=6 {
         spool.commit(&[("a".into(), vec![big(n)])]).await.unwrap();
@@ -178,7 +178,7 @@ async fn a_wrong_key_file_keeps_blocks_instead_of_destroying_them() {
     let cfg = config(dir.path(), 1 << 30, WhenFull::Block);
     {
         let spool = open(dir.path(), &cfg, &["a"]).await;
-        spool.commit(&[("a".into(), vec![draft(1)])]).await.unwrap();
+        spool.commit(&[("a".into(), vec![entry(1)])]).await.unwrap();
     }
     std::fs::remove_file(dir.path().join("kek")).unwrap();
     keys::generate_kek(&dir.path().join("kek")).unwrap();
@@ -226,8 +226,8 @@ proptest! {
                 let s = spool.as_ref().unwrap();
                 match op {
                     Op::Append(k) => {
-                        let drafts: Vec<_> = (0..u64::from(k)).map(|i| draft(next_n + i)).collect();
-                        s.commit(&[("q".into(), drafts)]).await.unwrap();
+                        let entries: Vec<_> = (0..u64::from(k)).map(|i| entry(next_n + i)).collect();
+                        s.commit(&[("q".into(), entries)]).await.unwrap();
                         let first_id = model.back().map(|(id, _)| id + 1);
                         let _ = first_id;
                         for i in 0..u64::from(k) {
@@ -322,8 +322,8 @@ async fn records_a_store_lost_are_counted_once_and_their_ids_never_reused() {
     {
         let spool = reopen(dir.path(), &cfg, &["a"]).await;
         for i in 0..3 {
-            let drafts = (i * 3..i * 3 + 3).map(draft).collect();
-            spool.commit(&[("a".into(), drafts)]).await.unwrap();
+            let entries = (i * 3..i * 3 + 3).map(entry).collect();
+            spool.commit(&[("a".into(), entries)]).await.unwrap();
         }
         spool.ack("a", 2).unwrap();
         spool.settle().await.unwrap();
@@ -349,7 +349,7 @@ async fn records_a_store_lost_are_counted_once_and_their_ids_never_reused() {
         .collect();
     assert_eq!(left, vec![3, 4, 5, 6]);
     spool
-        .commit(&[("a".into(), vec![draft(99)])])
+        .commit(&[("a".into(), vec![entry(99)])])
         .await
         .unwrap();
     let ids: Vec<u64> = spool
@@ -382,13 +382,13 @@ async fn a_store_set_aside_keeps_its_keys_and_recover_brings_its_records_back() 
         let spool = reopen(dir.path(), &cfg, &["a", "b"]).await;
         spool
             .commit(&[
-                ("a".into(), (0..5).map(draft).collect()),
-                ("b".into(), vec![draft(50)]),
+                ("a".into(), (0..5).map(entry).collect()),
+                ("b".into(), vec![entry(50)]),
             ])
             .await
             .unwrap();
         spool
-            .commit(&[("a".into(), (5..8).map(draft).collect())])
+            .commit(&[("a".into(), (5..8).map(entry).collect())])
             .await
             .unwrap();
         spool.ack("a", 3).unwrap();
@@ -406,7 +406,7 @@ async fn a_store_set_aside_keeps_its_keys_and_recover_brings_its_records_back() 
     assert_eq!((spool.lost_records("a"), spool.lost_records("b")), (5, 1));
     // Devices go on being served while the old store waits.
     spool
-        .commit(&[("a".into(), vec![draft(100)])])
+        .commit(&[("a".into(), vec![entry(100)])])
         .await
         .unwrap();
     let report = salvage::recover(&spool, &damaged).await.unwrap();
@@ -439,7 +439,7 @@ async fn a_deleted_default_key_file_is_an_error_while_blocks_wait() {
     let cfg = SpoolConfig::default();
     {
         let spool = reopen(dir.path(), &cfg, &["a"]).await;
-        spool.commit(&[("a".into(), vec![draft(1)])]).await.unwrap();
+        spool.commit(&[("a".into(), vec![entry(1)])]).await.unwrap();
         spool.settle().await.unwrap();
     }
     std::fs::remove_file(dir.path().join("spool.kek")).unwrap();
@@ -460,7 +460,7 @@ async fn a_deleted_default_key_file_is_an_error_while_blocks_wait() {
     let spool = Spool::open(db, &cfg, dir.path(), ["a".to_string()])
         .await
         .unwrap();
-    spool.commit(&[("a".into(), vec![draft(2)])]).await.unwrap();
+    spool.commit(&[("a".into(), vec![entry(2)])]).await.unwrap();
     assert!(dir.path().join("spool.kek").exists());
 }
 
@@ -469,10 +469,10 @@ async fn below_the_disk_reserve_block_waits_and_drop_oldest_makes_room() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 1 << 30, WhenFull::Block);
     let mut spool = open(dir.path(), &cfg, &["a"]).await;
-    spool.commit(&[("a".into(), vec![draft(1)])]).await.unwrap();
+    spool.commit(&[("a".into(), vec![entry(1)])]).await.unwrap();
     spool.disk = DiskGuard::new(dir.path(), u64::MAX / 4);
     let err = spool
-        .commit(&[("a".into(), vec![draft(2)])])
+        .commit(&[("a".into(), vec![entry(2)])])
         .await
         .unwrap_err();
     assert!(matches!(err, SpoolError::DiskLow(_)), "{err}");
@@ -484,10 +484,10 @@ async fn below_the_disk_reserve_block_waits_and_drop_oldest_makes_room() {
     let cfg = config(dir.path(), 1 << 30, WhenFull::DropOldest);
     let mut spool = open(dir.path(), &cfg, &["a"]).await;
     for i in 0..3 {
-        spool.commit(&[("a".into(), vec![draft(i)])]).await.unwrap();
+        spool.commit(&[("a".into(), vec![entry(i)])]).await.unwrap();
     }
     spool.disk = DiskGuard::new(dir.path(), u64::MAX / 4);
-    spool.commit(&[("a".into(), vec![draft(3)])]).await.unwrap();
+    spool.commit(&[("a".into(), vec![entry(3)])]).await.unwrap();
     let left: Vec<u64> = spool
         .read("a", 10)
         .await
@@ -543,8 +543,8 @@ proptest! {
                 let spool = reopen(dir.path(), &cfg, &["q"]).await;
                 let mut ends = Vec::new();
                 for k in &sizes {
-                    let drafts = (n..n + u64::from(*k)).map(draft).collect();
-                    spool.commit(&[("q".into(), drafts)]).await.unwrap();
+                    let entries = (n..n + u64::from(*k)).map(entry).collect();
+                    spool.commit(&[("q".into(), entries)]).await.unwrap();
                     n += u64::from(*k);
                     ends.push(n);
                 }
@@ -586,7 +586,7 @@ proptest! {
             let readable = spool.read("q", usize::MAX).await.unwrap();
             let lost = spool.lost_records("q");
             prop_assert_eq!(readable.len() as u64 + lost, committed - acked);
-            spool.commit(&[("q".into(), vec![draft(1000)])]).await.unwrap();
+            spool.commit(&[("q".into(), vec![entry(1000)])]).await.unwrap();
             let newest = spool.read("q", usize::MAX).await.unwrap().last().unwrap().id;
             prop_assert_eq!(newest, committed + 1);
             if let Some(damaged) = &lost_store {

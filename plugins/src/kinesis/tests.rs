@@ -58,7 +58,7 @@ async fn oversize_records_are_rejected_with_the_reason_not_sent() {
     let (endpoint, seen) = fake_kinesis(|_, _| false).await;
     let mut sink = sink(&endpoint, 1).await;
     let mut records = batch(3);
-    records[1].payload = Bytes::from(format!(
+    records[1].entry.payload = Bytes::from(format!(
         r#"{{"n":1,"pad":"{}"}}"#,
         "x".repeat(MAX_RECORD_BYTES)
     ));

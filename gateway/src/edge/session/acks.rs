@@ -59,6 +59,8 @@ pub(super) fn detach_payloads(messages: &mut [Message]) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
