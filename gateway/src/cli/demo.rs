@@ -165,20 +165,71 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
         .prefix("sitegate-demo-")
         .tempdir()?;
     let pki_dir = dir.path().join("pki");
-    let files = pki::init_ca(&pki_dir, "demo", &[])?;
-    std::fs::create_dir_all(dir.path().join("rules"))?;
-    for (name, sql) in DEMO_RULES {
-        std::fs::write(dir.path().join(format!("rules/{name}.sql")), sql)?;
+    let mut config = site_config(dir.path(), pki::init_ca(&pki_dir, "demo", &[])?)?;
+    if let Some(endpoint) = &kinesis_endpoint {
+        add_kinesis(&mut config, endpoint).await?;
     }
-    let config = Config {
+    config.validate()?;
+    let listeners = Listeners {
+        mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        admin: admin::bind(&config.admin_socket())?,
+        metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+        nucleus: None,
+    };
+    let gateway = Gateway::start(config.clone(), listeners).await?;
+    let addr = gateway.local_addr().context("gateway has no address")?;
+    println!(
+        "sitegate demo: gateway on mqtts://{addr}, data in {}",
+        dir.path().display()
+    );
+    let socket = config.admin_socket();
+    let (stop_tx, stop) = watch::channel(false);
+    let counters = Arc::new(DeviceCounters::default());
+    let devices = start_fleet(dir.path(), &socket, addr, &stop, &counters).await?;
+    let started = Instant::now();
+    watch_live(&gateway, &socket, started, duration).await?;
+    stop_tx.send_replace(true);
+    for d in devices {
+        let _ = tokio::time::timeout(Duration::from_secs(3), d).await;
+    }
+    let s = gateway.stats().snapshot();
+    let list = ask(&socket, AdminRequest::List).await?;
+    let spool = gateway.spool().status().await;
+    let metrics = match gateway.metrics_addr() {
+        Some(addr) => sitegate::ops::prometheus::scrape(addr)
+            .await
+            .ok()
+            .map(|t| (addr, t)),
+        None => None,
+    };
+    gateway.stop().await;
+    println!("\nsummary after {:.1}s", started.elapsed().as_secs_f64());
+    print_summary(dir.path(), &s, &spool, &counters);
+    if let AdminResponse::Devices { devices } = list {
+        print_devices(&devices);
+    }
+    if let Some((addr, text)) = metrics {
+        print_metrics(addr, &text);
+    }
+    println!("\nstopped cleanly");
+    Ok(())
+}
+
+/// The demo site in `dir`: its fleet's policies, three file sinks, a route and the rules.
+fn site_config(dir: &Path, files: pki::CaFiles) -> Result<Config> {
+    std::fs::create_dir_all(dir.join("rules"))?;
+    for (name, sql) in DEMO_RULES {
+        std::fs::write(dir.join(format!("rules/{name}.sql")), sql)?;
+    }
+    Ok(Config {
         site: Some("demo".into()),
-        data_dir: dir.path().join("data"),
+        data_dir: dir.join("data"),
         auth: toml::from_str::<AuthConfig>(DEMO_AUTH).context("demo auth config")?,
         sinks: ["archive", "alerts", "averages"]
             .into_iter()
             .map(|name| {
                 let sink = SinkConfig::File(FileConfig {
-                    path: dir.path().join(format!("out/{name}.jsonl")),
+                    path: dir.join(format!("out/{name}.jsonl")),
                     rotate_bytes: ByteSize(DEFAULT_ROTATE_BYTES),
                     keep: DEFAULT_KEEP,
                     fsync: true,
@@ -195,7 +246,7 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
         )]
         .into(),
         rules: RulesConfig {
-            dir: Some(dir.path().join("rules")),
+            dir: Some(dir.join("rules")),
             ..RulesConfig::default()
         },
         ..Config::with_listener(ListenerConfig::with_defaults(
@@ -204,53 +255,49 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
             files.gateway_cert,
             files.gateway_key,
         ))
-    };
-    let mut config = config;
-    if let Some(endpoint) = &kinesis_endpoint {
-        let mut k = KinesisConfig::for_stream(DEMO_STREAM);
-        k.endpoint = Some(endpoint.clone());
-        // Emulators take any credentials; real ones come from the standard chain.
-        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
-            && std::env::var_os("AWS_PROFILE").is_none()
-        {
-            std::env::set_var("AWS_ACCESS_KEY_ID", "demo");
-            std::env::set_var("AWS_SECRET_ACCESS_KEY", "demo");
-        }
-        KinesisSink::new("kinesis", "demo", k.clone())
-            .await
-            .create_stream_if_missing(1)
-            .await
-            .with_context(|| format!("creating stream {DEMO_STREAM} at {endpoint}"))?;
-        config
-            .sinks
-            .insert("kinesis".into(), SinkConfig::Kinesis(k));
-        config.routes.insert(
-            "to-kinesis".into(),
-            RouteConfig {
-                from: "dt/#".into(),
-                to: "kinesis".into(),
-            },
-        );
-        println!("kinesis: telemetry also goes to stream {DEMO_STREAM} at {endpoint}");
-    }
-    config.validate()?;
-    let listeners = Listeners {
-        mqtts: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        admin: admin::bind(&config.admin_socket())?,
-        metrics: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
-        nucleus: None,
-    };
-    let gateway = Gateway::start(config.clone(), listeners).await?;
-    let addr = gateway.local_addr().context("gateway has no address")?;
-    println!(
-        "sitegate demo: gateway on mqtts://{addr}, data in {}",
-        dir.path().display()
-    );
+    })
+}
 
-    let socket = config.admin_socket();
+/// Adds a Kinesis sink at `endpoint` (an emulator, or AWS), making its stream if missing.
+async fn add_kinesis(config: &mut Config, endpoint: &str) -> Result<()> {
+    let mut k = KinesisConfig::for_stream(DEMO_STREAM);
+    k.endpoint = Some(endpoint.to_owned());
+    // Emulators take any credentials; real ones come from the standard chain.
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() && std::env::var_os("AWS_PROFILE").is_none()
+    {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "demo");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "demo");
+    }
+    KinesisSink::new("kinesis", "demo", k.clone())
+        .await
+        .create_stream_if_missing(1)
+        .await
+        .with_context(|| format!("creating stream {DEMO_STREAM} at {endpoint}"))?;
+    config
+        .sinks
+        .insert("kinesis".into(), SinkConfig::Kinesis(k));
+    config.routes.insert(
+        "to-kinesis".into(),
+        RouteConfig {
+            from: "dt/#".into(),
+            to: "kinesis".into(),
+        },
+    );
+    println!("kinesis: telemetry also goes to stream {DEMO_STREAM} at {endpoint}");
+    Ok(())
+}
+
+/// Approves most of the fleet, issues every device its certificate and starts them.
+async fn start_fleet(
+    dir: &Path,
+    socket: &Path,
+    addr: SocketAddr,
+    stop: &watch::Receiver<bool>,
+    counters: &Arc<DeviceCounters>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     for plan in FLEET.iter().filter(|p| p.approved) {
         ask(
-            &socket,
+            socket,
             AdminRequest::Approve {
                 thing: plan.thing.into(),
                 groups: vec![],
@@ -258,27 +305,34 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
         )
         .await?;
     }
-    let (stop_tx, stop) = watch::channel(false);
-    let counters = Arc::new(DeviceCounters::default());
     let mut devices = Vec::new();
     for plan in FLEET {
         let (creds, _) =
-            DeviceCredentials::issue(plan.thing, &pki_dir, &dir.path().join("devices"), 1)?;
+            DeviceCredentials::issue(plan.thing, &dir.join("pki"), &dir.join("devices"), 1)?;
         devices.push(tokio::spawn(device(
             creds,
             addr,
             plan,
             stop.clone(),
-            Arc::clone(&counters),
+            Arc::clone(counters),
         )));
     }
     println!(
-        "fleet: {} devices ({} approved, door-1 pending; thermostat-9 also tries thermostat-1's topic)",
-        FLEET.len(),
-        FLEET.iter().filter(|p| p.approved).count()
-    );
+    "fleet: {} devices ({} approved, door-1 pending; thermostat-9 also tries thermostat-1's topic)",
+    FLEET.len(),
+    FLEET.iter().filter(|p| p.approved).count()
+);
+    Ok(devices)
+}
 
-    let started = Instant::now();
+/// A line of live figures every second until `duration` (or Ctrl-C); approves `door-1` on its
+/// live connection halfway.
+async fn watch_live(
+    gateway: &Gateway,
+    socket: &Path,
+    started: Instant,
+    duration: Duration,
+) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut door_approved = false;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -292,7 +346,7 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
         if !door_approved && elapsed >= duration / 2 {
             door_approved = true;
             ask(
-                &socket,
+                socket,
                 AdminRequest::Approve {
                     thing: "door-1".into(),
                     groups: vec!["doors".into()],
@@ -305,37 +359,28 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
         let spool = gateway.spool().status().await;
         let depth: u64 = spool.queues.iter().map(|q| q.records).sum();
         println!(
-            "[{:>2}s] connections {:>2} | accepted {:>4} | denied {:>3} | delivered to devices {:>3} | spool depth {:>3} | to sink {:>4}",
-            elapsed.as_secs(),
-            s.connections_open,
-            s.messages_in_qos0 + s.messages_in_qos1,
-            s.publishes_denied + s.subscriptions_denied,
-            s.messages_out,
-            depth,
-            s.sink_records_sent,
-        );
+        "[{:>2}s] connections {:>2} | accepted {:>4} | denied {:>3} | delivered to devices {:>3} | spool depth {:>3} | to sink {:>4}",
+        elapsed.as_secs(),
+        s.connections_open,
+        s.messages_in_qos0 + s.messages_in_qos1,
+        s.publishes_denied + s.subscriptions_denied,
+        s.messages_out,
+        depth,
+        s.sink_records_sent,
+    );
         if elapsed >= duration {
             break;
         }
     }
+    Ok(())
+}
 
-    stop_tx.send_replace(true);
-    for d in devices {
-        let _ = tokio::time::timeout(Duration::from_secs(3), d).await;
-    }
-    let s = gateway.stats().snapshot();
-    let list = ask(&socket, AdminRequest::List).await?;
-    let spool = gateway.spool().status().await;
-    let metrics = match gateway.metrics_addr() {
-        Some(addr) => sitegate::ops::prometheus::scrape(addr)
-            .await
-            .ok()
-            .map(|t| (addr, t)),
-        None => None,
-    };
-    gateway.stop().await;
-
-    println!("\nsummary after {:.1}s", started.elapsed().as_secs_f64());
+fn print_summary(
+    dir: &Path,
+    s: &sitegate::metrics::StatsSnapshot,
+    spool: &sitegate::spool::SpoolStatus,
+    counters: &DeviceCounters,
+) {
     println!("  connections accepted     {}", s.connections_accepted);
     println!(
         "  messages accepted        {} (QoS 1: {})",
@@ -354,12 +399,11 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
         ("rule warm_thermostats → alerts", "alerts"),
         ("rule average_temp → averages", "averages"),
     ] {
-        let lines: Vec<String> =
-            std::fs::read_to_string(dir.path().join(format!("out/{sink}.jsonl")))
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_string)
-                .collect();
+        let lines: Vec<String> = std::fs::read_to_string(dir.join(format!("out/{sink}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
         println!("  {label:<32} {} rows", lines.len());
         for line in lines.iter().rev().take(3).rev() {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
@@ -370,7 +414,7 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
     if let Some(by) = &spool.keys.wrapped_by {
         println!(
             "  spool data key           {by} (blocks LZ4 + AES-256-GCM; records in {})",
-            dir.path().join("out/archive.jsonl").display()
+            dir.join("out/archive.jsonl").display()
         );
     }
     println!(
@@ -379,45 +423,44 @@ async fn demo(duration: Duration, kinesis_endpoint: Option<String>) -> Result<()
         counters.acked.load(Relaxed),
         counters.received.load(Relaxed)
     );
-    if let AdminResponse::Devices { devices } = list {
-        println!("\n  {:<14} {:<9} GROUPS", "THING", "STATE");
-        for d in devices {
-            println!(
-                "  {:<14} {:<9} {}",
-                d.thing,
-                d.state.to_string(),
-                d.groups.join(",")
-            );
+}
+
+fn print_devices(devices: &[sitegate::ops::admin::DeviceView]) {
+    println!("\n  {:<14} {:<9} GROUPS", "THING", "STATE");
+    for d in devices {
+        println!(
+            "  {:<14} {:<9} {}",
+            d.thing,
+            d.state.to_string(),
+            d.groups.join(",")
+        );
+    }
+}
+
+fn print_metrics(addr: SocketAddr, text: &str) {
+    println!("\n  a few of the Prometheus metrics at http://{addr}/metrics:");
+    for series in [
+        "sitegate_connections_open",
+        "sitegate_messages_in_total{qos=\"1\"}",
+        "sitegate_denied_total{reason=\"publish_not_allowed\"}",
+        "sitegate_rule_rows_out_total{rule=\"warm_thermostats\"}",
+        "sitegate_spool_records{sink=\"archive\"}",
+        "sitegate_receive_to_durable_seconds_count",
+    ] {
+        if let Some(v) = sitegate::ops::prometheus::value_of(text, series) {
+            println!("  {series:<58} {v}");
         }
     }
-    if let Some((addr, text)) = metrics {
-        println!("\n  a few of the Prometheus metrics at http://{addr}/metrics:");
-        for series in [
-            "sitegate_connections_open",
-            "sitegate_messages_in_total{qos=\"1\"}",
-            "sitegate_denied_total{reason=\"publish_not_allowed\"}",
-            "sitegate_rule_rows_out_total{rule=\"warm_thermostats\"}",
-            "sitegate_spool_records{sink=\"archive\"}",
-            "sitegate_receive_to_durable_seconds_count",
-        ] {
-            if let Some(v) = sitegate::ops::prometheus::value_of(&text, series) {
-                println!("  {series:<58} {v}");
-            }
-        }
-        let sum =
-            sitegate::ops::prometheus::value_of(&text, "sitegate_receive_to_durable_seconds_sum");
-        let count =
-            sitegate::ops::prometheus::value_of(&text, "sitegate_receive_to_durable_seconds_count");
-        if let (Some(sum), Some(count)) = (sum, count.filter(|c| *c > 0.0)) {
-            println!(
-                "  {:<58} {:.2} ms",
-                "mean receive → durable",
-                sum / count * 1000.0
-            );
-        }
+    let sum = sitegate::ops::prometheus::value_of(text, "sitegate_receive_to_durable_seconds_sum");
+    let count =
+        sitegate::ops::prometheus::value_of(text, "sitegate_receive_to_durable_seconds_count");
+    if let (Some(sum), Some(count)) = (sum, count.filter(|c| *c > 0.0)) {
+        println!(
+            "  {:<58} {:.2} ms",
+            "mean receive → durable",
+            sum / count * 1000.0
+        );
     }
-    println!("\nstopped cleanly");
-    Ok(())
 }
 
 async fn ask(socket: &Path, request: AdminRequest) -> Result<AdminResponse> {

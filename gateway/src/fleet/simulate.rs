@@ -373,54 +373,12 @@ pub async fn run(options: Options) -> Result<Summary, SimulateError> {
     // and the end), so that connections being set up are not cut short by other phase changes.
     let (interrupt_tx, interrupt_rx) = watch::channel(());
     let bar = progress_bar(&options);
-
-    let per_device_period = (options.rate > 0.0)
-        .then(|| Duration::from_secs_f64(options.devices as f64 / options.rate));
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(options.devices * 2);
-    let connect_gap = Duration::from_secs_f64(1.0 / options.connect_rate);
-    let mut next_start = tokio::time::Instant::now();
-    for (n, c) in creds.into_iter().enumerate() {
-        let mut opts = c.mqtt5_options_for(&options.host, options.port, KEEP_ALIVE)?;
-        opts.set_outgoing_inflight_upper_limit(options.inflight.max(1));
-        opts.set_connection_timeout(30);
-        opts.set_max_packet_size(Some(OVERSIZE_BYTES as u32 * 2));
-        let kept = options.storm.is_some_and(|s| n < s.keep);
-        let device = Device {
-            thing: c.thing,
-            profile: options.profile.for_device(n),
-            qos: if options.qos == 1 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::AtMostOnce
-            },
-            payload_bytes: options.payload_bytes,
-            misbehaves: n < options.misbehaving,
-            other: names[(n + 1) % names.len()].clone(),
-            period: per_device_period,
-        };
-        let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
-        let start_at = next_start;
-        next_start += connect_gap;
-        tasks.push(tokio::spawn(drive(
-            eventloop,
-            kept,
-            options.reconnect_chance,
-            start_at,
-            shared.clone(),
-            phase_rx.clone(),
-            interrupt_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(publish(
-            device,
-            client,
-            shared.clone(),
-            phase_rx.clone(),
-        )));
-    }
+    let (mut tasks, last_start) =
+        spawn_fleet(&options, &names, creds, &shared, &phase_rx, &interrupt_rx)?;
 
     // Connect phase: until everyone is in, or long enough that the rest are clearly failing.
-    let connect_deadline = next_start + Duration::from_secs(30);
+    let connect_deadline = last_start + Duration::from_secs(30);
     while shared.connected_once.load(Relaxed) < options.devices
         && tokio::time::Instant::now() < connect_deadline
     {
@@ -434,62 +392,18 @@ pub async fn run(options: Options) -> Result<Summary, SimulateError> {
     let sent_before = shared.sent.load(Relaxed);
     let acked_before = shared.acknowledged.load(Relaxed);
     let _ = phase_tx.send(Phase::Publishing);
-    let mut storm = None;
-    match options.storm {
-        None => wait_publishing(&bar, &shared, options.duration).await,
-        Some(s) => {
-            wait_publishing(&bar, &shared, s.settle).await;
-            let dropped = options.devices - s.keep;
-            let storm_started = Instant::now();
-            shared.storm_back.store(0, Relaxed);
-            let _ = phase_tx.send(Phase::Storm);
-            interrupt_tx.send_replace(());
-            let storm_deadline = storm_started + Duration::from_secs(120);
-            let mut all_back = None;
-            while Instant::now() < storm_deadline {
-                tick(&bar, &shared, "storm");
-                if shared.storm_back.load(Relaxed) >= dropped {
-                    all_back = Some(storm_started.elapsed());
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let all_back = all_back.unwrap_or_else(|| storm_started.elapsed());
-            // Let the kept devices show how the gateway does right after the storm too.
-            let _ = phase_tx.send(Phase::Publishing);
-            wait_publishing(&bar, &shared, s.settle).await;
-            let reconnected = shared.storm_back.load(Relaxed);
-            storm = Some(StormSummary {
-                dropped,
-                reconnected,
-                all_back_s: all_back.as_secs_f64(),
-                handshakes_per_s: reconnected as f64 / all_back.as_secs_f64().max(1e-3),
-                ..StormSummary::default()
-            });
+    let mut storm = match options.storm {
+        None => {
+            wait_publishing(&bar, &shared, options.duration).await;
+            None
         }
-    }
-    let publish_s = publish_started.elapsed().as_secs_f64();
-    let _ = phase_tx.send(Phase::Stopping);
-    // Give outstanding PUBACKs a moment, then collect every device's samples.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = phase_tx.send(Phase::Done);
-    interrupt_tx.send_replace(());
-    let ending = async {
-        for t in tasks.iter_mut() {
-            let _ = t.await;
+        Some(s) => {
+            let dropped = options.devices - s.keep;
+            Some(storm_phase(&bar, &shared, &phase_tx, &interrupt_tx, s, dropped).await)
         }
     };
-    if tokio::time::timeout(Duration::from_secs(5), ending)
-        .await
-        .is_err()
-    {
-        for t in &tasks {
-            t.abort();
-        }
-    }
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    let publish_s = publish_started.elapsed().as_secs_f64();
+    stop_fleet(&mut tasks, &phase_tx, &interrupt_tx, &bar).await;
 
     let samples = shared
         .samples
@@ -531,6 +445,132 @@ pub async fn run(options: Options) -> Result<Summary, SimulateError> {
         latency: Latency::of(samples.into_iter().map(|(us, _, _)| us).collect()),
         storm,
     })
+}
+
+/// Starts every device's connection and publisher, `connect_rate` apart; returns their tasks
+/// and when the last one starts.
+fn spawn_fleet(
+    options: &Options,
+    names: &[String],
+    creds: Vec<DeviceCredentials>,
+    shared: &Arc<Shared>,
+    phase_rx: &watch::Receiver<Phase>,
+    interrupt_rx: &watch::Receiver<()>,
+) -> Result<(Vec<tokio::task::JoinHandle<()>>, tokio::time::Instant), SimulateError> {
+    let per_device_period = (options.rate > 0.0)
+        .then(|| Duration::from_secs_f64(options.devices as f64 / options.rate));
+    let mut tasks = Vec::with_capacity(options.devices * 2);
+    let connect_gap = Duration::from_secs_f64(1.0 / options.connect_rate);
+    let mut next_start = tokio::time::Instant::now();
+    for (n, c) in creds.into_iter().enumerate() {
+        let mut opts = c.mqtt5_options_for(&options.host, options.port, KEEP_ALIVE)?;
+        opts.set_outgoing_inflight_upper_limit(options.inflight.max(1));
+        opts.set_connection_timeout(30);
+        opts.set_max_packet_size(Some(OVERSIZE_BYTES as u32 * 2));
+        let kept = options.storm.is_some_and(|s| n < s.keep);
+        let device = Device {
+            thing: c.thing,
+            profile: options.profile.for_device(n),
+            qos: if options.qos == 1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            },
+            payload_bytes: options.payload_bytes,
+            misbehaves: n < options.misbehaving,
+            other: names[(n + 1) % names.len()].clone(),
+            period: per_device_period,
+        };
+        let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+        let start_at = next_start;
+        next_start += connect_gap;
+        tasks.push(tokio::spawn(drive(
+            eventloop,
+            kept,
+            options.reconnect_chance,
+            start_at,
+            shared.clone(),
+            phase_rx.clone(),
+            interrupt_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(publish(
+            device,
+            client,
+            shared.clone(),
+            phase_rx.clone(),
+        )));
+    }
+    Ok((tasks, next_start))
+}
+
+/// The storm: after `settle`, `dropped` devices lose their connections at once; waits until
+/// they are all back (or two minutes), then lets the kept devices publish for `settle` again.
+async fn storm_phase(
+    bar: &Option<indicatif::ProgressBar>,
+    shared: &Shared,
+    phase_tx: &watch::Sender<Phase>,
+    interrupt_tx: &watch::Sender<()>,
+    s: StormOptions,
+    dropped: usize,
+) -> StormSummary {
+    wait_publishing(bar, shared, s.settle).await;
+    let storm_started = Instant::now();
+    shared.storm_back.store(0, Relaxed);
+    let _ = phase_tx.send(Phase::Storm);
+    interrupt_tx.send_replace(());
+    let storm_deadline = storm_started + Duration::from_secs(120);
+    let mut all_back = None;
+    while Instant::now() < storm_deadline {
+        tick(bar, shared, "storm");
+        if shared.storm_back.load(Relaxed) >= dropped {
+            all_back = Some(storm_started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all_back = all_back.unwrap_or_else(|| storm_started.elapsed());
+    // Let the kept devices show how the gateway does right after the storm too.
+    let _ = phase_tx.send(Phase::Publishing);
+    wait_publishing(bar, shared, s.settle).await;
+    let reconnected = shared.storm_back.load(Relaxed);
+    StormSummary {
+        dropped,
+        reconnected,
+        all_back_s: all_back.as_secs_f64(),
+        handshakes_per_s: reconnected as f64 / all_back.as_secs_f64().max(1e-3),
+        ..StormSummary::default()
+    }
+}
+
+/// Ends the run: outstanding PUBACKs get a moment, then every device stops (or is aborted
+/// after five seconds).
+async fn stop_fleet(
+    tasks: &mut [tokio::task::JoinHandle<()>],
+    phase_tx: &watch::Sender<Phase>,
+    interrupt_tx: &watch::Sender<()>,
+    bar: &Option<indicatif::ProgressBar>,
+) {
+    let _ = phase_tx.send(Phase::Stopping);
+    // Give outstanding PUBACKs a moment, then collect every device's samples.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = phase_tx.send(Phase::Done);
+    interrupt_tx.send_replace(());
+    let ending = async {
+        for t in tasks.iter_mut() {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), ending)
+        .await
+        .is_err()
+    {
+        for t in tasks.iter() {
+            t.abort();
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
 }
 
 fn progress_bar(options: &Options) -> Option<indicatif::ProgressBar> {
