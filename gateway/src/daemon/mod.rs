@@ -206,6 +206,69 @@ pub struct Gateway {
     db: sled::Db,
 }
 
+/// Builds every configured sink and starts its drain.
+async fn start_sinks(
+    config: &Config,
+    spool: &Arc<Spool>,
+    fabric: &Arc<Fabric>,
+    nucleus: &Option<Arc<Nucleus>>,
+    stats: &Arc<Stats>,
+) -> Result<SinkSet, RunError> {
+    let mut sink_set = SinkSet::new(
+        Arc::clone(spool),
+        Arc::new(Republisher::new(
+            Arc::clone(fabric),
+            config.listener.topic_limits(),
+        )),
+        nucleus.clone(),
+        Arc::clone(stats),
+        config.site_name(),
+        config.rules.error_sink.clone(),
+    );
+    for (name, sink_config) in &config.sinks {
+        let sink = sink_set
+            .build(name, sink_config)
+            .await
+            .map_err(|source| RunError::Sink {
+                name: name.clone(),
+                source,
+            })?;
+        sink_set.spawn(name, sink_config.linger(), sink);
+    }
+    Ok(sink_set)
+}
+
+/// Starts serving on the bound listeners: devices, the admin socket, and metrics if bound.
+fn serve(
+    listeners: Listeners,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<EdgeContext>,
+    admin_service: Arc<AdminService>,
+    sources: crate::ops::prometheus::Sources,
+    budget: crate::edge::Budget,
+    stopped: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(listener) = listeners.metrics {
+        tasks.push(tokio::spawn(crate::ops::prometheus::serve(
+            listener,
+            sources,
+            stopped.clone(),
+        )));
+    }
+    tasks.extend([
+        tokio::spawn(crate::edge::serve(
+            listeners.mqtts,
+            acceptor,
+            ctx,
+            budget,
+            stopped.clone(),
+        )),
+        tokio::spawn(admin::serve(listeners.admin, admin_service, stopped)),
+    ]);
+    tasks
+}
+
 impl Gateway {
     /// Builds every part and starts serving on `listeners`.
     pub async fn start(config: Config, listeners: Listeners) -> Result<Gateway, RunError> {
@@ -229,34 +292,10 @@ impl Gateway {
         );
         let l = &config.listener;
         let fabric = Arc::new(Fabric::start(
-            FabricLimits {
-                max_connections: l.max_connections + INTERNAL_LINKS,
-                max_inflight: l.max_inflight,
-                cache_limit: l.router_cache_limit,
-                max_retained_messages: l.max_retained_messages,
-                max_retained_bytes: l.max_retained_bytes.0,
-            },
+            FabricLimits::of(l, INTERNAL_LINKS),
             Arc::clone(&stats),
         ));
-        let mut sink_set = SinkSet::new(
-            Arc::clone(&spool),
-            Arc::new(Republisher::new(Arc::clone(&fabric), l.topic_limits())),
-            listeners.nucleus.clone(),
-            Arc::clone(&stats),
-            config.site_name(),
-            config.rules.error_sink.clone(),
-        );
-        for (name, sink_config) in &config.sinks {
-            let sink =
-                sink_set
-                    .build(name, sink_config)
-                    .await
-                    .map_err(|source| RunError::Sink {
-                        name: name.clone(),
-                        source,
-                    })?;
-            sink_set.spawn(name, sink_config.linger(), sink);
-        }
+        let sink_set = start_sinks(&config, &spool, &fabric, &listeners.nucleus, &stats).await?;
         let sinks = Arc::new(tokio::sync::Mutex::new(sink_set));
         let mut background = vec![
             tokio::spawn(Arc::clone(&fabric).watchdog(stopped.clone())),
@@ -293,16 +332,7 @@ impl Gateway {
             fabric,
             sessions: Arc::clone(&sessions),
             stats: Arc::clone(&stats),
-            limits: Limits {
-                max_packet_size: usize::try_from(l.max_packet_size.0).unwrap_or(usize::MAX),
-                max_inflight: l.max_inflight,
-                connect_timeout: l.connect_timeout(),
-                write_timeout: l.write_timeout(),
-                max_keep_alive_secs: l.max_keep_alive_secs,
-                topics: l.topic_limits(),
-                max_filters_per_subscribe: l.max_filters_per_subscribe,
-                max_subscriptions: l.max_subscriptions,
-            },
+            limits: Limits::of(l),
             ingest: Some(started.ingest),
         });
         let local_addr = listeners.mqtts.local_addr().ok();
@@ -314,29 +344,19 @@ impl Gateway {
             spool: Some(Arc::clone(&spool)),
             rules: Arc::clone(&rules),
         });
-        let mut tasks = Vec::new();
-        if let Some(listener) = listeners.metrics {
-            let sources = crate::ops::prometheus::Sources {
+        let tasks = serve(
+            listeners,
+            acceptor,
+            ctx,
+            admin_service,
+            crate::ops::prometheus::Sources {
                 stats: Arc::clone(&stats),
                 spool: Arc::clone(&spool),
                 rules,
-            };
-            tasks.push(tokio::spawn(crate::ops::prometheus::serve(
-                listener,
-                sources,
-                stopped.clone(),
-            )));
-        }
-        tasks.extend([
-            tokio::spawn(crate::edge::serve(
-                listeners.mqtts,
-                acceptor,
-                ctx,
-                crate::edge::Budget::of(l),
-                stopped.clone(),
-            )),
-            tokio::spawn(admin::serve(listeners.admin, admin_service, stopped)),
-        ]);
+            },
+            crate::edge::Budget::of(l),
+            stopped,
+        );
         info!(
             site = %config.site_name(),
             mqtts = ?local_addr,

@@ -90,6 +90,20 @@ pub struct FabricLimits {
     pub max_retained_bytes: u64,
 }
 
+impl FabricLimits {
+    /// The limits of `[listener]`, with `internal_links` more links than devices for the
+    /// gateway's own.
+    pub fn of(l: &super::ListenerConfig, internal_links: usize) -> FabricLimits {
+        FabricLimits {
+            max_connections: l.max_connections + internal_links,
+            max_inflight: l.max_inflight,
+            cache_limit: l.router_cache_limit,
+            max_retained_messages: l.max_retained_messages,
+            max_retained_bytes: l.max_retained_bytes.0,
+        }
+    }
+}
+
 type Connector =
     dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), Box<LinkError>> + Send + Sync;
 

@@ -134,10 +134,9 @@ impl Harness {
         let fabric = Arc::new(Fabric::start(
             FabricLimits {
                 max_connections: 64,
-                max_inflight: l.max_inflight,
-                cache_limit: l.router_cache_limit,
                 max_retained_messages: 100,
                 max_retained_bytes: 1 << 20,
+                ..FabricLimits::of(&l, 0)
             },
             Arc::clone(&stats),
         ));
@@ -148,13 +147,10 @@ impl Harness {
             stats,
             limits: Limits {
                 max_packet_size: 64 * 1024,
-                max_inflight: l.max_inflight,
                 connect_timeout: Duration::from_secs(1),
                 write_timeout: Duration::from_secs(1),
                 max_keep_alive_secs: 60,
-                topics: l.topic_limits(),
-                max_filters_per_subscribe: l.max_filters_per_subscribe,
-                max_subscriptions: l.max_subscriptions,
+                ..Limits::of(&l)
             },
             ingest: None,
         });

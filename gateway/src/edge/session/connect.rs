@@ -12,10 +12,12 @@ use rumqttd::protocol::{
     QoS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::auth::{DeviceState, Grant, Operation};
 use crate::edge::codec::{connect_version, Codec, CodecError, Version};
+use crate::edge::table::SessionSlot;
 use crate::escape::Escaped;
 use crate::identity::pki::Identity;
 use crate::identity::valid_thing_name;
@@ -38,29 +40,8 @@ where
         wbuf: BytesMut::with_capacity(WRITE_BUFFER),
         write_timeout: ctx.limits.write_timeout,
     };
-    let first = tokio::time::timeout(
-        ctx.limits.connect_timeout,
-        read_connect(&mut conn, ctx.limits.max_packet_size),
-    )
-    .await;
-    let (codec, packet) = match first {
-        Err(_) => {
-            debug!(%peer, thing = %Escaped(&identity.thing), "no CONNECT in time; closing");
-            return;
-        }
-        Ok(Err(ConnectError::Version(level))) => {
-            info!(%peer, thing = %Escaped(&identity.thing), level, "unsupported MQTT protocol level; refused");
-            let codec = Codec::new(Version::V311, ctx.limits.max_packet_size);
-            let _ = conn
-                .send_connack(&codec, refusal(ConnectReturnCode::RefusedProtocolVersion))
-                .await;
-            return;
-        }
-        Ok(Err(ConnectError::Other(reason))) => {
-            debug!(%peer, thing = %Escaped(&identity.thing), %reason, "connection closed before CONNECT");
-            return;
-        }
-        Ok(Ok(v)) => v,
+    let Some((codec, packet)) = first_packet(&mut conn, &identity, peer, &ctx).await else {
+        return;
     };
     let Packet::Connect(connect, _props, will, will_props, _login) = packet else {
         return;
@@ -68,95 +49,18 @@ where
     // Watched from before admission: an approval or revocation during CONNECT is then seen
     // as a change at the first packet instead of being missed.
     let epoch = ctx.authority.watch();
-    let admitted = match admit(&ctx, &identity, peer, &codec, &connect, will, will_props) {
-        Ok(a) => a,
-        Err(code) => {
-            ctx.stats.connects_refused.fetch_add(1, Relaxed);
-            let _ = conn.send_connack(&codec, refusal(code)).await;
-            return;
-        }
-    };
-    let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
-    // A device gets a router link of its own only when it needs one: to keep or resume a
-    // persistent session (or to clear one left behind), or once it subscribes. Until then its
-    // publishes go through the fabric's shared link.
-    let needs_link = !connect.clean_session || ctx.sessions.is_parked(&connect.client_id);
-    let link = match needs_link {
-        false => None,
-        true => match ctx
-            .fabric
-            .link(&connect.client_id, connect.clean_session)
-            .await
-        {
-            Ok(link) => Some(link),
-            Err(e) => {
-                warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
-                let _ = conn
-                    .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
-                    .await;
-                return;
-            }
-        },
-    };
-    let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
-    // A parked session whose router has since been rebuilt lives on in the filters kept here;
-    // they are given to the new router below.
-    let parked = ctx
-        .sessions
-        .unpark(&connect.client_id, !connect.clean_session);
-    let (session_present, filters, lost) = match (&link, parked) {
-        (Some(l), Some(p)) if p.generation != l.generation => (true, p.filters, true),
-        (Some(l), Some(p)) if l.session_present => (true, p.filters, false),
-        (Some(l), None) => (
-            l.session_present && !connect.clean_session,
-            Vec::new(),
-            false,
-        ),
-        _ => (false, Vec::new(), false),
-    };
-    let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive);
-    if conn.send_connack(&codec, ack).await.is_err() {
-        if let Some(link) = link {
-            release_link(&ctx.fabric, link, None).await;
-        }
+    let Some(Opened {
+        mut session,
+        slot,
+        keep_alive,
+        session_present,
+        lost,
+    }) = open(
+        &mut conn, &ctx, identity, peer, codec, connect, will, will_props, epoch,
+    )
+    .await
+    else {
         return;
-    }
-    info!(
-        thing = %identity.thing,
-        cert_id = %identity.cert_id,
-        %peer,
-        mqtt = %codec.version,
-        state = %admitted.grant.state,
-        groups = ?admitted.grant.groups,
-        "device connected"
-    );
-    if admitted.grant.state == DeviceState::Pending {
-        info!(thing = %identity.thing, "device is pending approval: it may publish only to its provisioning topic");
-    }
-    ctx.stats.connections_accepted.fetch_add(1, Relaxed);
-    ctx.stats.connections_open.fetch_add(1, Relaxed);
-    let mut session = Session {
-        epoch,
-        ctx: Arc::clone(&ctx),
-        codec,
-        thing: Arc::from(identity.thing.as_str()),
-        cert_id: Arc::from(identity.cert_id.as_str()),
-        identity,
-        grant: admitted.grant,
-        will: admitted.will,
-        link,
-        clean_session: connect.clean_session,
-        // A resumed session's subscriptions come back from the router; track them so a later
-        // change of grant can prune them too.
-        filters,
-        generations: ctx.fabric.generations(),
-        to_router: Vec::new(),
-        to_ingest: Vec::new(),
-        read_acks: Vec::new(),
-        held: std::collections::VecDeque::new(),
-        denials_logged: 0,
-        read_at: (std::time::Instant::now(), 0),
-        wake_router: false,
     };
     if lost {
         info!(thing = %session.thing, "the local router was rebuilt while this session was away: its subscriptions are restored, messages queued in the old router are lost");
@@ -181,6 +85,164 @@ where
     };
     session.finish(&mut conn, close).await;
     ctx.stats.connections_open.fetch_sub(1, Relaxed);
+}
+
+/// The first packet, within `listener.connect_timeout`; `None` when the connection ends
+/// without one (after a refusal, for an unsupported protocol level).
+async fn first_packet<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    identity: &Identity,
+    peer: SocketAddr,
+    ctx: &EdgeContext,
+) -> Option<(Codec, Packet)> {
+    let first = tokio::time::timeout(
+        ctx.limits.connect_timeout,
+        read_connect(conn, ctx.limits.max_packet_size),
+    )
+    .await;
+    let (codec, packet) = match first {
+        Err(_) => {
+            debug!(%peer, thing = %Escaped(&identity.thing), "no CONNECT in time; closing");
+            return None;
+        }
+        Ok(Err(ConnectError::Version(level))) => {
+            info!(%peer, thing = %Escaped(&identity.thing), level, "unsupported MQTT protocol level; refused");
+            let codec = Codec::new(Version::V311, ctx.limits.max_packet_size);
+            let _ = conn
+                .send_connack(&codec, refusal(ConnectReturnCode::RefusedProtocolVersion))
+                .await;
+            return None;
+        }
+        Ok(Err(ConnectError::Other(reason))) => {
+            debug!(%peer, thing = %Escaped(&identity.thing), %reason, "connection closed before CONNECT");
+            return None;
+        }
+        Ok(Ok(v)) => v,
+    };
+    Some((codec, packet))
+}
+
+/// A session admitted and acknowledged, ready to serve.
+struct Opened {
+    session: Session,
+    slot: SessionSlot,
+    keep_alive: u16,
+    session_present: bool,
+    /// The session was parked in a router generation that has since been rebuilt.
+    lost: bool,
+}
+
+/// Admits the device, takes its client id's slot, links it to the router when it needs a link
+/// of its own, and sends CONNACK; `None` when it was refused or the connection failed.
+#[allow(clippy::too_many_arguments)]
+async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &Arc<EdgeContext>,
+    identity: Identity,
+    peer: SocketAddr,
+    codec: Codec,
+    connect: Connect,
+    will: Option<LastWill>,
+    will_props: Option<LastWillProperties>,
+    epoch: watch::Receiver<u64>,
+) -> Option<Opened> {
+    let admitted = match admit(ctx, &identity, peer, &codec, &connect, will, will_props) {
+        Ok(a) => a,
+        Err(code) => {
+            ctx.stats.connects_refused.fetch_add(1, Relaxed);
+            let _ = conn.send_connack(&codec, refusal(code)).await;
+            return None;
+        }
+    };
+    let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
+    // A device gets a router link of its own only when it needs one: to keep or resume a
+    // persistent session (or to clear one left behind), or once it subscribes. Until then its
+    // publishes go through the fabric's shared link.
+    let needs_link = !connect.clean_session || ctx.sessions.is_parked(&connect.client_id);
+    let link = match needs_link {
+        false => None,
+        true => match ctx
+            .fabric
+            .link(&connect.client_id, connect.clean_session)
+            .await
+        {
+            Ok(link) => Some(link),
+            Err(e) => {
+                warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
+                let _ = conn
+                    .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
+                    .await;
+                return None;
+            }
+        },
+    };
+    let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
+    // A parked session whose router has since been rebuilt lives on in the filters kept here;
+    // they are given to the new router below.
+    let parked = ctx
+        .sessions
+        .unpark(&connect.client_id, !connect.clean_session);
+    let (session_present, filters, lost) = match (&link, parked) {
+        (Some(l), Some(p)) if p.generation != l.generation => (true, p.filters, true),
+        (Some(l), Some(p)) if l.session_present => (true, p.filters, false),
+        (Some(l), None) => (
+            l.session_present && !connect.clean_session,
+            Vec::new(),
+            false,
+        ),
+        _ => (false, Vec::new(), false),
+    };
+    let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive);
+    if conn.send_connack(&codec, ack).await.is_err() {
+        if let Some(link) = link {
+            release_link(&ctx.fabric, link, None).await;
+        }
+        return None;
+    }
+    info!(
+        thing = %identity.thing,
+        cert_id = %identity.cert_id,
+        %peer,
+        mqtt = %codec.version,
+        state = %admitted.grant.state,
+        groups = ?admitted.grant.groups,
+        "device connected"
+    );
+    if admitted.grant.state == DeviceState::Pending {
+        info!(thing = %identity.thing, "device is pending approval: it may publish only to its provisioning topic");
+    }
+    ctx.stats.connections_accepted.fetch_add(1, Relaxed);
+    ctx.stats.connections_open.fetch_add(1, Relaxed);
+    let session = Session {
+        epoch,
+        ctx: Arc::clone(ctx),
+        codec,
+        thing: Arc::from(identity.thing.as_str()),
+        cert_id: Arc::from(identity.cert_id.as_str()),
+        identity,
+        grant: admitted.grant,
+        will: admitted.will,
+        link,
+        clean_session: connect.clean_session,
+        // A resumed session's subscriptions come back from the router; track them so a later
+        // change of grant can prune them too.
+        filters,
+        generations: ctx.fabric.generations(),
+        to_router: Vec::new(),
+        to_ingest: Vec::new(),
+        read_acks: Vec::new(),
+        held: std::collections::VecDeque::new(),
+        denials_logged: 0,
+        read_at: (std::time::Instant::now(), 0),
+        wake_router: false,
+    };
+    Some(Opened {
+        session,
+        slot,
+        keep_alive,
+        session_present,
+        lost,
+    })
 }
 
 enum ConnectError {

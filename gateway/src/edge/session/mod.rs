@@ -62,6 +62,21 @@ pub struct Limits {
     pub max_subscriptions: usize,
 }
 
+impl Limits {
+    pub fn of(l: &super::ListenerConfig) -> Limits {
+        Limits {
+            max_packet_size: usize::try_from(l.max_packet_size.0).unwrap_or(usize::MAX),
+            max_inflight: l.max_inflight,
+            connect_timeout: l.connect_timeout(),
+            write_timeout: l.write_timeout(),
+            max_keep_alive_secs: l.max_keep_alive_secs,
+            topics: l.topic_limits(),
+            max_filters_per_subscribe: l.max_filters_per_subscribe,
+            max_subscriptions: l.max_subscriptions,
+        }
+    }
+}
+
 /// What every session shares.
 pub struct EdgeContext {
     pub authority: Arc<Authority>,
