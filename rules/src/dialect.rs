@@ -406,7 +406,6 @@ const METADATA_FUNCTIONS: &[&str] = &[
 
 impl Rewrite {
     fn run(&mut self, file: &str, body: &[TokenWithSpan]) -> Result<(), RuleError> {
-        let next_sig = |from: usize| (from..body.len()).find(|&j| !is_trivia(&body[j].token));
         let mut i = 0;
         let mut depth = 0i32;
         // Paren depths at which a first()/last() call needs its ORDER BY.
@@ -448,88 +447,16 @@ impl Rewrite {
                 i += 1;
                 continue;
             };
-            let next = next_sig(i + 1);
+            let next = next_sig(body, i + 1);
             let next_tok = next.map(|j| &body[j].token);
             if w.keyword == Keyword::FROM && depth == 0 && self.source.is_none() {
-                let Some(j) = next else {
-                    return Err(err(file, Some(&body[i]), "FROM needs a topic filter"));
-                };
-                let filter = match &body[j].token {
-                    Token::SingleQuotedString(s) | Token::DoubleQuotedString(s) => s.clone(),
-                    Token::Word(Word {
-                        value,
-                        quote_style: Some(_),
-                        ..
-                    }) => value.clone(),
-                    _ => {
-                        return Err(err(
-                            file,
-                            Some(&body[j]),
-                            "FROM takes a quoted topic filter, e.g. FROM 'dt/+/temp'",
-                        ))
-                    }
-                };
-                self.source = Some(filter);
-                self.source_at = Some(body[j].clone());
-                self.out.extend([t.clone(), space(), ident("messages")]);
-                i = j + 1;
+                i = self.from_clause(file, body, i, next)?;
                 continue;
             }
             if w.quote_style.is_none() && matches!(next_tok, Some(Token::LParen)) {
                 let lower = w.value.to_ascii_lowercase();
                 if METADATA_FUNCTIONS.contains(&lower.as_str()) {
-                    let open = next.unwrap_or(i);
-                    let arg = next_sig(open + 1);
-                    let (replacement, end) = match (lower.as_str(), arg.map(|a| &body[a].token)) {
-                        (_, Some(Token::RParen)) => {
-                            let r = match lower.as_str() {
-                                "topic" => vec![ident(TOPIC)],
-                                "clientid" | "thing_name" => vec![ident(THING)],
-                                "principal" => vec![ident(CERT_ID)],
-                                "timestamp" => vec![ident(RECEIVED_AT)],
-                                _ => vec![ident("uuid"), Token::LParen, Token::RParen],
-                            };
-                            (r, arg.unwrap_or(open))
-                        }
-                        ("topic", Some(Token::Number(n, _))) => {
-                            let close = next_sig(arg.unwrap_or(open) + 1);
-                            if !close.is_some_and(|c| matches!(body[c].token, Token::RParen)) {
-                                return Err(err(
-                                    file,
-                                    Some(&body[i]),
-                                    "topic(n) takes one level number",
-                                ));
-                            }
-                            let level: u64 = n.parse().map_err(|_| {
-                                err(file, Some(&body[i]), "topic(n) takes a whole number")
-                            })?;
-                            if level == 0 {
-                                return Err(err(file, Some(&body[i]), "topic levels count from 1"));
-                            }
-                            let r = vec![
-                                ident("split_part"),
-                                Token::LParen,
-                                ident(TOPIC),
-                                Token::Comma,
-                                space(),
-                                Token::SingleQuotedString("/".into()),
-                                Token::Comma,
-                                space(),
-                                Token::Number(level.to_string(), false),
-                                Token::RParen,
-                            ];
-                            (r, close.unwrap_or(open))
-                        }
-                        _ => {
-                            return Err(err(
-                                file,
-                                Some(&body[i]),
-                                format!("{}() takes no arguments here", w.value),
-                            ))
-                        }
-                    };
-                    self.out.extend(replacement);
-                    i = end + 1;
+                    i = self.metadata_call(file, body, i, &lower, next.unwrap_or(i))?;
                     continue;
                 }
                 if lower == "first" || lower == "last" {
@@ -547,35 +474,9 @@ impl Rewrite {
                 i += 1;
                 continue;
             }
-            // a.b.c → "a.b.c", unless it names the table.
             if w.quote_style.is_some() || !STRUCTURAL.contains(&w.keyword) {
-                let mut parts = vec![w.value.clone()];
-                let mut j = i + 1;
-                while j + 1 < body.len() && matches!(body[j].token, Token::Period) {
-                    match &body[j + 1].token {
-                        Token::Word(part) => {
-                            parts.push(part.value.clone());
-                            j += 2;
-                        }
-                        _ => break,
-                    }
-                }
-                if parts.len() > 1 && parts[0] != "messages" {
-                    let name = parts.join(".");
-                    if !after_as {
-                        self.columns.insert(name.clone());
-                    }
-                    self.out.push(quoted(&name));
-                    after_as = false;
-                    i = j;
-                    continue;
-                }
-                if !after_as && !w.value.starts_with("__") {
-                    self.columns.insert(w.value.clone());
-                }
+                i = self.column(body, i, w, after_as);
                 after_as = false;
-                self.out.push(t.clone());
-                i += 1;
                 continue;
             }
             after_as = w.keyword == Keyword::AS;
@@ -583,6 +484,129 @@ impl Rewrite {
             i += 1;
         }
         Ok(())
+    }
+
+    /// `FROM 'filter'` at `i` (its filter at `next`): the rule's source, and the table in SQL.
+    /// Returns the index after it.
+    fn from_clause(
+        &mut self,
+        file: &str,
+        body: &[TokenWithSpan],
+        i: usize,
+        next: Option<usize>,
+    ) -> Result<usize, RuleError> {
+        let Some(j) = next else {
+            return Err(err(file, Some(&body[i]), "FROM needs a topic filter"));
+        };
+        let filter = match &body[j].token {
+            Token::SingleQuotedString(s) | Token::DoubleQuotedString(s) => s.clone(),
+            Token::Word(Word {
+                value,
+                quote_style: Some(_),
+                ..
+            }) => value.clone(),
+            _ => {
+                return Err(err(
+                    file,
+                    Some(&body[j]),
+                    "FROM takes a quoted topic filter, e.g. FROM 'dt/+/temp'",
+                ))
+            }
+        };
+        self.source = Some(filter);
+        self.source_at = Some(body[j].clone());
+        self.out
+            .extend([body[i].token.clone(), space(), ident("messages")]);
+        Ok(j + 1)
+    }
+
+    /// A metadata function (`topic()`, `clientid()`, `topic(n)`, …) at `i`, its `(` at `open`:
+    /// the column or expression it stands for. Returns the index after its `)`.
+    fn metadata_call(
+        &mut self,
+        file: &str,
+        body: &[TokenWithSpan],
+        i: usize,
+        lower: &str,
+        open: usize,
+    ) -> Result<usize, RuleError> {
+        let w = word(&body[i].token).map(|w| w.value.as_str()).unwrap_or("");
+        let arg = next_sig(body, open + 1);
+        let (replacement, end) = match (lower, arg.map(|a| &body[a].token)) {
+            (_, Some(Token::RParen)) => {
+                let r = match lower {
+                    "topic" => vec![ident(TOPIC)],
+                    "clientid" | "thing_name" => vec![ident(THING)],
+                    "principal" => vec![ident(CERT_ID)],
+                    "timestamp" => vec![ident(RECEIVED_AT)],
+                    _ => vec![ident("uuid"), Token::LParen, Token::RParen],
+                };
+                (r, arg.unwrap_or(open))
+            }
+            ("topic", Some(Token::Number(n, _))) => {
+                let close = next_sig(body, arg.unwrap_or(open) + 1);
+                if !close.is_some_and(|c| matches!(body[c].token, Token::RParen)) {
+                    return Err(err(file, Some(&body[i]), "topic(n) takes one level number"));
+                }
+                let level: u64 = n
+                    .parse()
+                    .map_err(|_| err(file, Some(&body[i]), "topic(n) takes a whole number"))?;
+                if level == 0 {
+                    return Err(err(file, Some(&body[i]), "topic levels count from 1"));
+                }
+                let r = vec![
+                    ident("split_part"),
+                    Token::LParen,
+                    ident(TOPIC),
+                    Token::Comma,
+                    space(),
+                    Token::SingleQuotedString("/".into()),
+                    Token::Comma,
+                    space(),
+                    Token::Number(level.to_string(), false),
+                    Token::RParen,
+                ];
+                (r, close.unwrap_or(open))
+            }
+            _ => {
+                return Err(err(
+                    file,
+                    Some(&body[i]),
+                    format!("{w}() takes no arguments here"),
+                ))
+            }
+        };
+        self.out.extend(replacement);
+        Ok(end + 1)
+    }
+
+    /// A column name at `i`: `a.b.c` becomes `"a.b.c"` unless it names the table; names read
+    /// (not those after AS) are remembered. Returns the index after it.
+    fn column(&mut self, body: &[TokenWithSpan], i: usize, w: &Word, after_as: bool) -> usize {
+        let mut parts = vec![w.value.clone()];
+        let mut j = i + 1;
+        while j + 1 < body.len() && matches!(body[j].token, Token::Period) {
+            match &body[j + 1].token {
+                Token::Word(part) => {
+                    parts.push(part.value.clone());
+                    j += 2;
+                }
+                _ => break,
+            }
+        }
+        if parts.len() > 1 && parts[0] != "messages" {
+            let name = parts.join(".");
+            if !after_as {
+                self.columns.insert(name.clone());
+            }
+            self.out.push(quoted(&name));
+            return j;
+        }
+        if !after_as && !w.value.starts_with("__") {
+            self.columns.insert(w.value.clone());
+        }
+        self.out.push(body[i].token.clone());
+        i + 1
     }
 }
 
@@ -659,8 +683,19 @@ fn extract_window(
     let Some(open) = open else {
         return Err(err(file, at, "TUMBLE/HOP need arguments"));
     };
+    let Some((args, close)) = call_args(&out, open) else {
+        return Err(err(file, at, "unclosed TUMBLE/HOP"));
+    };
+    let at_ref = at.ok_or_else(|| err(file, None, "empty statement"))?;
+    let spec = window_spec(file, at_ref, hop, args)?;
+    remove_call(&mut out, start, close);
+    Ok((out, Some(spec)))
+}
+
+/// The arguments of the call whose `(` is at `open`, split at its top-level commas, and the
+/// index of its `)`; `None` when it is not closed.
+fn call_args(out: &[Token], open: usize) -> Option<(Vec<Vec<Token>>, usize)> {
     let mut depth = 0;
-    let mut close = None;
     let mut args: Vec<Vec<Token>> = vec![Vec::new()];
     for (j, t) in out.iter().enumerate().skip(open) {
         match t {
@@ -673,8 +708,7 @@ fn extract_window(
             Token::RParen => {
                 depth -= 1;
                 if depth == 0 {
-                    close = Some(j);
-                    break;
+                    return Some((args, j));
                 }
             }
             Token::Comma if depth == 1 => {
@@ -687,10 +721,16 @@ fn extract_window(
             a.push(t.clone());
         }
     }
-    let Some(close) = close else {
-        return Err(err(file, at, "unclosed TUMBLE/HOP"));
-    };
-    let at_ref = at.ok_or_else(|| err(file, None, "empty statement"))?;
+    None
+}
+
+/// The window that TUMBLE (`hop` false) or HOP's arguments describe.
+fn window_spec(
+    file: &str,
+    at_ref: &TokenWithSpan,
+    hop: bool,
+    mut args: Vec<Vec<Token>>,
+) -> Result<WindowSpec, RuleError> {
     // Optional first argument: the event-time column (or timestamp() for processing time).
     let first_is_interval = args
         .first()
@@ -743,7 +783,17 @@ fn extract_window(
             "a hopping window's slide must not exceed its size",
         ));
     }
-    // Remove the call and one adjacent comma; drop GROUP BY if nothing is left.
+    Ok(WindowSpec {
+        size_ms,
+        slide_ms,
+        time_column,
+        lateness_ms,
+    })
+}
+
+/// Removes the window call `start..=close` and one adjacent comma from the statement, and its
+/// GROUP BY if nothing is left of it.
+fn remove_call(out: &mut Vec<Token>, start: usize, close: usize) {
     let before = (0..start).rev().find(|&j| !is_trivia(&out[j]));
     let after = (close + 1..out.len()).find(|&j| !is_trivia(&out[j]));
     let (from, to) = match (before.map(|b| &out[b]), after.map(|a| &out[a])) {
@@ -769,15 +819,6 @@ fn extract_window(
             out.drain(g..=by.unwrap_or(g));
         }
     }
-    Ok((
-        out,
-        Some(WindowSpec {
-            size_ms,
-            slide_ms,
-            time_column,
-            lateness_ms,
-        }),
-    ))
 }
 
 /// Append the identity columns to the select list (before the top-level FROM).
@@ -949,4 +990,9 @@ mod tests {
         );
         assert_eq!(r.error_sink.as_deref(), Some("errors"));
     }
+}
+
+/// The first token at or after `from` that is not whitespace or a comment.
+fn next_sig(body: &[TokenWithSpan], from: usize) -> Option<usize> {
+    (from..body.len()).find(|&j| !is_trivia(&body[j].token))
 }
