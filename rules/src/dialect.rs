@@ -450,7 +450,7 @@ impl Rewrite {
             let next = next_sig(body, i + 1);
             let next_tok = next.map(|j| &body[j].token);
             if w.keyword == Keyword::FROM && depth == 0 && self.source.is_none() {
-                i = self.from_clause(file, body, i, next)?;
+                i = self.source_clause(file, body, i, next)?;
                 continue;
             }
             if w.quote_style.is_none() && matches!(next_tok, Some(Token::LParen)) {
@@ -488,7 +488,7 @@ impl Rewrite {
 
     /// `FROM 'filter'` at `i` (its filter at `next`): the rule's source, and the table in SQL.
     /// Returns the index after it.
-    fn from_clause(
+    fn source_clause(
         &mut self,
         file: &str,
         body: &[TokenWithSpan],

@@ -67,48 +67,16 @@ pub async fn run(
             }
             Ok(batch) => {
                 lingered = false;
-                match sink.send(&batch).await {
-                    Ok(ack) => {
-                        let done = ack.done.min(batch.len());
-                        if !ack.rejected.is_empty() {
-                            let error_sink = error_sink.borrow().clone();
-                            reject(
-                                &spool,
-                                &name,
-                                error_sink.as_deref(),
-                                &batch,
-                                &ack.rejected,
-                                &series,
-                            )
-                            .await;
-                        }
-                        if done > 0 {
-                            let through = batch[done - 1].id;
-                            series.sent(batch[..done].iter().map(|r| r.received_at_ms), now_ms());
-                            let settled = match spool.ack(&name, through) {
-                                Ok(()) => spool.settle().await,
-                                Err(e) => Err(e),
-                            };
-                            if let Err(e) = settled {
-                                tracing::error!(sink = %name, error = %e, "spool acknowledgement failed; records may be sent again");
-                            }
-                            backoff.reset();
-                            None
-                        } else {
-                            Some(backoff.step())
-                        }
-                    }
-                    Err(e) => {
-                        series.failed();
-                        let delay = backoff.step();
-                        if e.retryable() {
-                            tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink send failed; will retry");
-                        } else {
-                            tracing::error!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink refused the batch; kept in the spool and retried until the cause is fixed");
-                        }
-                        Some(delay)
-                    }
-                }
+                let error_sink = error_sink.borrow().clone();
+                send(
+                    &spool,
+                    sink.as_mut(),
+                    error_sink.as_deref(),
+                    &batch,
+                    &series,
+                    &mut backoff,
+                )
+                .await
             }
             Err(e) => {
                 let delay = backoff.step();
@@ -126,6 +94,52 @@ pub async fn run(
     }
     if let Err(e) = sink.close().await {
         tracing::warn!(sink = %name, error = %e, "closing sink");
+    }
+}
+
+/// Sends one batch and acknowledges what the sink took; returns how long to wait before the
+/// next try when it took nothing.
+async fn send(
+    spool: &Spool,
+    sink: &mut dyn Sink,
+    error_sink: Option<&str>,
+    batch: &[Record],
+    series: &SinkMetrics,
+    backoff: &mut Backoff,
+) -> Option<Duration> {
+    let name = sink.name().to_string();
+    match sink.send(batch).await {
+        Ok(ack) => {
+            let done = ack.done.min(batch.len());
+            if !ack.rejected.is_empty() {
+                reject(spool, &name, error_sink, batch, &ack.rejected, series).await;
+            }
+            if done > 0 {
+                let through = batch[done - 1].id;
+                series.sent(batch[..done].iter().map(|r| r.received_at_ms), now_ms());
+                let settled = match spool.ack(&name, through) {
+                    Ok(()) => spool.settle().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = settled {
+                    tracing::error!(sink = %name, error = %e, "spool acknowledgement failed; records may be sent again");
+                }
+                backoff.reset();
+                None
+            } else {
+                Some(backoff.step())
+            }
+        }
+        Err(e) => {
+            series.failed();
+            let delay = backoff.step();
+            if e.retryable() {
+                tracing::warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink send failed; will retry");
+            } else {
+                tracing::error!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink refused the batch; kept in the spool and retried until the cause is fixed");
+            }
+            Some(delay)
+        }
     }
 }
 
