@@ -93,7 +93,131 @@ struct Outbound {
     properties: PublishProperties,
 }
 
+/// One batch on its way: the publishes not sent yet, those sent and waiting for their packet
+/// id, those waiting for their PUBACK, and the batch indexes acknowledged.
+struct Flight {
+    queue: VecDeque<Outbound>,
+    /// Batch indexes of the publishes handed to the client, in order, until the client says
+    /// which packet id each got.
+    published: VecDeque<Vec<usize>>,
+    by_pkid: std::collections::HashMap<u16, Vec<usize>>,
+    acked: std::collections::BTreeSet<usize>,
+    total: usize,
+}
+
+impl Flight {
+    fn new(outbound: Vec<Outbound>) -> Flight {
+        Flight {
+            total: outbound.iter().map(|o| o.indexes.len()).sum(),
+            queue: outbound.into(),
+            published: VecDeque::new(),
+            by_pkid: std::collections::HashMap::new(),
+            acked: std::collections::BTreeSet::new(),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.published.len() + self.by_pkid.len()
+    }
+
+    /// Hands the next publish to `client` (taken from the queue either way).
+    fn publish_next(&mut self, client: Option<&AsyncClient>) -> Result<(), SinkError> {
+        if let (Some(next), Some(client)) = (self.queue.pop_front(), client) {
+            client
+                .try_publish_with_properties(
+                    next.topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    next.payload,
+                    next.properties,
+                )
+                .map_err(|e| SinkError::Network(e.to_string()))?;
+            self.published.push_back(next.indexes);
+        }
+        Ok(())
+    }
+
+    /// An event of the connection: a packet id given, or a PUBACK (a refusal fails the batch).
+    fn on_event(&mut self, event: Event) -> Result<(), SinkError> {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(indexes) = self.published.pop_front() {
+                    self.by_pkid.insert(pkid, indexes);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                let Some(indexes) = self.by_pkid.remove(&ack.pkid) else {
+                    return Ok(());
+                };
+                match ack.reason {
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                        self.acked.extend(indexes);
+                    }
+                    PubAckReason::NotAuthorized => {
+                        return Err(SinkError::AccessDenied(format!(
+                            "PUBACK {:?}: the policy does not allow this topic",
+                            ack.reason
+                        )))
+                    }
+                    PubAckReason::QuotaExceeded => {
+                        return Err(SinkError::Throttled(format!("PUBACK {:?}", ack.reason)))
+                    }
+                    reason => return Err(SinkError::Server(format!("PUBACK {reason:?}"))),
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 impl IotCoreSink {
+    /// Publishes `flight` within the rate and in-flight limits until every PUBACK is back, or
+    /// the first failure (a refusal, the connection lost, `ack_timeout` passed).
+    async fn exchange(&mut self, flight: &mut Flight) -> Result<(), SinkError> {
+        let deadline = tokio::time::Instant::now() + self.config.ack_timeout.0;
+        let mut wake: Option<tokio::time::Instant> = None;
+        while flight.acked.len() < flight.total {
+            if wake.is_none()
+                && !flight.queue.is_empty()
+                && flight.in_flight() < usize::from(self.config.max_inflight)
+            {
+                match self.pacer.take() {
+                    None => {
+                        flight.publish_next(self.connection.as_ref().map(|c| &c.client))?;
+                        continue;
+                    }
+                    Some(at) => wake = Some(at),
+                }
+            }
+            let Some(conn) = self.connection.as_mut() else {
+                return Ok(());
+            };
+            let rate_wait = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                event = conn.events.poll() => match event {
+                    Ok(event) => flight.on_event(event)?,
+                    Err(e) => {
+                        self.connection = None;
+                        return Err(classify(&e));
+                    }
+                },
+                _ = rate_wait => wake = None,
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Unanswered publishes would be retransmitted later under new ids; start clean.
+                    self.connection = None;
+                    return Err(SinkError::Network(format!("PUBACKs missing after {:?}", self.config.ack_timeout.0)));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the certificate files; does not connect yet.
     pub fn new(name: &str, site: &str, config: IotCoreConfig) -> Result<Self, SinkError> {
         let read = |p: &std::path::Path| {
@@ -376,99 +500,15 @@ impl Sink for IotCoreSink {
             });
         }
         self.connect().await?;
-        let total: usize = outbound.iter().map(|o| o.indexes.len()).sum();
-        let mut queue: VecDeque<Outbound> = outbound.into();
-        // Batch indexes in publish order, and the ones whose PUBACK came back.
-        let mut published: VecDeque<Vec<usize>> = VecDeque::new();
-        let mut by_pkid: std::collections::HashMap<u16, Vec<usize>> =
-            std::collections::HashMap::new();
-        let mut acked = std::collections::BTreeSet::new();
-        let mut failure: Option<SinkError> = None;
-        let deadline = tokio::time::Instant::now() + self.config.ack_timeout.0;
-        let mut wake: Option<tokio::time::Instant> = None;
-        while acked.len() < total {
-            let in_flight = published.len() + by_pkid.len();
-            if wake.is_none()
-                && !queue.is_empty()
-                && in_flight < usize::from(self.config.max_inflight)
-            {
-                match self.pacer.take() {
-                    None => {
-                        if let (Some(next), Some(conn)) =
-                            (queue.pop_front(), self.connection.as_ref())
-                        {
-                            if let Err(e) = conn.client.try_publish_with_properties(
-                                next.topic,
-                                QoS::AtLeastOnce,
-                                false,
-                                next.payload,
-                                next.properties,
-                            ) {
-                                failure = Some(SinkError::Network(e.to_string()));
-                                break;
-                            }
-                            published.push_back(next.indexes);
-                        }
-                        continue;
-                    }
-                    Some(at) => wake = Some(at),
-                }
-            }
-            let Some(conn) = self.connection.as_mut() else {
-                break;
-            };
-            let rate_wait = async {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                event = conn.events.poll() => match event {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(indexes) = published.pop_front() {
-                            by_pkid.insert(pkid, indexes);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        let Some(indexes) = by_pkid.remove(&ack.pkid) else { continue };
-                        match ack.reason {
-                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                                acked.extend(indexes);
-                            }
-                            reason => {
-                                failure = Some(match reason {
-                                    PubAckReason::NotAuthorized => SinkError::AccessDenied(format!("PUBACK {reason:?}: the policy does not allow this topic")),
-                                    PubAckReason::QuotaExceeded => SinkError::Throttled(format!("PUBACK {reason:?}")),
-                                    _ => SinkError::Server(format!("PUBACK {reason:?}")),
-                                });
-                                break;
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        failure = Some(classify(&e));
-                        self.connection = None;
-                        break;
-                    }
-                },
-                _ = rate_wait => wake = None,
-                _ = tokio::time::sleep_until(deadline) => {
-                    failure = Some(SinkError::Network(format!("PUBACKs missing after {:?}", self.config.ack_timeout.0)));
-                    // Unanswered publishes would be retransmitted later under new ids; start clean.
-                    self.connection = None;
-                    break;
-                }
-            }
-        }
+        let mut flight = Flight::new(outbound);
+        let failure = self.exchange(&mut flight).await.err();
         if let Some(conn) = self.connection.as_mut() {
             conn.last_used = Instant::now();
         }
         if failure.is_some() {
             self.connection = None;
         }
-        settle(&self.name, batch.len(), &acked, rejected, failure)
+        settle(&self.name, batch.len(), &flight.acked, rejected, failure)
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
