@@ -186,7 +186,7 @@ async fn serve(
     svcuid: String,
     component: String,
     state: Arc<Mutex<State>>,
-    mut updates: broadcast::Receiver<Vec<String>>,
+    updates: broadcast::Receiver<Vec<String>>,
 ) {
     let (mut read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
@@ -197,70 +197,20 @@ async fn serve(
             write_frame(&mut *w, &frame).await.is_ok()
         }
     };
-    // CONNECT first: version and token checked.
-    let Ok(Some(hello)) = read_frame(&mut read).await else {
+    let Some(ack) = connect(&mut read, &svcuid, &state).await else {
         return;
     };
-    let token_ok = serde_json::from_slice::<Value>(&hello.payload)
-        .ok()
-        .and_then(|v| v["authToken"].as_str().map(|t| t == svcuid))
-        .unwrap_or(false);
-    let accepted = hello.message_type == message_type::CONNECT
-        && hello.header(":version") == Some(PROTOCOL_VERSION)
-        && token_ok;
-    if let Ok(mut s) = state.lock() {
-        if accepted {
-            s.connections += 1;
-        } else {
-            s.refused_connections += 1;
-        }
-    }
-    let ack = Frame::new(
-        message_type::CONNECT_ACK,
-        if accepted {
-            flags::CONNECTION_ACCEPTED
-        } else {
-            0
-        },
-        0,
-    );
+    let accepted = ack.flags & flags::CONNECTION_ACCEPTED != 0;
     if !send(ack).await || !accepted {
         return;
     }
     let subscriptions: Arc<Mutex<Vec<Subscribed>>> = Arc::default();
-    let events = tokio::spawn({
-        let (subscriptions, component, write) =
-            (subscriptions.clone(), component.clone(), write.clone());
-        async move {
-            while let Ok(path) = updates.recv().await {
-                let targets: Vec<i32> = subscriptions
-                    .lock()
-                    .map(|subs| {
-                        subs.iter()
-                            .filter(|(_, sub)| {
-                                let n = sub.len().min(path.len());
-                                sub[..n] == path[..n]
-                            })
-                            .map(|(id, _)| *id)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for id in targets {
-                    let event = Frame::new(message_type::APPLICATION_MESSAGE, 0, id)
-                        .with(
-                            "service-model-type",
-                            &format!("{SERVICE}ConfigurationUpdateEvents"),
-                        )
-                        .json(&json!({ "configurationUpdateEvent": {
-                            "componentName": component, "keyPath": path } }));
-                    let mut w: tokio::sync::MutexGuard<'_, OwnedWriteHalf> = write.lock().await;
-                    if write_frame(&mut *w, &event).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
+    let events = tokio::spawn(forward_updates(
+        updates,
+        subscriptions.clone(),
+        component.clone(),
+        write.clone(),
+    ));
     while let Ok(Some(frame)) = read_frame(&mut read).await {
         if frame.message_type == message_type::PING {
             let pong = frame.pong();
@@ -289,33 +239,7 @@ async fn serve(
         };
         let id = frame.stream_id;
         let reply = match operation.as_str() {
-            "GetConfiguration" => {
-                let path = key_path(&request);
-                let found = state.lock().ok().and_then(|s| {
-                    let mut node = &s.configuration;
-                    for key in &path {
-                        node = node.get(key)?;
-                    }
-                    Some(node.clone())
-                });
-                match found {
-                    // The nucleus answers a leaf as a one-key object.
-                    Some(v) if !v.is_object() => response(
-                        id,
-                        &operation,
-                        flags::TERMINATE_STREAM,
-                        &json!({ "componentName": component,
-                                 "value": { path.last().cloned().unwrap_or_default(): v } }),
-                    ),
-                    Some(v) => response(
-                        id,
-                        &operation,
-                        flags::TERMINATE_STREAM,
-                        &json!({ "componentName": component, "value": v }),
-                    ),
-                    None => error_frame(id, "ResourceNotFoundError", "Key not found"),
-                }
-            }
+            "GetConfiguration" => get_configuration(id, &operation, &request, &component, &state),
             "SubscribeToConfigurationUpdate" => {
                 let path = key_path(&request);
                 if let Ok(mut subs) = subscriptions.lock() {
@@ -323,52 +247,7 @@ async fn serve(
                 }
                 response(id, &operation, 0, &json!({}))
             }
-            "PublishToIoTCore" => {
-                let topic = request["topicName"].as_str().unwrap_or("").to_string();
-                let payload = request["payload"]
-                    .as_str()
-                    .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok());
-                let denied = state
-                    .lock()
-                    .map(|s| s.denied_prefixes.iter().any(|p| topic.starts_with(p)))
-                    .unwrap_or(true);
-                match payload {
-                    None => error_frame(id, "InvalidArgumentsError", "payload is not base64"),
-                    Some(_) if topic.is_empty() => {
-                        error_frame(id, "InvalidArgumentsError", "topicName is required")
-                    }
-                    Some(_) if denied => error_frame(
-                        id,
-                        "UnauthorizedError",
-                        &format!("Principal {component} is not authorized to perform aws.greengrass.ipc.mqttproxy:aws.greengrass#PublishToIoTCore on resource {topic}"),
-                    ),
-                    Some(payload) => {
-                        let user_properties = request["userProperties"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .map(|p| {
-                                        (
-                                            p["key"].as_str().unwrap_or("").to_string(),
-                                            p["value"].as_str().unwrap_or("").to_string(),
-                                        )
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        if let Ok(mut s) = state.lock() {
-                            s.published.push(Published {
-                                topic,
-                                qos: request["qos"].as_str().unwrap_or("0").to_string(),
-                                payload,
-                                content_type: request["contentType"].as_str().map(String::from),
-                                user_properties,
-                            });
-                        }
-                        response(id, &operation, flags::TERMINATE_STREAM, &json!({}))
-                    }
-                }
-            }
+            "PublishToIoTCore" => publish_to_iot_core(id, &operation, &request, &component, &state),
             _ => error_frame(
                 id,
                 "ServiceError",
@@ -380,4 +259,164 @@ async fn serve(
         }
     }
     events.abort();
+}
+
+/// The CONNECT frame: version and token checked; the CONNECT_ACK to send (accepted or not),
+/// or `None` when the stream ended first.
+async fn connect(
+    read: &mut tokio::net::unix::OwnedReadHalf,
+    svcuid: &str,
+    state: &Mutex<State>,
+) -> Option<Frame> {
+    let Ok(Some(hello)) = read_frame(read).await else {
+        return None;
+    };
+    let token_ok = serde_json::from_slice::<Value>(&hello.payload)
+        .ok()
+        .and_then(|v| v["authToken"].as_str().map(|t| t == svcuid))
+        .unwrap_or(false);
+    let accepted = hello.message_type == message_type::CONNECT
+        && hello.header(":version") == Some(PROTOCOL_VERSION)
+        && token_ok;
+    if let Ok(mut s) = state.lock() {
+        if accepted {
+            s.connections += 1;
+        } else {
+            s.refused_connections += 1;
+        }
+    }
+    Some(Frame::new(
+        message_type::CONNECT_ACK,
+        if accepted {
+            flags::CONNECTION_ACCEPTED
+        } else {
+            0
+        },
+        0,
+    ))
+}
+
+/// Sends each configuration update to the subscriptions whose key path it touches.
+async fn forward_updates(
+    mut updates: broadcast::Receiver<Vec<String>>,
+    subscriptions: Arc<Mutex<Vec<Subscribed>>>,
+    component: String,
+    write: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+) {
+    while let Ok(path) = updates.recv().await {
+        let targets: Vec<i32> = subscriptions
+            .lock()
+            .map(|subs| {
+                subs.iter()
+                    .filter(|(_, sub)| {
+                        let n = sub.len().min(path.len());
+                        sub[..n] == path[..n]
+                    })
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in targets {
+            let event = Frame::new(message_type::APPLICATION_MESSAGE, 0, id)
+                .with(
+                    "service-model-type",
+                    &format!("{SERVICE}ConfigurationUpdateEvents"),
+                )
+                .json(&json!({ "configurationUpdateEvent": {
+                    "componentName": component, "keyPath": path } }));
+            let mut w: tokio::sync::MutexGuard<'_, OwnedWriteHalf> = write.lock().await;
+            if write_frame(&mut *w, &event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// GetConfiguration: the value at the request's key path.
+fn get_configuration(
+    id: i32,
+    operation: &str,
+    request: &Value,
+    component: &str,
+    state: &Mutex<State>,
+) -> Frame {
+    let path = key_path(request);
+    let found = state.lock().ok().and_then(|s| {
+        let mut node = &s.configuration;
+        for key in &path {
+            node = node.get(key)?;
+        }
+        Some(node.clone())
+    });
+    match found {
+        // The nucleus answers a leaf as a one-key object.
+        Some(v) if !v.is_object() => response(
+            id,
+            operation,
+            flags::TERMINATE_STREAM,
+            &json!({ "componentName": component,
+                     "value": { path.last().cloned().unwrap_or_default(): v } }),
+        ),
+        Some(v) => response(
+            id,
+            operation,
+            flags::TERMINATE_STREAM,
+            &json!({ "componentName": component, "value": v }),
+        ),
+        None => error_frame(id, "ResourceNotFoundError", "Key not found"),
+    }
+}
+
+/// PublishToIoTCore: refused on a denied topic prefix, else recorded as published.
+fn publish_to_iot_core(
+    id: i32,
+    operation: &str,
+    request: &Value,
+    component: &str,
+    state: &Mutex<State>,
+) -> Frame {
+    let topic = request["topicName"].as_str().unwrap_or("").to_string();
+    let payload = request["payload"]
+        .as_str()
+        .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok());
+    let denied = state
+        .lock()
+        .map(|s| s.denied_prefixes.iter().any(|p| topic.starts_with(p)))
+        .unwrap_or(true);
+    match payload {
+        None => error_frame(id, "InvalidArgumentsError", "payload is not base64"),
+        Some(_) if topic.is_empty() => {
+            error_frame(id, "InvalidArgumentsError", "topicName is required")
+        }
+        Some(_) if denied => error_frame(
+            id,
+            "UnauthorizedError",
+            &format!("Principal {component} is not authorized to perform aws.greengrass.ipc.mqttproxy:aws.greengrass#PublishToIoTCore on resource {topic}"),
+        ),
+        Some(payload) => {
+            let user_properties = request["userProperties"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            (
+                                p["key"].as_str().unwrap_or("").to_string(),
+                                p["value"].as_str().unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Ok(mut s) = state.lock() {
+                s.published.push(Published {
+                    topic,
+                    qos: request["qos"].as_str().unwrap_or("0").to_string(),
+                    payload,
+                    content_type: request["contentType"].as_str().map(String::from),
+                    user_properties,
+                });
+            }
+            response(id, operation, flags::TERMINATE_STREAM, &json!({}))
+        }
+    }
 }
