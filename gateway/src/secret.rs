@@ -5,7 +5,7 @@ use std::path::Path;
 
 /// Writes `bytes` to a new file readable by its owner only (0600), never wider even for a
 /// moment, and syncs it. An existing file is never overwritten: the error is `AlreadyExists`.
-pub fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -9,7 +9,7 @@ use sitegate::spool;
 use super::outln;
 
 #[derive(clap::Subcommand)]
-pub enum CaCommand {
+pub(crate) enum CaCommand {
     /// Create a site CA and a gateway server certificate in DIR.
     Init {
         #[arg(long)]
@@ -29,7 +29,7 @@ pub enum CaCommand {
 /// The key file `sitegate ca init` writes next to the CA.
 const SPOOL_KEK_FILE: &str = "spool.kek";
 
-pub fn run(command: CaCommand) -> Result<()> {
+pub(crate) fn run(command: CaCommand) -> Result<()> {
     let CaCommand::Init {
         dir,
         site,

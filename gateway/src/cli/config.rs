@@ -8,7 +8,7 @@ use sitegate::config::Config;
 use super::outln;
 
 #[derive(clap::Subcommand)]
-pub enum ConfigCommand {
+pub(crate) enum ConfigCommand {
     /// Validate a config file; exit 1 naming the wrong key.
     Check {
         #[arg(long, short)]
@@ -16,7 +16,7 @@ pub enum ConfigCommand {
     },
 }
 
-pub fn run(command: ConfigCommand) -> Result<()> {
+pub(crate) fn run(command: ConfigCommand) -> Result<()> {
     let ConfigCommand::Check { config } = command;
     let c = Config::load(&config)?;
     // `run` loads these too: a config whose TLS files are missing or do not match is

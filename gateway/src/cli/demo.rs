@@ -142,7 +142,7 @@ const DEMO_STREAM: &str = "sitegate-demo";
 
 /// `sitegate demo`: a CA, a gateway and a small fleet in one process.
 #[derive(clap::Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// How long the fleet runs before the summary (Ctrl-C stops earlier).
     #[arg(long, default_value_t = 8)]
     seconds: u64,
@@ -152,7 +152,7 @@ pub struct DemoArgs {
     kinesis_endpoint: Option<String>,
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub(crate) fn run(args: DemoArgs) -> Result<()> {
     super::init_logging("warn");
     super::runtime()?.block_on(demo(
         Duration::from_secs(args.seconds),

@@ -10,7 +10,7 @@ use sitegate::ops::admin::AdminRequest;
 use super::{ask_gateway, outln, print_response, runtime};
 
 #[derive(clap::Subcommand)]
-pub enum DeviceCommand {
+pub(crate) enum DeviceCommand {
     /// Issue a key and certificate with CN=THING signed by the site CA.
     Issue {
         thing: String,
@@ -48,7 +48,7 @@ pub enum DeviceCommand {
     },
 }
 
-pub fn run(command: DeviceCommand) -> Result<()> {
+pub(crate) fn run(command: DeviceCommand) -> Result<()> {
     let (config, request, json) = match command {
         DeviceCommand::Issue {
             thing,

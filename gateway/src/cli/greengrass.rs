@@ -4,7 +4,7 @@ use anyhow::Result;
 use sitegate::control::greengrass;
 
 #[derive(clap::Subcommand)]
-pub enum GreengrassCommand {
+pub(crate) enum GreengrassCommand {
     /// Print the component recipe (YAML) for this build.
     Recipe {
         /// Component version; defaults to this build's version.
@@ -16,7 +16,7 @@ pub enum GreengrassCommand {
     },
 }
 
-pub fn run(command: GreengrassCommand) -> Result<()> {
+pub(crate) fn run(command: GreengrassCommand) -> Result<()> {
     let GreengrassCommand::Recipe {
         version,
         artifact_uri,

@@ -2,15 +2,15 @@
 //! they share: output that survives a closed pipe, logging, the runtime, and asking the
 //! running gateway (or its registry when it is stopped).
 
-pub mod ca;
-pub mod config;
-pub mod demo;
-pub mod device;
-pub mod greengrass;
-pub mod rules;
-pub mod run;
-pub mod simulate;
-pub mod spool;
+pub(crate) mod ca;
+pub(crate) mod config;
+pub(crate) mod demo;
+pub(crate) mod device;
+pub(crate) mod greengrass;
+pub(crate) mod rules;
+pub(crate) mod run;
+pub(crate) mod simulate;
+pub(crate) mod spool;
 
 use anyhow::{bail, Context, Result};
 use sitegate::config::Config;
@@ -34,9 +34,9 @@ macro_rules! out {
 pub(crate) use {out, outln};
 
 /// rumqttd logs every link and subscription at info; the gateway logs what matters of those.
-pub const DEFAULT_LOG: &str = "info,rumqttd=warn";
+pub(crate) const DEFAULT_LOG: &str = "info,rumqttd=warn";
 
-pub fn init_logging(default: &str) {
+pub(crate) fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal as _;
@@ -48,7 +48,7 @@ pub fn init_logging(default: &str) {
         .try_init();
 }
 
-pub fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,7 +56,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Asks the running gateway; when none runs, works on the registry directly.
-pub async fn ask_gateway(config: &Config, request: &AdminRequest) -> Result<AdminResponse> {
+pub(crate) async fn ask_gateway(config: &Config, request: &AdminRequest) -> Result<AdminResponse> {
     match admin::request(&config.admin_socket(), request).await {
         Ok(r) => Ok(r),
         Err(AdminClientError::NotRunning(_)) => daemon::offline(config, vec![request.clone()])
@@ -67,7 +67,7 @@ pub async fn ask_gateway(config: &Config, request: &AdminRequest) -> Result<Admi
     }
 }
 
-pub fn print_response(response: AdminResponse, json: bool) -> Result<()> {
+pub(crate) fn print_response(response: AdminResponse, json: bool) -> Result<()> {
     if json {
         outln!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(());

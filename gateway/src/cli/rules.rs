@@ -10,7 +10,7 @@ use sitegate::ops::admin::{self, AdminRequest};
 use super::{outln, print_response, runtime};
 
 #[derive(clap::Subcommand)]
-pub enum RulesCommand {
+pub(crate) enum RulesCommand {
     /// Validate every `*.sql` file in DIR offline; exit 1 listing each error with file, line
     /// and column.
     Check {
@@ -41,7 +41,7 @@ pub enum RulesCommand {
     },
 }
 
-pub fn run(command: RulesCommand) -> Result<()> {
+pub(crate) fn run(command: RulesCommand) -> Result<()> {
     match command {
         RulesCommand::Check { dir, config } => {
             let sinks: Option<Vec<String>> = match config {

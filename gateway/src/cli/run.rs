@@ -11,7 +11,7 @@ use super::{init_logging, runtime, DEFAULT_LOG};
 
 /// `sitegate run`: the gateway, from a TOML file or a JSON component configuration.
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// TOML config file; relative paths are taken from its folder.
     #[arg(long, short, required_unless_present_any = ["config_json", "config_env"])]
     config: Option<PathBuf>,
@@ -28,7 +28,7 @@ pub struct RunArgs {
     base_dir: Option<PathBuf>,
 }
 
-pub fn run(args: RunArgs) -> Result<()> {
+pub(crate) fn run(args: RunArgs) -> Result<()> {
     let RunArgs {
         config,
         config_json,

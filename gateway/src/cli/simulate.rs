@@ -12,7 +12,7 @@ use sitegate::ops::admin::{self, AdminClientError, AdminRequest, AdminResponse};
 use super::{init_logging, runtime};
 
 #[derive(clap::Args)]
-pub struct SimulateArgs {
+pub(crate) struct SimulateArgs {
     /// Gateway address, HOST:PORT.
     #[arg(long)]
     gateway: String,
@@ -76,7 +76,7 @@ pub struct SimulateArgs {
     quiet: bool,
 }
 
-pub fn run(args: SimulateArgs) -> Result<()> {
+pub(crate) fn run(args: SimulateArgs) -> Result<()> {
     init_logging("warn");
     use std::net::ToSocketAddrs;
     let (host, port) = args

@@ -11,7 +11,7 @@ use sitegate::spool;
 use super::{init_logging, out, outln, runtime};
 
 #[derive(clap::Subcommand)]
-pub enum SpoolCommand {
+pub(crate) enum SpoolCommand {
     /// Per sink: records and bytes waiting, oldest age, blocks quarantined, the data key.
     /// Asks the running gateway, or reads the data directory of a stopped one.
     Status {
@@ -51,7 +51,7 @@ pub enum SpoolCommand {
     },
 }
 
-pub fn run(command: SpoolCommand) -> Result<()> {
+pub(crate) fn run(command: SpoolCommand) -> Result<()> {
     match command {
         SpoolCommand::Status {
             config,

@@ -562,7 +562,7 @@ fn router_filter(filter: &str) -> String {
 }
 
 /// The device form of a topic the router delivered.
-pub fn device_topic(publish: &mut Publish) {
+pub(super) fn device_topic(publish: &mut Publish) {
     if publish.topic.len() >= 2 {
         publish.topic = publish.topic.slice(2..);
     }
@@ -682,7 +682,7 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
 /// crate-private and offers only its MQTT-independent serialization to set them, so this goes
 /// through that format. Used for wills and the republish sink: device publishes are relayed as
 /// parsed.
-pub fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Publish {
+pub(super) fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Publish {
     let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
     raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1));
     raw.put_u16(if qos == QoS::AtMostOnce { 0 } else { 1 });

@@ -15,7 +15,7 @@ use rumqttd::protocol::{
 
 /// The MQTT protocol level a device speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
+pub(super) enum Version {
     V311,
     V5,
 }
@@ -31,7 +31,7 @@ impl std::fmt::Display for Version {
 
 /// Why bytes from a device could not be framed. The connection is closed for all of them.
 #[derive(Debug, thiserror::Error)]
-pub enum CodecError {
+pub(super) enum CodecError {
     #[error("first packet is not CONNECT (type {0})")]
     NotConnect(u8),
     #[error("unsupported MQTT protocol level {0} (3.1.1 and 5 are supported)")]
@@ -44,7 +44,7 @@ pub enum CodecError {
 
 /// Reads the protocol level from a (possibly partial) CONNECT. `Ok(None)` means more bytes
 /// are needed.
-pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
+pub(super) fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -104,7 +104,7 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
 
 /// The whole length (header and remaining length) a packet at the start of `buf` announces;
 /// `None` until the header is whole or when it is malformed.
-pub fn announced_len(buf: &[u8]) -> Option<usize> {
+pub(super) fn announced_len(buf: &[u8]) -> Option<usize> {
     fixed_header(buf).ok().flatten().map(|(h, r)| h + r)
 }
 
@@ -192,7 +192,7 @@ fn check_subscribe_options(body: &[u8], version: Version) -> Result<(), CodecErr
 
 /// A parsed packet with, for a PUBLISH, its QoS and packet id.
 #[derive(Debug)]
-pub struct Frame {
+pub(super) struct Frame {
     pub packet: Packet,
     /// QoS level from the fixed header (0 for packets other than PUBLISH).
     pub qos: u8,
@@ -218,13 +218,13 @@ fn publish_header(buf: &[u8]) -> Option<(u8, u16)> {
 
 /// Frames packets of one connection, in its version.
 #[derive(Debug, Clone, Copy)]
-pub struct Codec {
+pub(super) struct Codec {
     pub version: Version,
     max_packet_size: usize,
 }
 
 impl Codec {
-    pub fn new(version: Version, max_packet_size: usize) -> Codec {
+    pub(super) fn new(version: Version, max_packet_size: usize) -> Codec {
         Codec {
             version,
             max_packet_size,
@@ -232,7 +232,7 @@ impl Codec {
     }
 
     /// The next whole packet in `buf`, or `Ok(None)` when more bytes are needed.
-    pub fn read(&self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+    pub(super) fn read(&self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         if buf.is_empty() {
             return Ok(None);
         }
@@ -270,7 +270,7 @@ impl Codec {
 
     /// Appends `packet` to `out`, adapted to the connection's version. Returns false when the
     /// packet has no form in this version (a server DISCONNECT on 3.1.1): close instead.
-    pub fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<bool, CodecError> {
+    pub(super) fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<bool, CodecError> {
         let result = match self.version {
             Version::V5 => V5.write(packet, out),
             Version::V311 => match for_v311(packet) {

@@ -10,23 +10,23 @@ use sitegate_plugins::units::{ByteSize, Period};
 use crate::invalid::Invalid;
 
 /// Stored bytes per sink queue when `[spool] max_bytes` is not given.
-pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+pub(super) const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 /// Age limit of spooled records when `[spool] max_age` is not given (7 days).
-pub const DEFAULT_SPOOL_MAX_AGE_SECS: u64 = 7 * 86_400;
+pub(super) const DEFAULT_SPOOL_MAX_AGE_SECS: u64 = 7 * 86_400;
 /// Free space kept on the data_dir filesystem when `[spool] disk_reserve` is not given: room
 /// for sled's own segment writes and the device registry after the spool stops taking data.
-pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
+pub(super) const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
 /// Group commit interval in milliseconds.
-pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 5;
+pub(super) const DEFAULT_COMMIT_INTERVAL_MS: u64 = 5;
 /// Group commit size in messages.
-pub const DEFAULT_COMMIT_RECORDS: usize = 2_000;
+pub(super) const DEFAULT_COMMIT_RECORDS: usize = 2_000;
 /// Messages waiting for a commit before sessions wait.
-pub const DEFAULT_MAX_PENDING: usize = 20_000;
+pub(super) const DEFAULT_MAX_PENDING: usize = 20_000;
 /// Blocks sealed under one data key before a new one is made (random 96-bit nonces stay far
 /// below the 2^32 messages-per-key bound).
-pub const DEFAULT_ROTATE_BLOCKS: u64 = 1 << 20;
+pub(super) const DEFAULT_ROTATE_BLOCKS: u64 = 1 << 20;
 /// Age of a data key before a new one is made (1 day).
-pub const DEFAULT_ROTATE_AFTER_SECS: u64 = 86_400;
+pub(super) const DEFAULT_ROTATE_AFTER_SECS: u64 = 86_400;
 
 /// What a full queue does with new data.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -30,7 +30,7 @@ use super::{Conn, EdgeContext, Limits, Session, READ_BUFFER, WRITE_BUFFER};
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs a session on an authenticated TLS stream until it closes.
-pub async fn run<S>(stream: S, identity: Identity, peer: SocketAddr, ctx: Arc<EdgeContext>)
+pub(crate) async fn run<S>(stream: S, identity: Identity, peer: SocketAddr, ctx: Arc<EdgeContext>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

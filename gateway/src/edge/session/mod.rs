@@ -41,7 +41,7 @@ mod close;
 mod connect;
 mod serve;
 
-pub use connect::run;
+pub(super) use connect::run;
 
 /// Initial read buffer per connection: a burst of small publishes in one read.
 const READ_BUFFER: usize = 4096;

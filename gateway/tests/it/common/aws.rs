@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 /// Moto accepts any credentials; the SDK's standard chain reads them from the environment.
-pub fn fake_credentials() {
+pub(crate) fn fake_credentials() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
@@ -22,13 +22,13 @@ pub fn fake_credentials() {
 }
 
 /// A running `moto_server`, killed on drop.
-pub struct Moto {
+pub(crate) struct Moto {
     pub endpoint: String,
     child: Child,
 }
 
 /// A loopback port nothing listens on now.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -37,7 +37,7 @@ pub fn free_port() -> u16 {
 }
 
 impl Moto {
-    pub async fn start() -> Moto {
+    pub(crate) async fn start() -> Moto {
         fake_credentials();
         let port = free_port();
         let child = Command::new("moto_server")
@@ -58,7 +58,7 @@ impl Moto {
     }
 
     /// A KMS client for the emulator.
-    pub async fn kms(&self) -> aws_sdk_kms::Client {
+    pub(crate) async fn kms(&self) -> aws_sdk_kms::Client {
         let target = sitegate_plugins::aws::AwsTarget {
             endpoint: Some(&self.endpoint),
             region: Some("us-east-1"),
@@ -68,7 +68,7 @@ impl Moto {
     }
 
     /// Creates a symmetric KMS key and returns its id.
-    pub async fn create_kms_key(&self) -> String {
+    pub(crate) async fn create_kms_key(&self) -> String {
         let out = self
             .kms()
             .await
@@ -83,14 +83,14 @@ impl Moto {
 
 /// A TCP relay to `target` that can be switched off: new connections are closed at once and
 /// open ones are cut.
-pub struct Relay {
+pub(crate) struct Relay {
     pub addr: SocketAddr,
     on: Arc<AtomicBool>,
     cut: tokio::sync::watch::Sender<u64>,
 }
 
 impl Relay {
-    pub async fn start(target: &str) -> Relay {
+    pub(crate) async fn start(target: &str) -> Relay {
         let target: SocketAddr = target.trim_start_matches("http://").parse().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -118,11 +118,11 @@ impl Relay {
         Relay { addr, on, cut }
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub fn set(&self, on: bool) {
+    pub(crate) fn set(&self, on: bool) {
         self.on.store(on, Ordering::SeqCst);
         if !on {
             self.cut.send_modify(|n| *n += 1);
@@ -132,14 +132,14 @@ impl Relay {
 
 /// One record read back from a stream.
 #[derive(Debug, Clone)]
-pub struct StreamRecord {
+pub(crate) struct StreamRecord {
     pub partition_key: String,
     pub sequence_number: String,
     pub data: Vec<u8>,
 }
 
 impl Moto {
-    pub async fn kinesis(&self, endpoint: &str) -> aws_sdk_kinesis::Client {
+    pub(crate) async fn kinesis(&self, endpoint: &str) -> aws_sdk_kinesis::Client {
         let target = sitegate_plugins::aws::AwsTarget {
             endpoint: Some(endpoint),
             region: Some("us-east-1"),
@@ -149,7 +149,7 @@ impl Moto {
     }
 
     /// Creates a stream with `shards` shards and waits until it is active.
-    pub async fn create_stream(&self, name: &str, shards: i32) {
+    pub(crate) async fn create_stream(&self, name: &str, shards: i32) {
         let k = self.kinesis(&self.endpoint).await;
         k.create_stream()
             .stream_name(name)
@@ -176,7 +176,7 @@ impl Moto {
     }
 
     /// Every record in every shard of `name`, shard by shard, each shard in order.
-    pub async fn read_stream(&self, name: &str) -> Vec<StreamRecord> {
+    pub(crate) async fn read_stream(&self, name: &str) -> Vec<StreamRecord> {
         let k = self.kinesis(&self.endpoint).await;
         let shards = k.list_shards().stream_name(name).send().await.unwrap();
         let mut out = Vec::new();
@@ -217,7 +217,7 @@ impl Moto {
 
 /// Reads one HTTP/1.1 request (head and Content-Length body) from `socket` into `buf`;
 /// returns (head, body) or None at end of stream.
-pub async fn read_http_request(
+pub(crate) async fn read_http_request(
     socket: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> Option<(String, Vec<u8>)> {
@@ -255,13 +255,13 @@ pub async fn read_http_request(
 
 /// A relay to `target` that keeps the head of the first request on each connection, to see
 /// how requests were signed.
-pub struct Sniffer {
+pub(crate) struct Sniffer {
     pub addr: SocketAddr,
     pub heads: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Sniffer {
-    pub async fn start(target: &str) -> Sniffer {
+    pub(crate) async fn start(target: &str) -> Sniffer {
         let target: SocketAddr = target.trim_start_matches("http://").parse().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -290,7 +290,7 @@ impl Sniffer {
         Sniffer { addr, heads }
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 }

@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 
 /// Policies used by most tests: sensors publish their telemetry, pumps take commands,
 /// a controller commands pumps, a monitor watches all telemetry.
-pub const AUTH: &str = r#"
+pub(crate) const AUTH: &str = r#"
 [device_groups.sensors]
 selection_rule = "thingName: sensor-* OR thingName: door-*"
 policy = "telemetry"
@@ -57,7 +57,7 @@ operations = ["mqtt:connect", "mqtt:subscribe"]
 resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topicfilter:dt/#", "mqtt:topicfilter:status/#"]
 "#;
 
-pub struct Site {
+pub(crate) struct Site {
     pub dir: TempDir,
     pub ca: CaFiles,
     pub config: Config,
@@ -69,17 +69,17 @@ pub struct Site {
 }
 
 impl Site {
-    pub async fn start() -> Site {
+    pub(crate) async fn start() -> Site {
         Site::start_with(|_| {}).await
     }
 
     /// Starts a gateway after `adjust` has had its say on the config.
-    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Site {
+    pub(crate) async fn start_with(adjust: impl FnOnce(&mut Config)) -> Site {
         Site::start_with_nucleus(adjust, None).await
     }
 
     /// Starts a gateway connected to a Greengrass nucleus (a stand-in in tests).
-    pub async fn start_with_nucleus(
+    pub(crate) async fn start_with_nucleus(
         adjust: impl FnOnce(&mut Config),
         nucleus: Option<Arc<sitegate_plugins::nucleus::Nucleus>>,
     ) -> Site {
@@ -121,14 +121,14 @@ impl Site {
         }
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(g) = self.gateway.take() {
             g.stop().await;
         }
     }
 
     /// Stops the gateway but keeps the site's files (for looking at what is left on disk).
-    pub async fn halt(&mut self) {
+    pub(crate) async fn halt(&mut self) {
         if let Some(g) = self.gateway.take() {
             g.stop().await;
         }
@@ -136,7 +136,7 @@ impl Site {
 
     /// Stops the gateway and starts a new one on the same data (and a new port), after
     /// `adjust` has changed the config.
-    pub async fn restart(&mut self, adjust: impl FnOnce(&mut Config)) {
+    pub(crate) async fn restart(&mut self, adjust: impl FnOnce(&mut Config)) {
         if let Some(g) = self.gateway.take() {
             g.stop().await;
         }
@@ -157,41 +157,41 @@ impl Site {
     }
 
     /// The live spool's status, through the admin socket.
-    pub async fn spool_status(&self) -> sitegate::spool::SpoolStatus {
+    pub(crate) async fn spool_status(&self) -> sitegate::spool::SpoolStatus {
         match self.admin(AdminRequest::SpoolStatus).await {
             AdminResponse::Spool { spool } => spool,
             other => panic!("{other:?}"),
         }
     }
 
-    pub fn pki_dir(&self) -> PathBuf {
+    pub(crate) fn pki_dir(&self) -> PathBuf {
         self.dir.path().join("pki")
     }
 
-    pub fn devices_dir(&self) -> PathBuf {
+    pub(crate) fn devices_dir(&self) -> PathBuf {
         self.dir.path().join("devices")
     }
 
-    pub fn issue(&self, thing: &str) -> IssuedDevice {
+    pub(crate) fn issue(&self, thing: &str) -> IssuedDevice {
         pki::issue_device(thing, &self.pki_dir(), &self.devices_dir(), 30).unwrap()
     }
 
     /// The gateway's live reconfiguration (what runs now).
-    pub fn live(&self) -> Arc<sitegate::control::live::Live> {
+    pub(crate) fn live(&self) -> Arc<sitegate::control::live::Live> {
         self.gateway.as_ref().expect("gateway running").live()
     }
 
-    pub fn snapshot(&self) -> StatsSnapshot {
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
 
-    pub async fn admin(&self, request: AdminRequest) -> AdminResponse {
+    pub(crate) async fn admin(&self, request: AdminRequest) -> AdminResponse {
         admin::request(&self.config.admin_socket(), &request)
             .await
             .unwrap()
     }
 
-    pub async fn approve(&self, thing: &str, groups: &[&str]) {
+    pub(crate) async fn approve(&self, thing: &str, groups: &[&str]) {
         let r = self
             .admin(AdminRequest::Approve {
                 thing: thing.into(),
@@ -202,19 +202,19 @@ impl Site {
     }
 
     /// Issues and approves a device in one go.
-    pub async fn device(&self, thing: &str) -> IssuedDevice {
+    pub(crate) async fn device(&self, thing: &str) -> IssuedDevice {
         let d = self.issue(thing);
         self.approve(thing, &[]).await;
         d
     }
 
     /// rumqttc-ready credentials of an issued device, trusting this site's CA.
-    pub fn credentials(&self, device: &IssuedDevice) -> DeviceCredentials {
+    pub(crate) fn credentials(&self, device: &IssuedDevice) -> DeviceCredentials {
         DeviceCredentials::load(&device.thing, &self.ca.ca_cert, &device.cert, &device.key).unwrap()
     }
 
     /// The common TLS and identity arguments of the mosquitto clients.
-    pub fn mosquitto_args(
+    pub(crate) fn mosquitto_args(
         &self,
         cert: &Path,
         key: &Path,
@@ -240,7 +240,7 @@ impl Site {
     }
 
     /// `mosquitto_pub` of one message as `device` (client id = its thing unless given).
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         device: &IssuedDevice,
         topic: &str,
@@ -253,7 +253,7 @@ impl Site {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub async fn publish_as(
+    pub(crate) async fn publish_as(
         &self,
         device: &IssuedDevice,
         client_id: &str,
@@ -275,7 +275,7 @@ impl Site {
     }
 
     /// Starts `mosquitto_sub` as `device` on `filter`, printing `topic payload` lines.
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &self,
         device: &IssuedDevice,
         filter: &str,
@@ -295,7 +295,7 @@ impl Site {
     }
 
     /// Waits until `check` holds on the counters, for at most 10 s.
-    pub async fn wait_for(&self, what: &str, check: impl Fn(&StatsSnapshot) -> bool) {
+    pub(crate) async fn wait_for(&self, what: &str, check: impl Fn(&StatsSnapshot) -> bool) {
         for _ in 0..200 {
             if check(&self.snapshot()) {
                 return;
@@ -310,7 +310,7 @@ impl Site {
 }
 
 /// Every byte of every file under `dir`, for at-rest checks.
-pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+pub(crate) fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -329,7 +329,7 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 }
 
 /// The JSON lines a file sink wrote (a torn last line from a crash is skipped).
-pub fn sink_lines(path: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn sink_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -338,7 +338,7 @@ pub fn sink_lines(path: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Waits (up to 20 s) until the file sink at `path` holds at least `n` lines; returns them all.
-pub async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+pub(crate) async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
     for _ in 0..400 {
         let lines = sink_lines(path);
         if lines.len() >= n {
@@ -353,7 +353,7 @@ pub async fn wait_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
     );
 }
 
-pub fn text(output: &Output) -> String {
+pub(crate) fn text(output: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
         output.status.code(),
@@ -363,12 +363,12 @@ pub fn text(output: &Output) -> String {
 }
 
 /// Reads a running `mosquitto_sub`'s output until it exits or `limit` passes, then kills it.
-pub async fn collect(mut child: Child, limit: Duration) -> String {
+pub(crate) async fn collect(mut child: Child, limit: Duration) -> String {
     let _ = tokio::time::timeout(limit, child.wait()).await;
     let _ = child.start_kill();
     let out = child.wait_with_output().await.unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-pub mod aws;
-pub mod raw;
+pub(crate) mod aws;
+pub(crate) mod raw;

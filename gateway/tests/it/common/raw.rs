@@ -12,22 +12,22 @@ use tokio_rustls::client::TlsStream;
 use super::Site;
 use sitegate::identity::pki::IssuedDevice;
 
-pub use sitegate::edge::harness::wire::*;
+pub(crate) use sitegate::edge::harness::wire::*;
 
 /// One packet read back: its first byte and its body.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub first: u8,
     pub body: Vec<u8>,
 }
 
 impl Reply {
-    pub fn kind(&self) -> u8 {
+    pub(crate) fn kind(&self) -> u8 {
         self.first >> 4
     }
 
     /// The reason code of a v5 PUBACK, or of a DISCONNECT.
-    pub fn reason(&self) -> u8 {
+    pub(crate) fn reason(&self) -> u8 {
         match self.kind() {
             4 => self.body.get(2).copied().unwrap_or(0),
             14 => self.body.first().copied().unwrap_or(0),
@@ -36,7 +36,7 @@ impl Reply {
     }
 
     /// The return codes of a SUBACK (after the packet id and, on v5, the properties).
-    pub fn suback_codes(&self, v5: bool) -> Vec<u8> {
+    pub(crate) fn suback_codes(&self, v5: bool) -> Vec<u8> {
         assert_eq!(self.kind(), 9, "{self:?}");
         let mut at = 2;
         if v5 {
@@ -57,19 +57,19 @@ impl Reply {
     }
 }
 
-pub struct RawClient {
+pub(crate) struct RawClient {
     pub tls: TlsStream<TcpStream>,
     buf: Vec<u8>,
 }
 
 impl RawClient {
     /// A TLS connection as `device`, nothing sent yet.
-    pub async fn tls(site: &Site, device: &IssuedDevice) -> RawClient {
+    pub(crate) async fn tls(site: &Site, device: &IssuedDevice) -> RawClient {
         RawClient::tls_to(site.addr, &site.credentials(device)).await
     }
 
     /// A TLS connection to any broker at `addr` with `creds`.
-    pub async fn tls_to(
+    pub(crate) async fn tls_to(
         addr: std::net::SocketAddr,
         creds: &sitegate::fleet::DeviceCredentials,
     ) -> RawClient {
@@ -84,12 +84,12 @@ impl RawClient {
     }
 
     /// Connected as `device` (client id = thing) with a CONNACK that accepted it.
-    pub async fn connect(site: &Site, device: &IssuedDevice, v5: bool) -> RawClient {
+    pub(crate) async fn connect(site: &Site, device: &IssuedDevice, v5: bool) -> RawClient {
         RawClient::connect_to(site.addr, &site.credentials(device), &device.thing, v5).await
     }
 
     /// Connected to any broker at `addr` as `client_id`.
-    pub async fn connect_to(
+    pub(crate) async fn connect_to(
         addr: std::net::SocketAddr,
         creds: &sitegate::fleet::DeviceCredentials,
         client_id: &str,
@@ -104,17 +104,17 @@ impl RawClient {
         c
     }
 
-    pub async fn send(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) {
         let _ = self.tls.write_all(bytes).await;
         let _ = self.tls.flush().await;
     }
 
     /// The next packet, or `None` when the gateway closed the connection (or 10 s passed).
-    pub async fn read(&mut self) -> Option<Reply> {
+    pub(crate) async fn read(&mut self) -> Option<Reply> {
         self.read_within(Duration::from_secs(10)).await
     }
 
-    pub async fn read_within(&mut self, limit: Duration) -> Option<Reply> {
+    pub(crate) async fn read_within(&mut self, limit: Duration) -> Option<Reply> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Some(reply) = self.take() {
@@ -129,7 +129,7 @@ impl RawClient {
     }
 
     /// True when the gateway closes the connection within 10 s (after any packets it sends).
-    pub async fn closed(&mut self) -> bool {
+    pub(crate) async fn closed(&mut self) -> bool {
         for _ in 0..16 {
             match self.read().await {
                 None => return true,
