@@ -878,6 +878,11 @@ fn append_identity(out: &mut Vec<Token>, aggregated: bool) {
     out.splice(from..from, extra);
 }
 
+/// The first token at or after `from` that is not whitespace or a comment.
+fn next_sig(body: &[TokenWithSpan], from: usize) -> Option<usize> {
+    (from..body.len()).find(|&j| !is_trivia(&body[j].token))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -990,9 +995,4 @@ mod tests {
         );
         assert_eq!(r.error_sink.as_deref(), Some("errors"));
     }
-}
-
-/// The first token at or after `from` that is not whitespace or a comment.
-fn next_sig(body: &[TokenWithSpan], from: usize) -> Option<usize> {
-    (from..body.len()).find(|&j| !is_trivia(&body[j].token))
 }
