@@ -19,6 +19,7 @@ mod greengrass;
 mod iotcore;
 mod kinesis;
 mod layout;
+mod mqtt5;
 mod rules;
 mod simulate;
 mod spool;

@@ -3,42 +3,16 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::aws::{Moto, Relay};
-use common::{files_containing, text, wait_lines, Site};
-use sitegate::config::{Config, QueueOverride, RouteConfig, WhenFull};
-use sitegate_plugins::file::FileConfig;
+use common::{archive_to, files_containing, out_path, text, wait_lines, Site};
+use sitegate::config::{QueueOverride, RouteConfig, WhenFull};
 use sitegate_plugins::{ByteSize, SinkConfig};
 
 /// A path no file can be created at, even by root: the sink fails and records stay spooled.
 const UNWRITABLE: &str = "/dev/null/sitegate/out.jsonl";
-
-fn file_sink(path: &Path) -> SinkConfig {
-    SinkConfig::File(FileConfig {
-        path: path.to_path_buf(),
-        rotate_bytes: ByteSize(64 << 20),
-        keep: 2,
-        fsync: true,
-    })
-}
-
-/// Route every telemetry message to one file sink called `archive`.
-fn archive_to(config: &mut Config, path: &Path) {
-    config.sinks.insert("archive".into(), file_sink(path));
-    config.routes.insert(
-        "telemetry".into(),
-        RouteConfig {
-            from: "dt/#".into(),
-            to: "archive".into(),
-        },
-    );
-}
-
-fn out_path(config: &Config) -> PathBuf {
-    config.data_dir.parent().unwrap().join("out/archive.jsonl")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qos1_messages_reach_the_file_sink_with_the_device_identity() {

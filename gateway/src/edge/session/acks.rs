@@ -1,5 +1,7 @@
 //! PUBACKs held until the messages of their socket read are durable, released in PUBLISH order.
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 use rumqttd::protocol::Packet;
 
@@ -25,7 +27,32 @@ pub(super) async fn front_receipt(
     }
 }
 
+/// How long a closing session waits for the spool to make its last reads durable, so that
+/// their PUBACKs still go out.
+const CLOSING_WAIT: Duration = Duration::from_secs(2);
+
 impl Session {
+    /// Before the connection closes: each held read, in order, gets its PUBACKs once its
+    /// messages are durable. The first that is not within [`CLOSING_WAIT`] (or fails) and every
+    /// read after it get none, so the device sends those messages again.
+    pub(super) async fn release_all_held(&mut self, wbuf: &mut BytesMut) {
+        let deadline = tokio::time::Instant::now() + CLOSING_WAIT;
+        while let Some(mut front) = self.held.pop_front() {
+            if let Some(receipt) = front.receipt.as_mut() {
+                if !matches!(
+                    tokio::time::timeout_at(deadline, receipt).await,
+                    Ok(Ok(Ok(())))
+                ) {
+                    self.held.clear();
+                    return;
+                }
+            }
+            for ack in front.acks {
+                self.write(ack, wbuf);
+            }
+        }
+    }
+
     /// The oldest held read is durable: send its PUBACKs and those queued behind it that
     /// waited only for their turn.
     pub(super) fn release_held(&mut self, wbuf: &mut BytesMut) {

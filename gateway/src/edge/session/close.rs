@@ -85,11 +85,18 @@ impl Session {
             }
         };
         info!(thing = %thing, reason = %close.describe(), "device disconnected");
-        if let Some(code) = reason {
-            let d = Packet::Disconnect(Disconnect { reason_code: code }, None);
-            if matches!(self.codec.write(d, &mut conn.wbuf), Ok(true)) {
-                let _ = conn.flush().await;
+        // Every PUBLISH accepted is acknowledged before the connection ends, on 3.1.1 (which
+        // has no DISCONNECT from the server) as on 5: the acks of the last read may still be
+        // in the buffer, or waiting for the spool.
+        if !matches!(close, Close::Network(_)) {
+            if !matches!(close, Close::Spool(_)) {
+                self.release_all_held(&mut conn.wbuf).await;
             }
+            if let Some(code) = reason {
+                let d = Packet::Disconnect(Disconnect { reason_code: code }, None);
+                let _ = self.codec.write(d, &mut conn.wbuf);
+            }
+            let _ = conn.flush().await;
         }
         let _ = conn.stream.shutdown().await;
         let will = if publish_will { self.will.take() } else { None };

@@ -299,6 +299,12 @@ fn admit(
     will_props: Option<LastWillProperties>,
 ) -> Result<Admitted, ConnectReturnCode> {
     let thing = &identity.thing;
+    // MQTT-3.1.3-8 and §3.2.2.2: no identifier to assign here, since a device's client id is
+    // its thing name; 0x02 on 3.1.1, 0x85 on 5.
+    if connect.client_id.is_empty() {
+        info!(%peer, thing = %Escaped(thing), "empty client id; refused");
+        return Err(ConnectReturnCode::ClientIdentifierNotValid);
+    }
     if connect.client_id != *thing {
         warn!(
             %peer,

@@ -8,12 +8,14 @@ use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sitegate::config::{AuthConfig, Config, ListenerConfig};
+use sitegate::config::{AuthConfig, Config, ListenerConfig, RouteConfig};
 use sitegate::daemon::{Gateway, Listeners};
 use sitegate::fleet::DeviceCredentials;
 use sitegate::identity::pki::{self, CaFiles, IssuedDevice};
 use sitegate::metrics::{Stats, StatsSnapshot};
 use sitegate::ops::admin::{self, AdminRequest, AdminResponse};
+use sitegate_plugins::file::FileConfig;
+use sitegate_plugins::{ByteSize, SinkConfig};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
@@ -56,6 +58,33 @@ resources = ["mqtt:clientId:controller-1", "mqtt:topic:cmd/+/#"]
 operations = ["mqtt:connect", "mqtt:subscribe"]
 resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topicfilter:dt/#", "mqtt:topicfilter:status/#"]
 "#;
+
+/// A file sink writing to `path`, fsync on every batch.
+pub(crate) fn file_sink(path: &Path) -> SinkConfig {
+    SinkConfig::File(FileConfig {
+        path: path.to_path_buf(),
+        rotate_bytes: ByteSize(64 << 20),
+        keep: 2,
+        fsync: true,
+    })
+}
+
+/// Route every telemetry message to one file sink called `archive`.
+pub(crate) fn archive_to(config: &mut Config, path: &Path) {
+    config.sinks.insert("archive".into(), file_sink(path));
+    config.routes.insert(
+        "telemetry".into(),
+        RouteConfig {
+            from: "dt/#".into(),
+            to: "archive".into(),
+        },
+    );
+}
+
+/// Where [`archive_to`] writes, for a site's config.
+pub(crate) fn out_path(config: &Config) -> PathBuf {
+    config.data_dir.parent().unwrap().join("out/archive.jsonl")
+}
 
 pub(crate) struct Site {
     pub dir: TempDir,
