@@ -568,7 +568,60 @@ pub(super) fn device_topic(publish: &mut Publish) {
     }
 }
 
-/// What of a device's PUBLISH properties the router may see: no alias, no subscription ids.
+/// A user property marking a publish that came in at QoS 0. The router delivers at the
+/// subscription's QoS; the session reads the mark and delivers at the lower of the two
+/// (§3.8.4). (rumqttd drops a link whose publish carries a subscription identifier, and keeps
+/// the flags of a publish private, so a user property is the one place left.) A device's own
+/// property of this name is removed on the way in, so it cannot fake the mark.
+const QOS0_MARK: &str = "sitegate:qos0";
+
+/// The properties a publish enters the router with: `props`, marked when it is at QoS 0.
+/// Every publish handed to the fabric gets them (a device's, a will, a republish).
+pub(crate) fn entering_properties(
+    props: Option<PublishProperties>,
+    qos: QoS,
+) -> Option<PublishProperties> {
+    let mut props = props;
+    if let Some(p) = props.as_mut() {
+        p.user_properties.retain(|(k, _)| k != QOS0_MARK);
+    }
+    if qos == QoS::AtMostOnce {
+        props
+            .get_or_insert_with(PublishProperties::default)
+            .user_properties
+            .push((QOS0_MARK.to_owned(), String::new()));
+    }
+    props
+}
+
+/// The QoS and packet id of a delivery (rumqttd keeps them private; its 5-byte header of an
+/// emptied copy says them without copying the payload).
+pub(super) fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
+    let mut header = publish.clone();
+    header.topic = Bytes::new();
+    header.payload = Bytes::new();
+    let raw = header.serialize();
+    let qos = rumqttd::protocol::qos((raw[0] >> 1) & 0b11).unwrap_or(QoS::AtMostOnce);
+    (qos, u16::from_be_bytes([raw[1], raw[2]]))
+}
+
+/// The device form of a delivery: its topic, and its properties without the gateway's mark;
+/// true when it was published at QoS 0.
+pub(super) fn device_form(publish: &mut Publish, props: &mut Option<PublishProperties>) -> bool {
+    device_topic(publish);
+    let Some(p) = props.as_mut() else {
+        return false;
+    };
+    let before = p.user_properties.len();
+    p.user_properties.retain(|(k, _)| k != QOS0_MARK);
+    let marked = p.user_properties.len() != before;
+    if *p == PublishProperties::default() {
+        *props = None;
+    }
+    marked
+}
+
+/// What of a PUBLISH's properties the router may see: no alias, no subscription ids.
 fn strip_properties(mut props: PublishProperties) -> PublishProperties {
     props.topic_alias = None;
     props.subscription_identifiers.clear();
@@ -668,11 +721,12 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
             QoS::AtMostOnce
         };
         let mut publish = publish_packet(&topic, &payload, qos, retain);
+        let props = entering_properties(None, qos);
         self.fabric
-            .retain(&mut publish, &None)
+            .retain(&mut publish, &props)
             .map_err(|e| LocalPublishError::Refused(e.to_string()))?;
         self.fabric
-            .forward(vec![Packet::Publish(publish, None)])
+            .forward(vec![Packet::Publish(publish, props)])
             .await
             .map_err(|e| LocalPublishError::Unavailable(e.to_string()))
     }

@@ -64,3 +64,108 @@ async fn s3_1_3_1_an_empty_client_id_is_an_invalid_identifier() {
     assert_eq!(site.snapshot().connects_refused, 2);
     site.stop().await;
 }
+
+/// Devices `dev-*` may publish and subscribe anywhere: these tests are about the protocol.
+const OPEN_AUTH: &str = r#"
+[device_groups.devs]
+selection_rule = "thingName: dev-*"
+policy = "open"
+[policies.open.all]
+operations = ["mqtt:connect", "mqtt:publish", "mqtt:subscribe"]
+resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topic:*", "mqtt:topicfilter:*"]
+"#;
+
+/// A PUBLISH the gateway delivered: its QoS, packet id and payload.
+fn delivered(reply: &raw::Reply, v5: bool) -> (u8, u16, Vec<u8>) {
+    assert_eq!(reply.kind(), 3, "{reply:?}");
+    let qos = (reply.first >> 1) & 0b11;
+    let body = &reply.body;
+    let mut at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let mut pkid = 0;
+    if qos > 0 {
+        pkid = u16::from_be_bytes([body[at], body[at + 1]]);
+        at += 2;
+    }
+    if v5 {
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = body[at];
+            at += 1;
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        at += len;
+    }
+    (qos, pkid, body[at..].to_vec())
+}
+
+/// §3.8.4 (MQTT-3.8.4-8): a message is delivered at the minimum of the QoS it was published
+/// with and the QoS granted to the subscription. A QoS 0 publish reaches a QoS 1 subscriber as
+/// QoS 0 (it used to arrive as QoS 1), a QoS 1 publish as QoS 1, on 3.1.1 and 5; and the
+/// deliveries after a lowered one keep flowing (the router's acknowledgements stay in order).
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_8_4_delivered_qos_is_the_minimum_of_published_and_granted() {
+    let site = Site::start_with(|c| {
+        c.auth = toml::from_str::<sitegate::config::AuthConfig>(OPEN_AUTH).unwrap();
+    })
+    .await;
+    let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);
+    let mut publisher = RawClient::connect(&site, &a, true).await;
+    for v5 in [false, true] {
+        let mut sub = RawClient::connect(&site, &b, v5).await;
+        sub.send(&raw::subscribe(1, &[(b"dt/#", 1)], v5, &[])).await;
+        let suback = sub.read().await.expect("SUBACK");
+        assert_eq!(suback.suback_codes(v5), [1]);
+        // The SUBACK comes from the session; the router may take the filter a moment later.
+        let mut warm = None;
+        for _ in 0..50 {
+            publisher
+                .send(&raw::publish(b"dt/warm", 1, false, true, &[], b"warm"))
+                .await;
+            assert_eq!(publisher.read().await.expect("PUBACK").kind(), 4);
+            warm = sub.read_within(std::time::Duration::from_millis(200)).await;
+            if warm.is_some() {
+                break;
+            }
+        }
+        let (_, pkid, _) = delivered(&warm.expect("the subscription never took effect"), v5);
+        sub.send(&raw::packet(0x40, &pkid.to_be_bytes())).await;
+        // Warm-ups still on their way.
+        while let Some(late) = sub.read_within(std::time::Duration::from_millis(300)).await {
+            let (_, pkid, _) = delivered(&late, v5);
+            sub.send(&raw::packet(0x40, &pkid.to_be_bytes())).await;
+        }
+        for (qos, payload) in [
+            (0u8, "zero"),
+            (1, "one"),
+            (0, "zero again"),
+            (1, "one again"),
+        ] {
+            publisher
+                .send(&raw::publish(
+                    b"dt/x",
+                    qos,
+                    false,
+                    true,
+                    &[],
+                    payload.as_bytes(),
+                ))
+                .await;
+            if qos == 1 {
+                let ack = publisher.read().await.expect("PUBACK");
+                assert_eq!(ack.kind(), 4, "{ack:?}");
+            }
+            let got = sub.read().await.expect("delivery");
+            let (got_qos, pkid, body) = delivered(&got, v5);
+            assert_eq!((got_qos, &body[..]), (qos, payload.as_bytes()), "v5 {v5}");
+            if got_qos == 1 {
+                sub.send(&raw::packet(0x40, &pkid.to_be_bytes())).await;
+            }
+        }
+    }
+    assert_eq!(site.snapshot().router_rebuilds, 0);
+    site.stop().await;
+}

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::info;
 
 use crate::auth::Operation;
-use crate::edge::broker::{publish_packet, Fabric, RouterLink};
+use crate::edge::broker::{entering_properties, publish_packet, Fabric, RouterLink};
 use crate::edge::table::{EndReason, Parked};
 use crate::topic::TopicError;
 
@@ -122,9 +122,10 @@ impl Session {
             );
         }
         let will = will.and_then(|(w, _)| {
+            let props = entering_properties(None, w.qos);
             let mut packet = will_publish(w);
-            match self.ctx.fabric.retain(&mut packet, &None) {
-                Ok(()) => Some(Packet::Publish(packet, None)),
+            match self.ctx.fabric.retain(&mut packet, &props) {
+                Ok(()) => Some(Packet::Publish(packet, props)),
                 Err(e) => {
                     self.ctx.stats.deny("retained_quota");
                     info!(thing = %thing, error = %e, "will not published");

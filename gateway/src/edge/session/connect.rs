@@ -235,6 +235,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         denials_logged: 0,
         read_at: (std::time::Instant::now(), 0),
         wake_router: false,
+        router_acks: std::collections::VecDeque::new(),
     };
     Some(Opened {
         session,

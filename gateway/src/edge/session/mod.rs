@@ -155,6 +155,9 @@ struct Session {
     read_at: (std::time::Instant, u64),
     /// The router paused deliveries to this link until it is told we caught up.
     wake_router: bool,
+    /// The router's QoS 1 deliveries not yet acknowledged to it, in order, with whether the
+    /// session lowered it to QoS 0 (then the session acknowledges it, not the device).
+    router_acks: std::collections::VecDeque<(u16, bool)>,
 }
 
 impl Session {

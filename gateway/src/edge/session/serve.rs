@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::auth::{DeviceState, Operation};
-use crate::edge::broker::{device_topic, RouterLink};
+use crate::edge::broker::{device_form, entering_properties, qos_and_pkid, RouterLink};
 use crate::edge::codec::{CodecError, Frame};
 use crate::edge::table::{EndReason, SessionSlot};
 use crate::escape::Escaped;
@@ -103,6 +103,10 @@ impl Session {
                                 // Take what else the router already queued, so a burst goes out
                                 // in one write instead of one per message.
                                 if let Flow::Close(c) = self.drain_ready_notifications(&mut conn.wbuf).await {
+                                    return c;
+                                }
+                                // PUBACKs of deliveries lowered to QoS 0.
+                                if let Flow::Close(c) = self.hand_to_router().await {
                                     return c;
                                 }
                             }
@@ -329,6 +333,16 @@ impl Session {
                 "QoS 2 is not supported (maximum QoS is 1)",
             );
         }
+        // Marked for the router before it is retained, so a retained copy is delivered at the
+        // QoS it was published with too.
+        let props = entering_properties(
+            props,
+            if qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+        );
         let refusal = match checked {
             Err(e) => Some((e.reason(), PubAckReason::TopicNameInvalid, e.to_string())),
             Ok(()) if !self.grant.permissions.allows(Operation::Publish, topic) => Some((
@@ -382,7 +396,15 @@ impl Session {
         match frame.packet {
             Packet::Publish(publish, props) => self.publish(publish, props, frame.qos, frame.pkid),
             Packet::PubAck(ack, _) => {
+                if self
+                    .router_acks
+                    .front()
+                    .is_some_and(|&(pkid, lowered)| !lowered && pkid == ack.pkid)
+                {
+                    self.router_acks.pop_front();
+                }
                 self.to_router.push(Packet::PubAck(ack, None));
+                self.ack_router_ahead();
                 Flow::Continue
             }
             Packet::Subscribe(subscribe, props) => {
@@ -526,8 +548,20 @@ impl Session {
         match notification {
             Notification::Forward(mut forward) => {
                 self.ctx.stats.messages_out.fetch_add(1, Relaxed);
-                device_topic(&mut forward.publish);
+                let at_qos0 = device_form(&mut forward.publish, &mut forward.properties);
+                let (qos, pkid) = qos_and_pkid(&forward.publish);
+                if qos != QoS::AtMostOnce {
+                    // The router waits for this PUBACK, in order: a delivery lowered to QoS 0
+                    // is acknowledged by the session once the ones before it are.
+                    self.router_acks.push_back((pkid, at_qos0));
+                    if at_qos0 {
+                        let p = &forward.publish;
+                        forward.publish =
+                            Publish::new(p.topic.clone(), p.payload.clone(), p.retain);
+                    }
+                }
                 self.write(Packet::Publish(forward.publish, forward.properties), wbuf);
+                self.ack_router_ahead();
                 Flow::Continue
             }
             Notification::Unschedule => {
@@ -580,6 +614,20 @@ impl Session {
         match failed && !self.router_moved() {
             true => Flow::Close(Close::RouterGone),
             false => Flow::Continue,
+        }
+    }
+
+    /// Acknowledges to the router the lowered deliveries at the front of its queue.
+    fn ack_router_ahead(&mut self) {
+        while let Some(&(pkid, true)) = self.router_acks.front() {
+            self.router_acks.pop_front();
+            self.to_router.push(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ));
         }
     }
 
