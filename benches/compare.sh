@@ -29,8 +29,12 @@ command -v mosquitto_sub >/dev/null || { echo "compare.sh: mosquitto_sub is not 
 MOSQUITTO=$(command -v mosquitto)
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release -q -p sitegate --bin sitegate
-BIN=$TARGET/release/sitegate
+if [ -n "${SITEGATE_BIN:-}" ]; then
+  BIN=$SITEGATE_BIN
+else
+  cargo build --release -q -p sitegate --bin sitegate
+  BIN=$TARGET/release/sitegate
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
