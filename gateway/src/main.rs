@@ -8,6 +8,7 @@ mod cli;
 /// after the sessions ended; 6 → 55 MiB with two arenas and a trim threshold), where jemalloc
 /// with a background thread hands it back (7 → 36 MiB; Mosquitto on the same rounds 9 → 36 MiB).
 /// Its settings are built in from `.cargo/config.toml`; `_RJEM_MALLOC_CONF` overrides them.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
