@@ -100,8 +100,9 @@ pub mod wire {
     }
 }
 
-/// Devices `dev-*` may publish and subscribe to anything: the widest rope for the input.
-const AUTH: &str = r#"
+/// Devices `dev-*` may publish and subscribe to anything: the widest rope for the input (and
+/// for tests about the protocol rather than the policy).
+pub const OPEN_AUTH: &str = r#"
 [device_groups.devs]
 selection_rule = "thingName: dev-*"
 policy = "open"
@@ -123,7 +124,7 @@ impl Harness {
     pub fn new() -> Result<Harness, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let db = sled::Config::new().path(dir.path().join("db")).open()?;
-        let auth: AuthConfig = toml::from_str(AUTH)?;
+        let auth: AuthConfig = toml::from_str(OPEN_AUTH)?;
         let registry = Registry::open(&db, crate::disk::DiskGuard::off())?;
         for thing in ["dev-fuzz", "dev-good", "dev-sub"] {
             registry.approve(thing, &[])?;

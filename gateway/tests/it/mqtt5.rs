@@ -65,16 +65,6 @@ async fn s3_1_3_1_an_empty_client_id_is_an_invalid_identifier() {
     site.stop().await;
 }
 
-/// Devices `dev-*` may publish and subscribe anywhere: these tests are about the protocol.
-const OPEN_AUTH: &str = r#"
-[device_groups.devs]
-selection_rule = "thingName: dev-*"
-policy = "open"
-[policies.open.all]
-operations = ["mqtt:connect", "mqtt:publish", "mqtt:subscribe"]
-resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topic:*", "mqtt:topicfilter:*"]
-"#;
-
 /// A PUBLISH the gateway delivered: its QoS, packet id and payload.
 fn delivered(reply: &raw::Reply, v5: bool) -> (u8, u16, Vec<u8>) {
     assert_eq!(reply.kind(), 3, "{reply:?}");
@@ -87,16 +77,7 @@ fn delivered(reply: &raw::Reply, v5: bool) -> (u8, u16, Vec<u8>) {
         at += 2;
     }
     if v5 {
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            let b = body[at];
-            at += 1;
-            len |= usize::from(b & 0x7f) << shift;
-            shift += 7;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
+        let len = raw::read_varint(body, &mut at);
         at += len;
     }
     (qos, pkid, body[at..].to_vec())
@@ -109,7 +90,8 @@ fn delivered(reply: &raw::Reply, v5: bool) -> (u8, u16, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_8_4_delivered_qos_is_the_minimum_of_published_and_granted() {
     let site = Site::start_with(|c| {
-        c.auth = toml::from_str::<sitegate::config::AuthConfig>(OPEN_AUTH).unwrap();
+        c.auth = toml::from_str::<sitegate::config::AuthConfig>(sitegate::edge::harness::OPEN_AUTH)
+            .unwrap();
     })
     .await;
     let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);

@@ -40,20 +40,24 @@ impl Reply {
         assert_eq!(self.kind(), 9, "{self:?}");
         let mut at = 2;
         if v5 {
-            let mut len = 0usize;
-            let mut shift = 0;
-            loop {
-                let b = self.body[at];
-                at += 1;
-                len |= usize::from(b & 0x7f) << shift;
-                shift += 7;
-                if b & 0x80 == 0 {
-                    break;
-                }
-            }
+            let len = read_varint(&self.body, &mut at);
             at += len;
         }
         self.body[at..].to_vec()
+    }
+}
+
+/// MQTT's variable byte integer at `at` in `body`; `at` moves past it.
+pub(crate) fn read_varint(body: &[u8], at: &mut usize) -> usize {
+    let (mut n, mut shift) = (0usize, 0);
+    loop {
+        let b = body[*at];
+        *at += 1;
+        n |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            return n;
+        }
     }
 }
 
