@@ -299,6 +299,12 @@ impl Gateway {
         let sinks = Arc::new(tokio::sync::Mutex::new(sink_set));
         let mut background = vec![
             tokio::spawn(Arc::clone(&fabric).watchdog(stopped.clone())),
+            tokio::spawn(crate::edge::expire_sessions(
+                Arc::clone(&sessions),
+                Arc::clone(&fabric),
+                Arc::clone(&stats),
+                stopped.clone(),
+            )),
             tokio::spawn(expire_periodically(Arc::clone(&spool), stopped.clone())),
             tokio::spawn(crate::ops::prometheus::upkeep(stopped.clone())),
         ];

@@ -237,6 +237,8 @@ pub struct Fabric {
     wake_watchdog: Notify,
     last_gc: Mutex<Instant>,
     stats: Arc<crate::metrics::Stats>,
+    /// Some session has subscribed with No Local: publishes carry their publisher from then on.
+    no_local: AtomicBool,
 }
 
 /// Retained messages by device topic, in router form, with their total size.
@@ -285,6 +287,7 @@ impl Fabric {
             wake_watchdog: Notify::new(),
             last_gc: Mutex::new(Instant::now()),
             stats,
+            no_local: AtomicBool::new(false),
         }
     }
 
@@ -302,6 +305,16 @@ impl Fabric {
         *self.generation.borrow()
     }
 
+    /// Whether publishes must name their publisher (see [`entering_properties`]).
+    pub fn no_local_used(&self) -> bool {
+        self.no_local.load(Ordering::Relaxed)
+    }
+
+    /// A session granted a No Local subscription.
+    pub fn use_no_local(&self) {
+        self.no_local.store(true, Ordering::Relaxed);
+    }
+
     /// Messages retained for later subscribers, and their bytes.
     pub fn retained(&self) -> (usize, u64) {
         let r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
@@ -316,6 +329,23 @@ impl Fabric {
             gen.device_linked.store(true, Ordering::Release);
         }
         gen.link(client_id, clean).await
+    }
+
+    /// Ends what the current router keeps of `client_id`'s persistent session (subscriptions,
+    /// its place in each commit log): rumqttd forgets a session when a clean link of the same
+    /// client id disconnects. A session parked in an older generation is gone with it already.
+    pub async fn forget(&self, client_id: &str, generation: u64) -> Result<(), FabricError> {
+        if generation != self.generation() {
+            return Ok(());
+        }
+        let mut link = self.link(client_id, true).await?;
+        let bye = Packet::Disconnect(
+            rumqttd::protocol::Disconnect {
+                reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        self.send(&mut link, vec![bye]).await
     }
 
     /// Books a retained publish against the site's limits (an empty payload clears the topic),
@@ -362,6 +392,21 @@ impl Fabric {
         Ok(())
     }
 
+    /// The retained messages whose topics `filter` matches (device form, with the gateway's
+    /// marks), for a session to send after a SUBSCRIBE: the router never holds them, since
+    /// it sends them only for a filter new to a link, where MQTT 5's Retain Handling asks
+    /// for every SUBSCRIBE, for new filters only, or never.
+    pub fn retained_for(&self, filter: &str) -> Vec<(Publish, Option<PublishProperties>)> {
+        let r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        r.messages
+            .iter()
+            .filter(|(topic, _)| {
+                std::str::from_utf8(topic).is_ok_and(|t| crate::topic::matches(t, filter))
+            })
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
     /// Hands `packets` (device form) to the router on `link`. A link of an older generation
     /// fails with `Closed`: the session links again.
     pub async fn send(
@@ -390,8 +435,8 @@ impl Fabric {
     /// queues (about 150 KB), which for a fleet of publish-only devices was most of the
     /// gateway's memory.
     ///
-    /// Until some device has linked, nothing can be subscribed, so only retained publishes
-    /// (kept for later subscribers) go to the router; a publish-only fleet costs it nothing.
+    /// Until some device has linked, nothing can be subscribed, so nothing goes to the router;
+    /// a publish-only fleet costs it nothing.
     pub async fn forward(&self, packets: Vec<Packet>) -> Result<(), FabricError> {
         let gen = self.current();
         self.forward_on(&gen, packets).await
@@ -402,12 +447,16 @@ impl Fabric {
         gen: &Arc<Generation>,
         mut packets: Vec<Packet>,
     ) -> Result<(), FabricError> {
-        let linked = gen.device_linked.load(Ordering::Acquire);
-        packets.retain(|p| matches!(p, Packet::Publish(publish, _) if linked || publish.retain));
+        // Retained messages are kept here, not in the router: until a device links, nothing
+        // in the router could take a publish.
+        if !gen.device_linked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        packets.retain(|p| matches!(p, Packet::Publish(..)));
         if packets.is_empty() {
             return Ok(());
         }
-        let packets = self.to_router_form(gen, packets, linked);
+        let packets = self.to_router_form(gen, packets, true);
         let mut shared = gen.shared.lock().await;
         // A shared link the router dropped (whatever the cause) is replaced, not kept dead.
         if shared.as_ref().is_none_or(|p| !p.alive()) {
@@ -447,7 +496,11 @@ impl Fabric {
                     if count_topics {
                         cached.insert(hash(&publish.topic[..]));
                     }
-                    Packet::Publish(publish, props.map(strip_properties))
+                    let mut props = props.map(strip_properties);
+                    if std::mem::take(&mut publish.retain) {
+                        mark(&mut props, RETAIN_MARK);
+                    }
+                    Packet::Publish(publish, props)
                 }
                 Packet::Subscribe(mut subscribe, _) => {
                     for f in &mut subscribe.filters {
@@ -500,8 +553,9 @@ impl Fabric {
         }
     }
 
-    /// Starts a new router generation, gives it the retained messages, tells the sessions, and
-    /// retires the old one once they had time to move.
+    /// Starts a new router generation, tells the sessions, and retires the old one once they
+    /// had time to move. (Retained messages are the fabric's, not the router's: nothing to
+    /// hand over.)
     pub async fn rebuild(self: &Arc<Self>) {
         let old = self.current();
         let gen = Arc::new(Generation::start(old.id + 1, self.router.clone()));
@@ -510,16 +564,6 @@ impl Fabric {
             *t = Instant::now();
         }
         self.stats.router_rebuilds.fetch_add(1, Ordering::Relaxed);
-        let retained: Vec<Packet> = {
-            let r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
-            r.messages
-                .values()
-                .map(|(p, props)| Packet::Publish(p.clone(), props.clone()))
-                .collect()
-        };
-        if let Err(e) = self.forward_on(&gen, retained).await {
-            warn!(error = %e, "cannot hand the retained messages to the new router");
-        }
         self.generation.send_replace(gen.id);
         tokio::spawn(async move {
             tokio::time::sleep(RETIRE_GRACE).await;
@@ -568,30 +612,65 @@ pub(super) fn device_topic(publish: &mut Publish) {
     }
 }
 
-/// A user property marking a publish that came in at QoS 0. The router delivers at the
-/// subscription's QoS; the session reads the mark and delivers at the lower of the two
-/// (§3.8.4). (rumqttd drops a link whose publish carries a subscription identifier, and keeps
-/// the flags of a publish private, so a user property is the one place left.) A device's own
-/// property of this name is removed on the way in, so it cannot fake the mark.
+/// User properties the gateway puts on a publish inside the router and takes off again before
+/// a device sees it. rumqttd drops a link whose publish carries a subscription identifier and
+/// keeps the flags of a publish private, so a user property is the one place left for what
+/// the session needs to know of a delivery:
+/// - `sitegate:qos0`: it was published at QoS 0. The router delivers at the subscription's
+///   QoS; the session delivers at the lower of the two (§3.8.4).
+/// - `sitegate:retain`: it was published with RETAIN. The router forwards it with RETAIN 0
+///   (as MQTT-3.3.1-12 asks by default); a subscription with Retain As Published gets 1.
+/// - `sitegate:from`, the publishing client id, while any session has used No Local
+///   (§3.8.3.1): a session drops its own messages for its No Local subscriptions.
+///
+/// A device's own user properties with the `sitegate:` prefix are removed on the way in, so it
+/// cannot fake a mark.
+const MARK_PREFIX: &str = "sitegate:";
 const QOS0_MARK: &str = "sitegate:qos0";
+const RETAIN_MARK: &str = "sitegate:retain";
+const FROM_MARK: &str = "sitegate:from";
 
-/// The properties a publish enters the router with: `props`, marked when it is at QoS 0.
-/// Every publish handed to the fabric gets them (a device's, a will, a republish).
+fn mark(props: &mut Option<PublishProperties>, name: &str) {
+    props
+        .get_or_insert_with(PublishProperties::default)
+        .user_properties
+        .push((name.to_owned(), String::new()));
+}
+
+/// The properties a publish enters the router with: `props` without a device's marks, marked
+/// when it is at QoS 0 and with its publisher `from` when given. Every publish handed to the
+/// fabric gets them (a device's, a will, a republish).
 pub(crate) fn entering_properties(
     props: Option<PublishProperties>,
     qos: QoS,
+    from: Option<&str>,
 ) -> Option<PublishProperties> {
     let mut props = props;
     if let Some(p) = props.as_mut() {
-        p.user_properties.retain(|(k, _)| k != QOS0_MARK);
+        p.user_properties
+            .retain(|(k, _)| !k.starts_with(MARK_PREFIX));
     }
     if qos == QoS::AtMostOnce {
+        mark(&mut props, QOS0_MARK);
+    }
+    if let Some(from) = from {
         props
             .get_or_insert_with(PublishProperties::default)
             .user_properties
-            .push((QOS0_MARK.to_owned(), String::new()));
+            .push((FROM_MARK.to_owned(), from.to_owned()));
     }
     props
+}
+
+/// What the gateway's marks said of a delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Marks {
+    /// Published at QoS 0.
+    pub qos0: bool,
+    /// Published with RETAIN.
+    pub retained: bool,
+    /// Published by the client id the session is for.
+    pub from_me: bool,
 }
 
 /// The QoS and packet id of a delivery (rumqttd keeps them private; its 5-byte header of an
@@ -605,20 +684,42 @@ pub(super) fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
     (qos, u16::from_be_bytes([raw[1], raw[2]]))
 }
 
-/// The device form of a delivery: its topic, and its properties without the gateway's mark;
-/// true when it was published at QoS 0.
-pub(super) fn device_form(publish: &mut Publish, props: &mut Option<PublishProperties>) -> bool {
+/// The device form of a delivery: its topic, and its properties without the gateway's marks;
+/// what the marks said, `me` being the receiving session's client id.
+pub(super) fn device_form(
+    publish: &mut Publish,
+    props: &mut Option<PublishProperties>,
+    me: &str,
+) -> Marks {
     device_topic(publish);
+    strip_marks(props, me)
+}
+
+/// Takes the gateway's marks off `props` and says what they were.
+pub(super) fn strip_marks(props: &mut Option<PublishProperties>, me: &str) -> Marks {
+    let mut marks = Marks::default();
     let Some(p) = props.as_mut() else {
-        return false;
+        return marks;
     };
-    let before = p.user_properties.len();
-    p.user_properties.retain(|(k, _)| k != QOS0_MARK);
-    let marked = p.user_properties.len() != before;
+    p.user_properties.retain(|(k, v)| match k.as_str() {
+        QOS0_MARK => {
+            marks.qos0 = true;
+            false
+        }
+        RETAIN_MARK => {
+            marks.retained = true;
+            false
+        }
+        FROM_MARK => {
+            marks.from_me = v == me;
+            false
+        }
+        _ => true,
+    });
     if *p == PublishProperties::default() {
         *props = None;
     }
-    marked
+    marks
 }
 
 /// What of a PUBLISH's properties the router may see: no alias, no subscription ids.
@@ -721,7 +822,7 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
             QoS::AtMostOnce
         };
         let mut publish = publish_packet(&topic, &payload, qos, retain);
-        let props = entering_properties(None, qos);
+        let props = entering_properties(None, qos, None);
         self.fabric
             .retain(&mut publish, &props)
             .map_err(|e| LocalPublishError::Refused(e.to_string()))?;
@@ -737,11 +838,22 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
 /// through that format. Used for wills and the republish sink: device publishes are relayed as
 /// parsed.
 pub(super) fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Publish {
+    publish_with_id(topic.as_bytes(), payload, qos, 1, retain)
+}
+
+/// A PUBLISH with packet id `pkid` (rumqttd lets only its parser set one).
+pub(super) fn publish_with_id(
+    topic: &[u8],
+    payload: &[u8],
+    qos: QoS,
+    pkid: u16,
+    retain: bool,
+) -> Publish {
     let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
     raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1));
-    raw.put_u16(if qos == QoS::AtMostOnce { 0 } else { 1 });
+    raw.put_u16(if qos == QoS::AtMostOnce { 0 } else { pkid });
     raw.put_u16(topic.len() as u16);
-    raw.extend_from_slice(topic.as_bytes());
+    raw.extend_from_slice(topic);
     raw.extend_from_slice(payload);
     Publish::deserialize(raw.freeze())
 }

@@ -24,6 +24,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Keepalive granted to clients that ask for none or for more (seconds; IoT Core's maximum).
 pub const DEFAULT_MAX_KEEP_ALIVE_SECS: u16 = 1_200;
+/// Longest a persistent session outlives its connection, in seconds (IoT Core's default
+/// persistent-session expiry); MQTT 3.1.1 sessions that are not clean get this.
+pub const DEFAULT_MAX_SESSION_EXPIRY_SECS: u32 = 3_600;
 /// A write to a device that does not complete in this many milliseconds closes the connection.
 pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Connections still in their TLS handshake or before CONNECT, site-wide: they have not shown
@@ -73,6 +76,12 @@ pub struct ListenerConfig {
     /// Largest keepalive granted, in seconds; clients asking for 0 or more get this.
     #[serde(default = "default_max_keep_alive_secs")]
     pub max_keep_alive_secs: u16,
+    /// Longest Session Expiry Interval granted, in seconds: a session outlives its connection
+    /// for the interval the device asks for, up to this (MQTT 5 clients are told when it is
+    /// less); a not-clean MQTT 3.1.1 session gets this. 0 makes every session end with its
+    /// connection.
+    #[serde(default = "default_max_session_expiry_secs")]
+    pub max_session_expiry_secs: u32,
     /// Milliseconds a write to a device may take before the connection is closed.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
@@ -129,6 +138,9 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_max_keep_alive_secs() -> u16 {
     DEFAULT_MAX_KEEP_ALIVE_SECS
 }
+fn default_max_session_expiry_secs() -> u32 {
+    DEFAULT_MAX_SESSION_EXPIRY_SECS
+}
 fn default_write_timeout_ms() -> u64 {
     DEFAULT_WRITE_TIMEOUT_MS
 }
@@ -177,6 +189,7 @@ impl ListenerConfig {
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             max_keep_alive_secs: DEFAULT_MAX_KEEP_ALIVE_SECS,
+            max_session_expiry_secs: DEFAULT_MAX_SESSION_EXPIRY_SECS,
             write_timeout_ms: DEFAULT_WRITE_TIMEOUT_MS,
             max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
             max_pending_per_address: DEFAULT_MAX_PENDING_PER_ADDRESS,

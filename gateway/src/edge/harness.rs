@@ -51,13 +51,19 @@ pub mod wire {
 
     /// CONNECT with keepalive 60, no will; `flags` are the connect flags (0x02: clean start).
     pub fn connect(client_id: &str, v5: bool, flags: u8) -> Vec<u8> {
+        connect_with(client_id, v5, flags, &[])
+    }
+
+    /// CONNECT as [`connect`], with v5 `props` as encoded.
+    pub fn connect_with(client_id: &str, v5: bool, flags: u8, props: &[u8]) -> Vec<u8> {
         let mut body = Vec::new();
         string(b"MQTT", &mut body);
         body.push(if v5 { 5 } else { 4 });
         body.push(flags);
         body.extend_from_slice(&60u16.to_be_bytes());
         if v5 {
-            body.push(0);
+            varint(props.len(), &mut body);
+            body.extend_from_slice(props);
         }
         string(client_id.as_bytes(), &mut body);
         packet(0x10, &body)
@@ -83,6 +89,21 @@ pub mod wire {
         }
         body.extend_from_slice(payload);
         packet(0x30 | ((qos & 3) << 1) | u8::from(retain), &body)
+    }
+
+    /// An MQTT 5 property with a four-byte integer value (Session Expiry Interval 0x11,
+    /// Maximum Packet Size 0x27, Message Expiry Interval 0x02).
+    pub fn prop_u32(id: u8, value: u32) -> Vec<u8> {
+        let mut out = vec![id];
+        out.extend_from_slice(&value.to_be_bytes());
+        out
+    }
+
+    /// An MQTT 5 property with a two-byte integer value (Receive Maximum 0x21).
+    pub fn prop_u16(id: u8, value: u16) -> Vec<u8> {
+        let mut out = vec![id];
+        out.extend_from_slice(&value.to_be_bytes());
+        out
     }
 
     /// SUBSCRIBE with `pkid` of `filters` (bytes, options byte), v5 `props`.

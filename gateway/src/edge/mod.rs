@@ -28,5 +28,5 @@ mod table;
 pub use broker::{Fabric, FabricLimits, Republisher};
 pub use config::*;
 pub use listener::{serve, Budget};
-pub use session::{EdgeContext, Limits};
-pub use table::{EndReason, Parked, SessionSlot, SessionTable};
+pub use session::{expire_sessions, EdgeContext, Limits};
+pub use table::{EndReason, Parked, SessionSlot, SessionTable, Subscription};

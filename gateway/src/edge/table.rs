@@ -7,20 +7,37 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// Why the gateway ends a session from outside.
-/// A persistent session whose device is away: its subscriptions (filter, granted QoS), and the
-/// router generation that holds its state. A rebuilt router does not know the session, so
-/// the filters are given to the new one when the device comes back.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A persistent session whose device is away: its subscriptions (filter, granted QoS), the
+/// router generation that holds its state, when it expires (MQTT 5 Session Expiry Interval),
+/// and what was in flight to the device. A rebuilt router does not know the session, so the
+/// filters are given to the new one when the device comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parked {
-    pub filters: Vec<(String, u8)>,
+    pub filters: Vec<Subscription>,
     pub generation: u64,
+    pub expires_at: Instant,
+    /// Fingerprints of the QoS 1 deliveries the device had not acknowledged: the router sends
+    /// them again on resumption, and the session marks those DUP (MQTT-3.3.1-1).
+    pub unacked: Vec<u64>,
 }
 
+/// One subscription of a session: the filter, the QoS granted, and the MQTT 5 options the
+/// session applies itself (§3.8.3.1; rumqttd's router ignores them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: u8,
+    /// Not sent the session's own messages.
+    pub no_local: bool,
+    /// Sent messages with the RETAIN flag they were published with.
+    pub retain_as_published: bool,
+}
+
+/// Why the gateway ends a session from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     /// Another connection with the same client id arrived.
@@ -155,22 +172,32 @@ impl SessionTable {
             .insert(client_id.to_owned(), filters);
     }
 
-    /// Whether `client_id` left a persistent session behind in the router.
-    pub fn is_parked(&self, client_id: &str) -> bool {
+    /// Takes back a parked session, expired or not (its router state is there either way).
+    pub fn unpark(&self, client_id: &str) -> Option<Parked> {
         self.parked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(client_id)
+            .remove(client_id)
     }
 
-    /// Takes back parked filters; `resumed` false (a clean start) just forgets them.
-    pub fn unpark(&self, client_id: &str, resumed: bool) -> Option<Parked> {
-        let parked = self
-            .parked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
-        parked.filter(|_| resumed)
+    /// Removes the parked sessions that expired by `now` and names them, with the generation
+    /// that holds their router state.
+    pub fn take_expired(&self, now: Instant) -> Vec<(String, u64)> {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let expired: Vec<(String, u64)> = parked
+            .iter()
+            .filter(|(_, p)| p.expires_at <= now)
+            .map(|(id, p)| (id.clone(), p.generation))
+            .collect();
+        for (id, _) in &expired {
+            parked.remove(id);
+        }
+        expired
+    }
+
+    /// Persistent sessions whose device is away.
+    pub fn parked(&self) -> usize {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     pub fn is_connected(&self, client_id: &str) -> bool {

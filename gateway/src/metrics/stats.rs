@@ -94,6 +94,10 @@ counters! {
     router_rebuilds,
     /// Messages delivered to subscribed devices.
     messages_out,
+    /// Deliveries dropped because they were larger than the device's Maximum Packet Size.
+    deliveries_too_large,
+    /// Persistent sessions that expired while their device was away.
+    sessions_expired,
     /// Connections closed for a malformed or oversize packet or a protocol error.
     protocol_errors,
     /// Connections closed because the device went silent past its keepalive.

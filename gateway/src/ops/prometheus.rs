@@ -60,6 +60,8 @@ async fn refresh(sources: &Sources) {
     counter!("sitegate_messages_in_total", "qos" => "0").absolute(s.messages_in_qos0);
     counter!("sitegate_messages_in_total", "qos" => "1").absolute(s.messages_in_qos1);
     counter!("sitegate_messages_out_total").absolute(s.messages_out);
+    counter!("sitegate_deliveries_too_large_total").absolute(s.deliveries_too_large);
+    counter!("sitegate_sessions_expired_total").absolute(s.sessions_expired);
     counter!("sitegate_router_rebuilds_total").absolute(s.router_rebuilds);
     for (reason, n) in s.denials() {
         counter!("sitegate_denied_total", "reason" => reason).absolute(n);

@@ -20,6 +20,7 @@
 //! - `ledger`: each queue's high-water marks and lost ranges, in a sidecar file.
 //! - `store`: opening sled's files; damage repaired or set aside.
 //! - `salvage`: `sitegate spool recover`, sealed blocks found in a damaged store's raw files.
+//! - `sessions`: persistent MQTT sessions kept across a restart, sealed like the blocks.
 //! - `status`: depth and health per sink, live or read from a stopped gateway's data_dir.
 
 pub mod block;
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod ledger;
 pub mod queue;
 pub mod salvage;
+mod sessions;
 pub mod status;
 pub mod store;
 

@@ -3,14 +3,17 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, LastWill, Packet};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 use crate::auth::Operation;
 use crate::edge::broker::{entering_properties, publish_packet, Fabric, RouterLink};
-use crate::edge::table::{EndReason, Parked};
+use crate::edge::table::{EndReason, Parked, SessionTable};
+use crate::escape::Escaped;
 use crate::topic::TopicError;
 
 use super::{Conn, Session};
@@ -108,21 +111,28 @@ impl Session {
         if matches!(close, Close::RouterGone) {
             return;
         }
-        if !self.clean_session {
-            let generation = self
-                .link
-                .as_ref()
-                .map_or(self.ctx.fabric.generation(), |l| l.generation);
+        let generation = self
+            .link
+            .as_ref()
+            .map_or(self.ctx.fabric.generation(), |l| l.generation);
+        // A revoked device's session ends with it: nothing is kept for it.
+        let revoked = matches!(close, Close::Ended(EndReason::Revoked));
+        let keep = self.expiry > 0 && !self.link_clean && !revoked;
+        if keep {
+            let unacked = self.unacked();
             self.ctx.sessions.park(
                 &thing,
                 Parked {
                     filters: std::mem::take(&mut self.filters),
                     generation,
+                    expires_at: Instant::now() + Duration::from_secs(u64::from(self.expiry)),
+                    unacked,
                 },
             );
         }
         let will = will.and_then(|(w, _)| {
-            let props = entering_properties(None, w.qos);
+            let from = self.ctx.fabric.no_local_used().then_some(&*self.thing);
+            let props = entering_properties(None, w.qos, from);
             let mut packet = will_publish(w);
             match self.ctx.fabric.retain(&mut packet, &props) {
                 Ok(()) => Some(Packet::Publish(packet, props)),
@@ -140,6 +150,39 @@ impl Session {
                 if let Some(w) = will {
                     let _ = fabric.forward(vec![w]).await;
                 }
+            }
+        }
+        // A resumed session that was to end with this connection (expiry 0 now), or a revoked
+        // one: the router kept it because the link was not clean.
+        if !keep && !self.link_clean {
+            let _ = fabric.forget(&thing, generation).await;
+        }
+    }
+}
+
+/// How often parked sessions are checked for expiry.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+/// Ends parked persistent sessions once their Session Expiry Interval has passed, so the router
+/// frees their subscriptions and the messages queued for them; runs until `stop`.
+pub async fn expire_sessions(
+    sessions: Arc<SessionTable>,
+    fabric: Arc<Fabric>,
+    stats: Arc<crate::metrics::Stats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(EXPIRY_SWEEP) => {}
+        }
+        for (client_id, generation) in sessions.take_expired(Instant::now()) {
+            // A device that came back meanwhile holds the client id; its CONNECT took the
+            // parked session already, so only sessions still away are here.
+            stats.sessions_expired.fetch_add(1, Relaxed);
+            debug!(thing = %Escaped(&client_id), "persistent session expired");
+            if let Err(e) = fabric.forget(&client_id, generation).await {
+                warn!(thing = %Escaped(&client_id), error = %e, "cannot end an expired session in the router");
             }
         }
     }

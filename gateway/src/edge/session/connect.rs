@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, LastWill, LastWillProperties, Packet,
-    QoS,
+    ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill,
+    LastWillProperties, Packet, QoS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
@@ -43,8 +43,14 @@ where
     let Some((codec, packet)) = first_packet(&mut conn, &identity, peer, &ctx).await else {
         return;
     };
-    let Packet::Connect(connect, _props, will, will_props, _login) = packet else {
+    let Packet::Connect(connect, props, will, will_props, _login) = packet else {
         return;
+    };
+    let request = Request {
+        connect,
+        props,
+        will,
+        will_props,
     };
     // Watched from before admission: an approval or revocation during CONNECT is then seen
     // as a change at the first packet instead of being missed.
@@ -55,10 +61,7 @@ where
         keep_alive,
         session_present,
         lost,
-    }) = open(
-        &mut conn, &ctx, identity, peer, codec, connect, will, will_props, epoch,
-    )
-    .await
+    }) = open(&mut conn, &ctx, identity, peer, codec, request, epoch).await
     else {
         return;
     };
@@ -75,15 +78,23 @@ where
         (Flow::Continue, true) => session.refresh_grant().await,
         (Flow::Continue, false) => Flow::Continue,
     };
+    let mut slot = slot;
     let close = match resumed_refused {
         Flow::Close(c) => c,
         Flow::Continue => {
             session
-                .serve(&mut conn, slot, Duration::from_secs(u64::from(keep_alive)))
+                .serve(
+                    &mut conn,
+                    &mut slot,
+                    Duration::from_secs(u64::from(keep_alive)),
+                )
                 .await
         }
     };
     session.finish(&mut conn, close).await;
+    // The client id stays taken until the session is parked: a takeover that came first would
+    // otherwise find nothing to resume.
+    drop(slot);
     ctx.stats.connections_open.fetch_sub(1, Relaxed);
 }
 
@@ -132,20 +143,71 @@ struct Opened {
     lost: bool,
 }
 
+/// What the CONNECT packet asked for.
+struct Request {
+    connect: Connect,
+    props: Option<ConnectProperties>,
+    will: Option<LastWill>,
+    will_props: Option<LastWillProperties>,
+}
+
+/// The session terms a CONNECT asks for, within the listener's limits.
+struct Terms {
+    /// Session Expiry Interval in seconds (MQTT 5 §3.1.2.11.2); on 3.1.1, 0 for a clean
+    /// session and the limit otherwise.
+    expiry: u32,
+    /// The expiry the device asked for was above the limit, so CONNACK names the one granted.
+    expiry_capped: bool,
+    /// QoS 1 deliveries the device takes unacknowledged (§3.1.2.11.3; 65,535 when absent).
+    receive_max: u16,
+    /// The largest packet the device takes (§3.1.2.11.4; unlimited when absent).
+    max_packet: usize,
+}
+
+impl Terms {
+    fn of(
+        limits: &Limits,
+        codec: &Codec,
+        connect: &Connect,
+        props: Option<&ConnectProperties>,
+    ) -> Terms {
+        let asked = match codec.version {
+            Version::V5 => props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
+            Version::V311 if connect.clean_session => 0,
+            Version::V311 => u32::MAX,
+        };
+        Terms {
+            expiry: asked.min(limits.max_session_expiry_secs),
+            expiry_capped: codec.version == Version::V5 && asked > limits.max_session_expiry_secs,
+            receive_max: props
+                .and_then(|p| p.receive_maximum)
+                .filter(|&m| m > 0)
+                .unwrap_or(u16::MAX),
+            max_packet: props
+                .and_then(|p| p.max_packet_size)
+                .and_then(|m| usize::try_from(m).ok())
+                .unwrap_or(usize::MAX),
+        }
+    }
+}
+
 /// Admits the device, takes its client id's slot, links it to the router when it needs a link
 /// of its own, and sends CONNACK; `None` when it was refused or the connection failed.
-#[allow(clippy::too_many_arguments)]
 async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     ctx: &Arc<EdgeContext>,
     identity: Identity,
     peer: SocketAddr,
     codec: Codec,
-    connect: Connect,
-    will: Option<LastWill>,
-    will_props: Option<LastWillProperties>,
+    request: Request,
     epoch: watch::Receiver<u64>,
 ) -> Option<Opened> {
+    let Request {
+        connect,
+        props,
+        will,
+        will_props,
+    } = request;
     let admitted = match admit(ctx, &identity, peer, &codec, &connect, will, will_props) {
         Ok(a) => a,
         Err(code) => {
@@ -155,44 +217,57 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
+    let terms = Terms::of(&ctx.limits, &codec, &connect, props.as_ref());
+    // A session left behind is resumed unless the device starts clean or it has expired;
+    // either way the router may still hold its state.
+    let parked = ctx.sessions.unpark(&connect.client_id);
+    let left_behind = parked.as_ref().map(|p| p.generation);
+    let resumed =
+        parked.filter(|p| !connect.clean_session && p.expires_at > std::time::Instant::now());
     // A device gets a router link of its own only when it needs one: to keep or resume a
     // persistent session (or to clear one left behind), or once it subscribes. Until then its
-    // publishes go through the fabric's shared link.
-    let needs_link = !connect.clean_session || ctx.sessions.is_parked(&connect.client_id);
-    let link = match needs_link {
-        false => None,
-        true => match ctx
-            .fabric
-            .link(&connect.client_id, connect.clean_session)
-            .await
-        {
-            Ok(link) => Some(link),
-            Err(e) => {
-                warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
-                let _ = conn
-                    .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
-                    .await;
-                return None;
+    // publishes go through the fabric's shared link. rumqttd keeps a session only for a link
+    // made not clean, and forgets it when a clean link of that client id ends, so a clean
+    // start of a session that is to outlive this connection clears the old one first.
+    let keep = terms.expiry > 0 || resumed.is_some();
+    let link = match (keep, left_behind) {
+        (false, None) => Ok(None),
+        (true, Some(generation)) if resumed.is_none() => {
+            match ctx.fabric.forget(&connect.client_id, generation).await {
+                Ok(()) => ctx.fabric.link(&connect.client_id, false).await.map(Some),
+                Err(e) => Err(e),
             }
-        },
+        }
+        (keep, _) => ctx.fabric.link(&connect.client_id, !keep).await.map(Some),
+    };
+    let link = match link {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
+            let _ = conn
+                .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
+                .await;
+            return None;
+        }
     };
     let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
-    // A parked session whose router has since been rebuilt lives on in the filters kept here;
-    // they are given to the new router below.
-    let parked = ctx
-        .sessions
-        .unpark(&connect.client_id, !connect.clean_session);
-    let (session_present, filters, lost) = match (&link, parked) {
-        (Some(l), Some(p)) if p.generation != l.generation => (true, p.filters, true),
-        (Some(l), Some(p)) if l.session_present => (true, p.filters, false),
-        (Some(l), None) => (
-            l.session_present && !connect.clean_session,
-            Vec::new(),
-            false,
-        ),
-        _ => (false, Vec::new(), false),
+    // A resumed session whose router has since been rebuilt (or lost it) lives on in the
+    // filters kept here; they are given to the new router.
+    let session_present = resumed.is_some();
+    let (filters, unacked, lost) = match (&link, resumed) {
+        (Some(l), Some(p)) => {
+            let lost = p.generation != l.generation || !l.session_present;
+            (p.filters, p.unacked, lost)
+        }
+        _ => (Vec::new(), Vec::new(), false),
     };
-    let ack = connack_success(&ctx.limits, session_present, keep_alive, connect.keep_alive);
+    let ack = connack_success(
+        &ctx.limits,
+        session_present,
+        keep_alive,
+        connect.keep_alive,
+        &terms,
+    );
     if conn.send_connack(&codec, ack).await.is_err() {
         if let Some(link) = link {
             release_link(&ctx.fabric, link, None).await;
@@ -222,8 +297,17 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         identity,
         grant: admitted.grant,
         will: admitted.will,
+        link_clean: !keep,
+        expiry: terms.expiry,
+        expiry_at_connect: terms.expiry,
+        receive_max: terms.receive_max,
+        max_packet_to_device: terms.max_packet,
+        redeliver: unacked,
+        waiting: std::collections::VecDeque::new(),
+        in_flight: 0,
+        own_unacked: Vec::new(),
+        next_own_pkid: super::FIRST_OWN_PKID,
         link,
-        clean_session: connect.clean_session,
         // A resumed session's subscriptions come back from the router; track them so a later
         // change of grant can prune them too.
         filters,
@@ -387,9 +471,10 @@ fn connack_success(
     session_present: bool,
     keep_alive: u16,
     requested_keep_alive: u16,
+    terms: &Terms,
 ) -> Packet {
     let props = ConnAckProperties {
-        session_expiry_interval: None,
+        session_expiry_interval: terms.expiry_capped.then_some(terms.expiry),
         receive_max: Some(limits.max_inflight),
         max_qos: Some(1),
         retain_available: Some(1),

@@ -30,7 +30,7 @@ use tracing::warn;
 use crate::auth::{Authority, Grant};
 use crate::edge::broker::{Fabric, RouterLink};
 use crate::edge::codec::Codec;
-use crate::edge::table::SessionTable;
+use crate::edge::table::{SessionTable, Subscription};
 use crate::identity::pki::Identity;
 use crate::metrics::Stats;
 use crate::pipeline::{Ingest, Message};
@@ -41,6 +41,7 @@ mod close;
 mod connect;
 mod serve;
 
+pub use close::expire_sessions;
 pub(super) use connect::run;
 
 /// Initial read buffer per connection: a burst of small publishes in one read.
@@ -48,6 +49,9 @@ const READ_BUFFER: usize = 4096;
 /// Initial write buffer per connection: acknowledgements are a few bytes each; it grows for
 /// deliveries to subscribers.
 const WRITE_BUFFER: usize = 1024;
+/// rumqttd numbers a link's deliveries 1 to 100 (its fixed in-flight window), so the session's
+/// own QoS 1 deliveries take ids above that.
+const FIRST_OWN_PKID: u16 = 101;
 
 /// The per-connection limits from `[listener]`.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +61,7 @@ pub struct Limits {
     pub connect_timeout: Duration,
     pub write_timeout: Duration,
     pub max_keep_alive_secs: u16,
+    pub max_session_expiry_secs: u32,
     pub topics: TopicLimits,
     pub max_filters_per_subscribe: usize,
     pub max_subscriptions: usize,
@@ -70,6 +75,7 @@ impl Limits {
             connect_timeout: l.connect_timeout(),
             write_timeout: l.write_timeout(),
             max_keep_alive_secs: l.max_keep_alive_secs,
+            max_session_expiry_secs: l.max_session_expiry_secs,
             topics: l.topic_limits(),
             max_filters_per_subscribe: l.max_filters_per_subscribe,
             max_subscriptions: l.max_subscriptions,
@@ -135,10 +141,28 @@ struct Session {
     will: Option<(LastWill, Option<LastWillProperties>)>,
     /// This device's own router link, once it needs one (see `run`).
     link: Option<RouterLink>,
-    clean_session: bool,
+    /// The link was made clean: the router forgets the session when it ends.
+    link_clean: bool,
+    /// Seconds the session outlives the connection (a DISCONNECT may change it).
+    expiry: u32,
+    expiry_at_connect: u32,
+    /// The device's Receive Maximum and Maximum Packet Size.
+    receive_max: u16,
+    max_packet_to_device: usize,
+    /// Fingerprints of deliveries sent before the device went away and not acknowledged; the
+    /// router sends them again, and they go out marked DUP.
+    redeliver: Vec<u64>,
+    /// Deliveries waiting for the device's Receive Maximum, in router order.
+    waiting: std::collections::VecDeque<Outgoing>,
+    /// QoS 1 deliveries written to the device and not yet acknowledged by it.
+    in_flight: usize,
+    /// Packet ids of the session's own QoS 1 deliveries (retained messages after a SUBSCRIBE)
+    /// that the device has not acknowledged, and the next one to use.
+    own_unacked: Vec<u16>,
+    next_own_pkid: u16,
     /// Filters granted and passed to the router with their granted QoS, re-checked when the
     /// grant changes and given to a rebuilt router.
-    filters: Vec<(String, u8)>,
+    filters: Vec<Subscription>,
     /// The router's generation; a change means this session's link is gone and it links again.
     generations: watch::Receiver<u64>,
     /// Packets for the router from the current read, handed over in one go.
@@ -155,9 +179,31 @@ struct Session {
     read_at: (std::time::Instant, u64),
     /// The router paused deliveries to this link until it is told we caught up.
     wake_router: bool,
-    /// The router's QoS 1 deliveries not yet acknowledged to it, in order, with whether the
-    /// session lowered it to QoS 0 (then the session acknowledges it, not the device).
-    router_acks: std::collections::VecDeque<(u16, bool)>,
+    /// The router's QoS 1 deliveries not yet acknowledged to it, in order.
+    router_acks: std::collections::VecDeque<RouterAck>,
+}
+
+/// A QoS 1 delivery of the router's that waits for its PUBACK.
+#[derive(Debug, Clone, Copy)]
+struct RouterAck {
+    pkid: u16,
+    /// The session acknowledges it, not the device: it was lowered to QoS 0 (§3.8.4) or was
+    /// too large for the device (MQTT-3.1.2-25).
+    by_session: bool,
+    /// Written to the device (not waiting for its Receive Maximum).
+    sent: bool,
+    /// Of topic and payload, kept for a persistent session so a redelivery is marked DUP.
+    fingerprint: u64,
+}
+
+/// A delivery on its way to the device.
+struct Outgoing {
+    publish: rumqttd::protocol::Publish,
+    props: Option<rumqttd::protocol::PublishProperties>,
+    /// The packet id when it goes out at QoS 1: the router's, or the session's own.
+    pkid: Option<u16>,
+    /// A retained message the session sends itself after a SUBSCRIBE.
+    own: bool,
 }
 
 impl Session {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttd::protocol::{
     DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason, Publish,
-    PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -16,16 +17,18 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::auth::{DeviceState, Operation};
-use crate::edge::broker::{device_form, entering_properties, qos_and_pkid, RouterLink};
+use crate::edge::broker::{
+    device_form, entering_properties, publish_with_id, qos_and_pkid, strip_marks, RouterLink,
+};
 use crate::edge::codec::{CodecError, Frame};
-use crate::edge::table::{EndReason, SessionSlot};
+use crate::edge::table::{EndReason, SessionSlot, Subscription};
 use crate::escape::Escaped;
 use crate::pipeline::Message;
 use crate::topic::{check_filter, check_text, check_topic, TopicError};
 
 use super::acks::{detach_payloads, front_receipt, HeldAcks};
 use super::close::{protocol_error, topic_error, Close, Flow};
-use super::{Conn, Session};
+use super::{Conn, Outgoing, RouterAck, Session};
 
 /// Router deliveries gathered into one socket write at most.
 const MAX_NOTIFICATIONS_PER_WRITE: usize = 256;
@@ -36,7 +39,7 @@ impl Session {
     pub(super) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Conn<S>,
-        mut slot: SessionSlot,
+        slot: &mut SessionSlot,
         keep_alive: Duration,
     ) -> Close {
         // MQTT: a client silent for 1.5 × its keepalive is gone.
@@ -244,7 +247,7 @@ impl Session {
             return Flow::Continue;
         }
         self.link = None;
-        match self.ctx.fabric.link(&self.thing, self.clean_session).await {
+        match self.ctx.fabric.link(&self.thing, self.link_clean).await {
             Ok(link) => self.link = Some(link),
             Err(e) => {
                 warn!(thing = %self.thing, error = %e, "cannot link to the rebuilt router");
@@ -263,12 +266,12 @@ impl Session {
         let filters = self
             .filters
             .iter()
-            .map(|(path, qos)| Filter {
-                path: path.clone(),
-                qos: rumqttd::protocol::qos(*qos).unwrap_or(QoS::AtMostOnce),
+            .map(|s| Filter {
+                path: s.filter.clone(),
+                qos: rumqttd::protocol::qos(s.qos).unwrap_or(QoS::AtMostOnce),
                 nolocal: false,
                 preserve_retain: false,
-                retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+                retain_forward_rule: rumqttd::protocol::RetainForwardRule::Never,
             })
             .collect();
         let packet = Packet::Subscribe(Subscribe { pkid: 1, filters }, None);
@@ -335,6 +338,7 @@ impl Session {
         }
         // Marked for the router before it is retained, so a retained copy is delivered at the
         // QoS it was published with too.
+        let from = self.ctx.fabric.no_local_used().then_some(&*self.thing);
         let props = entering_properties(
             props,
             if qos == 0 {
@@ -342,6 +346,7 @@ impl Session {
             } else {
                 QoS::AtLeastOnce
             },
+            from,
         );
         let refusal = match checked {
             Err(e) => Some((e.reason(), PubAckReason::TopicNameInvalid, e.to_string())),
@@ -395,16 +400,26 @@ impl Session {
     fn handle_packet(&mut self, frame: Frame, wbuf: &mut BytesMut) -> Flow {
         match frame.packet {
             Packet::Publish(publish, props) => self.publish(publish, props, frame.qos, frame.pkid),
+            Packet::PubAck(ack, _) if ack.pkid >= super::FIRST_OWN_PKID => {
+                if let Some(i) = self.own_unacked.iter().position(|&p| p == ack.pkid) {
+                    self.own_unacked.swap_remove(i);
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                }
+                self.send_waiting(wbuf);
+                Flow::Continue
+            }
             Packet::PubAck(ack, _) => {
-                if self
+                let delivered = self
                     .router_acks
-                    .front()
-                    .is_some_and(|&(pkid, lowered)| !lowered && pkid == ack.pkid)
-                {
-                    self.router_acks.pop_front();
+                    .iter()
+                    .position(|a| !a.by_session && a.sent && a.pkid == ack.pkid);
+                if let Some(i) = delivered {
+                    self.router_acks.remove(i);
+                    self.in_flight = self.in_flight.saturating_sub(1);
                 }
                 self.to_router.push(Packet::PubAck(ack, None));
                 self.ack_router_ahead();
+                self.send_waiting(wbuf);
                 Flow::Continue
             }
             Packet::Subscribe(subscribe, props) => {
@@ -424,7 +439,7 @@ impl Session {
                     }
                 }
                 self.filters
-                    .retain(|(f, _)| !unsubscribe.filters.contains(f));
+                    .retain(|s| !unsubscribe.filters.contains(&s.filter));
                 let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
                 let pkid = unsubscribe.pkid;
                 self.to_router.push(Packet::Unsubscribe(unsubscribe, None));
@@ -435,9 +450,22 @@ impl Session {
                 self.write(Packet::PingResp(PingResp), wbuf);
                 Flow::Continue
             }
-            Packet::Disconnect(d, _) => Flow::Close(Close::ByClient {
-                with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
-            }),
+            Packet::Disconnect(d, props) => {
+                if let Some(expiry) = props.and_then(|p| p.session_expiry_interval) {
+                    // MQTT-3.14.2-2: a session that was to end with its connection cannot be
+                    // given a life at DISCONNECT.
+                    if self.expiry_at_connect == 0 && expiry != 0 {
+                        return protocol_error(
+                            DisconnectReasonCode::ProtocolError,
+                            "DISCONNECT gives a Session Expiry Interval to a session that had none",
+                        );
+                    }
+                    self.expiry = expiry.min(self.ctx.limits.max_session_expiry_secs);
+                }
+                Flow::Close(Close::ByClient {
+                    with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                })
+            }
             Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => protocol_error(
                 DisconnectReasonCode::QoSNotSupported,
                 "QoS 2 flow is not supported",
@@ -452,6 +480,7 @@ impl Session {
     fn subscribe(&mut self, mut subscribe: Subscribe, wbuf: &mut BytesMut) -> Flow {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
+        let mut replays = Vec::new();
         let limits = self.ctx.limits;
         for (i, mut filter) in subscribe.filters.drain(..).enumerate() {
             let checked = check_filter(&filter.path, limits.topics);
@@ -460,7 +489,7 @@ impl Session {
                     return topic_error(e, DisconnectReasonCode::ProtocolError, "filter");
                 }
             }
-            let known = self.filters.iter().any(|(f, _)| *f == filter.path);
+            let known = self.filters.iter().any(|s| s.filter == filter.path);
             let refusal = match checked {
                 Err(TopicError::Shared) => Some((
                     "shared_subscription",
@@ -495,9 +524,28 @@ impl Session {
                 filter.qos = QoS::AtLeastOnce;
             }
             codes.push(SubscribeReasonCode::Success(filter.qos));
-            match self.filters.iter_mut().find(|(f, _)| *f == filter.path) {
-                Some(known) => known.1 = filter.qos as u8,
-                None => self.filters.push((filter.path.clone(), filter.qos as u8)),
+            let sub = Subscription {
+                filter: filter.path.clone(),
+                qos: filter.qos as u8,
+                no_local: filter.nolocal,
+                retain_as_published: filter.preserve_retain,
+            };
+            if sub.no_local {
+                self.ctx.fabric.use_no_local();
+            }
+            // §3.8.3.1 Retain Handling: 0 sends the retained messages at every SUBSCRIBE, 1
+            // only for a subscription that did not exist, 2 never.
+            let replay = match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => !known,
+                RetainForwardRule::Never => false,
+            };
+            if replay {
+                replays.push((sub.filter.clone(), sub.qos));
+            }
+            match self.filters.iter_mut().find(|s| s.filter == filter.path) {
+                Some(known) => *known = sub,
+                None => self.filters.push(sub),
             }
             granted.push(filter);
         }
@@ -521,7 +569,58 @@ impl Session {
             ),
             wbuf,
         );
+        for (filter, granted_qos) in replays {
+            for (publish, props) in self.ctx.fabric.retained_for(&filter) {
+                self.queue_retained(publish, props, granted_qos);
+            }
+        }
+        self.send_waiting(wbuf);
         Flow::Continue
+    }
+
+    /// Queues a retained message for the device (RETAIN 1, MQTT-3.3.1-8) at the lower of its
+    /// QoS and the subscription's, under a packet id of the session's own.
+    fn queue_retained(
+        &mut self,
+        publish: Publish,
+        mut props: Option<PublishProperties>,
+        granted_qos: u8,
+    ) {
+        let marks = strip_marks(&mut props, &self.thing);
+        let (qos, _) = qos_and_pkid(&publish);
+        let at_qos1 = qos == QoS::AtLeastOnce && !marks.qos0 && granted_qos > 0;
+        let pkid = at_qos1.then(|| self.own_pkid());
+        let publish = publish_with_id(
+            &publish.topic,
+            &publish.payload,
+            if at_qos1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            },
+            pkid.unwrap_or(0),
+            true,
+        );
+        self.waiting.push_back(Outgoing {
+            publish,
+            props,
+            pkid,
+            own: true,
+        });
+    }
+
+    /// A packet id for the session's own delivery, not in use by another.
+    fn own_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_own_pkid;
+            self.next_own_pkid = match pkid {
+                u16::MAX => super::FIRST_OWN_PKID,
+                n => n + 1,
+            };
+            if !self.own_unacked.contains(&pkid) {
+                return pkid;
+            }
+        }
     }
 
     async fn drain_ready_notifications(&mut self, wbuf: &mut BytesMut) -> Flow {
@@ -548,19 +647,43 @@ impl Session {
         match notification {
             Notification::Forward(mut forward) => {
                 self.ctx.stats.messages_out.fetch_add(1, Relaxed);
-                let at_qos0 = device_form(&mut forward.publish, &mut forward.properties);
+                let marks = device_form(&mut forward.publish, &mut forward.properties, &self.thing);
                 let (qos, pkid) = qos_and_pkid(&forward.publish);
+                let topic = std::str::from_utf8(&forward.publish.topic).unwrap_or("");
+                // §3.8.3.1: No Local keeps a device's own messages from its subscription, and
+                // Retain As Published gives back the RETAIN flag the router cleared.
+                let skipped = marks.from_me && self.all_matching(topic, |s| s.no_local);
+                if marks.retained && !self.all_matching(topic, |s| !s.retain_as_published) {
+                    forward.publish.retain = true;
+                }
+                let at_qos0 = marks.qos0 || skipped;
+                let mut to_device = None;
                 if qos != QoS::AtMostOnce {
                     // The router waits for this PUBACK, in order: a delivery lowered to QoS 0
                     // is acknowledged by the session once the ones before it are.
-                    self.router_acks.push_back((pkid, at_qos0));
+                    self.router_acks.push_back(RouterAck {
+                        pkid,
+                        by_session: at_qos0,
+                        sent: false,
+                        fingerprint: 0,
+                    });
                     if at_qos0 {
                         let p = &forward.publish;
                         forward.publish =
                             Publish::new(p.topic.clone(), p.payload.clone(), p.retain);
+                    } else {
+                        to_device = Some(pkid);
                     }
                 }
-                self.write(Packet::Publish(forward.publish, forward.properties), wbuf);
+                if !skipped {
+                    self.waiting.push_back(Outgoing {
+                        publish: forward.publish,
+                        props: forward.properties,
+                        pkid: to_device,
+                        own: false,
+                    });
+                }
+                self.send_waiting(wbuf);
                 self.ack_router_ahead();
                 Flow::Continue
             }
@@ -595,13 +718,17 @@ impl Session {
         self.grant = grant;
         let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.filters)
             .into_iter()
-            .partition(|(f, _)| self.grant.permissions.allows(Operation::Subscribe, f));
+            .partition(|s| {
+                self.grant
+                    .permissions
+                    .allows(Operation::Subscribe, &s.filter)
+            });
         self.filters = kept;
         if dropped.is_empty() {
             return Flow::Continue;
         }
         let mut filters = Vec::with_capacity(dropped.len());
-        for (filter, _) in dropped {
+        for Subscription { filter, .. } in dropped {
             info!(thing = %self.identity.thing, filter = %Escaped(&filter), "subscription no longer allowed; removed");
             filters.push(filter);
         }
@@ -617,9 +744,88 @@ impl Session {
         }
     }
 
-    /// Acknowledges to the router the lowered deliveries at the front of its queue.
+    /// Writes the waiting deliveries the device's Receive Maximum leaves room for, in order
+    /// (MQTT-3.3.4-9: a QoS 0 delivery behind a held QoS 1 one waits too, so the order holds).
+    fn send_waiting(&mut self, wbuf: &mut BytesMut) {
+        while let Some(next) = self.waiting.front() {
+            if next.pkid.is_some() && self.in_flight >= usize::from(self.receive_max) {
+                break;
+            }
+            let Some(out) = self.waiting.pop_front() else {
+                break;
+            };
+            self.deliver(out, wbuf);
+        }
+    }
+
+    /// Writes one delivery, unless it is larger than the device takes (MQTT-3.1.2-25: then it
+    /// is dropped, counted, and settled as if sent); a redelivery goes out with DUP set.
+    fn deliver(&mut self, out: Outgoing, wbuf: &mut BytesMut) {
+        let fingerprint = match (out.pkid, self.expiry > 0 || !self.redeliver.is_empty()) {
+            (Some(_), true) if !out.own => delivery_fingerprint(&out.publish),
+            _ => 0,
+        };
+        let start = wbuf.len();
+        self.write(Packet::Publish(out.publish, out.props), wbuf);
+        let too_large = wbuf.len() - start > self.max_packet_to_device;
+        if too_large {
+            wbuf.truncate(start);
+            self.ctx.stats.deliveries_too_large.fetch_add(1, Relaxed);
+        }
+        let Some(pkid) = out.pkid else {
+            return;
+        };
+        if out.own {
+            if !too_large {
+                self.own_unacked.push(pkid);
+                self.in_flight += 1;
+            }
+            return;
+        }
+        if let Some(a) = self.router_acks.iter_mut().rev().find(|a| a.pkid == pkid) {
+            a.by_session = too_large;
+            a.sent = !too_large;
+            a.fingerprint = fingerprint;
+        }
+        if too_large {
+            self.ack_router_ahead();
+            return;
+        }
+        self.in_flight += 1;
+        if let Some(i) = self.redeliver.iter().position(|&f| f == fingerprint) {
+            self.redeliver.swap_remove(i);
+            if let Some(header) = wbuf.get_mut(start) {
+                *header |= DUP;
+            }
+        }
+    }
+
+    /// Whether every subscription of this session that matches `topic` has `property`.
+    fn all_matching(&self, topic: &str, property: impl Fn(&Subscription) -> bool) -> bool {
+        self.filters
+            .iter()
+            .filter(|s| crate::topic::matches(topic, &s.filter))
+            .all(property)
+    }
+
+    /// Fingerprints of the deliveries the device has not acknowledged.
+    pub(super) fn unacked(&self) -> Vec<u64> {
+        self.router_acks
+            .iter()
+            .filter(|a| a.sent && !a.by_session)
+            .map(|a| a.fingerprint)
+            .collect()
+    }
+
+    /// Acknowledges to the router the deliveries the session settles itself at the front of its
+    /// queue.
     fn ack_router_ahead(&mut self) {
-        while let Some(&(pkid, true)) = self.router_acks.front() {
+        while let Some(&RouterAck {
+            pkid,
+            by_session: true,
+            ..
+        }) = self.router_acks.front()
+        {
             self.router_acks.pop_front();
             self.to_router.push(Packet::PubAck(
                 PubAck {
@@ -640,6 +846,18 @@ impl Session {
             debug!(thing = %self.identity.thing, %resource, "{what} refused: {why}");
         }
     }
+}
+
+/// The DUP flag of a PUBLISH's fixed header (§3.3.1.1).
+const DUP: u8 = 0x08;
+
+/// Identifies a delivery across a reconnect (the router's packet ids do not survive it).
+fn delivery_fingerprint(p: &Publish) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.topic.hash(&mut h);
+    p.payload.hash(&mut h);
+    h.finish()
 }
 
 /// The next notification on `link`; never resolves without one (the caller guards on it).
