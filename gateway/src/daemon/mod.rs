@@ -204,6 +204,8 @@ pub struct Gateway {
     spool: Arc<Spool>,
     live: Arc<Live>,
     db: sled::Db,
+    /// The device edge, for keeping persistent sessions at the stop.
+    edge: Arc<EdgeContext>,
 }
 
 /// Builds every configured sink and starts its drain.
@@ -299,12 +301,6 @@ impl Gateway {
         let sinks = Arc::new(tokio::sync::Mutex::new(sink_set));
         let mut background = vec![
             tokio::spawn(Arc::clone(&fabric).watchdog(stopped.clone())),
-            tokio::spawn(crate::edge::expire_sessions(
-                Arc::clone(&sessions),
-                Arc::clone(&fabric),
-                Arc::clone(&stats),
-                stopped.clone(),
-            )),
             tokio::spawn(expire_periodically(Arc::clone(&spool), stopped.clone())),
             tokio::spawn(crate::ops::prometheus::upkeep(stopped.clone())),
         ];
@@ -340,7 +336,14 @@ impl Gateway {
             stats: Arc::clone(&stats),
             limits: Limits::of(l),
             ingest: Some(started.ingest),
+            store: Some(Arc::downgrade(&spool)),
         });
+        crate::edge::restore_sessions(&ctx).await;
+        background.push(tokio::spawn(crate::edge::expire_sessions(
+            Arc::clone(&ctx),
+            stopped.clone(),
+        )));
+        let edge = Arc::clone(&ctx);
         let local_addr = listeners.mqtts.local_addr().ok();
         let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
         let admin_service = Arc::new(AdminService {
@@ -384,6 +387,7 @@ impl Gateway {
             spool,
             live,
             db,
+            edge,
         })
     }
 
@@ -453,6 +457,9 @@ impl Gateway {
         self.sessions
             .end_all(EndReason::Shutdown, SHUTDOWN_GRACE)
             .await;
+        crate::edge::save_sessions(&self.edge).await;
+        // The edge holds the pipeline's intake, which must close for the committer to end.
+        drop(self.edge);
         for task in self.background {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
         }

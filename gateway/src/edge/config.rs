@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_KEEP_ALIVE_SECS: u16 = 1_200;
 /// Longest a persistent session outlives its connection, in seconds (IoT Core's default
 /// persistent-session expiry); MQTT 3.1.1 sessions that are not clean get this.
 pub const DEFAULT_MAX_SESSION_EXPIRY_SECS: u32 = 3_600;
+/// Queued messages kept for one persistent session across a restart.
+pub const DEFAULT_MAX_SESSION_MESSAGES: usize = 1_000;
+/// Queued messages kept for all persistent sessions across a restart.
+pub const DEFAULT_MAX_SAVED_MESSAGES: usize = 100_000;
 /// A write to a device that does not complete in this many milliseconds closes the connection.
 pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Connections still in their TLS handshake or before CONNECT, site-wide: they have not shown
@@ -82,6 +86,13 @@ pub struct ListenerConfig {
     /// connection.
     #[serde(default = "default_max_session_expiry_secs")]
     pub max_session_expiry_secs: u32,
+    /// Most queued QoS 1 messages kept for one persistent session across a restart; the
+    /// rest are dropped and counted (`sitegate_session_messages_dropped_total`).
+    #[serde(default = "default_max_session_messages")]
+    pub max_session_messages: usize,
+    /// Most queued messages kept for all persistent sessions together across a restart.
+    #[serde(default = "default_max_saved_messages")]
+    pub max_saved_messages: usize,
     /// Milliseconds a write to a device may take before the connection is closed.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
@@ -141,6 +152,12 @@ fn default_max_keep_alive_secs() -> u16 {
 fn default_max_session_expiry_secs() -> u32 {
     DEFAULT_MAX_SESSION_EXPIRY_SECS
 }
+fn default_max_session_messages() -> usize {
+    DEFAULT_MAX_SESSION_MESSAGES
+}
+fn default_max_saved_messages() -> usize {
+    DEFAULT_MAX_SAVED_MESSAGES
+}
 fn default_write_timeout_ms() -> u64 {
     DEFAULT_WRITE_TIMEOUT_MS
 }
@@ -190,6 +207,8 @@ impl ListenerConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             max_keep_alive_secs: DEFAULT_MAX_KEEP_ALIVE_SECS,
             max_session_expiry_secs: DEFAULT_MAX_SESSION_EXPIRY_SECS,
+            max_session_messages: DEFAULT_MAX_SESSION_MESSAGES,
+            max_saved_messages: DEFAULT_MAX_SAVED_MESSAGES,
             write_timeout_ms: DEFAULT_WRITE_TIMEOUT_MS,
             max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
             max_pending_per_address: DEFAULT_MAX_PENDING_PER_ADDRESS,

@@ -175,6 +175,7 @@ impl Harness {
                 ..Limits::of(&l)
             },
             ingest: None,
+            store: None,
         });
         Ok(Harness { ctx, _dir: dir })
     }

@@ -28,5 +28,7 @@ mod table;
 pub use broker::{Fabric, FabricLimits, Republisher};
 pub use config::*;
 pub use listener::{serve, Budget};
-pub use session::{expire_sessions, EdgeContext, Limits};
+pub use session::{
+    expire_sessions, restore_sessions, save_sessions, EdgeContext, Limits, Restored,
+};
 pub use table::{EndReason, Parked, SessionSlot, SessionTable, Subscription};

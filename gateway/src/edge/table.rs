@@ -23,6 +23,9 @@ pub struct Parked {
     /// Fingerprints of the QoS 1 deliveries the device had not acknowledged: the router sends
     /// them again on resumption, and the session marks those DUP (MQTT-3.3.1-1).
     pub unacked: Vec<u64>,
+    /// Messages kept across a restart, delivered first when the device resumes: MQTT 5
+    /// PUBLISH packets.
+    pub stored: Vec<bytes::Bytes>,
 }
 
 /// One subscription of a session: the filter, the QoS granted, and the MQTT 5 options the
@@ -193,6 +196,12 @@ impl SessionTable {
             parked.remove(id);
         }
         expired
+    }
+
+    /// A copy of every parked session.
+    pub fn parked_sessions(&self) -> Vec<(String, Parked)> {
+        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Persistent sessions whose device is away.

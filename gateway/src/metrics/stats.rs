@@ -98,6 +98,14 @@ counters! {
     deliveries_too_large,
     /// Persistent sessions that expired while their device was away.
     sessions_expired,
+    /// Persistent sessions written to the store (at connect, when the device left, at a stop).
+    sessions_saved,
+    /// Persistent sessions brought back from the store at start.
+    sessions_restored,
+    /// Queued messages written with their session at a stop.
+    session_messages_saved,
+    /// Queued messages not kept at a stop: over `max_session_messages` or `max_saved_messages`.
+    session_messages_dropped,
     /// Connections closed for a malformed or oversize packet or a protocol error.
     protocol_errors,
     /// Connections closed because the device went silent past its keepalive.

@@ -62,6 +62,10 @@ async fn refresh(sources: &Sources) {
     counter!("sitegate_messages_out_total").absolute(s.messages_out);
     counter!("sitegate_deliveries_too_large_total").absolute(s.deliveries_too_large);
     counter!("sitegate_sessions_expired_total").absolute(s.sessions_expired);
+    counter!("sitegate_sessions_saved_total").absolute(s.sessions_saved);
+    counter!("sitegate_sessions_restored_total").absolute(s.sessions_restored);
+    counter!("sitegate_session_messages_saved_total").absolute(s.session_messages_saved);
+    counter!("sitegate_session_messages_dropped_total").absolute(s.session_messages_dropped);
     counter!("sitegate_router_rebuilds_total").absolute(s.router_rebuilds);
     for (reason, n) in s.denials() {
         counter!("sitegate_denied_total", "reason" => reason).absolute(n);

@@ -791,3 +791,111 @@ async fn s3_8_3_1_subscription_options_are_honoured() {
     );
     site.stop().await;
 }
+
+/// The MQTT 5 issue's item 2, on §3.1.2.11.2 (the server keeps the session state for the
+/// Session Expiry Interval) and §4.1 (the session state includes subscriptions and QoS 1
+/// messages queued for the client): a session that has not expired survives a restart of the
+/// gateway, its subscriptions and the QoS 1 messages queued before the stop and after the
+/// start both delivered when its device rejoins; its expiry counts the time the gateway was
+/// down (a session of 2 s is gone after a 3 s stop); nothing of the queued payloads or of the
+/// subscriptions is in the data directory in the clear.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_1_2_11_persistent_sessions_survive_a_restart() {
+    let mut site = Site::start_with(open_site).await;
+    let (a, b, c) = (
+        site.device("dev-a").await,
+        site.device("dev-b").await,
+        site.device("dev-c").await,
+    );
+    let mut publisher = RawClient::connect(&site, &a, true).await;
+    let (mut sub, _) = join(&site, &b, true, 0x02, 3600, &[]).await;
+    subscribed(
+        &mut sub,
+        &mut publisher,
+        b"cmd/dev-b/secret-filter/#",
+        b"cmd/dev-b/secret-filter/warm",
+        true,
+    )
+    .await;
+    leave(sub, true, &[]).await;
+    let (mut short, _) = join(&site, &c, true, 0x02, 2, &[]).await;
+    subscribed(
+        &mut short,
+        &mut publisher,
+        b"cmd/dev-c/#",
+        b"cmd/dev-c/warm",
+        true,
+    )
+    .await;
+    leave(short, true, &[]).await;
+    publish_qos1(
+        &mut publisher,
+        b"cmd/dev-b/secret-filter/1",
+        b"queued before the stop",
+    )
+    .await;
+    drop(publisher);
+
+    site.halt().await;
+    for needle in [&b"queued before the stop"[..], b"secret-filter"] {
+        let hits = super::common::files_containing(&site.config.data_dir, needle);
+        assert!(
+            hits.is_empty(),
+            "{:?} in the clear in {hits:?}",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The gateway started now keeps one message per session at its own stop.
+    site.restart(|c| c.listener.max_session_messages = 1).await;
+    let s = site.snapshot();
+    assert_eq!((s.sessions_restored, s.sessions_expired), (1, 1), "{s:?}");
+
+    let mut publisher = RawClient::connect(&site, &a, true).await;
+    publish_qos1(
+        &mut publisher,
+        b"cmd/dev-b/secret-filter/2",
+        b"queued after the start",
+    )
+    .await;
+    let (mut sub, present) = join(&site, &b, true, 0x00, 3600, &[]).await;
+    assert!(present, "the session came back with the gateway");
+    let got = deliveries(&mut sub).await;
+    let got: Vec<(&str, u8)> = got.iter().map(|g| (&g.0[..], g.2)).collect();
+    assert_eq!(
+        got,
+        [("queued before the stop", 1), ("queued after the start", 1)]
+    );
+    leave(sub, true, &[]).await;
+    let (sub, present) = join(&site, &c, true, 0x00, 3600, &[]).await;
+    assert!(
+        !present,
+        "the 2 s session expired while the gateway was down"
+    );
+    leave(sub, true, &[]).await;
+
+    // `listener.max_session_messages`: of two queued messages one is kept, the oldest.
+    let mut publisher = RawClient::connect(&site, &a, true).await;
+    publish_qos1(&mut publisher, b"cmd/dev-b/secret-filter/3", b"kept").await;
+    publish_qos1(
+        &mut publisher,
+        b"cmd/dev-b/secret-filter/4",
+        b"over the limit",
+    )
+    .await;
+    drop(publisher);
+    let stopped = std::sync::Arc::clone(&site.stats);
+    site.restart(|_| {}).await;
+    let s = stopped.snapshot();
+    assert_eq!(
+        (s.session_messages_saved, s.session_messages_dropped),
+        (1, 1),
+        "{s:?}"
+    );
+    let (mut sub, present) = join(&site, &b, true, 0x00, 3600, &[]).await;
+    assert!(present);
+    let got = deliveries(&mut sub).await;
+    let got: Vec<&str> = got.iter().map(|g| &g.0[..]).collect();
+    assert_eq!(got, ["kept"]);
+    site.stop().await;
+}

@@ -12,11 +12,12 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Operation;
 use crate::edge::broker::{entering_properties, publish_packet, Fabric, RouterLink};
-use crate::edge::table::{EndReason, Parked, SessionTable};
+use crate::edge::table::{EndReason, Parked};
 use crate::escape::Escaped;
 use crate::topic::TopicError;
 
-use super::{Conn, Session};
+use super::saved::{self, SavedSession};
+use super::{Conn, EdgeContext, Session};
 
 /// Why a session ended; decides the DISCONNECT sent and whether the will is published.
 pub(super) enum Close {
@@ -120,6 +121,13 @@ impl Session {
         let keep = self.expiry > 0 && !self.link_clean && !revoked;
         if keep {
             let unacked = self.unacked();
+            let saved = SavedSession {
+                filters: self.filters.clone(),
+                expiry_secs: self.expiry,
+                left_at_ms: Some(crate::clock::now_ms()),
+                unacked: unacked.clone(),
+                messages: Vec::new(),
+            };
             self.ctx.sessions.park(
                 &thing,
                 Parked {
@@ -127,8 +135,12 @@ impl Session {
                     generation,
                     expires_at: Instant::now() + Duration::from_secs(u64::from(self.expiry)),
                     unacked,
+                    stored: Vec::new(),
                 },
             );
+            saved::put(&self.ctx, &thing, &saved).await;
+        } else if self.expiry_at_connect > 0 || !self.link_clean {
+            saved::remove(&self.ctx, &thing);
         }
         let will = will.and_then(|(w, _)| {
             let from = self.ctx.fabric.no_local_used().then_some(&*self.thing);
@@ -165,23 +177,19 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
 /// Ends parked persistent sessions once their Session Expiry Interval has passed, so the router
 /// frees their subscriptions and the messages queued for them; runs until `stop`.
-pub async fn expire_sessions(
-    sessions: Arc<SessionTable>,
-    fabric: Arc<Fabric>,
-    stats: Arc<crate::metrics::Stats>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn expire_sessions(ctx: Arc<EdgeContext>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(EXPIRY_SWEEP) => {}
         }
-        for (client_id, generation) in sessions.take_expired(Instant::now()) {
+        for (client_id, generation) in ctx.sessions.take_expired(Instant::now()) {
             // A device that came back meanwhile holds the client id; its CONNECT took the
             // parked session already, so only sessions still away are here.
-            stats.sessions_expired.fetch_add(1, Relaxed);
+            ctx.stats.sessions_expired.fetch_add(1, Relaxed);
             debug!(thing = %Escaped(&client_id), "persistent session expired");
-            if let Err(e) = fabric.forget(&client_id, generation).await {
+            saved::remove(&ctx, &client_id);
+            if let Err(e) = ctx.fabric.forget(&client_id, generation).await {
                 warn!(thing = %Escaped(&client_id), error = %e, "cannot end an expired session in the router");
             }
         }

@@ -24,6 +24,7 @@ use crate::identity::valid_thing_name;
 use crate::topic::check_topic;
 
 use super::close::{release_link, Flow};
+use super::saved::{self, SavedSession};
 use super::{Conn, EdgeContext, Limits, Session, READ_BUFFER, WRITE_BUFFER};
 
 /// How long a new connection waits for an old one with the same client id to close.
@@ -254,13 +255,26 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     // A resumed session whose router has since been rebuilt (or lost it) lives on in the
     // filters kept here; they are given to the new router.
     let session_present = resumed.is_some();
-    let (filters, unacked, lost) = match (&link, resumed) {
+    let (filters, unacked, stored, lost) = match (&link, resumed) {
         (Some(l), Some(p)) => {
             let lost = p.generation != l.generation || !l.session_present;
-            (p.filters, p.unacked, lost)
+            (p.filters, p.unacked, p.stored, lost)
         }
-        _ => (Vec::new(), Vec::new(), false),
+        _ => (Vec::new(), Vec::new(), Vec::new(), false),
     };
+    // What the store keeps follows: the session as it is now, or nothing.
+    if keep {
+        let saved = SavedSession {
+            filters: filters.clone(),
+            expiry_secs: terms.expiry,
+            left_at_ms: None,
+            unacked: Vec::new(),
+            messages: stored.clone(),
+        };
+        saved::put(ctx, &connect.client_id, &saved).await;
+    } else if left_behind.is_some() {
+        saved::remove(ctx, &connect.client_id);
+    }
     let ack = connack_success(
         &ctx.limits,
         session_present,
@@ -288,7 +302,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     }
     ctx.stats.connections_accepted.fetch_add(1, Relaxed);
     ctx.stats.connections_open.fetch_add(1, Relaxed);
-    let session = Session {
+    let mut session = Session {
         epoch,
         ctx: Arc::clone(ctx),
         codec,
@@ -321,6 +335,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         wake_router: false,
         router_acks: std::collections::VecDeque::new(),
     };
+    session.queue_stored(stored);
     Some(Opened {
         session,
         slot,

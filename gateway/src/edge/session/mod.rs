@@ -13,7 +13,8 @@
 //!   every packet's checks.
 //! - `acks`: PUBACKs held until the spool has made their messages durable.
 //! - `close`: why a session ends, the DISCONNECT it sends, the will, parking a persistent
-//!   session.
+//!   session, and ending it when it expires.
+//! - `saved`: persistent sessions kept across a restart (format, when written, restored).
 //!
 //! This file holds what all phases share: the limits, the context, the socket and the
 //! session's state.
@@ -39,10 +40,12 @@ use crate::topic::TopicLimits;
 mod acks;
 mod close;
 mod connect;
+mod saved;
 mod serve;
 
 pub use close::expire_sessions;
 pub(super) use connect::run;
+pub use saved::{restore_sessions, save_sessions, Restored};
 
 /// Initial read buffer per connection: a burst of small publishes in one read.
 const READ_BUFFER: usize = 4096;
@@ -62,6 +65,8 @@ pub struct Limits {
     pub write_timeout: Duration,
     pub max_keep_alive_secs: u16,
     pub max_session_expiry_secs: u32,
+    pub max_session_messages: usize,
+    pub max_saved_messages: usize,
     pub topics: TopicLimits,
     pub max_filters_per_subscribe: usize,
     pub max_subscriptions: usize,
@@ -76,6 +81,8 @@ impl Limits {
             write_timeout: l.write_timeout(),
             max_keep_alive_secs: l.max_keep_alive_secs,
             max_session_expiry_secs: l.max_session_expiry_secs,
+            max_session_messages: l.max_session_messages,
+            max_saved_messages: l.max_saved_messages,
             topics: l.topic_limits(),
             max_filters_per_subscribe: l.max_filters_per_subscribe,
             max_subscriptions: l.max_subscriptions,
@@ -92,6 +99,9 @@ pub struct EdgeContext {
     pub limits: Limits,
     /// Where allowed publishes go to be routed and spooled; `None` when nothing is routed.
     pub ingest: Option<Ingest>,
+    /// Where persistent sessions are kept across a restart; `None` keeps them in memory only.
+    /// Weak, so a connection still closing after a stop does not hold the store open.
+    pub store: Option<std::sync::Weak<crate::spool::Spool>>,
 }
 
 /// The socket and its buffers.

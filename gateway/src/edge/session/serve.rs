@@ -48,6 +48,11 @@ impl Session {
         let mut epoch_open = true;
         // Bytes left over after CONNECT belong to the first packets.
         let mut pending_input = !conn.rbuf.is_empty();
+        // Messages kept for a resumed session go out first.
+        self.send_waiting(&mut conn.wbuf);
+        if let Err(e) = conn.flush().await {
+            return Close::Network(e);
+        }
         loop {
             if pending_input {
                 pending_input = false;
@@ -609,6 +614,40 @@ impl Session {
         });
     }
 
+    /// Queues the messages a restart kept for this session, before anything the router sends.
+    pub(super) fn queue_stored(&mut self, stored: Vec<bytes::Bytes>) {
+        let codec = crate::edge::codec::Codec::new(crate::edge::codec::Version::V5, usize::MAX);
+        for packet in stored {
+            let mut buf = BytesMut::from(&packet[..]);
+            let Ok(Some(frame)) = codec.read(&mut buf) else {
+                warn!(thing = %self.thing, "a kept message does not parse; left out");
+                continue;
+            };
+            let Packet::Publish(publish, props) = frame.packet else {
+                continue;
+            };
+            let at_qos1 = frame.qos == 1;
+            let pkid = at_qos1.then(|| self.own_pkid());
+            let publish = publish_with_id(
+                &publish.topic,
+                &publish.payload,
+                if at_qos1 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                },
+                pkid.unwrap_or(0),
+                false,
+            );
+            self.waiting.push_back(Outgoing {
+                publish,
+                props,
+                pkid,
+                own: true,
+            });
+        }
+    }
+
     /// A packet id for the session's own delivery, not in use by another.
     fn own_pkid(&mut self) -> u16 {
         loop {
@@ -762,7 +801,7 @@ impl Session {
     /// is dropped, counted, and settled as if sent); a redelivery goes out with DUP set.
     fn deliver(&mut self, out: Outgoing, wbuf: &mut BytesMut) {
         let fingerprint = match (out.pkid, self.expiry > 0 || !self.redeliver.is_empty()) {
-            (Some(_), true) if !out.own => delivery_fingerprint(&out.publish),
+            (Some(_), true) => delivery_fingerprint(&out.publish),
             _ => 0,
         };
         let start = wbuf.len();
@@ -779,6 +818,7 @@ impl Session {
             if !too_large {
                 self.own_unacked.push(pkid);
                 self.in_flight += 1;
+                self.mark_redelivery(fingerprint, start, wbuf);
             }
             return;
         }
@@ -792,6 +832,11 @@ impl Session {
             return;
         }
         self.in_flight += 1;
+        self.mark_redelivery(fingerprint, start, wbuf);
+    }
+
+    /// Sets DUP on the PUBLISH written at `start` when it was sent before the device left.
+    fn mark_redelivery(&mut self, fingerprint: u64, start: usize, wbuf: &mut BytesMut) {
         if let Some(i) = self.redeliver.iter().position(|&f| f == fingerprint) {
             self.redeliver.swap_remove(i);
             if let Some(header) = wbuf.get_mut(start) {
