@@ -15,8 +15,10 @@
 //!   their device form back by dropping the two bytes.
 //! - PUBLISH properties lose topic alias and subscription identifiers (the session refuses
 //!   both from devices; the router disconnects a link that sends them).
-//! - Retained messages are counted here against the site's limits, and kept here too, so a
-//!   rebuilt router gets them back.
+//! - Retained messages are counted here against the site's limits and kept only here: they
+//!   enter the router as live publishes (marked, see [`entering_properties`]), and sessions
+//!   send the matching ones after a SUBSCRIBE as its Retain Handling asks, which the router
+//!   cannot. A rebuilt router has nothing to be given back.
 //!
 //! The router is a thread that can die (a panic) and whose caches (every filter ever
 //! subscribed, every topic ever matched) are never freed. So the fabric runs it in

@@ -65,7 +65,7 @@ pub struct DeviceView {
 pub enum AdminResponse {
     Device { device: DeviceView },
     Devices { devices: Vec<DeviceView> },
-    Status { stats: StatsSnapshot },
+    Status { stats: Box<StatsSnapshot> },
     Spool { spool: SpoolStatus },
     Rules { rules: RulesReport },
     Error { message: String },
@@ -122,7 +122,7 @@ impl AdminService {
                 Ok(AdminResponse::Devices { devices })
             }
             AdminRequest::Status => Ok(AdminResponse::Status {
-                stats: self.stats.snapshot(),
+                stats: Box::new(self.stats.snapshot()),
             }),
             AdminRequest::SpoolStatus => match &self.spool {
                 Some(spool) => Ok(AdminResponse::Spool {
