@@ -196,7 +196,7 @@ pub(super) fn remove(ctx: &EdgeContext, client_id: &str) {
     }
 }
 
-fn router_subscribe(filters: &[Subscription]) -> Packet {
+pub(super) fn router_subscribe(filters: &[Subscription]) -> Packet {
     let filters = filters
         .iter()
         .map(|s| Filter {

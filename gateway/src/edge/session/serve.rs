@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::protocol::{
-    DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason, Publish,
-    PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason,
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, Publish, PublishProperties, QoS,
+    RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -268,18 +267,7 @@ impl Session {
         if self.filters.is_empty() {
             return Flow::Continue;
         }
-        let filters = self
-            .filters
-            .iter()
-            .map(|s| Filter {
-                path: s.filter.clone(),
-                qos: rumqttd::protocol::qos(s.qos).unwrap_or(QoS::AtMostOnce),
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: rumqttd::protocol::RetainForwardRule::Never,
-            })
-            .collect();
-        let packet = Packet::Subscribe(Subscribe { pkid: 1, filters }, None);
+        let packet = super::saved::router_subscribe(&self.filters);
         let fabric = Arc::clone(&self.ctx.fabric);
         let failed = match self.link.as_mut() {
             Some(link) => fabric.send(link, vec![packet]).await.is_err(),
@@ -594,17 +582,29 @@ impl Session {
         let marks = strip_marks(&mut props, &self.thing);
         let (qos, _) = qos_and_pkid(&publish);
         let at_qos1 = qos == QoS::AtLeastOnce && !marks.qos0 && granted_qos > 0;
+        self.queue_own(&publish, props, at_qos1, true);
+    }
+
+    /// Queues a delivery of the session's own (not the router's), under its own packet id.
+    fn queue_own(
+        &mut self,
+        publish: &Publish,
+        props: Option<PublishProperties>,
+        at_qos1: bool,
+        retain: bool,
+    ) {
         let pkid = at_qos1.then(|| self.own_pkid());
+        let qos = if at_qos1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
         let publish = publish_with_id(
             &publish.topic,
             &publish.payload,
-            if at_qos1 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::AtMostOnce
-            },
+            qos,
             pkid.unwrap_or(0),
-            true,
+            retain,
         );
         self.waiting.push_back(Outgoing {
             publish,
@@ -626,25 +626,7 @@ impl Session {
             let Packet::Publish(publish, props) = frame.packet else {
                 continue;
             };
-            let at_qos1 = frame.qos == 1;
-            let pkid = at_qos1.then(|| self.own_pkid());
-            let publish = publish_with_id(
-                &publish.topic,
-                &publish.payload,
-                if at_qos1 {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::AtMostOnce
-                },
-                pkid.unwrap_or(0),
-                false,
-            );
-            self.waiting.push_back(Outgoing {
-                publish,
-                props,
-                pkid,
-                own: true,
-            });
+            self.queue_own(&publish, props, frame.qos == 1, false);
         }
     }
 
