@@ -98,6 +98,12 @@ async fn subscribed(
     sub.send(&raw::subscribe(1, &[(filter, 1)], v5, &[])).await;
     let suback = sub.read().await.expect("SUBACK");
     assert_eq!(suback.suback_codes(v5), [1]);
+    routed(sub, publisher, warm, v5).await;
+}
+
+/// Publishes to `warm` until the router delivers it to `sub`, then takes and acknowledges
+/// every warm-up still on its way.
+async fn routed(sub: &mut RawClient, publisher: &mut RawClient, warm: &[u8], v5: bool) {
     let mut got = None;
     for _ in 0..50 {
         publisher
@@ -715,17 +721,7 @@ async fn s3_8_3_1_subscription_options_are_honoured() {
     assert_eq!(deliveries(&mut sub).await, []);
 
     // Retain As Published: a live retained publish reaches `st3/#` (0) with RETAIN 0 ...
-    let mut warm = None;
-    for _ in 0..50 {
-        publish_qos1(&mut publisher, b"st3/warm", b"warm").await;
-        warm = sub.read_within(Duration::from_millis(200)).await;
-        if warm.is_some() {
-            break;
-        }
-    }
-    let (_, pkid, _) = delivered(&warm.expect("st3/# never took effect"), true);
-    sub.send(&puback(pkid)).await;
-    deliveries(&mut sub).await;
+    routed(&mut sub, &mut publisher, b"st3/warm", true).await;
     publisher
         .send(&raw::publish(b"st3/a", 1, true, true, &[], b"live"))
         .await;
@@ -752,17 +748,7 @@ async fn s3_8_3_1_subscription_options_are_honoured() {
 
     // No Local: the device's own publish does not come back on `echo/#` ...
     assert_eq!(subscribe_with(&mut sub, b"echo/#", 0x01 | 0x04).await, 1);
-    let mut warm = None;
-    for _ in 0..50 {
-        publish_qos1(&mut publisher, b"echo/warm", b"warm").await;
-        warm = sub.read_within(Duration::from_millis(200)).await;
-        if warm.is_some() {
-            break;
-        }
-    }
-    let (_, pkid, _) = delivered(&warm.expect("echo/# never took effect"), true);
-    sub.send(&puback(pkid)).await;
-    deliveries(&mut sub).await;
+    routed(&mut sub, &mut publisher, b"echo/warm", true).await;
     sub.send(&raw::publish(b"echo/x", 1, false, true, &[], b"mine"))
         .await;
     publish_qos1(&mut publisher, b"echo/x", b"theirs").await;
