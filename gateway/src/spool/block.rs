@@ -200,17 +200,35 @@ pub fn seal(
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 16);
     header.write(&mut out);
     let aad = associated_data(sink, &out);
-    let sealed = cipher
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &compressed,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| BlockError::Authentication)?;
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(&aead_seal(cipher, &nonce, &compressed, &aad)?);
     Ok(out)
+}
+
+/// AES-256-GCM over `msg` with `aad`: how every sealed value of the spool is sealed.
+pub(super) fn aead_seal(
+    cipher: &Aes256Gcm,
+    nonce: &[u8; 12],
+    msg: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, BlockError> {
+    cipher
+        .encrypt(Nonce::from_slice(nonce), Payload { msg, aad })
+        .map_err(|_| BlockError::Authentication)
+}
+
+/// The other way of [`aead_seal`]; a wrong key, nonce, `aad` or a changed byte fails it.
+pub(super) fn aead_open(
+    cipher: &Aes256Gcm,
+    nonce: &[u8],
+    msg: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, BlockError> {
+    if nonce.len() != 12 {
+        return Err(BlockError::Authentication);
+    }
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg, aad })
+        .map_err(|_| BlockError::Authentication)
 }
 
 /// Check a stored block's tag without decoding it.
@@ -227,15 +245,7 @@ fn decrypt(
     stored: &[u8],
 ) -> Result<Vec<u8>, BlockError> {
     let aad = associated_data(sink, &stored[..header.header_len()]);
-    cipher
-        .decrypt(
-            Nonce::from_slice(&header.nonce),
-            Payload {
-                msg: &stored[header.header_len()..],
-                aad: &aad,
-            },
-        )
-        .map_err(|_| BlockError::Authentication)
+    aead_open(cipher, &header.nonce, &stored[header.header_len()..], &aad)
 }
 
 /// Authenticate, decompress and decode a stored block into its records.

@@ -8,11 +8,10 @@
 //! AES-256-GCM over LZ4(plain) with the associated data `sessions` ‖ 0 ‖ client id ‖ the 20
 //! header bytes, so a value moved to another client id fails to open.
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::Aes256Gcm;
 use rand::RngCore;
 
-use super::block::BlockError;
+use super::block::{aead_open, aead_seal, BlockError};
 use super::{Spool, SpoolError};
 
 const TREE: &str = "sessions";
@@ -42,16 +41,7 @@ fn seal(
     out.extend_from_slice(&nonce);
     let compressed = lz4_flex::compress_prepend_size(plain);
     let aad = associated_data(client_id, &out);
-    let sealed = cipher
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &compressed,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| BlockError::Authentication)?;
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(&aead_seal(cipher, &nonce, &compressed, &aad)?);
     Ok(out)
 }
 
@@ -67,15 +57,7 @@ fn open(client_id: &str, cipher: &Aes256Gcm, stored: &[u8]) -> Result<Vec<u8>, B
     key_id(stored)?;
     let (header, sealed) = stored.split_at(HEADER_LEN);
     let aad = associated_data(client_id, header);
-    let compressed = cipher
-        .decrypt(
-            Nonce::from_slice(&header[8..]),
-            Payload {
-                msg: sealed,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| BlockError::Authentication)?;
+    let compressed = aead_open(cipher, &header[8..], sealed, &aad)?;
     lz4_flex::decompress_size_prepended(&compressed)
         .map_err(|_| BlockError::Content("LZ4 data does not decompress"))
 }
