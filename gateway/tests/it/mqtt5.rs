@@ -106,10 +106,7 @@ async fn subscribed(
 async fn routed(sub: &mut RawClient, publisher: &mut RawClient, warm: &[u8], v5: bool) {
     let mut got = None;
     for _ in 0..50 {
-        publisher
-            .send(&raw::publish(warm, 1, false, true, &[], b"warm"))
-            .await;
-        assert_eq!(publisher.read().await.expect("PUBACK").kind(), 4);
+        publish_qos1(publisher, warm, b"warm").await;
         got = sub.read_within(Duration::from_millis(200)).await;
         if got.is_some() {
             break;
@@ -215,8 +212,13 @@ async fn leave(mut c: RawClient, v5: bool, props: &[u8]) {
 }
 
 async fn publish_qos1(publisher: &mut RawClient, topic: &[u8], payload: &[u8]) {
+    publish_acked(publisher, topic, false, payload).await;
+}
+
+/// A QoS 1 PUBLISH (v5), RETAIN as given, and its PUBACK.
+async fn publish_acked(publisher: &mut RawClient, topic: &[u8], retain: bool, payload: &[u8]) {
     publisher
-        .send(&raw::publish(topic, 1, false, true, &[], payload))
+        .send(&raw::publish(topic, 1, retain, true, &[], payload))
         .await;
     let ack = publisher.read().await.expect("PUBACK");
     assert_eq!(ack.kind(), 4, "{ack:?}");
@@ -683,17 +685,11 @@ async fn s3_8_3_1_subscription_options_are_honoured() {
     let site = Site::start_with(open_site).await;
     let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);
     let mut publisher = RawClient::connect(&site, &a, true).await;
-    publisher
-        .send(&raw::publish(b"st/a", 1, true, true, &[], b"r1"))
-        .await;
-    assert_eq!(publisher.read().await.expect("PUBACK").kind(), 4);
+    publish_acked(&mut publisher, b"st/a", true, b"r1").await;
     publisher
         .send(&raw::publish(b"st2/a", 0, true, true, &[], b"r2 at qos 0"))
         .await;
-    publisher
-        .send(&raw::publish(b"st3/a", 1, true, true, &[], b"r3"))
-        .await;
-    assert_eq!(publisher.read().await.expect("PUBACK").kind(), 4);
+    publish_acked(&mut publisher, b"st3/a", true, b"r3").await;
     let (mut sub, _) = join(&site, &b, true, 0x02, 0, &[]).await;
 
     // Retain Handling 0, new and again.
@@ -722,10 +718,7 @@ async fn s3_8_3_1_subscription_options_are_honoured() {
 
     // Retain As Published: a live retained publish reaches `st3/#` (0) with RETAIN 0 ...
     routed(&mut sub, &mut publisher, b"st3/warm", true).await;
-    publisher
-        .send(&raw::publish(b"st3/a", 1, true, true, &[], b"live"))
-        .await;
-    assert_eq!(publisher.read().await.expect("PUBACK").kind(), 4);
+    publish_acked(&mut publisher, b"st3/a", true, b"live").await;
     let got = deliveries(&mut sub).await;
     assert_eq!(
         got.iter().map(|g| (&g.0[..], g.1)).collect::<Vec<_>>(),
@@ -736,10 +729,7 @@ async fn s3_8_3_1_subscription_options_are_honoured() {
         subscribe_with(&mut sub, b"st3/#", 0x01 | 0x08 | 0x20).await,
         1
     );
-    publisher
-        .send(&raw::publish(b"st3/a", 1, true, true, &[], b"live again"))
-        .await;
-    assert_eq!(publisher.read().await.expect("PUBACK").kind(), 4);
+    publish_acked(&mut publisher, b"st3/a", true, b"live again").await;
     let got = deliveries(&mut sub).await;
     assert_eq!(
         got.iter().map(|g| (&g.0[..], g.1)).collect::<Vec<_>>(),
