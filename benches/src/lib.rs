@@ -8,6 +8,8 @@
 //! - `benches/spool.rs`: group commit and drain against plain `std::fs` appends.
 //! - `benches/kinesis.rs`: PutRecords building (plain, aggregated) and draining to a local endpoint.
 //! - `benches/rules.rs`: JSON → Arrow decode, a filter rule and a window rule on one core.
+//! - `benches/sessions.rs`: heap per away persistent session and per queued message, the
+//!   gateway's offline queue against rumqttd's parked session.
 
 pub mod fixtures {
     use sitegate::config::{AuthConfig, DeviceGroupConfig, StatementConfig};
@@ -68,6 +70,11 @@ pub mod fixtures {
         rt: &tokio::runtime::Runtime,
         dir: &std::path::Path,
     ) -> sitegate::spool::Spool {
+        rt.block_on(open_spool_async(dir))
+    }
+
+    /// [`open_spool`] from inside a runtime, its store opened as the gateway opens it.
+    pub async fn open_spool_async(dir: &std::path::Path) -> sitegate::spool::Spool {
         use sitegate::config::{EncryptionConfig, SpoolConfig};
         #[allow(clippy::expect_used)]
         sitegate::spool::keys::generate_kek(&dir.join("kek")).expect("key file");
@@ -79,17 +86,12 @@ pub mod fixtures {
             ..SpoolConfig::default()
         };
         #[allow(clippy::expect_used)]
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .open()
-            .expect("sled");
+        let (db, _) =
+            sitegate::spool::store::open(&dir.join("data"), sitegate::spool::store::OnDamage::Fail)
+                .expect("sled");
         #[allow(clippy::expect_used)]
-        rt.block_on(sitegate::spool::Spool::open(
-            db,
-            &config,
-            dir,
-            ["bench".to_string()],
-        ))
-        .expect("spool")
+        sitegate::spool::Spool::open(db, &config, dir, ["bench".to_string()])
+            .await
+            .expect("spool")
     }
 }

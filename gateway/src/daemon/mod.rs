@@ -297,6 +297,8 @@ impl Gateway {
             FabricLimits::of(l, INTERNAL_LINKS),
             Arc::clone(&stats),
         ));
+        // Weak, so a connection still closing after a stop does not hold the store open.
+        fabric.offline().attach(Arc::downgrade(&spool));
         let sink_set = start_sinks(&config, &spool, &fabric, &listeners.nucleus, &stats).await?;
         let sinks = Arc::new(tokio::sync::Mutex::new(sink_set));
         let mut background = vec![
@@ -336,7 +338,6 @@ impl Gateway {
             stats: Arc::clone(&stats),
             limits: Limits::of(l),
             ingest: Some(started.ingest),
-            store: Some(Arc::downgrade(&spool)),
         });
         crate::edge::restore_sessions(&ctx).await;
         background.push(tokio::spawn(crate::edge::expire_sessions(
@@ -457,7 +458,6 @@ impl Gateway {
         self.sessions
             .end_all(EndReason::Shutdown, SHUTDOWN_GRACE)
             .await;
-        crate::edge::save_sessions(&self.edge).await;
         // The edge holds the pipeline's intake, which must close for the committer to end.
         drop(self.edge);
         for task in self.background {

@@ -41,6 +41,10 @@ use tracing::{error, info, warn};
 
 use crate::topic::{check_topic, TopicLimits};
 
+use super::codec::publish_packet;
+use super::marks::{entering_properties, mark, strip_marks, Marks, RETAIN_MARK};
+use super::offline::OfflineQueues;
+
 /// Bytes per commit-log segment in the router; small, since the router only relays.
 const SEGMENT_BYTES: usize = 1 << 20;
 /// Segments kept per subscription filter before the oldest is dropped.
@@ -90,6 +94,9 @@ pub struct FabricLimits {
     pub cache_limit: usize,
     pub max_retained_messages: usize,
     pub max_retained_bytes: u64,
+    /// Messages queued for one away persistent session, and for all of them.
+    pub max_session_messages: usize,
+    pub max_saved_messages: usize,
 }
 
 impl FabricLimits {
@@ -102,6 +109,8 @@ impl FabricLimits {
             cache_limit: l.router_cache_limit,
             max_retained_messages: l.max_retained_messages,
             max_retained_bytes: l.max_retained_bytes.0,
+            max_session_messages: l.max_session_messages,
+            max_saved_messages: l.max_saved_messages,
         }
     }
 }
@@ -241,6 +250,8 @@ pub struct Fabric {
     stats: Arc<crate::metrics::Stats>,
     /// Some session has subscribed with No Local: publishes carry their publisher from then on.
     no_local: AtomicBool,
+    /// Where publishes for persistent sessions whose device is away are queued.
+    offline: OfflineQueues,
 }
 
 /// Retained messages by device topic, in router form, with their total size.
@@ -280,7 +291,13 @@ impl Fabric {
             shared_subscriptions_strategy: Default::default(),
         };
         let first = Arc::new(Generation::start(0, router.clone()));
+        let offline = OfflineQueues::new(
+            Arc::clone(&stats),
+            limits.max_session_messages,
+            limits.max_saved_messages,
+        );
         Fabric {
+            offline,
             router,
             limits,
             current: RwLock::new(first),
@@ -305,6 +322,20 @@ impl Fabric {
     /// The generation now running.
     pub fn generation(&self) -> u64 {
         *self.generation.borrow()
+    }
+
+    /// The queues of persistent sessions whose device is away.
+    pub fn offline(&self) -> &OfflineQueues {
+        &self.offline
+    }
+
+    /// Queues what away sessions take of `packets`, durably, before the router sees them.
+    async fn queue_offline(&self, packets: &[Packet]) {
+        if self.offline.capture(packets).await {
+            if let Err(e) = self.offline.flush().await {
+                warn!(error = %e, "messages queued for away sessions may not be durable");
+            }
+        }
     }
 
     /// Whether publishes must name their publisher (see [`entering_properties`]).
@@ -420,6 +451,7 @@ impl Fabric {
         if link.generation != gen.id {
             return Err(FabricError::Closed("the router was rebuilt".into()));
         }
+        self.queue_offline(&packets).await;
         let mut packets = self.to_router_form(&gen, packets, true);
         let Some(last) = packets.pop() else {
             return Ok(());
@@ -449,6 +481,7 @@ impl Fabric {
         gen: &Arc<Generation>,
         mut packets: Vec<Packet>,
     ) -> Result<(), FabricError> {
+        self.queue_offline(&packets).await;
         // Retained messages are kept here, not in the router: until a device links, nothing
         // in the router could take a publish.
         if !gen.device_linked.load(Ordering::Acquire) {
@@ -614,78 +647,6 @@ pub(super) fn device_topic(publish: &mut Publish) {
     }
 }
 
-/// User properties the gateway puts on a publish inside the router and takes off again before
-/// a device sees it. rumqttd drops a link whose publish carries a subscription identifier and
-/// keeps the flags of a publish private, so a user property is the one place left for what
-/// the session needs to know of a delivery:
-/// - `sitegate:qos0`: it was published at QoS 0. The router delivers at the subscription's
-///   QoS; the session delivers at the lower of the two (§3.8.4).
-/// - `sitegate:retain`: it was published with RETAIN. The router forwards it with RETAIN 0
-///   (as MQTT-3.3.1-12 asks by default); a subscription with Retain As Published gets 1.
-/// - `sitegate:from`, the publishing client id, while any session has used No Local
-///   (§3.8.3.1): a session drops its own messages for its No Local subscriptions.
-///
-/// A device's own user properties with the `sitegate:` prefix are removed on the way in, so it
-/// cannot fake a mark.
-const MARK_PREFIX: &str = "sitegate:";
-const QOS0_MARK: &str = "sitegate:qos0";
-const RETAIN_MARK: &str = "sitegate:retain";
-const FROM_MARK: &str = "sitegate:from";
-
-fn mark(props: &mut Option<PublishProperties>, name: &str) {
-    props
-        .get_or_insert_with(PublishProperties::default)
-        .user_properties
-        .push((name.to_owned(), String::new()));
-}
-
-/// The properties a publish enters the router with: `props` without a device's marks, marked
-/// when it is at QoS 0 and with its publisher `from` when given. Every publish handed to the
-/// fabric gets them (a device's, a will, a republish).
-pub(crate) fn entering_properties(
-    props: Option<PublishProperties>,
-    qos: QoS,
-    from: Option<&str>,
-) -> Option<PublishProperties> {
-    let mut props = props;
-    if let Some(p) = props.as_mut() {
-        p.user_properties
-            .retain(|(k, _)| !k.starts_with(MARK_PREFIX));
-    }
-    if qos == QoS::AtMostOnce {
-        mark(&mut props, QOS0_MARK);
-    }
-    if let Some(from) = from {
-        props
-            .get_or_insert_with(PublishProperties::default)
-            .user_properties
-            .push((FROM_MARK.to_owned(), from.to_owned()));
-    }
-    props
-}
-
-/// What the gateway's marks said of a delivery.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Marks {
-    /// Published at QoS 0.
-    pub qos0: bool,
-    /// Published with RETAIN.
-    pub retained: bool,
-    /// Published by the client id the session is for.
-    pub from_me: bool,
-}
-
-/// The QoS and packet id of a delivery (rumqttd keeps them private; its 5-byte header of an
-/// emptied copy says them without copying the payload).
-pub(super) fn qos_and_pkid(publish: &Publish) -> (QoS, u16) {
-    let mut header = publish.clone();
-    header.topic = Bytes::new();
-    header.payload = Bytes::new();
-    let raw = header.serialize();
-    let qos = rumqttd::protocol::qos((raw[0] >> 1) & 0b11).unwrap_or(QoS::AtMostOnce);
-    (qos, u16::from_be_bytes([raw[1], raw[2]]))
-}
-
 /// The device form of a delivery: its topic, and its properties without the gateway's marks;
 /// what the marks said, `me` being the receiving session's client id.
 pub(super) fn device_form(
@@ -695,33 +656,6 @@ pub(super) fn device_form(
 ) -> Marks {
     device_topic(publish);
     strip_marks(props, me)
-}
-
-/// Takes the gateway's marks off `props` and says what they were.
-pub(super) fn strip_marks(props: &mut Option<PublishProperties>, me: &str) -> Marks {
-    let mut marks = Marks::default();
-    let Some(p) = props.as_mut() else {
-        return marks;
-    };
-    p.user_properties.retain(|(k, v)| match k.as_str() {
-        QOS0_MARK => {
-            marks.qos0 = true;
-            false
-        }
-        RETAIN_MARK => {
-            marks.retained = true;
-            false
-        }
-        FROM_MARK => {
-            marks.from_me = v == me;
-            false
-        }
-        _ => true,
-    });
-    if *p == PublishProperties::default() {
-        *props = None;
-    }
-    marks
 }
 
 /// What of a PUBLISH's properties the router may see: no alias, no subscription ids.
@@ -835,31 +769,6 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
     }
 }
 
-/// A publish packet for the router with any QoS. rumqttd keeps a publish's QoS and packet id
-/// crate-private and offers only its MQTT-independent serialization to set them, so this goes
-/// through that format. Used for wills and the republish sink: device publishes are relayed as
-/// parsed.
-pub(super) fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Publish {
-    publish_with_id(topic.as_bytes(), payload, qos, 1, retain)
-}
-
-/// A PUBLISH with packet id `pkid` (rumqttd lets only its parser set one).
-pub(super) fn publish_with_id(
-    topic: &[u8],
-    payload: &[u8],
-    qos: QoS,
-    pkid: u16,
-    retain: bool,
-) -> Publish {
-    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1));
-    raw.put_u16(if qos == QoS::AtMostOnce { 0 } else { pkid });
-    raw.put_u16(topic.len() as u16);
-    raw.extend_from_slice(topic);
-    raw.extend_from_slice(payload);
-    Publish::deserialize(raw.freeze())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -871,17 +780,9 @@ mod tests {
             cache_limit: 1000,
             max_retained_messages: 2,
             max_retained_bytes: 100,
+            max_session_messages: 10,
+            max_saved_messages: 100,
         }
-    }
-
-    #[test]
-    fn publish_packet_keeps_qos_and_retain() {
-        let p = publish_packet("a/b", b"hi", QoS::AtLeastOnce, true);
-        assert_eq!(&p.topic[..], b"a/b");
-        assert_eq!(&p.payload[..], b"hi");
-        assert!(p.retain);
-        // The header byte of the serialized form carries QoS 1 and retain.
-        assert_eq!(p.serialize()[0], 0b0011_0011);
     }
 
     #[test]

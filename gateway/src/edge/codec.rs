@@ -6,11 +6,11 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    ConnectReturnCode, Error as ProtocolError, Packet, Protocol, SubscribeReasonCode,
+    ConnectReturnCode, Error as ProtocolError, Packet, Protocol, Publish, QoS, SubscribeReasonCode,
 };
 
 /// The MQTT protocol level a device speaks.
@@ -325,9 +325,44 @@ fn for_v311(packet: Packet) -> Option<Packet> {
     })
 }
 
+/// A publish packet for the router with any QoS. rumqttd keeps a publish's QoS and packet id
+/// crate-private and offers only its MQTT-independent serialization to set them, so this goes
+/// through that format. Used for wills and the republish sink: device publishes are relayed as
+/// parsed.
+pub fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Publish {
+    publish_with_id(topic.as_bytes(), payload, qos, 1, retain)
+}
+
+/// A PUBLISH with packet id `pkid` (rumqttd lets only its parser set one).
+pub(super) fn publish_with_id(
+    topic: &[u8],
+    payload: &[u8],
+    qos: QoS,
+    pkid: u16,
+    retain: bool,
+) -> Publish {
+    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    raw.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1));
+    raw.put_u16(if qos == QoS::AtMostOnce { 0 } else { pkid });
+    raw.put_u16(topic.len() as u16);
+    raw.extend_from_slice(topic);
+    raw.extend_from_slice(payload);
+    Publish::deserialize(raw.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_packet_keeps_qos_and_retain() {
+        let p = publish_packet("a/b", b"hi", QoS::AtLeastOnce, true);
+        assert_eq!(&p.topic[..], b"a/b");
+        assert_eq!(&p.payload[..], b"hi");
+        assert!(p.retain);
+        // The header byte of the serialized form carries QoS 1 and retain.
+        assert_eq!(p.serialize()[0], 0b0011_0011);
+    }
     use proptest::prelude::*;
 
     // CONNECT for client "a", clean session, keepalive 60, at the given level.

@@ -27,9 +27,9 @@ pub const DEFAULT_MAX_KEEP_ALIVE_SECS: u16 = 1_200;
 /// Longest a persistent session outlives its connection, in seconds (IoT Core's default
 /// persistent-session expiry); MQTT 3.1.1 sessions that are not clean get this.
 pub const DEFAULT_MAX_SESSION_EXPIRY_SECS: u32 = 3_600;
-/// Queued messages kept for one persistent session across a restart.
+/// Messages queued for one persistent session whose device is away.
 pub const DEFAULT_MAX_SESSION_MESSAGES: usize = 1_000;
-/// Queued messages kept for all persistent sessions across a restart.
+/// Messages queued for all persistent sessions whose device is away.
 pub const DEFAULT_MAX_SAVED_MESSAGES: usize = 100_000;
 /// A write to a device that does not complete in this many milliseconds closes the connection.
 pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
@@ -86,11 +86,11 @@ pub struct ListenerConfig {
     /// connection.
     #[serde(default = "default_max_session_expiry_secs")]
     pub max_session_expiry_secs: u32,
-    /// Most queued QoS 1 messages kept for one persistent session across a restart; the
-    /// rest are dropped and counted (`sitegate_session_messages_dropped_total`).
+    /// Most QoS 1 messages queued in the store for one persistent session while its device is
+    /// away; the rest are dropped and counted (`sitegate_session_messages_dropped_total`).
     #[serde(default = "default_max_session_messages")]
     pub max_session_messages: usize,
-    /// Most queued messages kept for all persistent sessions together across a restart.
+    /// Most messages queued in the store for all away persistent sessions together.
     #[serde(default = "default_max_saved_messages")]
     pub max_saved_messages: usize,
     /// Milliseconds a write to a device may take before the connection is closed.

@@ -175,7 +175,6 @@ impl Harness {
                 ..Limits::of(&l)
             },
             ingest: None,
-            store: None,
         });
         Ok(Harness { ctx, _dir: dir })
     }

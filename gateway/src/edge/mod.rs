@@ -15,6 +15,8 @@
 //!   `acks`, `close`).
 //! - `table`: the live sessions by client id (takeover, revocation, shutdown).
 //! - `broker`: rumqttd's router as the local fan-out fabric, rebuilt in generations.
+//! - `marks`: what the gateway marks on a publish inside the router.
+//! - `offline`: the queues of persistent sessions whose device is away, in the store.
 //! - `harness`: the whole edge in memory, for fuzzers and property tests.
 
 mod broker;
@@ -22,13 +24,15 @@ mod codec;
 mod config;
 pub mod harness;
 mod listener;
+mod marks;
+mod offline;
 mod session;
 mod table;
 
 pub use broker::{Fabric, FabricLimits, Republisher};
+pub use codec::publish_packet;
 pub use config::*;
 pub use listener::{serve, Budget};
-pub use session::{
-    expire_sessions, restore_sessions, save_sessions, EdgeContext, Limits, Restored,
-};
+pub use offline::OfflineQueues;
+pub use session::{expire_sessions, restore_sessions, EdgeContext, Limits, Restored};
 pub use table::{EndReason, Parked, SessionSlot, SessionTable, Subscription};

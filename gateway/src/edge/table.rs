@@ -11,21 +11,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// A persistent session whose device is away: its subscriptions (filter, granted QoS), the
-/// router generation that holds its state, when it expires (MQTT 5 Session Expiry Interval),
-/// and what was in flight to the device. A rebuilt router does not know the session, so the
-/// filters are given to the new one when the device comes back.
+/// A persistent session whose device is away: its subscriptions, when it expires (MQTT 5
+/// Session Expiry Interval), and the queued messages it had sent and not had acknowledged
+/// (they go out again marked DUP, MQTT-3.3.1-1). Its messages wait in the offline queues; the
+/// router holds nothing of it, so its filters are given to the router when the device is back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parked {
     pub filters: Vec<Subscription>,
-    pub generation: u64,
     pub expires_at: Instant,
-    /// Fingerprints of the QoS 1 deliveries the device had not acknowledged: the router sends
-    /// them again on resumption, and the session marks those DUP (MQTT-3.3.1-1).
-    pub unacked: Vec<u64>,
-    /// Messages kept across a restart, delivered first when the device resumes: MQTT 5
-    /// PUBLISH packets.
-    pub stored: Vec<bytes::Bytes>,
+    /// Sequences of queued messages sent before and not acknowledged.
+    pub sent: Vec<u64>,
 }
 
 /// One subscription of a session: the filter, the QoS granted, and the MQTT 5 options the
@@ -175,7 +170,7 @@ impl SessionTable {
             .insert(client_id.to_owned(), filters);
     }
 
-    /// Takes back a parked session, expired or not (its router state is there either way).
+    /// Takes back a parked session, expired or not (its queue is there either way).
     pub fn unpark(&self, client_id: &str) -> Option<Parked> {
         self.parked
             .lock()
@@ -183,25 +178,18 @@ impl SessionTable {
             .remove(client_id)
     }
 
-    /// Removes the parked sessions that expired by `now` and names them, with the generation
-    /// that holds their router state.
-    pub fn take_expired(&self, now: Instant) -> Vec<(String, u64)> {
+    /// Removes the parked sessions that expired by `now` and names them.
+    pub fn take_expired(&self, now: Instant) -> Vec<String> {
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        let expired: Vec<(String, u64)> = parked
+        let expired: Vec<String> = parked
             .iter()
             .filter(|(_, p)| p.expires_at <= now)
-            .map(|(id, p)| (id.clone(), p.generation))
+            .map(|(id, _)| id.clone())
             .collect();
-        for (id, _) in &expired {
+        for id in &expired {
             parked.remove(id);
         }
         expired
-    }
-
-    /// A copy of every parked session.
-    pub fn parked_sessions(&self) -> Vec<(String, Parked)> {
-        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        parked.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Persistent sessions whose device is away.

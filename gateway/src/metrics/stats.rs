@@ -98,14 +98,18 @@ counters! {
     deliveries_too_large,
     /// Persistent sessions that expired while their device was away.
     sessions_expired,
-    /// Persistent sessions written to the store (at connect, when the device left, at a stop).
+    /// Persistent sessions written to the store (at connect, on a subscription change, when
+    /// the device left).
     sessions_saved,
     /// Persistent sessions brought back from the store at start.
     sessions_restored,
-    /// Queued messages written with their session at a stop.
+    /// Messages queued in the store for persistent sessions whose device is away.
     session_messages_saved,
-    /// Queued messages not kept at a stop: over `max_session_messages` or `max_saved_messages`.
+    /// Messages not queued for an away session: over `max_session_messages` or
+    /// `max_saved_messages`, or the store failed.
     session_messages_dropped,
+    /// Queued messages whose Message Expiry Interval passed before their device was back.
+    session_messages_expired,
     /// Connections closed for a malformed or oversize packet or a protocol error.
     protocol_errors,
     /// Connections closed because the device went silent past its keepalive.

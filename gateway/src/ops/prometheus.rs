@@ -66,6 +66,7 @@ async fn refresh(sources: &Sources) {
     counter!("sitegate_sessions_restored_total").absolute(s.sessions_restored);
     counter!("sitegate_session_messages_saved_total").absolute(s.session_messages_saved);
     counter!("sitegate_session_messages_dropped_total").absolute(s.session_messages_dropped);
+    counter!("sitegate_session_messages_expired_total").absolute(s.session_messages_expired);
     counter!("sitegate_router_rebuilds_total").absolute(s.router_rebuilds);
     for (reason, n) in s.denials() {
         counter!("sitegate_denied_total", "reason" => reason).absolute(n);

@@ -70,6 +70,25 @@ to = "archive"
     )
 }
 
+/// A site in `root`: its CA and spool key file in `pki/`, a free loopback port, and the
+/// config of [`config_toml`] written to `sitegate.toml` (data in `data/`).
+fn crash_site(root: &Path) -> (pki::CaFiles, u16, std::path::PathBuf) {
+    let ca = pki::init_ca(&root.join("pki"), "crash", &[]).unwrap();
+    sitegate::spool::keys::generate_kek(&root.join("pki/spool.kek")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = root.join("sitegate.toml");
+    std::fs::write(
+        &config,
+        config_toml(root, &root.join("data"), port, "", true),
+    )
+    .unwrap();
+    (ca, port, config)
+}
+
 /// `sitegate device approve sensor-1` on the stopped gateway of `config`.
 async fn approve_sensor(config: &Path) {
     let approve = sitegate()
@@ -187,24 +206,12 @@ fn track(
 async fn sigkill_at_random_points_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let ca = pki::init_ca(&root.join("pki"), "crash", &[]).unwrap();
-    sitegate::spool::keys::generate_kek(&root.join("pki/spool.kek")).unwrap();
+    let (ca, port, config) = crash_site(root);
     let device =
         pki::issue_device("sensor-1", &root.join("pki"), &root.join("devices"), 30).unwrap();
     let creds = Arc::new(
         DeviceCredentials::load("sensor-1", &ca.ca_cert, &device.cert, &device.key).unwrap(),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = root.join("sitegate.toml");
-    std::fs::write(
-        &config,
-        config_toml(root, &root.join("data"), port, "", true),
-    )
-    .unwrap();
     approve_sensor(&config).await;
 
     let seed: u64 = rand::thread_rng().gen();
@@ -282,5 +289,141 @@ async fn sigkill_at_random_points_loses_no_acknowledged_message() {
     assert!(
         duplicates <= ROUNDS * sitegate::delivery::drain::DRAIN_BATCH,
         "{duplicates} duplicates"
+    );
+}
+
+/// Runs a rumqttc client until `stop` says so, passing every incoming PUBLISH to `got`; the
+/// client's PUBACKs go out as rumqttc sends them.
+fn client_events(
+    mut events: rumqttc::EventLoop,
+    got: tokio::sync::mpsc::UnboundedSender<rumqttc::Publish>,
+    suback: Option<tokio::sync::oneshot::Sender<()>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut suback = suback;
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            match event {
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = got.send(p);
+                }
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(tx) = suback.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// MQTT §4.1 (the server keeps a session's subscriptions, and its QoS 1 messages while the
+/// client is away) and the MQTT 5 issue's item 2, through crashes: a persistent session's
+/// subscription is in the store before its SUBACK, and each message a publisher had
+/// acknowledged for the device while it is away before the PUBACK. A gateway killed with
+/// SIGKILL right after the SUBACK (the device connected) and again right after the last
+/// PUBACK still gives the device every message, in order, when it rejoins its session (3.1.1
+/// Clean Session 0, rumqttc).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_keeps_the_messages_queued_for_an_away_session() {
+    const MESSAGES: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (ca, port, config) = crash_site(root);
+    let mut creds = HashMap::new();
+    for thing in ["pump-1", "controller-1"] {
+        let issued =
+            pki::issue_device(thing, &root.join("pki"), &root.join("devices"), 30).unwrap();
+        let approve = sitegate()
+            .args(["device", "approve", thing, "--config"])
+            .arg(&config)
+            .output()
+            .await
+            .unwrap();
+        assert!(approve.status.success(), "{}", common::text(&approve));
+        creds.insert(
+            thing,
+            DeviceCredentials::load(thing, &ca.ca_cert, &issued.cert, &issued.key).unwrap(),
+        );
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let options = |thing: &str| {
+        let mut o = creds[thing]
+            .mqtt_options(addr, Duration::from_secs(30))
+            .unwrap();
+        o.set_clean_session(thing != "pump-1");
+        o
+    };
+    let log = root.join("gateway.log");
+    let mut child = start_gateway(&config, &log, port).await;
+
+    // The pump subscribes with a session kept (Clean Session 0); the gateway is killed
+    // right after the SUBACK, while the pump is connected.
+    let (pump, events) = rumqttc::AsyncClient::new(options("pump-1"), 100);
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed, suback) = tokio::sync::oneshot::channel();
+    let task = client_events(events, tx, Some(subscribed));
+    pump.subscribe("cmd/pump-1/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), suback)
+        .await
+        .unwrap()
+        .unwrap();
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    task.abort();
+    drop(pump);
+    let mut child = start_gateway(&config, &log, port).await;
+
+    // The controller publishes while the pump is away; the gateway is killed right after the
+    // last PUBACK.
+    let (controller, mut events) = rumqttc::AsyncClient::new(options("controller-1"), 100);
+    for i in 0..MESSAGES {
+        controller
+            .publish(
+                "cmd/pump-1/set",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"step":{i}}}"#),
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < MESSAGES {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("the controller's publishes were not all acknowledged: {other:?}"),
+        }
+    }
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    drop(events);
+
+    let mut child = start_gateway(&config, &log, port).await;
+    let (pump, events) = rumqttc::AsyncClient::new(options("pump-1"), 100);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = client_events(events, tx, None);
+    let mut got = Vec::new();
+    while got.len() < MESSAGES {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(p)) => {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                got.push(v["step"].as_u64().unwrap() as usize);
+            }
+            _ => break,
+        }
+    }
+    let _ = pump.disconnect().await;
+    task.abort();
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert_eq!(
+        got,
+        (0..MESSAGES).collect::<Vec<_>>(),
+        "log: {}",
+        log.display()
     );
 }

@@ -822,8 +822,7 @@ async fn s3_1_2_11_persistent_sessions_survive_a_restart() {
         );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // The gateway started now keeps one message per session at its own stop.
-    site.restart(|c| c.listener.max_session_messages = 1).await;
+    site.restart(|_| {}).await;
     let s = site.snapshot();
     assert_eq!((s.sessions_restored, s.sessions_expired), (1, 1), "{s:?}");
 
@@ -850,7 +849,9 @@ async fn s3_1_2_11_persistent_sessions_survive_a_restart() {
     );
     leave(sub, true, &[]).await;
 
-    // `listener.max_session_messages`: of two queued messages one is kept, the oldest.
+    // `listener.max_session_messages`: of two messages for an away session one is queued,
+    // the first; the other is counted dropped as it is published.
+    site.restart(|c| c.listener.max_session_messages = 1).await;
     let mut publisher = RawClient::connect(&site, &a, true).await;
     publish_qos1(&mut publisher, b"cmd/dev-b/secret-filter/3", b"kept").await;
     publish_qos1(
@@ -860,18 +861,105 @@ async fn s3_1_2_11_persistent_sessions_survive_a_restart() {
     )
     .await;
     drop(publisher);
-    let stopped = std::sync::Arc::clone(&site.stats);
-    site.restart(|_| {}).await;
-    let s = stopped.snapshot();
+    let s = site.snapshot();
     assert_eq!(
         (s.session_messages_saved, s.session_messages_dropped),
         (1, 1),
         "{s:?}"
     );
+    site.restart(|_| {}).await;
     let (mut sub, present) = join(&site, &b, true, 0x00, 3600, &[]).await;
     assert!(present);
     let got = deliveries(&mut sub).await;
     let got: Vec<&str> = got.iter().map(|g| &g.0[..]).collect();
     assert_eq!(got, ["kept"]);
+    site.stop().await;
+}
+
+/// `dev-b` joins with a session of 3600 s, subscribes `filters` (each `<prefix>/#`) and leaves;
+/// returns a connected publisher (`dev-a`) and `dev-b`'s credentials.
+async fn away(
+    site: &Site,
+    filters: &[&[u8]],
+) -> (RawClient, sitegate::identity::pki::IssuedDevice) {
+    let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);
+    let mut publisher = RawClient::connect(site, &a, true).await;
+    let (mut sub, _) = join(site, &b, true, 0x02, 3600, &[]).await;
+    for filter in filters {
+        let mut warm = filter[..filter.len() - 1].to_vec();
+        warm.extend_from_slice(b"warm");
+        subscribed(&mut sub, &mut publisher, filter, &warm, true).await;
+    }
+    leave(sub, true, &[]).await;
+    (publisher, b)
+}
+
+/// §3.3.2.3.3 Message Expiry Interval for a message queued while its device is away: one
+/// whose interval passed before the device was back is not delivered (MQTT-3.3.2-5, and
+/// counted), and the others go out with the interval less the time they waited
+/// (MQTT-3.3.2-6).
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_3_2_3_3_a_queued_message_expires_and_its_wait_counts() {
+    let site = Site::start_with(open_site).await;
+    let (mut publisher, b) = away(&site, &[b"cmd/dev-b/#"]).await;
+    for (payload, expiry) in [(&b"short"[..], 1u32), (b"long", 600)] {
+        let props = raw::prop_u32(0x02, expiry);
+        publisher
+            .send(&raw::publish(
+                b"cmd/dev-b/x",
+                1,
+                false,
+                true,
+                &props,
+                payload,
+            ))
+            .await;
+        assert_eq!(publisher.read().await.expect("PUBACK").kind(), 4);
+    }
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (mut sub, present) = join(&site, &b, true, 0x00, 3600, &[]).await;
+    assert!(present);
+    let got = sub.read().await.expect("the long-lived message");
+    let (qos, pkid, payload) = delivered(&got, true);
+    assert_eq!((qos, &payload[..]), (1, &b"long"[..]));
+    sub.send(&puback(pkid)).await;
+    let body = &got.body;
+    let mut at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]])) + 2;
+    let len = raw::read_varint(body, &mut at);
+    let props = &body[at..at + len];
+    assert_eq!(props.first(), Some(&0x02), "{props:?}");
+    let left = u32::from_be_bytes(props[1..5].try_into().unwrap());
+    assert!(
+        (590..=598).contains(&left),
+        "expiry left {left} after a 2 s wait"
+    );
+    assert!(sub.read_within(Duration::from_millis(500)).await.is_none());
+    assert_eq!(site.snapshot().session_messages_expired, 1);
+    site.stop().await;
+}
+
+/// §4.1 with the least-privilege rule on every delivery: a grant that shrank while the device
+/// was away (here the site's policy, changed over a restart) also stops the messages queued
+/// for the subscriptions it no longer allows; those it still allows are delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn s4_1_a_queued_message_for_a_subscription_no_longer_allowed_is_not_delivered() {
+    let mut site = Site::start_with(open_site).await;
+    let (mut publisher, b) = away(&site, &[b"cmd/dev-b/#", b"cfg/dev-b/#"]).await;
+    publish_qos1(&mut publisher, b"cfg/dev-b/1", b"no longer allowed").await;
+    publish_qos1(&mut publisher, b"cmd/dev-b/1", b"still allowed").await;
+    drop(publisher);
+    site.restart(|c| {
+        c.auth = toml::from_str(&sitegate::edge::harness::OPEN_AUTH.replace(
+            r#""mqtt:topicfilter:*""#,
+            r#""mqtt:topicfilter:cmd/${iot:Connection.Thing.ThingName}/#""#,
+        ))
+        .unwrap();
+    })
+    .await;
+    let (mut sub, present) = join(&site, &b, true, 0x00, 3600, &[]).await;
+    assert!(present);
+    let got = deliveries(&mut sub).await;
+    let got: Vec<&str> = got.iter().map(|g| &g.0[..]).collect();
+    assert_eq!(got, ["still allowed"]);
     site.stop().await;
 }

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, LastWill, Packet};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::auth::Operation;
-use crate::edge::broker::{entering_properties, publish_packet, Fabric, RouterLink};
+use crate::edge::broker::{Fabric, RouterLink};
+use crate::edge::codec::publish_packet;
+use crate::edge::marks::entering_properties;
 use crate::edge::table::{EndReason, Parked};
 use crate::escape::Escaped;
 use crate::topic::TopicError;
@@ -119,29 +121,38 @@ impl Session {
         // A revoked device's session ends with it: nothing is kept for it.
         let revoked = matches!(close, Close::Ended(EndReason::Revoked));
         let keep = self.expiry > 0 && !self.link_clean && !revoked;
-        if keep {
-            let unacked = self.unacked();
+        let parked = keep.then(|| {
+            let sent = self.sent_stored();
             let saved = SavedSession {
                 filters: self.filters.clone(),
                 expiry_secs: self.expiry,
                 left_at_ms: Some(crate::clock::now_ms()),
-                unacked: unacked.clone(),
-                messages: Vec::new(),
+                sent: sent.clone(),
             };
             self.ctx.sessions.park(
                 &thing,
                 Parked {
-                    filters: std::mem::take(&mut self.filters),
-                    generation,
+                    filters: self.filters.clone(),
                     expires_at: Instant::now() + Duration::from_secs(u64::from(self.expiry)),
-                    unacked,
-                    stored: Vec::new(),
+                    sent,
                 },
             );
-            saved::put(&self.ctx, &thing, &saved).await;
-        } else if self.expiry_at_connect > 0 || !self.link_clean {
-            saved::remove(&self.ctx, &thing);
-        }
+            saved
+        });
+        // The offline queue takes the session's messages from before its link is released, so
+        // none published meanwhile is left to the router alone.
+        let front = match &parked {
+            Some(saved) => {
+                saved::put(&self.ctx, &thing, saved).await;
+                Some(saved::watch_leaving(&self.ctx, &thing, &saved.filters).await)
+            }
+            None => {
+                if self.expiry_at_connect > 0 || !self.link_clean {
+                    saved::remove(&self.ctx, &thing);
+                }
+                None
+            }
+        };
         let will = will.and_then(|(w, _)| {
             let from = self.ctx.fabric.no_local_used().then_some(&*self.thing);
             let props = entering_properties(None, w.qos, from);
@@ -164,10 +175,17 @@ impl Session {
                 }
             }
         }
-        // A resumed session that was to end with this connection (expiry 0 now), or a revoked
-        // one: the router kept it because the link was not clean.
-        if !keep && !self.link_clean {
-            let _ = fabric.forget(&thing, generation).await;
+        match parked.zip(front) {
+            // The router's backlog for it moves to its offline queue.
+            Some((saved, front)) => {
+                saved::hand_over(&self.ctx, &thing, &saved.filters, self.unacked(), front).await
+            }
+            // A resumed session that was to end with this connection (expiry 0 now), or a
+            // revoked one: the router kept it because the link was not clean.
+            None if !self.link_clean => {
+                let _ = fabric.forget(&thing, generation).await;
+            }
+            None => {}
         }
     }
 }
@@ -175,23 +193,21 @@ impl Session {
 /// How often parked sessions are checked for expiry.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
-/// Ends parked persistent sessions once their Session Expiry Interval has passed, so the router
-/// frees their subscriptions and the messages queued for them; runs until `stop`.
+/// Ends parked persistent sessions once their Session Expiry Interval has passed, with the
+/// messages queued for them; runs until `stop`.
 pub async fn expire_sessions(ctx: Arc<EdgeContext>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(EXPIRY_SWEEP) => {}
         }
-        for (client_id, generation) in ctx.sessions.take_expired(Instant::now()) {
+        for client_id in ctx.sessions.take_expired(Instant::now()) {
             // A device that came back meanwhile holds the client id; its CONNECT took the
             // parked session already, so only sessions still away are here.
             ctx.stats.sessions_expired.fetch_add(1, Relaxed);
             debug!(thing = %Escaped(&client_id), "persistent session expired");
+            ctx.fabric.offline().unwatch(&client_id).await;
             saved::remove(&ctx, &client_id);
-            if let Err(e) = ctx.fabric.forget(&client_id, generation).await {
-                warn!(thing = %Escaped(&client_id), error = %e, "cannot end an expired session in the router");
-            }
         }
     }
 }

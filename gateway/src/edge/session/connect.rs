@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::auth::{DeviceState, Grant, Operation};
+use crate::edge::broker::RouterLink;
 use crate::edge::codec::{connect_version, Codec, CodecError, Version};
 use crate::edge::table::SessionSlot;
 use crate::escape::Escaped;
@@ -61,24 +62,16 @@ where
         slot,
         keep_alive,
         session_present,
-        lost,
     }) = open(&mut conn, &ctx, identity, peer, codec, request, epoch).await
     else {
         return;
     };
-    if lost {
-        info!(thing = %session.thing, "the local router was rebuilt while this session was away: its subscriptions are restored, messages queued in the old router are lost");
-    }
-    let resubscribed = match lost {
-        true => session.resubscribe().await,
+    // A resumed session's grant may have shrunk while the device was away.
+    let resumed_refused = match session_present {
+        true => session.refresh_grant().await,
         false => Flow::Continue,
     };
-    // A resumed session's grant may have shrunk while the device was away.
-    let resumed_refused = match (resubscribed, session_present) {
-        (Flow::Close(c), _) => Flow::Close(c),
-        (Flow::Continue, true) => session.refresh_grant().await,
-        (Flow::Continue, false) => Flow::Continue,
-    };
+    session.keep_subscriptions().await;
     let mut slot = slot;
     let close = match resumed_refused {
         Flow::Close(c) => c,
@@ -140,8 +133,24 @@ struct Opened {
     slot: SessionSlot,
     keep_alive: u16,
     session_present: bool,
-    /// The session was parked in a router generation that has since been rebuilt.
-    lost: bool,
+}
+
+/// A link made not clean for a persistent session, with nothing of an earlier one in the
+/// router: a handover that could not finish may have left some, which the offline queue
+/// replaces.
+async fn fresh_link(
+    ctx: &EdgeContext,
+    client_id: &str,
+) -> Result<RouterLink, crate::edge::broker::FabricError> {
+    let link = ctx.fabric.link(client_id, false).await?;
+    if !link.session_present {
+        return Ok(link);
+    }
+    release_link(&ctx.fabric, link, None).await;
+    ctx.fabric
+        .forget(client_id, ctx.fabric.generation())
+        .await?;
+    ctx.fabric.link(client_id, false).await
 }
 
 /// What the CONNECT packet asked for.
@@ -220,31 +229,26 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     let slot = ctx.sessions.claim(&connect.client_id, TAKEOVER_WAIT).await;
     let terms = Terms::of(&ctx.limits, &codec, &connect, props.as_ref());
     // A session left behind is resumed unless the device starts clean or it has expired;
-    // either way the router may still hold its state.
+    // either way its queue is in the offline queues, and the router holds nothing of it.
     let parked = ctx.sessions.unpark(&connect.client_id);
-    let left_behind = parked.as_ref().map(|p| p.generation);
+    let left_behind = parked.is_some();
     let resumed =
         parked.filter(|p| !connect.clean_session && p.expires_at > std::time::Instant::now());
     // A device gets a router link of its own only when it needs one: to keep or resume a
-    // persistent session (or to clear one left behind), or once it subscribes. Until then its
-    // publishes go through the fabric's shared link. rumqttd keeps a session only for a link
-    // made not clean, and forgets it when a clean link of that client id ends, so a clean
-    // start of a session that is to outlive this connection clears the old one first.
+    // persistent session, or once it subscribes. Until then its publishes go through the
+    // fabric's shared link. rumqttd keeps a session only for a link made not clean.
     let keep = terms.expiry > 0 || resumed.is_some();
-    let link = match (keep, left_behind) {
-        (false, None) => Ok(None),
-        (true, Some(generation)) if resumed.is_none() => {
-            match ctx.fabric.forget(&connect.client_id, generation).await {
-                Ok(()) => ctx.fabric.link(&connect.client_id, false).await.map(Some),
-                Err(e) => Err(e),
-            }
-        }
-        (keep, _) => ctx.fabric.link(&connect.client_id, !keep).await.map(Some),
+    let link = match keep {
+        false => Ok(None),
+        true => fresh_link(ctx, &connect.client_id).await.map(Some),
     };
-    let link = match link {
+    let mut link = match link {
         Ok(link) => link,
         Err(e) => {
             warn!(thing = %identity.thing, error = %e, "router link failed; refusing connection");
+            if let Some(p) = resumed {
+                ctx.sessions.park(&connect.client_id, p);
+            }
             let _ = conn
                 .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
                 .await;
@@ -252,27 +256,39 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let keep_alive = granted_keep_alive(connect.keep_alive, ctx.limits.max_keep_alive_secs);
-    // A resumed session whose router has since been rebuilt (or lost it) lives on in the
-    // filters kept here; they are given to the new router.
     let session_present = resumed.is_some();
-    let (filters, unacked, stored, lost) = match (&link, resumed) {
-        (Some(l), Some(p)) => {
-            let lost = p.generation != l.generation || !l.session_present;
-            (p.filters, p.unacked, p.stored, lost)
+    let (filters, sent, queued) = match (link.as_mut(), resumed) {
+        (Some(l), Some(p)) => match saved::resume(ctx, &connect.client_id, l, &p.filters).await {
+            Ok(queued) => (p.filters, p.sent, queued),
+            Err(e) => {
+                warn!(thing = %identity.thing, error = %e, "router link failed while resuming; refusing connection");
+                ctx.sessions.park(&connect.client_id, p);
+                let _ = conn
+                    .send_connack(&codec, refusal(ConnectReturnCode::ServerUnavailable))
+                    .await;
+                return None;
+            }
+        },
+        _ => {
+            if left_behind {
+                ctx.fabric.offline().unwatch(&connect.client_id).await;
+            }
+            (Vec::new(), Vec::new(), Vec::new())
         }
-        _ => (Vec::new(), Vec::new(), Vec::new(), false),
     };
     // What the store keeps follows: the session as it is now, or nothing.
     if keep {
+        if !session_present && left_behind {
+            saved::remove(ctx, &connect.client_id);
+        }
         let saved = SavedSession {
             filters: filters.clone(),
             expiry_secs: terms.expiry,
             left_at_ms: None,
-            unacked: Vec::new(),
-            messages: stored.clone(),
+            sent: sent.clone(),
         };
         saved::put(ctx, &connect.client_id, &saved).await;
-    } else if left_behind.is_some() {
+    } else if left_behind {
         saved::remove(ctx, &connect.client_id);
     }
     let ack = connack_success(
@@ -316,15 +332,15 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         expiry_at_connect: terms.expiry,
         receive_max: terms.receive_max,
         max_packet_to_device: terms.max_packet,
-        redeliver: unacked,
         waiting: std::collections::VecDeque::new(),
         in_flight: 0,
         own_unacked: Vec::new(),
         next_own_pkid: super::FIRST_OWN_PKID,
         link,
-        // A resumed session's subscriptions come back from the router; track them so a later
+        // A resumed session's subscriptions, given to the router again; tracked so a later
         // change of grant can prune them too.
         filters,
+        subscriptions_changed: false,
         generations: ctx.fabric.generations(),
         to_router: Vec::new(),
         to_ingest: Vec::new(),
@@ -335,13 +351,12 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         wake_router: false,
         router_acks: std::collections::VecDeque::new(),
     };
-    session.queue_stored(stored);
+    session.queue_stored(queued, &sent);
     Some(Opened {
         session,
         slot,
         keep_alive,
         session_present,
-        lost,
     })
 }
 

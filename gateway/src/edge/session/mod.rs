@@ -14,7 +14,8 @@
 //! - `acks`: PUBACKs held until the spool has made their messages durable.
 //! - `close`: why a session ends, the DISCONNECT it sends, the will, parking a persistent
 //!   session, and ending it when it expires.
-//! - `saved`: persistent sessions kept across a restart (format, when written, restored).
+//! - `saved`: persistent sessions across a disconnect and a restart: the kept value, the
+//!   handover to the offline queue when a device leaves, the resumption, the restore at start.
 //!
 //! This file holds what all phases share: the limits, the context, the socket and the
 //! session's state.
@@ -45,7 +46,7 @@ mod serve;
 
 pub use close::expire_sessions;
 pub(super) use connect::run;
-pub use saved::{restore_sessions, save_sessions, Restored};
+pub use saved::{restore_sessions, Restored};
 
 /// Initial read buffer per connection: a burst of small publishes in one read.
 const READ_BUFFER: usize = 4096;
@@ -55,6 +56,8 @@ const WRITE_BUFFER: usize = 1024;
 /// rumqttd numbers a link's deliveries 1 to 100 (its fixed in-flight window), so the session's
 /// own QoS 1 deliveries take ids above that.
 const FIRST_OWN_PKID: u16 = 101;
+/// The DUP flag of a PUBLISH's fixed header (§3.3.1.1).
+const DUP: u8 = 0x08;
 
 /// The per-connection limits from `[listener]`.
 #[derive(Debug, Clone, Copy)]
@@ -99,9 +102,6 @@ pub struct EdgeContext {
     pub limits: Limits,
     /// Where allowed publishes go to be routed and spooled; `None` when nothing is routed.
     pub ingest: Option<Ingest>,
-    /// Where persistent sessions are kept across a restart; `None` keeps them in memory only.
-    /// Weak, so a connection still closing after a stop does not hold the store open.
-    pub store: Option<std::sync::Weak<crate::spool::Spool>>,
 }
 
 /// The socket and its buffers.
@@ -159,20 +159,20 @@ struct Session {
     /// The device's Receive Maximum and Maximum Packet Size.
     receive_max: u16,
     max_packet_to_device: usize,
-    /// Fingerprints of deliveries sent before the device went away and not acknowledged; the
-    /// router sends them again, and they go out marked DUP.
-    redeliver: Vec<u64>,
     /// Deliveries waiting for the device's Receive Maximum, in router order.
     waiting: std::collections::VecDeque<Outgoing>,
     /// QoS 1 deliveries written to the device and not yet acknowledged by it.
     in_flight: usize,
-    /// Packet ids of the session's own QoS 1 deliveries (retained messages after a SUBSCRIBE)
-    /// that the device has not acknowledged, and the next one to use.
-    own_unacked: Vec<u16>,
+    /// Packet ids of the session's own QoS 1 deliveries (retained messages after a SUBSCRIBE,
+    /// queued messages of a resumed session, with their sequence) that the device has not
+    /// acknowledged, and the next one to use.
+    own_unacked: Vec<(u16, Option<u64>)>,
     next_own_pkid: u16,
     /// Filters granted and passed to the router with their granted QoS, re-checked when the
     /// grant changes and given to a rebuilt router.
     filters: Vec<Subscription>,
+    /// Since the last read, the subscriptions changed (a persistent session keeps them).
+    subscriptions_changed: bool,
     /// The router's generation; a change means this session's link is gone and it links again.
     generations: watch::Receiver<u64>,
     /// Packets for the router from the current read, handed over in one go.
@@ -202,7 +202,8 @@ struct RouterAck {
     by_session: bool,
     /// Written to the device (not waiting for its Receive Maximum).
     sent: bool,
-    /// Of topic and payload, kept for a persistent session so a redelivery is marked DUP.
+    /// Of topic and payload, kept for a persistent session so that, drained from the router
+    /// unacknowledged when the device leaves, it is queued marked DUP.
     fingerprint: u64,
 }
 
@@ -212,8 +213,12 @@ struct Outgoing {
     props: Option<rumqttd::protocol::PublishProperties>,
     /// The packet id when it goes out at QoS 1: the router's, or the session's own.
     pkid: Option<u16>,
-    /// A retained message the session sends itself after a SUBSCRIBE.
+    /// A retained message the session sends itself after a SUBSCRIBE, or a queued one.
     own: bool,
+    /// The sequence of a queued message in the offline queue, removed once settled.
+    stored: Option<u64>,
+    /// Sent before: it goes out with DUP set (MQTT-3.3.1-1).
+    dup: bool,
 }
 
 impl Session {

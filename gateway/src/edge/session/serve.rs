@@ -16,10 +16,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::auth::{DeviceState, Operation};
-use crate::edge::broker::{
-    device_form, entering_properties, publish_with_id, qos_and_pkid, strip_marks, RouterLink,
-};
+use crate::edge::broker::{device_form, RouterLink};
+use crate::edge::codec::publish_with_id;
 use crate::edge::codec::{CodecError, Frame};
+use crate::edge::marks::{delivery_fingerprint, entering_properties, qos_and_pkid, strip_marks};
+use crate::edge::offline::split_entry;
 use crate::edge::table::{EndReason, SessionSlot, Subscription};
 use crate::escape::Escaped;
 use crate::pipeline::Message;
@@ -75,6 +76,7 @@ impl Session {
                         } else if let Flow::Close(c) = self.refresh_grant().await {
                             return c;
                         }
+                        self.keep_subscriptions().await;
                     }
                     read = tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.rbuf)) => {
                         match read {
@@ -179,6 +181,7 @@ impl Session {
         if let Flow::Close(c) = self.hand_to_router().await {
             return Flow::Close(c);
         }
+        self.keep_subscriptions().await;
         let receipt = match (&self.ctx.ingest, self.to_ingest.is_empty()) {
             (Some(ingest), false) => {
                 let mut messages = std::mem::take(&mut self.to_ingest);
@@ -196,6 +199,24 @@ impl Session {
             self.held.push_back(HeldAcks { receipt, acks });
         }
         flow
+    }
+
+    /// A persistent session's subscriptions changed: they are kept in the store, durably,
+    /// before the SUBACK (or UNSUBACK) goes out, so a crash does not lose them.
+    pub(super) async fn keep_subscriptions(&mut self) {
+        if !std::mem::take(&mut self.subscriptions_changed) || self.expiry == 0 || self.link_clean {
+            return;
+        }
+        let saved = super::saved::SavedSession {
+            filters: self.filters.clone(),
+            expiry_secs: self.expiry,
+            left_at_ms: None,
+            sent: self.sent_stored(),
+        };
+        super::saved::put(&self.ctx, &self.thing, &saved).await;
+        if let Err(e) = self.ctx.fabric.offline().flush().await {
+            warn!(thing = %self.thing, error = %e, "a persistent session's subscriptions may not be durable");
+        }
     }
 
     /// Sends `to_router` through this device's link, making it at the first SUBSCRIBE, or
@@ -394,9 +415,12 @@ impl Session {
         match frame.packet {
             Packet::Publish(publish, props) => self.publish(publish, props, frame.qos, frame.pkid),
             Packet::PubAck(ack, _) if ack.pkid >= super::FIRST_OWN_PKID => {
-                if let Some(i) = self.own_unacked.iter().position(|&p| p == ack.pkid) {
-                    self.own_unacked.swap_remove(i);
+                if let Some(i) = self.own_unacked.iter().position(|&(p, _)| p == ack.pkid) {
+                    let (_, stored) = self.own_unacked.swap_remove(i);
                     self.in_flight = self.in_flight.saturating_sub(1);
+                    if let Some(seq) = stored {
+                        super::saved::delivered(&self.ctx, &self.thing, &[seq]);
+                    }
                 }
                 self.send_waiting(wbuf);
                 Flow::Continue
@@ -433,6 +457,7 @@ impl Session {
                 }
                 self.filters
                     .retain(|s| !unsubscribe.filters.contains(&s.filter));
+                self.subscriptions_changed = true;
                 let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
                 let pkid = unsubscribe.pkid;
                 self.to_router.push(Packet::Unsubscribe(unsubscribe, None));
@@ -540,6 +565,7 @@ impl Session {
                 Some(known) => *known = sub,
                 None => self.filters.push(sub),
             }
+            self.subscriptions_changed = true;
             granted.push(filter);
         }
         let pkid = subscribe.pkid;
@@ -582,16 +608,18 @@ impl Session {
         let marks = strip_marks(&mut props, &self.thing);
         let (qos, _) = qos_and_pkid(&publish);
         let at_qos1 = qos == QoS::AtLeastOnce && !marks.qos0 && granted_qos > 0;
-        self.queue_own(&publish, props, at_qos1, true);
+        self.queue_own(&publish, props, at_qos1, true, None);
     }
 
-    /// Queues a delivery of the session's own (not the router's), under its own packet id.
+    /// Queues a delivery of the session's own (not the router's), under its own packet id;
+    /// `stored` names a queued message of the offline queue (and whether it went out before).
     fn queue_own(
         &mut self,
         publish: &Publish,
         props: Option<PublishProperties>,
         at_qos1: bool,
         retain: bool,
+        stored: Option<(u64, bool)>,
     ) {
         let pkid = at_qos1.then(|| self.own_pkid());
         let qos = if at_qos1 {
@@ -611,23 +639,54 @@ impl Session {
             props,
             pkid,
             own: true,
+            stored: stored.map(|(seq, _)| seq),
+            dup: stored.is_some_and(|(_, dup)| dup),
         });
     }
 
-    /// Queues the messages a restart kept for this session, before anything the router sends.
-    pub(super) fn queue_stored(&mut self, stored: Vec<bytes::Bytes>) {
+    /// Queues the messages of this session's offline queue, before anything the router sends;
+    /// those in `sent` went out before and go out again marked DUP.
+    pub(super) fn queue_stored(&mut self, stored: Vec<(u64, bytes::Bytes)>, sent: &[u64]) {
         let codec = crate::edge::codec::Codec::new(crate::edge::codec::Version::V5, usize::MAX);
-        for packet in stored {
-            let mut buf = BytesMut::from(&packet[..]);
+        let now_ms = crate::clock::now_ms();
+        let mut settled = Vec::new();
+        for (seq, entry) in stored {
+            let Some((queued_at, packet)) = split_entry(&entry) else {
+                settled.push(seq);
+                continue;
+            };
+            let dup = packet.first().is_some_and(|h| h & super::DUP != 0) || sent.contains(&seq);
+            let mut buf = BytesMut::from(packet);
             let Ok(Some(frame)) = codec.read(&mut buf) else {
-                warn!(thing = %self.thing, "a kept message does not parse; left out");
+                warn!(thing = %self.thing, "a queued message does not parse; left out");
+                settled.push(seq);
                 continue;
             };
-            let Packet::Publish(publish, props) = frame.packet else {
+            let Packet::Publish(publish, mut props) = frame.packet else {
+                settled.push(seq);
                 continue;
             };
-            self.queue_own(&publish, props, frame.qos == 1, false);
+            // MQTT-3.3.2-5, -6: an expired message is not delivered; the others go out with
+            // what is left of their Message Expiry Interval.
+            let waited = now_ms.saturating_sub(queued_at) / 1000;
+            if let Some(expiry) = props
+                .as_mut()
+                .and_then(|p| p.message_expiry_interval.as_mut())
+            {
+                if u64::from(*expiry) <= waited {
+                    self.ctx
+                        .stats
+                        .session_messages_expired
+                        .fetch_add(1, Relaxed);
+                    settled.push(seq);
+                    continue;
+                }
+                *expiry -= waited as u32;
+            }
+            let retain = publish.retain;
+            self.queue_own(&publish, props, frame.qos == 1, retain, Some((seq, dup)));
         }
+        super::saved::delivered(&self.ctx, &self.thing, &settled);
     }
 
     /// A packet id for the session's own delivery, not in use by another.
@@ -638,7 +697,7 @@ impl Session {
                 u16::MAX => super::FIRST_OWN_PKID,
                 n => n + 1,
             };
-            if !self.own_unacked.contains(&pkid) {
+            if !self.own_unacked.iter().any(|&(p, _)| p == pkid) {
                 return pkid;
             }
         }
@@ -702,6 +761,8 @@ impl Session {
                         props: forward.properties,
                         pkid: to_device,
                         own: false,
+                        stored: None,
+                        dup: false,
                     });
                 }
                 self.send_waiting(wbuf);
@@ -748,6 +809,8 @@ impl Session {
         if dropped.is_empty() {
             return Flow::Continue;
         }
+        self.subscriptions_changed = true;
+        self.drop_queued_not_allowed();
         let mut filters = Vec::with_capacity(dropped.len());
         for Subscription { filter, .. } in dropped {
             info!(thing = %self.identity.thing, filter = %Escaped(&filter), "subscription no longer allowed; removed");
@@ -765,6 +828,27 @@ impl Session {
         }
     }
 
+    /// Leaves out of `waiting` the queued messages (of the offline queue) that no remaining
+    /// subscription takes: a grant that shrank while the device was away stops them too.
+    fn drop_queued_not_allowed(&mut self) {
+        let mut settled = Vec::new();
+        let filters = &self.filters;
+        self.waiting.retain(|out| {
+            let Some(seq) = out.stored else {
+                return true;
+            };
+            let topic = std::str::from_utf8(&out.publish.topic).unwrap_or("");
+            let allowed = filters
+                .iter()
+                .any(|s| crate::topic::matches(topic, &s.filter));
+            if !allowed {
+                settled.push(seq);
+            }
+            allowed
+        });
+        super::saved::delivered(&self.ctx, &self.thing, &settled);
+    }
+
     /// Writes the waiting deliveries the device's Receive Maximum leaves room for, in order
     /// (MQTT-3.3.4-9: a QoS 0 delivery behind a held QoS 1 one waits too, so the order holds).
     fn send_waiting(&mut self, wbuf: &mut BytesMut) {
@@ -780,10 +864,12 @@ impl Session {
     }
 
     /// Writes one delivery, unless it is larger than the device takes (MQTT-3.1.2-25: then it
-    /// is dropped, counted, and settled as if sent); a redelivery goes out with DUP set.
+    /// is dropped, counted, and settled as if sent); one sent before goes out with DUP set.
     fn deliver(&mut self, out: Outgoing, wbuf: &mut BytesMut) {
-        let fingerprint = match (out.pkid, self.expiry > 0 || !self.redeliver.is_empty()) {
-            (Some(_), true) => delivery_fingerprint(&out.publish),
+        // A persistent session's router deliveries are fingerprinted so that, drained from
+        // the router when the device leaves unacknowledged, they are queued marked DUP.
+        let fingerprint = match (out.pkid, out.own, self.expiry > 0) {
+            (Some(_), false, true) => delivery_fingerprint(&out.publish),
             _ => 0,
         };
         let start = wbuf.len();
@@ -792,39 +878,37 @@ impl Session {
         if too_large {
             wbuf.truncate(start);
             self.ctx.stats.deliveries_too_large.fetch_add(1, Relaxed);
+        } else if out.dup {
+            if let Some(header) = wbuf.get_mut(start) {
+                *header |= super::DUP;
+            }
         }
-        let Some(pkid) = out.pkid else {
+        let Some(pkid) = out.pkid.filter(|_| !too_large) else {
+            // Settled now: sent at QoS 0, or dropped.
+            if let Some(seq) = out.stored {
+                super::saved::delivered(&self.ctx, &self.thing, &[seq]);
+            }
+            if too_large && !out.own {
+                if let Some(a) = out
+                    .pkid
+                    .and_then(|p| self.router_acks.iter_mut().rev().find(|a| a.pkid == p))
+                {
+                    a.by_session = true;
+                }
+                self.ack_router_ahead();
+            }
             return;
         };
         if out.own {
-            if !too_large {
-                self.own_unacked.push(pkid);
-                self.in_flight += 1;
-                self.mark_redelivery(fingerprint, start, wbuf);
-            }
+            self.own_unacked.push((pkid, out.stored));
+            self.in_flight += 1;
             return;
         }
         if let Some(a) = self.router_acks.iter_mut().rev().find(|a| a.pkid == pkid) {
-            a.by_session = too_large;
-            a.sent = !too_large;
+            a.sent = true;
             a.fingerprint = fingerprint;
         }
-        if too_large {
-            self.ack_router_ahead();
-            return;
-        }
         self.in_flight += 1;
-        self.mark_redelivery(fingerprint, start, wbuf);
-    }
-
-    /// Sets DUP on the PUBLISH written at `start` when it was sent before the device left.
-    fn mark_redelivery(&mut self, fingerprint: u64, start: usize, wbuf: &mut BytesMut) {
-        if let Some(i) = self.redeliver.iter().position(|&f| f == fingerprint) {
-            self.redeliver.swap_remove(i);
-            if let Some(header) = wbuf.get_mut(start) {
-                *header |= DUP;
-            }
-        }
     }
 
     /// Whether every subscription of this session that matches `topic` has `property`.
@@ -835,7 +919,12 @@ impl Session {
             .all(property)
     }
 
-    /// Fingerprints of the deliveries the device has not acknowledged.
+    /// Sequences of queued messages sent and not acknowledged.
+    pub(super) fn sent_stored(&self) -> Vec<u64> {
+        self.own_unacked.iter().filter_map(|&(_, s)| s).collect()
+    }
+
+    /// Fingerprints of the router's deliveries the device has not acknowledged.
     pub(super) fn unacked(&self) -> Vec<u64> {
         self.router_acks
             .iter()
@@ -873,18 +962,6 @@ impl Session {
             debug!(thing = %self.identity.thing, %resource, "{what} refused: {why}");
         }
     }
-}
-
-/// The DUP flag of a PUBLISH's fixed header (§3.3.1.1).
-const DUP: u8 = 0x08;
-
-/// Identifies a delivery across a reconnect (the router's packet ids do not survive it).
-fn delivery_fingerprint(p: &Publish) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    p.topic.hash(&mut h);
-    p.payload.hash(&mut h);
-    h.finish()
 }
 
 /// The next notification on `link`; never resolves without one (the caller guards on it).
