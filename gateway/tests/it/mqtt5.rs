@@ -129,6 +129,8 @@ fn puback(pkid: u16) -> Vec<u8> {
 /// with and the QoS granted to the subscription. A QoS 0 publish reaches a QoS 1 subscriber as
 /// QoS 0 (it used to arrive as QoS 1), a QoS 1 publish as QoS 1, on 3.1.1 and 5; and the
 /// deliveries after a lowered one keep flowing (the router's acknowledgements stay in order).
+/// A SUBSCRIBE again at QoS 0 replaces the grant (MQTT-3.8.4-3): QoS 1 publishes then arrive
+/// at QoS 0 (rumqttd's router keeps the first QoS; the session applies the new one).
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_8_4_delivered_qos_is_the_minimum_of_published_and_granted() {
     let site = Site::start_with(|c| {
@@ -168,6 +170,19 @@ async fn s3_8_4_delivered_qos_is_the_minimum_of_published_and_granted() {
                 sub.send(&raw::packet(0x40, &pkid.to_be_bytes())).await;
             }
         }
+        // The same filter subscribed again at QoS 0 (MQTT-3.8.4-3 replaces the
+        // subscription): a QoS 1 publish now arrives at QoS 0.
+        sub.send(&raw::subscribe(9, &[(b"dt/#", 0)], v5, &[])).await;
+        let suback = sub.read().await.expect("SUBACK");
+        assert_eq!(suback.suback_codes(v5), [0], "v5 {v5}");
+        publish_qos1(&mut publisher, b"dt/x", b"one, granted zero").await;
+        let got = sub.read().await.expect("delivery");
+        let (got_qos, _, body) = delivered(&got, v5);
+        assert_eq!(
+            (got_qos, &body[..]),
+            (0, &b"one, granted zero"[..]),
+            "v5 {v5}"
+        );
     }
     assert_eq!(site.snapshot().router_rebuilds, 0);
     site.stop().await;

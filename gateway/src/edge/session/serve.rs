@@ -736,7 +736,14 @@ impl Session {
                 if marks.retained && !self.all_matching(topic, |s| !s.retain_as_published) {
                     forward.publish.retain = true;
                 }
-                let at_qos0 = marks.qos0 || skipped;
+                // §3.8.4 on the granted side: the router keeps the QoS of a filter's first
+                // SUBSCRIBE; the session's own record has the latest grant.
+                let granted0 = self.all_matching(topic, |s| s.qos == 0)
+                    && self
+                        .filters
+                        .iter()
+                        .any(|s| crate::topic::matches(topic, &s.filter));
+                let at_qos0 = marks.qos0 || skipped || granted0;
                 let mut to_device = None;
                 if qos != QoS::AtMostOnce {
                     // The router waits for this PUBACK, in order: a delivery lowered to QoS 0
