@@ -21,6 +21,8 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace, Word};
 
+use crate::functions::Function;
+
 /// Metadata columns every message has.
 pub const TOPIC: &str = "__topic";
 pub const THING: &str = "__thing";
@@ -453,7 +455,11 @@ impl Rewrite {
                 i = self.source_clause(file, body, i, next)?;
                 continue;
             }
-            if w.quote_style.is_none() && matches!(next_tok, Some(Token::LParen)) {
+            let call = matches!(next_tok, Some(Token::LParen));
+            if w.quote_style.is_none()
+                && call
+                && (!STRUCTURAL.contains(&w.keyword) || w.keyword == Keyword::CAST)
+            {
                 let lower = w.value.to_ascii_lowercase();
                 if METADATA_FUNCTIONS.contains(&lower.as_str()) {
                     i = self.metadata_call(file, body, i, &lower, next.unwrap_or(i))?;
@@ -469,8 +475,45 @@ impl Rewrite {
                     i += 1;
                     continue;
                 }
-                // Another function call: the name is not a column.
-                self.out.push(t.clone());
+                // Another function call: IoT Core's function of that name, or refused.
+                match crate::functions::lookup(&lower) {
+                    Some(Function::Same | Function::Aggregate) => self.out.push(t.clone()),
+                    Some(Function::Iot) => {
+                        self.out.push(ident(&crate::functions::udf_name(&lower)))
+                    }
+                    Some(Function::Renamed(to)) => self.out.push(ident(to)),
+                    Some(Function::External(service)) => {
+                        return Err(err(
+                            file,
+                            Some(&body[i]),
+                            format!(
+                                "{}() calls {service}, which sitegate does not call from the edge",
+                                w.value
+                            ),
+                        ))
+                    }
+                    Some(Function::NotYet(why)) => {
+                        return Err(err(
+                            file,
+                            Some(&body[i]),
+                            format!("{}() is not supported at the edge yet: {why}", w.value),
+                        ))
+                    }
+                    None => {
+                        return Err(err(
+                            file,
+                            Some(&body[i]),
+                            format!("{}() is not an AWS IoT SQL function", w.value),
+                        ))
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            // The IoT SQL reference writes string literals in double quotes as well
+            // (`WHERE s = "myValue"`); after AS a double-quoted word is still a name.
+            if w.quote_style == Some('"') && !after_as {
+                self.out.push(Token::SingleQuotedString(w.value.clone()));
                 i += 1;
                 continue;
             }

@@ -94,7 +94,9 @@ fn context() -> SessionContext {
         .with_coalesce_batches(false);
     // Payload fields keep their case, as in IoT Core.
     config.options_mut().sql_parser.enable_ident_normalization = false;
-    SessionContext::new_with_config(config)
+    let ctx = SessionContext::new_with_config(config);
+    crate::functions::register(&ctx);
+    ctx
 }
 
 /// Columns no message of a batch had are null-typed, which most expressions accept; the few

@@ -12,6 +12,8 @@
 //! - `batch`: JSON payloads to Arrow batches (flattening, type inference, declared types) and
 //!   result rows back to JSON.
 //! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
+//! - `functions`: the IoT SQL function list and what each is here (DataFusion's, a UDF with
+//!   IoT Core's semantics, or refused with the reason).
 //! - `dir`: the rules directory: loading, change detection for hot reload.
 //! - `sample`: running a rule over sample messages (`sitegate rules test`, the test cases).
 
@@ -19,6 +21,7 @@ pub mod batch;
 pub mod dialect;
 pub mod dir;
 pub mod engine;
+pub mod functions;
 pub mod sample;
 
 pub use batch::Message;
