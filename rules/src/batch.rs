@@ -619,8 +619,8 @@ fn cell(array: &dyn Array, row: usize) -> Value {
         DataType::Int64 => Value::from(array.as_primitive::<t::Int64Type>().value(row)),
         DataType::Int32 => Value::from(array.as_primitive::<t::Int32Type>().value(row)),
         DataType::UInt64 => Value::from(array.as_primitive::<t::UInt64Type>().value(row)),
-        DataType::Float64 => Value::from(array.as_primitive::<t::Float64Type>().value(row)),
-        DataType::Float32 => Value::from(array.as_primitive::<t::Float32Type>().value(row)),
+        DataType::Float64 => decimal(array.as_primitive::<t::Float64Type>().value(row)),
+        DataType::Float32 => decimal(f64::from(array.as_primitive::<t::Float32Type>().value(row))),
         DataType::Utf8 => Value::from(array.as_string::<i32>().value(row)),
         DataType::LargeUtf8 => Value::from(array.as_string::<i64>().value(row)),
         DataType::Utf8View => Value::from(array.as_string_view().value(row)),
@@ -631,6 +631,18 @@ fn cell(array: &dyn Array, row: usize) -> Value {
                 Err(_) => Value::Null,
             }
         }
+    }
+}
+
+/// A Decimal as SQL version 2016-03-23 outputs it (iot-sql-data-types): a whole number is an
+/// Int (`10.0` is `10`); NaN and infinities, which JSON cannot hold, are Null.
+fn decimal(v: f64) -> Value {
+    // Below 2^53 every whole f64 is exactly an i64.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if v.fract() == 0.0 && v.abs() < EXACT {
+        Value::from(v as i64)
+    } else {
+        serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
     }
 }
 
@@ -731,9 +743,11 @@ mod tests {
             &DataType::Null
         );
         let out = rows(&batch);
+        // The column is Float64 for 2.5, yet 1 goes out as the Int it came in as: SQL version
+        // 2016-03-23 processes whole-number Decimals as Ints (iot-sql-data-types).
         assert_eq!(
             Value::Object(out[0].object.clone()),
-            serde_json::json!({"t":1.0,"z":"B","s":{"v":true}})
+            serde_json::json!({"t":1,"z":"B","s":{"v":true}})
         );
     }
 
@@ -797,11 +811,11 @@ mod tests {
         let out = rows(&batch);
         assert_eq!(
             Value::Object(out[1].object.clone()),
-            serde_json::json!({"temp":2.0,"motor":{"amps":4.5},"max":"é"})
+            serde_json::json!({"temp":2,"motor":{"amps":4.5},"max":"é"})
         );
         assert_eq!(
             Value::Object(out[0].object.clone()),
-            serde_json::json!({"temp":-3.5,"motor":{"amps":4.0}})
+            serde_json::json!({"temp":-3.5,"motor":{"amps":4}})
         );
     }
 
