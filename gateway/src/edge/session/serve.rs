@@ -738,11 +738,13 @@ impl Session {
                 }
                 // §3.8.4 on the granted side: the router keeps the QoS of a filter's first
                 // SUBSCRIBE; the session's own record has the latest grant.
-                let granted0 = self.all_matching(topic, |s| s.qos == 0)
-                    && self
-                        .filters
-                        .iter()
-                        .any(|s| crate::topic::matches(topic, &s.filter));
+                let granted = self
+                    .filters
+                    .iter()
+                    .filter(|s| crate::topic::matches(topic, &s.filter))
+                    .map(|s| s.qos)
+                    .max();
+                let granted0 = granted == Some(0);
                 let at_qos0 = marks.qos0 || skipped || granted0;
                 let mut to_device = None;
                 if qos != QoS::AtMostOnce {
