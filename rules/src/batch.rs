@@ -14,7 +14,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -73,7 +73,7 @@ enum Cell<'m> {
     Int(i64),
     Float(f64),
     Text(Cow<'m, str>),
-    /// An array, kept as its compact JSON text.
+    /// An array or an object wanted whole, kept as its compact JSON text.
     Json(String),
 }
 
@@ -83,7 +83,8 @@ impl Cell<'_> {
             Cell::Bool(_) => KIND_BOOL,
             Cell::Int(_) => KIND_INT,
             Cell::Float(_) => KIND_FLOAT,
-            Cell::Text(_) | Cell::Json(_) => KIND_TEXT,
+            Cell::Text(_) => KIND_TEXT,
+            Cell::Json(_) => KIND_JSON,
         }
     }
 
@@ -119,6 +120,12 @@ const KIND_BOOL: u8 = 1;
 const KIND_INT: u8 = 2;
 const KIND_FLOAT: u8 = 4;
 const KIND_TEXT: u8 = 8;
+const KIND_JSON: u8 = 16;
+
+/// Field metadata of a text column whose every value is an array or object as JSON text: it
+/// goes out as that JSON value, not as a string (iot-sql-select: selecting an object or an
+/// array outputs it).
+pub const JSON_COLUMN: &str = "sitegate.json";
 
 struct Column<'m> {
     name: String,
@@ -159,7 +166,7 @@ impl<'m> Column<'m> {
                 0 => DataType::Null,
                 KIND_BOOL => DataType::Boolean,
                 KIND_INT => DataType::Int64,
-                k if k & (KIND_BOOL | KIND_TEXT) == 0 => DataType::Float64,
+                k if k & (KIND_BOOL | KIND_TEXT | KIND_JSON) == 0 => DataType::Float64,
                 // Strings, arrays, or a field whose type changed within the batch: text, so the
                 // rule keeps running.
                 _ => DataType::Utf8,
@@ -214,7 +221,15 @@ impl<'m> Column<'m> {
                 Arc::new(b.finish())
             }
         };
-        (Field::new(self.name, ty, true), array)
+        let field = Field::new(self.name, ty, true);
+        let field = match (self.declared, self.kinds) {
+            (None, KIND_JSON) => field.with_metadata(HashMap::from([(
+                JSON_COLUMN.to_string(),
+                "true".to_string(),
+            )])),
+            _ => field,
+        };
+        (field, array)
     }
 }
 
@@ -315,6 +330,15 @@ fn object_depth(json: &str) -> usize {
     deepest
 }
 
+/// How deeply objects nest in `v` (0 for a scalar), as [`object_depth`] counts them.
+fn value_depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(value_depth).max().unwrap_or(0),
+        Value::Array(a) => a.iter().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// A key, borrowed from the payload unless it held escapes.
 struct Key<'m>(Cow<'m, str>);
 
@@ -341,6 +365,9 @@ impl<'de> Deserialize<'de> for Key<'de> {
 struct ObjectFields<'b, 'd, 'm> {
     builder: &'b mut Builder<'d, 'm>,
     depth: usize,
+    /// Read from a `serde_json::Value` already taken whole (its depth checked), not from the
+    /// payload text, so skipped fields have no raw text.
+    from_value: bool,
 }
 
 impl<'m> DeserializeSeed<'m> for ObjectFields<'_, '_, 'm> {
@@ -372,7 +399,11 @@ impl<'m> Visitor<'m> for ObjectFields<'_, '_, 'm> {
                     builder: &mut *b,
                     depth: self.depth,
                     target,
+                    from_value: self.from_value,
                 })?,
+                None if self.from_value => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
                 None => {
                     let raw: &RawValue = map.next_value()?;
                     b.skipped(raw, self.depth)?;
@@ -389,6 +420,7 @@ struct FieldValue<'b, 'd, 'm> {
     builder: &'b mut Builder<'d, 'm>,
     depth: usize,
     target: Target,
+    from_value: bool,
 }
 
 impl<'m> DeserializeSeed<'m> for FieldValue<'_, '_, 'm> {
@@ -438,20 +470,36 @@ impl<'m> Visitor<'m> for FieldValue<'_, '_, 'm> {
         self.builder.hold(self.target, cell)
     }
     fn visit_map<A: MapAccess<'m>>(self, mut map: A) -> Result<(), A::Error> {
-        if self.target.descend {
+        if self.target.column.is_none() {
             return ObjectFields {
                 builder: self.builder,
                 depth: self.depth + 1,
+                from_value: self.from_value,
             }
             .visit_map(map);
         }
-        // Wanted as a whole but an object: like IoT Core's flattening view, only its leaves are
-        // columns, so nothing is held; its depth still counts.
+        // Wanted as a whole: held as its JSON (and walked too when fields below it are wanted).
         if self.depth + 1 > MAX_DEPTH {
             return Err(self.builder.too_deep());
         }
-        while let Some((IgnoredAny, raw)) = map.next_entry::<IgnoredAny, &RawValue>()? {
-            self.builder.skipped(raw, self.depth + 1)?;
+        let mut object = Map::new();
+        while let Some((key, value)) = map.next_entry::<String, Value>()? {
+            object.insert(key, value);
+        }
+        let object = Value::Object(object);
+        if self.depth + value_depth(&object) > MAX_DEPTH {
+            return Err(self.builder.too_deep());
+        }
+        self.builder
+            .hold(self.target, Cell::Json(object.to_string()))?;
+        if self.target.descend {
+            ObjectFields {
+                builder: self.builder,
+                depth: self.depth + 1,
+                from_value: true,
+            }
+            .deserialize(object)
+            .map_err(de::Error::custom)?;
         }
         Ok(())
     }
@@ -529,6 +577,7 @@ impl Decoder {
             let result = ObjectFields {
                 builder: &mut b,
                 depth: 1,
+                from_value: false,
             }
             .deserialize(&mut de)
             .and_then(|()| de.end());
@@ -680,7 +729,13 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                 received_at_ms: None,
             };
             for (i, field) in schema.fields().iter().enumerate() {
-                let value = cell(batch.column(i).as_ref(), r);
+                let mut value = cell(batch.column(i).as_ref(), r);
+                if field.metadata().contains_key(JSON_COLUMN) {
+                    if let Some(parsed) = value.as_str().and_then(|s| serde_json::from_str(s).ok())
+                    {
+                        value = parsed;
+                    }
+                }
                 match field.name().as_str() {
                     "__sg_thing" => row.thing = value.as_str().map(str::to_string),
                     "__sg_cert_id" => row.cert_id = value.as_str().map(str::to_string),
@@ -820,6 +875,28 @@ mod tests {
     }
 
     #[test]
+    fn an_object_wanted_whole_is_held_as_json_within_the_depth_limit() {
+        let wanted = BTreeSet::from(["s".to_string(), "s.a".to_string()]);
+        let deep = format!(
+            r#"{{"s":{}1{}}}"#,
+            r#"{"a":"#.repeat(MAX_DEPTH),
+            "}".repeat(MAX_DEPTH)
+        );
+        let ms = [msg(r#"{"s":{"a":1,"b":[true]}}"#), msg(&deep)];
+        let refs: Vec<&Message> = ms.iter().collect();
+        let (batch, ok, failed) = Decoder::new(&[], &wanted, false).decode(&refs);
+        assert_eq!(ok, vec![0]);
+        assert!(failed[0].reason.contains("deeper"), "{failed:?}");
+        let field = batch.schema().field_with_name("s").unwrap().clone();
+        assert!(field.metadata().contains_key(JSON_COLUMN));
+        let out = rows(&batch);
+        assert_eq!(
+            Value::Object(out[0].object.clone()),
+            serde_json::json!({"s":{"a":1,"b":[true]}})
+        );
+    }
+
+    #[test]
     fn arrays_and_mixed_types_become_text() {
         let ms = [
             msg(r#"{"v":[1, {"a":null}],"w":true}"#),
@@ -828,6 +905,7 @@ mod tests {
         let refs: Vec<&Message> = ms.iter().collect();
         let (batch, _, _) = Decoder::new(&[], &BTreeSet::new(), true).decode(&refs);
         let out = rows(&batch);
+        // A column of arrays alone would go out as arrays; mixed with numbers it is text.
         assert_eq!(out[0].object["v"], Value::from(r#"[1,{"a":null}]"#));
         assert_eq!(out[1].object["v"], Value::from("2.5"));
         assert_eq!(out[1].object["w"], Value::from("3"));
