@@ -1,7 +1,9 @@
 //! Rules on 100-byte JSON telemetry, on one core (a current-thread runtime): the JSON → Arrow
 //! decode alone (every field, and the two fields a rule names), a filter + projection rule
-//! (decode included), and a one-minute tumbling average per device (absorbing the batch, then
-//! closing the window).
+//! (decode included), a rule with a mixed-type field, a nested object selected whole and two
+//! IoT functions (`iot_functions_object_mixed`, on the same telemetry with those two fields
+//! added), and a one-minute tumbling average per device (absorbing the batch, then closing the
+//! window).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -15,17 +17,23 @@ use sitegate_rules::{Engine, ErrorRouting, Message};
 const BATCH: usize = 10_000;
 
 fn messages() -> Vec<Arc<Message>> {
+    telemetry(|_| String::new())
+}
+
+/// The telemetry with `extra(n)` appended inside each payload object.
+fn telemetry(extra: impl Fn(i64) -> String) -> Vec<Arc<Message>> {
     (0..BATCH as i64)
         .map(|n| {
             let thing = format!("freezer-{:04}", n % 500);
             // About 100 bytes, like the fleet's telemetry.
             let payload = format!(
-                r#"{{"temp":{}.{},"humidity":{},"door":"closed","battery":{},"seq":{n},"fw":"2.4.1","rssi":-{}}}"#,
+                r#"{{"temp":{}.{},"humidity":{},"door":"closed","battery":{},"seq":{n},"fw":"2.4.1","rssi":-{}{}}}"#,
                 -30 + n % 40,
                 n % 10,
                 40 + n % 30,
                 90 - n % 20,
-                40 + n % 50
+                40 + n % 50,
+                extra(n)
             );
             Arc::new(Message {
                 topic: format!("dt/{thing}/telemetry"),
@@ -77,6 +85,26 @@ fn rules(c: &mut Criterion) {
     println!("filter + projection keeps {selected} of {BATCH} rows");
     g.bench_function("filter_projection_with_decode", |b| {
         b.iter(|| rt.block_on(filter.process(&msgs, 0)))
+    });
+
+    // `mode` is a number in some messages and a string in others (a text column); `state` is
+    // an object selected whole.
+    let mixed = telemetry(|n| {
+        let mode = if n % 3 == 0 {
+            "\"eco\"".to_string()
+        } else {
+            (n % 5).to_string()
+        };
+        format!(
+            r#","mode":{mode},"state":{{"setpoint":-18,"defrost":{}}}"#,
+            n % 2 == 0
+        )
+    });
+    let mut functions = engine(&rt, "INSERT INTO out SELECT thing_name() AS thing, state, substring(fw, 0, 3) AS major, lpad(mode, 2) AS m FROM 'dt/+/telemetry' WHERE temp > 0");
+    let selected = rt.block_on(functions.process(&mixed, 0)).outputs.len();
+    println!("the IoT-functions rule keeps {selected} of {BATCH} rows");
+    g.bench_function("iot_functions_object_mixed", |b| {
+        b.iter(|| rt.block_on(functions.process(&mixed, 0)))
     });
 
     let mut window = engine(
