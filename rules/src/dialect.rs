@@ -9,7 +9,11 @@
 //!   the metadata columns; `newuuid()` becomes `uuid()`;
 //! - `a.b` becomes the column `"a.b"` (nested payload fields are flattened with dots);
 //! - `first(x)` / `last(x)` become `first_value` / `last_value` ordered by the window's time;
-//! - `TUMBLE(…)` / `HOP(…)` in `GROUP BY` define the window and leave the group list.
+//! - `TUMBLE(…)` / `HOP(…)` in `GROUP BY` define the window and leave the group list;
+//! - function calls are looked up in [`crate::functions`]: IoT Core's meaning or a refusal;
+//!   a double-quoted word is a string literal (except after `AS`);
+//! - last, on the parsed statement, the comparison operators become calls of the UDFs with
+//!   IoT Core's operator tables ([`crate::functions::Comparison`]).
 //!
 //! Directives in comments: `-- @schema temp DOUBLE, zone TEXT` fixes column types;
 //! `-- @error_sink NAME` overrides `[rules] error_sink`.
@@ -298,6 +302,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
     }
     append_identity(&mut out, window.is_some());
     let sql: String = out.iter().map(|t| t.to_string()).collect();
+    let sql = lower_comparisons(&sql).map_err(|e| err(file, body.first(), e))?;
     let mut columns = rewrite.columns;
     if let Some(WindowSpec {
         time_column: Some(c),
@@ -315,6 +320,49 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         whole_payload: selects_star(body),
         line,
     })
+}
+
+/// `a > b` (and `<`, `>=`, `<=`, `=`, `<>`) as calls of the UDFs with IoT Core's operator
+/// tables ([`crate::functions::Comparison`]), instead of DataFusion's coercions.
+fn lower_comparisons(sql: &str) -> Result<String, String> {
+    use crate::functions::Comparison;
+    use datafusion::sql::sqlparser::ast::{visit_expressions_mut, BinaryOperator, Expr};
+    use datafusion::sql::sqlparser::parser::Parser;
+    use std::ops::ControlFlow;
+    let dialect = GenericDialect {};
+    let mut statements = Parser::parse_sql(&dialect, sql).map_err(|e| e.to_string())?;
+    let mut failed = None;
+    let _ = visit_expressions_mut(&mut statements, |e: &mut Expr| {
+        let Expr::BinaryOp { left, op, right } = e else {
+            return ControlFlow::<()>::Continue(());
+        };
+        let op = match op {
+            BinaryOperator::Gt => Comparison::Gt,
+            BinaryOperator::Lt => Comparison::Lt,
+            BinaryOperator::GtEq => Comparison::GtEq,
+            BinaryOperator::LtEq => Comparison::LtEq,
+            BinaryOperator::Eq => Comparison::Eq,
+            BinaryOperator::NotEq => Comparison::NotEq,
+            _ => return ControlFlow::Continue(()),
+        };
+        let call = format!("{}({left}, {right})", op.udf_name());
+        match Parser::new(&dialect)
+            .try_with_sql(&call)
+            .and_then(|mut p| p.parse_expr())
+        {
+            Ok(lowered) => *e = lowered,
+            Err(err) => failed = Some(err.to_string()),
+        }
+        ControlFlow::Continue(())
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(statements
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join("; "))
 }
 
 /// Whether a `*` in `body` means "every column" (after SELECT, DISTINCT, a comma or a period)

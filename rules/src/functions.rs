@@ -84,10 +84,198 @@ pub fn lookup(name: &str) -> Option<Function> {
     })
 }
 
-/// Registers the [`Function::Iot`] UDFs on `ctx`.
+/// Registers the [`Function::Iot`] UDFs and the comparison operators on `ctx`.
 pub fn register(ctx: &SessionContext) {
     for u in UDFS.iter() {
         ctx.register_udf(ScalarUDF::from(u.clone()));
+    }
+    for op in Comparison::ALL {
+        ctx.register_udf(ScalarUDF::from(CompareUdf::new(op)));
+    }
+}
+
+/// The comparison operators of `iot-sql-operators`, which the dialect lowers to these UDFs
+/// (`a > b` becomes `iot_op_gt(a, b)`): `>`, `<`, `>=`, `<=` convert both operands to
+/// Decimal and compare the numbers (`'2' < '10'` is true), Undefined when one does not
+/// convert; `=` and `<>` compare operands of the same type (Int and Decimal are both
+/// numbers) and find operands of different types unequal (`5 = '5'` is false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Comparison {
+    Gt,
+    Lt,
+    GtEq,
+    LtEq,
+    Eq,
+    NotEq,
+}
+
+impl Comparison {
+    pub const ALL: [Comparison; 6] = [
+        Comparison::Gt,
+        Comparison::Lt,
+        Comparison::GtEq,
+        Comparison::LtEq,
+        Comparison::Eq,
+        Comparison::NotEq,
+    ];
+
+    /// The UDF an operator is lowered to.
+    pub fn udf_name(self) -> &'static str {
+        match self {
+            Comparison::Gt => "iot_op_gt",
+            Comparison::Lt => "iot_op_lt",
+            Comparison::GtEq => "iot_op_gte",
+            Comparison::LtEq => "iot_op_lte",
+            Comparison::Eq => "iot_op_eq",
+            Comparison::NotEq => "iot_op_neq",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CompareUdf {
+    op: Comparison,
+    signature: Signature,
+}
+
+impl CompareUdf {
+    fn new(op: Comparison) -> Self {
+        CompareUdf {
+            op,
+            signature: Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+/// An operand as Arrow's comparison kernels take it: a column, or a scalar as one.
+enum Operand {
+    Array(ArrayRef),
+    Scalar(ArrayRef),
+}
+
+impl Operand {
+    fn of(v: &ColumnarValue) -> Result<Operand> {
+        Ok(match v {
+            ColumnarValue::Array(a) => Operand::Array(Arc::clone(a)),
+            ColumnarValue::Scalar(s) => Operand::Scalar(s.to_array_of_size(1)?),
+        })
+    }
+
+    fn array(&self) -> &ArrayRef {
+        match self {
+            Operand::Array(a) | Operand::Scalar(a) => a,
+        }
+    }
+
+    fn map(&self, f: impl Fn(&ArrayRef) -> Result<ArrayRef>) -> Result<Operand> {
+        Ok(match self {
+            Operand::Array(a) => Operand::Array(f(a)?),
+            Operand::Scalar(a) => Operand::Scalar(f(a)?),
+        })
+    }
+
+    fn compare(
+        &self,
+        other: &Operand,
+        kernel: fn(
+            &dyn datafusion::arrow::array::Datum,
+            &dyn datafusion::arrow::array::Datum,
+        )
+            -> std::result::Result<BooleanArray, datafusion::arrow::error::ArrowError>,
+    ) -> Result<BooleanArray> {
+        use datafusion::arrow::array::Scalar;
+        let out = match (self, other) {
+            (Operand::Array(a), Operand::Array(b)) => kernel(a, b),
+            (Operand::Array(a), Operand::Scalar(b)) => kernel(a, &Scalar::new(Arc::clone(b))),
+            (Operand::Scalar(a), Operand::Array(b)) => kernel(&Scalar::new(Arc::clone(a)), b),
+            (Operand::Scalar(a), Operand::Scalar(b)) => kernel(a, b),
+        };
+        Ok(out?)
+    }
+}
+
+/// The IoT type family of an Arrow type, for `=`.
+fn family(t: &DataType) -> u8 {
+    match t {
+        DataType::Null => 0,
+        DataType::Boolean => 1,
+        t if is_int(t) || matches!(t, DataType::Float32 | DataType::Float64) => 2,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => 3,
+        _ => 4,
+    }
+}
+
+impl ScalarUDFImpl for CompareUdf {
+    fn name(&self) -> &str {
+        self.op.udf_name()
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        use datafusion::arrow::compute::kernels::cmp;
+        let [l, r] = args.args.as_slice() else {
+            return exec_err!("{} takes two operands", self.op.udf_name());
+        };
+        let scalar = matches!((l, r), (ColumnarValue::Scalar(_), ColumnarValue::Scalar(_)));
+        let (l, r) = (Operand::of(l)?, Operand::of(r)?);
+        let to_decimal = |a: &ArrayRef| -> Result<ArrayRef> { Ok(Arc::new(decimals(a)?)) };
+        let out = match self.op {
+            Comparison::Gt | Comparison::Lt | Comparison::GtEq | Comparison::LtEq => {
+                let kernel = match self.op {
+                    Comparison::Gt => cmp::gt,
+                    Comparison::Lt => cmp::lt,
+                    Comparison::GtEq => cmp::gt_eq,
+                    _ => cmp::lt_eq,
+                };
+                l.map(to_decimal)?.compare(&r.map(to_decimal)?, kernel)?
+            }
+            Comparison::Eq | Comparison::NotEq => {
+                let kernel = if self.op == Comparison::Eq {
+                    cmp::eq
+                } else {
+                    cmp::neq
+                };
+                let (lf, rf) = (family(l.array().data_type()), family(r.array().data_type()));
+                match (lf, rf) {
+                    (2, 2) => l.map(to_decimal)?.compare(&r.map(to_decimal)?, kernel)?,
+                    (1, 1) | (3, 3) if l.array().data_type() == r.array().data_type() => {
+                        l.compare(&r, kernel)?
+                    }
+                    (3, 3) => {
+                        let text = |a: &ArrayRef| -> Result<ArrayRef> { Ok(Arc::new(texts(a)?)) };
+                        l.map(text)?.compare(&r.map(text)?, kernel)?
+                    }
+                    _ => {
+                        // Different types: unequal, Undefined where an operand is missing.
+                        let (la, ra) = (l.array(), r.array());
+                        let n = la.len().max(ra.len());
+                        let differ = self.op == Comparison::NotEq;
+                        (0..n)
+                            .map(|i| {
+                                let li = if la.len() == 1 { 0 } else { i };
+                                let ri = if ra.len() == 1 { 0 } else { i };
+                                (la.is_valid(li) && ra.is_valid(ri)).then_some(differ)
+                            })
+                            .collect()
+                    }
+                }
+            }
+        };
+        let out: ArrayRef = Arc::new(out);
+        if scalar {
+            Ok(ColumnarValue::Scalar(
+                datafusion::common::ScalarValue::try_from_array(&out, 0)?,
+            ))
+        } else {
+            Ok(ColumnarValue::Array(out))
+        }
     }
 }
 
