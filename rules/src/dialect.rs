@@ -12,8 +12,8 @@
 //! - `TUMBLE(…)` / `HOP(…)` in `GROUP BY` define the window and leave the group list;
 //! - function calls are looked up in [`crate::functions`]: IoT Core's meaning or a refusal;
 //!   a double-quoted word is a string literal (except after `AS`);
-//! - last, on the parsed statement, the comparison operators become calls of the UDFs with
-//!   IoT Core's operator tables ([`crate::functions::Comparison`]).
+//! - last, on the parsed statement, the comparison and logical operators become calls of the
+//!   UDFs with IoT Core's operator tables ([`crate::functions::Operator`]).
 //!
 //! Directives in comments: `-- @schema temp DOUBLE, zone TEXT` fixes column types;
 //! `-- @error_sink NAME` overrides `[rules] error_sink`.
@@ -322,27 +322,46 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
     })
 }
 
-/// `a > b` (and `<`, `>=`, `<=`, `=`, `<>`) as calls of the UDFs with IoT Core's operator
-/// tables ([`crate::functions::Comparison`]), instead of DataFusion's coercions.
+/// `a > b` (and `<`, `>=`, `<=`, `=`, `<>`, `AND`, `OR`, `NOT`) as calls of the UDFs with IoT
+/// Core's operator tables ([`crate::functions::Operator`]), instead of DataFusion's coercions.
 fn lower_comparisons(sql: &str) -> Result<String, String> {
-    use crate::functions::Comparison;
-    use datafusion::sql::sqlparser::ast::{visit_expressions_mut, BinaryOperator, Expr};
+    use crate::functions::Operator;
+    use datafusion::sql::sqlparser::ast::{
+        visit_expressions_mut, BinaryOperator, Expr, UnaryOperator,
+    };
     use datafusion::sql::sqlparser::parser::Parser;
     use std::ops::ControlFlow;
     let dialect = GenericDialect {};
     let mut statements = Parser::parse_sql(&dialect, sql).map_err(|e| e.to_string())?;
     let mut failed = None;
     let _ = visit_expressions_mut(&mut statements, |e: &mut Expr| {
+        if let Expr::UnaryOp {
+            op: UnaryOperator::Not,
+            expr,
+        } = e
+        {
+            let call = format!("{}({expr})", Operator::Not.udf_name());
+            match Parser::new(&dialect)
+                .try_with_sql(&call)
+                .and_then(|mut p| p.parse_expr())
+            {
+                Ok(lowered) => *e = lowered,
+                Err(err) => failed = Some(err.to_string()),
+            }
+            return ControlFlow::<()>::Continue(());
+        }
         let Expr::BinaryOp { left, op, right } = e else {
             return ControlFlow::<()>::Continue(());
         };
         let op = match op {
-            BinaryOperator::Gt => Comparison::Gt,
-            BinaryOperator::Lt => Comparison::Lt,
-            BinaryOperator::GtEq => Comparison::GtEq,
-            BinaryOperator::LtEq => Comparison::LtEq,
-            BinaryOperator::Eq => Comparison::Eq,
-            BinaryOperator::NotEq => Comparison::NotEq,
+            BinaryOperator::And => Operator::And,
+            BinaryOperator::Or => Operator::Or,
+            BinaryOperator::Gt => Operator::Gt,
+            BinaryOperator::Lt => Operator::Lt,
+            BinaryOperator::GtEq => Operator::GtEq,
+            BinaryOperator::LtEq => Operator::LtEq,
+            BinaryOperator::Eq => Operator::Eq,
+            BinaryOperator::NotEq => Operator::NotEq,
             _ => return ControlFlow::Continue(()),
         };
         let call = format!("{}({left}, {right})", op.udf_name());

@@ -84,65 +84,78 @@ pub fn lookup(name: &str) -> Option<Function> {
     })
 }
 
-/// Registers the [`Function::Iot`] UDFs and the comparison operators on `ctx`.
+/// Registers the [`Function::Iot`] UDFs and the operators on `ctx`.
 pub fn register(ctx: &SessionContext) {
     for u in UDFS.iter() {
         ctx.register_udf(ScalarUDF::from(u.clone()));
     }
-    for op in Comparison::ALL {
-        ctx.register_udf(ScalarUDF::from(CompareUdf::new(op)));
+    for op in Operator::ALL {
+        ctx.register_udf(ScalarUDF::from(OperatorUdf::new(op)));
     }
 }
 
-/// The comparison operators of `iot-sql-operators`, which the dialect lowers to these UDFs
-/// (`a > b` becomes `iot_op_gt(a, b)`): `>`, `<`, `>=`, `<=` convert both operands to
-/// Decimal and compare the numbers (`'2' < '10'` is true), Undefined when one does not
-/// convert; `=` and `<>` compare operands of the same type (Int and Decimal are both
-/// numbers) and find operands of different types unequal (`5 = '5'` is false).
+/// The operators of `iot-sql-operators` that the dialect lowers to these UDFs (`a > b`
+/// becomes `iot_op_gt(a, b)`):
+/// - `>`, `<`, `>=`, `<=` convert both operands to Decimal and compare the numbers (`'2' <
+///   '10'` is true), Undefined when one does not convert;
+/// - `=` and `<>` compare operands of the same type (Int and Decimal are both numbers) and
+///   find operands of different types unequal (`5 = '5'` is false);
+/// - `AND`, `OR`, `NOT` take Booleans and the strings "true"/"false" (any case); any other
+///   operand, Undefined included, gives Undefined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Comparison {
+pub enum Operator {
     Gt,
     Lt,
     GtEq,
     LtEq,
     Eq,
     NotEq,
+    And,
+    Or,
+    Not,
 }
 
-impl Comparison {
-    pub const ALL: [Comparison; 6] = [
-        Comparison::Gt,
-        Comparison::Lt,
-        Comparison::GtEq,
-        Comparison::LtEq,
-        Comparison::Eq,
-        Comparison::NotEq,
+impl Operator {
+    pub const ALL: [Operator; 9] = [
+        Operator::Gt,
+        Operator::Lt,
+        Operator::GtEq,
+        Operator::LtEq,
+        Operator::Eq,
+        Operator::NotEq,
+        Operator::And,
+        Operator::Or,
+        Operator::Not,
     ];
 
     /// The UDF an operator is lowered to.
     pub fn udf_name(self) -> &'static str {
         match self {
-            Comparison::Gt => "iot_op_gt",
-            Comparison::Lt => "iot_op_lt",
-            Comparison::GtEq => "iot_op_gte",
-            Comparison::LtEq => "iot_op_lte",
-            Comparison::Eq => "iot_op_eq",
-            Comparison::NotEq => "iot_op_neq",
+            Operator::Gt => "iot_op_gt",
+            Operator::Lt => "iot_op_lt",
+            Operator::GtEq => "iot_op_gte",
+            Operator::LtEq => "iot_op_lte",
+            Operator::Eq => "iot_op_eq",
+            Operator::NotEq => "iot_op_neq",
+            Operator::And => "iot_op_and",
+            Operator::Or => "iot_op_or",
+            Operator::Not => "iot_op_not",
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CompareUdf {
-    op: Comparison,
+struct OperatorUdf {
+    op: Operator,
     signature: Signature,
 }
 
-impl CompareUdf {
-    fn new(op: Comparison) -> Self {
-        CompareUdf {
+impl OperatorUdf {
+    fn new(op: Operator) -> Self {
+        let arity = if op == Operator::Not { 1 } else { 2 };
+        OperatorUdf {
             op,
-            signature: Signature::any(2, Volatility::Immutable),
+            signature: Signature::any(arity, Volatility::Immutable),
         }
     }
 }
@@ -194,6 +207,38 @@ impl Operand {
     }
 }
 
+/// Row `i` of an operand of `len` rows: a scalar operand is one row for every row.
+fn row(len: usize, i: usize) -> usize {
+    if len == 1 {
+        0
+    } else {
+        i
+    }
+}
+
+/// Each value as a Boolean for `AND`, `OR`, `NOT`: Booleans, and the strings "true" and
+/// "false" in any case; anything else is Null (Undefined).
+fn booleans(a: &ArrayRef) -> Result<BooleanArray> {
+    match a.data_type() {
+        DataType::Boolean => Ok(a
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .cloned()
+            .unwrap_or_else(|| BooleanArray::new_null(a.len()))),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let s = texts(a)?;
+            Ok(s.iter()
+                .map(|v| match v {
+                    Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
+                    Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
+                    _ => None,
+                })
+                .collect())
+        }
+        _ => Ok(BooleanArray::new_null(a.len())),
+    }
+}
+
 /// The IoT type family of an Arrow type, for `=`.
 fn family(t: &DataType) -> u8 {
     match t {
@@ -205,7 +250,7 @@ fn family(t: &DataType) -> u8 {
     }
 }
 
-impl ScalarUDFImpl for CompareUdf {
+impl ScalarUDFImpl for OperatorUdf {
     fn name(&self) -> &str {
         self.op.udf_name()
     }
@@ -220,6 +265,25 @@ impl ScalarUDFImpl for CompareUdf {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         use datafusion::arrow::compute::kernels::cmp;
+        if self.op == Operator::Not {
+            let [v] = args.args.as_slice() else {
+                return exec_err!("NOT takes one operand");
+            };
+            return Ok(match v {
+                ColumnarValue::Array(a) => {
+                    let b = booleans(a)?;
+                    ColumnarValue::Array(Arc::new(
+                        b.iter().map(|v| v.map(|v| !v)).collect::<BooleanArray>(),
+                    ))
+                }
+                ColumnarValue::Scalar(s) => {
+                    let b = booleans(&s.to_array_of_size(1)?)?;
+                    let out: ArrayRef =
+                        Arc::new(b.iter().map(|v| v.map(|v| !v)).collect::<BooleanArray>());
+                    ColumnarValue::Scalar(datafusion::common::ScalarValue::try_from_array(&out, 0)?)
+                }
+            });
+        }
         let [l, r] = args.args.as_slice() else {
             return exec_err!("{} takes two operands", self.op.udf_name());
         };
@@ -227,17 +291,32 @@ impl ScalarUDFImpl for CompareUdf {
         let (l, r) = (Operand::of(l)?, Operand::of(r)?);
         let to_decimal = |a: &ArrayRef| -> Result<ArrayRef> { Ok(Arc::new(decimals(a)?)) };
         let out = match self.op {
-            Comparison::Gt | Comparison::Lt | Comparison::GtEq | Comparison::LtEq => {
+            Operator::And | Operator::Or | Operator::Not => {
+                let (la, ra) = (booleans(l.array())?, booleans(r.array())?);
+                let n = la.len().max(ra.len());
+                let and = self.op == Operator::And;
+                let value = |a: &BooleanArray, i: usize| {
+                    let i = row(a.len(), i);
+                    a.is_valid(i).then(|| a.value(i))
+                };
+                (0..n)
+                    .map(|i| {
+                        let (x, y) = (value(&la, i)?, value(&ra, i)?);
+                        Some(if and { x && y } else { x || y })
+                    })
+                    .collect()
+            }
+            Operator::Gt | Operator::Lt | Operator::GtEq | Operator::LtEq => {
                 let kernel = match self.op {
-                    Comparison::Gt => cmp::gt,
-                    Comparison::Lt => cmp::lt,
-                    Comparison::GtEq => cmp::gt_eq,
+                    Operator::Gt => cmp::gt,
+                    Operator::Lt => cmp::lt,
+                    Operator::GtEq => cmp::gt_eq,
                     _ => cmp::lt_eq,
                 };
                 l.map(to_decimal)?.compare(&r.map(to_decimal)?, kernel)?
             }
-            Comparison::Eq | Comparison::NotEq => {
-                let kernel = if self.op == Comparison::Eq {
+            Operator::Eq | Operator::NotEq => {
+                let kernel = if self.op == Operator::Eq {
                     cmp::eq
                 } else {
                     cmp::neq
@@ -256,12 +335,12 @@ impl ScalarUDFImpl for CompareUdf {
                         // Different types: unequal, Undefined where an operand is missing.
                         let (la, ra) = (l.array(), r.array());
                         let n = la.len().max(ra.len());
-                        let differ = self.op == Comparison::NotEq;
+                        let differ = self.op == Operator::NotEq;
                         (0..n)
                             .map(|i| {
-                                let li = if la.len() == 1 { 0 } else { i };
-                                let ri = if ra.len() == 1 { 0 } else { i };
-                                (la.is_valid(li) && ra.is_valid(ri)).then_some(differ)
+                                let valid =
+                                    la.is_valid(row(la.len(), i)) && ra.is_valid(row(ra.len(), i));
+                                valid.then_some(differ)
                             })
                             .collect()
                     }
