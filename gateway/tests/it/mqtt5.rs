@@ -391,10 +391,7 @@ async fn s3_1_2_11_the_session_expiry_interval_decides_the_session_life() {
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_3_4_receive_maximum_bounds_the_deliveries_in_flight() {
     let site = Site::start_with(open_site).await;
-    let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);
-    let mut publisher = RawClient::connect(&site, &a, true).await;
-    let (mut sub, _) = join(&site, &b, true, 0x02, 0, &raw::prop_u16(0x21, 2)).await;
-    subscribed(&mut sub, &mut publisher, b"dt/#", b"dt/warm", true).await;
+    let (mut publisher, mut sub, _) = joined(&site, 0, &raw::prop_u16(0x21, 2), &[b"dt/#"]).await;
     for i in 0..5u8 {
         publish_qos1(&mut publisher, b"dt/x", &[b'0' + i]).await;
     }
@@ -431,10 +428,7 @@ async fn s3_3_4_receive_maximum_bounds_the_deliveries_in_flight() {
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_1_2_11_4_no_packet_exceeds_the_client_maximum_packet_size() {
     let site = Site::start_with(open_site).await;
-    let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);
-    let mut publisher = RawClient::connect(&site, &a, true).await;
-    let (mut sub, _) = join(&site, &b, true, 0x02, 0, &raw::prop_u32(0x27, 128)).await;
-    subscribed(&mut sub, &mut publisher, b"dt/#", b"dt/warm", true).await;
+    let (mut publisher, mut sub, _) = joined(&site, 0, &raw::prop_u32(0x27, 128), &[b"dt/#"]).await;
     publish_qos1(&mut publisher, b"dt/x", &[b'x'; 300]).await;
     publish_qos1(&mut publisher, b"dt/x", b"small").await;
     publisher
@@ -503,10 +497,7 @@ async fn s3_3_1_1_a_redelivery_after_reconnect_sets_dup() {
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_3_2_3_request_response_properties_are_relayed_unchanged() {
     let site = Site::start_with(open_site).await;
-    let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);
-    let mut publisher = RawClient::connect(&site, &a, true).await;
-    let (mut sub, _) = join(&site, &b, true, 0x02, 0, &[]).await;
-    subscribed(&mut sub, &mut publisher, b"req/#", b"req/warm", true).await;
+    let (mut publisher, mut sub, b) = joined(&site, 0, &[], &[b"req/#"]).await;
     let mut props = Vec::new();
     props.push(0x08); // Response Topic
     props.extend_from_slice(&(11u16).to_be_bytes());
@@ -891,20 +882,32 @@ async fn s3_1_2_11_persistent_sessions_survive_a_restart() {
     site.stop().await;
 }
 
-/// `dev-b` joins with a session of 3600 s, subscribes `filters` (each `<prefix>/#`) and leaves;
-/// returns a connected publisher (`dev-a`) and `dev-b`'s credentials.
-async fn away(
+/// `dev-b` joins (MQTT 5, Clean Start, Session Expiry `expiry`, more CONNECT `props`) and
+/// subscribes `filters` (each `<prefix>/#`, its router warmed through `<prefix>/warm`);
+/// returns a connected publisher (`dev-a`), `dev-b`'s client and its credentials.
+async fn joined(
     site: &Site,
+    expiry: u32,
+    props: &[u8],
     filters: &[&[u8]],
-) -> (RawClient, sitegate::identity::pki::IssuedDevice) {
+) -> (RawClient, RawClient, sitegate::identity::pki::IssuedDevice) {
     let (a, b) = (site.device("dev-a").await, site.device("dev-b").await);
     let mut publisher = RawClient::connect(site, &a, true).await;
-    let (mut sub, _) = join(site, &b, true, 0x02, 3600, &[]).await;
+    let (mut sub, _) = join(site, &b, true, 0x02, expiry, props).await;
     for filter in filters {
         let mut warm = filter[..filter.len() - 1].to_vec();
         warm.extend_from_slice(b"warm");
         subscribed(&mut sub, &mut publisher, filter, &warm, true).await;
     }
+    (publisher, sub, b)
+}
+
+/// [`joined`] with a session of 3600 s, then `dev-b` leaves.
+async fn away(
+    site: &Site,
+    filters: &[&[u8]],
+) -> (RawClient, sitegate::identity::pki::IssuedDevice) {
+    let (publisher, sub, b) = joined(site, 3600, &[], filters).await;
     leave(sub, true, &[]).await;
     (publisher, b)
 }
