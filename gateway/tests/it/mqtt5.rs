@@ -226,6 +226,11 @@ async fn leave(mut c: RawClient, v5: bool, props: &[u8]) {
     assert!(c.closed().await);
 }
 
+/// `dev-b`'s subscription to its commands, `cmd/dev-b/#` (MQTT 5), taken by the router.
+async fn on_commands(sub: &mut RawClient, publisher: &mut RawClient) {
+    subscribed(sub, publisher, b"cmd/dev-b/#", b"cmd/dev-b/warm", true).await;
+}
+
 async fn publish_qos1(publisher: &mut RawClient, topic: &[u8], payload: &[u8]) {
     publish_acked(publisher, topic, false, payload).await;
 }
@@ -263,14 +268,7 @@ async fn s3_1_2_11_the_session_expiry_interval_decides_the_session_life() {
 
     let (mut sub, present) = join(&site, &b, true, 0x02, 3600, &[]).await;
     assert!(!present, "nothing to resume yet");
-    subscribed(
-        &mut sub,
-        &mut publisher,
-        b"cmd/dev-b/#",
-        b"cmd/dev-b/warm",
-        true,
-    )
-    .await;
+    on_commands(&mut sub, &mut publisher).await;
     leave(sub, true, &[]).await;
     publish_qos1(&mut publisher, b"cmd/dev-b/1", b"queued while away").await;
     let (mut sub, present) = join(&site, &b, true, 0x00, 3600, &[]).await;
@@ -293,14 +291,7 @@ async fn s3_1_2_11_the_session_expiry_interval_decides_the_session_life() {
     assert!(sub.read_within(Duration::from_millis(500)).await.is_none());
 
     // A DISCONNECT with expiry 0 ends a session that was to last an hour.
-    subscribed(
-        &mut sub,
-        &mut publisher,
-        b"cmd/dev-b/#",
-        b"cmd/dev-b/warm",
-        true,
-    )
-    .await;
+    on_commands(&mut sub, &mut publisher).await;
     leave(sub, true, &raw::prop_u32(0x11, 0)).await;
     let (sub, present) = join(&site, &b, true, 0x00, 3600, &[]).await;
     assert!(!present, "the DISCONNECT's expiry replaced the CONNECT's");
@@ -320,14 +311,7 @@ async fn s3_1_2_11_the_session_expiry_interval_decides_the_session_life() {
     // Expiry passes while the device is away.
     let expired_before = site.snapshot().sessions_expired;
     let (mut sub, _) = join(&site, &b, true, 0x02, 1, &[]).await;
-    subscribed(
-        &mut sub,
-        &mut publisher,
-        b"cmd/dev-b/#",
-        b"cmd/dev-b/warm",
-        true,
-    )
-    .await;
+    on_commands(&mut sub, &mut publisher).await;
     leave(sub, true, &[]).await;
     site.wait_for("the session to expire", |s| {
         s.sessions_expired > expired_before
@@ -339,14 +323,7 @@ async fn s3_1_2_11_the_session_expiry_interval_decides_the_session_life() {
     assert!(sub.read_within(Duration::from_millis(500)).await.is_none());
 
     // Clean Start 1 discards a session that has not expired.
-    subscribed(
-        &mut sub,
-        &mut publisher,
-        b"cmd/dev-b/#",
-        b"cmd/dev-b/warm",
-        true,
-    )
-    .await;
+    on_commands(&mut sub, &mut publisher).await;
     leave(sub, true, &[]).await;
     let (sub, present) = join(&site, &b, true, 0x02, 3600, &[]).await;
     assert!(!present);
