@@ -133,7 +133,10 @@ async fn gateway_way(sessions: usize, messages: usize) -> Figures {
     publish_commands(&fabric, sessions, messages).await;
     settle().await;
     let queued = live();
-    assert_eq!(fabric.offline().len(), (sessions, sessions * messages));
+    assert_eq!(
+        fabric.offline().len().await,
+        (sessions, sessions * messages)
+    );
     Figures {
         per_session: (parked - before) as f64 / sessions as f64,
         per_message: (queued - parked) as f64 / (sessions * messages) as f64,

@@ -33,7 +33,7 @@ use crate::metrics::Stats;
 use crate::spool::{Spool, SpoolError};
 
 use super::codec::{Codec, Version};
-use super::marks::{delivery_fingerprint, qos_and_pkid, strip_marks, QOS0_MARK};
+use super::marks::{delivery_fingerprint, qos_and_pkid, strip_marks, Marks, QOS0_MARK};
 use super::table::Subscription;
 
 /// Sequences of messages drained from the router start here above a queue's last one; the
@@ -406,34 +406,17 @@ impl OfflineQueues {
         let Some(w) = index.sessions.get_mut(client_id) else {
             return;
         };
-        let matching: Vec<&Subscription> = w
-            .filters
-            .iter()
-            .filter(|s| crate::topic::matches(topic, &s.filter))
-            .collect();
         let mut props = props.clone();
         let marks = strip_marks(&mut props, client_id);
-        // §3.8.4: a QoS 0 subscription gets it at QoS 0, which is not queued; §3.8.3.1 No
-        // Local and Retain As Published as the live session applies them.
-        if matching.iter().all(|s| s.qos == 0)
-            || (marks.from_me && matching.iter().all(|s| s.no_local))
-        {
+        let Some(out) = queued_publish(&w.filters, topic, publish, marks) else {
             return;
-        }
+        };
         if over_total || w.queued >= self.max_per_session {
             self.stats
                 .session_messages_dropped
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let retain = marks.retained && matching.iter().any(|s| s.retain_as_published);
-        let out = super::codec::publish_with_id(
-            &publish.topic,
-            &publish.payload,
-            QoS::AtLeastOnce,
-            1,
-            retain,
-        );
         if let Some(fingerprints) = w.taken.as_mut() {
             *fingerprints.entry(delivery_fingerprint(&out)).or_default() += 1;
         }
@@ -462,12 +445,40 @@ impl OfflineQueues {
     }
 
     /// Away sessions and the messages queued for them.
-    pub fn len(&self) -> (usize, usize) {
-        match self.index.try_read() {
-            Ok(index) => (index.sessions.len(), index.total),
-            Err(_) => (self.watched.load(Ordering::Relaxed), 0),
-        }
+    pub async fn len(&self) -> (usize, usize) {
+        let index = self.index.read().await;
+        (index.sessions.len(), index.total)
     }
+}
+
+/// What an away session with `filters` queues of a publish on `topic` (device form, `marks`
+/// read off it): the QoS 1 PUBLISH to keep, or nothing. §3.8.4: a QoS 0 publish or a QoS 0
+/// subscription makes a QoS 0 delivery, which is not queued; §3.8.3.1 No Local and Retain As
+/// Published as the live session applies them.
+pub(super) fn queued_publish(
+    filters: &[Subscription],
+    topic: &str,
+    publish: &Publish,
+    marks: Marks,
+) -> Option<Publish> {
+    let matching: Vec<&Subscription> = filters
+        .iter()
+        .filter(|s| crate::topic::matches(topic, &s.filter))
+        .collect();
+    if marks.qos0
+        || matching.iter().all(|s| s.qos == 0)
+        || (marks.from_me && matching.iter().all(|s| s.no_local))
+    {
+        return None;
+    }
+    let retain = marks.retained && matching.iter().any(|s| s.retain_as_published);
+    Some(super::codec::publish_with_id(
+        &publish.topic,
+        &publish.payload,
+        QoS::AtLeastOnce,
+        1,
+        retain,
+    ))
 }
 
 fn remove_filters(trie: &mut Node, client_id: &str, filters: &[Subscription]) {

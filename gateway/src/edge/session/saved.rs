@@ -37,9 +37,9 @@ use rumqttd::Notification;
 use tracing::{info, warn};
 
 use crate::edge::broker::{device_form, RouterLink};
-use crate::edge::codec::{publish_with_id, Codec, Version};
+use crate::edge::codec::{Codec, Version};
 use crate::edge::marks::{delivery_fingerprint, qos_and_pkid};
-use crate::edge::offline::{queued_entry, Front};
+use crate::edge::offline::{queued_entry, queued_publish, Front};
 use crate::edge::table::{Parked, Subscription};
 use crate::escape::Escaped;
 
@@ -472,21 +472,9 @@ async fn drain(
             return;
         }
         let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
-        let matching: Vec<&Subscription> = filters
-            .iter()
-            .filter(|s| crate::topic::matches(topic, &s.filter))
-            .collect();
-        if marks.qos0 || (marks.from_me && matching.iter().all(|s| s.no_local)) {
+        let Some(out) = queued_publish(filters, topic, &publish, marks) else {
             continue;
-        }
-        let retain = marks.retained && matching.iter().any(|s| s.retain_as_published);
-        let out = publish_with_id(
-            &publish.topic,
-            &publish.payload,
-            QoS::AtLeastOnce,
-            1,
-            retain,
-        );
+        };
         let fingerprint = delivery_fingerprint(&out);
         if offline.taken_already(client_id, fingerprint).await || !offline.book(client_id).await {
             continue;
