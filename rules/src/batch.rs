@@ -122,9 +122,9 @@ const KIND_FLOAT: u8 = 4;
 const KIND_TEXT: u8 = 8;
 const KIND_JSON: u8 = 16;
 
-/// Field metadata of a text column whose every value is an array or object as JSON text: it
-/// goes out as that JSON value, not as a string (iot-sql-select: selecting an object or an
-/// array outputs it).
+/// Field metadata of a text column holding each value as JSON text (arrays and objects, and the
+/// values of a field whose type changed within a batch): each goes out as that JSON value, not
+/// as a string (iot-sql-select: selecting an object or an array outputs it).
 pub const JSON_COLUMN: &str = "sitegate.json";
 
 struct Column<'m> {
@@ -167,16 +167,28 @@ impl<'m> Column<'m> {
                 KIND_BOOL => DataType::Boolean,
                 KIND_INT => DataType::Int64,
                 k if k & (KIND_BOOL | KIND_TEXT | KIND_JSON) == 0 => DataType::Float64,
-                // Strings, arrays, or a field whose type changed within the batch: text, so the
-                // rule keeps running.
+                // Strings; or arrays, objects, or a field whose type changed within the batch,
+                // each value as JSON (see `holds_json`).
                 _ => DataType::Utf8,
             },
         }
     }
 
+    /// Whether the column holds each value as JSON ([`JSON_COLUMN`]): arrays and objects, and
+    /// a field whose values have several types in the batch (Int and Decimal are one: numbers),
+    /// so a `"5"` stays a String and a `5` an Int, whatever else the batch holds.
+    fn holds_json(&self) -> bool {
+        self.declared.is_none()
+            && self.kinds != 0
+            && self.kinds != KIND_BOOL
+            && self.kinds != KIND_TEXT
+            && self.kinds & !(KIND_INT | KIND_FLOAT) != 0
+    }
+
     fn finish(mut self, rows: usize) -> (Field, ArrayRef) {
         self.cells.resize_with(rows, || None);
         let ty = self.data_type();
+        let json = self.holds_json();
         let cells = &self.cells;
         let array: ArrayRef = match ty {
             DataType::Null => Arc::new(NullArray::new(rows)),
@@ -213,7 +225,7 @@ impl<'m> Column<'m> {
                 for c in cells {
                     match c {
                         None => b.append_null(),
-                        Some(Cell::Text(s)) => b.append_value(s),
+                        Some(Cell::Text(s)) if !json => b.append_value(s),
                         Some(Cell::Json(s)) => b.append_value(s),
                         Some(other) => b.append_value(other.json()),
                     }
@@ -222,12 +234,13 @@ impl<'m> Column<'m> {
             }
         };
         let field = Field::new(self.name, ty, true);
-        let field = match (self.declared, self.kinds) {
-            (None, KIND_JSON) => field.with_metadata(HashMap::from([(
+        let field = if json {
+            field.with_metadata(HashMap::from([(
                 JSON_COLUMN.to_string(),
                 "true".to_string(),
-            )])),
-            _ => field,
+            )]))
+        } else {
+            field
         };
         (field, array)
     }
@@ -686,12 +699,9 @@ fn cell(array: &dyn Array, row: usize) -> Value {
 /// A Decimal as SQL version 2016-03-23 outputs it (iot-sql-data-types): a whole number is an
 /// Int (`10.0` is `10`); NaN and infinities, which JSON cannot hold, are Null.
 fn decimal(v: f64) -> Value {
-    // Below 2^53 every whole f64 is exactly an i64.
-    const EXACT: f64 = 9_007_199_254_740_992.0;
-    if v.fract() == 0.0 && v.abs() < EXACT {
-        Value::from(v as i64)
-    } else {
-        serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+    match crate::values::whole(v) {
+        Some(i) => Value::from(i),
+        None => serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
     }
 }
 
@@ -807,14 +817,14 @@ mod tests {
     }
 
     #[test]
-    fn a_type_change_within_a_batch_becomes_text_and_declared_types_are_enforced() {
+    fn a_type_change_within_a_batch_is_held_as_json_and_declared_types_are_enforced() {
         let ms = [msg(r#"{"t":1}"#), msg(r#"{"t":"hot"}"#)];
         let refs: Vec<&Message> = ms.iter().collect();
         let (batch, _, _) = Decoder::new(&[], &BTreeSet::new(), true).decode(&refs);
-        assert_eq!(
-            batch.schema().field_with_name("t").unwrap().data_type(),
-            &DataType::Utf8
-        );
+        let schema = batch.schema();
+        let t = schema.field_with_name("t").unwrap();
+        assert_eq!(t.data_type(), &DataType::Utf8);
+        assert!(t.metadata().contains_key(JSON_COLUMN));
         let (_, ok, failed) =
             Decoder::new(&[("t".into(), ColumnType::Double)], &BTreeSet::new(), true).decode(&refs);
         assert_eq!(ok, vec![0]);
@@ -897,18 +907,21 @@ mod tests {
     }
 
     #[test]
-    fn arrays_and_mixed_types_become_text() {
+    fn a_field_with_several_types_in_a_batch_keeps_each_value() {
         let ms = [
-            msg(r#"{"v":[1, {"a":null}],"w":true}"#),
-            msg(r#"{"v":2.5,"w":3}"#),
+            msg(r#"{"v":[1, {"a":null}],"w":true,"t":"5"}"#),
+            msg(r#"{"v":2.5,"w":3,"t":5}"#),
         ];
         let refs: Vec<&Message> = ms.iter().collect();
         let (batch, _, _) = Decoder::new(&[], &BTreeSet::new(), true).decode(&refs);
         let out = rows(&batch);
-        // A column of arrays alone would go out as arrays; mixed with numbers it is text.
-        assert_eq!(out[0].object["v"], Value::from(r#"[1,{"a":null}]"#));
-        assert_eq!(out[1].object["v"], Value::from("2.5"));
-        assert_eq!(out[1].object["w"], Value::from("3"));
+        // Each value as it came, whatever the other messages of the batch held.
+        assert_eq!(out[0].object["v"], serde_json::json!([1, {"a": null}]));
+        assert_eq!(out[1].object["v"], serde_json::json!(2.5));
+        assert_eq!(out[0].object["w"], Value::Bool(true));
+        assert_eq!(out[1].object["w"], Value::from(3));
+        assert_eq!(out[0].object["t"], Value::from("5"));
+        assert_eq!(out[1].object["t"], Value::from(5));
     }
 
     /// JSON objects up to three levels deep, with every kind of leaf.

@@ -13,7 +13,7 @@
 //! - function calls are looked up in [`crate::functions`]: IoT Core's meaning or a refusal;
 //!   a double-quoted word is a string literal (except after `AS`);
 //! - last, on the parsed statement, the comparison and logical operators become calls of the
-//!   UDFs with IoT Core's operator tables ([`crate::functions::Operator`]).
+//!   UDFs with IoT Core's operator tables ([`crate::operators::Operator`]).
 //!
 //! Directives in comments: `-- @schema temp DOUBLE, zone TEXT` fixes column types;
 //! `-- @error_sink NAME` overrides `[rules] error_sink`.
@@ -26,6 +26,7 @@ use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace, Word};
 
 use crate::functions::Function;
+use crate::values::CastTarget;
 
 /// Metadata columns every message has.
 pub const TOPIC: &str = "__topic";
@@ -302,7 +303,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
     }
     append_identity(&mut out, window.is_some());
     let sql: String = out.iter().map(|t| t.to_string()).collect();
-    let sql = lower_comparisons(&sql).map_err(|e| err(file, body.first(), e))?;
+    let sql = lower_operators(&sql).map_err(|e| err(file, body.first(), e))?;
     let mut columns = rewrite.columns;
     if let Some(WindowSpec {
         time_column: Some(c),
@@ -322,10 +323,11 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
     })
 }
 
-/// `a > b` (and `<`, `>=`, `<=`, `=`, `<>`, `AND`, `OR`, `NOT`) as calls of the UDFs with IoT
-/// Core's operator tables ([`crate::functions::Operator`]), instead of DataFusion's coercions.
-fn lower_comparisons(sql: &str) -> Result<String, String> {
-    use crate::functions::Operator;
+/// `a > b` (and every other operator: `<`, `>=`, `<=`, `=`, `<>`, `AND`, `OR`, `NOT`, `+`, `-`,
+/// `*`, `/`, `%`, and `-x`) as calls of the UDFs with IoT Core's operator tables
+/// ([`crate::operators::Operator`]), instead of DataFusion's coercions.
+fn lower_operators(sql: &str) -> Result<String, String> {
+    use crate::operators::Operator;
     use datafusion::sql::sqlparser::ast::{
         visit_expressions_mut, BinaryOperator, Expr, UnaryOperator,
     };
@@ -341,12 +343,18 @@ fn lower_comparisons(sql: &str) -> Result<String, String> {
         } = e
         {
             let call = format!("{}({expr})", Operator::Not.udf_name());
-            match Parser::new(&dialect)
-                .try_with_sql(&call)
-                .and_then(|mut p| p.parse_expr())
-            {
-                Ok(lowered) => *e = lowered,
-                Err(err) => failed = Some(err.to_string()),
+            lower(&dialect, e, &call, &mut failed);
+            return ControlFlow::<()>::Continue(());
+        }
+        // A negative number stays a literal; `-x` is `0 - x`, by the `-` table.
+        if let Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } = e
+        {
+            if !matches!(**expr, Expr::Value(_)) {
+                let call = format!("{}(0, {expr})", Operator::Sub.udf_name());
+                lower(&dialect, e, &call, &mut failed);
             }
             return ControlFlow::<()>::Continue(());
         }
@@ -362,16 +370,15 @@ fn lower_comparisons(sql: &str) -> Result<String, String> {
             BinaryOperator::LtEq => Operator::LtEq,
             BinaryOperator::Eq => Operator::Eq,
             BinaryOperator::NotEq => Operator::NotEq,
+            BinaryOperator::Plus => Operator::Add,
+            BinaryOperator::Minus => Operator::Sub,
+            BinaryOperator::Multiply => Operator::Mul,
+            BinaryOperator::Divide => Operator::Div,
+            BinaryOperator::Modulo => Operator::Mod,
             _ => return ControlFlow::Continue(()),
         };
         let call = format!("{}({left}, {right})", op.udf_name());
-        match Parser::new(&dialect)
-            .try_with_sql(&call)
-            .and_then(|mut p| p.parse_expr())
-        {
-            Ok(lowered) => *e = lowered,
-            Err(err) => failed = Some(err.to_string()),
-        }
+        lower(&dialect, e, &call, &mut failed);
         ControlFlow::Continue(())
     });
     if let Some(e) = failed {
@@ -382,6 +389,23 @@ fn lower_comparisons(sql: &str) -> Result<String, String> {
         .map(|s| s.to_string())
         .collect::<Vec<_>>()
         .join("; "))
+}
+
+/// Replace `e` with the expression `call` (a UDF call written out), or note why it did not parse.
+fn lower(
+    dialect: &GenericDialect,
+    e: &mut datafusion::sql::sqlparser::ast::Expr,
+    call: &str,
+    failed: &mut Option<String>,
+) {
+    use datafusion::sql::sqlparser::parser::Parser;
+    match Parser::new(dialect)
+        .try_with_sql(call)
+        .and_then(|mut p| p.parse_expr())
+    {
+        Ok(lowered) => *e = lowered,
+        Err(err) => *failed = Some(err.to_string()),
+    }
 }
 
 /// Whether a `*` in `body` means "every column" (after SELECT, DISTINCT, a comma or a period)
@@ -480,6 +504,8 @@ impl Rewrite {
         // Paren depths at which a first()/last() call needs its ORDER BY.
         let mut ordered_calls: Vec<i32> = Vec::new();
         let mut after_as = false;
+        // Paren depths of the cast() calls open here: their AS introduces the type.
+        let mut casts: Vec<i32> = Vec::new();
         while i < body.len() {
             let t = &body[i].token;
             match t {
@@ -501,6 +527,9 @@ impl Rewrite {
                             ident(ORDER_PLACEHOLDER),
                         ]);
                     }
+                    if casts.last() == Some(&depth) {
+                        casts.pop();
+                    }
                     depth -= 1;
                     self.out.push(t.clone());
                     i += 1;
@@ -518,6 +547,27 @@ impl Rewrite {
             };
             let next = next_sig(body, i + 1);
             let next_tok = next.map(|j| &body[j].token);
+            if w.keyword == Keyword::AS && casts.last() == Some(&depth) {
+                // `cast(x AS Decimal)` is `iot_cast(x, 'decimal')`.
+                let target = next
+                    .and_then(|j| word(&body[j].token))
+                    .and_then(|t| CastTarget::parse(&t.value));
+                let Some(target) = target else {
+                    return Err(err(
+                        file,
+                        Some(&body[next.unwrap_or(i)]),
+                        format!(
+                            "cast() takes one of these types after AS: {}",
+                            CastTarget::KEYWORDS
+                        ),
+                    ));
+                };
+                self.out.push(Token::Comma);
+                self.out
+                    .push(Token::SingleQuotedString(target.name().to_owned()));
+                i = next.map_or(i, |j| j + 1);
+                continue;
+            }
             if w.keyword == Keyword::FROM && depth == 0 && self.source.is_none() {
                 i = self.source_clause(file, body, i, next)?;
                 continue;
@@ -530,6 +580,12 @@ impl Rewrite {
                 let lower = w.value.to_ascii_lowercase();
                 if METADATA_FUNCTIONS.contains(&lower.as_str()) {
                     i = self.metadata_call(file, body, i, &lower, next.unwrap_or(i))?;
+                    continue;
+                }
+                if lower == "cast" {
+                    self.out.push(ident(crate::functions::CAST_UDF));
+                    casts.push(depth + 1);
+                    i += 1;
                     continue;
                 }
                 if lower == "first" || lower == "last" {

@@ -7,7 +7,8 @@
 //!   values a payload field can hold here (strings, numbers, booleans).
 //! - [`Function::Iot`]: IoT Core's semantics as a UDF of this module (registered as
 //!   `iot_<name>` by [`register`]), where DataFusion's differs (`substring` is 0-based in IoT
-//!   Core, `lpad` adds spaces, `floor` returns an Int, `trim` takes any whitespace…) or has
+//!   Core, `lpad` adds spaces, `floor` returns an Int, `trim` takes any whitespace, the math
+//!   functions convert strings and give Undefined for an imaginary result…) or has
 //!   none (`startswith`, `indexof`, the hashes, the bit functions…).
 //! - [`Function::Renamed`]: the same function under DataFusion's name (`rand` → `random`).
 //! - [`Function::External`]: calls another AWS service, which a gateway does not do; refused.
@@ -28,13 +29,16 @@ use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::DataType;
-use datafusion::common::{exec_err, Result};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::common::{exec_err, Result, ScalarValue};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility,
 };
 use datafusion::prelude::SessionContext;
 use md5::Digest as _;
+
+use crate::values::{self, is_int, CastTarget, Kind};
 
 /// What a function name is at the edge (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,9 +59,8 @@ pub fn lookup(name: &str) -> Option<Function> {
         return Some(Iot);
     }
     Some(match lower.as_str() {
-        "abs" | "acos" | "asin" | "atan" | "atan2" | "cos" | "cosh" | "exp" | "ln" | "log"
-        | "sin" | "sinh" | "sqrt" | "tan" | "tanh" | "lower" | "upper" | "length" | "concat"
-        | "replace" => Same,
+        "concat" => Iot,
+        "replace" => Same,
         "rand" => Renamed("random"),
         "aws_lambda" => External("AWS Lambda"),
         "get_dynamodb" => External("Amazon DynamoDB"),
@@ -65,9 +68,7 @@ pub fn lookup(name: &str) -> Option<Function> {
         "get_thing_shadow" => External("the IoT Core device shadow service"),
         "get_registry_data" => External("the IoT Core registry"),
         "machinelearning_predict" => External("Amazon Machine Learning"),
-        "cast" => NotYet(
-            "IoT Core's conversions (to Decimal, Int from \"12.7\", Boolean rules) are not SQL's",
-        ),
+        "cast" => Iot,
         "get" | "get_or_default" | "transform" => NotYet("it needs objects and arrays as values"),
         "isnull" | "isundefined" => NotYet("it needs Null and Undefined kept apart"),
         "decode" => NotYet("it returns an object when the decoded text is JSON"),
@@ -89,170 +90,41 @@ pub fn register(ctx: &SessionContext) {
     for u in UDFS.iter() {
         ctx.register_udf(ScalarUDF::from(u.clone()));
     }
-    for op in Operator::ALL {
-        ctx.register_udf(ScalarUDF::from(OperatorUdf::new(op)));
-    }
+    ctx.register_udf(ScalarUDF::from(CastUdf::new()));
+    ctx.register_udf(ScalarUDF::from(ConcatUdf::new()));
+    crate::operators::register(ctx);
 }
 
-/// The operators of `iot-sql-operators` that the dialect lowers to these UDFs (`a > b`
-/// becomes `iot_op_gt(a, b)`):
-/// - `>`, `<`, `>=`, `<=` convert both operands to Decimal and compare the numbers (`'2' <
-///   '10'` is true), Undefined when one does not convert;
-/// - `=` and `<>` compare operands of the same type (Int and Decimal are both numbers) and
-///   find operands of different types unequal (`5 = '5'` is false);
-/// - `AND`, `OR`, `NOT` take Booleans and the strings "true"/"false" (any case); any other
-///   operand, Undefined included, gives Undefined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operator {
-    Gt,
-    Lt,
-    GtEq,
-    LtEq,
-    Eq,
-    NotEq,
-    And,
-    Or,
-    Not,
-}
-
-impl Operator {
-    pub const ALL: [Operator; 9] = [
-        Operator::Gt,
-        Operator::Lt,
-        Operator::GtEq,
-        Operator::LtEq,
-        Operator::Eq,
-        Operator::NotEq,
-        Operator::And,
-        Operator::Or,
-        Operator::Not,
-    ];
-
-    /// The UDF an operator is lowered to.
-    pub fn udf_name(self) -> &'static str {
-        match self {
-            Operator::Gt => "iot_op_gt",
-            Operator::Lt => "iot_op_lt",
-            Operator::GtEq => "iot_op_gte",
-            Operator::LtEq => "iot_op_lte",
-            Operator::Eq => "iot_op_eq",
-            Operator::NotEq => "iot_op_neq",
-            Operator::And => "iot_op_and",
-            Operator::Or => "iot_op_or",
-            Operator::Not => "iot_op_not",
-        }
-    }
-}
+/// The UDF `cast(x AS type)` is lowered to: `iot_cast(x, 'type')`, the type one of
+/// [`CastTarget`]'s names, checked when the rule loads.
+pub const CAST_UDF: &str = "iot_cast";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct OperatorUdf {
-    op: Operator,
+struct CastUdf {
     signature: Signature,
 }
 
-impl OperatorUdf {
-    fn new(op: Operator) -> Self {
-        let arity = if op == Operator::Not { 1 } else { 2 };
-        OperatorUdf {
-            op,
-            signature: Signature::any(arity, Volatility::Immutable),
+impl CastUdf {
+    fn new() -> Self {
+        CastUdf {
+            signature: Signature::any(2, Volatility::Immutable),
         }
     }
 }
 
-/// An operand as Arrow's comparison kernels take it: a column, or a scalar as one.
-enum Operand {
-    Array(ArrayRef),
-    Scalar(ArrayRef),
-}
-
-impl Operand {
-    fn of(v: &ColumnarValue) -> Result<Operand> {
-        Ok(match v {
-            ColumnarValue::Array(a) => Operand::Array(Arc::clone(a)),
-            ColumnarValue::Scalar(s) => Operand::Scalar(s.to_array_of_size(1)?),
-        })
-    }
-
-    fn array(&self) -> &ArrayRef {
-        match self {
-            Operand::Array(a) | Operand::Scalar(a) => a,
-        }
-    }
-
-    fn map(&self, f: impl Fn(&ArrayRef) -> Result<ArrayRef>) -> Result<Operand> {
-        Ok(match self {
-            Operand::Array(a) => Operand::Array(f(a)?),
-            Operand::Scalar(a) => Operand::Scalar(f(a)?),
-        })
-    }
-
-    fn compare(
-        &self,
-        other: &Operand,
-        kernel: fn(
-            &dyn datafusion::arrow::array::Datum,
-            &dyn datafusion::arrow::array::Datum,
-        )
-            -> std::result::Result<BooleanArray, datafusion::arrow::error::ArrowError>,
-    ) -> Result<BooleanArray> {
-        use datafusion::arrow::array::Scalar;
-        let out = match (self, other) {
-            (Operand::Array(a), Operand::Array(b)) => kernel(a, b),
-            (Operand::Array(a), Operand::Scalar(b)) => kernel(a, &Scalar::new(Arc::clone(b))),
-            (Operand::Scalar(a), Operand::Array(b)) => kernel(&Scalar::new(Arc::clone(a)), b),
-            (Operand::Scalar(a), Operand::Scalar(b)) => kernel(a, b),
-        };
-        Ok(out?)
+fn cast_target(v: Option<&ScalarValue>) -> Result<CastTarget> {
+    match v {
+        Some(ScalarValue::Utf8(Some(t))) => match CastTarget::parse(t) {
+            Some(t) => Ok(t),
+            None => exec_err!("cast to {t}: not an IoT SQL type"),
+        },
+        _ => exec_err!("cast takes a type keyword after AS"),
     }
 }
 
-/// Row `i` of an operand of `len` rows: a scalar operand is one row for every row.
-fn row(len: usize, i: usize) -> usize {
-    if len == 1 {
-        0
-    } else {
-        i
-    }
-}
-
-/// Each value as a Boolean for `AND`, `OR`, `NOT`: Booleans, and the strings "true" and
-/// "false" in any case; anything else is Null (Undefined).
-fn booleans(a: &ArrayRef) -> Result<BooleanArray> {
-    match a.data_type() {
-        DataType::Boolean => Ok(a
-            .as_any()
-            .downcast_ref::<BooleanArray>()
-            .cloned()
-            .unwrap_or_else(|| BooleanArray::new_null(a.len()))),
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-            let s = texts(a)?;
-            Ok(s.iter()
-                .map(|v| match v {
-                    Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
-                    Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
-                    _ => None,
-                })
-                .collect())
-        }
-        _ => Ok(BooleanArray::new_null(a.len())),
-    }
-}
-
-/// The IoT type family of an Arrow type, for `=`.
-fn family(t: &DataType) -> u8 {
-    match t {
-        DataType::Null => 0,
-        DataType::Boolean => 1,
-        t if is_int(t) || matches!(t, DataType::Float32 | DataType::Float64) => 2,
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => 3,
-        _ => 4,
-    }
-}
-
-impl ScalarUDFImpl for OperatorUdf {
+impl ScalarUDFImpl for CastUdf {
     fn name(&self) -> &str {
-        self.op.udf_name()
+        CAST_UDF
     }
 
     fn signature(&self) -> &Signature {
@@ -260,102 +132,169 @@ impl ScalarUDFImpl for OperatorUdf {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Boolean)
+        // The type is the second argument's value; return_field_from_args reads it.
+        Ok(DataType::Utf8)
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        let target = cast_target(args.scalar_arguments.get(1).copied().flatten())?;
+        Ok(Arc::new(Field::new(CAST_UDF, target.data_type(), true)))
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        use datafusion::arrow::compute::kernels::cmp;
-        if self.op == Operator::Not {
-            let [v] = args.args.as_slice() else {
-                return exec_err!("NOT takes one operand");
-            };
-            return Ok(match v {
-                ColumnarValue::Array(a) => {
-                    let b = booleans(a)?;
-                    ColumnarValue::Array(Arc::new(
-                        b.iter().map(|v| v.map(|v| !v)).collect::<BooleanArray>(),
-                    ))
-                }
-                ColumnarValue::Scalar(s) => {
-                    let b = booleans(&s.to_array_of_size(1)?)?;
-                    let out: ArrayRef =
-                        Arc::new(b.iter().map(|v| v.map(|v| !v)).collect::<BooleanArray>());
-                    ColumnarValue::Scalar(datafusion::common::ScalarValue::try_from_array(&out, 0)?)
-                }
-            });
-        }
-        let [l, r] = args.args.as_slice() else {
-            return exec_err!("{} takes two operands", self.op.udf_name());
+        let [value, ColumnarValue::Scalar(target)] = args.args.as_slice() else {
+            return exec_err!("cast takes a value and a type keyword");
         };
-        let scalar = matches!((l, r), (ColumnarValue::Scalar(_), ColumnarValue::Scalar(_)));
-        let (l, r) = (Operand::of(l)?, Operand::of(r)?);
-        let to_decimal = |a: &ArrayRef| -> Result<ArrayRef> { Ok(Arc::new(decimals(a)?)) };
-        let out = match self.op {
-            Operator::And | Operator::Or | Operator::Not => {
-                let (la, ra) = (booleans(l.array())?, booleans(r.array())?);
-                let n = la.len().max(ra.len());
-                let and = self.op == Operator::And;
-                let value = |a: &BooleanArray, i: usize| {
-                    let i = row(a.len(), i);
-                    a.is_valid(i).then(|| a.value(i))
-                };
-                (0..n)
-                    .map(|i| {
-                        let (x, y) = (value(&la, i)?, value(&ra, i)?);
-                        Some(if and { x && y } else { x || y })
-                    })
-                    .collect()
-            }
-            Operator::Gt | Operator::Lt | Operator::GtEq | Operator::LtEq => {
-                let kernel = match self.op {
-                    Operator::Gt => cmp::gt,
-                    Operator::Lt => cmp::lt,
-                    Operator::GtEq => cmp::gt_eq,
-                    _ => cmp::lt_eq,
-                };
-                l.map(to_decimal)?.compare(&r.map(to_decimal)?, kernel)?
-            }
-            Operator::Eq | Operator::NotEq => {
-                let kernel = if self.op == Operator::Eq {
-                    cmp::eq
-                } else {
-                    cmp::neq
-                };
-                let (lf, rf) = (family(l.array().data_type()), family(r.array().data_type()));
-                match (lf, rf) {
-                    (2, 2) => l.map(to_decimal)?.compare(&r.map(to_decimal)?, kernel)?,
-                    (1, 1) | (3, 3) if l.array().data_type() == r.array().data_type() => {
-                        l.compare(&r, kernel)?
-                    }
-                    (3, 3) => {
-                        let text = |a: &ArrayRef| -> Result<ArrayRef> { Ok(Arc::new(texts(a)?)) };
-                        l.map(text)?.compare(&r.map(text)?, kernel)?
-                    }
-                    _ => {
-                        // Different types: unequal, Undefined where an operand is missing.
-                        let (la, ra) = (l.array(), r.array());
-                        let n = la.len().max(ra.len());
-                        let differ = self.op == Operator::NotEq;
-                        (0..n)
-                            .map(|i| {
-                                let valid =
-                                    la.is_valid(row(la.len(), i)) && ra.is_valid(row(ra.len(), i));
-                                valid.then_some(differ)
-                            })
-                            .collect()
-                    }
-                }
-            }
+        let target = cast_target(Some(target))?;
+        let kind = args
+            .arg_fields
+            .first()
+            .map_or(Kind::Undefined, |f| Kind::of(f));
+        let scalar = matches!(value, ColumnarValue::Scalar(_));
+        let array = match value {
+            ColumnarValue::Array(a) => Arc::clone(a),
+            ColumnarValue::Scalar(s) => s.to_array_of_size(1)?,
         };
-        let out: ArrayRef = Arc::new(out);
+        let out = values::cast_to(&array, kind, target)?;
         if scalar {
-            Ok(ColumnarValue::Scalar(
-                datafusion::common::ScalarValue::try_from_array(&out, 0)?,
-            ))
+            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?))
         } else {
             Ok(ColumnarValue::Array(out))
         }
     }
+}
+
+/// `concat(…)` (iot-sql-functions): no argument is Undefined; one is returned unmodified; with
+/// an Array among them, one Array of every argument (Arrays' items spliced in); otherwise the
+/// concatenation of their string forms. The page's example `concat(1) = "1"` disagrees with its
+/// table ("the argument is returned unmodified"); the table is followed. An Undefined argument
+/// makes the result Undefined.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ConcatUdf {
+    signature: Signature,
+}
+
+impl ConcatUdf {
+    fn new() -> Self {
+        ConcatUdf {
+            signature: Signature::variadic_any(Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for ConcatUdf {
+    fn name(&self) -> &str {
+        "iot_concat"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        Ok(match arg_types {
+            [] => DataType::Float64,
+            [one] => one.clone(),
+            _ => DataType::Utf8,
+        })
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        Ok(match args.arg_fields {
+            [] => Arc::new(Field::new(self.name(), DataType::Float64, true)),
+            [one] => Arc::new(one.as_ref().clone().with_name(self.name())),
+            many if many.iter().any(|f| Kind::of(f) == Kind::Json) => {
+                Arc::new(Field::new(self.name(), DataType::Utf8, true).with_metadata(
+                    std::collections::HashMap::from([(
+                        values::JSON_COLUMN.to_string(),
+                        "true".to_string(),
+                    )]),
+                ))
+            }
+            _ => Arc::new(Field::new(self.name(), DataType::Utf8, true)),
+        })
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        match args.args.as_slice() {
+            [] => return Ok(ColumnarValue::Array(Arc::new(Float64Array::new_null(n)))),
+            [one] => return Ok(one.clone()),
+            _ => {}
+        }
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let kinds: Vec<Kind> = args.arg_fields.iter().map(|f| Kind::of(f)).collect();
+        let row = |a: &ArrayRef, i: usize| if a.len() == 1 { 0 } else { i };
+        if kinds.contains(&Kind::Json) {
+            let out: StringArray = (0..n)
+                .map(|i| {
+                    let vals = arrays
+                        .iter()
+                        .zip(&kinds)
+                        .map(|(a, k)| values::value_at(a, *k, row(a, i)))
+                        .collect::<Option<Vec<_>>>()?;
+                    let joined = if vals.iter().any(serde_json::Value::is_array) {
+                        let mut items = Vec::new();
+                        for v in vals {
+                            match v {
+                                serde_json::Value::Array(a) => items.extend(a),
+                                other => items.push(other),
+                            }
+                        }
+                        serde_json::Value::Array(items)
+                    } else {
+                        let mut text = String::new();
+                        for v in &vals {
+                            match v {
+                                serde_json::Value::String(s) => text.push_str(s),
+                                serde_json::Value::Number(x) => text.push_str(
+                                    &x.as_f64().map_or(x.to_string(), values::decimal_text),
+                                ),
+                                serde_json::Value::Null => return None,
+                                other => text.push_str(&other.to_string()),
+                            }
+                        }
+                        serde_json::Value::String(text)
+                    };
+                    Some(joined.to_string())
+                })
+                .collect();
+            return Ok(ColumnarValue::Array(Arc::new(out)));
+        }
+        let texts = arrays
+            .iter()
+            .zip(&kinds)
+            .map(|(a, k)| values::texts(a, *k))
+            .collect::<Result<Vec<_>>>()?;
+        let out: StringArray = (0..n)
+            .map(|i| {
+                let mut text = String::new();
+                for (t, a) in texts.iter().zip(&arrays) {
+                    let r = row(a, i);
+                    if t.is_null(r) {
+                        return None;
+                    }
+                    text.push_str(t.value(r));
+                }
+                Some(text)
+            })
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
+// The conversions of `values`, with a column's kind read off its Arrow type: a function here
+// takes an Array or Object argument as its JSON text.
+fn texts(a: &ArrayRef) -> Result<StringArray> {
+    values::texts(a, Kind::of_type(a.data_type()))
+}
+
+fn decimals(a: &ArrayRef) -> Result<Float64Array> {
+    values::decimals(a, Kind::of_type(a.data_type()))
+}
+
+fn ints(a: &ArrayRef) -> Result<Int64Array> {
+    values::ints(a, Kind::of_type(a.data_type()))
 }
 
 /// The name a [`Function::Iot`] function is registered under.
@@ -445,7 +384,14 @@ impl ScalarUDFImpl for IotUdf {
         if !self.arities.contains(&args.args.len()) {
             return exec_err!("{} takes {:?} arguments", self.name, self.arities);
         }
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let mut arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        // A column holding JSON values (several types in one batch, Arrays, Objects) reaches
+        // the function as each value's string form, which every argument table starts from.
+        for (a, f) in arrays.iter_mut().zip(&args.arg_fields) {
+            if Kind::of(f) == Kind::Json {
+                *a = Arc::new(values::texts(a, Kind::Json)?);
+            }
+        }
         let out = (self.eval)(&arrays)?;
         let want = args.return_field.data_type();
         if out.data_type() == want {
@@ -454,20 +400,6 @@ impl ScalarUDFImpl for IotUdf {
             Ok(ColumnarValue::Array(cast(&out, want)?))
         }
     }
-}
-
-fn is_int(t: &DataType) -> bool {
-    matches!(
-        t,
-        DataType::Int8
-            | DataType::Int16
-            | DataType::Int32
-            | DataType::Int64
-            | DataType::UInt8
-            | DataType::UInt16
-            | DataType::UInt32
-            | DataType::UInt64
-    )
 }
 
 static UDFS: std::sync::LazyLock<Vec<IotUdf>> = std::sync::LazyLock::new(|| {
@@ -490,6 +422,16 @@ static UDFS: std::sync::LazyLock<Vec<IotUdf>> = std::sync::LazyLock::new(|| {
             two_texts_bool(a, |s, p| s.ends_with(p))
         }),
         IotUdf::new("indexof", &[2], Int, indexof),
+        IotUdf::new("lower", &[1], Text, |a| map_text(a, str::to_lowercase)),
+        IotUdf::new("upper", &[1], Text, |a| map_text(a, str::to_uppercase)),
+        IotUdf::new("length", &[1], Int, |a| {
+            let s = texts(&a[0])?;
+            Ok(Arc::new(
+                s.iter()
+                    .map(|v| v.map(|v| v.chars().count() as i64))
+                    .collect::<Int64Array>(),
+            ))
+        }),
         IotUdf::new("numbytes", &[1], Int, |a| {
             let s = texts(&a[0])?;
             Ok(Arc::new(
@@ -545,6 +487,39 @@ static UDFS: std::sync::LazyLock<Vec<IotUdf>> = std::sync::LazyLock::new(|| {
         IotUdf::new("round", &[1], Int, |a| {
             map_decimal_to_int(a, |x| (x + 0.5).floor() as i64)
         }),
+        IotUdf::new("abs", &[1], IntIfInts, |a| {
+            if is_int(a[0].data_type()) {
+                let i = ints(&a[0])?;
+                return Ok(Arc::new(
+                    i.iter()
+                        .map(|v| v.and_then(i64::checked_abs))
+                        .collect::<Int64Array>(),
+                ));
+            }
+            map_decimal(a, f64::abs)
+        }),
+        IotUdf::new("acos", &[1], Decimal, |a| map_decimal(a, f64::acos)),
+        IotUdf::new("asin", &[1], Decimal, |a| map_decimal(a, f64::asin)),
+        IotUdf::new("atan", &[1], Decimal, |a| map_decimal(a, f64::atan)),
+        IotUdf::new("atan2", &[2], Decimal, |a| {
+            let (y, x) = (decimals(&a[0])?, decimals(&a[1])?);
+            Ok(Arc::new(
+                y.iter()
+                    .zip(x.iter())
+                    .map(|(y, x)| Some(y?.atan2(x?)).filter(|v| v.is_finite()))
+                    .collect::<Float64Array>(),
+            ))
+        }),
+        IotUdf::new("cos", &[1], Decimal, |a| map_decimal(a, f64::cos)),
+        IotUdf::new("cosh", &[1], Decimal, |a| map_decimal(a, f64::cosh)),
+        IotUdf::new("exp", &[1], Decimal, |a| map_decimal(a, f64::exp)),
+        IotUdf::new("ln", &[1], Decimal, |a| map_decimal(a, f64::ln)),
+        IotUdf::new("log", &[1], Decimal, |a| map_decimal(a, f64::log10)),
+        IotUdf::new("sin", &[1], Decimal, |a| map_decimal(a, f64::sin)),
+        IotUdf::new("sinh", &[1], Decimal, |a| map_decimal(a, f64::sinh)),
+        IotUdf::new("sqrt", &[1], Decimal, |a| map_decimal(a, f64::sqrt)),
+        IotUdf::new("tan", &[1], Decimal, |a| map_decimal(a, f64::tan)),
+        IotUdf::new("tanh", &[1], Decimal, |a| map_decimal(a, f64::tanh)),
         IotUdf::new("power", &[2], Decimal, |a| {
             let (x, y) = (decimals(&a[0])?, decimals(&a[1])?);
             Ok(Arc::new(
@@ -583,51 +558,6 @@ static UDFS: std::sync::LazyLock<Vec<IotUdf>> = std::sync::LazyLock::new(|| {
     ]
 });
 
-/// The string form of each value (the page's "standard string conversion"); Null stays Null.
-fn texts(a: &ArrayRef) -> Result<StringArray> {
-    let c = cast(a, &DataType::Utf8)?;
-    Ok(c.as_any()
-        .downcast_ref::<StringArray>()
-        .cloned()
-        .unwrap_or_else(|| StringArray::new_null(a.len())))
-}
-
-/// Each value as a Decimal: numbers as they are, strings that read as numbers; else Null.
-fn decimals(a: &ArrayRef) -> Result<Float64Array> {
-    if matches!(
-        a.data_type(),
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-    ) {
-        let s = texts(a)?;
-        return Ok(s
-            .iter()
-            .map(|v| v.and_then(|v| v.trim().parse::<f64>().ok()))
-            .collect());
-    }
-    if a.data_type() == &DataType::Boolean || a.data_type() == &DataType::Null {
-        return Ok(Float64Array::new_null(a.len()));
-    }
-    let c = cast(a, &DataType::Float64)?;
-    Ok(c.as_any()
-        .downcast_ref::<Float64Array>()
-        .cloned()
-        .unwrap_or_else(|| Float64Array::new_null(a.len())))
-}
-
-/// Each value as an Int: Decimals rounded down (the page's rule for Int arguments).
-fn ints(a: &ArrayRef) -> Result<Int64Array> {
-    if is_int(a.data_type()) {
-        let c = cast(a, &DataType::Int64)?;
-        if let Some(i) = c.as_any().downcast_ref::<Int64Array>() {
-            return Ok(i.clone());
-        }
-    }
-    let d = decimals(a)?;
-    Ok(d.iter()
-        .map(|v| v.filter(|v| v.is_finite()).map(|v| v.floor() as i64))
-        .collect())
-}
-
 fn map_text(a: &[ArrayRef], f: impl Fn(&str) -> String) -> Result<ArrayRef> {
     let s = texts(&a[0])?;
     Ok(Arc::new(
@@ -642,6 +572,17 @@ fn two_texts_bool(a: &[ArrayRef], f: impl Fn(&str, &str) -> bool) -> Result<Arra
             .zip(p.iter())
             .map(|(s, p)| Some(f(s?, p?)))
             .collect::<BooleanArray>(),
+    ))
+}
+
+/// A Decimal function: strings converted, and an imaginary or infinite result (NaN, ±inf)
+/// Undefined.
+fn map_decimal(a: &[ArrayRef], f: impl Fn(f64) -> f64) -> Result<ArrayRef> {
+    let d = decimals(&a[0])?;
+    Ok(Arc::new(
+        d.iter()
+            .map(|v| v.map(&f).filter(|v| v.is_finite()))
+            .collect::<Float64Array>(),
     ))
 }
 

@@ -13,7 +13,10 @@
 //!   result rows back to JSON.
 //! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
 //! - `functions`: the IoT SQL function list and what each is here (DataFusion's, a UDF with
-//!   IoT Core's semantics, or refused with the reason).
+//!   IoT Core's semantics, or refused with the reason), and `cast`.
+//! - `operators`: IoT Core's operator tables as the UDFs every operator is lowered to.
+//! - `values`: IoT SQL's types over Arrow columns and the conversions between them, used by
+//!   the functions, the operators and `cast` alike.
 //! - `dir`: the rules directory: loading, change detection for hot reload.
 //! - `sample`: running a rule over sample messages (`sitegate rules test`, the test cases).
 
@@ -22,7 +25,9 @@ pub mod dialect;
 pub mod dir;
 pub mod engine;
 pub mod functions;
+mod operators;
 pub mod sample;
+mod values;
 
 pub use batch::Message;
 pub use dialect::{RuleError, RuleSpec};

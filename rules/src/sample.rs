@@ -43,32 +43,62 @@ pub async fn run(
     error_sink: Option<String>,
     until: Option<i64>,
 ) -> Vec<Output> {
-    let mut engine = Engine::new(ErrorRouting {
-        default_sink: error_sink.or_else(|| Some("errors".into())),
-    });
-    engine.install(spec);
+    let mut engine = engine(spec, error_sink);
     let mut outputs = Vec::new();
     let mut now = 0i64;
     for s in samples {
         now = s.ts.unwrap_or(now + 1000);
-        let payload = match &s.payload {
-            Value::String(text) => Bytes::from(text.clone()),
-            other => Bytes::from(other.to_string()),
-        };
-        let message = Arc::new(Message {
-            topic: s.topic.clone(),
-            thing: s.thing.clone(),
-            cert_id: s
-                .cert_id
-                .clone()
-                .unwrap_or_else(|| format!("cert-{}", s.thing)),
-            payload,
-            received_at_ms: now,
-        });
+        let message = message(s, now);
         outputs.extend(engine.process(&[message], now).await.outputs);
     }
     outputs.extend(engine.tick(until.unwrap_or(now + 3_600_000)).await.outputs);
     outputs
+}
+
+/// Run `spec` over all `samples` as one micro-batch, as the gateway hands them over when they
+/// arrive together; a rule's result for a message must not depend on its batch.
+pub async fn run_batch(
+    spec: RuleSpec,
+    samples: &[Sample],
+    error_sink: Option<String>,
+) -> Vec<Output> {
+    let mut engine = engine(spec, error_sink);
+    let mut now = 0i64;
+    let messages: Vec<Arc<Message>> = samples
+        .iter()
+        .map(|s| {
+            now = s.ts.unwrap_or(now + 1000);
+            message(s, now)
+        })
+        .collect();
+    let mut outputs = engine.process(&messages, now).await.outputs;
+    outputs.extend(engine.tick(now + 3_600_000).await.outputs);
+    outputs
+}
+
+fn engine(spec: RuleSpec, error_sink: Option<String>) -> Engine {
+    let mut engine = Engine::new(ErrorRouting {
+        default_sink: error_sink.or_else(|| Some("errors".into())),
+    });
+    engine.install(spec);
+    engine
+}
+
+fn message(s: &Sample, now: i64) -> Arc<Message> {
+    let payload = match &s.payload {
+        Value::String(text) => Bytes::from(text.clone()),
+        other => Bytes::from(other.to_string()),
+    };
+    Arc::new(Message {
+        topic: s.topic.clone(),
+        thing: s.thing.clone(),
+        cert_id: s
+            .cert_id
+            .clone()
+            .unwrap_or_else(|| format!("cert-{}", s.thing)),
+        payload,
+        received_at_ms: now,
+    })
 }
 
 /// Outputs as a text table: sink, thing, then the row's fields.

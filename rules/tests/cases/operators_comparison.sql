@@ -5,6 +5,7 @@
 -- (both numbers).
 -- input: {"topic":"x","thing":"d","payload":{"level":"12","name":"pump"},"ts":1}
 -- expect out: {"a":true,"b":true,"c":false,"d":true,"e":true,"f":true,"g":true,"h":false}
+-- left out: undefined_left_out
 INSERT INTO out SELECT
   '2' < '10' AS a,
   level > 9 AS b,

@@ -2,6 +2,7 @@
 -- any case, which are converted to Booleans; any other operand gives Undefined (left out).
 -- input: {"topic":"x","thing":"d","payload":{"on":"TRUE","n":5},"ts":1}
 -- expect out: {"a":true,"b":false,"c":true,"d":true,"e":false}
+-- left out: undefined_number, undefined_text
 INSERT INTO out SELECT
   on AND true AS a,
   'false' OR false AS b,

@@ -1,0 +1,16 @@
+-- iot-sql-operators, * operator: "If all strings convert to decimals correctly, a Decimal value
+-- is returned ... Otherwise, returns Undefined". A string that is not a number makes that
+-- message's result Undefined; it sends nothing to the error sink, and the other messages of the
+-- batch are computed. The string must match the pattern of iot-sql-data-types ("To decimal"):
+-- " 5" and "+5" do not convert.
+-- input: {"topic":"x","thing":"d","payload":{"v":"abc"},"ts":1}
+-- input: {"topic":"x","thing":"d","payload":{"v":"5"},"ts":2}
+-- input: {"topic":"x","thing":"d","payload":{"v":" 5"},"ts":3}
+-- input: {"topic":"x","thing":"d","payload":{"v":"5E-1"},"ts":4}
+-- input: {"topic":"x","thing":"d","payload":{"v":"+5"},"ts":5}
+-- expect out: {"v":"abc","@left_out":["w"]}
+-- expect out: {"v":"5","w":10}
+-- expect out: {"v":" 5","@left_out":["w"]}
+-- expect out: {"v":"5E-1","w":1}
+-- expect out: {"v":"+5","@left_out":["w"]}
+INSERT INTO out SELECT v, v * 2 AS w FROM 'x'

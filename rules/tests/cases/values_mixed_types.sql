@@ -1,0 +1,11 @@
+-- iot-sql-data-types: a value keeps its own type. A field that is a String in one message, an
+-- Int in the next and a Boolean in a third gives each message the result its own value gives
+-- (iot-sql-operators tables for + - = >; cast(); upper's standard string conversion), whether
+-- the messages come one by one or in one batch: "12" + 1 is "121" while 10 + 1 is 11.
+-- input: {"topic":"x","thing":"d","payload":{"v":"12"},"ts":1}
+-- input: {"topic":"x","thing":"d","payload":{"v":10},"ts":2}
+-- input: {"topic":"x","thing":"d","payload":{"v":true},"ts":3}
+-- expect out: {"v":"12","p":"121","m":11,"e":false,"g":true,"u":"12","i":12}
+-- expect out: {"v":10,"p":11,"m":9,"e":true,"g":false,"u":"10","i":10}
+-- expect out: {"v":true,"e":false,"u":"TRUE","i":1,"@left_out":["p","m","g"]}
+INSERT INTO out SELECT v, v + 1 AS p, v - 1 AS m, v = 10 AS e, v > 11 AS g, upper(v) AS u, cast(v AS Int) AS i FROM 'x'
