@@ -226,12 +226,17 @@ impl ScalarUDFImpl for ConcatUdf {
         let kinds: Vec<Kind> = args.arg_fields.iter().map(|f| Kind::of(f)).collect();
         let row = |a: &ArrayRef, i: usize| if a.len() == 1 { 0 } else { i };
         if kinds.contains(&Kind::Json) {
+            let columns = arrays
+                .iter()
+                .zip(&kinds)
+                .map(|(a, k)| values::values_of(a, *k))
+                .collect::<Result<Vec<_>>>()?;
             let out: StringArray = (0..n)
                 .map(|i| {
-                    let vals = arrays
+                    let vals = columns
                         .iter()
-                        .zip(&kinds)
-                        .map(|(a, k)| values::value_at(a, *k, row(a, i)))
+                        .zip(&arrays)
+                        .map(|(c, a)| c[row(a, i)].clone())
                         .collect::<Option<Vec<_>>>()?;
                     let joined = if vals.iter().any(serde_json::Value::is_array) {
                         let mut items = Vec::new();

@@ -30,7 +30,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use crate::values::{
-    booleans, decimal_text, decimals, parse_decimal, texts, value_at, values_equal, Kind,
+    booleans, decimal_text, decimals, parse_decimal, texts, values_equal, values_of, Kind,
     JSON_COLUMN,
 };
 use serde_json::Value;
@@ -119,14 +119,15 @@ impl Operator {
         if !self.is_arithmetic() {
             return Field::new(self.udf_name(), DataType::Boolean, true);
         }
-        let t = match self.arithmetic_type(l, r) {
+        let arithmetic = self.arithmetic_type(l, r);
+        let t = match arithmetic {
             Arithmetic::Text | Arithmetic::PerValue => DataType::Utf8,
             Arithmetic::Int => DataType::Int64,
             // An Undefined result still needs a type: a column of nulls.
             Arithmetic::Decimal | Arithmetic::Undefined => DataType::Float64,
         };
         let field = Field::new(self.udf_name(), t, true);
-        if self.arithmetic_type(l, r) == Arithmetic::PerValue {
+        if arithmetic == Arithmetic::PerValue {
             field.with_metadata(std::collections::HashMap::from([(
                 JSON_COLUMN.to_string(),
                 "true".to_string(),
@@ -212,6 +213,10 @@ impl Operand {
 
     fn texts(&self) -> Result<Operand> {
         Ok(self.with(Arc::new(texts(&self.array, self.kind)?)))
+    }
+
+    fn values(&self) -> Result<Vec<Option<Value>>> {
+        values_of(&self.array, self.kind)
     }
 
     /// The row of this operand that row `i` of the result reads.
@@ -328,13 +333,15 @@ fn logical_or_comparison(op: Operator, l: &Operand, r: &Operand) -> Result<Boole
                 cmp::neq
             };
             match (l.kind, r.kind) {
-                (Kind::Json, _) | (_, Kind::Json) => (0..rows(l, r))
-                    .map(|i| {
-                        let x = value_at(&l.array, l.kind, l.row(i))?;
-                        let y = value_at(&r.array, r.kind, r.row(i))?;
-                        Some(values_equal(&x, &y) == (op == Operator::Eq))
-                    })
-                    .collect(),
+                (Kind::Json, _) | (_, Kind::Json) => {
+                    let (a, b) = (l.values()?, r.values()?);
+                    (0..rows(l, r))
+                        .map(|i| {
+                            let (x, y) = (a[l.row(i)].as_ref()?, b[r.row(i)].as_ref()?);
+                            Some(values_equal(x, y) == (op == Operator::Eq))
+                        })
+                        .collect()
+                }
                 (a, b) if a.is_number() && b.is_number() => {
                     l.decimals()?.compare(&r.decimals()?, kernel)?
                 }
@@ -363,15 +370,17 @@ fn arithmetic(op: Operator, l: &Operand, r: &Operand) -> Result<ArrayRef> {
     let n = rows(l, r);
     Ok(match op.arithmetic_type(l.kind, r.kind) {
         Arithmetic::Undefined => Arc::new(Float64Array::new_null(n)),
-        Arithmetic::PerValue => Arc::new(
-            (0..n)
-                .map(|i| {
-                    let x = value_at(&l.array, l.kind, l.row(i))?;
-                    let y = value_at(&r.array, r.kind, r.row(i))?;
-                    Some(arithmetic_value(op, &x, &y)?.to_string())
-                })
-                .collect::<StringArray>(),
-        ),
+        Arithmetic::PerValue => {
+            let (a, b) = (l.values()?, r.values()?);
+            Arc::new(
+                (0..n)
+                    .map(|i| {
+                        let (x, y) = (a[l.row(i)].as_ref()?, b[r.row(i)].as_ref()?);
+                        Some(arithmetic_value(op, x, y)?.to_string())
+                    })
+                    .collect::<StringArray>(),
+            )
+        }
         Arithmetic::Text => {
             let (a, b) = (texts(&l.array, l.kind)?, texts(&r.array, r.kind)?);
             fn text<'a>(o: &Operand, s: &'a StringArray, i: usize) -> Option<&'a str> {

@@ -13,7 +13,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Field};
 use datafusion::common::Result;
 use serde_json::Value;
 
@@ -171,34 +171,31 @@ pub(crate) fn json_values(a: &ArrayRef) -> impl Iterator<Item = Option<Value>> +
     })
 }
 
-/// A value of any column as JSON, for rules that compare values of any type (`=` on an Array,
-/// on a column whose type changed within a batch).
-pub(crate) fn value_at(a: &ArrayRef, kind: Kind, i: usize) -> Option<Value> {
-    use datafusion::arrow::array::AsArray;
-    if a.is_null(i) {
-        return None;
-    }
-    match kind {
-        Kind::Json => {
-            let s = a.as_any().downcast_ref::<StringArray>()?;
-            serde_json::from_str(s.value(i)).ok()
-        }
-        Kind::Boolean => Some(Value::Bool(a.as_boolean_opt()?.value(i))),
+/// A column's values as JSON, converted once per batch, for rules that compare or combine values
+/// of any type (`=` on an Array, `+` on a column whose type changed within a batch). Undefined
+/// is `None`.
+pub(crate) fn values_of(a: &ArrayRef, kind: Kind) -> Result<Vec<Option<Value>>> {
+    let n = a.len();
+    Ok(match kind {
+        Kind::Json => json_values(a).collect(),
+        Kind::Boolean => booleans(a, kind)?
+            .iter()
+            .map(|v| v.map(Value::Bool))
+            .collect(),
         Kind::Int => {
-            let c = cast(&a.slice(i, 1), &DataType::Int64).ok()?;
-            Some(Value::from(c.as_primitive_opt::<Int64Type>()?.value(0)))
+            let c = cast(a, &DataType::Int64)?;
+            match c.as_any().downcast_ref::<Int64Array>() {
+                Some(i) => i.iter().map(|v| v.map(Value::from)).collect(),
+                None => vec![None; n],
+            }
         }
-        Kind::Decimal => {
-            let c = cast(&a.slice(i, 1), &DataType::Float64).ok()?;
-            serde_json::Number::from_f64(c.as_primitive_opt::<Float64Type>()?.value(0))
-                .map(Value::Number)
-        }
-        Kind::String => {
-            let c = cast(&a.slice(i, 1), &DataType::Utf8).ok()?;
-            Some(Value::from(c.as_string_opt::<i32>()?.value(0)))
-        }
-        Kind::Undefined | Kind::Other => None,
-    }
+        Kind::Decimal => decimals(a, kind)?
+            .iter()
+            .map(|v| v.and_then(serde_json::Number::from_f64).map(Value::Number))
+            .collect(),
+        Kind::String => texts(a, kind)?.iter().map(|v| v.map(Value::from)).collect(),
+        Kind::Undefined | Kind::Other => vec![None; n],
+    })
 }
 
 /// IoT SQL's `=` on two values: numbers by value (Int and Decimal alike), Arrays item by item
