@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::dialect::{ColumnType, CERT_ID, RECEIVED_AT, THING, TOPIC};
+use crate::values::decimal_text;
 
 /// Nesting deeper than this is refused (to the error sink), not flattened.
 pub const MAX_DEPTH: usize = 16;
@@ -65,10 +66,11 @@ struct Target {
     descend: bool,
 }
 
-/// One decoded payload value. JSON null is never stored: an absent value and a null one are the
-/// same to a rule, as in IoT Core.
+/// One decoded payload value. A JSON `null` is a value, IoT SQL's Null, distinct from a field
+/// that is absent (Undefined, an Arrow null): iot-sql-data-types lists both.
 #[derive(Debug, Clone)]
 enum Cell<'m> {
+    Null,
     Bool(bool),
     Int(i64),
     Float(f64),
@@ -80,6 +82,7 @@ enum Cell<'m> {
 impl Cell<'_> {
     fn kind(&self) -> u8 {
         match self {
+            Cell::Null => KIND_NULL,
             Cell::Bool(_) => KIND_BOOL,
             Cell::Int(_) => KIND_INT,
             Cell::Float(_) => KIND_FLOAT,
@@ -91,18 +94,23 @@ impl Cell<'_> {
     /// The value as JSON text (error reasons, and text columns holding a number or a bool).
     fn json(&self) -> String {
         match self {
+            Cell::Null => "null".to_string(),
             Cell::Bool(b) => b.to_string(),
             Cell::Int(i) => i.to_string(),
-            Cell::Float(f) => float_text(*f),
+            Cell::Float(f) => decimal_text(*f),
             Cell::Text(s) => Value::from(s.as_ref()).to_string(),
             Cell::Json(s) => s.clone(),
         }
     }
 
+    /// Whether the value may go in a column of the declared type. A Null fits any (a declared
+    /// column holds it as an Arrow null: a rule that declares a type gives up telling Null
+    /// from Undefined in that column).
     fn fits(&self, ty: ColumnType) -> bool {
         matches!(
             (ty, self),
-            (ColumnType::Double, Cell::Int(_) | Cell::Float(_))
+            (_, Cell::Null)
+                | (ColumnType::Double, Cell::Int(_) | Cell::Float(_))
                 | (ColumnType::BigInt, Cell::Int(_))
                 | (ColumnType::Text, Cell::Text(_))
                 | (ColumnType::Boolean, Cell::Bool(_))
@@ -110,17 +118,12 @@ impl Cell<'_> {
     }
 }
 
-fn float_text(f: f64) -> String {
-    serde_json::Number::from_f64(f)
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| f.to_string())
-}
-
 const KIND_BOOL: u8 = 1;
 const KIND_INT: u8 = 2;
 const KIND_FLOAT: u8 = 4;
 const KIND_TEXT: u8 = 8;
 const KIND_JSON: u8 = 16;
+const KIND_NULL: u8 = 32;
 
 /// Field metadata of a text column holding each value as JSON text (arrays and objects, and the
 /// values of a field whose type changed within a batch): each goes out as that JSON value, not
@@ -166,16 +169,16 @@ impl<'m> Column<'m> {
                 0 => DataType::Null,
                 KIND_BOOL => DataType::Boolean,
                 KIND_INT => DataType::Int64,
-                k if k & (KIND_BOOL | KIND_TEXT | KIND_JSON) == 0 => DataType::Float64,
-                // Strings; or arrays, objects, or a field whose type changed within the batch,
-                // each value as JSON (see `holds_json`).
+                k if k & (KIND_BOOL | KIND_TEXT | KIND_JSON | KIND_NULL) == 0 => DataType::Float64,
+                // Strings; or arrays, objects, nulls, or a field whose type changed within the
+                // batch, each value as JSON (see `holds_json`).
                 _ => DataType::Utf8,
             },
         }
     }
 
-    /// Whether the column holds each value as JSON ([`JSON_COLUMN`]): arrays and objects, and
-    /// a field whose values have several types in the batch (Int and Decimal are one: numbers),
+    /// Whether the column holds each value as JSON ([`JSON_COLUMN`]): arrays, objects and
+    /// nulls, and a field whose values have several types in the batch (Int and Decimal are one: numbers),
     /// so a `"5"` stays a String and a `5` an Int, whatever else the batch holds.
     fn holds_json(&self) -> bool {
         self.declared.is_none()
@@ -233,14 +236,10 @@ impl<'m> Column<'m> {
                 Arc::new(b.finish())
             }
         };
-        let field = Field::new(self.name, ty, true);
         let field = if json {
-            field.with_metadata(HashMap::from([(
-                JSON_COLUMN.to_string(),
-                "true".to_string(),
-            )]))
+            crate::values::json_field(self.name)
         } else {
-            field
+            Field::new(self.name, ty, true)
         };
         (field, array)
     }
@@ -469,10 +468,10 @@ impl<'m> Visitor<'m> for FieldValue<'_, '_, 'm> {
             .hold(self.target, Cell::Text(Cow::Owned(v.to_string())))
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+        self.builder.hold(self.target, Cell::Null)
     }
     fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+        self.builder.hold(self.target, Cell::Null)
     }
     fn visit_seq<A: SeqAccess<'m>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut items = Vec::new();
@@ -484,12 +483,19 @@ impl<'m> Visitor<'m> for FieldValue<'_, '_, 'm> {
     }
     fn visit_map<A: MapAccess<'m>>(self, mut map: A) -> Result<(), A::Error> {
         if self.target.column.is_none() {
-            return ObjectFields {
-                builder: self.builder,
+            let held = self.builder.pending.len();
+            ObjectFields {
+                builder: &mut *self.builder,
                 depth: self.depth + 1,
                 from_value: self.from_value,
             }
-            .visit_map(map);
+            .visit_map(map)?;
+            // Every field: an object with no fields below it still comes back as `{}`.
+            if self.builder.decoder.only.is_none() && self.builder.pending.len() == held {
+                self.builder
+                    .hold(self.target, Cell::Json("{}".to_string()))?;
+            }
+            return Ok(());
         }
         // Wanted as a whole: held as its JSON (and walked too when fields below it are wanted).
         if self.depth + 1 > MAX_DEPTH {
@@ -666,13 +672,14 @@ pub struct Row {
     pub received_at_ms: Option<i64>,
 }
 
-fn cell(array: &dyn Array, row: usize) -> Value {
+/// One value of an output column; `None` for an Arrow null, which is Undefined.
+fn cell(array: &dyn Array, row: usize) -> Option<Value> {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes as t;
     if array.is_null(row) || array.data_type() == &DataType::Null {
-        return Value::Null;
+        return None;
     }
-    match array.data_type() {
+    Some(match array.data_type() {
         DataType::Boolean => array
             .as_any()
             .downcast_ref::<BooleanArray>()
@@ -690,10 +697,10 @@ fn cell(array: &dyn Array, row: usize) -> Value {
             let options = FormatOptions::default();
             match ArrayFormatter::try_new(array, &options) {
                 Ok(f) => Value::from(f.value(row).to_string()),
-                Err(_) => Value::Null,
+                Err(_) => return None,
             }
         }
-    }
+    })
 }
 
 /// A Decimal as SQL version 2016-03-23 outputs it (iot-sql-data-types): a whole number is an
@@ -726,7 +733,8 @@ fn insert_path(object: &mut Map<String, Value>, name: &str, value: Value) {
 }
 
 /// Rows of an output batch as JSON objects. Columns starting with `__` are not part of the row;
-/// `__sg_*` ones carry identity. Absent (null) values are left out, as IoT Core does.
+/// `__sg_*` ones carry identity. An Undefined value (an Arrow null) leaves its key out, as IoT
+/// Core does; a Null (JSON `null` in a [`JSON_COLUMN`]) goes out as `null`.
 pub fn rows(batch: &RecordBatch) -> Vec<Row> {
     let schema = batch.schema();
     (0..batch.num_rows())
@@ -739,21 +747,24 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                 received_at_ms: None,
             };
             for (i, field) in schema.fields().iter().enumerate() {
-                let mut value = cell(batch.column(i).as_ref(), r);
-                if field.metadata().contains_key(JSON_COLUMN) {
-                    if let Some(parsed) = value.as_str().and_then(|s| serde_json::from_str(s).ok())
-                    {
-                        value = parsed;
+                let json = field.metadata().contains_key(JSON_COLUMN);
+                let value = cell(batch.column(i).as_ref(), r).map(|v| match v {
+                    Value::String(s) if json => {
+                        serde_json::from_str(&s).unwrap_or(Value::String(s))
                     }
-                }
+                    v => v,
+                });
+                let text = || value.as_ref().and_then(Value::as_str).map(str::to_string);
                 match field.name().as_str() {
-                    "__sg_thing" => row.thing = value.as_str().map(str::to_string),
-                    "__sg_cert_id" => row.cert_id = value.as_str().map(str::to_string),
-                    "__sg_topic" => row.topic = value.as_str().map(str::to_string),
-                    "__sg_received_at" => row.received_at_ms = value.as_i64(),
+                    "__sg_thing" => row.thing = text(),
+                    "__sg_cert_id" => row.cert_id = text(),
+                    "__sg_topic" => row.topic = text(),
+                    "__sg_received_at" => {
+                        row.received_at_ms = value.as_ref().and_then(Value::as_i64)
+                    }
                     name if name.starts_with("__") => {}
                     name => {
-                        if !value.is_null() {
+                        if let Some(value) = value {
                             insert_path(&mut row.object, name, value);
                         }
                     }
@@ -941,21 +952,6 @@ mod tests {
             .prop_map(|m| Value::Object(m.into_iter().collect()))
     }
 
-    /// The object with nulls (and objects left empty by them) removed: what a row gives back.
-    fn without_nulls(v: &Value) -> Option<Value> {
-        match v {
-            Value::Null => None,
-            Value::Object(m) => {
-                let kept: Map<String, Value> = m
-                    .iter()
-                    .filter_map(|(k, v)| without_nulls(v).map(|v| (k.clone(), v)))
-                    .collect();
-                (!kept.is_empty()).then_some(Value::Object(kept))
-            }
-            other => Some(other.clone()),
-        }
-    }
-
     /// Equal, but for the last bit of a float: serde_json's fast float parsing (without its
     /// `float_roundtrip` feature) may differ from the shortest printed form by one ulp.
     fn same(a: &Value, b: &Value) -> bool {
@@ -975,7 +971,7 @@ mod tests {
     }
 
     proptest! {
-        /// Every field decodes and comes back as it was (one message per batch, so no type is
+        /// Every field decodes and comes back as it was, nulls and empty objects included (one message per batch, so no type is
         /// widened by a neighbour), and a statement naming some fields sees the same values.
         #[test]
         fn payloads_round_trip_and_projection_agrees(payload in object(), pick in any::<prop::sample::Index>()) {
@@ -985,9 +981,9 @@ mod tests {
             prop_assert!(failed.is_empty(), "{failed:?}");
             prop_assert_eq!(ok.len(), 1);
             let all = rows(&batch);
-            let expected = without_nulls(&payload).unwrap_or(Value::Object(Map::new()));
+            // Nulls and empty objects included (iot-sql-select: `SELECT *` gives the payload).
             let got = Value::Object(all[0].object.clone());
-            prop_assert!(same(&got, &expected), "{got} != {expected}");
+            prop_assert!(same(&got, &payload), "{got} != {payload}");
 
             let schema = batch.schema();
             let names: Vec<String> = schema.fields().iter().skip(4).map(|f| f.name().clone()).collect();

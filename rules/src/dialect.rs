@@ -325,11 +325,15 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
 
 /// `a > b` (and every other operator: `<`, `>=`, `<=`, `=`, `<>`, `AND`, `OR`, `NOT`, `+`, `-`,
 /// `*`, `/`, `%`, and `-x`) as calls of the UDFs with IoT Core's operator tables
-/// ([`crate::operators::Operator`]), instead of DataFusion's coercions.
+/// ([`crate::operators::Operator`]), instead of DataFusion's coercions; likewise `NULL` (a
+/// Null value, not Undefined), `CASE` (each branch keeps its type), Array and Object literals,
+/// and `x[i]`, `f(x).key` (iot-sql-json: `get`). `IS NULL` is refused: IoT SQL has `isNull()` and `isUndefined()`.
 fn lower_operators(sql: &str) -> Result<String, String> {
     use crate::operators::Operator;
+    use crate::value_functions::{ARRAY_UDF, CASE_UDF, CASE_WHEN_UDF, NULL_UDF, OBJECT_UDF};
     use datafusion::sql::sqlparser::ast::{
-        visit_expressions_mut, BinaryOperator, Expr, UnaryOperator,
+        visit_expressions_mut, AccessExpr, BinaryOperator, Expr, Subscript, UnaryOperator,
+        Value as SqlValue,
     };
     use datafusion::sql::sqlparser::parser::Parser;
     use std::ops::ControlFlow;
@@ -337,6 +341,155 @@ fn lower_operators(sql: &str) -> Result<String, String> {
     let mut statements = Parser::parse_sql(&dialect, sql).map_err(|e| e.to_string())?;
     let mut failed = None;
     let _ = visit_expressions_mut(&mut statements, |e: &mut Expr| {
+        match e {
+            Expr::Value(v) if v.value == SqlValue::Null => {
+                lower(&dialect, e, &format!("{NULL_UDF}()"), &mut failed);
+                return ControlFlow::<()>::Continue(());
+            }
+            Expr::IsNull(_) | Expr::IsNotNull(_) => {
+                failed = Some(format!(
+                    "`{e}`: IS NULL is not AWS IoT SQL; use isNull(x) for a null value or \
+                     isUndefined(x) for a missing one"
+                ));
+                return ControlFlow::Continue(());
+            }
+            Expr::CompoundFieldAccess { root, access_chain } => {
+                let mut call = root.to_string();
+                for access in access_chain.iter() {
+                    let keys: Vec<String> = match access {
+                        AccessExpr::Subscript(Subscript::Index { index }) => {
+                            vec![index.to_string()]
+                        }
+                        AccessExpr::Dot(Expr::Identifier(id)) => {
+                            id.value.split('.').map(text_literal).collect()
+                        }
+                        AccessExpr::Dot(Expr::CompoundIdentifier(ids)) => ids
+                            .iter()
+                            .flat_map(|id| id.value.split('.'))
+                            .map(text_literal)
+                            .collect(),
+                        other => {
+                            failed = Some(format!(
+                                "`{e}`: {other} is not a field name or an index",
+                                e = root
+                            ));
+                            return ControlFlow::Continue(());
+                        }
+                    };
+                    for key in keys {
+                        call = format!("iot_get({call}, {key})");
+                    }
+                }
+                lower(&dialect, e, &call, &mut failed);
+                return ControlFlow::Continue(());
+            }
+            // Not on IoT SQL's operators page; built from the operators that are, so that they
+            // take values of any type by the same tables.
+            Expr::Between {
+                expr,
+                negated,
+                low,
+                high,
+            } => {
+                let call = format!(
+                    "{}({}({expr}, {low}), {}({expr}, {high}))",
+                    Operator::And.udf_name(),
+                    Operator::GtEq.udf_name(),
+                    Operator::LtEq.udf_name()
+                );
+                let call = negate(call, *negated);
+                lower(&dialect, e, &call, &mut failed);
+                return ControlFlow::Continue(());
+            }
+            Expr::InList {
+                expr,
+                list,
+                negated,
+            } => {
+                let mut call = String::new();
+                for item in list.iter() {
+                    let eq = format!("{}({expr}, {item})", Operator::Eq.udf_name());
+                    call = if call.is_empty() {
+                        eq
+                    } else {
+                        format!("{}({call}, {eq})", Operator::Or.udf_name())
+                    };
+                }
+                if call.is_empty() {
+                    failed = Some(format!("`{e}`: IN takes at least one value"));
+                    return ControlFlow::Continue(());
+                }
+                let call = negate(call, *negated);
+                lower(&dialect, e, &call, &mut failed);
+                return ControlFlow::Continue(());
+            }
+            // LIKE matches a value's string form (iot-sql-data-types, "To string").
+            Expr::Like { expr, .. } | Expr::ILike { expr, .. } => {
+                let text = format!("{}({expr}, 'string')", crate::functions::CAST_UDF);
+                match Parser::new(&dialect)
+                    .try_with_sql(&text)
+                    .and_then(|mut p| p.parse_expr())
+                {
+                    Ok(lowered) => **expr = lowered,
+                    Err(err) => failed = Some(err.to_string()),
+                }
+                return ControlFlow::Continue(());
+            }
+            Expr::Array(array) => {
+                let items: Vec<String> = array.elem.iter().map(|x| x.to_string()).collect();
+                lower(
+                    &dialect,
+                    e,
+                    &format!("{ARRAY_UDF}({})", items.join(", ")),
+                    &mut failed,
+                );
+                return ControlFlow::Continue(());
+            }
+            Expr::Dictionary(fields) => {
+                let args: Vec<String> = fields
+                    .iter()
+                    .map(|f| format!("{}, {}", text_literal(&f.key.value), f.value))
+                    .collect();
+                lower(
+                    &dialect,
+                    e,
+                    &format!("{OBJECT_UDF}({})", args.join(", ")),
+                    &mut failed,
+                );
+                return ControlFlow::Continue(());
+            }
+            Expr::Case {
+                operand,
+                conditions,
+                else_result,
+                ..
+            } => {
+                let mut args: Vec<String> = Vec::new();
+                if let Some(v) = operand {
+                    args.push(v.to_string());
+                }
+                for w in conditions.iter() {
+                    args.push(w.condition.to_string());
+                    args.push(w.result.to_string());
+                }
+                if let Some(other) = else_result {
+                    args.push(other.to_string());
+                }
+                let udf = if operand.is_some() {
+                    CASE_UDF
+                } else {
+                    CASE_WHEN_UDF
+                };
+                lower(
+                    &dialect,
+                    e,
+                    &format!("{udf}({})", args.join(", ")),
+                    &mut failed,
+                );
+                return ControlFlow::Continue(());
+            }
+            _ => {}
+        }
         if let Expr::UnaryOp {
             op: UnaryOperator::Not,
             expr,
@@ -389,6 +542,20 @@ fn lower_operators(sql: &str) -> Result<String, String> {
         .map(|s| s.to_string())
         .collect::<Vec<_>>()
         .join("; "))
+}
+
+/// `call` under `NOT` when `negated` (`NOT BETWEEN`, `NOT IN`).
+fn negate(call: String, negated: bool) -> String {
+    if negated {
+        format!("{}({call})", crate::operators::Operator::Not.udf_name())
+    } else {
+        call
+    }
+}
+
+/// `text` as a single-quoted SQL string literal.
+fn text_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Replace `e` with the expression `call` (a UDF call written out), or note why it did not parse.

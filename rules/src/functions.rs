@@ -55,7 +55,9 @@ pub enum Function {
 pub fn lookup(name: &str) -> Option<Function> {
     use Function::*;
     let lower = name.to_ascii_lowercase();
-    if UDFS.iter().any(|u| u.name == lower) {
+    if UDFS.iter().any(|u| u.name == lower)
+        || crate::value_functions::NAMES.contains(&lower.as_str())
+    {
         return Some(Iot);
     }
     Some(match lower.as_str() {
@@ -69,10 +71,7 @@ pub fn lookup(name: &str) -> Option<Function> {
         "get_registry_data" => External("the IoT Core registry"),
         "machinelearning_predict" => External("Amazon Machine Learning"),
         "cast" => Iot,
-        "get" | "get_or_default" | "transform" => NotYet("it needs objects and arrays as values"),
-        "isnull" | "isundefined" => NotYet("it needs Null and Undefined kept apart"),
-        "decode" => NotYet("it returns an object when the decoded text is JSON"),
-        "nanvl" => NotYet("it takes values of any type"),
+        "get_or_default" | "transform" => NotYet("it is not implemented yet"),
         "parse_time" | "time_to_epoch" => NotYet("it needs Joda-Time patterns"),
         "get_mqtt_property" | "get_user_properties" => {
             NotYet("it needs the MQTT 5 properties of each message")
@@ -92,6 +91,7 @@ pub fn register(ctx: &SessionContext) {
     }
     ctx.register_udf(ScalarUDF::from(CastUdf::new()));
     ctx.register_udf(ScalarUDF::from(ConcatUdf::new()));
+    crate::value_functions::register(ctx);
     crate::operators::register(ctx);
 }
 
@@ -204,12 +204,7 @@ impl ScalarUDFImpl for ConcatUdf {
             [] => Arc::new(Field::new(self.name(), DataType::Float64, true)),
             [one] => Arc::new(one.as_ref().clone().with_name(self.name())),
             many if many.iter().any(|f| Kind::of(f) == Kind::Json) => {
-                Arc::new(Field::new(self.name(), DataType::Utf8, true).with_metadata(
-                    std::collections::HashMap::from([(
-                        values::JSON_COLUMN.to_string(),
-                        "true".to_string(),
-                    )]),
-                ))
+                Arc::new(values::json_field(self.name()))
             }
             _ => Arc::new(Field::new(self.name(), DataType::Utf8, true)),
         })

@@ -14,6 +14,8 @@
 //! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
 //! - `functions`: the IoT SQL function list and what each is here (DataFusion's, a UDF with
 //!   IoT Core's semantics, or refused with the reason), and `cast`.
+//! - `value_functions`: the functions whose arguments or results may be of any IoT type
+//!   (`isNull`, `isUndefined`, `nanvl`, `get`, `decode`) and the `NULL` literal.
 //! - `operators`: IoT Core's operator tables as the UDFs every operator is lowered to.
 //! - `values`: IoT SQL's types over Arrow columns and the conversions between them, used by
 //!   the functions, the operators and `cast` alike.
@@ -27,6 +29,7 @@ pub mod engine;
 pub mod functions;
 mod operators;
 pub mod sample;
+mod value_functions;
 mod values;
 
 pub use batch::Message;

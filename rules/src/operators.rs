@@ -30,8 +30,8 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use crate::values::{
-    booleans, decimal_text, decimals, parse_decimal, texts, values_equal, values_of, Kind,
-    JSON_COLUMN,
+    booleans, decimal_text, decimals, json_field, parse_decimal, texts, values_equal, values_of,
+    Kind,
 };
 use serde_json::Value;
 
@@ -126,14 +126,10 @@ impl Operator {
             // An Undefined result still needs a type: a column of nulls.
             Arithmetic::Decimal | Arithmetic::Undefined => DataType::Float64,
         };
-        let field = Field::new(self.udf_name(), t, true);
         if arithmetic == Arithmetic::PerValue {
-            field.with_metadata(std::collections::HashMap::from([(
-                JSON_COLUMN.to_string(),
-                "true".to_string(),
-            )]))
+            json_field(self.udf_name())
         } else {
-            field
+            Field::new(self.udf_name(), t, true)
         }
     }
 }

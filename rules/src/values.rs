@@ -28,7 +28,7 @@ pub(crate) enum Kind {
     Int,
     Decimal,
     String,
-    /// Arrays and Objects, as JSON text.
+    /// Arrays, Objects and Null, and values of several types, as JSON text.
     Json,
     /// Anything else Arrow can hold that IoT SQL has no name for.
     Other,
@@ -158,6 +158,24 @@ pub(crate) fn texts(a: &ArrayRef, kind: Kind) -> Result<StringArray> {
         .downcast_ref::<StringArray>()
         .cloned()
         .unwrap_or_else(|| StringArray::new_null(a.len())))
+}
+
+/// A nullable field whose values are JSON text ([`JSON_COLUMN`]).
+pub(crate) fn json_field(name: impl Into<String>) -> Field {
+    Field::new(name, DataType::Utf8, true).with_metadata(std::collections::HashMap::from([(
+        JSON_COLUMN.to_string(),
+        "true".to_string(),
+    )]))
+}
+
+/// A column for a [`json_field`]: each value as its JSON text, `None` (Undefined) as null.
+pub(crate) fn json_column<'a>(values: impl IntoIterator<Item = Option<&'a Value>>) -> ArrayRef {
+    Arc::new(
+        values
+            .into_iter()
+            .map(|v| v.map(Value::to_string))
+            .collect::<StringArray>(),
+    )
 }
 
 /// The values of a [`Kind::Json`] column: JSON null is `Some(Value::Null)`, Undefined `None`.
