@@ -666,6 +666,9 @@ impl Decoder {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub object: Map<String, Value>,
+    /// `SELECT VALUE x`: the row is this value, not `object` (iot-sql-select); `None` inside
+    /// is an Undefined value, which makes no output.
+    pub value: Option<Option<Value>>,
     pub thing: Option<String>,
     pub cert_id: Option<String>,
     pub topic: Option<String>,
@@ -741,6 +744,7 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
         .map(|r| {
             let mut row = Row {
                 object: Map::new(),
+                value: None,
                 thing: None,
                 cert_id: None,
                 topic: None,
@@ -759,6 +763,7 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                     "__sg_thing" => row.thing = text(),
                     "__sg_cert_id" => row.cert_id = text(),
                     "__sg_topic" => row.topic = text(),
+                    crate::dialect::VALUE_COLUMN => row.value = Some(value.clone()),
                     "__sg_received_at" => {
                         row.received_at_ms = value.as_ref().and_then(Value::as_i64)
                     }

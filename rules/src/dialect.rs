@@ -289,6 +289,11 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         ));
     }
     let (mut out, window) = extract_window(file, rewrite.out, body)?;
+    let selects_value = select_value(file, &mut out, body)?;
+    if selects_value {
+        rewrite.columns.remove("VALUE");
+        rewrite.columns.remove("value");
+    }
     let order = match &window {
         Some(WindowSpec {
             time_column: Some(c),
@@ -302,7 +307,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         }
     }
     append_identity(&mut out, window.is_some());
-    let sql: String = out.iter().map(|t| t.to_string()).collect();
+    let sql: String = out.iter().map(sql_text).collect();
     let sql = lower_operators(&sql).map_err(|e| err(file, body.first(), e))?;
     let mut columns = rewrite.columns;
     if let Some(WindowSpec {
@@ -544,6 +549,64 @@ fn lower_operators(sql: &str) -> Result<String, String> {
         .join("; "))
 }
 
+/// A token as SQL text. The tokenizer unescapes `''` in a string literal and its `Display` does
+/// not escape it again, so a quote inside a string (`'it''s'`, `"yyyy 'at' HH"`) is doubled here.
+fn sql_text(t: &Token) -> String {
+    match t {
+        Token::SingleQuotedString(s) => text_literal(s),
+        other => other.to_string(),
+    }
+}
+
+/// The output column of `SELECT VALUE x`: the row is that value ([`crate::batch::Row`]).
+pub const VALUE_COLUMN: &str = "__sg_value";
+
+/// `SELECT VALUE x FROM …` (iot-sql-select: the output is `x` itself, not an object) becomes
+/// `SELECT x AS __sg_value FROM …`. Returns whether the statement selects a value.
+fn select_value(
+    file: &str,
+    out: &mut Vec<Token>,
+    body: &[TokenWithSpan],
+) -> Result<bool, RuleError> {
+    let Some(first) = (1..out.len()).find(|&j| !is_trivia(&out[j])) else {
+        return Ok(false);
+    };
+    let is_value = word(&out[first])
+        .is_some_and(|w| w.quote_style.is_none() && w.value.eq_ignore_ascii_case("value"));
+    if !is_value {
+        return Ok(false);
+    }
+    let mut depth = 0;
+    let mut from = None;
+    for (j, t) in out.iter().enumerate().skip(first + 1) {
+        match t {
+            Token::LParen | Token::LBracket | Token::LBrace => depth += 1,
+            Token::RParen | Token::RBracket | Token::RBrace => depth -= 1,
+            Token::Comma if depth == 0 => {
+                return Err(err(
+                    file,
+                    body.first(),
+                    "SELECT VALUE takes one expression (iot-sql-select)",
+                ))
+            }
+            Token::Word(w) if depth == 0 && w.keyword == Keyword::FROM => {
+                from = Some(j);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let Some(from) = from else {
+        return Ok(false);
+    };
+    out.splice(
+        from..from,
+        [space(), ident("AS"), space(), ident(VALUE_COLUMN), space()],
+    );
+    out.remove(first);
+    Ok(true)
+}
+
 /// `call` under `NOT` when `negated` (`NOT BETWEEN`, `NOT IN`).
 fn negate(call: String, negated: bool) -> String {
     if negated {
@@ -677,6 +740,17 @@ impl Rewrite {
             let t = &body[i].token;
             match t {
                 Token::LParen => {
+                    let inner = next_sig(body, i + 1);
+                    if inner.is_some_and(|j| {
+                        word(&body[j].token).is_some_and(|w| w.keyword == Keyword::SELECT)
+                    }) {
+                        return Err(err(
+                            file,
+                            inner.map(|j| &body[j]),
+                            "nested queries `(SELECT … FROM field)` (iot-sql-nested-queries) are \
+                             not supported at the edge yet",
+                        ));
+                    }
                     depth += 1;
                     self.out.push(t.clone());
                     i += 1;

@@ -36,7 +36,7 @@ pub struct Output {
     pub cert_id: String,
     pub topic: String,
     pub received_at_ms: i64,
-    /// The row as a JSON object.
+    /// The row as a JSON object (or, for `SELECT VALUE`, the value: any JSON).
     pub payload: Vec<u8>,
 }
 
@@ -465,8 +465,9 @@ impl Engine {
                     Ok(rows) => {
                         rule.status.rows_out += rows.len() as u64;
                         produced.outputs.extend(
-                            rows.into_iter()
-                                .map(|row| output(&rule.spec.name, &st.spec.sink, row, None)),
+                            rows.into_iter().filter_map(|row| {
+                                output(&rule.spec.name, &st.spec.sink, row, None)
+                            }),
                         );
                     }
                     Err(reason) => {
@@ -519,7 +520,7 @@ impl Engine {
                     match st.execute(batch).await {
                         Ok(rows) => {
                             rule.status.rows_out += rows.len() as u64;
-                            produced.outputs.extend(rows.into_iter().map(|row| {
+                            produced.outputs.extend(rows.into_iter().filter_map(|row| {
                                 output(&rule.spec.name, &st.spec.sink, row, Some((w.start, w.end)))
                             }));
                         }
@@ -624,13 +625,17 @@ fn window_starts(t: i64, w: &WindowSpec) -> Vec<i64> {
     starts
 }
 
-fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Output {
-    let mut object = row.object;
-    if let Some((start, end)) = window {
+/// The output of one row; `None` for a `SELECT VALUE` whose value is Undefined.
+fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Option<Output> {
+    let mut payload = match row.value {
+        Some(value) => value?,
+        None => Value::Object(row.object),
+    };
+    if let (Some((start, end)), Value::Object(object)) = (window, &mut payload) {
         object.insert("window_start".into(), Value::from(start));
         object.insert("window_end".into(), Value::from(end));
     }
-    Output {
+    Some(Output {
         sink: sink.to_string(),
         rule: rule.to_string(),
         thing: row.thing.unwrap_or_default(),
@@ -640,8 +645,8 @@ fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Outpu
             .received_at_ms
             .or(window.map(|(_, end)| end))
             .unwrap_or_default(),
-        payload: serde_json::to_vec(&Value::Object(object)).unwrap_or_default(),
-    }
+        payload: serde_json::to_vec(&payload).unwrap_or_default(),
+    })
 }
 
 /// The error record for a message a rule could not take, shaped like IoT Core's errorAction.

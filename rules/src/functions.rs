@@ -71,8 +71,8 @@ pub fn lookup(name: &str) -> Option<Function> {
         "get_registry_data" => External("the IoT Core registry"),
         "machinelearning_predict" => External("Amazon Machine Learning"),
         "cast" => Iot,
-        "get_or_default" | "transform" => NotYet("it is not implemented yet"),
-        "parse_time" | "time_to_epoch" => NotYet("it needs Joda-Time patterns"),
+        "get_or_default" => NotYet("it is not implemented yet"),
+        "time_to_epoch" => NotYet("parsing JDK date/time patterns is not implemented yet"),
         "get_mqtt_property" | "get_user_properties" => {
             NotYet("it needs the MQTT 5 properties of each message")
         }
@@ -467,6 +467,8 @@ static UDFS: std::sync::LazyLock<Vec<IotUdf>> = std::sync::LazyLock::new(|| {
         IotUdf::new("encode", &[2], Text, encode),
         IotUdf::new("mod", &[2], IntIfInts, remainder),
         IotUdf::new("remainder", &[2], IntIfInts, remainder),
+        IotUdf::new("trunc", &[2], IntIfInts, trunc),
+        IotUdf::new("parse_time", &[2, 3], Text, crate::time::parse_time),
         IotUdf::new("sign", &[1], Int, |a| {
             map_decimal_to_int(a, |x| {
                 if x > 0.0 {
@@ -724,6 +726,47 @@ fn remainder(a: &[ArrayRef]) -> Result<ArrayRef> {
     ))
 }
 
+/// `trunc(x, places)`: `x` cut (not rounded) to `places` decimal places, `places` rounded down
+/// and held to 0..=34; an Int `x` is returned as it is. A String `x` converts to a Decimal; a
+/// `places` that is not a number gives Undefined (the page's table).
+fn trunc(a: &[ArrayRef]) -> Result<ArrayRef> {
+    if !matches!(Kind::of_type(a[1].data_type()), Kind::Int | Kind::Decimal) {
+        return Ok(Arc::new(Float64Array::new_null(a[0].len())));
+    }
+    let places = ints(&a[1])?;
+    if is_int(a[0].data_type()) {
+        let x = ints(&a[0])?;
+        return Ok(Arc::new(
+            x.iter()
+                .zip(places.iter())
+                .map(|(x, p)| p.and(x))
+                .collect::<Int64Array>(),
+        ));
+    }
+    let x = decimals(&a[0])?;
+    Ok(Arc::new(
+        x.iter()
+            .zip(places.iter())
+            .map(|(x, p)| truncate_places(x?, p?.clamp(0, 34) as usize))
+            .collect::<Float64Array>(),
+    ))
+}
+
+/// `v` with its decimal digits after the `places`-th dropped, by its shortest decimal form (so
+/// 2.31 stays 2.31, which multiplying by 100 in binary would not).
+fn truncate_places(v: f64, places: usize) -> Option<f64> {
+    if !v.is_finite() {
+        return None;
+    }
+    // Rust prints an f64 in plain notation, never with an exponent.
+    let text = v.to_string();
+    let cut = match text.find('.') {
+        Some(dot) if text.len() > dot + 1 + places => &text[..dot + 1 + places],
+        _ => &text,
+    };
+    cut.trim_end_matches('.').parse().ok()
+}
+
 fn bits(a: &[ArrayRef], f: impl Fn(i64, i64) -> i64) -> Result<ArrayRef> {
     let (x, y) = (ints(&a[0])?, ints(&a[1])?);
     Ok(Arc::new(
@@ -870,6 +913,7 @@ mod tests {
             "tanh",
             "time_to_epoch",
             "transform",
+            "trunc",
             "trim",
             "upper",
             "sourceip",

@@ -14,6 +14,7 @@
 //! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
 //! - `functions`: the IoT SQL function list and what each is here (DataFusion's, a UDF with
 //!   IoT Core's semantics, or refused with the reason), and `cast`.
+//! - `time`: `parse_time()`: Joda-Time patterns formatted in a time zone.
 //! - `value_functions`: the functions whose arguments or results may be of any IoT type
 //!   (`isNull`, `isUndefined`, `nanvl`, `get`, `decode`) and the `NULL` literal.
 //! - `operators`: IoT Core's operator tables as the UDFs every operator is lowered to.
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod functions;
 mod operators;
 pub mod sample;
+mod time;
 mod value_functions;
 mod values;
 

@@ -1,6 +1,6 @@
 //! The IoT SQL functions whose arguments or results may be any IoT type, Null, Arrays and
 //! Objects included (iot-sql-functions, SQL version 2016-03-23): `isNull`, `isUndefined`,
-//! `nanvl`, `get`, `decode`; the `NULL` literal, which the dialect lowers to `iot_null()` so
+//! `nanvl`, `get`, `decode`, `transform`; the `NULL` literal, which the dialect lowers to `iot_null()` so
 //! that it stays a Null value instead of becoming an Arrow null (Undefined); and `CASE`
 //! (iot-sql-case), lowered to `iot_case` / `iot_case_when` so that its branches keep their own
 //! types instead of being coerced to one; Array and Object literals (`[1, 2]`, `{"a": 1}`,
@@ -38,7 +38,14 @@ pub(crate) const ARRAY_UDF: &str = "iot_array";
 pub(crate) const OBJECT_UDF: &str = "iot_object";
 
 /// The IoT names of the functions here, as [`crate::functions::lookup`] knows them.
-pub(crate) const NAMES: [&str; 5] = ["isnull", "isundefined", "nanvl", "get", "decode"];
+pub(crate) const NAMES: [&str; 6] = [
+    "isnull",
+    "isundefined",
+    "nanvl",
+    "get",
+    "decode",
+    "transform",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Which {
@@ -48,6 +55,7 @@ enum Which {
     Nanvl,
     Get,
     Decode,
+    Transform,
     /// `CASE v WHEN t THEN r … [ELSE e] END`: `iot_case(v, t, r, …[, e])`.
     Case,
     /// `CASE WHEN c THEN r … [ELSE e] END`: `iot_case_when(c, r, …[, e])`.
@@ -59,7 +67,8 @@ enum Which {
 }
 
 impl Which {
-    const ALL: [Which; 10] = [
+    const ALL: [Which; 11] = [
+        Which::Transform,
         Which::Array,
         Which::Object,
         Which::Null,
@@ -80,6 +89,7 @@ impl Which {
             Which::Nanvl => "iot_nanvl",
             Which::Get => "iot_get",
             Which::Decode => "iot_decode",
+            Which::Transform => "iot_transform",
             Which::Case => CASE_UDF,
             Which::CaseWhen => CASE_WHEN_UDF,
             Which::Array => ARRAY_UDF,
@@ -93,6 +103,7 @@ impl Which {
             Which::Null => Some(0),
             Which::IsNull | Which::IsUndefined => Some(1),
             Which::Nanvl | Which::Get | Which::Decode => Some(2),
+            Which::Transform => Some(3),
             Which::Case | Which::CaseWhen | Which::Array | Which::Object => None,
         }
     }
@@ -259,6 +270,14 @@ impl ScalarUDFImpl for ValueUdf {
                     .collect();
                 json_column(items.iter().map(Option::as_ref))
             }
+            Which::Transform => {
+                let columns = every_value()?;
+                let at = |c: usize, i: usize| columns[c][row(&arrays[c], i)].as_ref();
+                let items: Vec<Option<Value>> = (0..n)
+                    .map(|i| transform(at(0, i)?, at(1, i)?, at(2, i)?))
+                    .collect();
+                json_column(items.iter().map(Option::as_ref))
+            }
             Which::Case | Which::CaseWhen => {
                 let columns = every_value()?;
                 let at = |c: usize, i: usize| columns[c][row(&arrays[c], i)].as_ref();
@@ -326,6 +345,38 @@ fn truthy(v: &Value) -> bool {
         Value::String(s) => s.eq_ignore_ascii_case("true"),
         _ => false,
     }
+}
+
+/// The largest Array `transform` returns (the page: "limited to 128 KiB"), as JSON text.
+const TRANSFORM_LIMIT: usize = 128 * 1024;
+
+/// `transform('enrichArray', object, array)`: each Object of `array` with the attributes of
+/// `object` added (where both have a key, `object`'s value is the one kept). Any other mode,
+/// a non-Object `object`, a non-Array `array`, an item that is not an Object, or a result over
+/// 128 KiB give Undefined.
+fn transform(mode: &Value, object: &Value, array: &Value) -> Option<Value> {
+    let (Value::String(mode), Value::Object(extra), Value::Array(items)) = (mode, object, array)
+    else {
+        return None;
+    };
+    if mode != "enrichArray" {
+        return None;
+    }
+    let out = items
+        .iter()
+        .map(|item| {
+            let Value::Object(fields) = item else {
+                return None;
+            };
+            let mut fields = fields.clone();
+            for (k, v) in extra {
+                fields.insert(k.clone(), v.clone());
+            }
+            Some(Value::Object(fields))
+        })
+        .collect::<Option<Vec<_>>>()
+        .map(Value::Array)?;
+    (out.to_string().len() <= TRANSFORM_LIMIT).then_some(out)
 }
 
 /// An index as `get` converts it (the page: "Any Type (converted to Int)"): numbers and
