@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, NullArray, StringArray, StringBuilder,
+    Array, ArrayRef, BinaryArray, BooleanArray, Float64Array, Int64Array, NullArray, StringArray,
+    StringBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -19,7 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::dialect::{ColumnType, CERT_ID, RECEIVED_AT, THING, TOPIC};
+use crate::dialect::{ColumnType, StatementSpec, CERT_ID, PAYLOAD, RECEIVED_AT, THING, TOPIC};
 use crate::values::decimal_text;
 
 /// Nesting deeper than this is refused (to the error sink), not flattened.
@@ -56,6 +57,11 @@ pub struct Decoder {
     lookup: HashMap<String, Target>,
     /// Columns present (as nulls) even when no message of a batch has them.
     always: Vec<String>,
+    /// A payload that is not a JSON object still makes a row (the statement names no field):
+    /// binary-payloads.
+    binary: bool,
+    /// Every row carries its payload's bytes in [`PAYLOAD`] (`*` as a function's argument).
+    payload_column: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -559,7 +565,17 @@ impl Decoder {
             only,
             lookup,
             always,
+            binary: false,
+            payload_column: false,
         }
+    }
+
+    /// The decoder of one statement of a rule with these declared types.
+    pub fn for_statement(declared: &[(String, ColumnType)], s: &StatementSpec) -> Self {
+        let mut d = Decoder::new(declared, &s.columns, s.whole_payload);
+        d.binary = s.takes_binary() && declared.is_empty();
+        d.payload_column = s.payload_value;
+        d
     }
 
     fn declared_type(&self, column: &str) -> Option<ColumnType> {
@@ -587,6 +603,8 @@ impl Decoder {
                 .collect();
         }
         let mut kept: Vec<usize> = Vec::with_capacity(messages.len());
+        // Rows (by index in `kept`) whose payload is not a JSON object, for a binary statement.
+        let mut binary_rows: Vec<bool> = Vec::new();
         let mut failures = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             b.pending.clear();
@@ -601,6 +619,13 @@ impl Decoder {
             .deserialize(&mut de)
             .and_then(|()| de.end());
             if let Err(e) = result {
+                if self.binary && b.refusal.is_none() {
+                    // binary-payloads: the payload is bytes; the statement reads no field.
+                    kept.push(i);
+                    binary_rows.resize(kept.len() - 1, false);
+                    binary_rows.push(true);
+                    continue;
+                }
                 let reason = match b.refusal.take() {
                     Some(reason) => reason,
                     None if e.is_data() => "payload is not a JSON object".to_string(),
@@ -655,12 +680,34 @@ impl Decoder {
             fields.push(field);
             arrays.push(array);
         }
+        if self.payload_column {
+            fields.push(Field::new(PAYLOAD, DataType::Binary, false));
+            arrays.push(Arc::new(
+                picked()
+                    .map(|m| Some(m.payload.as_ref()))
+                    .collect::<BinaryArray>(),
+            ));
+        }
+        if self.binary && self.only.is_none() {
+            // `SELECT *` of a binary payload is that payload, unchanged.
+            binary_rows.resize(rows, false);
+            fields.push(Field::new(RAW, DataType::Binary, true));
+            arrays.push(Arc::new(
+                picked()
+                    .zip(&binary_rows)
+                    .map(|(m, &raw)| raw.then(|| m.payload.as_ref()))
+                    .collect::<BinaryArray>(),
+            ));
+        }
         let schema = Arc::new(Schema::new(fields));
         let batch = RecordBatch::try_new(schema.clone(), arrays)
             .unwrap_or_else(|_| RecordBatch::new_empty(schema));
         (batch, kept, failures)
     }
 }
+
+/// The column of `SELECT *` holding a binary (not JSON object) payload; null for the others.
+pub const RAW: &str = "__sg_raw";
 
 /// One output row: the JSON object for the sink, and the identity columns the rule carried.
 #[derive(Debug, Clone, PartialEq)]
@@ -669,6 +716,8 @@ pub struct Row {
     /// `SELECT VALUE x`: the row is this value, not `object` (iot-sql-select); `None` inside
     /// is an Undefined value, which makes no output.
     pub value: Option<Option<Value>>,
+    /// `SELECT *` of a binary payload: these bytes are the output.
+    pub raw: Option<Bytes>,
     pub thing: Option<String>,
     pub cert_id: Option<String>,
     pub topic: Option<String>,
@@ -745,12 +794,20 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
             let mut row = Row {
                 object: Map::new(),
                 value: None,
+                raw: None,
                 thing: None,
                 cert_id: None,
                 topic: None,
                 received_at_ms: None,
             };
             for (i, field) in schema.fields().iter().enumerate() {
+                if field.name() == RAW {
+                    let raw = batch.column(i).as_any().downcast_ref::<BinaryArray>();
+                    row.raw = raw
+                        .filter(|a| a.is_valid(r))
+                        .map(|a| Bytes::copy_from_slice(a.value(r)));
+                    continue;
+                }
                 let json = field.metadata().contains_key(JSON_COLUMN);
                 let value = cell(batch.column(i).as_ref(), r).map(|v| match v {
                     Value::String(s) if json => {

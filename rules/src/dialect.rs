@@ -33,6 +33,9 @@ pub const TOPIC: &str = "__topic";
 pub const THING: &str = "__thing";
 pub const CERT_ID: &str = "__cert_id";
 pub const RECEIVED_AT: &str = "__received_at";
+/// The whole payload as bytes, for `*` as a function's argument (`encode(*, 'base64')`,
+/// binary-payloads).
+pub const PAYLOAD: &str = "__payload";
 /// Placeholder for the ordering column of `first`/`last`, filled once the window is known.
 const ORDER_PLACEHOLDER: &str = "__sg_order";
 
@@ -101,8 +104,19 @@ pub struct StatementSpec {
     pub columns: BTreeSet<String>,
     /// The statement selects `*`, so every payload field is decoded; otherwise only `columns`.
     pub whole_payload: bool,
+    /// `*` is a function's argument (`encode(*, 'base64')`): the batch carries [`PAYLOAD`].
+    pub payload_value: bool,
     /// Line of the statement in the file.
     pub line: u64,
+}
+
+impl StatementSpec {
+    /// Whether the statement names no payload field, so that a payload that is not a JSON
+    /// object still makes a row: binary-payloads, "The SQL statement … must not refer to JSON
+    /// names other than *".
+    pub fn takes_binary(&self) -> bool {
+        self.columns.is_empty()
+    }
 }
 
 /// A parsed rule file.
@@ -324,6 +338,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         window,
         columns,
         whole_payload: selects_star(body),
+        payload_value: rewrite.payload_value,
         line,
     })
 }
@@ -667,6 +682,8 @@ struct Rewrite {
     source: Option<String>,
     source_at: Option<TokenWithSpan>,
     columns: BTreeSet<String>,
+    /// A `*` was a function's argument, now [`PAYLOAD`].
+    payload_value: bool,
 }
 
 /// Keywords that are SQL structure, never a payload field. Any other word (even one sqlparser
@@ -782,6 +799,12 @@ impl Rewrite {
                 if !is_trivia(t) {
                     after_as = false;
                 }
+                if matches!(t, Token::Mul) && self.star_is_an_argument() {
+                    self.out.push(ident(PAYLOAD));
+                    self.payload_value = true;
+                    i += 1;
+                    continue;
+                }
                 self.out.push(t.clone());
                 i += 1;
                 continue;
@@ -891,6 +914,16 @@ impl Rewrite {
             i += 1;
         }
         Ok(())
+    }
+
+    /// Whether a `*` about to be written is a function's argument (`encode(*, 'base64')`): it
+    /// follows `(` or a `,` inside a call other than `count(*)`.
+    fn star_is_an_argument(&self) -> bool {
+        let mut sig = self.out.iter().rev().filter(|t| !is_trivia(t));
+        match (sig.next(), sig.next()) {
+            (Some(Token::LParen), Some(Token::Word(f))) => !f.value.eq_ignore_ascii_case("count"),
+            _ => false,
+        }
     }
 
     /// `FROM 'filter'` at `i` (its filter at `next`): the rule's source, and the table in SQL.

@@ -262,8 +262,7 @@ pub async fn check(
                 });
             }
         }
-        let (batch, _, _) =
-            batch::Decoder::new(&spec.declared, &s.columns, s.whole_payload).decode(&[]);
+        let (batch, _, _) = batch::Decoder::for_statement(&spec.declared, s).decode(&[]);
         plan_for(&s.sql, batch)
             .await
             .map_err(|reason| located(file, text, s, reason))?;
@@ -362,7 +361,7 @@ impl Engine {
             .statements
             .iter()
             .map(|s| Statement {
-                decoder: batch::Decoder::new(&spec.declared, &s.columns, s.whole_payload),
+                decoder: batch::Decoder::for_statement(&spec.declared, s),
                 spec: s.clone(),
                 plans: HashMap::new(),
                 windows: BTreeMap::new(),
@@ -627,14 +626,20 @@ fn window_starts(t: i64, w: &WindowSpec) -> Vec<i64> {
 
 /// The output of one row; `None` for a `SELECT VALUE` whose value is Undefined.
 fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Option<Output> {
-    let mut payload = match row.value {
-        Some(value) => value?,
-        None => Value::Object(row.object),
+    let payload = match row.raw {
+        Some(raw) => raw.to_vec(),
+        None => {
+            let mut payload = match row.value {
+                Some(value) => value?,
+                None => Value::Object(row.object),
+            };
+            if let (Some((start, end)), Value::Object(object)) = (window, &mut payload) {
+                object.insert("window_start".into(), Value::from(start));
+                object.insert("window_end".into(), Value::from(end));
+            }
+            serde_json::to_vec(&payload).unwrap_or_default()
+        }
     };
-    if let (Some((start, end)), Value::Object(object)) = (window, &mut payload) {
-        object.insert("window_start".into(), Value::from(start));
-        object.insert("window_end".into(), Value::from(end));
-    }
     Some(Output {
         sink: sink.to_string(),
         rule: rule.to_string(),
@@ -645,7 +650,7 @@ fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Optio
             .received_at_ms
             .or(window.map(|(_, end)| end))
             .unwrap_or_default(),
-        payload: serde_json::to_vec(&payload).unwrap_or_default(),
+        payload,
     })
 }
 

@@ -684,19 +684,27 @@ fn chr(a: &[ArrayRef]) -> Result<ArrayRef> {
     ))
 }
 
-/// `encode(value, 'base64')`: the value's string form, UTF-8, in padded base64; base64 is the
-/// only scheme, any other is Undefined.
+/// `encode(value, 'base64')`: the value's string form, UTF-8, in padded base64 (for `*`, the
+/// payload's bytes as they came); base64 is the only scheme, any other is Undefined.
 fn encode(a: &[ArrayRef]) -> Result<ArrayRef> {
-    let (s, scheme) = (texts(&a[0])?, texts(&a[1])?);
+    let scheme = texts(&a[1])?;
+    let base64 = |i: usize| scheme.is_valid(i) && scheme.value(i).eq_ignore_ascii_case("base64");
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    // `encode(*, 'base64')`: the payload's bytes as they came, JSON or not (binary-payloads).
+    if let Some(bytes) = a[0]
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::BinaryArray>()
+    {
+        return Ok(Arc::new(
+            (0..bytes.len())
+                .map(|i| (base64(i) && bytes.is_valid(i)).then(|| encode(bytes.value(i))))
+                .collect::<StringArray>(),
+        ));
+    }
+    let s = texts(&a[0])?;
     Ok(Arc::new(
-        s.iter()
-            .zip(scheme.iter())
-            .map(|(s, scheme)| {
-                scheme
-                    .filter(|m| m.eq_ignore_ascii_case("base64"))
-                    .and(s)
-                    .map(|s| base64::engine::general_purpose::STANDARD.encode(s))
-            })
+        (0..s.len())
+            .map(|i| (base64(i) && s.is_valid(i)).then(|| encode(s.value(i).as_bytes())))
             .collect::<StringArray>(),
     ))
 }

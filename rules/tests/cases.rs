@@ -10,8 +10,8 @@
 //! An expected object matches when every key it names has that value (`@thing` checks the
 //! record's identity). An Undefined result is left out (iot-sql-data-types): `-- left out: a, b`
 //! names keys that no output row of the file may have, and `"@left_out": ["a"]` in an expected
-//! row names keys that row may not have. `-- expect-error: TEXT` says the rule must be refused with TEXT in the
-//! reason. Inputs and expectations may also live beside the rule, in `NAME.input.jsonl` (one
+//! row names keys that row may not have; `{"@raw": "TEXT"}` expects a non-JSON output.
+//! `-- expect-error: TEXT` says the rule must be refused with TEXT in the reason. Inputs and expectations may also live beside the rule, in `NAME.input.jsonl` (one
 //! message per line) and `NAME.expected.jsonl` (`{"sink": …, "row": {…}}` per line). Adding a
 //! case is adding a file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -149,7 +149,10 @@ fn compare(
                 "{file} ({how}): row {i} identity\n{table}"
             );
         }
-        let actual: Value = serde_json::from_slice(&got.payload).unwrap();
+        // A binary output (binary-payloads: `SELECT *` of a non-JSON payload) is compared as
+        // `{"@raw": "<its text>"}`.
+        let actual: Value = serde_json::from_slice(&got.payload)
+            .unwrap_or_else(|_| serde_json::json!({"@raw": String::from_utf8_lossy(&got.payload)}));
         let row_left_out = want
             .as_object_mut()
             .and_then(|o| o.remove("@left_out"))
