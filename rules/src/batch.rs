@@ -488,7 +488,16 @@ impl<'m> Visitor<'m> for FieldValue<'_, '_, 'm> {
         self.builder.hold(self.target, cell)
     }
     fn visit_map<A: MapAccess<'m>>(self, mut map: A) -> Result<(), A::Error> {
-        if self.target.column.is_none() {
+        // Every field, and the statement also names this object (`SELECT *, state` or a nested
+        // query over it): held whole as well as walked.
+        let named_whole = self.builder.decoder.only.is_none()
+            && self
+                .builder
+                .decoder
+                .lookup
+                .get(self.builder.path.as_str())
+                .is_some_and(|t| t.column.is_some());
+        if self.target.column.is_none() && !named_whole {
             let held = self.builder.pending.len();
             ObjectFields {
                 builder: &mut *self.builder,
@@ -548,18 +557,16 @@ impl Decoder {
                 acc
             });
         let mut lookup: HashMap<String, Target> = HashMap::new();
-        let only = (!whole_payload).then(|| {
-            for (i, name) in always.iter().enumerate() {
-                lookup.entry(name.clone()).or_default().column = Some(i);
-                let mut end = 0;
-                while let Some(dot) = name[end..].find('.') {
-                    end += dot;
-                    lookup.entry(name[..end].to_string()).or_default().descend = true;
-                    end += 1;
-                }
+        for (i, name) in always.iter().enumerate() {
+            lookup.entry(name.clone()).or_default().column = Some(i);
+            let mut end = 0;
+            while let Some(dot) = name[end..].find('.') {
+                end += dot;
+                lookup.entry(name[..end].to_string()).or_default().descend = true;
+                end += 1;
             }
-            always.clone()
-        });
+        }
+        let only = (!whole_payload).then(|| always.clone());
         Decoder {
             declared: declared.to_vec(),
             only,
@@ -765,7 +772,7 @@ fn decimal(v: f64) -> Value {
 }
 
 /// Put `value` at the dotted path `name` inside `object` (so flattened fields nest again).
-fn insert_path(object: &mut Map<String, Value>, name: &str, value: Value) {
+pub(crate) fn insert_path(object: &mut Map<String, Value>, name: &str, value: Value) {
     let mut parts = name.split('.').peekable();
     let mut current = object;
     while let Some(part) = parts.next() {

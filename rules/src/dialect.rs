@@ -455,6 +455,13 @@ fn lower_operators(sql: &str) -> Result<String, String> {
                 }
                 return ControlFlow::Continue(());
             }
+            Expr::Subquery(query) => {
+                match crate::nested::lower(query) {
+                    Ok(call) => lower(&dialect, e, &call, &mut failed),
+                    Err(why) => failed = Some(why),
+                }
+                return ControlFlow::Continue(());
+            }
             Expr::Array(array) => {
                 let items: Vec<String> = array.elem.iter().map(|x| x.to_string()).collect();
                 lower(
@@ -753,21 +760,12 @@ impl Rewrite {
         let mut after_as = false;
         // Paren depths of the cast() calls open here: their AS introduces the type.
         let mut casts: Vec<i32> = Vec::new();
+        // Paren depths of the nested `SELECT VALUE`s open here.
+        let mut value_selects: Vec<i32> = Vec::new();
         while i < body.len() {
             let t = &body[i].token;
             match t {
                 Token::LParen => {
-                    let inner = next_sig(body, i + 1);
-                    if inner.is_some_and(|j| {
-                        word(&body[j].token).is_some_and(|w| w.keyword == Keyword::SELECT)
-                    }) {
-                        return Err(err(
-                            file,
-                            inner.map(|j| &body[j]),
-                            "nested queries `(SELECT … FROM field)` (iot-sql-nested-queries) are \
-                             not supported at the edge yet",
-                        ));
-                    }
                     depth += 1;
                     self.out.push(t.clone());
                     i += 1;
@@ -831,6 +829,28 @@ impl Rewrite {
                     .push(Token::SingleQuotedString(target.name().to_owned()));
                 i = next.map_or(i, |j| j + 1);
                 continue;
+            }
+            // A nested query's `SELECT VALUE x FROM` is `SELECT x AS __sg_value FROM`
+            // (crate::nested reads the alias).
+            if w.keyword == Keyword::SELECT && depth > 0 {
+                let value = next.filter(|&j| {
+                    word(&body[j].token).is_some_and(|v| {
+                        v.quote_style.is_none() && v.value.eq_ignore_ascii_case("value")
+                    })
+                });
+                self.out.push(t.clone());
+                if let Some(j) = value {
+                    value_selects.push(depth);
+                    i = j + 1;
+                } else {
+                    i += 1;
+                }
+                continue;
+            }
+            if w.keyword == Keyword::FROM && depth > 0 && value_selects.last() == Some(&depth) {
+                value_selects.pop();
+                self.out
+                    .extend([space(), ident("AS"), space(), ident(VALUE_COLUMN), space()]);
             }
             if w.keyword == Keyword::FROM && depth == 0 && self.source.is_none() {
                 i = self.source_clause(file, body, i, next)?;

@@ -17,6 +17,8 @@
 //! - `time`: `parse_time()`: Joda-Time patterns formatted in a time zone.
 //! - `value_functions`: the functions whose arguments or results may be of any IoT type
 //!   (`isNull`, `isUndefined`, `nanvl`, `get`, `decode`) and the `NULL` literal.
+//! - `nested`: nested object queries `(SELECT … FROM field)`, compiled at load and run on each
+//!   message's field.
 //! - `operators`: IoT Core's operator tables as the UDFs every operator is lowered to.
 //! - `values`: IoT SQL's types over Arrow columns and the conversions between them, used by
 //!   the functions, the operators and `cast` alike.
@@ -28,6 +30,7 @@ pub mod dialect;
 pub mod dir;
 pub mod engine;
 pub mod functions;
+mod nested;
 mod operators;
 pub mod sample;
 mod time;

@@ -445,6 +445,41 @@ fn arithmetic(op: Operator, l: &Operand, r: &Operand) -> Result<ArrayRef> {
     })
 }
 
+/// An operator on values of any type, by the same tables as the columns above: what a nested
+/// query (`crate::nested`) evaluates item by item. `None` is Undefined.
+pub(crate) fn apply(op: Operator, x: Option<&Value>, y: Option<&Value>) -> Option<Value> {
+    let boolean = |v: &Value| match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    };
+    let decimal = |v: &Value| match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => parse_decimal(s),
+        _ => None,
+    };
+    Some(Value::Bool(match op {
+        Operator::Not => !boolean(x?)?,
+        // Both operands are read first: an Undefined one makes the result Undefined.
+        Operator::And | Operator::Or => {
+            let (a, b) = (boolean(x?)?, boolean(y?)?);
+            if op == Operator::And {
+                a && b
+            } else {
+                a || b
+            }
+        }
+        Operator::Gt => decimal(x?)? > decimal(y?)?,
+        Operator::Lt => decimal(x?)? < decimal(y?)?,
+        Operator::GtEq => decimal(x?)? >= decimal(y?)?,
+        Operator::LtEq => decimal(x?)? <= decimal(y?)?,
+        Operator::Eq => values_equal(x?, y?),
+        Operator::NotEq => !values_equal(x?, y?),
+        _ => return arithmetic_value(op, x?, y?),
+    }))
+}
+
 /// One value's string form, for `+` with a String (Null has none).
 fn value_text(v: &Value) -> Option<String> {
     Some(match v {

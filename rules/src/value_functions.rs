@@ -56,6 +56,8 @@ enum Which {
     Get,
     Decode,
     Transform,
+    /// A nested query: `iot_nested(field, 'inner query')` ([`crate::nested`]).
+    Nested,
     /// `CASE v WHEN t THEN r … [ELSE e] END`: `iot_case(v, t, r, …[, e])`.
     Case,
     /// `CASE WHEN c THEN r … [ELSE e] END`: `iot_case_when(c, r, …[, e])`.
@@ -67,7 +69,8 @@ enum Which {
 }
 
 impl Which {
-    const ALL: [Which; 11] = [
+    const ALL: [Which; 12] = [
+        Which::Nested,
         Which::Transform,
         Which::Array,
         Which::Object,
@@ -90,6 +93,7 @@ impl Which {
             Which::Get => "iot_get",
             Which::Decode => "iot_decode",
             Which::Transform => "iot_transform",
+            Which::Nested => crate::nested::NESTED_UDF,
             Which::Case => CASE_UDF,
             Which::CaseWhen => CASE_WHEN_UDF,
             Which::Array => ARRAY_UDF,
@@ -102,7 +106,7 @@ impl Which {
         match self {
             Which::Null => Some(0),
             Which::IsNull | Which::IsUndefined => Some(1),
-            Which::Nanvl | Which::Get | Which::Decode => Some(2),
+            Which::Nanvl | Which::Get | Which::Decode | Which::Nested => Some(2),
             Which::Transform => Some(3),
             Which::Case | Which::CaseWhen | Which::Array | Which::Object => None,
         }
@@ -270,6 +274,22 @@ impl ScalarUDFImpl for ValueUdf {
                     .collect();
                 json_column(items.iter().map(Option::as_ref))
             }
+            Which::Nested => {
+                let query = match &args.args[1] {
+                    ColumnarValue::Scalar(ScalarValue::Utf8(Some(text))) => {
+                        match crate::nested::parse(text) {
+                            Ok(q) => q,
+                            Err(why) => return exec_err!("nested query: {why}"),
+                        }
+                    }
+                    _ => return exec_err!("iot_nested takes its query as a literal"),
+                };
+                let from = values_of(&arrays[0], kinds[0])?;
+                let items: Vec<Option<Value>> = (0..n)
+                    .map(|i| query.run(from[row(&arrays[0], i)].as_ref()?))
+                    .collect();
+                json_column(items.iter().map(Option::as_ref))
+            }
             Which::Transform => {
                 let columns = every_value()?;
                 let at = |c: usize, i: usize| columns[c][row(&arrays[c], i)].as_ref();
@@ -339,7 +359,7 @@ impl ScalarUDFImpl for ValueUdf {
 
 /// Whether a searched `CASE`'s condition holds: a Boolean true, or the string "true" in any
 /// case, as the logical operators read their operands (iot-sql-operators).
-fn truthy(v: &Value) -> bool {
+pub(crate) fn truthy(v: &Value) -> bool {
     match v {
         Value::Bool(b) => *b,
         Value::String(s) => s.eq_ignore_ascii_case("true"),
