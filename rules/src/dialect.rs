@@ -281,14 +281,18 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
                 "expected a sink name after INSERT INTO",
             )
         })?;
-    if !kw(3, Keyword::SELECT) {
+    let body: Vec<TokenWithSpan> = if kw(3, Keyword::SET) {
+        set_clause(file, &tokens[significant[3]..])?
+    } else if kw(3, Keyword::SELECT) {
+        tokens[significant[3]..].to_vec()
+    } else {
         return Err(err(
             file,
             at(3).or(at(2)),
-            "expected SELECT after the sink name",
+            "expected SELECT (or SET) after the sink name",
         ));
-    }
-    let body = &tokens[significant[3]..];
+    };
+    let body = &body[..];
     let mut rewrite = Rewrite::default();
     rewrite.run(file, body)?;
     let source = rewrite
@@ -577,6 +581,120 @@ fn sql_text(t: &Token) -> String {
     match t {
         Token::SingleQuotedString(s) => text_literal(s),
         other => other.to_string(),
+    }
+}
+
+/// The longest variable name the SET clause takes (iot-sql-set), `@` not counted.
+const MAX_VARIABLE: usize = 64;
+
+/// `SET @a = expr, @b = expr SELECT …` (iot-sql-set): the statement from its SELECT on, each
+/// `@name` replaced by its expression in parentheses (a variable may use the ones before it).
+/// A variable set twice, a bad name, or one used but not set is refused.
+fn set_clause(file: &str, tokens: &[TokenWithSpan]) -> Result<Vec<TokenWithSpan>, RuleError> {
+    let variable = |t: &Token| {
+        word(t)
+            .filter(|w| w.quote_style.is_none())
+            .and_then(|w| w.value.strip_prefix('@').map(str::to_string))
+    };
+    let substitute = |out: &mut Vec<TokenWithSpan>,
+                      t: &TokenWithSpan,
+                      vars: &[(String, Vec<TokenWithSpan>)]|
+     -> Result<(), RuleError> {
+        let Some(name) = variable(&t.token) else {
+            out.push(t.clone());
+            return Ok(());
+        };
+        let Some((_, expr)) = vars.iter().find(|(n, _)| *n == name) else {
+            return Err(err(
+                file,
+                Some(t),
+                format!("@{name} is not set in this statement's SET clause"),
+            ));
+        };
+        out.push(TokenWithSpan::new(Token::LParen, t.span));
+        out.extend(expr.iter().cloned());
+        out.push(TokenWithSpan::new(Token::RParen, t.span));
+        Ok(())
+    };
+    let mut vars: Vec<(String, Vec<TokenWithSpan>)> = Vec::new();
+    let mut i = 1;
+    loop {
+        let Some(n) = next_sig(tokens, i) else {
+            return Err(err(
+                file,
+                tokens.last(),
+                "expected SELECT after the SET clause",
+            ));
+        };
+        let Some(name) = variable(&tokens[n].token) else {
+            return Err(err(
+                file,
+                Some(&tokens[n]),
+                "SET takes @name = expression (iot-sql-set)",
+            ));
+        };
+        let valid = !name.is_empty()
+            && name.len() <= MAX_VARIABLE
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(err(
+                file,
+                Some(&tokens[n]),
+                format!("@{name}: a variable name is letters, digits and _, up to {MAX_VARIABLE}"),
+            ));
+        }
+        if vars.iter().any(|(v, _)| *v == name) {
+            return Err(err(
+                file,
+                Some(&tokens[n]),
+                format!("@{name} is set twice: variables are immutable"),
+            ));
+        }
+        let eq = next_sig(tokens, n + 1).filter(|&j| tokens[j].token == Token::Eq);
+        let Some(eq) = eq else {
+            return Err(err(
+                file,
+                Some(&tokens[n]),
+                format!("expected = after @{name}"),
+            ));
+        };
+        // The expression runs to a comma or the SELECT at depth 0.
+        let (mut depth, mut j, mut expr) = (0i32, eq + 1, Vec::new());
+        let end = loop {
+            let Some(t) = tokens.get(j) else {
+                return Err(err(
+                    file,
+                    tokens.last(),
+                    "expected SELECT after the SET clause",
+                ));
+            };
+            match &t.token {
+                Token::LParen | Token::LBracket | Token::LBrace => depth += 1,
+                Token::RParen | Token::RBracket | Token::RBrace => depth -= 1,
+                Token::Comma if depth == 0 => break j,
+                Token::Word(w) if depth == 0 && w.keyword == Keyword::SELECT => break j,
+                _ => {}
+            }
+            substitute(&mut expr, t, &vars)?;
+            j += 1;
+        };
+        if !expr.iter().any(|t| !is_trivia(&t.token)) {
+            return Err(err(
+                file,
+                Some(&tokens[eq]),
+                format!("@{name} has no expression"),
+            ));
+        }
+        vars.push((name, expr));
+        if tokens[end].token == Token::Comma {
+            i = end + 1;
+            continue;
+        }
+        let mut body = Vec::with_capacity(tokens.len() - end);
+        for t in &tokens[end..] {
+            substitute(&mut body, t, &vars)?;
+        }
+        return Ok(body);
     }
 }
 

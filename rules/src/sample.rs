@@ -108,7 +108,16 @@ pub fn table(outputs: &[Output]) -> String {
         .iter()
         .map(|o| match serde_json::from_slice(&o.payload) {
             Ok(Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
+            // SELECT VALUE, and the bytes of a binary payload, in a column of their own.
+            Ok(other) => serde_json::Map::from_iter([("(value)".to_string(), other)]),
+            Err(_) => serde_json::Map::from_iter([(
+                "(bytes)".to_string(),
+                Value::from(
+                    String::from_utf8_lossy(&o.payload)
+                        .escape_debug()
+                        .to_string(),
+                ),
+            )]),
         })
         .collect();
     for r in &rows {
