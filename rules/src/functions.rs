@@ -72,7 +72,6 @@ pub fn lookup(name: &str) -> Option<Function> {
         "machinelearning_predict" => External("Amazon Machine Learning"),
         "cast" => Iot,
         "get_or_default" => NotYet("it is not implemented yet"),
-        "time_to_epoch" => NotYet("parsing JDK date/time patterns is not implemented yet"),
         "get_mqtt_property" | "get_user_properties" => {
             NotYet("it needs the MQTT 5 properties of each message")
         }
@@ -469,6 +468,7 @@ static UDFS: std::sync::LazyLock<Vec<IotUdf>> = std::sync::LazyLock::new(|| {
         IotUdf::new("remainder", &[2], IntIfInts, remainder),
         IotUdf::new("trunc", &[2], IntIfInts, trunc),
         IotUdf::new("parse_time", &[2, 3], Text, crate::time::parse_time),
+        IotUdf::new("time_to_epoch", &[2], Int, crate::time::time_to_epoch),
         IotUdf::new("sign", &[1], Int, |a| {
             map_decimal_to_int(a, |x| {
                 if x > 0.0 {

@@ -14,7 +14,8 @@
 //! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
 //! - `functions`: the IoT SQL function list and what each is here (DataFusion's, a UDF with
 //!   IoT Core's semantics, or refused with the reason), and `cast`.
-//! - `time`: `parse_time()`: Joda-Time patterns formatted in a time zone.
+//! - `time`: `parse_time()` (Joda-Time patterns formatted in a time zone) and
+//!   `time_to_epoch()` (JDK patterns read back to Unix milliseconds).
 //! - `value_functions`: the functions whose arguments or results may be of any IoT type
 //!   (`isNull`, `isUndefined`, `nanvl`, `get`, `decode`) and the `NULL` literal.
 //! - `nested`: nested object queries `(SELECT … FROM field)`, compiled at load and run on each
