@@ -41,6 +41,7 @@ fn telemetry(extra: impl Fn(i64) -> String) -> Vec<Arc<Message>> {
                 cert_id: format!("{:064x}", n % 500),
                 payload: Bytes::from(payload),
                 received_at_ms: 1_700_000_000_000 + n,
+                properties: None,
             })
         })
         .collect()

@@ -20,7 +20,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::dialect::{ColumnType, StatementSpec, CERT_ID, PAYLOAD, RECEIVED_AT, THING, TOPIC};
+use crate::dialect::{
+    ColumnType, StatementSpec, CERT_ID, MQTT, PAYLOAD, RECEIVED_AT, THING, TOPIC,
+};
 use crate::values::decimal_text;
 
 /// Nesting deeper than this is refused (to the error sink), not flattened.
@@ -35,6 +37,60 @@ pub struct Message {
     pub payload: Bytes,
     /// When the gateway received it (Unix ms); `timestamp()`.
     pub received_at_ms: i64,
+    /// The MQTT 5 properties it was published with, if any (`get_mqtt_property`,
+    /// `get_user_properties`).
+    pub properties: Option<Arc<Properties>>,
+}
+
+/// A publish's MQTT 5 properties a rule can read (MQTT 5 §3.3.2.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    /// Payload Format Indicator: `Some(true)` for UTF-8 data (1), `Some(false)` for bytes (0).
+    pub utf8_payload: Option<bool>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    /// In the order they came; a key may repeat.
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Properties {
+    /// As the rules read them ([`MQTT`] column): `format_indicator` is `"UTF8_DATA"` or
+    /// `"UNSPECIFIED_BYTES"`, `correlation_data` is base64, `user_properties` holds each key's
+    /// values in order. A property not sent is absent (Undefined).
+    fn json(&self) -> Value {
+        use base64::Engine as _;
+        let mut o = Map::new();
+        if let Some(utf8) = self.utf8_payload {
+            let f = if utf8 {
+                "UTF8_DATA"
+            } else {
+                "UNSPECIFIED_BYTES"
+            };
+            o.insert("format_indicator".into(), Value::from(f));
+        }
+        if let Some(c) = &self.content_type {
+            o.insert("content_type".into(), Value::from(c.as_str()));
+        }
+        if let Some(r) = &self.response_topic {
+            o.insert("response_topic".into(), Value::from(r.as_str()));
+        }
+        if let Some(d) = &self.correlation_data {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(d);
+            o.insert("correlation_data".into(), Value::from(encoded));
+        }
+        let mut user = Map::new();
+        for (k, v) in &self.user_properties {
+            if let Value::Array(values) = user
+                .entry(k.clone())
+                .or_insert_with(|| Value::Array(Vec::new()))
+            {
+                values.push(Value::from(v.as_str()));
+            }
+        }
+        o.insert("user_properties".into(), Value::Object(user));
+        Value::Object(o)
+    }
 }
 
 /// A message that could not become a row, and why.
@@ -62,6 +118,8 @@ pub struct Decoder {
     binary: bool,
     /// Every row carries its payload's bytes in [`PAYLOAD`] (`*` as a function's argument).
     payload_column: bool,
+    /// Every row carries its MQTT 5 properties in [`MQTT`].
+    properties_column: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -574,6 +632,7 @@ impl Decoder {
             always,
             binary: false,
             payload_column: false,
+            properties_column: false,
         }
     }
 
@@ -582,6 +641,7 @@ impl Decoder {
         let mut d = Decoder::new(declared, &s.columns, s.whole_payload);
         d.binary = s.takes_binary() && declared.is_empty();
         d.payload_column = s.payload_value;
+        d.properties_column = s.mqtt_properties;
         d
     }
 
@@ -686,6 +746,20 @@ impl Decoder {
             let (field, array) = column.finish(rows);
             fields.push(field);
             arrays.push(array);
+        }
+        if self.properties_column {
+            // Every message has the column, an empty object when it came without properties,
+            // so that a property not sent is Undefined rather than the whole column missing.
+            let none = Properties::default().json();
+            let values: Vec<Value> = picked()
+                .map(|m| {
+                    m.properties
+                        .as_ref()
+                        .map_or_else(|| none.clone(), |p| p.json())
+                })
+                .collect();
+            fields.push(crate::values::json_field(MQTT));
+            arrays.push(crate::values::json_column(values.iter().map(Some)));
         }
         if self.payload_column {
             fields.push(Field::new(PAYLOAD, DataType::Binary, false));
@@ -857,6 +931,7 @@ mod tests {
             cert_id: "c".into(),
             payload: Bytes::from(payload.to_string()),
             received_at_ms: 5,
+            properties: None,
         }
     }
 

@@ -33,6 +33,18 @@ pub const TOPIC: &str = "__topic";
 pub const THING: &str = "__thing";
 pub const CERT_ID: &str = "__cert_id";
 pub const RECEIVED_AT: &str = "__received_at";
+/// The message's MQTT 5 properties as a JSON object, for `get_mqtt_property` and
+/// `get_user_properties` ([`crate::batch::Properties`]).
+pub const MQTT: &str = "__mqtt";
+/// What `get_user_properties(key)` is called until the statement is parsed.
+const USER_PROPERTIES_CALL: &str = "iot_user_properties";
+/// The names `get_mqtt_property` takes (iot-sql-functions).
+const MQTT_PROPERTIES: [&str; 4] = [
+    "content_type",
+    "format_indicator",
+    "response_topic",
+    "correlation_data",
+];
 /// The whole payload as bytes, for `*` as a function's argument (`encode(*, 'base64')`,
 /// binary-payloads).
 pub const PAYLOAD: &str = "__payload";
@@ -106,6 +118,8 @@ pub struct StatementSpec {
     pub whole_payload: bool,
     /// `*` is a function's argument (`encode(*, 'base64')`): the batch carries [`PAYLOAD`].
     pub payload_value: bool,
+    /// It reads MQTT 5 properties: the batch carries [`MQTT`].
+    pub mqtt_properties: bool,
     /// Line of the statement in the file.
     pub line: u64,
 }
@@ -343,6 +357,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         columns,
         whole_payload: selects_star(body),
         payload_value: rewrite.payload_value,
+        mqtt_properties: rewrite.mqtt_properties,
         line,
     })
 }
@@ -354,10 +369,8 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
 /// and `x[i]`, `f(x).key` (iot-sql-json: `get`). `IS NULL` is refused: IoT SQL has `isNull()` and `isUndefined()`.
 fn lower_operators(sql: &str) -> Result<String, String> {
     use crate::operators::Operator;
-    use crate::value_functions::{ARRAY_UDF, CASE_UDF, CASE_WHEN_UDF, NULL_UDF, OBJECT_UDF};
     use datafusion::sql::sqlparser::ast::{
-        visit_expressions_mut, AccessExpr, BinaryOperator, Expr, Subscript, UnaryOperator,
-        Value as SqlValue,
+        visit_expressions_mut, BinaryOperator, Expr, UnaryOperator,
     };
     use datafusion::sql::sqlparser::parser::Parser;
     use std::ops::ControlFlow;
@@ -365,161 +378,24 @@ fn lower_operators(sql: &str) -> Result<String, String> {
     let mut statements = Parser::parse_sql(&dialect, sql).map_err(|e| e.to_string())?;
     let mut failed = None;
     let _ = visit_expressions_mut(&mut statements, |e: &mut Expr| {
-        match e {
-            Expr::Value(v) if v.value == SqlValue::Null => {
-                lower(&dialect, e, &format!("{NULL_UDF}()"), &mut failed);
-                return ControlFlow::<()>::Continue(());
+        // LIKE matches a value's string form (iot-sql-data-types, "To string").
+        if let Expr::Like { expr, .. } | Expr::ILike { expr, .. } = e {
+            let text = format!("{}({expr}, 'string')", crate::functions::CAST_UDF);
+            match Parser::new(&dialect)
+                .try_with_sql(&text)
+                .and_then(|mut p| p.parse_expr())
+            {
+                Ok(lowered) => **expr = lowered,
+                Err(err) => failed = Some(err.to_string()),
             }
-            Expr::IsNull(_) | Expr::IsNotNull(_) => {
-                failed = Some(format!(
-                    "`{e}`: IS NULL is not AWS IoT SQL; use isNull(x) for a null value or \
-                     isUndefined(x) for a missing one"
-                ));
-                return ControlFlow::Continue(());
+            return ControlFlow::<()>::Continue(());
+        }
+        if let Some(form) = iot_form(e) {
+            match form {
+                Ok(call) => lower(&dialect, e, &call, &mut failed),
+                Err(why) => failed = Some(why),
             }
-            Expr::CompoundFieldAccess { root, access_chain } => {
-                let mut call = root.to_string();
-                for access in access_chain.iter() {
-                    let keys: Vec<String> = match access {
-                        AccessExpr::Subscript(Subscript::Index { index }) => {
-                            vec![index.to_string()]
-                        }
-                        AccessExpr::Dot(Expr::Identifier(id)) => {
-                            id.value.split('.').map(text_literal).collect()
-                        }
-                        AccessExpr::Dot(Expr::CompoundIdentifier(ids)) => ids
-                            .iter()
-                            .flat_map(|id| id.value.split('.'))
-                            .map(text_literal)
-                            .collect(),
-                        other => {
-                            failed = Some(format!(
-                                "`{e}`: {other} is not a field name or an index",
-                                e = root
-                            ));
-                            return ControlFlow::Continue(());
-                        }
-                    };
-                    for key in keys {
-                        call = format!("iot_get({call}, {key})");
-                    }
-                }
-                lower(&dialect, e, &call, &mut failed);
-                return ControlFlow::Continue(());
-            }
-            // Not on IoT SQL's operators page; built from the operators that are, so that they
-            // take values of any type by the same tables.
-            Expr::Between {
-                expr,
-                negated,
-                low,
-                high,
-            } => {
-                let call = format!(
-                    "{}({}({expr}, {low}), {}({expr}, {high}))",
-                    Operator::And.udf_name(),
-                    Operator::GtEq.udf_name(),
-                    Operator::LtEq.udf_name()
-                );
-                let call = negate(call, *negated);
-                lower(&dialect, e, &call, &mut failed);
-                return ControlFlow::Continue(());
-            }
-            Expr::InList {
-                expr,
-                list,
-                negated,
-            } => {
-                let mut call = String::new();
-                for item in list.iter() {
-                    let eq = format!("{}({expr}, {item})", Operator::Eq.udf_name());
-                    call = if call.is_empty() {
-                        eq
-                    } else {
-                        format!("{}({call}, {eq})", Operator::Or.udf_name())
-                    };
-                }
-                if call.is_empty() {
-                    failed = Some(format!("`{e}`: IN takes at least one value"));
-                    return ControlFlow::Continue(());
-                }
-                let call = negate(call, *negated);
-                lower(&dialect, e, &call, &mut failed);
-                return ControlFlow::Continue(());
-            }
-            // LIKE matches a value's string form (iot-sql-data-types, "To string").
-            Expr::Like { expr, .. } | Expr::ILike { expr, .. } => {
-                let text = format!("{}({expr}, 'string')", crate::functions::CAST_UDF);
-                match Parser::new(&dialect)
-                    .try_with_sql(&text)
-                    .and_then(|mut p| p.parse_expr())
-                {
-                    Ok(lowered) => **expr = lowered,
-                    Err(err) => failed = Some(err.to_string()),
-                }
-                return ControlFlow::Continue(());
-            }
-            Expr::Subquery(query) => {
-                match crate::nested::lower(query) {
-                    Ok(call) => lower(&dialect, e, &call, &mut failed),
-                    Err(why) => failed = Some(why),
-                }
-                return ControlFlow::Continue(());
-            }
-            Expr::Array(array) => {
-                let items: Vec<String> = array.elem.iter().map(|x| x.to_string()).collect();
-                lower(
-                    &dialect,
-                    e,
-                    &format!("{ARRAY_UDF}({})", items.join(", ")),
-                    &mut failed,
-                );
-                return ControlFlow::Continue(());
-            }
-            Expr::Dictionary(fields) => {
-                let args: Vec<String> = fields
-                    .iter()
-                    .map(|f| format!("{}, {}", text_literal(&f.key.value), f.value))
-                    .collect();
-                lower(
-                    &dialect,
-                    e,
-                    &format!("{OBJECT_UDF}({})", args.join(", ")),
-                    &mut failed,
-                );
-                return ControlFlow::Continue(());
-            }
-            Expr::Case {
-                operand,
-                conditions,
-                else_result,
-                ..
-            } => {
-                let mut args: Vec<String> = Vec::new();
-                if let Some(v) = operand {
-                    args.push(v.to_string());
-                }
-                for w in conditions.iter() {
-                    args.push(w.condition.to_string());
-                    args.push(w.result.to_string());
-                }
-                if let Some(other) = else_result {
-                    args.push(other.to_string());
-                }
-                let udf = if operand.is_some() {
-                    CASE_UDF
-                } else {
-                    CASE_WHEN_UDF
-                };
-                lower(
-                    &dialect,
-                    e,
-                    &format!("{udf}({})", args.join(", ")),
-                    &mut failed,
-                );
-                return ControlFlow::Continue(());
-            }
-            _ => {}
+            return ControlFlow::Continue(());
         }
         if let Expr::UnaryOp {
             op: UnaryOperator::Not,
@@ -761,6 +637,132 @@ fn text_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// The IoT form of `e` as the text of a call, when it has one (the arms of
+/// [`lower_operators`] other than the operators), or why `e` is refused.
+fn iot_form(e: &datafusion::sql::sqlparser::ast::Expr) -> Option<Result<String, String>> {
+    use crate::operators::Operator;
+    use crate::value_functions::{ARRAY_UDF, CASE_UDF, CASE_WHEN_UDF, NULL_UDF, OBJECT_UDF};
+    use datafusion::sql::sqlparser::ast::{
+        AccessExpr, Expr, FunctionArguments, Subscript, Value as SqlValue,
+    };
+    Some(match e {
+        Expr::Value(v) if v.value == SqlValue::Null => Ok(format!("{NULL_UDF}()")),
+        Expr::IsNull(_) | Expr::IsNotNull(_) => Err(format!(
+            "`{e}`: IS NULL is not AWS IoT SQL; use isNull(x) for a null value or \
+                 isUndefined(x) for a missing one"
+        )),
+        Expr::Function(f) if f.name.to_string() == USER_PROPERTIES_CALL => match &f.args {
+            FunctionArguments::List(l) if l.args.len() == 1 => Ok(format!(
+                "iot_get(iot_get({MQTT}, 'user_properties'), {})",
+                l.args[0]
+            )),
+            _ => Err("get_user_properties() takes one key".into()),
+        },
+        Expr::Subquery(query) => crate::nested::lower(query),
+        Expr::CompoundFieldAccess { root, access_chain } => {
+            let mut call = root.to_string();
+            for access in access_chain.iter() {
+                let keys: Vec<String> = match access {
+                    AccessExpr::Subscript(Subscript::Index { index }) => {
+                        vec![index.to_string()]
+                    }
+                    AccessExpr::Dot(Expr::Identifier(id)) => {
+                        id.value.split('.').map(text_literal).collect()
+                    }
+                    AccessExpr::Dot(Expr::CompoundIdentifier(ids)) => ids
+                        .iter()
+                        .flat_map(|id| id.value.split('.'))
+                        .map(text_literal)
+                        .collect(),
+                    other => {
+                        return Some(Err(format!(
+                            "`{e}`: {other} is not a field name or an index",
+                            e = root
+                        )));
+                    }
+                };
+                for key in keys {
+                    call = format!("iot_get({call}, {key})");
+                }
+            }
+            Ok(call)
+        }
+        // Not on IoT SQL's operators page; built from the operators that are, so that they
+        // take values of any type by the same tables.
+        Expr::Between {
+            expr,
+            negated,
+            low,
+            high,
+        } => {
+            let call = format!(
+                "{}({}({expr}, {low}), {}({expr}, {high}))",
+                Operator::And.udf_name(),
+                Operator::GtEq.udf_name(),
+                Operator::LtEq.udf_name()
+            );
+            let call = negate(call, *negated);
+            Ok(call)
+        }
+        Expr::InList {
+            expr,
+            list,
+            negated,
+        } => {
+            let mut call = String::new();
+            for item in list.iter() {
+                let eq = format!("{}({expr}, {item})", Operator::Eq.udf_name());
+                call = if call.is_empty() {
+                    eq
+                } else {
+                    format!("{}({call}, {eq})", Operator::Or.udf_name())
+                };
+            }
+            if call.is_empty() {
+                return Some(Err(format!("`{e}`: IN takes at least one value")));
+            }
+            let call = negate(call, *negated);
+            Ok(call)
+        }
+        Expr::Array(array) => {
+            let items: Vec<String> = array.elem.iter().map(|x| x.to_string()).collect();
+            Ok(format!("{ARRAY_UDF}({})", items.join(", ")))
+        }
+        Expr::Dictionary(fields) => {
+            let args: Vec<String> = fields
+                .iter()
+                .map(|f| format!("{}, {}", text_literal(&f.key.value), f.value))
+                .collect();
+            Ok(format!("{OBJECT_UDF}({})", args.join(", ")))
+        }
+        Expr::Case {
+            operand,
+            conditions,
+            else_result,
+            ..
+        } => {
+            let mut args: Vec<String> = Vec::new();
+            if let Some(v) = operand {
+                args.push(v.to_string());
+            }
+            for w in conditions.iter() {
+                args.push(w.condition.to_string());
+                args.push(w.result.to_string());
+            }
+            if let Some(other) = else_result {
+                args.push(other.to_string());
+            }
+            let udf = if operand.is_some() {
+                CASE_UDF
+            } else {
+                CASE_WHEN_UDF
+            };
+            Ok(format!("{udf}({})", args.join(", ")))
+        }
+        _ => return None,
+    })
+}
+
 /// Replace `e` with the expression `call` (a UDF call written out), or note why it did not parse.
 fn lower(
     dialect: &GenericDialect,
@@ -809,6 +811,8 @@ struct Rewrite {
     columns: BTreeSet<String>,
     /// A `*` was a function's argument, now [`PAYLOAD`].
     payload_value: bool,
+    /// `get_mqtt_property` or `get_user_properties` was called.
+    mqtt_properties: bool,
 }
 
 /// Keywords that are SQL structure, never a payload field. Any other word (even one sqlparser
@@ -980,6 +984,11 @@ impl Rewrite {
                 && (!STRUCTURAL.contains(&w.keyword) || w.keyword == Keyword::CAST)
             {
                 let lower = w.value.to_ascii_lowercase();
+                if lower == "get_mqtt_property" || lower == "get_user_properties" {
+                    let at = (body, i, next.unwrap_or(i));
+                    i = self.mqtt_property_call(file, at, lower == "get_user_properties")?;
+                    continue;
+                }
                 if METADATA_FUNCTIONS.contains(&lower.as_str()) {
                     i = self.metadata_call(file, body, i, &lower, next.unwrap_or(i))?;
                     continue;
@@ -1096,6 +1105,61 @@ impl Rewrite {
         self.out
             .extend([body[i].token.clone(), space(), ident("messages")]);
         Ok(j + 1)
+    }
+
+    /// `get_mqtt_property('content_type')` becomes `iot_get(__mqtt, 'content_type')`, its name
+    /// checked here; `get_user_properties(key)` becomes [`USER_PROPERTIES_CALL`], which
+    /// `lower_operators` makes `iot_get(iot_get(__mqtt, 'user_properties'), key)`: the key's
+    /// values, an Array.
+    /// Returns the index after what it consumed.
+    fn mqtt_property_call(
+        &mut self,
+        file: &str,
+        (body, i, open): (&[TokenWithSpan], usize, usize),
+        user: bool,
+    ) -> Result<usize, RuleError> {
+        self.mqtt_properties = true;
+        if user {
+            // Its argument is any expression: the call is completed on the parsed statement.
+            self.out.push(ident(USER_PROPERTIES_CALL));
+            return Ok(i + 1);
+        }
+        let arg = next_sig(body, open + 1);
+        let name = arg.and_then(|a| match &body[a].token {
+            Token::SingleQuotedString(s) => Some(s.clone()),
+            Token::Word(w) if w.quote_style == Some('"') => Some(w.value.clone()),
+            _ => None,
+        });
+        let close = arg.and_then(|a| next_sig(body, a + 1));
+        let (Some(name), Some(close)) = (name, close) else {
+            return Err(err(
+                file,
+                Some(&body[i]),
+                format!(
+                    "get_mqtt_property() takes one of {}",
+                    MQTT_PROPERTIES.join(", ")
+                ),
+            ));
+        };
+        if !MQTT_PROPERTIES.contains(&name.as_str()) || body[close].token != Token::RParen {
+            return Err(err(
+                file,
+                Some(&body[i]),
+                format!(
+                    "get_mqtt_property({name:?}): the property is one of {}",
+                    MQTT_PROPERTIES.join(", ")
+                ),
+            ));
+        }
+        self.out.extend([
+            ident("iot_get"),
+            Token::LParen,
+            ident(MQTT),
+            Token::Comma,
+            Token::SingleQuotedString(name),
+            Token::RParen,
+        ]);
+        Ok(close + 1)
     }
 
     /// A metadata function (`topic()`, `clientid()`, `topic(n)`, …) at `i`, its `(` at `open`:

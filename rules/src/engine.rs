@@ -737,6 +737,7 @@ mod tests {
                     cert_id: "c".into(),
                     payload: format!(r#"{{"temp":{i}}}"#).into(),
                     received_at_ms: 0,
+                    properties: None,
                 })
             })
             .collect();

@@ -72,9 +72,8 @@ pub fn lookup(name: &str) -> Option<Function> {
         "machinelearning_predict" => External("Amazon Machine Learning"),
         "cast" => Iot,
         "get_or_default" => NotYet("it is not implemented yet"),
-        "get_mqtt_property" | "get_user_properties" => {
-            NotYet("it needs the MQTT 5 properties of each message")
-        }
+        // Rewritten by the dialect before this lookup (the message's MQTT 5 properties).
+        "get_mqtt_property" | "get_user_properties" => Iot,
         "accountid" | "sourceip" | "traceid" | "sql_version" => {
             NotYet("this value is not known at the edge")
         }

@@ -38,6 +38,6 @@ mod time;
 mod value_functions;
 mod values;
 
-pub use batch::Message;
+pub use batch::{Message, Properties};
 pub use dialect::{RuleError, RuleSpec};
 pub use engine::{check, Engine, ErrorRouting, Output, Produced, RuleStatus};

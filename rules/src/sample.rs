@@ -24,6 +24,40 @@ pub struct Sample {
     pub ts: Option<i64>,
     #[serde(default)]
     pub cert_id: Option<String>,
+    /// The MQTT 5 properties it was published with.
+    #[serde(default)]
+    pub properties: Option<SampleProperties>,
+}
+
+/// A sample's MQTT 5 properties.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleProperties {
+    /// Payload Format Indicator: 0 (bytes) or 1 (UTF-8 data).
+    #[serde(default)]
+    pub payload_format_indicator: Option<u8>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub response_topic: Option<String>,
+    /// Correlation data as text; its UTF-8 bytes are sent.
+    #[serde(default)]
+    pub correlation_data: Option<String>,
+    /// `[key, value]` pairs, in order.
+    #[serde(default)]
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl SampleProperties {
+    fn to_properties(&self) -> crate::batch::Properties {
+        crate::batch::Properties {
+            utf8_payload: self.payload_format_indicator.map(|f| f == 1),
+            content_type: self.content_type.clone(),
+            response_topic: self.response_topic.clone(),
+            correlation_data: self.correlation_data.clone().map(Bytes::from),
+            user_properties: self.user_properties.clone(),
+        }
+    }
 }
 
 /// Parse JSON lines of samples; errors name the line.
@@ -98,6 +132,7 @@ fn message(s: &Sample, now: i64) -> Arc<Message> {
             .unwrap_or_else(|| format!("cert-{}", s.thing)),
         payload,
         received_at_ms: now,
+        properties: s.properties.as_ref().map(|p| Arc::new(p.to_properties())),
     })
 }
 

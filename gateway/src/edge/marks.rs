@@ -57,6 +57,35 @@ pub(crate) fn entering_properties(
     props
 }
 
+/// The MQTT 5 properties the rules may read of a device's publish (`get_mqtt_property`,
+/// `get_user_properties`), without the gateway's marks; `None` when it has none of them. Copied
+/// out of the read buffer, like the payload.
+pub(crate) fn rule_properties(
+    props: Option<&PublishProperties>,
+) -> Option<std::sync::Arc<sitegate_rules::Properties>> {
+    let p = props?;
+    let user: Vec<(String, String)> = p
+        .user_properties
+        .iter()
+        .filter(|(k, _)| !k.starts_with(MARK_PREFIX))
+        .cloned()
+        .collect();
+    let any = p.payload_format_indicator.is_some()
+        || p.content_type.is_some()
+        || p.response_topic.is_some()
+        || p.correlation_data.is_some()
+        || !user.is_empty();
+    any.then(|| {
+        std::sync::Arc::new(sitegate_rules::Properties {
+            utf8_payload: p.payload_format_indicator.map(|f| f == 1),
+            content_type: p.content_type.clone(),
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.as_deref().map(Bytes::copy_from_slice),
+            user_properties: user,
+        })
+    })
+}
+
 /// What the gateway's marks said of a delivery.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Marks {

@@ -118,6 +118,7 @@ impl Committer {
                             cert_id: m.cert_id.to_string(),
                             payload: m.payload.clone(),
                             received_at_ms: i64::try_from(m.received_at_ms).unwrap_or(i64::MAX),
+                            properties: m.properties.clone(),
                         })
                     })
                     .collect(),

@@ -52,6 +52,8 @@ pub struct Message {
     pub received: std::time::Instant,
     /// What takes it, from [`Ingest::wants`].
     pub wanted: Wanted,
+    /// Its MQTT 5 properties the rules may read, if it came with any.
+    pub properties: Option<Arc<sitegate_rules::Properties>>,
 }
 
 /// Why submitted messages did not become durable; their PUBACKs are never sent.

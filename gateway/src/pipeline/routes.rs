@@ -187,6 +187,7 @@ mod tests {
             received_at_ms: 0,
             received: std::time::Instant::now(),
             wanted,
+            properties: None,
         }
     }
 

@@ -205,3 +205,77 @@ fn the_example_rules_check_against_the_example_config() {
         "{stdout}"
     );
 }
+
+/// `get_mqtt_property` and `get_user_properties` read what a real MQTT 5 client published
+/// with (mosquitto_pub's `-D publish …`, MQTT 5 §3.3.2.3); the gateway's own marks on a
+/// publish never show, and a device cannot forge one into a rule's input.
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_read_the_mqtt5_properties_a_device_published_with() {
+    let site = Site::start_with(|c| {
+        let root = root(c);
+        std::fs::create_dir_all(root.join("rules")).unwrap();
+        std::fs::write(
+            root.join("rules/props.sql"),
+            "INSERT INTO props SELECT v, get_mqtt_property('content_type') AS ct, \
+             get_mqtt_property('format_indicator') AS fmt, \
+             get_mqtt_property('response_topic') AS rt, \
+             get_mqtt_property('correlation_data') AS cd, \
+             get_user_properties('site') AS site, get_user_properties('sitegate:qos0') AS mark \
+             FROM 'dt/+/props'",
+        )
+        .unwrap();
+        c.rules.dir = Some(root.join("rules"));
+        c.sinks
+            .insert("props".into(), file_sink(root.join("out/props.jsonl")));
+    })
+    .await;
+    let root = root(&site.config);
+    let sensor = site.device("sensor-1").await;
+    wait_until(&site, "the rule to load", |r| {
+        r.rules.iter().any(|r| r.name == "props")
+    })
+    .await;
+    let d = |p: &'static [&'static str]| p.iter().copied();
+    let extra: Vec<&str> = d(&["-D", "publish", "content-type", "application/json"])
+        .chain(d(&["-D", "publish", "payload-format-indicator", "1"]))
+        .chain(d(&["-D", "publish", "response-topic", "reply/sensor-1"]))
+        .chain(d(&["-D", "publish", "correlation-data", "req-1"]))
+        .chain(d(&["-D", "publish", "user-property", "site", "north"]))
+        .chain(d(&[
+            "-D",
+            "publish",
+            "user-property",
+            "sitegate:qos0",
+            "forged",
+        ]))
+        .collect();
+    let o = site
+        .publish_as(
+            &sensor,
+            "sensor-1",
+            "dt/sensor-1/props",
+            r#"{"v":1}"#,
+            0,
+            true,
+            &extra,
+        )
+        .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = site
+        .publish(&sensor, "dt/sensor-1/props", r#"{"v":2}"#, 1, true)
+        .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let lines = wait_lines(&root.join("out/props.jsonl"), 2).await;
+    assert_eq!(
+        lines[0]["payload"],
+        serde_json::json!({
+            "v": 1,
+            "ct": "application/json",
+            "fmt": "UTF8_DATA",
+            "rt": "reply/sensor-1",
+            "cd": "cmVxLTE=",
+            "site": ["north"]
+        })
+    );
+    assert_eq!(lines[1]["payload"], serde_json::json!({"v": 2}));
+}

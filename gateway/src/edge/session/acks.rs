@@ -104,6 +104,7 @@ mod tests {
             received_at_ms: 0,
             received: std::time::Instant::now(),
             wanted: Default::default(),
+            properties: None,
         };
         let mut messages = vec![message(read.slice(0..7)), message(read.slice(7..15))];
         detach_payloads(&mut messages);

@@ -397,6 +397,7 @@ impl Session {
                     qos,
                     received_at_ms: self.read_at.1,
                     received: self.read_at.0,
+                    properties: crate::edge::marks::rule_properties(props.as_ref()),
                 });
             }
             self.to_router.push(Packet::Publish(publish, props));
