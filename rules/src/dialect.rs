@@ -633,7 +633,7 @@ fn negate(call: String, negated: bool) -> String {
 }
 
 /// `text` as a single-quoted SQL string literal.
-fn text_literal(text: &str) -> String {
+pub(crate) fn text_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 

@@ -9,12 +9,14 @@
 //!   `iot_<name>` by [`register`]), where DataFusion's differs (`substring` is 0-based in IoT
 //!   Core, `lpad` adds spaces, `floor` returns an Int, `trim` takes any whitespace, the math
 //!   functions convert strings and give Undefined for an imaginary result…) or has
-//!   none (`startswith`, `indexof`, the hashes, the bit functions…).
+//!   none (`startswith`, `indexof`, the hashes, the bit functions…); the functions over values
+//!   of any type live in `value_functions`, the time functions in `time`, and
+//!   `get_mqtt_property` / `get_user_properties` are rewritten by the dialect.
 //! - [`Function::Renamed`]: the same function under DataFusion's name (`rand` → `random`).
 //! - [`Function::External`]: calls another AWS service, which a gateway does not do; refused.
 //! - [`Function::NotYet`]: an IoT function this engine cannot compute with IoT Core's meaning
-//!   yet (those needing objects, Undefined apart from Null, MQTT 5 properties, IoT's casts);
-//!   refused with the reason.
+//!   yet (`get_or_default`, and values not known at the edge such as `accountid()`); refused
+//!   with the reason.
 //! - [`Function::Aggregate`]: sitegate's windowed aggregates (`count`, `sum`, …, `first`,
 //!   `last`) and the window specs (`TUMBLE`, `HOP`), which IoT Core does not have.
 //!

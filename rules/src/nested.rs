@@ -57,8 +57,8 @@ pub(crate) struct Query {
 /// The `iot_nested(…)` call for a subquery of the statement, or why it is refused.
 pub(crate) fn lower(query: &SqlQuery) -> Result<String, String> {
     let (from, _) = compile(query)?;
-    let text = query.to_string().replace('\'', "''");
-    Ok(format!("{NESTED_UDF}({from}, '{text}')"))
+    let text = crate::dialect::text_literal(&query.to_string());
+    Ok(format!("{NESTED_UDF}({from}, {text})"))
 }
 
 /// The inner query's text (what [`lower`] wrote) compiled again, when the UDF runs.

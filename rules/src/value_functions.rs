@@ -178,6 +178,13 @@ impl ScalarUDFImpl for ValueUdf {
         Ok(Arc::new(match self.which {
             // Never Undefined: the page's tables give true or false for every type.
             Which::IsNull | Which::IsUndefined => Field::new(self.name(), DataType::Boolean, false),
+            Which::Case | Which::CaseWhen => {
+                let kinds: Vec<Kind> = args.arg_fields.iter().map(|f| Kind::of(f)).collect();
+                match case_result_type(self.which == Which::Case, &kinds) {
+                    Some(t) => Field::new(self.name(), t, true),
+                    None => json_field(self.name()),
+                }
+            }
             _ => json_field(self.name()),
         }))
     }
@@ -323,7 +330,12 @@ impl ScalarUDFImpl for ValueUdf {
                     }
                     has_else.then(|| at(columns.len() - 1, i)).flatten()
                 });
-                json_column(picked)
+                match args.return_field.data_type() {
+                    DataType::Utf8 if Kind::of(&args.return_field) == Kind::Json => {
+                        json_column(picked)
+                    }
+                    t => typed_column(picked, t),
+                }
             }
             Which::Array | Which::Object => {
                 let columns = every_value()?;
@@ -354,6 +366,45 @@ impl ScalarUDFImpl for ValueUdf {
         } else {
             Ok(ColumnarValue::Array(out))
         }
+    }
+}
+
+/// The Arrow type of a `CASE` whose every result has one IoT type (`THEN 1 ELSE 0`): a typed
+/// column, which the aggregates take (`sum(CASE … END)`); `None` when the results' types
+/// differ, and the column holds JSON values.
+fn case_result_type(simple: bool, kinds: &[Kind]) -> Option<DataType> {
+    let first = usize::from(simple);
+    let rest = kinds.get(first..)?;
+    let mut results = rest.iter().skip(1).step_by(2).copied().collect::<Vec<_>>();
+    if rest.len() % 2 == 1 {
+        // The ELSE.
+        results.extend(rest.last());
+    }
+    let kind = *results.first()?;
+    if !results.iter().all(|k| *k == kind) {
+        return None;
+    }
+    Some(match kind {
+        Kind::Int => DataType::Int64,
+        Kind::Decimal => DataType::Float64,
+        Kind::String => DataType::Utf8,
+        Kind::Boolean => DataType::Boolean,
+        _ => return None,
+    })
+}
+
+/// JSON values (each of the type `t` stands for) as a typed column.
+fn typed_column<'a>(values: impl Iterator<Item = Option<&'a Value>>, t: &DataType) -> ArrayRef {
+    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
+    match t {
+        DataType::Int64 => Arc::new(values.map(|v| v?.as_i64()).collect::<Int64Array>()),
+        DataType::Float64 => Arc::new(values.map(|v| v?.as_f64()).collect::<Float64Array>()),
+        DataType::Boolean => Arc::new(values.map(|v| v?.as_bool()).collect::<BooleanArray>()),
+        _ => Arc::new(
+            values
+                .map(|v| v?.as_str().map(str::to_string))
+                .collect::<StringArray>(),
+        ),
     }
 }
 
