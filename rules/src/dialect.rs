@@ -871,6 +871,7 @@ const METADATA_FUNCTIONS: &[&str] = &[
     "timestamp",
     "newuuid",
     "thing_name",
+    "sql_version",
 ];
 
 impl Rewrite {
@@ -1181,6 +1182,8 @@ impl Rewrite {
                     "clientid" | "thing_name" => vec![ident(THING)],
                     "principal" => vec![ident(CERT_ID)],
                     "timestamp" => vec![ident(RECEIVED_AT)],
+                    // The version whose semantics sitegate implements (iot-sql-functions).
+                    "sql_version" => vec![Token::SingleQuotedString("2016-03-23".into())],
                     _ => vec![ident("uuid"), Token::LParen, Token::RParen],
                 };
                 (r, arg.unwrap_or(open))
