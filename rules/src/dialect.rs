@@ -637,11 +637,30 @@ pub(crate) fn text_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// `sum(x)`, `avg(x)`, `min(x)`, `max(x)` with one plain argument, not yet wrapped: their
+/// argument is taken by [`crate::value_functions::AGGREGATE_ARG_UDF`].
+fn aggregate_over_values(f: &datafusion::sql::sqlparser::ast::Function) -> bool {
+    use datafusion::sql::sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
+    let name = f.name.to_string().to_ascii_lowercase();
+    let FunctionArguments::List(l) = &f.args else {
+        return false;
+    };
+    ["sum", "avg", "min", "max"].contains(&name.as_str())
+        && f.filter.is_none()
+        && f.over.is_none()
+        && l.duplicate_treatment.is_none()
+        && l.clauses.is_empty()
+        && matches!(l.args.as_slice(), [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))]
+            if !x.to_string().starts_with(crate::value_functions::AGGREGATE_ARG_UDF))
+}
+
 /// The IoT form of `e` as the text of a call, when it has one (the arms of
 /// [`lower_operators`] other than the operators), or why `e` is refused.
 fn iot_form(e: &datafusion::sql::sqlparser::ast::Expr) -> Option<Result<String, String>> {
     use crate::operators::Operator;
-    use crate::value_functions::{ARRAY_UDF, CASE_UDF, CASE_WHEN_UDF, NULL_UDF, OBJECT_UDF};
+    use crate::value_functions::{
+        AGGREGATE_ARG_UDF, ARRAY_UDF, CASE_UDF, CASE_WHEN_UDF, NULL_UDF, OBJECT_UDF,
+    };
     use datafusion::sql::sqlparser::ast::{
         AccessExpr, Expr, FunctionArguments, Subscript, Value as SqlValue,
     };
@@ -659,6 +678,16 @@ fn iot_form(e: &datafusion::sql::sqlparser::ast::Expr) -> Option<Result<String, 
             _ => Err("get_user_properties() takes one key".into()),
         },
         Expr::Subquery(query) => crate::nested::lower(query),
+        Expr::Function(f) if aggregate_over_values(f) => {
+            let FunctionArguments::List(l) = &f.args else {
+                return None;
+            };
+            let name = f.name.to_string().to_ascii_lowercase();
+            Ok(format!(
+                "{}({AGGREGATE_ARG_UDF}({}, '{name}'))",
+                f.name, l.args[0]
+            ))
+        }
         Expr::CompoundFieldAccess { root, access_chain } => {
             let mut call = root.to_string();
             for access in access_chain.iter() {

@@ -33,6 +33,13 @@ pub(crate) const NULL_UDF: &str = "iot_null";
 /// The UDFs the two forms of `CASE` are lowered to.
 pub(crate) const CASE_UDF: &str = "iot_case";
 pub(crate) const CASE_WHEN_UDF: &str = "iot_case_when";
+/// What the dialect wraps a window aggregate's argument in (`sum(iot_aggregate_arg(x, 'sum'))`).
+/// A field whose values have several types is held as JSON text, which `sum` cannot add and
+/// `max` would compare as text: its values are taken as Decimals (numbers, and strings that
+/// read as numbers, as IoT SQL's arithmetic converts them; any other value is Undefined, which
+/// aggregates skip). So are Strings for `sum` and `avg`; `min` and `max` of Strings compare
+/// them as text. A typed column is passed as it is.
+pub(crate) const AGGREGATE_ARG_UDF: &str = "iot_aggregate_arg";
 /// The UDFs Array and Object literals are lowered to.
 pub(crate) const ARRAY_UDF: &str = "iot_array";
 pub(crate) const OBJECT_UDF: &str = "iot_object";
@@ -58,6 +65,8 @@ enum Which {
     Transform,
     /// A nested query: `iot_nested(field, 'inner query')` ([`crate::nested`]).
     Nested,
+    /// The argument of a window's `sum`, `avg`, `min`, `max` ([`AGGREGATE_ARG_UDF`]).
+    AggregateArg,
     /// `CASE v WHEN t THEN r … [ELSE e] END`: `iot_case(v, t, r, …[, e])`.
     Case,
     /// `CASE WHEN c THEN r … [ELSE e] END`: `iot_case_when(c, r, …[, e])`.
@@ -69,7 +78,8 @@ enum Which {
 }
 
 impl Which {
-    const ALL: [Which; 12] = [
+    const ALL: [Which; 13] = [
+        Which::AggregateArg,
         Which::Nested,
         Which::Transform,
         Which::Array,
@@ -94,6 +104,7 @@ impl Which {
             Which::Decode => "iot_decode",
             Which::Transform => "iot_transform",
             Which::Nested => crate::nested::NESTED_UDF,
+            Which::AggregateArg => AGGREGATE_ARG_UDF,
             Which::Case => CASE_UDF,
             Which::CaseWhen => CASE_WHEN_UDF,
             Which::Array => ARRAY_UDF,
@@ -106,6 +117,7 @@ impl Which {
         match self {
             Which::Null => Some(0),
             Which::IsNull | Which::IsUndefined => Some(1),
+            Which::AggregateArg => Some(2),
             Which::Nanvl | Which::Get | Which::Decode | Which::Nested => Some(2),
             Which::Transform => Some(3),
             Which::Case | Which::CaseWhen | Which::Array | Which::Object => None,
@@ -178,6 +190,19 @@ impl ScalarUDFImpl for ValueUdf {
         Ok(Arc::new(match self.which {
             // Never Undefined: the page's tables give true or false for every type.
             Which::IsNull | Which::IsUndefined => Field::new(self.name(), DataType::Boolean, false),
+            Which::AggregateArg => {
+                let adds = matches!(
+                    args.scalar_arguments.get(1).copied().flatten(),
+                    Some(ScalarValue::Utf8(Some(f))) if f == "sum" || f == "avg"
+                );
+                match args.arg_fields.first() {
+                    Some(f) if as_decimals(Kind::of(f), adds) => {
+                        Field::new(self.name(), DataType::Float64, true)
+                    }
+                    Some(f) => f.as_ref().clone().with_name(self.name()),
+                    None => Field::new(self.name(), DataType::Float64, true),
+                }
+            }
             Which::Case | Which::CaseWhen => {
                 let kinds: Vec<Kind> = args.arg_fields.iter().map(|f| Kind::of(f)).collect();
                 match case_result_type(self.which == Which::Case, &kinds) {
@@ -281,6 +306,10 @@ impl ScalarUDFImpl for ValueUdf {
                     .collect();
                 json_column(items.iter().map(Option::as_ref))
             }
+            Which::AggregateArg if args.return_field.data_type() == arrays[0].data_type() => {
+                return Ok(args.args[0].clone())
+            }
+            Which::AggregateArg => Arc::new(crate::values::decimals(&arrays[0], kinds[0])?),
             Which::Nested => {
                 let query = match &args.args[1] {
                     ColumnarValue::Scalar(ScalarValue::Utf8(Some(text))) => {
@@ -367,6 +396,12 @@ impl ScalarUDFImpl for ValueUdf {
             Ok(ColumnarValue::Array(out))
         }
     }
+}
+
+/// Whether an aggregate's argument of this kind is taken as Decimals ([`AGGREGATE_ARG_UDF`]);
+/// `adds`: the aggregate is `sum` or `avg`.
+fn as_decimals(kind: Kind, adds: bool) -> bool {
+    kind == Kind::Json || (adds && kind == Kind::String)
 }
 
 /// The Arrow type of a `CASE` whose every result has one IoT type (`THEN 1 ELSE 0`): a typed
