@@ -3,21 +3,23 @@
 //! Rule files (`*.sql`, one rule each, named by the file stem) hold `INSERT INTO <sink> SELECT …
 //! FROM '<topic filter>' …` statements in IoT Core's dialect, plus tumbling and hopping windows.
 //! Messages arrive in micro-batches, become one Arrow `RecordBatch` per statement, and run
-//! through a physical plan made once per input schema. Output rows are JSON objects for sinks,
-//! carrying the identity of the device they came from. This crate never depends on the gateway.
+//! through a physical plan made once per input schema. Output rows are JSON objects for sinks
+//! (any JSON value for `SELECT VALUE`, a binary payload's bytes for `SELECT *`), carrying the
+//! identity of the device they came from. This crate never depends on the gateway.
 //!
 //! Layout:
 //! - `dialect`: IoT SQL to DataFusion SQL, topic filters, metadata functions, windows, errors
 //!   with file, line and column.
-//! - `batch`: JSON payloads to Arrow batches (flattening, type inference, declared types) and
-//!   result rows back to JSON.
+//! - `batch`: payloads to Arrow batches (flattening, type inference, declared types, binary
+//!   payloads, MQTT 5 properties) and result rows back to JSON.
 //! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
 //! - `functions`: the IoT SQL function list and what each is here (DataFusion's, a UDF with
 //!   IoT Core's semantics, or refused with the reason), and `cast`.
 //! - `time`: `parse_time()` (Joda-Time patterns formatted in a time zone) and
 //!   `time_to_epoch()` (JDK patterns read back to Unix milliseconds).
 //! - `value_functions`: the functions whose arguments or results may be of any IoT type
-//!   (`isNull`, `isUndefined`, `nanvl`, `get`, `decode`) and the `NULL` literal.
+//!   (`isNull`, `isUndefined`, `nanvl`, `get`, `decode`, `transform`), and what the dialect
+//!   lowers `NULL`, `CASE`, Array/Object literals and window aggregates' arguments to.
 //! - `nested`: nested object queries `(SELECT … FROM field)`, compiled at load and run on each
 //!   message's field.
 //! - `operators`: IoT Core's operator tables as the UDFs every operator is lowered to.

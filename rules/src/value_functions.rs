@@ -1,10 +1,13 @@
 //! The IoT SQL functions whose arguments or results may be any IoT type, Null, Arrays and
-//! Objects included (iot-sql-functions, SQL version 2016-03-23): `isNull`, `isUndefined`,
-//! `nanvl`, `get`, `decode`, `transform`; the `NULL` literal, which the dialect lowers to `iot_null()` so
-//! that it stays a Null value instead of becoming an Arrow null (Undefined); and `CASE`
-//! (iot-sql-case), lowered to `iot_case` / `iot_case_when` so that its branches keep their own
-//! types instead of being coerced to one; Array and Object literals (`[1, 2]`, `{"a": 1}`,
-//! iot-sql-literals), lowered to `iot_array` / `iot_object`.
+//! Objects included (iot-sql-functions, SQL version 2016-03-23), as DataFusion UDFs:
+//! - `isNull`, `isUndefined`, `nanvl`, `get`, `decode`, `transform`;
+//! - the `NULL` literal, lowered to `iot_null()` so that it stays a Null value instead of
+//!   becoming an Arrow null (Undefined);
+//! - `CASE` (iot-sql-case), lowered to `iot_case` / `iot_case_when` so that its branches keep
+//!   their own types instead of being coerced to one;
+//! - Array and Object literals (`[1, 2]`, `{"a": 1}`), lowered to `iot_array` / `iot_object`;
+//! - nested queries, `iot_nested` ([`crate::nested`] compiles and runs them);
+//! - the argument of a window's `sum`/`avg`/`min`/`max` ([`AGGREGATE_ARG_UDF`]).
 //!
 //! Arguments are read by their IoT kind ([`Kind::of`] on the argument's field), converted once
 //! per batch into JSON values ([`values_of`]), and any-type results go out as a JSON column
