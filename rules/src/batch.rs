@@ -750,16 +750,15 @@ impl Decoder {
         if self.properties_column {
             // Every message has the column, an empty object when it came without properties,
             // so that a property not sent is Undefined rather than the whole column missing.
-            let none = Properties::default().json();
-            let values: Vec<Value> = picked()
-                .map(|m| {
-                    m.properties
-                        .as_ref()
-                        .map_or_else(|| none.clone(), |p| p.json())
+            let none = Properties::default().json().to_string();
+            let texts: StringArray = picked()
+                .map(|m| match &m.properties {
+                    Some(p) => Some(p.json().to_string()),
+                    None => Some(none.clone()),
                 })
                 .collect();
             fields.push(crate::values::json_field(MQTT));
-            arrays.push(crate::values::json_column(values.iter().map(Some)));
+            arrays.push(Arc::new(texts));
         }
         if self.payload_column {
             fields.push(Field::new(PAYLOAD, DataType::Binary, false));
@@ -901,7 +900,7 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                     "__sg_thing" => row.thing = text(),
                     "__sg_cert_id" => row.cert_id = text(),
                     "__sg_topic" => row.topic = text(),
-                    crate::dialect::VALUE_COLUMN => row.value = Some(value.clone()),
+                    crate::dialect::VALUE_COLUMN => row.value = Some(value),
                     "__sg_received_at" => {
                         row.received_at_ms = value.as_ref().and_then(Value::as_i64)
                     }

@@ -1160,33 +1160,30 @@ impl Rewrite {
             Token::Word(w) if w.quote_style == Some('"') => Some(w.value.clone()),
             _ => None,
         });
-        let close = arg.and_then(|a| next_sig(body, a + 1));
-        let (Some(name), Some(close)) = (name, close) else {
+        let close = arg
+            .and_then(|a| next_sig(body, a + 1))
+            .filter(|&c| body[c].token == Token::RParen);
+        let valid = name
+            .as_deref()
+            .filter(|n| MQTT_PROPERTIES.contains(n))
+            .zip(close);
+        let Some((property, close)) = valid else {
+            let shown = name.as_ref().map(|n| format!("{n:?}")).unwrap_or_default();
             return Err(err(
                 file,
                 Some(&body[i]),
                 format!(
-                    "get_mqtt_property() takes one of {}",
+                    "get_mqtt_property({shown}): the property is one of {}",
                     MQTT_PROPERTIES.join(", ")
                 ),
             ));
         };
-        if !MQTT_PROPERTIES.contains(&name.as_str()) || body[close].token != Token::RParen {
-            return Err(err(
-                file,
-                Some(&body[i]),
-                format!(
-                    "get_mqtt_property({name:?}): the property is one of {}",
-                    MQTT_PROPERTIES.join(", ")
-                ),
-            ));
-        }
         self.out.extend([
             ident("iot_get"),
             Token::LParen,
             ident(MQTT),
             Token::Comma,
-            Token::SingleQuotedString(name),
+            Token::SingleQuotedString(property.to_string()),
             Token::RParen,
         ]);
         Ok(close + 1)
