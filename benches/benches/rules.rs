@@ -42,6 +42,7 @@ fn telemetry(extra: impl Fn(i64) -> String) -> Vec<Arc<Message>> {
                 payload: Bytes::from(payload),
                 received_at_ms: 1_700_000_000_000 + n,
                 properties: None,
+source_ip: None,
             })
         })
         .collect()

@@ -2,8 +2,17 @@
 //!
 //! Parsed once when the sink is configured; rendering a record is then a walk over parts with
 //! no parsing. Known names: `thing_name`, `cert_id`, `topic`, `topic(n)` (1-based level),
-//! `site`, `rule`, `record_id`; any other name is looked up as a top-level column of the
-//! record's JSON payload (empty when absent).
+//! `site`, `rule`, `record_id`; any other name, or a dotted path (`coords.lat`), is looked up
+//! in the record's JSON payload (empty when absent).
+//!
+//! AWS IoT's substitution templates (the `iot-substitution-templates` page) are read too, so a
+//! template copied from a cloud rule action works unchanged where its value is known here:
+//! `${topic()}`, `${topic(n)}`, `${clientid()}` (the thing name: a device's client id must be
+//! its thing name), `${principal()}` (the certificate id) and `${timestamp()}` (when the
+//! gateway received the message, which stays the same when a record is resent after an
+//! outage). Any other expression is refused with its text. One difference remains: IoT Core
+//! evaluates a field name against the original message, sitegate against the rule's output
+//! row, so a field the rule does not select renders empty.
 
 use serde_json::Value;
 
@@ -26,7 +35,9 @@ enum Part {
     Site,
     Rule,
     RecordId,
-    Column(String),
+    ReceivedAt,
+    /// A path of keys into the payload object (`a.b` is `["a", "b"]`).
+    Column(Vec<String>),
 }
 
 impl Template {
@@ -62,8 +73,16 @@ impl Template {
             "site" => Part::Site,
             "rule" => Part::Rule,
             "record_id" => Part::RecordId,
+            // AWS IoT's forms (see the module docs).
+            "topic()" => Part::Topic,
+            "clientid()" | "thing_name()" => Part::ThingName,
+            "principal()" => Part::CertId,
+            "timestamp()" => Part::ReceivedAt,
             "" => return Err(format!("template {source:?}: empty `${{}}`")),
             _ => {
+                let key = |k: &str| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                };
                 if let Some(level) = name
                     .strip_prefix("topic(")
                     .and_then(|r| r.strip_suffix(')'))
@@ -75,8 +94,14 @@ impl Template {
                         return Err(format!("template {source:?}: topic levels count from 1"));
                     }
                     Part::TopicLevel(n)
-                } else if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    Part::Column(name.to_string())
+                } else if name.split('.').all(key) {
+                    Part::Column(name.split('.').map(str::to_string).collect())
+                } else if name.contains('(') {
+                    return Err(format!(
+                        "template {source:?}: `${{{name}}}` is not evaluated at the edge; a \
+                         template may use topic(), topic(n), clientid(), principal(), \
+                         timestamp() and field names"
+                    ));
                 } else {
                     return Err(format!("template {source:?}: unknown variable `{name}`"));
                 }
@@ -117,11 +142,14 @@ impl Template {
                 Part::Site => out.push_str(site),
                 Part::Rule => out.push_str(&record.rule),
                 Part::RecordId => out.push_str(&record.id.to_string()),
-                Part::Column(name) => match payload.and_then(|p| p.get(name)) {
-                    Some(Value::String(s)) => out.push_str(s),
-                    Some(Value::Null) | None => {}
-                    Some(other) => out.push_str(&other.to_string()),
-                },
+                Part::ReceivedAt => out.push_str(&record.received_at_ms.to_string()),
+                Part::Column(path) => {
+                    match payload.and_then(|p| path.iter().try_fold(p, |v, key| v.get(key))) {
+                        Some(Value::String(s)) => out.push_str(s),
+                        Some(Value::Null) | None => {}
+                        Some(other) => out.push_str(&other.to_string()),
+                    }
+                }
             }
         }
         out
@@ -157,6 +185,30 @@ mod tests {
             t.render(&rec, "plant-7", payload.as_ref()),
             "sitegate/plant-7/freezer-4/temp/B"
         );
+    }
+
+    /// iot-substitution-templates: the page's `${topic()}/republish`, and the other IoT forms
+    /// whose value a record carries.
+    #[test]
+    fn aws_iot_forms_render_from_the_record() {
+        let rec = sample(1, "freezer-4", r#"{"coords":{"latitude":47.6},"t":-18}"#);
+        let payload = rec.payload_json();
+        let t = Template::parse("${topic()}/republish").unwrap();
+        assert_eq!(
+            t.render(&rec, "s", None),
+            format!("{}/republish", rec.topic)
+        );
+        let t = Template::parse(
+            "${clientid()}|${principal()}|${timestamp()}|${coords.latitude}|${coords.nope}",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&rec, "s", payload.as_ref()),
+            format!("freezer-4|{}|{}|47.6|", rec.cert_id, rec.received_at_ms)
+        );
+        let err = Template::parse("${get_thing_shadow('x')}").unwrap_err();
+        assert!(err.contains("not evaluated at the edge"), "{err}");
+        assert!(Template::parse("${a..b}").is_err());
     }
 
     #[test]

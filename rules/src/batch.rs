@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::dialect::{
-    ColumnType, StatementSpec, CERT_ID, MQTT, PAYLOAD, RECEIVED_AT, THING, TOPIC,
+    ColumnType, StatementSpec, CERT_ID, MQTT, PAYLOAD, RECEIVED_AT, SOURCE_IP, THING, TOPIC,
 };
 use crate::values::decimal_text;
 
@@ -40,6 +40,8 @@ pub struct Message {
     /// The MQTT 5 properties it was published with, if any (`get_mqtt_property`,
     /// `get_user_properties`).
     pub properties: Option<Arc<Properties>>,
+    /// The IP address the device connected from, without the port (`sourceip()`).
+    pub source_ip: Option<Arc<str>>,
 }
 
 /// A publish's MQTT 5 properties a rule can read (MQTT 5 §3.3.2.3).
@@ -120,6 +122,8 @@ pub struct Decoder {
     payload_column: bool,
     /// Every row carries its MQTT 5 properties in [`MQTT`].
     properties_column: bool,
+    /// Every row carries its device's address in [`SOURCE_IP`].
+    source_ip_column: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -633,6 +637,7 @@ impl Decoder {
             binary: false,
             payload_column: false,
             properties_column: false,
+            source_ip_column: false,
         }
     }
 
@@ -642,6 +647,7 @@ impl Decoder {
         d.binary = s.takes_binary() && declared.is_empty();
         d.payload_column = s.payload_value;
         d.properties_column = s.mqtt_properties;
+        d.source_ip_column = s.source_ip;
         d
     }
 
@@ -760,6 +766,14 @@ impl Decoder {
             fields.push(crate::values::json_field(MQTT));
             arrays.push(Arc::new(texts));
         }
+        if self.source_ip_column {
+            fields.push(Field::new(SOURCE_IP, DataType::Utf8, true));
+            arrays.push(Arc::new(
+                picked()
+                    .map(|m| m.source_ip.as_deref())
+                    .collect::<StringArray>(),
+            ));
+        }
         if self.payload_column {
             fields.push(Field::new(PAYLOAD, DataType::Binary, false));
             arrays.push(Arc::new(
@@ -846,7 +860,13 @@ fn decimal(v: f64) -> Value {
 
 /// Put `value` at the dotted path `name` inside `object` (so flattened fields nest again).
 pub(crate) fn insert_path(object: &mut Map<String, Value>, name: &str, value: Value) {
-    let mut parts = name.split('.').peekable();
+    let path: Vec<&str> = name.split('.').collect();
+    insert_at(object, &path, value);
+}
+
+/// Put `value` at `path` (a dotted name's parts) inside `object`.
+fn insert_at(object: &mut Map<String, Value>, path: &[&str], value: Value) {
+    let mut parts = path.iter().copied().peekable();
     let mut current = object;
     while let Some(part) = parts.next() {
         if parts.peek().is_none() {
@@ -868,7 +888,40 @@ pub(crate) fn insert_path(object: &mut Map<String, Value>, name: &str, value: Va
 /// `__sg_*` ones carry identity. An Undefined value (an Arrow null) leaves its key out, as IoT
 /// Core does; a Null (JSON `null` in a [`JSON_COLUMN`]) goes out as `null`.
 pub fn rows(batch: &RecordBatch) -> Vec<Row> {
+    // What each column is, decided once per batch rather than once per row.
+    enum Role<'a> {
+        Raw(Option<&'a BinaryArray>),
+        Identity(&'a dyn Array, fn(&mut Row, Option<String>)),
+        ReceivedAt(&'a dyn Array),
+        Value(&'a dyn Array, bool),
+        Field(&'a dyn Array, bool, Vec<&'a str>),
+    }
     let schema = batch.schema();
+    let roles: Vec<Role> = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .filter_map(|(field, column)| {
+            let json = field.metadata().contains_key(JSON_COLUMN);
+            let column = column.as_ref();
+            Some(match field.name().as_str() {
+                RAW => Role::Raw(column.as_any().downcast_ref::<BinaryArray>()),
+                "__sg_thing" => Role::Identity(column, |r, v| r.thing = v),
+                "__sg_cert_id" => Role::Identity(column, |r, v| r.cert_id = v),
+                "__sg_topic" => Role::Identity(column, |r, v| r.topic = v),
+                "__sg_received_at" => Role::ReceivedAt(column),
+                crate::dialect::VALUE_COLUMN => Role::Value(column, json),
+                name if name.starts_with("__") => return None,
+                name => Role::Field(column, json, name.split('.').collect()),
+            })
+        })
+        .collect();
+    let value = |column: &dyn Array, json: bool, r: usize| {
+        cell(column, r).map(|v| match v {
+            Value::String(s) if json => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+            v => v,
+        })
+    };
     (0..batch.num_rows())
         .map(|r| {
             let mut row = Row {
@@ -880,34 +933,30 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                 topic: None,
                 received_at_ms: None,
             };
-            for (i, field) in schema.fields().iter().enumerate() {
-                if field.name() == RAW {
-                    let raw = batch.column(i).as_any().downcast_ref::<BinaryArray>();
-                    row.raw = raw
-                        .filter(|a| a.is_valid(r))
-                        .map(|a| Bytes::copy_from_slice(a.value(r)));
-                    continue;
-                }
-                let json = field.metadata().contains_key(JSON_COLUMN);
-                let value = cell(batch.column(i).as_ref(), r).map(|v| match v {
-                    Value::String(s) if json => {
-                        serde_json::from_str(&s).unwrap_or(Value::String(s))
+            for role in &roles {
+                match role {
+                    Role::Raw(raw) => {
+                        row.raw = raw
+                            .filter(|a| a.is_valid(r))
+                            .map(|a| Bytes::copy_from_slice(a.value(r)));
                     }
-                    v => v,
-                });
-                let text = || value.as_ref().and_then(Value::as_str).map(str::to_string);
-                match field.name().as_str() {
-                    "__sg_thing" => row.thing = text(),
-                    "__sg_cert_id" => row.cert_id = text(),
-                    "__sg_topic" => row.topic = text(),
-                    crate::dialect::VALUE_COLUMN => row.value = Some(value),
-                    "__sg_received_at" => {
-                        row.received_at_ms = value.as_ref().and_then(Value::as_i64)
+                    Role::Identity(column, set) => {
+                        let text = match column.as_any().downcast_ref::<StringArray>() {
+                            Some(a) => a.is_valid(r).then(|| a.value(r).to_string()),
+                            None => match cell(*column, r) {
+                                Some(Value::String(s)) => Some(s),
+                                _ => None,
+                            },
+                        };
+                        set(&mut row, text);
                     }
-                    name if name.starts_with("__") => {}
-                    name => {
-                        if let Some(value) = value {
-                            insert_path(&mut row.object, name, value);
+                    Role::ReceivedAt(column) => {
+                        row.received_at_ms = cell(*column, r).as_ref().and_then(Value::as_i64);
+                    }
+                    Role::Value(column, json) => row.value = Some(value(*column, *json, r)),
+                    Role::Field(column, json, path) => {
+                        if let Some(v) = value(*column, *json, r) {
+                            insert_at(&mut row.object, path, v);
                         }
                     }
                 }
@@ -931,6 +980,7 @@ mod tests {
             payload: Bytes::from(payload.to_string()),
             received_at_ms: 5,
             properties: None,
+            source_ip: None,
         }
     }
 

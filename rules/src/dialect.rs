@@ -36,6 +36,8 @@ pub const RECEIVED_AT: &str = "__received_at";
 /// The message's MQTT 5 properties as a JSON object, for `get_mqtt_property` and
 /// `get_user_properties` ([`crate::batch::Properties`]).
 pub const MQTT: &str = "__mqtt";
+/// The address the device connected from, for `sourceip()`.
+pub const SOURCE_IP: &str = "__source_ip";
 /// What `get_user_properties(key)` is called until the statement is parsed.
 const USER_PROPERTIES_CALL: &str = "iot_user_properties";
 /// The names `get_mqtt_property` takes (iot-sql-functions).
@@ -120,6 +122,8 @@ pub struct StatementSpec {
     pub payload_value: bool,
     /// It reads MQTT 5 properties: the batch carries [`MQTT`].
     pub mqtt_properties: bool,
+    /// It calls `sourceip()`: the batch carries [`SOURCE_IP`].
+    pub source_ip: bool,
     /// Line of the statement in the file.
     pub line: u64,
 }
@@ -358,6 +362,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         whole_payload: selects_star(body),
         payload_value: rewrite.payload_value,
         mqtt_properties: rewrite.mqtt_properties,
+        source_ip: rewrite.source_ip,
         line,
     })
 }
@@ -590,6 +595,20 @@ fn select_value(
     let is_value = word(&out[first])
         .is_some_and(|w| w.quote_style.is_none() && w.value.eq_ignore_ascii_case("value"));
     if !is_value {
+        return Ok(false);
+    }
+    // `SELECT value FROM`, `SELECT value, t`, `SELECT value AS v`, `SELECT value.x`,
+    // `SELECT value[0]`: a field named value (payloads often have one), since SELECT VALUE
+    // needs an expression after it (`SELECT VALUE [a, b]` has a space before its Array).
+    let touching = matches!(out.get(first + 1), Some(Token::Period | Token::LBracket));
+    let next = (first + 1..out.len()).find(|&j| !is_trivia(&out[j]));
+    let a_field = touching
+        || next.is_none_or(|j| match &out[j] {
+            Token::Comma => true,
+            Token::Word(w) => w.keyword == Keyword::FROM || w.keyword == Keyword::AS,
+            _ => false,
+        });
+    if a_field {
         return Ok(false);
     }
     let mut depth = 0;
@@ -842,6 +861,8 @@ struct Rewrite {
     payload_value: bool,
     /// `get_mqtt_property` or `get_user_properties` was called.
     mqtt_properties: bool,
+    /// `sourceip()` was called.
+    source_ip: bool,
 }
 
 /// Keywords that are SQL structure, never a payload field. Any other word (even one sqlparser
@@ -893,7 +914,18 @@ const STRUCTURAL: &[Keyword] = &[
     Keyword::DAY,
 ];
 
-const METADATA_FUNCTIONS: &[&str] = &[
+/// The units of `INTERVAL '1' MINUTE`, keywords there only.
+const TIME_UNITS: &[Keyword] = &[
+    Keyword::MILLISECOND,
+    Keyword::SECOND,
+    Keyword::MINUTE,
+    Keyword::HOUR,
+    Keyword::DAY,
+];
+
+/// The functions of a message's metadata, rewritten here into its columns (`topic()` → the
+/// topic column), never looked up in `functions`.
+pub(crate) const METADATA_FUNCTIONS: &[&str] = &[
     "topic",
     "clientid",
     "principal",
@@ -901,6 +933,7 @@ const METADATA_FUNCTIONS: &[&str] = &[
     "newuuid",
     "thing_name",
     "sql_version",
+    "sourceip",
 ];
 
 impl Rewrite {
@@ -1041,7 +1074,7 @@ impl Rewrite {
                 }
                 // Another function call: IoT Core's function of that name, or refused.
                 match crate::functions::lookup(&lower) {
-                    Some(Function::Same | Function::Aggregate) => self.out.push(t.clone()),
+                    Some(Function::Aggregate) => self.out.push(t.clone()),
                     Some(Function::Iot) => {
                         self.out.push(ident(&crate::functions::udf_name(&lower)))
                     }
@@ -1081,7 +1114,13 @@ impl Rewrite {
                 i += 1;
                 continue;
             }
-            if w.quote_style.is_some() || !STRUCTURAL.contains(&w.keyword) {
+            // A time unit is a keyword only as `INTERVAL '1' MINUTE`'s unit: elsewhere `hour`
+            // or `day` is a field, as payloads often have.
+            let unit = TIME_UNITS.contains(&w.keyword);
+            if w.quote_style.is_some()
+                || !STRUCTURAL.contains(&w.keyword)
+                || (unit && !self.after_interval_literal())
+            {
                 i = self.column(body, i, w, after_as);
                 after_as = false;
                 continue;
@@ -1091,6 +1130,15 @@ impl Rewrite {
             i += 1;
         }
         Ok(())
+    }
+
+    /// Whether the last tokens written are `INTERVAL '…'`, so a time unit comes next.
+    fn after_interval_literal(&self) -> bool {
+        let mut sig = self.out.iter().rev().filter(|t| !is_trivia(t));
+        matches!(
+            (sig.next(), sig.next()),
+            (Some(Token::SingleQuotedString(_)), Some(Token::Word(w))) if w.keyword == Keyword::INTERVAL
+        )
     }
 
     /// Whether a `*` about to be written is a function's argument (`encode(*, 'base64')`): it
@@ -1208,6 +1256,10 @@ impl Rewrite {
                     "clientid" | "thing_name" => vec![ident(THING)],
                     "principal" => vec![ident(CERT_ID)],
                     "timestamp" => vec![ident(RECEIVED_AT)],
+                    "sourceip" => {
+                        self.source_ip = true;
+                        vec![ident(SOURCE_IP)]
+                    }
                     // The version whose semantics sitegate implements (iot-sql-functions).
                     "sql_version" => vec![Token::SingleQuotedString("2016-03-23".into())],
                     _ => vec![ident("uuid"), Token::LParen, Token::RParen],

@@ -738,6 +738,7 @@ mod tests {
                     payload: format!(r#"{{"temp":{i}}}"#).into(),
                     received_at_ms: 0,
                     properties: None,
+                    source_ip: None,
                 })
             })
             .collect();

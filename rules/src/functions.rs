@@ -3,8 +3,6 @@
 //!
 //! Every call in a rule is looked up here when the rule loads ([`lookup`]); nothing reaches
 //! DataFusion under a name whose meaning there differs from IoT Core's:
-//! - [`Function::Same`]: DataFusion's function of that name gives IoT Core's result for the
-//!   values a payload field can hold here (strings, numbers, booleans).
 //! - [`Function::Iot`]: IoT Core's semantics as a UDF of this module (registered as
 //!   `iot_<name>` by [`register`]), where DataFusion's differs (`substring` is 0-based in IoT
 //!   Core, `lpad` adds spaces, `floor` returns an Int, `trim` takes any whitespace, the math
@@ -45,7 +43,6 @@ use crate::values::{self, is_int, CastTarget, Kind};
 /// What a function name is at the edge (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Function {
-    Same,
     Iot,
     Renamed(&'static str),
     External(&'static str),
@@ -64,7 +61,6 @@ pub fn lookup(name: &str) -> Option<Function> {
     }
     Some(match lower.as_str() {
         "concat" => Iot,
-        "replace" => Same,
         "rand" => Renamed("random"),
         "aws_lambda" => External("AWS Lambda"),
         "get_dynamodb" => External("Amazon DynamoDB"),
@@ -76,7 +72,7 @@ pub fn lookup(name: &str) -> Option<Function> {
         "get_or_default" => NotYet("it is not implemented yet"),
         // Rewritten by the dialect before this lookup (the message's MQTT 5 properties).
         "get_mqtt_property" | "get_user_properties" => Iot,
-        "accountid" | "sourceip" | "traceid" => NotYet("this value is not known at the edge"),
+        "accountid" | "traceid" => NotYet("this value is not known at the edge"),
         "count" | "sum" | "avg" | "min" | "max" | "first" | "last" | "tumble" | "hop" => Aggregate,
         _ => return None,
     })
@@ -551,6 +547,19 @@ static UDFS: std::sync::LazyLock<Vec<IotUdf>> = std::sync::LazyLock::new(|| {
                 ))
             })
         }),
+        IotUdf::new("replace", &[3], Text, |a| {
+            let (s, from, to) = (texts(&a[0])?, texts(&a[1])?, texts(&a[2])?);
+            Ok(Arc::new(
+                (0..s.len())
+                    .map(|i| {
+                        fn at(t: &StringArray, i: usize) -> Option<&str> {
+                            t.is_valid(i).then(|| t.value(i))
+                        }
+                        Some(at(&s, i)?.replace(at(&from, i)?, at(&to, i)?))
+                    })
+                    .collect::<StringArray>(),
+            ))
+        }),
         IotUdf::new("regexp_replace", &[3], Text, |a| {
             regexp(a, |re, s, rep| {
                 Some(RegexpOut::Text(re.replace_all(s, rep?).into_owned()))
@@ -927,7 +936,7 @@ mod tests {
             "sql_version",
             "traceid",
         ] {
-            let metadata = name == "clientid" || name == "sql_version";
+            let metadata = crate::dialect::METADATA_FUNCTIONS.contains(&name);
             assert!(metadata || lookup(name).is_some(), "{name}");
         }
         assert_eq!(lookup("date_trunc"), None);

@@ -31,7 +31,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::values::{
     booleans, decimal_text, decimals, json_field, parse_decimal, texts, values_equal, values_of,
-    Kind,
+    whole, Kind,
 };
 use serde_json::Value;
 
@@ -350,9 +350,14 @@ fn logical_or_comparison(op: Operator, l: &Operand, r: &Operand) -> Result<Boole
                 _ => {
                     // Different types: unequal, Undefined where an operand is.
                     let differ = op == Operator::NotEq;
+                    // A NullArray (a field no message had) reports its rows valid: it has no
+                    // validity buffer.
+                    let defined = |o: &Operand, i: usize| {
+                        o.kind != Kind::Undefined && o.array.is_valid(o.row(i))
+                    };
                     (0..rows(l, r))
                         .map(|i| {
-                            let valid = l.array.is_valid(l.row(i)) && r.array.is_valid(r.row(i));
+                            let valid = defined(l, i) && defined(r, i);
                             valid.then_some(differ)
                         })
                         .collect()
@@ -421,6 +426,10 @@ fn arithmetic(op: Operator, l: &Operand, r: &Operand) -> Result<ArrayRef> {
         }
         Arithmetic::Decimal => {
             let (a, b) = (decimals(&l.array, l.kind)?, decimals(&r.array, r.kind)?);
+            // SQL version 2016-03-23 processes a whole-number Decimal as an Int
+            // (iot-sql-data-types), so 7 / 2.0 divides two Ints, as it does value by value
+            // (`arithmetic_value`). A String operand converts to a Decimal and stays one.
+            let numbers = l.kind.is_number() && r.kind.is_number();
             let value = |o: &Operand, a: &Float64Array, i: usize| {
                 let i = o.row(i);
                 a.is_valid(i).then(|| a.value(i))
@@ -433,6 +442,11 @@ fn arithmetic(op: Operator, l: &Operand, r: &Operand) -> Result<ArrayRef> {
                             Operator::Add => x + y,
                             Operator::Sub => x - y,
                             Operator::Mul => x * y,
+                            Operator::Div
+                                if numbers && whole(x).is_some() && whole(y).is_some() =>
+                            {
+                                return Some(whole(x)?.checked_div(whole(y)?)? as f64);
+                            }
                             Operator::Div if y != 0.0 => x / y,
                             Operator::Mod if y != 0.0 => x % y,
                             _ => return None,

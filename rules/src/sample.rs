@@ -27,6 +27,9 @@ pub struct Sample {
     /// The MQTT 5 properties it was published with.
     #[serde(default)]
     pub properties: Option<SampleProperties>,
+    /// The address the device connected from (`sourceip()`).
+    #[serde(default)]
+    pub source_ip: Option<String>,
 }
 
 /// A sample's MQTT 5 properties.
@@ -133,6 +136,7 @@ fn message(s: &Sample, now: i64) -> Arc<Message> {
         payload,
         received_at_ms: now,
         properties: s.properties.as_ref().map(|p| Arc::new(p.to_properties())),
+        source_ip: s.source_ip.as_deref().map(Arc::from),
     })
 }
 

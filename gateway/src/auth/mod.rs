@@ -8,7 +8,8 @@
 //! Layout:
 //! - `config`: the `[auth]` section (groups, policies, statements).
 //! - `policy`: selection rules, resource patterns, [`Permissions`] per device.
-//! - `registry`: the sled-backed device registry (pending, approved, revoked).
+//! - `registry`: the sled-backed device registry (things, and each one's certificates:
+//!   pending, approved, revoked).
 
 mod config;
 pub mod policy;
@@ -18,7 +19,9 @@ use tokio::sync::watch;
 
 pub use config::{AuthConfig, DeviceGroupConfig, StatementConfig};
 pub use policy::{Operation, Permissions, PolicySet, PROVISIONING_GROUP};
-pub use registry::{DeviceRecord, DeviceState, Registry, RegistryError};
+pub use registry::{
+    CertRecord, DeviceRecord, DeviceState, Listing, Registry, RegistryError, LISTED_IN_CRL,
+};
 
 /// What a connected device currently holds.
 #[derive(Debug, Clone)]
@@ -35,6 +38,12 @@ pub enum AdminError {
     UnknownGroup(String),
     #[error("{0:?} is not a valid thing name (1-128 of letters, digits, : _ -)")]
     InvalidThing(String),
+    #[error("{0:?} is not a certificate id (64 lowercase hex digits: the SHA-256 of its DER)")]
+    InvalidCertId(String),
+    #[error("no thing has certificate {0:?}")]
+    UnknownCert(String),
+    #[error("name the thing to revoke, or a certificate with --cert")]
+    NothingNamed,
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -61,20 +70,48 @@ impl Authority {
         self.epoch.subscribe()
     }
 
-    /// Records a connecting device and returns what it may do now.
-    pub fn admit(&self, thing: &str, cert_id: &str) -> Result<Grant, RegistryError> {
-        let record = self.registry.observe(thing, cert_id)?;
-        Ok(self.grant_from(thing, Some(&record)))
+    /// Records a connecting device and returns what it may do now: what its certificate's
+    /// state allows.
+    pub fn admit(
+        &self,
+        thing: &str,
+        cert_id: &str,
+        listing: Option<Listing<'_>>,
+    ) -> Result<Grant, RegistryError> {
+        let record = self.registry.observe(thing, cert_id, listing)?;
+        Ok(self.grant_from(thing, record.cert_state(cert_id), Some(&record)))
     }
 
-    /// What `thing` may do now, read again from the registry (after an epoch change).
-    pub fn current_grant(&self, thing: &str) -> Result<Grant, RegistryError> {
+    /// Revokes the certificates seen that a revocation list now names (`listed`: issuer DN
+    /// and serial); their live sessions end at once. Returns (thing, certificate id) of each.
+    pub fn revoke_listed(
+        &self,
+        listed: &std::collections::HashSet<(String, String)>,
+    ) -> Result<Vec<(String, String)>, RegistryError> {
+        let revoked = self.registry.revoke_listed(listed)?;
+        if !revoked.is_empty() {
+            self.epoch.send_modify(|e| *e += 1);
+        }
+        Ok(revoked)
+    }
+
+    /// What `thing` connected with `cert_id` may do now, read again from the registry (after
+    /// an epoch change).
+    pub fn current_grant(&self, thing: &str, cert_id: &str) -> Result<Grant, RegistryError> {
         let record = self.registry.get(thing)?;
-        Ok(self.grant_from(thing, record.as_ref()))
+        let state = record
+            .as_ref()
+            .map_or(DeviceState::Pending, |r| r.cert_state(cert_id));
+        Ok(self.grant_from(thing, state, record.as_ref()))
     }
 
-    fn grant_from(&self, thing: &str, record: Option<&DeviceRecord>) -> Grant {
-        let state = record.map_or(DeviceState::Pending, |r| r.state);
+    /// The groups `thing` holds when approved, for `device list`.
+    pub fn groups_of(&self, record: &DeviceRecord) -> Vec<String> {
+        self.grant_from(&record.thing, record.state(), Some(record))
+            .groups
+    }
+
+    fn grant_from(&self, thing: &str, state: DeviceState, record: Option<&DeviceRecord>) -> Grant {
         match state {
             DeviceState::Revoked => Grant {
                 state,
@@ -103,26 +140,53 @@ impl Authority {
         }
     }
 
-    /// Approves `thing`, adding `groups`; live sessions pick it up at their next packet.
-    pub fn approve(&self, thing: &str, groups: &[String]) -> Result<DeviceRecord, AdminError> {
+    /// Approves `thing`'s pending certificates (or with `cert` that one, even before it is
+    /// seen), adding `groups`; live sessions pick it up at once.
+    pub fn approve(
+        &self,
+        thing: &str,
+        cert: Option<&str>,
+        groups: &[String],
+    ) -> Result<DeviceRecord, AdminError> {
         if !crate::identity::valid_thing_name(thing) {
             return Err(AdminError::InvalidThing(thing.to_owned()));
+        }
+        if let Some(c) = cert.filter(|c| !valid_cert_id(c)) {
+            return Err(AdminError::InvalidCertId(c.to_owned()));
         }
         if let Some(unknown) = groups.iter().find(|g| !self.policies.has_group(g)) {
             return Err(AdminError::UnknownGroup(unknown.clone()));
         }
-        let record = self.registry.approve(thing, groups)?;
+        let record = self.registry.approve(thing, cert, groups)?;
         self.epoch.send_modify(|e| *e += 1);
         Ok(record)
     }
 
-    /// Revokes `thing`; the caller also disconnects its live session.
-    pub fn revoke(&self, thing: &str) -> Result<DeviceRecord, AdminError> {
-        if !crate::identity::valid_thing_name(thing) {
-            return Err(AdminError::InvalidThing(thing.to_owned()));
+    /// Revokes `thing` (all its certificates), or with `cert` only that certificate (`thing`
+    /// then may be `None`: the thing holding it). A live session on a revoked certificate
+    /// ends at once (it watches the epoch); the caller also ends the thing's session.
+    pub fn revoke(
+        &self,
+        thing: Option<&str>,
+        cert: Option<&str>,
+    ) -> Result<DeviceRecord, AdminError> {
+        if let Some(c) = cert.filter(|c| !valid_cert_id(c)) {
+            return Err(AdminError::InvalidCertId(c.to_owned()));
+        }
+        let thing = match (thing, cert) {
+            (Some(t), _) => t.to_owned(),
+            (None, Some(c)) => self
+                .registry
+                .thing_of_cert(c)?
+                .map(|r| r.thing)
+                .ok_or_else(|| AdminError::UnknownCert(c.to_owned()))?,
+            (None, None) => return Err(AdminError::NothingNamed),
+        };
+        if !crate::identity::valid_thing_name(&thing) {
+            return Err(AdminError::InvalidThing(thing));
         }
         // A thing never seen may be revoked ahead of time: it is then refused at its first CONNECT.
-        let record = self.registry.revoke(thing)?;
+        let record = self.registry.revoke(&thing, cert)?;
         self.epoch.send_modify(|e| *e += 1);
         Ok(record)
     }
@@ -134,4 +198,13 @@ impl Authority {
     pub fn policies(&self) -> &PolicySet {
         &self.policies
     }
+}
+
+/// Whether `id` is a certificate id as the gateway names certificates: the SHA-256 of the DER
+/// as 64 lowercase hex digits.
+pub fn valid_cert_id(id: &str) -> bool {
+    id.len() == 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }

@@ -299,6 +299,7 @@ async fn start_fleet(
         ask(
             socket,
             AdminRequest::Approve {
+                cert: None,
                 thing: plan.thing.into(),
                 groups: vec![],
             },
@@ -348,6 +349,7 @@ async fn watch_live(
             ask(
                 socket,
                 AdminRequest::Approve {
+                    cert: None,
                     thing: "door-1".into(),
                     groups: vec!["doors".into()],
                 },

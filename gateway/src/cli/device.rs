@@ -1,4 +1,4 @@
-//! `sitegate device issue|approve|revoke|list`: device certificates and the registry.
+//! `sitegate device issue|sign|approve|revoke|list`: device certificates and the registry.
 
 use std::path::PathBuf;
 
@@ -23,22 +23,48 @@ pub(crate) enum DeviceCommand {
         #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS)]
         days: i64,
     },
-    /// Approve THING, optionally adding groups; applies to a live connection at once.
+    /// Sign a device's certificate request (made with its own key, e.g. `openssl req`): the
+    /// subject CN is the thing name; writes THING.pem into --out and prints the certificate id
+    /// to approve. The key never leaves the device.
+    Sign {
+        /// The PKCS#10 request, PEM.
+        #[arg(long)]
+        csr: PathBuf,
+        /// Directory made by `sitegate ca init`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Where THING.pem is written.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS)]
+        days: i64,
+    },
+    /// Approve THING's pending certificates (or, with --cert, that one, even before it
+    /// connects), optionally adding groups; applies to a live connection at once. A revoked
+    /// certificate is never approved again.
     Approve {
         thing: String,
+        /// One certificate id (as `device issue` prints it) instead of the pending ones.
+        #[arg(long)]
+        cert: Option<String>,
         /// Group to add (repeatable); must be defined under [auth.device_groups].
         #[arg(long = "group")]
         groups: Vec<String>,
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Revoke THING: disconnected within a second and refused from then on.
+    /// Revoke THING (every certificate of it), or with --cert one certificate: disconnected
+    /// within a second and refused from then on.
     Revoke {
-        thing: String,
+        #[arg(required_unless_present = "cert")]
+        thing: Option<String>,
+        /// One certificate id only (THING may then be left out).
+        #[arg(long)]
+        cert: Option<String>,
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// List things: state, groups, connected, certificate ids.
+    /// List things: state, groups, connected, and each certificate with its state.
     List {
         #[arg(long, short)]
         config: PathBuf,
@@ -64,12 +90,38 @@ pub(crate) fn run(command: DeviceCommand) -> Result<()> {
             outln!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
             return Ok(());
         }
+        DeviceCommand::Sign { csr, ca, out, days } => {
+            let signed = pki::sign_device_csr(&csr, &ca, &out, days)?;
+            outln!("thing:          {}", signed.thing);
+            outln!("certificate id: {}", signed.cert_id);
+            outln!("certificate:    {}", signed.cert.display());
+            outln!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
+            outln!(
+                "approve with:   sitegate device approve {} --cert {}",
+                signed.thing,
+                signed.cert_id
+            );
+            return Ok(());
+        }
         DeviceCommand::Approve {
             thing,
+            cert,
             groups,
             config,
-        } => (config, AdminRequest::Approve { thing, groups }, false),
-        DeviceCommand::Revoke { thing, config } => (config, AdminRequest::Revoke { thing }, false),
+        } => (
+            config,
+            AdminRequest::Approve {
+                thing,
+                cert,
+                groups,
+            },
+            false,
+        ),
+        DeviceCommand::Revoke {
+            thing,
+            cert,
+            config,
+        } => (config, AdminRequest::Revoke { thing, cert }, false),
         DeviceCommand::List { config, json } => (config, AdminRequest::List, json),
     };
     let config = Config::load(&config)?;

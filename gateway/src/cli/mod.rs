@@ -108,14 +108,26 @@ pub(crate) fn print_response(response: AdminResponse, json: bool) -> Result<()> 
 
 fn print_devices(devices: &[DeviceView]) -> Result<()> {
     outln!(
-        "{:<24} {:<9} {:<10} {:<28} CERTIFICATE IDS",
+        "{:<24} {:<9} {:<10} {:<28} CERTIFICATES",
         "THING",
         "STATE",
         "CONNECTED",
         "GROUPS"
     );
     for d in devices {
-        let certs: Vec<&str> = d.cert_ids.iter().map(|c| &c[..c.len().min(16)]).collect();
+        // Each certificate's id (its first 16 digits) and its own state; the reason a
+        // verifier gave, if any, after it.
+        let certs: Vec<String> = d
+            .certs
+            .iter()
+            .map(|c| {
+                let mut s = format!("{}:{}", &c.id[..c.id.len().min(16)], c.state);
+                if let Some(r) = &c.reason {
+                    s.push_str(&format!(" ({})", sitegate::escape::Escaped(r)));
+                }
+                s
+            })
+            .collect();
         outln!(
             "{:<24} {:<9} {:<10} {:<28} {}",
             d.thing,

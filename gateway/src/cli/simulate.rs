@@ -137,6 +137,7 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
 /// stopped (opened once for all of them).
 async fn approve_all(config: &Config, things: &[String], group: &str) -> Result<usize> {
     let mut requests = things.iter().map(|thing| AdminRequest::Approve {
+        cert: None,
         thing: thing.clone(),
         groups: vec![group.to_string()],
     });

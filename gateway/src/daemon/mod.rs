@@ -243,7 +243,7 @@ async fn start_sinks(
 /// Starts serving on the bound listeners: devices, the admin socket, and metrics if bound.
 fn serve(
     listeners: Listeners,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: watch::Receiver<tokio_rustls::TlsAcceptor>,
     ctx: Arc<EdgeContext>,
     admin_service: Arc<AdminService>,
     sources: crate::ops::prometheus::Sources,
@@ -341,6 +341,13 @@ impl Gateway {
         });
         crate::edge::restore_sessions(&ctx).await;
         background.push(tokio::spawn(crate::edge::expire_sessions(
+            Arc::clone(&ctx),
+            stopped.clone(),
+        )));
+        let (acceptor_tx, acceptor) = watch::channel(acceptor);
+        background.push(tokio::spawn(crate::edge::follow_crls(
+            l.clone(),
+            acceptor_tx,
             Arc::clone(&ctx),
             stopped.clone(),
         )));

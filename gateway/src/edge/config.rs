@@ -62,6 +62,12 @@ pub struct ListenerConfig {
     pub cert: PathBuf,
     /// PEM private key of `cert`.
     pub key: PathBuf,
+    /// PEM files of certificate revocation lists from the device CAs. A device certificate
+    /// listed is refused at the handshake; the files are read again when they change, and a
+    /// live connection on a certificate newly listed is cut off (its certificate revoked in
+    /// the registry). A certificate of a CA with no list here is not checked.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
     /// Largest MQTT packet accepted, as bytes or a size such as "256KiB".
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: ByteSize,
@@ -200,6 +206,7 @@ impl ListenerConfig {
             ca,
             cert,
             key,
+            crl: Vec::new(),
             max_packet_size: default_max_packet_size(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_inflight: DEFAULT_MAX_INFLIGHT,
@@ -239,6 +246,12 @@ impl ListenerConfig {
             if path.as_os_str().is_empty() {
                 return Err(Invalid::new(key, "must name a PEM file"));
             }
+        }
+        if l.crl.iter().any(|p| p.as_os_str().is_empty()) {
+            return Err(Invalid::new(
+                "listener.crl",
+                "each entry must name a PEM file",
+            ));
         }
         if l.max_packet_size.0 < 64 || l.max_packet_size.0 > MQTT_MAX_PACKET {
             return Err(Invalid::new(
@@ -285,7 +298,8 @@ impl ListenerConfig {
     pub fn acceptor(
         &self,
     ) -> Result<tokio_rustls::TlsAcceptor, crate::identity::tls::TlsSetupError> {
-        crate::identity::tls::acceptor(&self.ca, &self.cert, &self.key)
+        let crls = crate::identity::tls::load_crls(&self.crl)?;
+        crate::identity::tls::acceptor(&self.ca, &self.cert, &self.key, &crls)
     }
 
     /// The topic size limits of this listener.

@@ -132,6 +132,12 @@ operations = ["mqtt:connect", "mqtt:publish", "mqtt:subscribe"]
 resources = ["mqtt:clientId:${iot:Connection.Thing.ThingName}", "mqtt:topic:*", "mqtt:topicfilter:*"]
 "#;
 
+/// The certificate id each of the harness's things connects with (status is per certificate).
+fn cert_of(thing: &str) -> String {
+    let hex: String = thing.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{:0<64.64}", hex)
+}
+
 /// The in-memory edge. Make it inside a multi-threaded tokio runtime.
 pub struct Harness {
     ctx: Arc<EdgeContext>,
@@ -148,7 +154,7 @@ impl Harness {
         let auth: AuthConfig = toml::from_str(OPEN_AUTH)?;
         let registry = Registry::open(&db, crate::disk::DiskGuard::off())?;
         for thing in ["dev-fuzz", "dev-good", "dev-sub"] {
-            registry.approve(thing, &[])?;
+            registry.approve(thing, Some(&cert_of(thing)), &[])?;
         }
         let authority = Arc::new(Authority::new(PolicySet::compile(&auth)?, registry));
         let stats = Arc::new(Stats::default());
@@ -190,7 +196,9 @@ impl Harness {
         let (mut device, gateway) = tokio::io::duplex(1 << 16);
         let identity = Identity {
             thing: thing.to_owned(),
-            cert_id: "00".repeat(32),
+            cert_id: cert_of(thing),
+            issuer: String::new(),
+            serial: String::new(),
         };
         let peer: SocketAddr = ([127, 0, 0, 1], 1).into();
         let served = tokio::spawn(session::run(gateway, identity, peer, Arc::clone(&self.ctx)));
@@ -208,7 +216,9 @@ impl Harness {
         let (mut sub, gateway) = tokio::io::duplex(1 << 16);
         let identity = Identity {
             thing: "dev-sub".into(),
-            cert_id: "11".repeat(32),
+            cert_id: cert_of("dev-sub"),
+            issuer: String::new(),
+            serial: String::new(),
         };
         let peer: SocketAddr = ([127, 0, 0, 1], 2).into();
         let served = tokio::spawn(session::run(gateway, identity, peer, Arc::clone(&self.ctx)));

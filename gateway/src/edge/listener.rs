@@ -93,10 +93,11 @@ impl Drop for PendingPlace {
     }
 }
 
-/// Accepts device connections until `shutdown` turns true.
+/// Accepts device connections until `shutdown` turns true, each with the TLS `acceptor`
+/// holds at the time (it changes when the revocation lists do).
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: watch::Receiver<TlsAcceptor>,
     ctx: Arc<EdgeContext>,
     budget: Budget,
     mut shutdown: watch::Receiver<bool>,
@@ -130,7 +131,7 @@ pub async fn serve(
         tokio::spawn(handle(
             tcp,
             peer,
-            acceptor.clone(),
+            acceptor.borrow().clone(),
             Arc::clone(&ctx),
             budget.handshake_timeout,
             place,

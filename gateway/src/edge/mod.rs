@@ -8,6 +8,7 @@
 //! Layout:
 //! - `config`: the `[listener]` section and its defaults.
 //! - `listener`: accept loop, handshake deadline, connection budgets.
+//! - `crl`: following `[listener] crl`: the TLS rebuilt and listed certificates revoked.
 //! - `codec`: MQTT 3.1.1 / 5 framing over rumqttd's protocol codec, with the checks its parser
 //!   skips.
 //! - `session/`: one device's session from CONNECT to close, with the policy on every packet
@@ -22,6 +23,7 @@
 mod broker;
 mod codec;
 mod config;
+mod crl;
 pub mod harness;
 mod listener;
 mod marks;
@@ -32,6 +34,7 @@ mod table;
 pub use broker::{Fabric, FabricLimits, Republisher};
 pub use codec::publish_packet;
 pub use config::*;
+pub use crl::{follow_crls, CRL_CHECK_INTERVAL};
 pub use listener::{serve, Budget};
 pub use offline::OfflineQueues;
 pub use session::{expire_sessions, restore_sessions, EdgeContext, Limits, Restored};

@@ -48,6 +48,12 @@ pub enum PkiError {
     Parse(String),
     #[error("certificate has no subject CN, so it names no thing")]
     NoCommonName,
+    #[error("the CSR is not a valid PKCS#10 request: {0}")]
+    BadCsr(String),
+    #[error("the CSR's signature does not verify with its own public key: it was altered or made without the key")]
+    CsrSignature,
+    #[error("the CSR's key is {0}; sitegate signs RSA of 2048 bits or more, EC P-256 or P-384, and Ed25519")]
+    WeakKey(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -235,6 +241,114 @@ impl SiteCa {
     }
 }
 
+impl SiteCa {
+    /// Signs a device's PKCS#10 request (PEM), so its key never leaves the device: the
+    /// request's signature must verify with its own key, its subject must be one CN that is a
+    /// valid thing name, and its key RSA of at least 2048 bits, EC P-256/P-384 or Ed25519.
+    /// What the request asks for beyond its subject and key (extensions, CA rights) is not
+    /// copied: the certificate is a client certificate like [`SiteCa::issue`]'s.
+    pub fn sign_csr(&self, csr_pem: &str, days: i64) -> Result<SignedCsr, PkiError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use x509_parser::prelude::FromDer as _;
+        let der =
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+                .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let info = &csr.certification_request_info;
+        let thing = thing_of(&info.subject)?;
+        if !valid_thing_name(&thing) {
+            return Err(PkiError::InvalidThing(thing));
+        }
+        check_key(&info.subject_pki)?;
+        csr.verify_signature().map_err(|_| PkiError::CsrSignature)?;
+        let mut request =
+            rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| match e {
+                rcgen::Error::InvalidCertificationRequestSignature => PkiError::CsrSignature,
+                other => PkiError::BadCsr(other.to_string()),
+            })?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&thing);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity_for(&mut params, days, info.subject_pki.raw);
+        request.params = params;
+        let cert = request.signed_by(&self.issuer)?;
+        Ok(SignedCsr {
+            thing,
+            cert_pem: cert.pem(),
+            cert_id: cert_id(cert.der()),
+        })
+    }
+}
+
+/// A certificate made from a device's CSR.
+#[derive(Debug, Clone)]
+pub struct SignedCsr {
+    pub thing: String,
+    pub cert_pem: String,
+    pub cert_id: String,
+}
+
+/// Refuses keys too weak to stand for a device for years.
+fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), PkiError> {
+    use x509_parser::oid_registry as oid;
+    use x509_parser::public_key::PublicKey;
+    let alg = &spki.algorithm;
+    if alg.algorithm == oid::OID_SIG_ED25519 {
+        return Ok(());
+    }
+    if alg.algorithm == oid::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = alg.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        return match curve {
+            Some(c) if c == oid::OID_EC_P256 || c == oid::OID_NIST_EC_P384 => Ok(()),
+            Some(c) => Err(PkiError::WeakKey(format!("EC on curve {c}"))),
+            None => Err(PkiError::WeakKey("EC with no named curve".into())),
+        };
+    }
+    match spki.parsed() {
+        Ok(PublicKey::RSA(rsa)) => {
+            // The modulus without its leading zero bytes.
+            let bytes = rsa.modulus.iter().skip_while(|b| **b == 0).count();
+            let bits = bytes * 8;
+            if bits >= 2048 {
+                Ok(())
+            } else {
+                Err(PkiError::WeakKey(format!("RSA of {bits} bits")))
+            }
+        }
+        _ => Err(PkiError::WeakKey(format!("of type {}", alg.algorithm))),
+    }
+}
+
+/// Signs the CSR in `csr` with the CA in `ca_dir` and writes `<thing>.pem` into `out_dir`
+/// (never over an existing file).
+pub fn sign_device_csr(
+    csr: &Path,
+    ca_dir: &Path,
+    out_dir: &Path,
+    days: i64,
+) -> Result<IssuedCertificate, PkiError> {
+    let pem = fs::read_to_string(csr).map_err(io_err(csr))?;
+    let signed = SiteCa::load(ca_dir)?.sign_csr(&pem, days)?;
+    fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let path = out_dir.join(format!("{}.pem", signed.thing));
+    write_public_new(&path, signed.cert_pem.as_bytes())?;
+    Ok(IssuedCertificate {
+        thing: signed.thing,
+        cert_id: signed.cert_id,
+        cert: path,
+    })
+}
+
+/// What [`sign_device_csr`] wrote: a certificate for a key the device holds.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    pub thing: String,
+    pub cert_id: String,
+    pub cert: PathBuf,
+}
+
 /// Lowercase hex SHA-256 of a certificate's DER bytes: AWS IoT's certificate id.
 pub fn cert_id(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
@@ -247,15 +361,28 @@ pub struct Identity {
     pub thing: String,
     /// SHA-256 of the DER, lowercase hex.
     pub cert_id: String,
+    /// Issuer DN and serial (lowercase hex), which a revocation list names it by.
+    pub issuer: String,
+    pub serial: String,
 }
 
 impl Identity {
     pub fn from_der(der: &[u8]) -> Result<Identity, PkiError> {
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
-        // One CN, alone in its RDN: with two (or a CN inside a multi-valued RDN) which one names
-        // the thing depends on who reads the certificate.
-        let subject = cert.subject();
+        Ok(Identity {
+            thing: thing_of(cert.subject())?,
+            cert_id: cert_id(der),
+            issuer: cert.issuer().to_string(),
+            serial: hex::encode(cert.raw_serial()),
+        })
+    }
+}
+
+/// The thing a subject names: its one CN, alone in its RDN. With two (or a CN inside a
+/// multi-valued RDN) which one names the thing depends on who reads the certificate.
+fn thing_of(subject: &x509_parser::x509::X509Name<'_>) -> Result<String, PkiError> {
+    {
         let cns = subject.iter_common_name().count();
         if cns > 1 {
             return Err(PkiError::AmbiguousCommonName(cns));
@@ -268,16 +395,12 @@ impl Identity {
         }) {
             return Err(PkiError::AmbiguousCommonName(cns));
         }
-        let thing = subject
+        Ok(subject
             .iter_common_name()
             .next()
             .and_then(|cn| cn.as_str().ok())
             .ok_or(PkiError::NoCommonName)?
-            .to_owned();
-        Ok(Identity {
-            thing,
-            cert_id: cert_id(der),
-        })
+            .to_owned())
     }
 }
 
@@ -288,12 +411,18 @@ fn name(cn: &str) -> DistinguishedName {
 }
 
 fn set_validity(params: &mut CertificateParams, days: i64, key: &KeyPair) {
+    set_validity_for(params, days, key.public_key_raw());
+}
+
+/// Validity from now for `days`, and a serial derived from the certified `public` key and the
+/// time.
+fn set_validity_for(params: &mut CertificateParams, days: i64, public: &[u8]) {
     // A minute of slack for hubs whose clocks trail the machine that issued the certificate.
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::minutes(1);
     params.not_after = now + Duration::days(days);
     let mut seed = Sha256::new();
-    seed.update(key.public_key_raw());
+    seed.update(public);
     seed.update(now.unix_timestamp_nanos().to_le_bytes());
     let mut serial = seed.finalize()[..16].to_vec();
     serial[0] &= 0x7f; // positive INTEGER

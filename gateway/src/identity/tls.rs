@@ -1,11 +1,12 @@
 //! The listener's TLS: mutual TLS 1.2/1.3 where every client must present a certificate that
-//! chains to one of the configured site CAs and is inside its validity window.
+//! chains to one of the configured site CAs, is inside its validity window, and is not on one
+//! of the configured certificate revocation lists.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
@@ -23,9 +24,53 @@ pub enum TlsSetupError {
     Rustls(String),
 }
 
+/// Revocation lists read from PEM files (`[listener] crl`), with what they list.
+#[derive(Debug, Clone, Default)]
+pub struct Crls {
+    pub lists: Vec<CertificateRevocationListDer<'static>>,
+    /// Every certificate listed: (issuer DN, serial as lowercase hex).
+    pub revoked: std::collections::HashSet<(String, String)>,
+}
+
+/// Reads every CRL in `paths` (each file may hold several); errors name `listener.crl`.
+pub fn load_crls(paths: &[PathBuf]) -> Result<Crls, TlsSetupError> {
+    let mut crls = Crls::default();
+    for path in paths {
+        let file_err = |reason: String| TlsSetupError::File {
+            key: "crl",
+            path: path.to_owned(),
+            reason,
+        };
+        let lists: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| file_err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_err(e.to_string()))?;
+        if lists.is_empty() {
+            return Err(file_err("holds no PEM X509 CRL".into()));
+        }
+        for list in lists {
+            let (_, parsed) = x509_parser::parse_x509_crl(&list)
+                .map_err(|e| file_err(format!("not a valid CRL: {e}")))?;
+            let issuer = parsed.issuer().to_string();
+            for r in parsed.iter_revoked_certificates() {
+                crls.revoked
+                    .insert((issuer.clone(), hex::encode(r.raw_serial())));
+            }
+            crls.lists.push(list);
+        }
+    }
+    Ok(crls)
+}
+
 /// Builds the listener's acceptor from PEM files: the client CAs (`ca`), the server
-/// certificate chain (`cert`) and its private key (`key`). Errors name the `[listener]` key.
-pub fn acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
+/// certificate chain (`cert`) and its private key (`key`), and the revocation lists `crls`.
+/// Errors name the `[listener]` key.
+pub fn acceptor(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    crls: &Crls,
+) -> Result<TlsAcceptor, TlsSetupError> {
     let roots = load_roots(ca)?;
     let certs = load_certs("cert", cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsSetupError::File {
@@ -34,7 +79,17 @@ pub fn acceptor(ca: &Path, cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSe
         reason: format!("no usable private key: {e}"),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !crls.lists.is_empty() {
+        // A device's certificate only (the CAs are the operator's own), and a CA without a
+        // list here is not checked rather than every device of it refused.
+        builder = builder
+            .with_crls(crls.lists.iter().cloned())
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
     let config = ServerConfig::builder_with_provider(provider)

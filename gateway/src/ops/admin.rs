@@ -1,7 +1,8 @@
 //! The local administration endpoint: JSON lines over a Unix socket (mode 0600) in `data_dir`.
 //!
-//! One request per connection: `{"op":"approve","thing":"pump-1","groups":["pumps"]}`,
-//! `{"op":"revoke","thing":"pump-1"}`, `{"op":"list"}` or `{"op":"status"}`; one JSON line back.
+//! One request per connection: `{"op":"approve","thing":"pump-1","groups":["pumps"]}` (with
+//! `"cert"` for one certificate), `{"op":"revoke","thing":"pump-1"}` (or `"cert"`),
+//! `{"op":"list"}` or `{"op":"status"}`; one JSON line back.
 //! File permissions are the access control: only the gateway's user (and root) can connect.
 //! When no gateway is running the CLI opens the registry itself and uses the same
 //! [`AdminService`], so approving ahead of the first start works too.
@@ -16,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::auth::{Authority, DeviceState};
+use crate::auth::{Authority, CertRecord, DeviceState};
 use crate::edge::{EndReason, SessionTable};
 use crate::metrics::{Stats, StatsSnapshot};
 use crate::pipeline::RulesReport;
@@ -33,11 +34,19 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum AdminRequest {
     Approve {
         thing: String,
+        /// One certificate id (approved even before it connects); none: the pending ones.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert: Option<String>,
         #[serde(default)]
         groups: Vec<String>,
     },
     Revoke {
-        thing: String,
+        /// The thing (all its certificates); may be left out with `cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        thing: Option<String>,
+        /// One certificate id only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert: Option<String>,
     },
     List,
     Status,
@@ -54,7 +63,8 @@ pub struct DeviceView {
     pub state: DeviceState,
     /// Groups in force: configured groups whose rule matches, plus assigned ones (or `provisioning`).
     pub groups: Vec<String>,
-    pub cert_ids: Vec<String>,
+    /// Each certificate and its own state.
+    pub certs: Vec<CertRecord>,
     pub connected: bool,
     pub last_seen_ms: Option<u64>,
 }
@@ -92,21 +102,30 @@ impl AdminService {
 
     async fn try_handle(&self, request: AdminRequest) -> Result<AdminResponse, String> {
         match request {
-            AdminRequest::Approve { thing, groups } => {
+            AdminRequest::Approve {
+                thing,
+                cert,
+                groups,
+            } => {
                 self.authority
-                    .approve(&thing, &groups)
+                    .approve(&thing, cert.as_deref(), &groups)
                     .map_err(|e| e.to_string())?;
-                info!(%thing, ?groups, "device approved");
+                info!(%thing, cert = ?cert, ?groups, "device approved");
                 Ok(AdminResponse::Device {
                     device: self.view(&thing)?,
                 })
             }
-            AdminRequest::Revoke { thing } => {
-                self.authority.revoke(&thing).map_err(|e| e.to_string())?;
-                let was_connected = self.sessions.end(&thing, EndReason::Revoked);
-                info!(%thing, was_connected, "device revoked");
+            AdminRequest::Revoke { thing, cert } => {
+                let record = self
+                    .authority
+                    .revoke(thing.as_deref(), cert.as_deref())
+                    .map_err(|e| e.to_string())?;
+                // One certificate: its session, if live, ends on the epoch change by itself.
+                let was_connected =
+                    cert.is_none() && self.sessions.end(&record.thing, EndReason::Revoked);
+                info!(thing = %record.thing, cert = ?cert, was_connected, "device revoked");
                 Ok(AdminResponse::Device {
-                    device: self.view(&thing)?,
+                    device: self.view(&record.thing)?,
                 })
             }
             AdminRequest::List => {
@@ -143,15 +162,11 @@ impl AdminService {
             .get(thing)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no device named {thing:?}"))?;
-        let grant = self
-            .authority
-            .current_grant(thing)
-            .map_err(|e| e.to_string())?;
         Ok(DeviceView {
+            groups: self.authority.groups_of(&record),
+            state: record.state(),
             thing: record.thing,
-            state: record.state,
-            groups: grant.groups,
-            cert_ids: record.cert_ids,
+            certs: record.certs,
             connected: self.sessions.is_connected(thing),
             last_seen_ms: record.last_seen_ms,
         })

@@ -119,6 +119,7 @@ impl Committer {
                             payload: m.payload.clone(),
                             received_at_ms: i64::try_from(m.received_at_ms).unwrap_or(i64::MAX),
                             properties: m.properties.clone(),
+                            source_ip: Some(Arc::clone(&m.source_ip)),
                         })
                     })
                     .collect(),

@@ -54,6 +54,8 @@ pub struct Message {
     pub wanted: Wanted,
     /// Its MQTT 5 properties the rules may read, if it came with any.
     pub properties: Option<Arc<sitegate_rules::Properties>>,
+    /// The IP address the device connected from (the rules' `sourceip()`).
+    pub source_ip: Arc<str>,
 }
 
 /// Why submitted messages did not become durable; their PUBACKs are never sent.

@@ -188,6 +188,7 @@ mod tests {
             received: std::time::Instant::now(),
             wanted,
             properties: None,
+            source_ip: Arc::from("127.0.0.1"),
         }
     }
 

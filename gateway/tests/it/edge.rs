@@ -120,7 +120,8 @@ async fn pending_device_may_use_only_its_provisioning_topic() {
             let d = devices.iter().find(|d| d.thing == "door-1").unwrap();
             assert_eq!(d.state, DeviceState::Pending);
             assert_eq!(d.groups, vec!["provisioning"]);
-            assert_eq!(d.cert_ids, vec![door.cert_id.clone()]);
+            let certs: Vec<_> = d.certs.iter().map(|c| (c.id.as_str(), c.state)).collect();
+            assert_eq!(certs, vec![(door.cert_id.as_str(), DeviceState::Pending)]);
         }
         other => panic!("{other:?}"),
     }
@@ -197,7 +198,8 @@ async fn revocation_disconnects_within_a_second_and_refuses_from_then_on() {
     let revoked_at = std::time::Instant::now();
     match site
         .admin(AdminRequest::Revoke {
-            thing: "pump-1".into(),
+            thing: Some("pump-1".into()),
+            cert: None,
         })
         .await
     {
@@ -219,6 +221,328 @@ async fn revocation_disconnects_within_a_second_and_refuses_from_then_on() {
         text(&out)
     );
     assert!(text(&out).contains("Not authorized"), "{}", text(&out));
+    site.stop().await;
+}
+
+/// Status is per certificate: a second certificate for an approved thing (a copy someone had
+/// the CA sign, or a stolen device's) waits as pending; one certificate is revoked without the
+/// other, approving the thing again never brings a revoked certificate back, and revoking the
+/// certificate a live connection holds cuts that connection off.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_is_per_certificate_with_real_clients() {
+    let site = Site::start().await;
+    let pump = site.device("pump-1").await;
+    let other = pki::issue_device(
+        "pump-1",
+        &site.pki_dir(),
+        &site.dir.path().join("second"),
+        30,
+    )
+    .unwrap();
+    assert_ne!(pump.cert_id, other.cert_id);
+
+    let out = site.publish(&pump, "status/pump-1", "ok", 1, true).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = site.publish(&other, "status/pump-1", "x", 1, true).await;
+    assert!(
+        text(&out).contains("Not authorized"),
+        "a new certificate waits: {}",
+        text(&out)
+    );
+    let certs = |r: AdminResponse| match r {
+        AdminResponse::Device { device } => device
+            .certs
+            .iter()
+            .map(|c| (c.id.clone(), c.state))
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let list = match site.admin(AdminRequest::List).await {
+        AdminResponse::Devices { devices } => devices,
+        other => panic!("{other:?}"),
+    };
+    let d = list.iter().find(|d| d.thing == "pump-1").unwrap();
+    assert_eq!(d.state, DeviceState::Approved);
+    assert_eq!(
+        d.certs
+            .iter()
+            .map(|c| (c.id.clone(), c.state))
+            .collect::<Vec<_>>(),
+        vec![
+            (pump.cert_id.clone(), DeviceState::Approved),
+            (other.cert_id.clone(), DeviceState::Pending)
+        ]
+    );
+
+    // Revoked by certificate id alone; the thing's other certificate keeps working.
+    let revoked = site
+        .admin(AdminRequest::Revoke {
+            thing: None,
+            cert: Some(other.cert_id.clone()),
+        })
+        .await;
+    assert_eq!(
+        certs(revoked),
+        vec![
+            (pump.cert_id.clone(), DeviceState::Approved),
+            (other.cert_id.clone(), DeviceState::Revoked)
+        ]
+    );
+    site.approve("pump-1", &[]).await;
+    let out = site.publish(&other, "status/pump-1", "x", 1, true).await;
+    assert!(
+        !out.status.success(),
+        "re-approval reinstated a revoked certificate: {}",
+        text(&out)
+    );
+    let out = site.publish(&pump, "status/pump-1", "still", 1, true).await;
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The live connection on a certificate that is revoked is cut off.
+    let sub = site.subscribe(&pump, "cmd/pump-1/#", true, &[]);
+    site.wait_for("pump-1 to connect", |s| s.connections_open == 1)
+        .await;
+    let r = site
+        .admin(AdminRequest::Revoke {
+            thing: None,
+            cert: Some(pump.cert_id.clone()),
+        })
+        .await;
+    assert!(matches!(r, AdminResponse::Device { .. }), "{r:?}");
+    site.wait_for("the live connection to be cut off", |s| {
+        s.connections_open == 0 && s.revoked_disconnects == 1
+    })
+    .await;
+    drop(sub);
+    let bad = site
+        .admin(AdminRequest::Revoke {
+            thing: None,
+            cert: Some("ab".repeat(32)),
+        })
+        .await;
+    assert!(
+        matches!(&bad, AdminResponse::Error { message } if message.contains("no thing has certificate")),
+        "{bad:?}"
+    );
+    site.stop().await;
+}
+
+/// Keys made on the device: `openssl req` makes the key and the CSR where the device is,
+/// `sitegate device sign` signs the CSR; approved by the certificate id it prints, the device
+/// connects with the key that never left it. A CSR with a bad signature, a wildcard CN or a
+/// weak key is refused, naming why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_made_on_the_device_is_signed_from_its_csr_and_connects() {
+    use base64::Engine as _;
+    let site = Site::start().await;
+    let on_device = site.dir.path().join("on-device");
+    let signed = site.dir.path().join("signed");
+    std::fs::create_dir_all(&on_device).unwrap();
+    let request = |name: &str, cn: &str, key: &[&str]| {
+        let (k, c) = (
+            on_device.join(format!("{name}.key")),
+            on_device.join(format!("{name}.csr")),
+        );
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+            ])
+            .arg(&k)
+            .arg("-out")
+            .arg(&c)
+            .args(key)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (k, c)
+    };
+    let sign = |csr: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sitegate"))
+            .args(["device", "sign", "--csr"])
+            .arg(csr)
+            .arg("--ca")
+            .arg(site.pki_dir())
+            .arg("--out")
+            .arg(&signed)
+            .output()
+            .unwrap()
+    };
+    let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    let (key, csr) = request("sensor-9", "sensor-9", &p256);
+    let out = sign(&csr);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert_id = said
+        .lines()
+        .find_map(|l| l.strip_prefix("certificate id: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let device = pki::IssuedDevice {
+        thing: "sensor-9".into(),
+        cert_id: cert_id.clone(),
+        cert: signed.join("sensor-9.pem"),
+        key,
+    };
+    let r = site
+        .admin(AdminRequest::Approve {
+            thing: "sensor-9".into(),
+            cert: Some(cert_id),
+            groups: Vec::new(),
+        })
+        .await;
+    assert!(matches!(r, AdminResponse::Device { .. }), "{r:?}");
+    let out = site
+        .publish(&device, "status/sensor-9", "own key", 1, true)
+        .await;
+    assert!(out.status.success(), "{}", text(&out));
+    // RSA 2048 is signed too.
+    let (_, rsa) = request("pump-9", "pump-9", &["-newkey", "rsa:2048"]);
+    assert!(sign(&rsa).status.success());
+
+    let refused = |csr: &std::path::Path, why: &str| {
+        let out = sign(csr);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && err.contains(why),
+            "want {why:?}: {err}"
+        );
+    };
+    let (_, weak) = request("weak-1", "weak-1", &["-newkey", "rsa:1024"]);
+    refused(&weak, "RSA of 1024 bits");
+    let (_, wild) = request("wild", "*", &p256);
+    refused(&wild, "not a valid thing name");
+    let (_, wild) = request("wild-2", "sensor-*", &p256);
+    refused(&wild, "not a valid thing name");
+    // The good request with one bit of its signature flipped.
+    let pem = std::fs::read_to_string(&csr).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let last = der.len() - 1;
+    der[last] ^= 0x01;
+    let body = base64::engine::general_purpose::STANDARD.encode(&der);
+    let bad = on_device.join("tampered.csr");
+    std::fs::write(
+        &bad,
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"),
+    )
+    .unwrap();
+    refused(&bad, "signature does not verify");
+    refused(&on_device.join("sensor-9.key"), "not a valid PKCS#10");
+    assert!(
+        !signed.join("weak-1.pem").exists() && !signed.join("*.pem").exists(),
+        "nothing written for a refused request"
+    );
+    site.stop().await;
+}
+
+/// A CRL of the site CA listing `serials` (raw serial bytes), written to `out` as PEM.
+fn write_crl(pki: &std::path::Path, number: u64, serials: &[Vec<u8>], out: &std::path::Path) {
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca.key")).unwrap()).unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.join("ca.pem")).unwrap(), key)
+            .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::minutes(1),
+        next_update: now + time::Duration::days(1),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(s),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    // Written aside and renamed, as an operator's tooling would replace the file.
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, params.signed_by(&issuer).unwrap().pem().unwrap()).unwrap();
+    std::fs::rename(&tmp, out).unwrap();
+}
+
+fn serial_of(device: &pki::IssuedDevice) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject as _;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(&device.cert).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.raw_serial().to_vec()
+}
+
+/// `[listener] crl`: a certificate the CA's revocation list names is refused at the handshake,
+/// and when the list changes a live connection on a newly listed certificate is cut off (the
+/// registry says why); an unreadable list keeps the one in force; other devices carry on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revocation_list_is_followed_live() {
+    let site = Site::start_with(|c| {
+        let pki = c.listener.ca.parent().unwrap().to_path_buf();
+        let crl = pki.join("devices.crl");
+        write_crl(&pki, 1, &[], &crl);
+        c.listener.crl = vec![crl];
+    })
+    .await;
+    let crl = site.pki_dir().join("devices.crl");
+    let pump = site.device("pump-1").await;
+    let door = site.device("door-1").await;
+    let sub = site.subscribe(&pump, "cmd/pump-1/#", true, &[]);
+    site.wait_for("pump-1 to connect", |s| s.connections_open == 1)
+        .await;
+    let out = site.publish(&door, "status/door-1", "ok", 1, true).await;
+    assert!(out.status.success(), "{}", text(&out));
+
+    write_crl(&site.pki_dir(), 2, &[serial_of(&pump)], &crl);
+    site.wait_for("the listed certificate's connection to be cut off", |s| {
+        s.connections_open == 0 && s.revoked_disconnects == 1
+    })
+    .await;
+    drop(sub);
+    let failed = site.snapshot().handshakes_failed;
+    let out = site.publish(&pump, "status/pump-1", "again", 1, true).await;
+    assert!(
+        !out.status.success(),
+        "a listed certificate got in: {}",
+        text(&out)
+    );
+    site.wait_for("the handshake to be refused", |s| {
+        s.handshakes_failed == failed + 1
+    })
+    .await;
+    let out = site.publish(&door, "status/door-1", "still", 1, true).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let list = match site.admin(AdminRequest::List).await {
+        AdminResponse::Devices { devices } => devices,
+        other => panic!("{other:?}"),
+    };
+    let cert = &list.iter().find(|d| d.thing == "pump-1").unwrap().certs[0];
+    assert_eq!(cert.state, DeviceState::Revoked);
+    assert_eq!(cert.reason.as_deref(), Some(sitegate::auth::LISTED_IN_CRL));
+
+    // A list that no longer reads: the one read before stays in force.
+    std::fs::write(&crl, "not a CRL").unwrap();
+    tokio::time::sleep(sitegate::edge::CRL_CHECK_INTERVAL * 2).await;
+    let out = site.publish(&pump, "status/pump-1", "third", 1, true).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = site.publish(&door, "status/door-1", "fine", 1, true).await;
+    assert!(out.status.success(), "{}", text(&out));
     site.stop().await;
 }
 

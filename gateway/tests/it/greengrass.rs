@@ -183,6 +183,7 @@ async fn runs_from_the_component_configuration_with_token_exchange_credentials()
     let approved = admin::request(
         &socket,
         &AdminRequest::Approve {
+            cert: None,
             thing: "sensor-1".into(),
             groups: vec![],
         },

@@ -210,7 +210,7 @@ fn the_example_rules_check_against_the_example_config() {
 /// with (mosquitto_pub's `-D publish …`, MQTT 5 §3.3.2.3); the gateway's own marks on a
 /// publish never show, and a device cannot forge one into a rule's input.
 #[tokio::test(flavor = "multi_thread")]
-async fn rules_read_the_mqtt5_properties_a_device_published_with() {
+async fn rules_read_the_mqtt5_properties_and_the_address_a_device_published_with() {
     let site = Site::start_with(|c| {
         let root = root(c);
         std::fs::create_dir_all(root.join("rules")).unwrap();
@@ -220,8 +220,8 @@ async fn rules_read_the_mqtt5_properties_a_device_published_with() {
              get_mqtt_property('format_indicator') AS fmt, \
              get_mqtt_property('response_topic') AS rt, \
              get_mqtt_property('correlation_data') AS cd, \
-             get_user_properties('site') AS site, get_user_properties('sitegate:qos0') AS mark \
-             FROM 'dt/+/props'",
+             get_user_properties('site') AS site, get_user_properties('sitegate:qos0') AS mark, \
+             sourceip() AS ip FROM 'dt/+/props'",
         )
         .unwrap();
         c.rules.dir = Some(root.join("rules"));
@@ -274,8 +274,12 @@ async fn rules_read_the_mqtt5_properties_a_device_published_with() {
             "fmt": "UTF8_DATA",
             "rt": "reply/sensor-1",
             "cd": "cmVxLTE=",
-            "site": ["north"]
+            "site": ["north"],
+            "ip": "127.0.0.1"
         })
     );
-    assert_eq!(lines[1]["payload"], serde_json::json!({"v": 2}));
+    assert_eq!(
+        lines[1]["payload"],
+        serde_json::json!({"v": 2, "ip": "127.0.0.1"})
+    );
 }

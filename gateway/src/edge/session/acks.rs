@@ -105,6 +105,7 @@ mod tests {
             received: std::time::Instant::now(),
             wanted: Default::default(),
             properties: None,
+            source_ip: Arc::from("127.0.0.1"),
         };
         let mut messages = vec![message(read.slice(0..7)), message(read.slice(7..15))];
         detach_payloads(&mut messages);

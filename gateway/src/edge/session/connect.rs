@@ -324,6 +324,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         codec,
         thing: Arc::from(identity.thing.as_str()),
         cert_id: Arc::from(identity.cert_id.as_str()),
+        source_ip: Arc::from(peer.ip().to_canonical().to_string()),
         identity,
         grant: admitted.grant,
         will: admitted.will,
@@ -434,10 +435,17 @@ fn admit(
         warn!(%peer, thing = %Escaped(thing), "certificate CN is not a valid thing name; refused");
         return Err(ConnectReturnCode::NotAuthorized);
     }
-    let grant = ctx.authority.admit(thing, &identity.cert_id).map_err(|e| {
-        warn!(thing = %thing, error = %e, "device registry unavailable; refusing connection");
-        ConnectReturnCode::ServerUnavailable
-    })?;
+    let listing = (!identity.serial.is_empty()).then_some(crate::auth::Listing {
+        issuer: &identity.issuer,
+        serial: &identity.serial,
+    });
+    let grant = ctx
+        .authority
+        .admit(thing, &identity.cert_id, listing)
+        .map_err(|e| {
+            warn!(thing = %thing, error = %e, "device registry unavailable; refusing connection");
+            ConnectReturnCode::ServerUnavailable
+        })?;
     if grant.state == DeviceState::Revoked {
         warn!(%peer, thing = %thing, cert_id = %identity.cert_id, "revoked device refused");
         return Err(ConnectReturnCode::NotAuthorized);

@@ -146,6 +146,8 @@ struct Session {
     /// The identity as shared strings, stamped on every message handed to the pipeline.
     thing: Arc<str>,
     cert_id: Arc<str>,
+    /// The device's IP address (without the port), stamped likewise.
+    source_ip: Arc<str>,
     grant: Grant,
     epoch: watch::Receiver<u64>,
     will: Option<(LastWill, Option<LastWillProperties>)>,

@@ -398,6 +398,7 @@ impl Session {
                     received_at_ms: self.read_at.1,
                     received: self.read_at.0,
                     properties: crate::edge::marks::rule_properties(props.as_ref()),
+                    source_ip: Arc::clone(&self.source_ip),
                 });
             }
             self.to_router.push(Packet::Publish(publish, props));
@@ -794,7 +795,11 @@ impl Session {
     /// allows.
     pub(super) async fn refresh_grant(&mut self) -> Flow {
         self.epoch.borrow_and_update();
-        let grant = match self.ctx.authority.current_grant(&self.identity.thing) {
+        let grant = match self
+            .ctx
+            .authority
+            .current_grant(&self.identity.thing, &self.identity.cert_id)
+        {
             Ok(g) => g,
             Err(e) => {
                 warn!(thing = %self.identity.thing, error = %e, "cannot re-read grant; keeping the current one");

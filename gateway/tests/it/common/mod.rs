@@ -223,6 +223,7 @@ impl Site {
     pub(crate) async fn approve(&self, thing: &str, groups: &[&str]) {
         let r = self
             .admin(AdminRequest::Approve {
+                cert: None,
                 thing: thing.into(),
                 groups: groups.iter().map(|g| g.to_string()).collect(),
             })
@@ -230,10 +231,17 @@ impl Site {
         assert!(matches!(r, AdminResponse::Device { .. }), "{r:?}");
     }
 
-    /// Issues and approves a device in one go.
+    /// Issues and approves a device in one go: its certificate, by id.
     pub(crate) async fn device(&self, thing: &str) -> IssuedDevice {
         let d = self.issue(thing);
-        self.approve(thing, &[]).await;
+        let r = self
+            .admin(AdminRequest::Approve {
+                cert: Some(d.cert_id.clone()),
+                thing: thing.into(),
+                groups: Vec::new(),
+            })
+            .await;
+        assert!(matches!(r, AdminResponse::Device { .. }), "{r:?}");
         d
     }
 

@@ -1,0 +1,11 @@
+-- iot-sql-functions, sourceip(): the IP address of the device, or of the router it connects
+-- through; at the edge, the address the device's connection came from (an IPv4 address in the
+-- IPv6 socket's mapped form is given as IPv4). The page's example: sourceip() = "123.45.67.89".
+-- Where a message carries no address (a sample without "source_ip") it is Undefined.
+-- input: {"topic":"x","thing":"d","payload":{"v":1},"ts":1,"source_ip":"123.45.67.89"}
+-- input: {"topic":"x","thing":"d","payload":{"v":2},"ts":2,"source_ip":"::1"}
+-- input: {"topic":"x","thing":"d","payload":{"v":3},"ts":3}
+-- expect out: {"v":1,"ip":"123.45.67.89","local":false}
+-- expect out: {"v":2,"ip":"::1","local":true}
+-- expect out: {"v":3,"@left_out":["ip","local"]}
+INSERT INTO out SELECT v, sourceip() AS ip, sourceip() IN ('127.0.0.1', '::1') AS local FROM 'x'

@@ -1,0 +1,48 @@
+-- iot-sql-operators, / operator: divides the left operand by the right; Int / Int is an Int; a zero divisor gives Undefined; Strings that convert to Decimals are converted; any other operand gives Undefined.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":7,"r":2},"ts":1}
+-- expect out: {"n":1,"v":3}
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":8,"r":4},"ts":2}
+-- expect out: {"n":2,"v":2}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":7.5,"r":2},"ts":3}
+-- expect out: {"n":3,"v":3.75}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":7,"r":3.5},"ts":4}
+-- expect out: {"n":4,"v":2}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":1.5,"r":0.5},"ts":5}
+-- expect out: {"n":5,"v":3}
+-- row: Int | Int: iot-sql-data-types, SQL V2 processes the whole number 2.0 as an Int
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":7,"r":2.0},"ts":6}
+-- expect out: {"n":6,"v":3}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":"9","r":2},"ts":7}
+-- expect out: {"n":7,"v":4.5}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":1,"r":"4"},"ts":8}
+-- expect out: {"n":8,"v":0.25}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":9,"l":"x","r":2},"ts":9}
+-- expect out: {"n":9,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":10,"l":true,"r":1},"ts":10}
+-- expect out: {"n":10,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":11,"l":[4],"r":2},"ts":11}
+-- expect out: {"n":11,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":12,"l":4,"r":null},"ts":12}
+-- expect out: {"n":12,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":13,"l":4},"ts":13}
+-- expect out: {"n":13,"@left_out":["v"]}
+-- row: Int | Int, zero divisor
+-- input: {"topic":"x","thing":"d","payload":{"n":14,"l":4,"r":0},"ts":14}
+-- expect out: {"n":14,"@left_out":["v"]}
+INSERT INTO out SELECT n, l / r AS v FROM 'x'

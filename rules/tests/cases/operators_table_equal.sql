@@ -1,0 +1,57 @@
+-- iot-sql-operators, = operator: values of one type are compared (Int is converted to Decimal against a Decimal); an Undefined operand gives Undefined; mismatched types are not equal.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":3,"r":3},"ts":1}
+-- expect out: {"n":1,"v":true}
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":3,"r":4},"ts":2}
+-- expect out: {"n":2,"v":false}
+-- row: Decimal | Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":2.5,"r":2.5},"ts":3}
+-- expect out: {"n":3,"v":true}
+-- row: Decimal | Decimal (Int converted to Decimal)
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":2,"r":2.0},"ts":4}
+-- expect out: {"n":4,"v":true}
+-- row: Decimal | Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":2.5,"r":2.25},"ts":5}
+-- expect out: {"n":5,"v":false}
+-- row: String | String
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":"on","r":"on"},"ts":6}
+-- expect out: {"n":6,"v":true}
+-- row: String | String
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":"on","r":"ON"},"ts":7}
+-- expect out: {"n":7,"v":false}
+-- row: Array | Array
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":[1,"a"],"r":[1,"a"]},"ts":8}
+-- expect out: {"n":8,"v":true}
+-- row: Array | Array
+-- input: {"topic":"x","thing":"d","payload":{"n":9,"l":[1,2],"r":[2,1]},"ts":9}
+-- expect out: {"n":9,"v":false}
+-- row: Object | Object (key order unimportant)
+-- input: {"topic":"x","thing":"d","payload":{"n":10,"l":{"x":1,"y":[2]},"r":{"y":[2],"x":1}},"ts":10}
+-- expect out: {"n":10,"v":true}
+-- row: Object | Object
+-- input: {"topic":"x","thing":"d","payload":{"n":11,"l":{"x":1},"r":{"x":1,"y":2}},"ts":11}
+-- expect out: {"n":11,"v":false}
+-- row: Any Value | Undefined
+-- input: {"topic":"x","thing":"d","payload":{"n":12,"l":"a"},"ts":12}
+-- expect out: {"n":12,"@left_out":["v"]}
+-- row: Undefined | Any Value
+-- input: {"topic":"x","thing":"d","payload":{"n":13,"r":1},"ts":13}
+-- expect out: {"n":13,"@left_out":["v"]}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":14,"l":"5","r":5},"ts":14}
+-- expect out: {"n":14,"v":false}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":15,"l":false,"r":0},"ts":15}
+-- expect out: {"n":15,"v":false}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":16,"l":{"a":1},"r":[1]},"ts":16}
+-- expect out: {"n":16,"v":false}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":17,"l":null,"r":"null"},"ts":17}
+-- expect out: {"n":17,"v":false}
+INSERT INTO out SELECT n, l = r AS v FROM 'x'

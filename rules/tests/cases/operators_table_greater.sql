@@ -1,0 +1,42 @@
+-- iot-sql-operators, > operator: both operands are converted to Decimal and compared; an operand that does not convert gives Undefined.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":3,"r":2},"ts":1}
+-- expect out: {"n":1,"v":true}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":2,"r":2},"ts":2}
+-- expect out: {"n":2,"v":false}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":2.5,"r":3},"ts":3}
+-- expect out: {"n":3,"v":false}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":3.5,"r":3.25},"ts":4}
+-- expect out: {"n":4,"v":true}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":"10","r":9},"ts":5}
+-- expect out: {"n":5,"v":true}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":"2","r":"10"},"ts":6}
+-- expect out: {"n":6,"v":false}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":1,"r":"0.5"},"ts":7}
+-- expect out: {"n":7,"v":true}
+-- row: String/Int/Decimal, a string that is not a number
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":"abc","r":1},"ts":8}
+-- expect out: {"n":8,"@left_out":["v"]}
+-- row: Other Value | Undefined
+-- input: {"topic":"x","thing":"d","payload":{"n":9,"l":true,"r":0},"ts":9}
+-- expect out: {"n":9,"@left_out":["v"]}
+-- row: Other Value | Undefined
+-- input: {"topic":"x","thing":"d","payload":{"n":10,"l":[2],"r":1},"ts":10}
+-- expect out: {"n":10,"@left_out":["v"]}
+-- row: Other Value | Undefined
+-- input: {"topic":"x","thing":"d","payload":{"n":11,"l":null,"r":1},"ts":11}
+-- expect out: {"n":11,"@left_out":["v"]}
+-- row: Other Value | Undefined
+-- input: {"topic":"x","thing":"d","payload":{"n":12,"r":1},"ts":12}
+-- expect out: {"n":12,"@left_out":["v"]}
+INSERT INTO out SELECT n, l > r AS v FROM 'x'

@@ -1,0 +1,39 @@
+-- iot-sql-operators, * operator: multiplies the left operand by the right; Strings that convert to Decimals are converted; any other operand gives Undefined.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":6,"r":7},"ts":1}
+-- expect out: {"n":1,"v":42}
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":-3,"r":3},"ts":2}
+-- expect out: {"n":2,"v":-9}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":4,"r":0.5},"ts":3}
+-- expect out: {"n":3,"v":2}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":1.5,"r":1.5},"ts":4}
+-- expect out: {"n":4,"v":2.25}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":"4","r":2},"ts":5}
+-- expect out: {"n":5,"v":8}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":"0.5","r":"3"},"ts":6}
+-- expect out: {"n":6,"v":1.5}
+-- row: String/Int/Decimal | String/Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":2,"r":"two"},"ts":7}
+-- expect out: {"n":7,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":false,"r":2},"ts":8}
+-- expect out: {"n":8,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":9,"l":2,"r":{"a":1}},"ts":9}
+-- expect out: {"n":9,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":10,"l":2,"r":null},"ts":10}
+-- expect out: {"n":10,"@left_out":["v"]}
+-- row: Other Value | Other value
+-- input: {"topic":"x","thing":"d","payload":{"n":11,"r":2},"ts":11}
+-- expect out: {"n":11,"@left_out":["v"]}
+INSERT INTO out SELECT n, l * r AS v FROM 'x'

@@ -1,0 +1,33 @@
+-- iot-sql-operators, NOT operator: NOT of a Boolean, or of the string "true"/"false" in any case; any other operand gives Undefined.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":true},"ts":1}
+-- expect out: {"n":1,"v":false}
+-- row: Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":false},"ts":2}
+-- expect out: {"n":2,"v":true}
+-- row: String
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":"TRUE"},"ts":3}
+-- expect out: {"n":3,"v":false}
+-- row: String
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":"false"},"ts":4}
+-- expect out: {"n":4,"v":true}
+-- row: Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":"yes"},"ts":5}
+-- expect out: {"n":5,"@left_out":["v"]}
+-- row: Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":0},"ts":6}
+-- expect out: {"n":6,"@left_out":["v"]}
+-- row: Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":[false]},"ts":7}
+-- expect out: {"n":7,"@left_out":["v"]}
+-- row: Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":null},"ts":8}
+-- expect out: {"n":8,"@left_out":["v"]}
+-- row: Other Value (Undefined)
+-- input: {"topic":"x","thing":"d","payload":{"n":9},"ts":9}
+-- expect out: {"n":9,"@left_out":["v"]}
+INSERT INTO out SELECT n, NOT l AS v FROM 'x'

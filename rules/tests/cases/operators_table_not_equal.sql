@@ -1,0 +1,60 @@
+-- iot-sql-operators, <> operator: values of one type are compared (Int is converted to Decimal against a Decimal); Null <> Null is false; an Undefined operand gives Undefined; mismatched types are unequal.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":1,"r":2},"ts":1}
+-- expect out: {"n":1,"v":true}
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":4,"r":4},"ts":2}
+-- expect out: {"n":2,"v":false}
+-- row: Decimal | Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":1.5,"r":1.5},"ts":3}
+-- expect out: {"n":3,"v":false}
+-- row: Decimal | Decimal (Int converted to Decimal)
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":1,"r":1.0},"ts":4}
+-- expect out: {"n":4,"v":false}
+-- row: Decimal | Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":1.5,"r":2.5},"ts":5}
+-- expect out: {"n":5,"v":true}
+-- row: String | String
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":"a","r":"b"},"ts":6}
+-- expect out: {"n":6,"v":true}
+-- row: String | String
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":"pump","r":"pump"},"ts":7}
+-- expect out: {"n":7,"v":false}
+-- row: Array | Array
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":[1,2],"r":[2,1]},"ts":8}
+-- expect out: {"n":8,"v":true}
+-- row: Array | Array
+-- input: {"topic":"x","thing":"d","payload":{"n":9,"l":[1,2],"r":[1,2]},"ts":9}
+-- expect out: {"n":9,"v":false}
+-- row: Object | Object (key order unimportant)
+-- input: {"topic":"x","thing":"d","payload":{"n":10,"l":{"a":1,"b":2},"r":{"b":2,"a":1}},"ts":10}
+-- expect out: {"n":10,"v":false}
+-- row: Object | Object
+-- input: {"topic":"x","thing":"d","payload":{"n":11,"l":{"a":1},"r":{"a":2}},"ts":11}
+-- expect out: {"n":11,"v":true}
+-- row: Null | Null
+-- input: {"topic":"x","thing":"d","payload":{"n":12,"l":null,"r":null},"ts":12}
+-- expect out: {"n":12,"v":false}
+-- row: Any Value | Undefined
+-- input: {"topic":"x","thing":"d","payload":{"n":13,"l":1},"ts":13}
+-- expect out: {"n":13,"@left_out":["v"]}
+-- row: Undefined | Any Value
+-- input: {"topic":"x","thing":"d","payload":{"n":14,"r":"a"},"ts":14}
+-- expect out: {"n":14,"@left_out":["v"]}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":15,"l":"1","r":1},"ts":15}
+-- expect out: {"n":15,"v":true}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":16,"l":true,"r":"true"},"ts":16}
+-- expect out: {"n":16,"v":true}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":17,"l":[1],"r":1},"ts":17}
+-- expect out: {"n":17,"v":true}
+-- row: Mismatched Type | Mismatched Type
+-- input: {"topic":"x","thing":"d","payload":{"n":18,"l":null,"r":0},"ts":18}
+-- expect out: {"n":18,"v":true}
+INSERT INTO out SELECT n, l <> r AS v FROM 'x'

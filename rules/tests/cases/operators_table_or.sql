@@ -1,0 +1,39 @@
+-- iot-sql-operators, OR operator: Boolean OR Boolean; "true"/"false" strings in any case are converted; any other operand gives Undefined.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: Boolean | Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":false,"r":false},"ts":1}
+-- expect out: {"n":1,"v":false}
+-- row: Boolean | Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":false,"r":true},"ts":2}
+-- expect out: {"n":2,"v":true}
+-- row: Boolean | Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":true,"r":true},"ts":3}
+-- expect out: {"n":3,"v":true}
+-- row: String/Boolean | String/Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":"False","r":true},"ts":4}
+-- expect out: {"n":4,"v":true}
+-- row: String/Boolean | String/Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":"false","r":"FALSE"},"ts":5}
+-- expect out: {"n":5,"v":false}
+-- row: String/Boolean | String/Boolean
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":false,"r":"True"},"ts":6}
+-- expect out: {"n":6,"v":true}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":0,"r":false},"ts":7}
+-- expect out: {"n":7,"@left_out":["v"]}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":false,"r":"no"},"ts":8}
+-- expect out: {"n":8,"@left_out":["v"]}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":9,"l":{"a":true},"r":false},"ts":9}
+-- expect out: {"n":9,"@left_out":["v"]}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":10,"l":false,"r":null},"ts":10}
+-- expect out: {"n":10,"@left_out":["v"]}
+-- row: Other Value | Other Value (Undefined)
+-- input: {"topic":"x","thing":"d","payload":{"n":11,"l":false},"ts":11}
+-- expect out: {"n":11,"@left_out":["v"]}
+INSERT INTO out SELECT n, l OR r AS v FROM 'x'

@@ -1,0 +1,54 @@
+-- iot-sql-operators, + operator: a String on either side converts the other operand to a string and concatenates; Int + Int is an Int; Int/Decimal operands give a Decimal; any other pair gives Undefined.
+-- One input per row of the page's table for this operator, in the table's order; the
+-- comment above each input names the row. `l` and `r` are the operands; a missing key is
+-- Undefined. Run one message at a time and in one batch, so each operand field is typed in
+-- one run and mixed in the other.
+-- row: String | Any Value
+-- input: {"topic":"x","thing":"d","payload":{"n":1,"l":"a","r":1},"ts":1}
+-- expect out: {"n":1,"v":"a1"}
+-- row: String | Any Value
+-- input: {"topic":"x","thing":"d","payload":{"n":2,"l":"t=","r":2.5},"ts":2}
+-- expect out: {"n":2,"v":"t=2.5"}
+-- row: String | Any Value
+-- input: {"topic":"x","thing":"d","payload":{"n":3,"l":"on:","r":true},"ts":3}
+-- expect out: {"n":3,"v":"on:true"}
+-- row: String | Any Value
+-- input: {"topic":"x","thing":"d","payload":{"n":4,"l":"ab","r":"cd"},"ts":4}
+-- expect out: {"n":4,"v":"abcd"}
+-- row: Any Value | String
+-- input: {"topic":"x","thing":"d","payload":{"n":5,"l":1,"r":"a"},"ts":5}
+-- expect out: {"n":5,"v":"1a"}
+-- row: Any Value | String
+-- input: {"topic":"x","thing":"d","payload":{"n":6,"l":false,"r":"!"},"ts":6}
+-- expect out: {"n":6,"v":"false!"}
+-- row: Any Value | String
+-- input: {"topic":"x","thing":"d","payload":{"n":7,"l":0.5,"r":"x"},"ts":7}
+-- expect out: {"n":7,"v":"0.5x"}
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":8,"l":2,"r":3},"ts":8}
+-- expect out: {"n":8,"v":5}
+-- row: Int | Int
+-- input: {"topic":"x","thing":"d","payload":{"n":9,"l":-7,"r":2},"ts":9}
+-- expect out: {"n":9,"v":-5}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":10,"l":2,"r":0.5},"ts":10}
+-- expect out: {"n":10,"v":2.5}
+-- row: Int/Decimal | Int/Decimal
+-- input: {"topic":"x","thing":"d","payload":{"n":11,"l":1.25,"r":1.25},"ts":11}
+-- expect out: {"n":11,"v":2.5}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":12,"l":true,"r":1},"ts":12}
+-- expect out: {"n":12,"@left_out":["v"]}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":13,"l":[1],"r":1},"ts":13}
+-- expect out: {"n":13,"@left_out":["v"]}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":14,"l":{"a":1},"r":1},"ts":14}
+-- expect out: {"n":14,"@left_out":["v"]}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":15,"l":null,"r":1},"ts":15}
+-- expect out: {"n":15,"@left_out":["v"]}
+-- row: Other Value | Other Value
+-- input: {"topic":"x","thing":"d","payload":{"n":16,"r":1},"ts":16}
+-- expect out: {"n":16,"@left_out":["v"]}
+INSERT INTO out SELECT n, l + r AS v FROM 'x'
