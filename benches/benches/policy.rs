@@ -4,17 +4,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use sitegate::auth::{Operation, PolicySet};
+use sitegate::auth::{Facts, Operation, PolicySet};
 use sitegate_benches::fixtures::auth_with_groups;
 
 const GROUPS: usize = 50;
 
 fn policy(c: &mut Criterion) {
     let set = PolicySet::compile(&auth_with_groups(GROUPS)).expect("fixture compiles");
-    let thing = "kind7-0042";
+    let thing = Facts::named("kind7-0042");
     // Worst case for the check: the device is in all 50 groups, so every pattern is a candidate.
     let all_groups: Vec<String> = (0..GROUPS).map(|i| format!("group-{i}")).collect();
-    let grant = set.permissions(thing, &all_groups);
+    let grant = set.permissions(&thing, &all_groups);
 
     let mut g = c.benchmark_group("authorize_publish_50_groups");
     g.throughput(Throughput::Elements(1));
@@ -36,7 +36,7 @@ fn policy(c: &mut Criterion) {
     // per-connection grant would (select groups, substitute the thing name, match).
     g.bench_function("denied_other_device_evaluated_per_packet", |b| {
         b.iter(|| {
-            set.permissions(thing, &all_groups)
+            set.permissions(&thing, &all_groups)
                 .allows(Operation::Publish, black_box("dt/kind8-0001/temperature"))
         })
     });
@@ -49,8 +49,8 @@ fn policy(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("select_groups_and_build_permissions", |b| {
         b.iter(|| {
-            let groups = set.groups_matching(black_box(thing));
-            set.permissions(thing, &groups)
+            let groups = set.groups_matching(black_box(&thing));
+            set.permissions(&thing, &groups)
         })
     });
     g.finish();

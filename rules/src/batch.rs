@@ -3,7 +3,11 @@
 //! metadata columns every statement can use. Rows back to JSON objects for the sinks.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+/// Field names are looked up once per key of every payload: a fast hash, not SipHash (the
+/// names are the rule's own, not a device's).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::fmt;
 use std::sync::Arc;
 
@@ -618,7 +622,7 @@ impl Decoder {
                 }
                 acc
             });
-        let mut lookup: HashMap<String, Target> = HashMap::new();
+        let mut lookup: HashMap<String, Target> = HashMap::default();
         for (i, name) in always.iter().enumerate() {
             lookup.entry(name.clone()).or_default().column = Some(i);
             let mut end = 0;
@@ -663,7 +667,7 @@ impl Decoder {
     pub fn decode(&self, messages: &[&Message]) -> (RecordBatch, Vec<usize>, Vec<DecodeFailure>) {
         let mut b = Builder {
             decoder: self,
-            index: HashMap::new(),
+            index: HashMap::default(),
             columns: Vec::new(),
             pending: Vec::new(),
             path: String::new(),
@@ -727,22 +731,19 @@ impl Decoder {
             Field::new(RECEIVED_AT, DataType::Int64, false),
         ];
         let picked = || kept.iter().map(|&i| messages[i]);
+        // Sized up front: collecting into a StringArray grows its buffer by copying.
+        let texts = |text: fn(&Message) -> &str| -> ArrayRef {
+            let bytes = picked().map(|m| text(m).len()).sum();
+            let mut b = StringBuilder::with_capacity(rows, bytes);
+            for m in picked() {
+                b.append_value(text(m));
+            }
+            Arc::new(b.finish())
+        };
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len() + 4);
-        arrays.push(Arc::new(
-            picked()
-                .map(|m| Some(m.topic.as_str()))
-                .collect::<StringArray>(),
-        ));
-        arrays.push(Arc::new(
-            picked()
-                .map(|m| Some(m.thing.as_str()))
-                .collect::<StringArray>(),
-        ));
-        arrays.push(Arc::new(
-            picked()
-                .map(|m| Some(m.cert_id.as_str()))
-                .collect::<StringArray>(),
-        ));
+        arrays.push(texts(|m| m.topic.as_str()));
+        arrays.push(texts(|m| m.thing.as_str()));
+        arrays.push(texts(|m| m.cert_id.as_str()));
         arrays.push(Arc::new(
             picked()
                 .map(|m| Some(m.received_at_ms))

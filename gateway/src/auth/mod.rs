@@ -10,18 +10,25 @@
 //! - `policy`: selection rules, resource patterns, [`Permissions`] per device.
 //! - `registry`: the sled-backed device registry (things, and each one's certificates:
 //!   pending, approved, revoked).
+//! - `verifier`: the AWS IoT registry vouching for certificates (`[auth.registry]`).
 
 mod config;
 pub mod policy;
 mod registry;
+pub mod verifier;
 
 use tokio::sync::watch;
 
-pub use config::{AuthConfig, DeviceGroupConfig, StatementConfig};
-pub use policy::{Operation, Permissions, PolicySet, PROVISIONING_GROUP};
-pub use registry::{
-    CertRecord, DeviceRecord, DeviceState, Listing, Registry, RegistryError, LISTED_IN_CRL,
+pub use config::{
+    AuthConfig, DeviceGroupConfig, RegistryConfig, StatementConfig, DEFAULT_SYNC_INTERVAL,
+    DEFAULT_TRUST_FOR,
 };
+pub use policy::{Facts, Operation, Permissions, PolicySet, PROVISIONING_GROUP};
+pub use registry::{
+    CertRecord, Cloud, DeviceRecord, DeviceState, Listing, Registry, RegistryError, Voucher,
+    LISTED_IN_CRL,
+};
+pub use verifier::{SyncReport, Verifier};
 
 /// What a connected device currently holds.
 #[derive(Debug, Clone)]
@@ -53,6 +60,7 @@ pub struct Authority {
     policies: PolicySet,
     registry: Registry,
     epoch: watch::Sender<u64>,
+    verifier: Option<std::sync::Arc<Verifier>>,
 }
 
 impl Authority {
@@ -62,7 +70,32 @@ impl Authority {
             policies,
             registry,
             epoch,
+            verifier: None,
         }
+    }
+
+    /// The authority with a registry that vouches for undecided certificates.
+    pub fn with_verifier(mut self, verifier: std::sync::Arc<Verifier>) -> Authority {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    pub fn verifier(&self) -> Option<&std::sync::Arc<Verifier>> {
+        self.verifier.as_ref()
+    }
+
+    /// Tells live sessions to re-read their grants.
+    pub(crate) fn bump(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// The state of `cert_id` in `record`, with the registry's answers subject to their trust.
+    fn state_of(&self, record: &DeviceRecord, cert_id: &str) -> DeviceState {
+        let trust = self.verifier.as_ref().map(|v| {
+            let ms = u64::try_from(v.trust_for().as_millis()).unwrap_or(u64::MAX);
+            (crate::clock::now_ms(), ms)
+        });
+        record.cert_state_at(cert_id, trust)
     }
 
     /// A receiver that changes whenever an approval or revocation happens.
@@ -79,7 +112,7 @@ impl Authority {
         listing: Option<Listing<'_>>,
     ) -> Result<Grant, RegistryError> {
         let record = self.registry.observe(thing, cert_id, listing)?;
-        Ok(self.grant_from(thing, record.cert_state(cert_id), Some(&record)))
+        Ok(self.grant_from(thing, self.state_of(&record, cert_id), Some(&record)))
     }
 
     /// Revokes the certificates seen that a revocation list now names (`listed`: issuer DN
@@ -101,7 +134,7 @@ impl Authority {
         let record = self.registry.get(thing)?;
         let state = record
             .as_ref()
-            .map_or(DeviceState::Pending, |r| r.cert_state(cert_id));
+            .map_or(DeviceState::Pending, |r| self.state_of(r, cert_id));
         Ok(self.grant_from(thing, state, record.as_ref()))
     }
 
@@ -124,13 +157,14 @@ impl Authority {
                 permissions: self.policies.provisioning_permissions(thing),
             },
             DeviceState::Approved => {
-                let mut groups = self.policies.groups_matching(thing);
+                let facts = record.map_or_else(|| Facts::named(thing), DeviceRecord::facts);
+                let mut groups = self.policies.groups_matching(&facts);
                 for g in record.map(|r| r.groups.as_slice()).unwrap_or_default() {
                     if !groups.contains(g) && self.policies.has_group(g) {
                         groups.push(g.clone());
                     }
                 }
-                let permissions = self.policies.permissions(thing, &groups);
+                let permissions = self.policies.permissions(&facts, &groups);
                 Grant {
                     state,
                     groups,

@@ -1,9 +1,12 @@
 //! Device groups and policies in the Greengrass client-device-auth shape, compiled once.
 //!
 //! A config's groups and policies become a [`PolicySet`]. When a device connects, the policies
-//! of every group it belongs to are unioned and the thing-name variable is substituted, giving
-//! its [`Permissions`]: plain lists of patterns per operation, so the per-packet check is a hash
-//! lookup or a short pattern walk.
+//! of every group it belongs to are unioned and the policy variables are substituted from its
+//! [`Facts`] (its thing name, and what the AWS IoT registry says of it: thing type,
+//! attributes), giving its [`Permissions`]: plain lists of patterns per operation, so the
+//! per-packet check is a hash lookup or a short pattern walk. A substituted value must pass the
+//! thing-name rule; a resource whose variable has no such value grants nothing, so a value
+//! can never widen a policy.
 //!
 //! Resource patterns: `*` matches any run of characters (also across `/`), as in AWS policies.
 //! In `mqtt:topic:` and `mqtt:topicfilter:` resources a whole level `+` matches one level and a
@@ -23,6 +26,47 @@ pub const PROVISIONING_TOPIC_PREFIX: &str = "$sitegate/provisioning/";
 pub const THING_NAME_VAR: &str = "${iot:Connection.Thing.ThingName}";
 /// Same value as [`THING_NAME_VAR`], since the client id must equal the thing name.
 pub const CLIENT_ID_VAR: &str = "${iot:ClientId}";
+/// The thing's type in the AWS IoT registry.
+pub const THING_TYPE_VAR: &str = "${iot:Connection.Thing.ThingTypeName}";
+/// An attribute of the thing in the AWS IoT registry: `${iot:Connection.Thing.Attributes[KEY]}`.
+pub const ATTRIBUTE_VAR_PREFIX: &str = "${iot:Connection.Thing.Attributes[";
+
+/// What a device's groups and permissions are chosen by: its thing name, and what the AWS IoT
+/// registry says of the thing (empty when no registry vouched for it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Facts {
+    pub thing: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thing_type: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thing_groups: Vec<String>,
+}
+
+impl Facts {
+    /// A thing known by its name only.
+    pub fn named(thing: &str) -> Facts {
+        Facts {
+            thing: thing.to_owned(),
+            ..Facts::default()
+        }
+    }
+
+    /// The value of policy variable `var` (with its `${…}`), if it has one that is safe to
+    /// substitute.
+    fn value(&self, var: &str) -> Option<&str> {
+        let v = if var == THING_NAME_VAR || var == CLIENT_ID_VAR {
+            Some(self.thing.as_str())
+        } else if var == THING_TYPE_VAR {
+            self.thing_type.as_deref()
+        } else {
+            let key = var.strip_prefix(ATTRIBUTE_VAR_PREFIX)?.strip_suffix("]}")?;
+            self.attributes.get(key).map(String::as_str)
+        };
+        v.filter(|v| crate::identity::valid_thing_name(v))
+    }
+}
 
 /// The MQTT operations a policy can allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +98,20 @@ struct Statement {
     templates: [Vec<String>; 3],
 }
 
-/// A parsed `selectionRule`: `thingName: <glob>` alternatives joined by `OR`.
+/// A parsed `selectionRule`: clauses joined by `OR`, each `thingName: <glob>`, or (from the
+/// AWS IoT registry) `thingType: <glob>`, `thingGroup: <glob>`, `attribute.KEY: <glob>`.
 #[derive(Debug, Clone)]
 pub struct SelectionRule {
-    alternatives: Vec<Pattern>,
+    alternatives: Vec<(Field, Pattern)>,
+}
+
+/// What a selection clause looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Field {
+    ThingName,
+    ThingType,
+    ThingGroup,
+    Attribute(String),
 }
 
 impl SelectionRule {
@@ -65,10 +119,22 @@ impl SelectionRule {
         let mut alternatives = Vec::new();
         for clause in text.split(" OR ") {
             let clause = clause.trim();
-            let Some(pattern) = clause.strip_prefix("thingName:") else {
-                return Err(format!(
-                    "expected `thingName: <name or prefix*>` but found {clause:?} (clauses are joined by OR)"
-                ));
+            let (field, pattern) = match clause.split_once(':') {
+                Some(("thingName", p)) => (Field::ThingName, p),
+                Some(("thingType", p)) => (Field::ThingType, p),
+                Some(("thingGroup", p)) => (Field::ThingGroup, p),
+                Some((f, p)) if f.starts_with("attribute.") => {
+                    let key = &f["attribute.".len()..];
+                    if !crate::identity::valid_thing_name(key) {
+                        return Err(format!("{key:?} is not an attribute name (letters, digits, : _ -)"));
+                    }
+                    (Field::Attribute(key.to_owned()), p)
+                }
+                _ => {
+                    return Err(format!(
+                        "expected `thingName: <name or prefix*>` (or thingType:, thingGroup:, attribute.KEY:) but found {clause:?} (clauses are joined by OR)"
+                    ))
+                }
             };
             let pattern = pattern.trim();
             if pattern.is_empty()
@@ -80,13 +146,18 @@ impl SelectionRule {
                     "{pattern:?} is not a thing name pattern (letters, digits, : _ - and *)"
                 ));
             }
-            alternatives.push(Pattern::compile(pattern));
+            alternatives.push((field, Pattern::compile(pattern)));
         }
         Ok(SelectionRule { alternatives })
     }
 
-    pub fn matches(&self, thing: &str) -> bool {
-        self.alternatives.iter().any(|p| p.matches(thing))
+    pub fn matches(&self, facts: &Facts) -> bool {
+        self.alternatives.iter().any(|(field, p)| match field {
+            Field::ThingName => p.matches(&facts.thing),
+            Field::ThingType => facts.thing_type.as_deref().is_some_and(|t| p.matches(t)),
+            Field::ThingGroup => facts.thing_groups.iter().any(|g| p.matches(g)),
+            Field::Attribute(key) => facts.attributes.get(key).is_some_and(|v| p.matches(v)),
+        })
     }
 }
 
@@ -150,11 +221,11 @@ impl PolicySet {
         })
     }
 
-    /// Names of the configured groups whose selection rule matches `thing`.
-    pub fn groups_matching(&self, thing: &str) -> Vec<String> {
+    /// Names of the configured groups whose selection rule matches the device.
+    pub fn groups_matching(&self, facts: &Facts) -> Vec<String> {
         self.groups
             .iter()
-            .filter(|g| g.rule.matches(thing))
+            .filter(|g| g.rule.matches(facts))
             .map(|g| g.name.clone())
             .collect()
     }
@@ -164,8 +235,8 @@ impl PolicySet {
         name == PROVISIONING_GROUP || self.groups.iter().any(|g| g.name == name)
     }
 
-    /// The union of the named groups' policies with `thing` substituted.
-    pub fn permissions(&self, thing: &str, groups: &[String]) -> Permissions {
+    /// The union of the named groups' policies with the device's facts substituted.
+    pub fn permissions(&self, facts: &Facts, groups: &[String]) -> Permissions {
         let mut statements: Vec<&Statement> = Vec::new();
         for name in groups {
             if name == PROVISIONING_GROUP {
@@ -174,12 +245,12 @@ impl PolicySet {
                 statements.extend(self.policies[g.policy].iter());
             }
         }
-        Permissions::build(thing, statements)
+        Permissions::build(facts, statements)
     }
 
     /// What a pending device may do: connect, and publish to its own provisioning topic.
     pub fn provisioning_permissions(&self, thing: &str) -> Permissions {
-        Permissions::build(thing, self.provisioning.iter())
+        Permissions::build(&Facts::named(thing), self.provisioning.iter())
     }
 }
 
@@ -283,14 +354,34 @@ fn check_variables(resource: &str) -> Result<(), String> {
             .find('}')
             .ok_or_else(|| format!("unclosed variable in {resource:?}"))?;
         let var = &tail[..=end];
-        if var != THING_NAME_VAR && var != CLIENT_ID_VAR {
+        let attribute = var
+            .strip_prefix(ATTRIBUTE_VAR_PREFIX)
+            .and_then(|k| k.strip_suffix("]}"))
+            .is_some_and(crate::identity::valid_thing_name);
+        if var != THING_NAME_VAR && var != CLIENT_ID_VAR && var != THING_TYPE_VAR && !attribute {
             return Err(format!(
-                "unknown variable {var} in {resource:?} (supported: {THING_NAME_VAR}, {CLIENT_ID_VAR})"
+                "unknown variable {var} in {resource:?} (supported: {THING_NAME_VAR}, {CLIENT_ID_VAR}, {THING_TYPE_VAR}, {ATTRIBUTE_VAR_PREFIX}KEY]}})"
             ));
         }
         rest = &tail[end + 1..];
     }
     Ok(())
+}
+
+/// `template` with every policy variable replaced by the device's value; `None` when one has
+/// no value that passes the thing-name rule.
+fn substitute(template: &str, facts: &Facts) -> Option<String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let end = tail.find('}')?;
+        out.push_str(facts.value(&tail[..=end])?);
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// What one connected device may do, with its thing name already substituted.
@@ -312,16 +403,20 @@ impl Permissions {
         Permissions::default()
     }
 
-    fn build<'a>(thing: &str, statements: impl IntoIterator<Item = &'a Statement>) -> Permissions {
+    fn build<'a>(
+        facts: &Facts,
+        statements: impl IntoIterator<Item = &'a Statement>,
+    ) -> Permissions {
         let mut perms = Permissions::default();
         let mut seen: [HashSet<String>; 3] = Default::default();
         for statement in statements {
             for op in Operation::ALL {
                 let matchers = &mut perms.by_operation[op.index()];
                 for template in &statement.templates[op.index()] {
-                    let concrete = template
-                        .replace(THING_NAME_VAR, thing)
-                        .replace(CLIENT_ID_VAR, thing);
+                    // A variable with no safe value: the resource grants nothing.
+                    let Some(concrete) = substitute(template, facts) else {
+                        continue;
+                    };
                     let pattern = Pattern::compile(&concrete);
                     if pattern.is_match_all() {
                         matchers.any = true;
@@ -485,13 +580,13 @@ mod tests {
     #[test]
     fn selection_rules() {
         let r = SelectionRule::parse("thingName: pump-* OR thingName: door-1").unwrap();
-        assert!(r.matches("pump-1"));
-        assert!(r.matches("pump-"));
-        assert!(r.matches("door-1"));
-        assert!(!r.matches("door-10"));
-        assert!(!r.matches("xpump-1"));
+        assert!(r.matches(&Facts::named("pump-1")));
+        assert!(r.matches(&Facts::named("pump-")));
+        assert!(r.matches(&Facts::named("door-1")));
+        assert!(!r.matches(&Facts::named("door-10")));
+        assert!(!r.matches(&Facts::named("xpump-1")));
         let all = SelectionRule::parse("thingName: *").unwrap();
-        assert!(all.matches("anything"));
+        assert!(all.matches(&Facts::named("anything")));
         assert!(SelectionRule::parse("name: pump")
             .unwrap_err()
             .contains("thingName"));
@@ -535,6 +630,76 @@ mod tests {
         assert!(!p.matches("#"));
     }
 
+    /// Selection by what the AWS IoT registry knows, and its policy variables: a value that
+    /// is not a valid name (a wildcard, a `/`) is never substituted, so the resource grants
+    /// nothing rather than more.
+    #[test]
+    fn registry_facts_select_groups_and_fill_variables() {
+        let a = auth(
+            &[(
+                "freezers",
+                "thingGroup: freezers OR thingType: freezer-* OR attribute.site: north",
+                "zone",
+            )],
+            &[(
+                "zone",
+                statement(
+                    &["mqtt:publish"],
+                    &[
+                        "mqtt:topic:zone/${iot:Connection.Thing.Attributes[zone]}/#",
+                        "mqtt:topic:type/${iot:Connection.Thing.ThingTypeName}",
+                    ],
+                ),
+            )],
+        );
+        let set = PolicySet::compile(&a).unwrap();
+        let mut f = Facts::named("fz-1");
+        assert!(set.groups_matching(&f).is_empty());
+        f.thing_groups = vec!["freezers".into()];
+        assert_eq!(set.groups_matching(&f), vec!["freezers"]);
+        let by_type = Facts {
+            thing_type: Some("freezer-x".into()),
+            ..Facts::named("fz-2")
+        };
+        assert_eq!(set.groups_matching(&by_type), vec!["freezers"]);
+        let mut by_attr = Facts::named("fz-3");
+        by_attr.attributes.insert("site".into(), "north".into());
+        assert_eq!(set.groups_matching(&by_attr), vec!["freezers"]);
+
+        f.attributes.insert("zone".into(), "b".into());
+        f.thing_type = Some("freezer-x".into());
+        let p = set.permissions(&f, &["freezers".into()]);
+        assert!(p.allows(Operation::Publish, "zone/b/t"));
+        assert!(p.allows(Operation::Publish, "type/freezer-x"));
+        assert!(!p.allows(Operation::Publish, "zone/c/t"));
+        for hostile in ["#", "*", "b/#", "a b", ""] {
+            f.attributes.insert("zone".into(), hostile.into());
+            let p = set.permissions(&f, &["freezers".into()]);
+            assert!(
+                !p.allows(Operation::Publish, "zone/b/t"),
+                "{hostile:?} widened"
+            );
+            assert!(
+                !p.allows(Operation::Publish, "zone/#/t"),
+                "{hostile:?} substituted"
+            );
+        }
+        // Without a type, the type resource grants nothing.
+        f.thing_type = None;
+        assert!(!set
+            .permissions(&f, &["freezers".into()])
+            .allows(Operation::Publish, "type/"));
+        assert!(SelectionRule::parse("attribute.a b: x").is_err());
+        assert!(SelectionRule::parse("thingColor: red")
+            .unwrap_err()
+            .contains("thingGroup"));
+        let bad = statement(
+            &["mqtt:publish"],
+            &["mqtt:topic:${iot:Connection.Thing.Attributes[a/b]}"],
+        );
+        assert!(PolicySet::compile(&auth(&[], &[("p", bad)])).is_err());
+    }
+
     #[test]
     fn thing_variable_and_union_of_groups() {
         let a = auth(
@@ -563,9 +728,18 @@ mod tests {
             ],
         );
         let set = PolicySet::compile(&a).unwrap();
-        assert_eq!(set.groups_matching("sensor-1"), vec!["cmd", "sensors"]);
-        assert_eq!(set.groups_matching("sensor-2"), vec!["sensors"]);
-        let p = set.permissions("sensor-1", &set.groups_matching("sensor-1"));
+        assert_eq!(
+            set.groups_matching(&Facts::named("sensor-1")),
+            vec!["cmd", "sensors"]
+        );
+        assert_eq!(
+            set.groups_matching(&Facts::named("sensor-2")),
+            vec!["sensors"]
+        );
+        let p = set.permissions(
+            &Facts::named("sensor-1"),
+            &set.groups_matching(&Facts::named("sensor-1")),
+        );
         assert!(p.allows(Operation::Connect, "sensor-1"));
         assert!(!p.allows(Operation::Connect, "sensor-2"));
         assert!(p.allows(Operation::Publish, "dt/sensor-1/temp"));
@@ -573,7 +747,10 @@ mod tests {
         assert!(p.allows(Operation::Subscribe, "cmd/sensor-1/#"));
         // Resources of another kind never leak into an operation.
         assert!(!p.allows(Operation::Subscribe, "dt/sensor-1/temp"));
-        let p2 = set.permissions("sensor-2", &set.groups_matching("sensor-2"));
+        let p2 = set.permissions(
+            &Facts::named("sensor-2"),
+            &set.groups_matching(&Facts::named("sensor-2")),
+        );
         assert!(!p2.allows(Operation::Subscribe, "cmd/sensor-2/#"));
     }
 

@@ -59,6 +59,35 @@ pub struct CertRecord {
     pub issuer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Who approved it (meaningful while approved).
+    #[serde(default)]
+    pub voucher: Voucher,
+    /// When the AWS IoT registry last answered for it (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_ms: Option<u64>,
+}
+
+/// What the AWS IoT registry says of a thing (`[auth.registry]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cloud {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thing_type: Option<String>,
+    #[serde(default)]
+    pub attributes: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub thing_groups: Vec<String>,
+}
+
+/// Who approved a certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Voucher {
+    /// `device approve` (or a registry written before verifiers).
+    #[default]
+    Operator,
+    /// The AWS IoT registry: it stands while the registry keeps saying so.
+    Registry,
 }
 
 /// Why the registry revoked a certificate a revocation list names.
@@ -88,6 +117,9 @@ pub struct DeviceRecord {
     /// Every certificate seen or decided on for this thing, oldest first.
     #[serde(default)]
     pub certs: Vec<CertRecord>,
+    /// What the AWS IoT registry said of the thing when it last vouched for a certificate of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<Cloud>,
     /// Milliseconds since the epoch.
     pub first_seen_ms: Option<u64>,
     pub last_seen_ms: Option<u64>,
@@ -102,6 +134,7 @@ impl DeviceRecord {
             approve_next: false,
             groups: Vec::new(),
             certs: Vec::new(),
+            cloud: None,
             first_seen_ms: None,
             last_seen_ms: None,
             updated_ms: crate::clock::now_ms(),
@@ -110,10 +143,29 @@ impl DeviceRecord {
 
     /// The state of a connection made with `cert_id`.
     pub fn cert_state(&self, cert_id: &str) -> DeviceState {
+        self.cert_state_at(cert_id, None)
+    }
+
+    /// [`DeviceRecord::cert_state`], where a certificate only the AWS IoT registry approved is
+    /// pending once its last answer is older than `trust` (`(now, trust_for)`, in ms).
+    pub fn cert_state_at(&self, cert_id: &str, trust: Option<(u64, u64)>) -> DeviceState {
         if self.revoked {
             return DeviceState::Revoked;
         }
-        self.cert(cert_id).map_or(DeviceState::Pending, |c| c.state)
+        let Some(c) = self.cert(cert_id) else {
+            return DeviceState::Pending;
+        };
+        let expired = trust.is_some_and(|(now, trust_ms)| {
+            c.state == DeviceState::Approved
+                && c.voucher == Voucher::Registry
+                && c.checked_ms
+                    .is_none_or(|at| now.saturating_sub(at) > trust_ms)
+        });
+        if expired {
+            DeviceState::Pending
+        } else {
+            c.state
+        }
     }
 
     /// The thing's state as `device list` summarizes it: revoked when the thing is, approved
@@ -125,6 +177,17 @@ impl DeviceRecord {
             DeviceState::Approved
         } else {
             DeviceState::Pending
+        }
+    }
+
+    /// What the thing's groups and policy variables are chosen by.
+    pub fn facts(&self) -> crate::auth::Facts {
+        let cloud = self.cloud.clone().unwrap_or_default();
+        crate::auth::Facts {
+            thing: self.thing.clone(),
+            thing_type: cloud.thing_type,
+            attributes: cloud.attributes,
+            thing_groups: cloud.thing_groups,
         }
     }
 
@@ -144,6 +207,8 @@ impl DeviceRecord {
                     last_seen_ms: None,
                     issuer: None,
                     serial: None,
+                    voucher: Voucher::Operator,
+                    checked_ms: None,
                 });
                 self.certs.len() - 1
             }
@@ -336,6 +401,7 @@ impl Registry {
                     let c = r.cert_mut(id);
                     if c.state != DeviceState::Revoked {
                         c.state = DeviceState::Approved;
+                        c.voucher = Voucher::Operator;
                         c.reason = None;
                     }
                 }
@@ -343,6 +409,7 @@ impl Registry {
                     for c in &mut r.certs {
                         if c.state == DeviceState::Pending {
                             c.state = DeviceState::Approved;
+                            c.voucher = Voucher::Operator;
                             c.reason = None;
                         }
                     }
@@ -405,6 +472,67 @@ impl Registry {
             }
         }
         Ok(revoked)
+    }
+
+    /// Records what the AWS IoT registry said of `cert_id` at `now` (see `auth::verifier` for
+    /// what each answer does); true when the record changed in a way a grant can see.
+    pub fn record_finding(
+        &self,
+        thing: &str,
+        cert_id: &str,
+        finding: &crate::auth::verifier::Finding,
+        now: u64,
+    ) -> Result<bool, RegistryError> {
+        use crate::auth::verifier::Finding;
+        let before = self.get(thing)?;
+        let record = self.update(thing, Durability::Flushed, |r| {
+            let cert = r.cert_mut(cert_id);
+            match finding {
+                Finding::Approved(_) => {
+                    cert.checked_ms = Some(now);
+                    if cert.state == DeviceState::Pending {
+                        cert.state = DeviceState::Approved;
+                        cert.voucher = Voucher::Registry;
+                    }
+                    if cert.state == DeviceState::Approved {
+                        cert.reason = None;
+                    }
+                }
+                Finding::Revoked(why) => {
+                    cert.checked_ms = Some(now);
+                    cert.state = DeviceState::Revoked;
+                    cert.reason = Some(why.clone());
+                }
+                Finding::Refused(why) => {
+                    cert.checked_ms = Some(now);
+                    if cert.state != DeviceState::Revoked {
+                        cert.state = DeviceState::Pending;
+                        cert.reason = Some(why.clone());
+                    }
+                }
+                Finding::Unknown(why) => {
+                    cert.checked_ms = Some(now);
+                    let by_registry = cert.voucher == Voucher::Registry;
+                    if cert.state == DeviceState::Pending
+                        || (cert.state == DeviceState::Approved && by_registry)
+                    {
+                        cert.state = DeviceState::Pending;
+                        cert.reason = Some(why.clone());
+                    }
+                }
+            }
+            if let Finding::Approved(cloud) = finding {
+                r.cloud = Some(cloud.clone());
+            }
+        })?;
+        let seen = |r: &DeviceRecord| {
+            let c = r.cert(cert_id);
+            (
+                c.map(|c| (c.state, c.reason.clone(), c.voucher)),
+                r.cloud.clone(),
+            )
+        };
+        Ok(before.as_ref().map(seen) != Some(seen(&record)))
     }
 
     /// The thing holding certificate `cert_id`, if the registry knows it.

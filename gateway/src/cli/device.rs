@@ -64,6 +64,12 @@ pub(crate) enum DeviceCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask the AWS IoT registry ([auth.registry]) about every certificate now, and apply its
+    /// answers to live connections.
+    Sync {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// List things: state, groups, connected, and each certificate with its state.
     List {
         #[arg(long, short)]
@@ -122,6 +128,7 @@ pub(crate) fn run(command: DeviceCommand) -> Result<()> {
             cert,
             config,
         } => (config, AdminRequest::Revoke { thing, cert }, false),
+        DeviceCommand::Sync { config } => (config, AdminRequest::Sync, false),
         DeviceCommand::List { config, json } => (config, AdminRequest::List, json),
     };
     let config = Config::load(&config)?;

@@ -77,6 +77,11 @@ pub(crate) fn print_response(response: AdminResponse, json: bool) -> Result<()> 
         AdminResponse::Device { device } => print_devices(&[device])?,
         AdminResponse::Devices { devices } => print_devices(&devices)?,
         AdminResponse::Status { stats } => outln!("{}", serde_json::to_string_pretty(&stats)?),
+        AdminResponse::Synced { report } => outln!(
+            "registry synced: {} certificates checked, {} changed",
+            report.checked,
+            report.changed
+        ),
         AdminResponse::Spool { spool } => out!("{}", sitegate::spool::status::render(&spool)),
         AdminResponse::Rules { rules } => {
             outln!(

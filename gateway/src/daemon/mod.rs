@@ -279,7 +279,12 @@ impl Gateway {
         let db = open_store(&config.data_dir, OnDamage::SetAside)?;
         let policies = PolicySet::compile(&config.auth).map_err(ConfigError::from)?;
         let disk = crate::disk::DiskGuard::new(&config.data_dir, config.spool.disk_reserve.0);
-        let authority = Arc::new(Authority::new(policies, Registry::open(&db, disk)?));
+        let mut authority = Authority::new(policies, Registry::open(&db, disk)?);
+        if let Some(registry) = &config.auth.registry {
+            let verifier = Arc::new(crate::auth::Verifier::new(registry).await);
+            authority = authority.with_verifier(verifier);
+        }
+        let authority = Arc::new(authority);
         let stats = Arc::new(Stats::default());
         let sessions = Arc::new(SessionTable::default());
         let (stop, stopped) = watch::channel(false);
@@ -344,6 +349,11 @@ impl Gateway {
             Arc::clone(&ctx),
             stopped.clone(),
         )));
+        if let Some(verifier) = authority.verifier() {
+            background.push(tokio::spawn(
+                Arc::clone(verifier).run(Arc::clone(&authority), stopped.clone()),
+            ));
+        }
         let (acceptor_tx, acceptor) = watch::channel(acceptor);
         background.push(tokio::spawn(crate::edge::follow_crls(
             l.clone(),

@@ -31,6 +31,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub const RECEIVE_TO_DURABLE: &str = "sitegate_receive_to_durable_seconds";
 /// From a device's PUBLISH arriving to the sink acknowledging the record.
 pub const RECEIVE_TO_SINK_ACK: &str = "sitegate_receive_to_sink_ack_seconds";
+/// Look-ups in the AWS IoT registry (`[auth.registry]`), by `result`: answered or failed.
+pub const REGISTRY_LOOKUPS: &str = "sitegate_registry_lookups_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

@@ -49,6 +49,8 @@ pub enum AdminRequest {
         cert: Option<String>,
     },
     List,
+    /// Ask the AWS IoT registry about every certificate now (`[auth.registry]`).
+    Sync,
     Status,
     /// Depth and health of every spool queue.
     SpoolStatus,
@@ -78,6 +80,7 @@ pub enum AdminResponse {
     Status { stats: Box<StatsSnapshot> },
     Spool { spool: SpoolStatus },
     Rules { rules: RulesReport },
+    Synced { report: crate::auth::SyncReport },
     Error { message: String },
 }
 
@@ -139,6 +142,21 @@ impl AdminService {
                     .map(|r| self.view(&r.thing))
                     .collect::<Result<_, _>>()?;
                 Ok(AdminResponse::Devices { devices })
+            }
+            AdminRequest::Sync => {
+                let verifier = self.authority.verifier().ok_or(
+                    "no registry to sync with: [auth.registry] is not configured (or no gateway is running)",
+                )?;
+                let report = verifier
+                    .sync(&self.authority)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                info!(
+                    checked = report.checked,
+                    changed = report.changed,
+                    "registry synced"
+                );
+                Ok(AdminResponse::Synced { report })
             }
             AdminRequest::Status => Ok(AdminResponse::Status {
                 stats: Box::new(self.stats.snapshot()),

@@ -93,7 +93,10 @@ fn the_fleet_is_the_simulator_and_its_devices_fall_in_the_approved_group() {
     use sitegate::fleet::simulate::{device_names, Profile};
     for thing in device_names("sim", Profile::Mixed, 3) {
         assert!(
-            policies.groups_matching(&thing).iter().any(|g| g == group),
+            policies
+                .groups_matching(&sitegate::auth::Facts::named(&thing))
+                .iter()
+                .any(|g| g == group),
             "{thing} is not selected by group {group}"
         );
     }

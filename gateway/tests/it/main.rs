@@ -20,6 +20,7 @@ mod iotcore;
 mod kinesis;
 mod layout;
 mod mqtt5;
+mod registry;
 mod rules;
 mod simulate;
 mod spool;

@@ -315,6 +315,13 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     );
     if admitted.grant.state == DeviceState::Pending {
         info!(thing = %identity.thing, "device is pending approval: it may publish only to its provisioning topic");
+        // The AWS IoT registry may vouch for it: asked in the background, its answer reaches
+        // this connection through the epoch.
+        if let Some(verifier) = ctx.authority.verifier() {
+            let (verifier, authority) = (Arc::clone(verifier), Arc::clone(&ctx.authority));
+            let (thing, cert) = (identity.thing.clone(), identity.cert_id.clone());
+            tokio::spawn(async move { verifier.check_new(&authority, &thing, &cert).await });
+        }
     }
     ctx.stats.connections_accepted.fetch_add(1, Relaxed);
     ctx.stats.connections_open.fetch_add(1, Relaxed);

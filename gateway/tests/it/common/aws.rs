@@ -38,10 +38,36 @@ pub(crate) fn free_port() -> u16 {
 
 impl Moto {
     pub(crate) async fn start() -> Moto {
-        fake_credentials();
         let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut cmd = Command::new("moto_server");
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        Moto::run(cmd, port).await
+    }
+
+    /// `moto_server` naming IoT certificates as AWS IoT does, by the SHA-256 of their DER (its
+    /// `iot.use_valid_cert` setting; by default it hashes the PEM text). This moto has no HTTP
+    /// call for that setting, so its server is started from Python with it set.
+    pub(crate) async fn start_with_der_certificate_ids() -> Moto {
+        let port = free_port();
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            "import sys\n\
+             from moto.core.config import default_user_config\n\
+             default_user_config['iot']['use_valid_cert'] = True\n\
+             from moto.server import main\n\
+             main(sys.argv[1:])",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ]);
+        Moto::run(cmd, port).await
+    }
+
+    async fn run(mut cmd: Command, port: u16) -> Moto {
+        fake_credentials();
+        let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -65,6 +91,16 @@ impl Moto {
             max_attempts: 1,
         };
         aws_sdk_kms::Client::new(&sitegate_plugins::aws::sdk_config(&target).await)
+    }
+
+    /// An IoT client for the emulator, at `endpoint` (the emulator's, or a relay's).
+    pub(crate) async fn iot(&self, endpoint: &str) -> aws_sdk_iot::Client {
+        let target = sitegate_plugins::aws::AwsTarget {
+            endpoint: Some(endpoint),
+            region: Some("us-east-1"),
+            max_attempts: 1,
+        };
+        aws_sdk_iot::Client::new(&sitegate_plugins::aws::sdk_config(&target).await)
     }
 
     /// Creates a symmetric KMS key and returns its id.
