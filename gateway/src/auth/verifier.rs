@@ -22,6 +22,7 @@
 //! only it approved is pending until it answers again. Failures are logged and counted.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,8 @@ pub struct Verifier {
     trust_for: Duration,
     /// When each pending certificate was last looked up on a connect.
     recent: Mutex<HashMap<String, Instant>>,
+    /// The last sync failed: answers may have outlived their trust since.
+    unreachable: AtomicBool,
 }
 
 impl Verifier {
@@ -101,6 +104,7 @@ impl Verifier {
             sync_interval: config.sync_interval.0,
             trust_for: config.trust_for.0,
             recent: Mutex::new(HashMap::new()),
+            unreachable: AtomicBool::new(false),
         }
     }
 
@@ -239,6 +243,17 @@ impl Verifier {
     /// Looks up every certificate the gateway has seen and not revoked, and applies the
     /// answers. Stops at the first look-up that gets no answer.
     pub async fn sync(&self, authority: &Authority) -> Result<SyncReport, VerifyError> {
+        let report = self.sync_round(authority).await;
+        match &report {
+            Err(_) => self.unreachable.store(true, Relaxed),
+            // Approvals that lapsed while it was away hold again: live sessions re-read.
+            Ok(_) if self.unreachable.swap(false, Relaxed) => authority.bump(),
+            Ok(_) => {}
+        }
+        report
+    }
+
+    async fn sync_round(&self, authority: &Authority) -> Result<SyncReport, VerifyError> {
         let mut report = SyncReport::default();
         let records = authority.registry().list()?;
         for record in records {

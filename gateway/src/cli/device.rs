@@ -9,19 +9,26 @@ use sitegate::ops::admin::AdminRequest;
 
 use super::{ask_gateway, outln, print_response, runtime};
 
+/// The CA that signs, where the certificate goes, and for how long.
+#[derive(clap::Args)]
+pub(crate) struct Signing {
+    /// Directory made by `sitegate ca init`.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Where THING.pem (and, for `issue`, THING.key) is written.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS)]
+    days: i64,
+}
+
 #[derive(clap::Subcommand)]
 pub(crate) enum DeviceCommand {
     /// Issue a key and certificate with CN=THING signed by the site CA.
     Issue {
         thing: String,
-        /// Directory made by `sitegate ca init`.
-        #[arg(long)]
-        ca: PathBuf,
-        /// Where THING.pem and THING.key are written.
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS)]
-        days: i64,
+        #[command(flatten)]
+        signing: Signing,
     },
     /// Sign a device's certificate request (made with its own key, e.g. `openssl req`): the
     /// subject CN is the thing name; writes THING.pem into --out and prints the certificate id
@@ -30,14 +37,8 @@ pub(crate) enum DeviceCommand {
         /// The PKCS#10 request, PEM.
         #[arg(long)]
         csr: PathBuf,
-        /// Directory made by `sitegate ca init`.
-        #[arg(long)]
-        ca: PathBuf,
-        /// Where THING.pem is written.
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS)]
-        days: i64,
+        #[command(flatten)]
+        signing: Signing,
     },
     /// Approve THING's pending certificates (or, with --cert, that one, even before it
     /// connects), optionally adding groups; applies to a live connection at once. A revoked
@@ -84,9 +85,7 @@ pub(crate) fn run(command: DeviceCommand) -> Result<()> {
     let (config, request, json) = match command {
         DeviceCommand::Issue {
             thing,
-            ca,
-            out,
-            days,
+            signing: Signing { ca, out, days },
         } => {
             let issued = pki::issue_device(&thing, &ca, &out, days)?;
             outln!("thing:          {}", issued.thing);
@@ -96,7 +95,10 @@ pub(crate) fn run(command: DeviceCommand) -> Result<()> {
             outln!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
             return Ok(());
         }
-        DeviceCommand::Sign { csr, ca, out, days } => {
+        DeviceCommand::Sign {
+            csr,
+            signing: Signing { ca, out, days },
+        } => {
             let signed = pki::sign_device_csr(&csr, &ca, &out, days)?;
             outln!("thing:          {}", signed.thing);
             outln!("certificate id: {}", signed.cert_id);

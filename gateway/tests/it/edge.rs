@@ -139,16 +139,7 @@ async fn approval_applies_to_the_live_connection() {
     let sub = site.subscribe(&monitor, "dt/door-1/#", true, &["-C", "1"]);
 
     // One mosquitto_pub connection, fed line by line.
-    let mut publisher = Command::new("mosquitto_pub")
-        .args(site.mosquitto_args(&door.cert, &door.key, "door-1", true))
-        .args(["-t", "dt/door-1/state", "-q", "1", "-l"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = publisher.stdin.take().unwrap();
+    let (mut publisher, mut stdin) = site.line_publisher(&door, "dt/door-1/state");
     stdin.write_all(b"before-approval\n").await.unwrap();
     site.wait_for("the pending publish to be denied", |s| {
         s.publishes_denied >= 1

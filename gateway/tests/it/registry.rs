@@ -1,7 +1,6 @@
 //! `[auth.registry] type = "iot"`: the AWS IoT registry, as `moto_server` plays it, vouching
 //! for devices that connect with mosquitto clients.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use aws_sdk_iot::types::{AttributePayload, CertificateStatus};
@@ -10,7 +9,6 @@ use sitegate::identity::pki::IssuedDevice;
 use sitegate::ops::admin::{AdminRequest, AdminResponse, DeviceView};
 use sitegate_plugins::units::Period;
 use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
 use crate::common::aws::{Moto, Relay};
 use crate::common::*;
@@ -90,6 +88,37 @@ async fn create_thing(iot: &aws_sdk_iot::Client, thing: &str, zone: &str, groups
     }
 }
 
+/// A gateway with `REGISTRY_AUTH` and the AWS IoT registry at `endpoint`.
+async fn site_with_registry(endpoint: String, sync_interval: Period, trust_for: Period) -> Site {
+    Site::start_with(|c| {
+        c.auth = toml::from_str(REGISTRY_AUTH).unwrap();
+        c.auth.registry = Some(RegistryConfig {
+            kind: "iot".into(),
+            endpoint: Some(endpoint),
+            region: Some("us-east-1".into()),
+            sync_interval,
+            trust_for,
+        });
+    })
+    .await
+}
+
+/// Publishes as `device` until a publish is accepted (at most 10 s): true if one was.
+async fn publishes_within(site: &Site, device: &IssuedDevice, topic: &str) -> bool {
+    for _ in 0..40 {
+        if site
+            .publish(device, topic, "try", 1, true)
+            .await
+            .status
+            .success()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
 async fn device_view(site: &Site, thing: &str) -> DeviceView {
     match site.admin(AdminRequest::List).await {
         AdminResponse::Devices { devices } => {
@@ -149,19 +178,9 @@ async fn the_aws_iot_registry_vouches_for_devices_on_live_connections() {
             .await
             .unwrap();
     }
-    let endpoint = moto.endpoint.clone();
-    let site = Site::start_with(|c| {
-        c.auth = toml::from_str(REGISTRY_AUTH).unwrap();
-        c.auth.registry = Some(RegistryConfig {
-            kind: "iot".into(),
-            endpoint: Some(endpoint),
-            region: Some("us-east-1".into()),
-            // Syncs here are asked for with `device sync`.
-            sync_interval: Period::from_secs(3600),
-            trust_for: Period::from_secs(3600),
-        });
-    })
-    .await;
+    // Syncs here are asked for with `device sync`.
+    let hour = Period::from_secs(3600);
+    let site = site_with_registry(moto.endpoint.clone(), hour, hour).await;
     let monitor = site.device("monitor-1").await;
 
     let freezer = site.issue("freezer-1");
@@ -169,16 +188,7 @@ async fn the_aws_iot_registry_vouches_for_devices_on_live_connections() {
     let arn = register(&iot, &freezer, CertificateStatus::Active, Some("freezer-1")).await;
 
     // No operator step: its first connection is pending, then approved by the registry.
-    let mut publisher = Command::new("mosquitto_pub")
-        .args(site.mosquitto_args(&freezer.cert, &freezer.key, "freezer-1", true))
-        .args(["-t", "dt/freezer-1/temp", "-q", "1", "-l"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = publisher.stdin.take().unwrap();
+    let (mut publisher, mut stdin) = site.line_publisher(&freezer, "dt/freezer-1/temp");
     assert!(
         seen_by_monitor(
             &site,
@@ -248,16 +258,7 @@ async fn the_aws_iot_registry_vouches_for_devices_on_live_connections() {
     let _ = publisher.wait().await;
 
     // Revoked in the registry: its live connection is cut off at the next sync.
-    let mut idle = Command::new("mosquitto_pub")
-        .args(site.mosquitto_args(&freezer.cert, &freezer.key, "freezer-1", true))
-        .args(["-t", "status/freezer-1", "-q", "1", "-l"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let idle_stdin = idle.stdin.take().unwrap();
+    let (mut idle, idle_stdin) = site.line_publisher(&freezer, "status/freezer-1");
     site.wait_for("the freezer to connect again", |s| s.connections_open == 1)
         .await;
     let cert_id = arn.rsplit('/').next().unwrap().to_string();
@@ -307,18 +308,8 @@ async fn an_unreachable_registry_is_trusted_for_a_while_then_the_local_registry_
         .send()
         .await
         .unwrap();
-    let endpoint = relay.endpoint();
-    let site = Site::start_with(|c| {
-        c.auth = toml::from_str(REGISTRY_AUTH).unwrap();
-        c.auth.registry = Some(RegistryConfig {
-            kind: "iot".into(),
-            endpoint: Some(endpoint),
-            region: Some("us-east-1".into()),
-            sync_interval: Period::from_secs(1),
-            trust_for: Period::from_secs(3),
-        });
-    })
-    .await;
+    let site =
+        site_with_registry(relay.endpoint(), Period::from_secs(1), Period::from_secs(6)).await;
     let pump = site.issue("pump-7");
     iot.create_thing()
         .thing_name("pump-7")
@@ -328,16 +319,10 @@ async fn an_unreachable_registry_is_trusted_for_a_while_then_the_local_registry_
         .unwrap();
     register(&iot, &pump, CertificateStatus::Active, Some("pump-7")).await;
     // Approved by the registry (thingType: pump selects the pumps group).
-    let mut ok = false;
-    for _ in 0..40 {
-        let out = site.publish(&pump, "status/pump-7", "up", 1, true).await;
-        if out.status.success() {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert!(ok, "the registry never approved pump-7");
+    assert!(
+        publishes_within(&site, &pump, "status/pump-7").await,
+        "the registry never approved pump-7"
+    );
     // An operator-approved device beside it, unknown to the cloud.
     let local = site.device("pump-9").await;
 
@@ -348,7 +333,7 @@ async fn an_unreachable_registry_is_trusted_for_a_while_then_the_local_registry_
         .await;
     assert!(out.status.success(), "{}", text(&out));
     // Past it: pending, as the local registry (no operator approval) says.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let out = site.publish(&pump, "status/pump-7", "stale", 1, true).await;
     assert!(text(&out).contains("Not authorized"), "{}", text(&out));
     let out = site
@@ -357,17 +342,8 @@ async fn an_unreachable_registry_is_trusted_for_a_while_then_the_local_registry_
     assert!(out.status.success(), "{}", text(&out));
     // Back: approved again at the next sync.
     relay.set(true);
-    let mut back = false;
-    for _ in 0..40 {
-        let out = site.publish(&pump, "status/pump-7", "back", 1, true).await;
-        if out.status.success() {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
     assert!(
-        back,
+        publishes_within(&site, &pump, "status/pump-7").await,
         "pump-7 was not approved again once the registry answered"
     );
     site.stop().await;

@@ -311,6 +311,26 @@ impl Site {
             .expect("mosquitto_pub runs (apt-get install mosquitto-clients)")
     }
 
+    /// One `mosquitto_pub -l` connection as `device` on `topic` (MQTT 5, QoS 1): each line
+    /// written to the returned stdin is a message.
+    pub(crate) fn line_publisher(
+        &self,
+        device: &IssuedDevice,
+        topic: &str,
+    ) -> (Child, tokio::process::ChildStdin) {
+        let mut child = Command::new("mosquitto_pub")
+            .args(self.mosquitto_args(&device.cert, &device.key, &device.thing, true))
+            .args(["-t", topic, "-q", "1", "-l"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_pub runs (apt-get install mosquitto-clients)");
+        let stdin = child.stdin.take().expect("piped stdin");
+        (child, stdin)
+    }
+
     /// Starts `mosquitto_sub` as `device` on `filter`, printing `topic payload` lines.
     pub(crate) fn subscribe(
         &self,
