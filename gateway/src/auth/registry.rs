@@ -79,6 +79,19 @@ pub struct Cloud {
     pub thing_groups: Vec<String>,
 }
 
+/// What the AWS IoT registry said of one certificate (`auth::verifier` asks it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// ACTIVE and attached to the thing its CN names.
+    Approved(Cloud),
+    /// The registry knows the certificate and says no (not ACTIVE, or another thing's).
+    Refused(String),
+    /// REVOKED in the registry.
+    Revoked(String),
+    /// The registry does not know the certificate.
+    Unknown(String),
+}
+
 /// Who approved a certificate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -480,10 +493,9 @@ impl Registry {
         &self,
         thing: &str,
         cert_id: &str,
-        finding: &crate::auth::verifier::Finding,
+        finding: &Finding,
         now: u64,
     ) -> Result<bool, RegistryError> {
-        use crate::auth::verifier::Finding;
         let before = self.get(thing)?;
         let record = self.update(thing, Durability::Flushed, |r| {
             let cert = r.cert_mut(cert_id);

@@ -30,7 +30,7 @@ use aws_sdk_iot::types::CertificateStatus;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::registry::{Cloud, RegistryError};
+use super::registry::{Cloud, Finding, RegistryError};
 use super::{Authority, RegistryConfig};
 use crate::escape::Escaped;
 
@@ -38,19 +38,6 @@ use crate::escape::Escaped;
 pub const RECHECK_AFTER: Duration = Duration::from_secs(10);
 /// Pages of a list call read at most (100 items a page).
 const MAX_PAGES: usize = 20;
-
-/// What the registry said of one certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Finding {
-    /// ACTIVE and attached to the thing its CN names.
-    Approved(Cloud),
-    /// The registry knows the certificate and says no (not ACTIVE, or another thing's).
-    Refused(String),
-    /// REVOKED in the registry.
-    Revoked(String),
-    /// The registry does not know the certificate.
-    Unknown(String),
-}
 
 /// Why a look-up gave no answer.
 #[derive(Debug, thiserror::Error)]
