@@ -215,6 +215,12 @@ impl Operand {
         values_of(&self.array, self.kind)
     }
 
+    /// Whether row `i` of the result reads a value here. A NullArray (a field no message of
+    /// the batch had) has no validity buffer, so it reports its rows valid: its kind says.
+    fn defined(&self, i: usize) -> bool {
+        self.kind != Kind::Undefined && self.array.is_valid(self.row(i))
+    }
+
     /// The row of this operand that row `i` of the result reads.
     fn row(&self, i: usize) -> usize {
         if self.scalar {
@@ -350,14 +356,9 @@ fn logical_or_comparison(op: Operator, l: &Operand, r: &Operand) -> Result<Boole
                 _ => {
                     // Different types: unequal, Undefined where an operand is.
                     let differ = op == Operator::NotEq;
-                    // A NullArray (a field no message had) reports its rows valid: it has no
-                    // validity buffer.
-                    let defined = |o: &Operand, i: usize| {
-                        o.kind != Kind::Undefined && o.array.is_valid(o.row(i))
-                    };
                     (0..rows(l, r))
                         .map(|i| {
-                            let valid = defined(l, i) && defined(r, i);
+                            let valid = l.defined(i) && r.defined(i);
                             valid.then_some(differ)
                         })
                         .collect()
@@ -442,11 +443,11 @@ fn arithmetic(op: Operator, l: &Operand, r: &Operand) -> Result<ArrayRef> {
                             Operator::Add => x + y,
                             Operator::Sub => x - y,
                             Operator::Mul => x * y,
-                            Operator::Div
-                                if numbers && whole(x).is_some() && whole(y).is_some() =>
-                            {
-                                return Some(whole(x)?.checked_div(whole(y)?)? as f64);
-                            }
+                            Operator::Div if numbers => match (whole(x), whole(y)) {
+                                (Some(a), Some(b)) => return Some(a.checked_div(b)? as f64),
+                                _ if y != 0.0 => x / y,
+                                _ => return None,
+                            },
                             Operator::Div if y != 0.0 => x / y,
                             Operator::Mod if y != 0.0 => x % y,
                             _ => return None,

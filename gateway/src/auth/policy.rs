@@ -31,6 +31,11 @@ pub const THING_TYPE_VAR: &str = "${iot:Connection.Thing.ThingTypeName}";
 /// An attribute of the thing in the AWS IoT registry: `${iot:Connection.Thing.Attributes[KEY]}`.
 pub const ATTRIBUTE_VAR_PREFIX: &str = "${iot:Connection.Thing.Attributes[";
 
+/// The KEY of `${iot:Connection.Thing.Attributes[KEY]}`.
+fn attribute_key(var: &str) -> Option<&str> {
+    var.strip_prefix(ATTRIBUTE_VAR_PREFIX)?.strip_suffix("]}")
+}
+
 /// What a device's groups and permissions are chosen by: its thing name, and what the AWS IoT
 /// registry says of the thing (empty when no registry vouched for it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -61,8 +66,7 @@ impl Facts {
         } else if var == THING_TYPE_VAR {
             self.thing_type.as_deref()
         } else {
-            let key = var.strip_prefix(ATTRIBUTE_VAR_PREFIX)?.strip_suffix("]}")?;
-            self.attributes.get(key).map(String::as_str)
+            self.attributes.get(attribute_key(var)?).map(String::as_str)
         };
         v.filter(|v| crate::identity::valid_thing_name(v))
     }
@@ -354,10 +358,7 @@ fn check_variables(resource: &str) -> Result<(), String> {
             .find('}')
             .ok_or_else(|| format!("unclosed variable in {resource:?}"))?;
         let var = &tail[..=end];
-        let attribute = var
-            .strip_prefix(ATTRIBUTE_VAR_PREFIX)
-            .and_then(|k| k.strip_suffix("]}"))
-            .is_some_and(crate::identity::valid_thing_name);
+        let attribute = attribute_key(var).is_some_and(crate::identity::valid_thing_name);
         if var != THING_NAME_VAR && var != CLIENT_ID_VAR && var != THING_TYPE_VAR && !attribute {
             return Err(format!(
                 "unknown variable {var} in {resource:?} (supported: {THING_NAME_VAR}, {CLIENT_ID_VAR}, {THING_TYPE_VAR}, {ATTRIBUTE_VAR_PREFIX}KEY]}})"

@@ -126,7 +126,7 @@ impl Verifier {
             {
                 return Ok(Finding::Unknown("not registered in AWS IoT".into()))
             }
-            Err(e) => return Err(unreachable(error_text(&e))),
+            Err(e) => return Err(unreachable(error_text(e))),
         };
         let Some(description) = description else {
             return Ok(Finding::Unknown("not registered in AWS IoT".into()));
@@ -152,7 +152,7 @@ impl Verifier {
                 .set_next_token(token)
                 .send()
                 .await
-                .map_err(|e| unreachable(error_text(&e)))?;
+                .map_err(|e| unreachable(error_text(e)))?;
             attached |= page.things().iter().any(|t| t == thing);
             token = page.next_token().map(str::to_owned);
             if attached || token.is_none() {
@@ -170,7 +170,7 @@ impl Verifier {
             .thing_name(thing)
             .send()
             .await
-            .map_err(|e| unreachable(error_text(&e)))?;
+            .map_err(|e| unreachable(error_text(e)))?;
         let mut cloud = Cloud {
             thing_type: described.thing_type_name().map(str::to_owned),
             attributes: described
@@ -188,7 +188,7 @@ impl Verifier {
                 .set_next_token(token)
                 .send()
                 .await
-                .map_err(|e| unreachable(error_text(&e)))?;
+                .map_err(|e| unreachable(error_text(e)))?;
             cloud.thing_groups.extend(
                 page.thing_groups()
                     .iter()
@@ -303,14 +303,7 @@ fn apply(
     Ok(changed)
 }
 
-fn error_text<E: std::error::Error>(e: &E) -> String {
-    // The SDK's Display is terse ("service error"); its source chain says what happened.
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+/// What the SDK says went wrong, with its causes (its `Display` alone is "service error").
+fn error_text(e: impl std::error::Error) -> String {
+    aws_sdk_iot::error::DisplayErrorContext(e).to_string()
 }

@@ -88,11 +88,13 @@ pub(crate) fn run(command: DeviceCommand) -> Result<()> {
             signing: Signing { ca, out, days },
         } => {
             let issued = pki::issue_device(&thing, &ca, &out, days)?;
-            outln!("thing:          {}", issued.thing);
-            outln!("certificate id: {}", issued.cert_id);
-            outln!("certificate:    {}", issued.cert.display());
-            outln!("key (0600):     {}", issued.key.display());
-            outln!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
+            print_signed(
+                &issued.thing,
+                &issued.cert_id,
+                &issued.cert,
+                Some(&issued.key),
+                &ca,
+            )?;
             return Ok(());
         }
         DeviceCommand::Sign {
@@ -100,10 +102,7 @@ pub(crate) fn run(command: DeviceCommand) -> Result<()> {
             signing: Signing { ca, out, days },
         } => {
             let signed = pki::sign_device_csr(&csr, &ca, &out, days)?;
-            outln!("thing:          {}", signed.thing);
-            outln!("certificate id: {}", signed.cert_id);
-            outln!("certificate:    {}", signed.cert.display());
-            outln!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
+            print_signed(&signed.thing, &signed.cert_id, &signed.cert, None, &ca)?;
             outln!(
                 "approve with:   sitegate device approve {} --cert {}",
                 signed.thing,
@@ -136,4 +135,22 @@ pub(crate) fn run(command: DeviceCommand) -> Result<()> {
     let config = Config::load(&config)?;
     let response = runtime()?.block_on(ask_gateway(&config, &request))?;
     print_response(response, json)
+}
+
+/// What `issue` and `sign` wrote, and the CA a device must trust.
+fn print_signed(
+    thing: &str,
+    cert_id: &str,
+    cert: &std::path::Path,
+    key: Option<&std::path::Path>,
+    ca: &std::path::Path,
+) -> Result<()> {
+    outln!("thing:          {thing}");
+    outln!("certificate id: {cert_id}");
+    outln!("certificate:    {}", cert.display());
+    if let Some(key) = key {
+        outln!("key (0600):     {}", key.display());
+    }
+    outln!("trust (CA):     {}", ca.join(pki::CA_CERT_FILE).display());
+    Ok(())
 }

@@ -261,7 +261,7 @@ impl SiteCa {
             return Err(PkiError::InvalidThing(thing));
         }
         check_key(&info.subject_pki)?;
-        csr.verify_signature().map_err(|_| PkiError::CsrSignature)?;
+        // rcgen verifies the request's signature with its own key as it reads it.
         let mut request =
             rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| match e {
                 rcgen::Error::InvalidCertificationRequestSignature => PkiError::CsrSignature,
@@ -382,26 +382,24 @@ impl Identity {
 /// The thing a subject names: its one CN, alone in its RDN. With two (or a CN inside a
 /// multi-valued RDN) which one names the thing depends on who reads the certificate.
 fn thing_of(subject: &x509_parser::x509::X509Name<'_>) -> Result<String, PkiError> {
-    {
-        let cns = subject.iter_common_name().count();
-        if cns > 1 {
-            return Err(PkiError::AmbiguousCommonName(cns));
-        }
-        if subject.iter().any(|rdn| {
-            rdn.iter().count() > 1
-                && rdn
-                    .iter()
-                    .any(|a| *a.attr_type() == x509_parser::oid_registry::OID_X509_COMMON_NAME)
-        }) {
-            return Err(PkiError::AmbiguousCommonName(cns));
-        }
-        Ok(subject
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or(PkiError::NoCommonName)?
-            .to_owned())
+    let cns = subject.iter_common_name().count();
+    if cns > 1 {
+        return Err(PkiError::AmbiguousCommonName(cns));
     }
+    if subject.iter().any(|rdn| {
+        rdn.iter().count() > 1
+            && rdn
+                .iter()
+                .any(|a| *a.attr_type() == x509_parser::oid_registry::OID_X509_COMMON_NAME)
+    }) {
+        return Err(PkiError::AmbiguousCommonName(cns));
+    }
+    Ok(subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(PkiError::NoCommonName)?
+        .to_owned())
 }
 
 fn name(cn: &str) -> DistinguishedName {
