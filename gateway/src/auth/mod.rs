@@ -11,8 +11,11 @@
 //! - `registry`: the sled-backed device registry (things, and each one's certificates:
 //!   pending, approved, revoked).
 //! - `verifier`: the AWS IoT registry vouching for certificates (`[auth.registry]`).
+//! - `enrollment`: devices with a claim certificate asking for their own
+//!   (`[auth.enrollment]`): signing, the pending enrollments, their answers.
 
 mod config;
+pub mod enrollment;
 pub mod policy;
 mod registry;
 pub mod verifier;
@@ -20,9 +23,12 @@ pub mod verifier;
 use tokio::sync::watch;
 
 pub use config::{
-    AuthConfig, DeviceGroupConfig, RegistryConfig, StatementConfig, DEFAULT_SYNC_INTERVAL,
+    AuthConfig, DeviceGroupConfig, EnrollmentConfig, RegistryConfig, StatementConfig,
+    DEFAULT_CLAIM_SESSION_LIMIT, DEFAULT_ENROLLED_CERT_DAYS, DEFAULT_ENROLL_REQUESTS_PER_MINUTE,
+    DEFAULT_MAX_CLAIM_SESSIONS, DEFAULT_MAX_PENDING_ENROLLMENTS, DEFAULT_SYNC_INTERVAL,
     DEFAULT_TRUST_FOR,
 };
+pub use enrollment::Enrollment;
 pub use policy::{Facts, Operation, Permissions, PolicySet, PROVISIONING_GROUP};
 pub use registry::{
     CertRecord, Cloud, DeviceRecord, DeviceState, Listing, Registry, RegistryError, Voucher,
@@ -113,6 +119,19 @@ impl Authority {
     ) -> Result<Grant, RegistryError> {
         let record = self.registry.observe(thing, cert_id, listing)?;
         Ok(self.grant_from(thing, self.state_of(&record, cert_id), Some(&record)))
+    }
+
+    /// Records a certificate just signed for an enrolling `thing` (pending with `reason`, or
+    /// approved when the thing was approved ahead); sessions re-read their grants.
+    pub fn enrolled(
+        &self,
+        thing: &str,
+        cert_id: &str,
+        reason: &str,
+    ) -> Result<DeviceRecord, RegistryError> {
+        let record = self.registry.enroll(thing, cert_id, reason)?;
+        self.bump();
+        Ok(record)
     }
 
     /// Revokes the certificates seen that a revocation list now names (`listed`: issuer DN

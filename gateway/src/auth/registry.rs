@@ -440,6 +440,30 @@ impl Registry {
         })
     }
 
+    /// Records `cert_id`, just signed for `thing` by enrollment, as pending with `reason`, or
+    /// approved when an operator approved the thing ahead of its first certificate. The
+    /// caller has checked the thing may enroll (not revoked, no approved certificate).
+    pub fn enroll(
+        &self,
+        thing: &str,
+        cert_id: &str,
+        reason: &str,
+    ) -> Result<DeviceRecord, RegistryError> {
+        self.disk.check(0)?;
+        self.update(thing, Durability::Flushed, |r| {
+            let approve = r.approve_next;
+            let cert = r.cert_mut(cert_id);
+            if approve {
+                cert.state = DeviceState::Approved;
+                cert.voucher = Voucher::Operator;
+            } else {
+                cert.reason = Some(reason.to_owned());
+            }
+            r.approve_next = false;
+            r.updated_ms = crate::clock::now_ms();
+        })
+    }
+
     /// Revokes `thing` (every certificate of it, and any it connects with until approved
     /// again), or with `cert` only that certificate, for good.
     pub fn revoke(&self, thing: &str, cert: Option<&str>) -> Result<DeviceRecord, RegistryError> {

@@ -21,7 +21,12 @@ pub(crate) fn run(command: ConfigCommand) -> Result<()> {
     let c = Config::load(&config)?;
     // `run` loads these too: a config whose TLS files are missing or do not match is
     // not valid, whatever its TOML says.
-    c.listener.acceptor()?;
+    let enrollment = c.auth.enrollment.as_ref();
+    c.listener
+        .acceptor(enrollment.map(|e| e.claim_ca.as_path()))?;
+    if let Some(e) = enrollment {
+        sitegate::auth::Enrollment::check(e, &c.listener.ca)?;
+    }
     outln!(
         "{}: valid ({} device groups, {} policies)",
         config.display(),

@@ -81,6 +81,8 @@ pub enum RunError {
     },
     #[error("greengrass.ipc: {0}")]
     Nucleus(#[from] IpcError),
+    #[error(transparent)]
+    Enrollment(#[from] crate::auth::enrollment::EnrollSetupError),
     /// An offline tool found no spool where the config says one is.
     #[error("no spool in {} (no such directory)", .0.display())]
     NoSpool(PathBuf),
@@ -275,8 +277,17 @@ impl Gateway {
     /// Builds every part and starts serving on `listeners`.
     pub async fn start(config: Config, listeners: Listeners) -> Result<Gateway, RunError> {
         config.validate()?;
-        let acceptor = config.listener.acceptor()?;
+        let claim_ca = config.auth.enrollment.as_ref().map(|e| e.claim_ca.clone());
+        let acceptor = config.listener.acceptor(claim_ca.as_deref())?;
         let db = open_store(&config.data_dir, OnDamage::SetAside)?;
+        let enrollment = match &config.auth.enrollment {
+            Some(e) => Some(Arc::new(crate::auth::Enrollment::open(
+                e,
+                &config.listener.ca,
+                &db,
+            )?)),
+            None => None,
+        };
         let policies = PolicySet::compile(&config.auth).map_err(ConfigError::from)?;
         let disk = crate::disk::DiskGuard::new(&config.data_dir, config.spool.disk_reserve.0);
         let mut authority = Authority::new(policies, Registry::open(&db, disk)?);
@@ -343,6 +354,7 @@ impl Gateway {
             stats: Arc::clone(&stats),
             limits: Limits::of(l),
             ingest: Some(started.ingest),
+            enrollment,
         });
         crate::edge::restore_sessions(&ctx).await;
         background.push(tokio::spawn(crate::edge::expire_sessions(
@@ -357,6 +369,7 @@ impl Gateway {
         let (acceptor_tx, acceptor) = watch::channel(acceptor);
         background.push(tokio::spawn(crate::edge::follow_crls(
             l.clone(),
+            claim_ca,
             acceptor_tx,
             Arc::clone(&ctx),
             stopped.clone(),

@@ -294,12 +294,22 @@ impl ListenerConfig {
         Ok(())
     }
 
-    /// The TLS acceptor for this listener's files.
+    /// The TLS acceptor for this listener's files, also trusting the claim CAs in `claim_ca`.
     pub fn acceptor(
         &self,
+        claim_ca: Option<&std::path::Path>,
     ) -> Result<tokio_rustls::TlsAcceptor, crate::identity::tls::TlsSetupError> {
         let crls = crate::identity::tls::load_crls(&self.crl)?;
-        crate::identity::tls::acceptor(&self.ca, &self.cert, &self.key, &crls)
+        self.acceptor_with(&crls, claim_ca)
+    }
+
+    /// The TLS acceptor with revocation lists already read.
+    pub fn acceptor_with(
+        &self,
+        crls: &crate::identity::tls::Crls,
+        claim_ca: Option<&std::path::Path>,
+    ) -> Result<tokio_rustls::TlsAcceptor, crate::identity::tls::TlsSetupError> {
+        crate::identity::tls::acceptor(&self.ca, &self.cert, &self.key, crls, claim_ca)
     }
 
     /// The topic size limits of this listener.

@@ -32,9 +32,11 @@ fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
 }
 
 /// Revokes what the lists name, then rebuilds the acceptor whenever a list changes, until
-/// `stop`. Does nothing without lists.
+/// `stop`. Does nothing without lists. The rebuilt acceptor trusts the claim CAs of
+/// `claim_ca` too.
 pub async fn follow_crls(
     listener: ListenerConfig,
+    claim_ca: Option<PathBuf>,
     acceptor: watch::Sender<TlsAcceptor>,
     ctx: Arc<EdgeContext>,
     mut stop: watch::Receiver<bool>,
@@ -43,7 +45,7 @@ pub async fn follow_crls(
         return;
     }
     // Certificates the registry saw before a list named them (an earlier run) are cut off too.
-    apply(&listener, &acceptor, &ctx, false);
+    apply(&listener, &acceptor, &ctx, false, &claim_ca);
     let mut seen = stamps(&listener.crl);
     loop {
         tokio::select! {
@@ -55,7 +57,7 @@ pub async fn follow_crls(
             continue;
         }
         seen = now;
-        apply(&listener, &acceptor, &ctx, true);
+        apply(&listener, &acceptor, &ctx, true, &claim_ca);
     }
 }
 
@@ -64,6 +66,7 @@ fn apply(
     acceptor: &watch::Sender<TlsAcceptor>,
     ctx: &EdgeContext,
     rebuild: bool,
+    claim_ca: &Option<PathBuf>,
 ) {
     let crls = match crate::identity::tls::load_crls(&listener.crl) {
         Ok(c) => c,
@@ -73,7 +76,7 @@ fn apply(
         }
     };
     if rebuild {
-        match crate::identity::tls::acceptor(&listener.ca, &listener.cert, &listener.key, &crls) {
+        match listener.acceptor_with(&crls, claim_ca.as_deref()) {
             Ok(a) => {
                 acceptor.send_replace(a);
             }

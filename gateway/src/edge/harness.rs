@@ -181,6 +181,7 @@ impl Harness {
                 ..Limits::of(&l)
             },
             ingest: None,
+            enrollment: None,
         });
         Ok(Harness { ctx, _dir: dir })
     }

@@ -164,10 +164,26 @@ async fn handle(
             return;
         }
     };
-    let identity = tls
-        .get_ref()
-        .1
-        .peer_certificates()
+    let chain = tls.get_ref().1.peer_certificates();
+    // A claim certificate never becomes a device: it gets the enrollment topics only, and a
+    // place of its own rather than a device's.
+    if let (Some(enrollment), Some(chain), Some(end)) = (
+        ctx.enrollment.as_ref(),
+        chain,
+        chain.and_then(|c| c.first()),
+    ) {
+        if enrollment.is_claim(chain) {
+            let claim_cert_id = crate::identity::pki::cert_id(end);
+            let Some(_place) = enrollment.session_place() else {
+                ctx.stats.deny("claim_refused");
+                debug!(%peer, "claim connections (auth.enrollment.max_sessions) full; closing");
+                return;
+            };
+            session::run_claim(tls, claim_cert_id, peer, ctx).await;
+            return;
+        }
+    }
+    let identity = chain
         .and_then(|chain| chain.first())
         .map(|der| Identity::from_der(der));
     let identity = match identity {

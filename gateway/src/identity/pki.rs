@@ -278,6 +278,7 @@ impl SiteCa {
             thing,
             cert_pem: cert.pem(),
             cert_id: cert_id(cert.der()),
+            key_digest: hex::encode(Sha256::digest(info.subject_pki.raw)),
         })
     }
 }
@@ -288,6 +289,9 @@ pub struct SignedCsr {
     pub thing: String,
     pub cert_pem: String,
     pub cert_id: String,
+    /// SHA-256 of the request's public key (its DER SubjectPublicKeyInfo), lowercase hex: the
+    /// same key asking again is told apart from another key.
+    pub key_digest: String,
 }
 
 /// Refuses keys too weak to stand for a device for years.

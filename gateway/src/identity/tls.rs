@@ -1,6 +1,7 @@
 //! The listener's TLS: mutual TLS 1.2/1.3 where every client must present a certificate that
 //! chains to one of the configured site CAs, is inside its validity window, and is not on one
-//! of the configured certificate revocation lists.
+//! of the configured certificate revocation lists. With `[auth.enrollment]` the claim CAs are
+//! trusted too, and [`ClaimCheck`] tells their certificates apart after the handshake.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 /// Why the listener's TLS could not be set up. Fix the files; retrying will not help.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("listener.{key} {path}: {reason}")]
+    #[error("{key} {path}: {reason}")]
     File {
         key: &'static str,
         path: PathBuf,
@@ -37,7 +38,7 @@ pub fn load_crls(paths: &[PathBuf]) -> Result<Crls, TlsSetupError> {
     let mut crls = Crls::default();
     for path in paths {
         let file_err = |reason: String| TlsSetupError::File {
-            key: "crl",
+            key: "listener.crl",
             path: path.to_owned(),
             reason,
         };
@@ -63,18 +64,25 @@ pub fn load_crls(paths: &[PathBuf]) -> Result<Crls, TlsSetupError> {
 }
 
 /// Builds the listener's acceptor from PEM files: the client CAs (`ca`), the server
-/// certificate chain (`cert`) and its private key (`key`), and the revocation lists `crls`.
+/// certificate chain (`cert`) and its private key (`key`), the revocation lists `crls`, and
+/// the claim CAs of `[auth.enrollment]`, whose certificates [`ClaimCheck`] tells apart.
 /// Errors name the `[listener]` key.
 pub fn acceptor(
     ca: &Path,
     cert: &Path,
     key: &Path,
     crls: &Crls,
+    claim_ca: Option<&Path>,
 ) -> Result<TlsAcceptor, TlsSetupError> {
-    let roots = load_roots(ca)?;
-    let certs = load_certs("cert", cert)?;
+    let mut roots = load_roots("listener.ca", ca)?;
+    if let Some(claim) = claim_ca {
+        for anchor in load_roots("auth.enrollment.claim_ca", claim)?.roots {
+            roots.roots.push(anchor);
+        }
+    }
+    let certs = load_certs("listener.cert", cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsSetupError::File {
-        key: "key",
+        key: "listener.key",
         path: key.to_owned(),
         reason: format!("no usable private key: {e}"),
     })?;
@@ -120,9 +128,9 @@ fn load_certs(
     Ok(certs)
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
+fn load_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsSetupError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs("ca", path)? {
+    for cert in load_certs(key, path)? {
         // webpki takes any certificate as a trust anchor; only a CA may anchor device trust,
         // or a leaf (a device's own certificate, say) would vouch for whatever it signs.
         let ca = x509_parser::parse_x509_certificate(&cert)
@@ -130,16 +138,66 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
             .and_then(|(_, c)| c.is_ca().then_some(()).ok_or_else(|| "basicConstraints CA:FALSE (or absent): a leaf certificate cannot be a trust anchor".to_owned()));
         if let Err(reason) = ca {
             return Err(TlsSetupError::File {
-                key: "ca",
+                key,
                 path: path.to_owned(),
                 reason: format!("not a CA certificate: {reason}"),
             });
         }
         roots.add(cert).map_err(|e| TlsSetupError::File {
-            key: "ca",
+            key,
             path: path.to_owned(),
             reason: format!("not a usable CA certificate: {e}"),
         })?;
     }
     Ok(roots)
+}
+
+/// Tells a claim certificate (`[auth.enrollment] claim_ca`) from a device's after the
+/// handshake: the listener trusts both CAs, and only this check decides which one a
+/// connection's certificate chains to.
+#[derive(Debug, Clone)]
+pub struct ClaimCheck {
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl ClaimCheck {
+    /// Reads the claim CAs from `claim_ca`, refusing one that shares a subject with a CA of
+    /// `device_ca` (`listener.ca`): a device's certificate must never pass for a claim, nor a
+    /// claim for a device.
+    pub fn load(claim_ca: &Path, device_ca: &Path) -> Result<ClaimCheck, TlsSetupError> {
+        let key = "auth.enrollment.claim_ca";
+        let claims = load_roots(key, claim_ca)?;
+        let devices = load_roots("listener.ca", device_ca)?;
+        for claim in &claims.roots {
+            if devices.roots.iter().any(|d| d.subject == claim.subject) {
+                return Err(TlsSetupError::File {
+                    key,
+                    path: claim_ca.to_owned(),
+                    reason: "a claim CA has the subject of a CA in listener.ca; make the claim CA a CA of its own (`sitegate ca init` in another directory, with another site name)".into(),
+                });
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(claims), provider)
+            .build()
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+        Ok(ClaimCheck { verifier })
+    }
+
+    /// Whether `chain` (end entity first, as the client sent it) chains to a claim CA.
+    pub fn holds(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((end, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.verifier
+            .verify_client_cert(end, intermediates, rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// Whether the CA file `ca` (`listener.ca`) holds the CA certificate `ca_pem`.
+pub fn holds_ca(ca: &Path, ca_pem: &str) -> Result<bool, TlsSetupError> {
+    let wanted = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| TlsSetupError::Rustls(format!("signing CA: {e}")))?;
+    Ok(load_certs("listener.ca", ca)?.contains(&wanted))
 }

@@ -90,6 +90,11 @@ counters! {
     retained_quota_refused,
     /// Connections closed at once because the handshake budget (site or address) was spent.
     pending_over_limit,
+    /// Claim-certificate connections (`[auth.enrollment]`) now open.
+    claim_sessions_open,
+    /// Claim-certificate connections closed for a packet outside enrollment, or turned away
+    /// over `auth.enrollment.max_sessions`.
+    claims_refused,
     /// Times the local router was rebuilt (its thread ended, or its caches were freed).
     router_rebuilds,
     /// Messages delivered to subscribed devices.
@@ -190,6 +195,7 @@ impl Stats {
             "subscribe_quota" => &self.subscribe_quota_refused,
             "retained_quota" => &self.retained_quota_refused,
             "over_pending_limit" => &self.pending_over_limit,
+            "claim_refused" => &self.claims_refused,
             _ => &self.topics_invalid,
         };
         counter.fetch_add(1, Relaxed);
@@ -198,7 +204,7 @@ impl Stats {
 
 impl StatsSnapshot {
     /// Every refusal by its `sitegate_denied_total` reason label.
-    pub fn denials(&self) -> [(&'static str, u64); 14] {
+    pub fn denials(&self) -> [(&'static str, u64); 15] {
         [
             ("handshake_failed", self.handshakes_failed),
             ("connect_refused", self.connects_refused),
@@ -214,6 +220,7 @@ impl StatsSnapshot {
             ("retained_quota", self.retained_quota_refused),
             ("protocol_error", self.protocol_errors),
             ("revoked", self.revoked_disconnects),
+            ("claim_refused", self.claims_refused),
         ]
     }
 }

@@ -111,6 +111,9 @@ policy = "NAME"
 description = "d"
 operations = ["mqtt:connect"]
 resources = ["*"]
+[auth.enrollment]
+claim_ca = "c"
+ca_dir = "d"
 [sinks.k]
 type = "kinesis"
 stream = "s"

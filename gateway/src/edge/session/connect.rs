@@ -368,12 +368,12 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
-enum ConnectError {
+pub(super) enum ConnectError {
     Version(u8),
     Other(String),
 }
 
-async fn read_connect<S: AsyncRead + Unpin>(
+pub(super) async fn read_connect<S: AsyncRead + Unpin>(
     conn: &mut Conn<S>,
     max_packet_size: usize,
 ) -> Result<(Codec, Packet), ConnectError> {
@@ -493,7 +493,7 @@ fn admit(
     })
 }
 
-fn granted_keep_alive(requested: u16, max: u16) -> u16 {
+pub(super) fn granted_keep_alive(requested: u16, max: u16) -> u16 {
     if requested == 0 || requested > max {
         max
     } else {
@@ -501,7 +501,7 @@ fn granted_keep_alive(requested: u16, max: u16) -> u16 {
     }
 }
 
-fn refusal(code: ConnectReturnCode) -> Packet {
+pub(super) fn refusal(code: ConnectReturnCode) -> Packet {
     Packet::ConnAck(
         ConnAck {
             session_present: false,

@@ -16,6 +16,8 @@
 //!   session, and ending it when it expires.
 //! - `saved`: persistent sessions across a disconnect and a restart: the kept value, the
 //!   handover to the offline queue when a device leaves, the resumption, the restore at start.
+//! - `claim`: a connection with a claim certificate (`[auth.enrollment]`), which speaks only
+//!   the enrollment topics and never becomes a session of the kinds above.
 //!
 //! This file holds what all phases share: the limits, the context, the socket and the
 //! session's state.
@@ -39,11 +41,13 @@ use crate::pipeline::{Ingest, Message};
 use crate::topic::TopicLimits;
 
 mod acks;
+mod claim;
 mod close;
 mod connect;
 mod saved;
 mod serve;
 
+pub(super) use claim::run_claim;
 pub use close::expire_sessions;
 pub(super) use connect::run;
 pub use saved::{restore_sessions, Restored};
@@ -102,6 +106,8 @@ pub struct EdgeContext {
     pub limits: Limits,
     /// Where allowed publishes go to be routed and spooled; `None` when nothing is routed.
     pub ingest: Option<Ingest>,
+    /// In-band enrollment by claim certificate, when `[auth.enrollment]` is set.
+    pub enrollment: Option<Arc<crate::auth::Enrollment>>,
 }
 
 /// The socket and its buffers.
