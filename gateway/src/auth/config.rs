@@ -45,7 +45,8 @@ pub struct AuthConfig {
 /// `[auth.enrollment]`: fleet provisioning by claim, at the edge. A device connecting with a
 /// certificate of `claim_ca` may only publish a CSR to `$sitegate/enroll/<thing>` and take its
 /// answer on `$sitegate/enroll/<thing>/accepted` or `/rejected`; the certificate is signed with
-/// the site CA in `ca_dir` and sent once an operator (or the registry verifier) approves it.
+/// the site CA in `ca_dir` and sent once approved: by an operator (now or ahead), or by
+/// `[auth.registry]` when the thing's `sitegate_enrollment_key` attribute names the key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollmentConfig {

@@ -2,8 +2,10 @@
 //! does it, at the edge: a device holding the shared claim certificate sends a CSR for the thing
 //! it asks to be; the gateway signs it with the site CA at once, records the certificate as
 //! pending in the registry, and hands it over only once it is approved (an operator's
-//! `device approve`, an approval given ahead of the thing's first certificate, or the registry
-//! verifier). The device's key never leaves it, and the certificate does nothing until approved.
+//! `device approve`, an approval given ahead of the thing's first certificate, or the AWS IoT
+//! registry when the thing's `sitegate_enrollment_key` attribute names the requesting key, see
+//! `auth::verifier`). The device's key never leaves it, and the certificate does nothing until
+//! approved.
 //!
 //! What a claim connection may do is not a policy: `edge::session::claim` speaks only the
 //! enrollment topics, so the claim certificate has no other permission to lose.
@@ -314,7 +316,7 @@ impl Enrollment {
             "enrollment asked with claim certificate {} from {source_ip}",
             &claim_cert_id[..claim_cert_id.len().min(12)]
         );
-        authority.enrolled(thing, &stored.cert_id, &reason)?;
+        authority.enrolled(thing, &stored.cert_id, &stored.key_digest, &reason)?;
         Ok(self.outcome_of(authority, thing, &stored))
     }
 

@@ -127,9 +127,10 @@ impl Authority {
         &self,
         thing: &str,
         cert_id: &str,
+        key_digest: &str,
         reason: &str,
     ) -> Result<DeviceRecord, RegistryError> {
-        let record = self.registry.enroll(thing, cert_id, reason)?;
+        let record = self.registry.enroll(thing, cert_id, key_digest, reason)?;
         self.bump();
         Ok(record)
     }

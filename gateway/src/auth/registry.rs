@@ -65,6 +65,10 @@ pub struct CertRecord {
     /// When the AWS IoT registry last answered for it (Unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked_ms: Option<u64>,
+    /// Signed here by in-band enrollment: the SHA-256 (lowercase hex) of the public key it was
+    /// signed for, which the AWS IoT registry may vouch for through the thing's attribute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_key: Option<String>,
 }
 
 /// What the AWS IoT registry says of a thing (`[auth.registry]`).
@@ -222,6 +226,7 @@ impl DeviceRecord {
                     serial: None,
                     voucher: Voucher::Operator,
                     checked_ms: None,
+                    enrolled_key: None,
                 });
                 self.certs.len() - 1
             }
@@ -440,19 +445,22 @@ impl Registry {
         })
     }
 
-    /// Records `cert_id`, just signed for `thing` by enrollment, as pending with `reason`, or
-    /// approved when an operator approved the thing ahead of its first certificate. The
-    /// caller has checked the thing may enroll (not revoked, no approved certificate).
+    /// Records `cert_id`, just signed for `thing` by enrollment for the key whose SHA-256 is
+    /// `key_digest`, as pending with `reason`, or approved when an operator approved the thing
+    /// ahead of its first certificate. The caller has checked the thing may enroll (not
+    /// revoked, no approved certificate).
     pub fn enroll(
         &self,
         thing: &str,
         cert_id: &str,
+        key_digest: &str,
         reason: &str,
     ) -> Result<DeviceRecord, RegistryError> {
         self.disk.check(0)?;
         self.update(thing, Durability::Flushed, |r| {
             let approve = r.approve_next;
             let cert = r.cert_mut(cert_id);
+            cert.enrolled_key = Some(key_digest.to_owned());
             if approve {
                 cert.state = DeviceState::Approved;
                 cert.voucher = Voucher::Operator;

@@ -36,6 +36,9 @@ use crate::escape::Escaped;
 
 /// A certificate that stays pending is looked up at most this often on its reconnects.
 pub const RECHECK_AFTER: Duration = Duration::from_secs(10);
+/// The thing attribute through which AWS IoT vouches for a certificate enrolled here: the
+/// SHA-256 of the device's public key (its DER SubjectPublicKeyInfo), lowercase hex.
+pub const ENROLLMENT_KEY_ATTRIBUTE: &str = "sitegate_enrollment_key";
 /// Pages of a list call read at most (100 items a page).
 const MAX_PAGES: usize = 20;
 
@@ -101,10 +104,20 @@ impl Verifier {
     }
 
     /// What AWS IoT says of `cert_id` presented by `thing`; counted in
-    /// [`crate::metrics::REGISTRY_LOOKUPS`].
-    pub async fn look_up(&self, thing: &str, cert_id: &str) -> Result<Finding, VerifyError> {
+    /// [`crate::metrics::REGISTRY_LOOKUPS`]. A certificate enrolled here (`enrolled_key`: the
+    /// digest of its key) that AWS IoT does not know is vouched for through its thing instead:
+    /// the thing's [`ENROLLMENT_KEY_ATTRIBUTE`] must name that key.
+    pub async fn look_up(
+        &self,
+        thing: &str,
+        cert_id: &str,
+        enrolled_key: Option<&str>,
+    ) -> Result<Finding, VerifyError> {
         crate::metrics::handle();
-        let found = self.ask(thing, cert_id).await;
+        let found = match (self.ask(thing, cert_id).await, enrolled_key) {
+            (Ok(Finding::Unknown(_)), Some(key)) => self.ask_enrolled(thing, key).await,
+            (other, _) => other,
+        };
         let result = if found.is_ok() { "answered" } else { "failed" };
         metrics::counter!(crate::metrics::REGISTRY_LOOKUPS, "result" => result).increment(1);
         found
@@ -164,13 +177,47 @@ impl Verifier {
                 "not attached to thing {thing} in AWS IoT"
             )));
         }
-        let described = self
-            .client
-            .describe_thing()
-            .thing_name(thing)
-            .send()
-            .await
-            .map_err(|e| unreachable(error_text(e)))?;
+        match self.thing_facts(thing).await? {
+            Some(cloud) => Ok(Finding::Approved(cloud)),
+            None => Ok(Finding::Refused(format!("thing {thing} is not in AWS IoT"))),
+        }
+    }
+
+    /// A certificate signed here by enrollment for the key whose SHA-256 is `key`: the thing
+    /// must exist in AWS IoT with that digest as its [`ENROLLMENT_KEY_ATTRIBUTE`], which the
+    /// factory records when it makes the key, so a claim certificate alone vouches for nothing.
+    async fn ask_enrolled(&self, thing: &str, key: &str) -> Result<Finding, VerifyError> {
+        let Some(cloud) = self.thing_facts(thing).await? else {
+            return Ok(Finding::Unknown(format!(
+                "enrolled here; thing {thing} is not in AWS IoT"
+            )));
+        };
+        if cloud
+            .attributes
+            .get(ENROLLMENT_KEY_ATTRIBUTE)
+            .map(String::as_str)
+            == Some(key)
+        {
+            return Ok(Finding::Approved(cloud));
+        }
+        Ok(Finding::Refused(format!(
+            "enrolled here; thing {thing} in AWS IoT has no {ENROLLMENT_KEY_ATTRIBUTE} attribute naming this key"
+        )))
+    }
+
+    /// The thing's type, attributes and thing groups; `None` when AWS IoT has no such thing.
+    async fn thing_facts(&self, thing: &str) -> Result<Option<Cloud>, VerifyError> {
+        let unreachable = |e: String| VerifyError::Unreachable(e);
+        let described = match self.client.describe_thing().thing_name(thing).send().await {
+            Ok(d) => d,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(unreachable(error_text(e))),
+        };
         let mut cloud = Cloud {
             thing_type: described.thing_type_name().map(str::to_owned),
             attributes: described
@@ -200,7 +247,7 @@ impl Verifier {
             }
         }
         cloud.thing_groups.sort();
-        Ok(Finding::Approved(cloud))
+        Ok(Some(cloud))
     }
 
     /// Looks up a pending certificate that just connected (at most every [`RECHECK_AFTER`]
@@ -215,7 +262,14 @@ impl Verifier {
             }
             recent.insert(cert_id.to_owned(), now);
         }
-        match self.look_up(thing, cert_id).await {
+        let enrolled_key = match authority.registry().get(thing) {
+            Ok(r) => r.and_then(|r| r.cert(cert_id).and_then(|c| c.enrolled_key.clone())),
+            Err(e) => {
+                warn!(thing = %Escaped(thing), error = %e, "registry unreadable; the device stays pending");
+                return;
+            }
+        };
+        match self.look_up(thing, cert_id, enrolled_key.as_deref()).await {
             Ok(finding) => {
                 if let Err(e) = apply(authority, thing, cert_id, &finding) {
                     warn!(thing = %Escaped(thing), error = %e, "registry answer not recorded");
@@ -251,7 +305,9 @@ impl Verifier {
                 if cert.state == super::DeviceState::Revoked {
                     continue;
                 }
-                let finding = self.look_up(&record.thing, &cert.id).await?;
+                let finding = self
+                    .look_up(&record.thing, &cert.id, cert.enrolled_key.as_deref())
+                    .await?;
                 report.checked += 1;
                 if apply(authority, &record.thing, &cert.id, &finding)? {
                     report.changed += 1;

@@ -2,7 +2,7 @@
 //! mosquitto clients (plus rumqttc where a test needs a connection held open in code).
 
 use crate::common;
-mod enroll;
+pub(crate) mod enroll;
 mod hostile;
 
 use std::process::Stdio;

@@ -348,3 +348,128 @@ async fn an_unreachable_registry_is_trusted_for_a_while_then_the_local_registry_
     );
     site.stop().await;
 }
+
+/// In-band enrollment vouched for by AWS IoT: the factory recorded the device's key digest in
+/// its thing's `sitegate_enrollment_key` attribute, so the claim device's request is answered
+/// with no operator step (and the certificate gets the thing group's policy). A thing whose
+/// attribute does not name the requesting key stays pending, with the reason in `device list`:
+/// a stolen claim certificate vouches for nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aws_iot_registry_vouches_for_an_enrollment_whose_key_the_factory_recorded() {
+    use crate::edge::enroll::{
+        answer_of, claim_cert, claim_request, device_csr, enable_enrollment,
+    };
+    use sha2::Digest as _;
+    let moto = Moto::start_with_der_certificate_ids().await;
+    let iot = moto.iot(&moto.endpoint).await;
+    iot.create_thing_group()
+        .thing_group_name("pumps")
+        .send()
+        .await
+        .unwrap();
+    let mut claim_ca = std::path::PathBuf::new();
+    let hour = Period::from_secs(3600);
+    let endpoint = moto.endpoint.clone();
+    let site = Site::start_with(|c| {
+        c.auth = toml::from_str(REGISTRY_AUTH).unwrap();
+        c.auth.registry = Some(RegistryConfig {
+            kind: "iot".into(),
+            endpoint: Some(endpoint),
+            region: Some("us-east-1".into()),
+            sync_interval: hour,
+            trust_for: hour,
+        });
+        claim_ca = enable_enrollment(c, 10, 4);
+    })
+    .await;
+    let claim = claim_cert(&site, &claim_ca);
+    let on_device = site.dir.path().join("on-device");
+    std::fs::create_dir_all(&on_device).unwrap();
+
+    // At the factory: the key, and its digest recorded on the thing (README's openssl line).
+    let (key, csr) = device_csr(&on_device, "pump-21", "pump-21");
+    let public = on_device.join("pump-21.pub.der");
+    let out = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let digest = hex::encode(sha2::Sha256::digest(std::fs::read(&public).unwrap()));
+    iot.create_thing()
+        .thing_name("pump-21")
+        .attribute_payload(
+            AttributePayload::builder()
+                .attributes("sitegate_enrollment_key", &digest)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    iot.add_thing_to_thing_group()
+        .thing_group_name("pumps")
+        .thing_name("pump-21")
+        .send()
+        .await
+        .unwrap();
+    let answer = answer_of(claim_request(
+        &site,
+        &claim,
+        "claim-1",
+        "$sitegate/enroll/pump-21",
+        "$sitegate/enroll/pump-21/accepted",
+        &csr,
+        20,
+    ))
+    .await;
+    let cert_id = answer["certificateId"].as_str().unwrap().to_string();
+    let cert = on_device.join("pump-21.pem");
+    std::fs::write(&cert, answer["certificatePem"].as_str().unwrap()).unwrap();
+    let pump = IssuedDevice {
+        thing: "pump-21".into(),
+        cert_id: cert_id.clone(),
+        cert,
+        key,
+    };
+    assert!(publishes_within(&site, &pump, "status/pump-21").await);
+    let view = device_view(&site, "pump-21").await;
+    assert_eq!(view.state, DeviceState::Approved, "{view:?}");
+    assert!(view.groups.contains(&"pumps".to_string()), "{view:?}");
+
+    // The thing exists, but its attribute names another key: pending, and why.
+    create_thing(&iot, "pump-22", "a", &["pumps"]).await;
+    let (_, other) = device_csr(&on_device, "pump-22", "pump-22");
+    let waiting = claim_request(
+        &site,
+        &claim,
+        "claim-1",
+        "$sitegate/enroll/pump-22",
+        "$sitegate/enroll/pump-22/accepted",
+        &other,
+        4,
+    );
+    let out = waiting.wait_with_output().await.unwrap();
+    assert!(out.stdout.is_empty(), "{}", text(&out));
+    let view = device_view(&site, "pump-22").await;
+    let cert = &view.certs[0];
+    assert_eq!(cert.state, DeviceState::Pending, "{view:?}");
+    assert!(
+        cert.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("sitegate_enrollment_key")),
+        "{view:?}"
+    );
+    // A sync keeps both as they are.
+    sync(&site).await;
+    assert_eq!(
+        device_view(&site, "pump-21").await.state,
+        DeviceState::Approved
+    );
+    assert_eq!(
+        device_view(&site, "pump-22").await.certs[0].state,
+        DeviceState::Pending
+    );
+    site.stop().await;
+}

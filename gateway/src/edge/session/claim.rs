@@ -285,6 +285,8 @@ impl Claim<'_> {
                     Outcome::Pending(cert_id) => {
                         info!(thing = %thing, cert_id = %cert_id, "enrollment pending: approve it with `sitegate device approve {thing} --cert {cert_id}`");
                         self.waiting = Some(cert_id.clone());
+                        // The AWS IoT registry may vouch for it through its thing; its answer
+                        // reaches this connection through the epoch.
                         if let Some(verifier) = self.ctx.authority.verifier() {
                             let (verifier, authority) =
                                 (Arc::clone(verifier), Arc::clone(&self.ctx.authority));

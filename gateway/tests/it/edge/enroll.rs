@@ -10,14 +10,37 @@ use std::time::Duration;
 
 use crate::common::*;
 use sitegate::auth::{DeviceState, EnrollmentConfig};
+use sitegate::config::Config;
 use sitegate::identity::pki::{self, IssuedDevice};
 use sitegate::ops::admin::{AdminRequest, AdminResponse};
 use sitegate::ops::prometheus::{scrape, value_of};
 use sitegate_plugins::units::Period;
 use tokio::process::{Child, Command};
 
+/// Adds `[auth.enrollment]` to `c`, with a claim CA of its own beside the site's CA (as
+/// `sitegate ca init` makes one); returns the claim CA's directory.
+pub(crate) fn enable_enrollment(c: &mut Config, per_minute: u32, sessions: usize) -> PathBuf {
+    let root = c.data_dir.parent().unwrap().to_path_buf();
+    let claims = pki::init_ca(&root.join("claim-ca"), "claims", &[]).unwrap();
+    c.auth.enrollment = Some(EnrollmentConfig {
+        claim_ca: claims.ca_cert,
+        ca_dir: root.join("pki"),
+        cert_days: 30,
+        max_requests_per_minute: per_minute,
+        max_pending: 10,
+        max_sessions: sessions,
+        session_limit: Period(Duration::from_secs(60)),
+    });
+    root.join("claim-ca")
+}
+
+/// The shared claim certificate, from the claim CA in `claim_ca`.
+pub(crate) fn claim_cert(site: &Site, claim_ca: &Path) -> IssuedDevice {
+    pki::issue_device("claim-1", claim_ca, &site.dir.path().join("claim"), 30).unwrap()
+}
+
 /// A key and CSR made "on the device" by openssl, P-256.
-fn device_csr(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn device_csr(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
     let (key, csr) = (
         dir.join(format!("{name}.key")),
         dir.join(format!("{name}.csr")),
@@ -42,7 +65,7 @@ fn device_csr(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
 
 /// `mosquitto_rr` with the claim certificate: subscribes to `answer`, publishes `csr` to
 /// `request`, prints the one answer it gets (or times out after `wait_secs`).
-fn claim_request(
+pub(crate) fn claim_request(
     site: &Site,
     claim: &IssuedDevice,
     client_id: &str,
@@ -74,7 +97,7 @@ fn claim_request(
         .expect("mosquitto_rr runs (apt-get install mosquitto-clients)")
 }
 
-async fn answer_of(child: Child) -> serde_json::Value {
+pub(crate) async fn answer_of(child: Child) -> serde_json::Value {
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("mosquitto_rr ends")
@@ -99,29 +122,8 @@ async fn pending_cert(site: &Site, thing: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_certificate_enrolls_a_device_and_can_do_nothing_else() {
     let mut claim_ca = PathBuf::new();
-    let site = Site::start_with(|c| {
-        let root = c.data_dir.parent().unwrap().to_path_buf();
-        // The claim CA is a CA of its own, as `sitegate ca init` makes one.
-        let claims = pki::init_ca(&root.join("claim-ca"), "claims", &[]).unwrap();
-        claim_ca = claims.ca_cert.clone();
-        c.auth.enrollment = Some(EnrollmentConfig {
-            claim_ca: claims.ca_cert,
-            ca_dir: root.join("pki"),
-            cert_days: 30,
-            max_requests_per_minute: 3,
-            max_pending: 10,
-            max_sessions: 4,
-            session_limit: Period(Duration::from_secs(60)),
-        });
-    })
-    .await;
-    let claim = pki::issue_device(
-        "claim-1",
-        claim_ca.parent().unwrap(),
-        &site.dir.path().join("claim"),
-        30,
-    )
-    .unwrap();
+    let site = Site::start_with(|c| claim_ca = enable_enrollment(c, 3, 4)).await;
+    let claim = claim_cert(&site, &claim_ca);
     let on_device = site.dir.path().join("on-device");
     std::fs::create_dir_all(&on_device).unwrap();
 
@@ -253,28 +255,8 @@ async fn a_claim_certificate_enrolls_a_device_and_can_do_nothing_else() {
 async fn a_claim_connection_refuses_what_no_enrollment_client_sends() {
     use crate::common::raw::{self, RawClient};
     let mut claim_ca = PathBuf::new();
-    let site = Site::start_with(|c| {
-        let root = c.data_dir.parent().unwrap().to_path_buf();
-        let claims = pki::init_ca(&root.join("claim-ca"), "claims", &[]).unwrap();
-        claim_ca = claims.ca_cert.clone();
-        c.auth.enrollment = Some(EnrollmentConfig {
-            claim_ca: claims.ca_cert,
-            ca_dir: root.join("pki"),
-            cert_days: 30,
-            max_requests_per_minute: 10,
-            max_pending: 10,
-            max_sessions: 2,
-            session_limit: Period(Duration::from_secs(60)),
-        });
-    })
-    .await;
-    let claim = pki::issue_device(
-        "claim-1",
-        claim_ca.parent().unwrap(),
-        &site.dir.path().join("claim"),
-        30,
-    )
-    .unwrap();
+    let site = Site::start_with(|c| claim_ca = enable_enrollment(c, 10, 2)).await;
+    let claim = claim_cert(&site, &claim_ca);
     let creds = site.credentials(&claim);
     let connect = |id: &'static str| {
         let creds = &creds;
