@@ -54,7 +54,20 @@ fn kinesis(c: &mut Criterion) {
     let thousand = records(1000, 100);
     let (p, _) = plain.encode(&thousand);
     let (a, _) = aggregated.encode(&thousand);
-    println!("Kinesis records per 1,000 device messages from 100 devices: plain {}, aggregated {} (16 buckets)", p.len(), a.len());
+    let mut per_shard = sink(&rt, &endpoint, true);
+    // Four shards splitting the key space evenly, as CreateStream makes them.
+    let quarter = u128::MAX / 4;
+    per_shard.assume_shards(
+        (0..4u128)
+            .map(|i| sitegate_plugins::kinesis::shards::Shard {
+                id: format!("shardId-{i:012}"),
+                start: i * quarter + i.min(1),
+                end: if i == 3 { u128::MAX } else { (i + 1) * quarter },
+            })
+            .collect(),
+    );
+    let (s, _) = per_shard.encode(&thousand);
+    println!("Kinesis records per 1,000 device messages from 100 devices: plain {}, aggregated {} (16 buckets), {} (per shard, 4 shards)", p.len(), a.len(), s.len());
 
     let mut g = c.benchmark_group("kinesis_encode_500");
     g.throughput(Throughput::Elements(500));

@@ -67,7 +67,7 @@ impl SinkConfig {
     /// How long the drain may wait for more records before sending a short batch.
     pub fn linger(&self) -> std::time::Duration {
         match self {
-            SinkConfig::Kinesis(c) => c.linger.0,
+            SinkConfig::Kinesis(c) => c.linger().0,
             _ => std::time::Duration::ZERO,
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::aws::{Moto, Relay, StreamRecord};
-use common::{text, Site};
+use common::{simulate, text, Site};
 use sitegate::config::{Config, RouteConfig};
 use sitegate_plugins::kinesis::KinesisConfig;
 use sitegate_plugins::SinkConfig;
@@ -210,12 +210,15 @@ async fn aggregated_records_deaggregate_with_aws_kinesis_agg() {
 }
 
 async fn deaggregate(raw: &[StreamRecord]) -> Vec<serde_json::Value> {
+    // moto numbers records per shard, so the sequence number given here is the record's place
+    // in `raw`: each user record names the Kinesis record it came in.
     let input: Vec<serde_json::Value> = raw
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             serde_json::json!({
                 "partitionKey": r.partition_key,
-                "sequenceNumber": r.sequence_number,
+                "sequenceNumber": i.to_string(),
                 "data": base64::engine::general_purpose::STANDARD.encode(&r.data),
             })
         })
@@ -307,6 +310,112 @@ async fn a_frozen_endpoint_is_reported_at_the_first_failed_attempt() {
         site.spool_status().await.queues[0].records,
         1,
         "kept in the spool"
+    );
+    site.stop().await;
+}
+
+/// A steady flow, as a site has it, packed per destination shard as the KPL does: 10 devices
+/// publishing for 5 s into a 2-shard stream. aws-kinesis-agg gives back every acknowledged
+/// message with its own partition key, each device's messages all came on the one shard its
+/// key hashes to (MD5 into the ListShards ranges), in order. Prints the records and 25 KB
+/// payload units per message for the closing note (issue 19: the linger is the knob).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_steady_flow_is_packed_per_destination_shard() {
+    let moto = Moto::start().await;
+    moto.create_stream("steady", 2).await;
+    let site = Site::start_with(|c| route_to_kinesis(c, &moto.endpoint, "steady", true)).await;
+    let s = simulate(
+        &site,
+        &[
+            "--devices",
+            "10",
+            "--rate",
+            "400",
+            "--duration",
+            "5",
+            "--prefix",
+            "sensor",
+            "--profile",
+            "freezer",
+            "--approve-as",
+            "sensors",
+            "--quiet",
+        ],
+    )
+    .await;
+    let expected = s.acknowledged as usize;
+    assert!(expected > 0, "{s:?}");
+    let mut users: Vec<serde_json::Value> = Vec::new();
+    let mut raw = Vec::new();
+    for _ in 0..200 {
+        raw = moto.read_stream("steady").await;
+        users = deaggregate(&raw).await;
+        if users.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        users.len(),
+        expected,
+        "every acknowledged message comes back out"
+    );
+
+    let k = moto.kinesis(&moto.endpoint).await;
+    let listed = k.list_shards().stream_name("steady").send().await.unwrap();
+    let ranges: Vec<(String, u128, u128)> = listed
+        .shards()
+        .iter()
+        .map(|s| {
+            let r = s.hash_key_range().unwrap();
+            (
+                s.shard_id().to_string(),
+                r.starting_hash_key().parse().unwrap(),
+                r.ending_hash_key().parse().unwrap(),
+            )
+        })
+        .collect();
+    let mut envelopes = Vec::new();
+    for u in &users {
+        let key = u["partitionKey"].as_str().unwrap();
+        let carrier: usize = u["sequenceNumber"].as_str().unwrap().parse().unwrap();
+        let landed = raw[carrier].shard_id.as_str();
+        let hash = sitegate_plugins::kinesis::shards::hash_key(key);
+        let (own, ..) = ranges
+            .iter()
+            .find(|(_, start, end)| (*start..=*end).contains(&hash))
+            .unwrap();
+        assert_eq!(landed, own, "{key} lands on the shard its key hashes to");
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(u["data"].as_str().unwrap())
+            .unwrap();
+        let e = json(&data);
+        assert_eq!(u["partitionKey"], e["thing_name"]);
+        envelopes.push(e);
+    }
+    let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in &envelopes {
+        seqs.entry(e["thing_name"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e["payload"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs.len(), 10);
+    for (thing, ns) in seqs {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{thing} in order: {ns:?}"
+        );
+    }
+    let units: usize = raw
+        .iter()
+        .map(|r| (r.data.len() + r.partition_key.len()).div_ceil(25 * 1024))
+        .sum();
+    println!(
+        "steady flow: {expected} messages in {} Kinesis records ({:.1} messages per record), {units} PUT payload units ({:.1} messages per unit), {} shards",
+        raw.len(),
+        expected as f64 / raw.len() as f64,
+        expected as f64 / units as f64,
+        ranges.len()
     );
     site.stop().await;
 }

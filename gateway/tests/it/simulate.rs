@@ -5,50 +5,12 @@
 use crate::common;
 
 use std::path::Path;
-use std::time::Duration;
 
-use common::Site;
+use common::{simulate, Site};
 use sitegate::config::RouteConfig;
-use sitegate::fleet::simulate::Summary;
 use sitegate::ops::prometheus::{scrape, value_of};
 use sitegate_plugins::file::{FileConfig, DEFAULT_KEEP, DEFAULT_ROTATE_BYTES};
 use sitegate_plugins::SinkConfig;
-
-/// Runs `sitegate simulate` with `args` against `site`; returns its summary.
-async fn simulate(site: &Site, args: &[&str]) -> Summary {
-    let config = site.dir.path().join("sitegate.toml");
-    std::fs::write(&config, toml::to_string(&site.config).unwrap()).unwrap();
-    let json = site
-        .dir
-        .path()
-        .join(format!("summary-{}.json", rand::random::<u32>()));
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_sitegate"))
-            .arg("simulate")
-            .args(["--gateway", &site.addr.to_string()])
-            .args(["--ca", site.pki_dir().to_str().unwrap()])
-            .args(["--config", config.to_str().unwrap()])
-            .args(["--json", json.to_str().unwrap()])
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("simulate finished in time")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "simulate failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("latency") && stdout.contains("p99"),
-        "{stdout}"
-    );
-    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
-}
 
 async fn http(addr: std::net::SocketAddr, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -17,6 +17,9 @@ pub const MAX_RECORD_BYTES: usize = 1 << 20;
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 /// How long a drain waits for more records before sending a short batch.
 pub const DEFAULT_LINGER_MS: u64 = 100;
+/// The same with `aggregate`: a longer wait fills each shard's aggregate, which is what the
+/// stream is billed by (records and 25 KB payload units).
+pub const DEFAULT_AGGREGATE_LINGER_MS: u64 = 1000;
 /// Aggregation buckets when `aggregation_buckets` is not given.
 pub const DEFAULT_AGGREGATION_BUCKETS: u32 = 16;
 /// Attempts for the failed entries of one PutRecords before the drain takes over.
@@ -46,9 +49,11 @@ pub struct KinesisConfig {
     /// and stay in order. Use at least the stream's shard count.
     #[serde(default = "default_aggregation_buckets")]
     pub aggregation_buckets: u32,
-    /// Wait this long for more records before sending a batch smaller than 500.
-    #[serde(default = "default_linger")]
-    pub linger: Period,
+    /// Wait this long for more records before sending a batch smaller than 500: the
+    /// cost/latency knob (longer fills aggregates, so fewer Kinesis records). Default 100ms,
+    /// or 1s with `aggregate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linger: Option<Period>,
     /// Tries for failed entries within one send before handing back to the spool drain.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -60,9 +65,6 @@ fn default_partition_key() -> Template {
 }
 fn default_aggregation_buckets() -> u32 {
     DEFAULT_AGGREGATION_BUCKETS
-}
-fn default_linger() -> Period {
-    Period::from_millis(DEFAULT_LINGER_MS)
 }
 fn default_max_attempts() -> u32 {
     DEFAULT_MAX_ATTEMPTS
@@ -78,9 +80,19 @@ impl KinesisConfig {
             region: None,
             aggregate: false,
             aggregation_buckets: DEFAULT_AGGREGATION_BUCKETS,
-            linger: default_linger(),
+            linger: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
+    }
+
+    /// The linger in force: the configured one, or the default for the mode.
+    pub fn linger(&self) -> Period {
+        self.linger
+            .unwrap_or(Period::from_millis(if self.aggregate {
+                DEFAULT_AGGREGATE_LINGER_MS
+            } else {
+                DEFAULT_LINGER_MS
+            }))
     }
 
     /// Pure checks; errors name the key below `[sinks.NAME]`.
@@ -99,7 +111,7 @@ impl KinesisConfig {
         if self.max_attempts == 0 {
             return Err("`max_attempts` must be at least 1".into());
         }
-        if self.linger.0 > std::time::Duration::from_secs(10) {
+        if self.linger().0 > std::time::Duration::from_secs(10) {
             return Err("`linger` above 10s holds data back too long".into());
         }
         Ok(())

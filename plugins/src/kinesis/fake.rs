@@ -1,4 +1,5 @@
-//! A stand-in for Kinesis's PutRecords over HTTP (the JSON 1.1 protocol), for tests and
+//! A stand-in for Kinesis's PutRecords (and a one-shard ListShards) over HTTP (the JSON 1.1
+//! protocol), for tests and
 //! benches: it records what it was sent and fails the entries a test picks, so retries can be
 //! checked entry by entry without a cloud account. Not used by the gateway itself.
 #![allow(clippy::expect_used)]
@@ -40,6 +41,7 @@ pub async fn fake_kinesis(fail: fn(usize, u64) -> bool) -> (String, Seen) {
                         }
                     };
                     let head = String::from_utf8_lossy(&buf[..header_end]).to_lowercase();
+                    let list_shards = head.contains("kinesis_20131202.listshards");
                     let len: usize = head
                         .lines()
                         .find_map(|l| {
@@ -58,6 +60,24 @@ pub async fn fake_kinesis(fail: fn(usize, u64) -> bool) -> (String, Seen) {
                         serde_json::from_slice(&buf[header_end..header_end + len])
                             .expect("fake Kinesis");
                     buf.drain(..header_end + len);
+                    if list_shards {
+                        // One shard over the whole key space: what every record is told.
+                        let reply = serde_json::json!({"Shards": [{
+                            "ShardId": "shardId-000000000000",
+                            "HashKeyRange": {"StartingHashKey": "0", "EndingHashKey": u128::MAX.to_string()},
+                            "SequenceNumberRange": {"StartingSequenceNumber": "0"},
+                        }]})
+                        .to_string();
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{}",
+                            reply.len(),
+                            reply
+                        );
+                        if socket.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let ns: Vec<u64> = body["Records"]
                         .as_array()
                         .expect("fake Kinesis")

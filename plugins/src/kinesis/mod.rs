@@ -1,11 +1,17 @@
 //! The Kinesis sink: PutRecords in batches of up to 500 records and 5 MiB, a partition key per
-//! record from a template (default the thing name), optional KPL aggregation, and retries of
-//! only the failed entries. Nothing is acknowledged before Kinesis accepted it.
+//! record from a template (default the thing name), optional KPL aggregation per destination
+//! shard, and retries of only the failed entries. Nothing is acknowledged before Kinesis
+//! accepted it.
+//!
+//! Layout: `config` (the sink's section), `aggregate` (the KPL record format), `shards` (the
+//! stream's shard map, for packing per shard), `fake` (a stand-in endpoint for tests and
+//! benches), here the sink.
 
 pub mod aggregate;
 mod config;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
+pub mod shards;
 #[cfg(test)]
 mod tests;
 
@@ -22,6 +28,7 @@ use crate::backoff::Backoff;
 use crate::record::Record;
 use crate::sink::{Ack, Rejected, Sink, SinkError};
 use aggregate::Aggregate;
+use shards::{Shard, ShardMap};
 
 /// First wait before retrying failed entries.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -34,6 +41,9 @@ struct Entry {
     key: String,
     data: Vec<u8>,
     covers: Vec<usize>,
+    /// An aggregate packed for one shard: the hash key that routes it there (decimal), and
+    /// the shard it should land in.
+    routed: Option<(String, String)>,
 }
 
 impl Entry {
@@ -50,6 +60,10 @@ pub struct KinesisSink {
     client: aws_sdk_kinesis::Client,
     /// Kinesis records put since start (aggregates count once).
     pub kinesis_records: u64,
+    /// The stream's shards, once learnt (with `aggregate`).
+    shard_map: Option<ShardMap>,
+    /// ListShards failed last time: said once in the log until it answers again.
+    shard_map_failing: bool,
 }
 
 impl KinesisSink {
@@ -68,7 +82,80 @@ impl KinesisSink {
             config,
             client: aws_sdk_kinesis::Client::new(&sdk),
             kinesis_records: 0,
+            shard_map: None,
+            shard_map_failing: false,
         }
+    }
+
+    /// Learns the stream's open shards again when the map is missing, old or stale. Without
+    /// an answer (no `kinesis:ListShards` permission, an outage) the map learnt before stays,
+    /// and with none the records are packed per bucket of partition keys instead.
+    async fn refresh_shards(&mut self) {
+        if self.shard_map.as_ref().is_some_and(|m| !m.needs_refresh()) {
+            return;
+        }
+        match self.list_shards().await {
+            Ok(Some(map)) => {
+                if self.shard_map_failing {
+                    tracing::info!(sink = %self.name, shards = map.len(), "ListShards answers again; aggregating per shard");
+                }
+                self.shard_map_failing = false;
+                self.shard_map = Some(map);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if !self.shard_map_failing {
+                    tracing::warn!(sink = %self.name, error = %e, "ListShards failed; aggregating per bucket of partition keys (aggregation_buckets) until it answers");
+                }
+                self.shard_map_failing = true;
+            }
+        }
+    }
+
+    async fn list_shards(&self) -> Result<Option<ShardMap>, SinkError> {
+        let mut open = Vec::new();
+        let mut token: Option<String> = None;
+        // A stream has at most a few thousand shards; 1,000 per page.
+        for _ in 0..100 {
+            let request = self.client.list_shards();
+            let request = match &token {
+                Some(t) => request.next_token(t),
+                None => request.stream_name(&self.config.stream),
+            };
+            let page = request.send().await.map_err(classify)?;
+            for s in page.shards() {
+                let closed = s
+                    .sequence_number_range()
+                    .and_then(|r| r.ending_sequence_number())
+                    .is_some();
+                let range = s.hash_key_range();
+                let parse = |v: Option<&str>| v.and_then(|v| v.parse::<u128>().ok());
+                let (Some(start), Some(end)) = (
+                    parse(range.map(|r| r.starting_hash_key())),
+                    parse(range.map(|r| r.ending_hash_key())),
+                ) else {
+                    continue;
+                };
+                if !closed {
+                    open.push(Shard {
+                        id: s.shard_id().to_string(),
+                        start,
+                        end,
+                    });
+                }
+            }
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(ShardMap::new(open))
+    }
+
+    /// Packs per shard of `shards` from now on, as if ListShards had answered them (benches
+    /// and tests that have no stream to ask).
+    pub fn assume_shards(&mut self, shards: Vec<Shard>) {
+        self.shard_map = ShardMap::new(shards);
     }
 
     /// Create the stream with `shards` shards unless it exists, and wait until it is active.
@@ -152,6 +239,7 @@ impl KinesisSink {
                 key,
                 data,
                 covers: vec![index],
+                routed: None,
             };
             let limit = if self.config.aggregate {
                 MAX_RECORD_BYTES - aggregate::OVERHEAD - 64
@@ -173,43 +261,58 @@ impl KinesisSink {
         (self.aggregate(singles), rejected)
     }
 
-    /// Pack records per partition-key bucket, in order, each aggregate under 1 MiB.
+    /// Pack records per destination shard (per bucket of partition keys while no shard map
+    /// is known), in order, each aggregate under 1 MiB.
     fn aggregate(&self, singles: Vec<Entry>) -> Vec<Entry> {
+        let map = self.shard_map.as_ref();
         let buckets = self.config.aggregation_buckets;
-        let mut open: Vec<(u32, Aggregate, Vec<usize>)> = Vec::new();
+        // One open aggregate per group: (group, aggregate, records covered, first key).
+        let mut open: Vec<(u64, Aggregate, Vec<usize>, String)> = Vec::new();
         let mut done: Vec<Entry> = Vec::new();
-        let outer_key = |b: u32| format!("{}-agg-{b}", self.site);
+        let finish = |group: u64, agg: Aggregate, covers: Vec<usize>, first: String| match map
+            .and_then(|m| m.shard(usize::try_from(group).ok()?))
+        {
+            Some(shard) => Entry {
+                routed: Some((shards::hash_key(&first).to_string(), shard.id.clone())),
+                key: first,
+                data: agg.finish(),
+                covers,
+            },
+            None => Entry {
+                key: format!("{}-agg-{group}", self.site),
+                data: agg.finish(),
+                covers,
+                routed: None,
+            },
+        };
         for single in singles {
-            let b = aggregate::bucket(&single.key, buckets);
-            let slot = match open.iter().position(|(ob, _, _)| *ob == b) {
+            let by_shard = map.and_then(|m| m.index_of(shards::hash_key(&single.key)));
+            // A key in a gap of the map (mid-reshard) goes by bucket, above the shard groups.
+            let group = match by_shard {
+                Some(i) => i as u64,
+                None => (1 << 32) + u64::from(aggregate::bucket(&single.key, buckets)),
+            };
+            let slot = match open.iter().position(|(g, ..)| *g == group) {
                 Some(i) => i,
                 None => {
-                    open.push((b, Aggregate::default(), Vec::new()));
+                    open.push((group, Aggregate::default(), Vec::new(), single.key.clone()));
                     open.len() - 1
                 }
             };
-            if open[slot].1.size_with(&single.key, &single.data) + outer_key(b).len()
-                > MAX_RECORD_BYTES
-            {
-                let (_, full, covers) =
-                    std::mem::replace(&mut open[slot], (b, Aggregate::default(), Vec::new()));
-                done.push(Entry {
-                    key: outer_key(b),
-                    data: full.finish(),
-                    covers,
-                });
+            // The outer key: the aggregate's first inner key, or the bucket name.
+            let outer = open[slot].3.len().max(self.site.len() + 24);
+            if open[slot].1.size_with(&single.key, &single.data) + outer > MAX_RECORD_BYTES {
+                let fresh = (group, Aggregate::default(), Vec::new(), single.key.clone());
+                let (g, full, covers, first) = std::mem::replace(&mut open[slot], fresh);
+                done.push(finish(g, full, covers, first));
             }
-            let (_, agg, covers) = &mut open[slot];
+            let (_, agg, covers, _) = &mut open[slot];
             agg.push(&single.key, &single.data);
             covers.extend(single.covers);
         }
-        for (b, agg, covers) in open {
+        for (g, agg, covers, first) in open {
             if !agg.is_empty() {
-                done.push(Entry {
-                    key: outer_key(b),
-                    data: agg.finish(),
-                    covers,
-                });
+                done.push(finish(g, agg, covers, first));
             }
         }
         // Send in the order of each aggregate's first record.
@@ -227,6 +330,7 @@ impl KinesisSink {
                 .map(|e| {
                     PutRecordsRequestEntry::builder()
                         .partition_key(&e.key)
+                        .set_explicit_hash_key(e.routed.as_ref().map(|(hash, _)| hash.clone()))
                         .data(Blob::new(e.data.clone()))
                         .build()
                 })
@@ -265,7 +369,16 @@ impl KinesisSink {
             let mut throttled = false;
             for (entry, result) in pending.into_iter().zip(out.records()) {
                 match result.error_code() {
-                    None => self.kinesis_records += 1,
+                    None => {
+                        self.kinesis_records += 1;
+                        let predicted = entry.routed.as_ref().map(|(_, shard)| shard.as_str());
+                        if predicted.is_some_and(|p| result.shard_id() != Some(p)) {
+                            // Resharded: learn the map again before the next send.
+                            if let Some(m) = self.shard_map.as_mut() {
+                                m.mark_stale();
+                            }
+                        }
+                    }
                     Some(code) => {
                         throttled |= code == "ProvisionedThroughputExceededException";
                         failed.push(entry);
@@ -348,6 +461,9 @@ impl Sink for KinesisSink {
     }
 
     async fn send(&mut self, batch: &[Record]) -> Result<Ack, SinkError> {
+        if self.config.aggregate {
+            self.refresh_shards().await;
+        }
         let (entries, rejected) = self.entries(batch);
         // The first record (by batch index) that Kinesis has not accepted; everything before it
         // is done.

@@ -92,6 +92,7 @@ fn requests_respect_the_count_and_size_limits() {
         key: "k".into(),
         data: vec![0; size],
         covers: vec![0],
+        routed: None,
     };
     let counts: Vec<usize> = requests((0..1200).map(|_| entry(10)).collect())
         .iter()
@@ -133,4 +134,58 @@ async fn aggregation_keeps_each_device_in_one_bucket_and_fewer_records() {
     }
     let covered: usize = entries.iter().map(|e| e.covers.len()).sum();
     assert_eq!(covered, 300);
+}
+
+#[tokio::test]
+async fn aggregates_are_packed_per_shard_and_routed_into_its_range() {
+    let (endpoint, _) = fake_kinesis(|_, _| false).await;
+    let mut sink = sink(&endpoint, 1).await;
+    sink.config.aggregate = true;
+    let half = u128::MAX / 2;
+    sink.assume_shards(vec![
+        Shard {
+            id: "shardId-000000000000".into(),
+            start: 0,
+            end: half,
+        },
+        Shard {
+            id: "shardId-000000000001".into(),
+            start: half + 1,
+            end: u128::MAX,
+        },
+    ]);
+    let records: Vec<Record> = (0..400)
+        .map(|n| {
+            let mut r = batch(1).remove(0);
+            r.id = n + 1;
+            r.entry.thing_name = format!("dev-{}", n % 40);
+            r
+        })
+        .collect();
+    let (entries, rejected) = sink.entries(&records);
+    assert!(rejected.is_empty());
+    assert_eq!(
+        entries.len(),
+        2,
+        "forty devices, two shards: two aggregates"
+    );
+    for e in &entries {
+        let (hash, shard) = e.routed.clone().expect("routed to a shard");
+        let hash: u128 = hash.parse().unwrap();
+        let want = if shard.ends_with('0') {
+            0..=half
+        } else {
+            half + 1..=u128::MAX
+        };
+        assert!(
+            want.contains(&hash),
+            "the explicit hash key is in {shard}'s range"
+        );
+        // Every record inside belongs to that shard.
+        for &i in &e.covers {
+            assert!(want.contains(&shards::hash_key(&records[i].entry.thing_name)));
+        }
+    }
+    let covered: usize = entries.iter().map(|e| e.covers.len()).sum();
+    assert_eq!(covered, 400);
 }

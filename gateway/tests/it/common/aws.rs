@@ -169,6 +169,7 @@ impl Relay {
 /// One record read back from a stream.
 #[derive(Debug, Clone)]
 pub(crate) struct StreamRecord {
+    pub shard_id: String,
     pub partition_key: String,
     pub sequence_number: String,
     pub data: Vec<u8>,
@@ -236,6 +237,7 @@ impl Moto {
                     .unwrap();
                 for r in page.records() {
                     out.push(StreamRecord {
+                        shard_id: shard.shard_id().to_string(),
                         partition_key: r.partition_key().unwrap_or_default().to_string(),
                         sequence_number: r.sequence_number().to_string(),
                         data: r.data().as_ref().to_vec(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sitegate::config::{AuthConfig, Config, ListenerConfig, RouteConfig};
 use sitegate::daemon::{Gateway, Listeners};
+use sitegate::fleet::simulate::Summary;
 use sitegate::fleet::DeviceCredentials;
 use sitegate::identity::pki::{self, CaFiles, IssuedDevice};
 use sitegate::metrics::{Stats, StatsSnapshot};
@@ -425,6 +426,42 @@ pub(crate) async fn collect(mut child: Child, limit: Duration) -> String {
     let _ = child.start_kill();
     let out = child.wait_with_output().await.unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `sitegate simulate` with `args` against `site`; returns its summary.
+pub(crate) async fn simulate(site: &Site, args: &[&str]) -> Summary {
+    let config = site.dir.path().join("sitegate.toml");
+    std::fs::write(&config, toml::to_string(&site.config).unwrap()).unwrap();
+    let json = site
+        .dir
+        .path()
+        .join(format!("summary-{}.json", rand::random::<u32>()));
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sitegate"))
+            .arg("simulate")
+            .args(["--gateway", &site.addr.to_string()])
+            .args(["--ca", site.pki_dir().to_str().unwrap()])
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--json", json.to_str().unwrap()])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("simulate finished in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "simulate failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("latency") && stdout.contains("p99"),
+        "{stdout}"
+    );
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
 
 pub(crate) mod aws;
