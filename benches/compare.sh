@@ -2,12 +2,18 @@
 # Side by side, in one run on this machine: the same simulated fleet (QoS 1, ~100-byte JSON,
 # mutual TLS with one certificate per device) through
 #   1. Mosquitto (Debian package) with TLS and client certificates, as a plain relay to one
-#      subscriber, and
-#   2. sitegate: policy on every packet, a filter rule, the encrypted durable spool, a file sink.
+#      subscriber,
+#   2. the same Mosquitto with no subscriber ("mosquitto-ingest": TLS, PUBLISH and PUBACK only,
+#      the least work a broker can do per message),
+#   3. rumqttd, the broker whose router sitegate embeds, standalone (crates.io: `cargo install
+#      rumqttd --version 0.20.0 --features verify-client-cert`; set RUMQTTD to the binary, or
+#      have it on PATH), MQTT 5 over mutual TLS, relaying to one subscriber, and
+#   4. sitegate: policy on every packet, a filter rule, the encrypted durable spool, a file sink.
 # For each: accepted messages/s, publish → PUBACK latency p50/p99, messages that reached the
 # subscriber or the sink, CPU seconds, peak RSS and peak anonymous RSS (heap and stacks, without
-# the program's file-backed code pages) of the broker process, and the ratios
-# sitegate / Mosquitto. Prints a table and writes JSON.
+# the program's file-backed code pages) of the broker process, the CPU the simulator itself
+# used (what the load generator costs on the same two cores), and the ratios sitegate /
+# Mosquitto (relay) and sitegate / Mosquitto (ingest). Prints a table and writes JSON.
 #
 # Usage: benches/compare.sh [DEVICES ...]          (default: 100 1000)
 # Environment: DURATION seconds of publishing (15), RATE messages/s across the fleet (0: as fast
@@ -27,6 +33,8 @@ SIZES=("$@")
 command -v mosquitto >/dev/null || { echo "compare.sh: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)" >&2; exit 2; }
 command -v mosquitto_sub >/dev/null || { echo "compare.sh: mosquitto_sub is not installed (apt-get install mosquitto-clients)" >&2; exit 2; }
 MOSQUITTO=$(command -v mosquitto)
+RUMQTTD=${RUMQTTD:-$(command -v rumqttd || true)}
+[ -n "$RUMQTTD" ] || echo "compare.sh: rumqttd is not installed (see above); it is left out" >&2
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 if [ -n "${SITEGATE_BIN:-}" ]; then
@@ -77,15 +85,21 @@ sample_anon() { # PID FILE
   done
 }
 
-simulate() { # PORT DEVICES JSON [extra args]
+simulate() { # PORT DEVICES JSON [extra args]; the simulator's CPU seconds go to JSON.cpu
   local port=$1 devices=$2 json=$3; shift 3
-  "$BIN" simulate --gateway "127.0.0.1:$port" --ca "$WORK/pki" --devices "$devices" \
+  python3 - "$json.cpu" "$BIN" simulate --gateway "127.0.0.1:$port" --ca "$WORK/pki" --devices "$devices" \
     --rate "$RATE" --duration "$DURATION" --qos 1 --payload-bytes 100 --profile thermostat \
-    --inflight "$INFLIGHT" --connect-rate 2000 --quiet --json "$json" "$@" >/dev/null
+    --inflight "$INFLIGHT" --connect-rate 2000 --quiet --json "$json" "$@" <<'PY' >/dev/null
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{r.ru_utime + r.ru_stime:.2f}")
+sys.exit(code)
+PY
 }
 
-run_mosquitto() { # DEVICES
-  local n=$1 port; port=$(free_port)
+run_mosquitto() { # DEVICES NAME SUBSCRIBE(1/0)
+  local n=$1 name=$2 subscribe=$3 port; port=$(free_port)
   cat > "$WORK/mosquitto.conf" <<EOF
 listener $port 127.0.0.1
 cafile $WORK/pki/ca.pem
@@ -102,18 +116,63 @@ EOF
   # Started as root, Mosquitto drops to user mosquitto, which cannot read the 0600 key.
   [ "$(id -u)" != 0 ] || echo "user root" >> "$WORK/mosquitto.conf"
   "$MOSQUITTO" -c "$WORK/mosquitto.conf" & local mpid=$!; PIDS+=("$mpid")
-  sample_anon "$mpid" "$WORK/mosquitto-$n.anon" & PIDS+=("$!")
+  sample_anon "$mpid" "$WORK/$name-$n.anon" & PIDS+=("$!")
   wait_port "$port"
-  mosquitto_sub -h 127.0.0.1 -p "$port" --cafile "$WORK/pki/ca.pem" --cert "$WORK/sub/compare-sub.pem" \
-    --key "$WORK/sub/compare-sub.key" -i compare-sub -q 1 -t 'dt/#' > "$WORK/sub.out" & local spid=$!; PIDS+=("$spid")
-  sleep 0.5
-  simulate "$port" "$n" "$WORK/mosquitto-$n.json"
+  : > "$WORK/sub.out"
+  local spid=
+  if [ "$subscribe" = 1 ]; then
+    mosquitto_sub -h 127.0.0.1 -p "$port" --cafile "$WORK/pki/ca.pem" --cert "$WORK/sub/compare-sub.pem" \
+      --key "$WORK/sub/compare-sub.key" -i compare-sub -q 1 -t 'dt/#' > "$WORK/sub.out" & spid=$!; PIDS+=("$spid")
+    sleep 0.5
+  fi
+  simulate "$port" "$n" "$WORK/$name-$n.json"
   sleep 2
   local usage; usage=$(usage_of "$mpid")
   # The subscriber first, while the broker can still take its DISCONNECT.
+  if [ -n "$spid" ]; then kill "$spid" 2>/dev/null || true; sleep 0.5; kill -9 "$spid" 2>/dev/null || true; fi
+  kill "$mpid"; wait $spid "$mpid" 2>/dev/null || true
+  echo "$usage $(wc -l < "$WORK/sub.out") $(cat "$WORK/$name-$n.anon" 2>/dev/null || echo 0)" > "$WORK/$name-$n.usage"
+}
+
+run_rumqttd() { # DEVICES
+  local n=$1 port; port=$(free_port)
+  local dir="$WORK/rumqttd-$n"; mkdir -p "$dir"
+  cat > "$dir/rumqttd.toml" <<EOF
+id = 0
+[router]
+id = 0
+max_connections = $(( n * 2 + 10 ))
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v5.1]
+name = "v5-1"
+listen = "127.0.0.1:$port"
+next_connection_delay_ms = 0
+    [v5.1.tls]
+    capath = "$WORK/pki/ca.pem"
+    certpath = "$WORK/pki/gateway.pem"
+    keypath = "$WORK/pki/gateway.key"
+    [v5.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 20480
+    max_inflight_count = 100
+EOF
+  "$RUMQTTD" -q -c "$dir/rumqttd.toml" > "$dir/rumqttd.log" 2>&1 & local rpid=$!; PIDS+=("$rpid")
+  sample_anon "$rpid" "$WORK/rumqttd-$n.anon" & PIDS+=("$!")
+  wait_port "$port"
+  # rumqttd's rustls refuses an IP address as TLS server name, which mosquitto_sub sends for
+  # 127.0.0.1; the gateway certificate names localhost too.
+  mosquitto_sub -V mqttv5 -h localhost -p "$port" --cafile "$WORK/pki/ca.pem" --cert "$WORK/sub/compare-sub.pem" \
+    --key "$WORK/sub/compare-sub.key" -i compare-sub -q 1 -t 'dt/#' > "$WORK/sub.out" & local spid=$!; PIDS+=("$spid")
+  sleep 0.5
+  simulate "$port" "$n" "$WORK/rumqttd-$n.json"
+  sleep 2
+  local usage; usage=$(usage_of "$rpid")
   kill "$spid" 2>/dev/null || true; sleep 0.5; kill -9 "$spid" 2>/dev/null || true
-  kill "$mpid"; wait "$spid" "$mpid" 2>/dev/null || true
-  echo "$usage $(wc -l < "$WORK/sub.out") $(cat "$WORK/mosquitto-$n.anon" 2>/dev/null || echo 0)" > "$WORK/mosquitto-$n.usage"
+  kill "$rpid" 2>/dev/null || true; wait "$spid" "$rpid" 2>/dev/null || true
+  echo "$usage $(wc -l < "$WORK/sub.out") $(cat "$WORK/rumqttd-$n.anon" 2>/dev/null || echo 0)" > "$WORK/rumqttd-$n.usage"
 }
 
 run_sitegate() { # DEVICES
@@ -124,7 +183,7 @@ run_sitegate() { # DEVICES
 INSERT INTO out
 SELECT thing_name() AS thing, principal() AS cert_id, temp, humidity, seq
 FROM 'dt/+/+'
-WHERE temp IS NOT NULL
+WHERE NOT isUndefined(temp)
 EOF
   cat > "$dir/sitegate.toml" <<EOF
 site = "compare"
@@ -177,43 +236,60 @@ EOF
 
 for n in "${SIZES[@]}"; do
   echo "compare.sh: $n devices, ${DURATION}s, rate ${RATE} (0 = as fast as acknowledged)" >&2
-  run_mosquitto "$n"
+  run_mosquitto "$n" mosquitto 1
+  run_mosquitto "$n" mosquitto-ingest 0
+  [ -z "$RUMQTTD" ] || run_rumqttd "$n"
   run_sitegate "$n"
 done
 
 python3 - "$WORK" "$OUT" "${SIZES[@]}" <<'PY'
 import json, os, platform, sys, time
 work, out, sizes = sys.argv[1], sys.argv[2], sys.argv[3:]
+BROKERS = [b for b in ("mosquitto", "mosquitto-ingest", "rumqttd", "sitegate")
+           if os.path.exists(f"{work}/{b}-{sizes[0]}.usage")]
 cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 machine = f"{os.cpu_count()} cores, {cpu_model}, {platform.system()} {platform.release()}"
 runs = []
 for n in sizes:
     row = {"devices": int(n)}
-    for broker in ("mosquitto", "sitegate"):
+    for broker in BROKERS:
         s = json.load(open(f"{work}/{broker}-{n}.json"))
         cpu, rss, delivered, anon = open(f"{work}/{broker}-{n}.usage").read().split()
+        sim_cpu = float(open(f"{work}/{broker}-{n}.json.cpu").read())
         row[broker] = {
             "connected": s["connected"], "rate": round(s["rate"]), "acknowledged": s["acknowledged"],
             "delivered": int(delivered), "p50_ms": s["latency"]["p50_ms"], "p99_ms": s["latency"]["p99_ms"],
             "cpu_s": float(cpu), "peak_rss_mib": float(rss),
             "peak_anon_mib": round(int(anon) / 1024, 1),
             "cpu_us_per_msg": round(float(cpu) * 1e6 / max(s["acknowledged"], 1), 1),
+            "simulator_cpu_s": sim_cpu,
+            "simulator_cpu_us_per_msg": round(sim_cpu * 1e6 / max(s["acknowledged"], 1), 1),
         }
-    m, g = row["mosquitto"], row["sitegate"]
-    row["ratio"] = {k: round(g[k] / m[k], 2) if m[k] else None
+    g = row["sitegate"]
+    if g["delivered"] == 0:
+        # A refused rule or route acknowledges at once and stores nothing: not a comparison.
+        sys.exit(f"compare.sh: sitegate delivered nothing at {n} devices; its rule or sink did not load (see gateway.log)")
+    for peer, key in (("mosquitto", "ratio"), ("mosquitto-ingest", "ratio_ingest"), ("rumqttd", "ratio_rumqttd")):
+        if peer not in row:
+            continue
+        m = row[peer]
+        row[key] = {k: round(g[k] / m[k], 2) if m[k] else None
                     for k in ("rate", "p50_ms", "p99_ms", "cpu_us_per_msg", "peak_rss_mib", "peak_anon_mib")}
     runs.append(row)
 result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "runs": runs}
 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 json.dump(result, open(out, "w"), indent=2)
 print(f"machine: {machine}")
-print("| devices | broker | msg/s | p50 ms | p99 ms | delivered | CPU µs/msg | peak RSS MiB | peak anon MiB |")
-print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| devices | broker | msg/s | p50 ms | p99 ms | delivered | CPU µs/msg | peak RSS MiB | peak anon MiB | simulator CPU µs/msg |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in runs:
-    for b in ("mosquitto", "sitegate"):
+    for b in BROKERS:
         x = r[b]
-        print(f"| {r['devices']} | {b} | {x['rate']} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['delivered']} | {x['cpu_us_per_msg']} | {x['peak_rss_mib']} | {x['peak_anon_mib']} |")
-    q = r["ratio"]
-    print(f"| {r['devices']} | sitegate / mosquitto | {q['rate']}× | {q['p50_ms']}× | {q['p99_ms']}× | | {q['cpu_us_per_msg']}× | {q['peak_rss_mib']}× | {q['peak_anon_mib']}× |")
+        print(f"| {r['devices']} | {b} | {x['rate']} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['delivered']} | {x['cpu_us_per_msg']} | {x['peak_rss_mib']} | {x['peak_anon_mib']} | {x['simulator_cpu_us_per_msg']} |")
+    for key, peer in (("ratio", "mosquitto"), ("ratio_ingest", "mosquitto-ingest"), ("ratio_rumqttd", "rumqttd")):
+        if key not in r:
+            continue
+        q = r[key]
+        print(f"| {r['devices']} | sitegate / {peer} | {q['rate']}× | {q['p50_ms']}× | {q['p99_ms']}× | | {q['cpu_us_per_msg']}× | {q['peak_rss_mib']}× | {q['peak_anon_mib']}× | |")
 print(f"(JSON in {out})")
 PY
