@@ -209,18 +209,18 @@ impl Enrollment {
         claim_cert_id: &str,
         source_ip: &str,
     ) -> Outcome {
-        let outcome = self.decide(authority, thing, payload, claim_cert_id, source_ip);
+        let outcome = self.decide(authority, thing, payload, (claim_cert_id, source_ip));
         count(&outcome);
         outcome
     }
 
+    /// `request` before counting; the pair is the claim certificate id and the source address.
     fn decide(
         &self,
         authority: &Authority,
         thing: &str,
         payload: &[u8],
-        claim_cert_id: &str,
-        source_ip: &str,
+        (claim_cert_id, source_ip): (&str, &str),
     ) -> Outcome {
         let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let per_minute = f64::from(self.config.max_requests_per_minute);

@@ -68,12 +68,7 @@ pub async fn fake_kinesis(fail: fn(usize, u64) -> bool) -> (String, Seen) {
                             "SequenceNumberRange": {"StartingSequenceNumber": "0"},
                         }]})
                         .to_string();
-                        let response = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{}",
-                            reply.len(),
-                            reply
-                        );
-                        if socket.write_all(response.as_bytes()).await.is_err() {
+                        if socket.write_all(&answer(&reply)).await.is_err() {
                             return;
                         }
                         continue;
@@ -114,12 +109,7 @@ pub async fn fake_kinesis(fail: fn(usize, u64) -> bool) -> (String, Seen) {
                     let reply =
                         serde_json::json!({"FailedRecordCount": failed, "Records": results})
                             .to_string();
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{}",
-                        reply.len(),
-                        reply
-                    );
-                    if socket.write_all(response.as_bytes()).await.is_err() {
+                    if socket.write_all(&answer(&reply)).await.is_err() {
                         return;
                     }
                 }
@@ -127,4 +117,14 @@ pub async fn fake_kinesis(fail: fn(usize, u64) -> bool) -> (String, Seen) {
         }
     });
     (endpoint, seen)
+}
+
+/// An HTTP 200 carrying the JSON 1.1 body `reply`.
+fn answer(reply: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{}",
+        reply.len(),
+        reply
+    )
+    .into_bytes()
 }
