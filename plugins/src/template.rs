@@ -8,9 +8,11 @@
 //! AWS IoT's substitution templates (the `iot-substitution-templates` page) are read too, so a
 //! template copied from a cloud rule action works unchanged where its value is known here:
 //! `${topic()}`, `${topic(n)}`, `${clientid()}` (the thing name: a device's client id must be
-//! its thing name), `${principal()}` (the certificate id) and `${timestamp()}` (when the
+//! its thing name), `${principal()}` (the certificate id), `${timestamp()}` (when the
 //! gateway received the message, which stays the same when a record is resent after an
-//! outage). Any other expression is refused with its text. One difference remains: IoT Core
+//! outage) and `${newuuid()}` (a random version 4 UUID each time a record is rendered, as
+//! the page's Kinesis partition-key example uses it). Any other expression is refused with its
+//! text. One difference remains: IoT Core
 //! evaluates a field name against the original message, sitegate against the rule's output
 //! row, so a field the rule does not select renders empty.
 
@@ -36,6 +38,7 @@ enum Part {
     Rule,
     RecordId,
     ReceivedAt,
+    NewUuid,
     /// A path of keys into the payload object (`a.b` is `["a", "b"]`).
     Column(Vec<String>),
 }
@@ -78,6 +81,7 @@ impl Template {
             "clientid()" | "thing_name()" => Part::ThingName,
             "principal()" => Part::CertId,
             "timestamp()" => Part::ReceivedAt,
+            "newuuid()" => Part::NewUuid,
             "" => return Err(format!("template {source:?}: empty `${{}}`")),
             _ => {
                 let key = |k: &str| {
@@ -100,7 +104,7 @@ impl Template {
                     return Err(format!(
                         "template {source:?}: `${{{name}}}` is not evaluated at the edge; a \
                          template may use topic(), topic(n), clientid(), principal(), \
-                         timestamp() and field names"
+                         timestamp(), newuuid() and field names"
                     ));
                 } else {
                     return Err(format!("template {source:?}: unknown variable `{name}`"));
@@ -143,6 +147,7 @@ impl Template {
                 Part::Rule => out.push_str(&record.rule),
                 Part::RecordId => out.push_str(&record.id.to_string()),
                 Part::ReceivedAt => out.push_str(&record.received_at_ms.to_string()),
+                Part::NewUuid => new_uuid_into(&mut out),
                 Part::Column(path) => {
                     match payload.and_then(|p| path.iter().try_fold(p, |v, key| v.get(key))) {
                         Some(Value::String(s)) => out.push_str(s),
@@ -153,6 +158,20 @@ impl Template {
             }
         }
         out
+    }
+}
+
+/// A random (version 4, RFC 9562 §5.4) UUID in its hyphenated lowercase form.
+fn new_uuid_into(out: &mut String) {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        use std::fmt::Write as _;
+        let _ = write!(out, "{byte:02x}");
     }
 }
 
@@ -206,6 +225,14 @@ mod tests {
             t.render(&rec, "s", payload.as_ref()),
             format!("freezer-4|{}|{}|47.6|", rec.cert_id, rec.received_at_ms)
         );
+        // The page's Kinesis example: `"partitionKey": "${newuuid()}"`.
+        let t = Template::parse("${newuuid()}").unwrap();
+        let (a, b) = (t.render(&rec, "s", None), t.render(&rec, "s", None));
+        assert_ne!(a, b, "a new one each time");
+        let groups: Vec<usize> = a.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
+        assert_eq!(&a[14..15], "4", "version 4: {a}");
+        assert!("89ab".contains(&a[19..20]), "RFC variant: {a}");
         let err = Template::parse("${get_thing_shadow('x')}").unwrap_err();
         assert!(err.contains("not evaluated at the edge"), "{err}");
         assert!(Template::parse("${a..b}").is_err());
