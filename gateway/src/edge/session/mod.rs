@@ -188,7 +188,7 @@ struct Session {
     /// Allowed publishes of the current read that a route takes.
     to_ingest: Vec<Message>,
     /// QoS 1 PUBACKs of the current read, in PUBLISH order.
-    read_acks: Vec<Packet>,
+    read_acks: Vec<rumqttd::protocol::PubAck>,
     /// Earlier reads' PUBACKs waiting for the spool, oldest first.
     held: std::collections::VecDeque<acks::HeldAcks>,
     denials_logged: u32,

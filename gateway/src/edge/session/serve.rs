@@ -193,7 +193,7 @@ impl Session {
         let acks = std::mem::take(&mut self.read_acks);
         if receipt.is_none() && self.held.is_empty() {
             for ack in acks {
-                self.write(ack, wbuf);
+                self.write(Packet::PubAck(ack, None), wbuf);
             }
         } else if receipt.is_some() || !acks.is_empty() {
             self.held.push_back(HeldAcks { receipt, acks });
@@ -407,8 +407,7 @@ impl Session {
         // MQTT 3.1.1 has no way to say "not authorized" in a PUBACK (§3.3.5): the
         // message is acknowledged and dropped. MQTT 5 carries the reason code.
         if qos == 1 {
-            self.read_acks
-                .push(Packet::PubAck(PubAck { pkid, reason }, None));
+            self.read_acks.push(PubAck { pkid, reason });
         }
         Flow::Continue
     }
