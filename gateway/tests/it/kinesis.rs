@@ -171,16 +171,7 @@ async fn aggregated_records_deaggregate_with_aws_kinesis_agg() {
     // Publish everything before the drain's linger runs out, so aggregates fill up.
     publish_from(&site, &things, per).await;
     let expected = things.len() * per as usize;
-    let mut users: Vec<serde_json::Value> = Vec::new();
-    let mut raw = Vec::new();
-    for _ in 0..100 {
-        raw = moto.read_stream("site-telemetry").await;
-        users = deaggregate(&raw).await;
-        if users.len() >= expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (raw, users) = read_deaggregated(&moto, "site-telemetry", expected).await;
     assert_eq!(users.len(), expected, "every device message comes back out");
     assert!(
         raw.len() < expected,
@@ -207,6 +198,27 @@ async fn aggregated_records_deaggregate_with_aws_kinesis_agg() {
         assert_eq!(ns, (0..per).collect::<Vec<_>>(), "{thing}");
     }
     site.stop().await;
+}
+
+/// The stream's records and the user records aws-kinesis-agg finds in them, once there are
+/// `expected` of those (or after 20 s).
+async fn read_deaggregated(
+    moto: &Moto,
+    stream: &str,
+    expected: usize,
+) -> (Vec<StreamRecord>, Vec<serde_json::Value>) {
+    let mut found = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        let raw = moto.read_stream(stream).await;
+        let users = deaggregate(&raw).await;
+        let done = users.len() >= expected;
+        found = (raw, users);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    found
 }
 
 async fn deaggregate(raw: &[StreamRecord]) -> Vec<serde_json::Value> {
@@ -345,16 +357,7 @@ async fn a_steady_flow_is_packed_per_destination_shard() {
     .await;
     let expected = s.acknowledged as usize;
     assert!(expected > 0, "{s:?}");
-    let mut users: Vec<serde_json::Value> = Vec::new();
-    let mut raw = Vec::new();
-    for _ in 0..200 {
-        raw = moto.read_stream("steady").await;
-        users = deaggregate(&raw).await;
-        if users.len() >= expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (raw, users) = read_deaggregated(&moto, "steady", expected).await;
     assert_eq!(
         users.len(),
         expected,
