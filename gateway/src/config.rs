@@ -3,7 +3,7 @@
 //!
 //! Each part owns its section, its defaults and its pure `validate()`: `[listener]` in
 //! `edge`, `[auth]` in `auth`, `[spool]` in `spool`, `[routes]` and `[rules]` in `pipeline`,
-//! `[admin]` and `[greengrass]` in `ops`; `[sinks]` is `sitegate-plugins`'s. This module
+//! `[admin]` and `[greengrass]` in `ops`, `[downlinks]` and `[relay]` in `downlink`; `[sinks]` is `sitegate-plugins`'s. This module
 //! composes them, loads and parses (`Config::load`, `Config::from_toml_str`), resolves relative
 //! paths against the config file's folder (so a config and its `pki/` folder move together),
 //! and runs the checks that span sections (`Config::validate`). Only `load` touches the file
@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use crate::auth::{AuthConfig, DeviceGroupConfig, StatementConfig};
+pub use crate::downlink::{DownlinkConfig, RelayConfig};
 pub use crate::edge::ListenerConfig;
 pub use crate::invalid::Invalid;
 pub use crate::ops::{AdminConfig, GreengrassConfig};
@@ -61,6 +62,13 @@ pub struct Config {
     /// Running as a Greengrass v2 component.
     #[serde(default)]
     pub greengrass: GreengrassConfig,
+    /// Cloud to device: `[downlinks.NAME]` subscribes a cloud topic filter on an `iotcore`
+    /// sink's cloud link and hands its messages to local subscribers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub downlinks: BTreeMap<String, DownlinkConfig>,
+    /// Devices' own AWS IoT Jobs and shadow topics, relayed to and from IoT Core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayConfig>,
     /// The folder relative paths were resolved against (the config file's, or the component's
     /// work folder); a configuration update from the nucleus resolves against it too.
     #[serde(skip)]
@@ -105,6 +113,8 @@ impl Config {
             rules: RulesConfig::default(),
             spool: SpoolConfig::default(),
             greengrass: GreengrassConfig::default(),
+            downlinks: BTreeMap::new(),
+            relay: None,
             base_dir: None,
         }
     }
@@ -216,6 +226,11 @@ impl Config {
             }
         }
         self.spool.validate(&self.sinks)?;
+        for name in self.downlinks.keys() {
+            validate_name(name)
+                .map_err(|r| ConfigError::invalid(format!("downlinks.{name}"), r))?;
+        }
+        crate::downlink::validate(&self.downlinks, self.relay.as_ref(), &self.sinks)?;
         Ok(())
     }
 

@@ -17,6 +17,8 @@
 //! - `pipeline`: `[routes]`, `[rules]`, ingest and the group-commit committer.
 //! - `edge`: `[listener]`, accept loop, MQTT codec, sessions, session table, local broker.
 //! - `delivery`: the sinks' drains.
+//! - `downlink`: `[downlinks]`, `[relay]`: cloud messages and the cloud's jobs and shadow
+//!   answers into the local router, on a cloud link per `iotcore` sink.
 //! - `ops`: `[admin]`, `[greengrass]`, the admin socket, the Prometheus endpoint.
 //! - `config`: the whole configuration tree, composed of the sections above.
 //! - `control`: live reconfiguration; the Greengrass component (recipe, nucleus updates).
@@ -40,6 +42,8 @@ pub mod spool;
 pub mod delivery;
 pub mod edge;
 pub mod pipeline;
+
+pub mod downlink;
 
 pub mod config;
 pub mod ops;

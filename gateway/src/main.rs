@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::spool::SpoolCommand,
     },
+    /// Cloud to device: the cloud links and the downlinks.
+    Downlink {
+        #[command(subcommand)]
+        command: cli::downlink::DownlinkCommand,
+    },
 }
 
 fn main() {
@@ -74,6 +79,7 @@ fn main() {
         Command::Rules { command } => cli::rules::run(command),
         Command::Greengrass { command } => cli::greengrass::run(command),
         Command::Spool { command } => cli::spool::run(command),
+        Command::Downlink { command } => cli::downlink::run(command),
     };
     if let Err(e) = result {
         // A reader that stopped reading (`sitegate device list | head`) is not an error.

@@ -6,6 +6,7 @@ pub(crate) mod ca;
 pub(crate) mod config;
 pub(crate) mod demo;
 pub(crate) mod device;
+pub(crate) mod downlink;
 pub(crate) mod greengrass;
 pub(crate) mod rules;
 pub(crate) mod run;
@@ -83,6 +84,7 @@ pub(crate) fn print_response(response: AdminResponse, json: bool) -> Result<()> 
             report.changed
         ),
         AdminResponse::Spool { spool } => out!("{}", sitegate::spool::status::render(&spool)),
+        AdminResponse::Downlinks { status } => out!("{}", downlink::render(&status)),
         AdminResponse::Rules { rules } => {
             outln!(
                 "{:<24} {:>10} {:>10} {:>8} {:>6}  SINKS",

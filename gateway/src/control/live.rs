@@ -171,5 +171,7 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     differs("admin", running.admin != new.admin);
     differs("spool", running.spool != new.spool);
     differs("greengrass", running.greengrass != new.greengrass);
+    differs("downlinks", running.downlinks != new.downlinks);
+    differs("relay", running.relay != new.relay);
     keys
 }

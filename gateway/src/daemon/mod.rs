@@ -83,6 +83,8 @@ pub enum RunError {
     Nucleus(#[from] IpcError),
     #[error(transparent)]
     Enrollment(#[from] crate::auth::enrollment::EnrollSetupError),
+    #[error("cannot start the downlinks: {0}")]
+    Downlink(#[from] crate::downlink::DownlinkError),
     /// An offline tool found no spool where the config says one is.
     #[error("no spool in {} (no such directory)", .0.display())]
     NoSpool(PathBuf),
@@ -347,16 +349,27 @@ impl Gateway {
                 ),
             ));
         }
+        let mut downlinks = crate::downlink::start(
+            &config.downlinks,
+            config.relay.as_ref(),
+            &config.sinks,
+            &config.site_name(),
+            stopped.clone(),
+        )?;
         let ctx = Arc::new(EdgeContext {
             authority: Arc::clone(&authority),
-            fabric,
+            fabric: Arc::clone(&fabric),
             sessions: Arc::clone(&sessions),
             stats: Arc::clone(&stats),
             limits: Limits::of(l),
             ingest: Some(started.ingest),
             enrollment,
+            relay: downlinks.relay.clone(),
         });
         crate::edge::restore_sessions(&ctx).await;
+        // After the restore, so a message for an away session is queued for it.
+        background.extend(downlinks.run(&fabric, l.topic_limits(), &stats, stopped.clone()));
+        let downlinks = Arc::new(downlinks);
         background.push(tokio::spawn(crate::edge::expire_sessions(
             Arc::clone(&ctx),
             stopped.clone(),
@@ -383,6 +396,7 @@ impl Gateway {
             stats: Arc::clone(&stats),
             spool: Some(Arc::clone(&spool)),
             rules: Arc::clone(&rules),
+            downlinks: Some(downlinks),
         });
         let tasks = serve(
             listeners,

@@ -32,6 +32,7 @@ pub async fn offline(
         stats: Arc::new(Stats::default()),
         spool: None,
         rules: Arc::default(),
+        downlinks: None,
     };
     let mut responses = Vec::with_capacity(requests.len());
     for request in requests {

@@ -74,6 +74,24 @@ pub enum FabricError {
     Closed(String),
 }
 
+/// Why a message from inside the gateway did not enter the router.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// Never: its topic breaks the site's rules, or the retained limits are reached.
+    #[error("{0}")]
+    Refused(String),
+    /// Not now: the router is being rebuilt.
+    #[error(transparent)]
+    Unavailable(FabricError),
+}
+
+impl InjectError {
+    /// Whether trying again can help.
+    pub fn retryable(&self) -> bool {
+        matches!(self, InjectError::Unavailable(_))
+    }
+}
+
 /// A retained message the site's limits do not leave room for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RetainError {
@@ -329,13 +347,16 @@ impl Fabric {
         &self.offline
     }
 
-    /// Queues what away sessions take of `packets`, durably, before the router sees them.
-    async fn queue_offline(&self, packets: &[Packet]) {
-        if self.offline.capture(packets).await {
+    /// Queues what away sessions take of `packets`, durably, before the router sees them;
+    /// true if any took one.
+    async fn queue_offline(&self, packets: &[Packet]) -> bool {
+        let taken = self.offline.capture(packets).await;
+        if taken {
             if let Err(e) = self.offline.flush().await {
                 warn!(error = %e, "messages queued for away sessions may not be durable");
             }
         }
+        taken
     }
 
     /// Whether publishes must name their publisher (see [`entering_properties`]).
@@ -473,23 +494,24 @@ impl Fabric {
     /// a publish-only fleet costs it nothing.
     pub async fn forward(&self, packets: Vec<Packet>) -> Result<(), FabricError> {
         let gen = self.current();
-        self.forward_on(&gen, packets).await
+        self.forward_on(&gen, packets).await.map(|_| ())
     }
 
+    /// [`forward`](Self::forward), saying whether an away session queued any of `packets`.
     async fn forward_on(
         &self,
         gen: &Arc<Generation>,
         mut packets: Vec<Packet>,
-    ) -> Result<(), FabricError> {
-        self.queue_offline(&packets).await;
+    ) -> Result<bool, FabricError> {
+        let queued = self.queue_offline(&packets).await;
         // Retained messages are kept here, not in the router: until a device links, nothing
         // in the router could take a publish.
         if !gen.device_linked.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(queued);
         }
         packets.retain(|p| matches!(p, Packet::Publish(..)));
         if packets.is_empty() {
-            return Ok(());
+            return Ok(queued);
         }
         let packets = self.to_router_form(gen, packets, true);
         let mut shared = gen.shared.lock().await;
@@ -501,9 +523,34 @@ impl Fabric {
             *shared = Some(LocalPublisher::new(gen.link(SHARED_LINK, true).await?));
         }
         match shared.as_ref() {
-            Some(publisher) => publisher.forward(packets).await,
-            None => Ok(()),
+            Some(publisher) => publisher.forward(packets).await.map(|()| queued),
+            None => Ok(queued),
         }
+    }
+
+    /// A message from inside the gateway (a republished record, a cloud message) entering the
+    /// router: its topic held to the rules a device's is, a retained one to the site's limits.
+    /// True if an away session queued it (durably, before this returns).
+    pub async fn inject(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        qos: QoS,
+        retain: bool,
+        props: Option<PublishProperties>,
+        topics: TopicLimits,
+    ) -> Result<bool, InjectError> {
+        check_topic(topic, topics).map_err(|e| {
+            InjectError::Refused(format!("topic {:?}: {e}", crate::escape::Escaped(topic)))
+        })?;
+        let mut publish = publish_packet(topic, payload, qos, retain);
+        let props = entering_properties(props, qos, None);
+        self.retain(&mut publish, &props)
+            .map_err(|e| InjectError::Refused(e.to_string()))?;
+        let gen = self.current();
+        self.forward_on(&gen, vec![Packet::Publish(publish, props)])
+            .await
+            .map_err(InjectError::Unavailable)
     }
 
     /// Rewrites topics and filters into router form and notes what the router will cache.
@@ -749,23 +796,20 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
         retain: bool,
     ) -> Result<(), sitegate_plugins::republish::LocalPublishError> {
         use sitegate_plugins::republish::LocalPublishError;
-        check_topic(&topic, self.topics).map_err(|e| {
-            LocalPublishError::Refused(format!("topic {:?}: {e}", crate::escape::Escaped(&topic)))
-        })?;
         let qos = if qos >= 1 {
             QoS::AtLeastOnce
         } else {
             QoS::AtMostOnce
         };
-        let mut publish = publish_packet(&topic, &payload, qos, retain);
-        let props = entering_properties(None, qos, None);
-        self.fabric
-            .retain(&mut publish, &props)
-            .map_err(|e| LocalPublishError::Refused(e.to_string()))?;
-        self.fabric
-            .forward(vec![Packet::Publish(publish, props)])
+        match self
+            .fabric
+            .inject(&topic, &payload, qos, retain, None, self.topics)
             .await
-            .map_err(|e| LocalPublishError::Unavailable(e.to_string()))
+        {
+            Ok(_) => Ok(()),
+            Err(InjectError::Refused(why)) => Err(LocalPublishError::Refused(why)),
+            Err(InjectError::Unavailable(e)) => Err(LocalPublishError::Unavailable(e.to_string())),
+        }
     }
 }
 

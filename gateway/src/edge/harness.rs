@@ -182,6 +182,7 @@ impl Harness {
             },
             ingest: None,
             enrollment: None,
+            relay: None,
         });
         Ok(Harness { ctx, _dir: dir })
     }

@@ -18,6 +18,8 @@
 //! - `broker`: rumqttd's router as the local fan-out fabric, rebuilt in generations.
 //! - `marks`: what the gateway marks on a publish inside the router.
 //! - `offline`: the queues of persistent sessions whose device is away, in the store.
+//! - `relay`: a device's own jobs and shadow topics (`$aws/things/<thing>/…`): never another
+//!   thing's, and with `[relay]` carried to and from IoT Core on the cloud link.
 //! - `harness`: the whole edge in memory, for fuzzers and property tests.
 
 mod broker;
@@ -28,14 +30,16 @@ pub mod harness;
 mod listener;
 mod marks;
 mod offline;
+mod relay;
 mod session;
 mod table;
 
-pub use broker::{Fabric, FabricLimits, Republisher};
+pub use broker::{Fabric, FabricLimits, InjectError, Republisher};
 pub use codec::publish_packet;
 pub use config::*;
 pub use crl::{follow_crls, CRL_CHECK_INTERVAL};
 pub use listener::{serve, Budget};
 pub use offline::OfflineQueues;
+pub use relay::{thing_topic, Relay, ThingTopic, THINGS_PREFIX};
 pub use session::{expire_sessions, restore_sessions, EdgeContext, Limits, Restored};
 pub use table::{EndReason, Parked, SessionSlot, SessionTable, Subscription};

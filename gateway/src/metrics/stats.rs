@@ -131,6 +131,23 @@ counters! {
     spool_full_waits,
     /// Commits that failed (I/O, no key); their QoS 1 publishes were not acknowledged.
     spool_errors,
+    /// Jobs and shadow requests of devices sent up on the cloud link (`[relay]`).
+    relayed_up,
+    /// Cloud answers for a local thing's jobs or shadow topics handed to the router.
+    relayed_down,
+    /// Relayed requests refused because the cloud link was down or its queue full.
+    relay_refused,
+    /// Topics and filters of another thing's `$aws/things/…` refused.
+    other_thing_refused,
+    /// Messages that came down from the cloud on a downlink's filter.
+    downlink_in,
+    /// Downlink messages handed to the local router.
+    downlink_delivered,
+    /// Downlink messages also queued for persistent sessions whose device is away.
+    downlink_queued,
+    /// Downlink messages refused at the edge (the mapped topic is not one the site takes) or
+    /// matching no downlink.
+    downlink_refused,
     /// Configuration updates from the Greengrass nucleus applied live.
     config_updates_applied,
     /// Configuration updates refused (invalid, or a rule would lose its sink); the running
@@ -196,6 +213,8 @@ impl Stats {
             "retained_quota" => &self.retained_quota_refused,
             "over_pending_limit" => &self.pending_over_limit,
             "claim_refused" => &self.claims_refused,
+            "other_thing" => &self.other_thing_refused,
+            "relay_unavailable" => &self.relay_refused,
             _ => &self.topics_invalid,
         };
         counter.fetch_add(1, Relaxed);
@@ -204,7 +223,7 @@ impl Stats {
 
 impl StatsSnapshot {
     /// Every refusal by its `sitegate_denied_total` reason label.
-    pub fn denials(&self) -> [(&'static str, u64); 15] {
+    pub fn denials(&self) -> [(&'static str, u64); 17] {
         [
             ("handshake_failed", self.handshakes_failed),
             ("connect_refused", self.connects_refused),
@@ -221,6 +240,8 @@ impl StatsSnapshot {
             ("protocol_error", self.protocol_errors),
             ("revoked", self.revoked_disconnects),
             ("claim_refused", self.claims_refused),
+            ("other_thing", self.other_thing_refused),
+            ("relay_unavailable", self.relay_refused),
         ]
     }
 }

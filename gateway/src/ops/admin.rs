@@ -56,6 +56,8 @@ pub enum AdminRequest {
     SpoolStatus,
     /// Loaded rules, their counters, and refused rule files.
     RulesStatus,
+    /// The cloud links and each downlink's counts.
+    DownlinkStatus,
 }
 
 /// One device as `device list` shows it.
@@ -81,6 +83,7 @@ pub enum AdminResponse {
     Spool { spool: SpoolStatus },
     Rules { rules: RulesReport },
     Synced { report: crate::auth::SyncReport },
+    Downlinks { status: crate::downlink::Status },
     Error { message: String },
 }
 
@@ -93,6 +96,8 @@ pub struct AdminService {
     pub spool: Option<Arc<Spool>>,
     /// The rules report the committer keeps current.
     pub rules: Arc<std::sync::Mutex<RulesReport>>,
+    /// The running downlinks; `None` when the CLI works on a stopped gateway.
+    pub downlinks: Option<Arc<crate::downlink::Downlinks>>,
 }
 
 impl AdminService {
@@ -170,6 +175,10 @@ impl AdminService {
             AdminRequest::RulesStatus => Ok(AdminResponse::Rules {
                 rules: self.rules.lock().map(|r| r.clone()).unwrap_or_default(),
             }),
+            AdminRequest::DownlinkStatus => match &self.downlinks {
+                Some(d) => Ok(AdminResponse::Downlinks { status: d.status() }),
+                None => Err("no gateway is running to ask about its downlinks".into()),
+            },
         }
     }
 

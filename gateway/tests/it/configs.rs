@@ -146,6 +146,12 @@ error_sink = "f"
 NAME = "INSERT INTO f SELECT * FROM '#'"
 [greengrass]
 ipc = true
+[downlinks.NAME]
+sink = "i"
+from = "cmd/${site}/#"
+to = "cmd/#"
+[relay]
+sink = "i"
 [spool.sinks.f]
 max_bytes = "1MiB"
 max_age = "1d"

@@ -16,9 +16,9 @@ use sitegate_plugins::SinkConfig;
 use tokio::process::{Child, Command};
 
 /// The "cloud": a Mosquitto with its own CA, as IoT Core has Amazon's.
-struct Cloud {
-    dir: PathBuf,
-    port: u16,
+pub(crate) struct Cloud {
+    pub(crate) dir: PathBuf,
+    pub(crate) port: u16,
     broker: Option<Child>,
 }
 
@@ -32,7 +32,7 @@ fn mosquitto_binary() -> String {
 }
 
 impl Cloud {
-    async fn start(dir: &Path) -> Cloud {
+    pub(crate) async fn start(dir: &Path) -> Cloud {
         let pki_dir = dir.join("cloud-pki");
         pki::init_ca(&pki_dir, "cloud", &[]).unwrap();
         std::fs::create_dir_all(dir.join("mosquitto")).unwrap();
@@ -60,7 +60,7 @@ impl Cloud {
         cloud
     }
 
-    async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         let child = Command::new(mosquitto_binary())
             .arg("-c")
             .arg(self.dir.join("mosquitto.conf"))
@@ -84,7 +84,7 @@ impl Cloud {
     }
 
     /// SIGTERM, so Mosquitto saves its persistent sessions, then wait for it.
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(mut child) = self.broker.take() {
             if let Some(pid) = child.id() {
                 let _ = Command::new("kill")
@@ -98,13 +98,7 @@ impl Cloud {
 
     /// A gateway whose `cloud` sink publishes here as `identity`, with `dt/#` routed to it.
     async fn site(&self, identity: &IssuedDevice, adjust: impl FnOnce(&mut IotCoreConfig)) -> Site {
-        let mut sink = IotCoreConfig::new(
-            &format!("127.0.0.1:{}", self.port),
-            identity.cert.clone(),
-            identity.key.clone(),
-            self.dir.join("cloud-pki/ca.pem"),
-        );
-        sink.client_id = Some("plant-7-gateway".into());
+        let mut sink = self.sink(identity);
         adjust(&mut sink);
         Site::start_with(|c| {
             c.sinks.insert("cloud".into(), SinkConfig::Iotcore(sink));
@@ -119,7 +113,39 @@ impl Cloud {
         .await
     }
 
-    fn issue(&self, name: &str) -> IssuedDevice {
+    /// An `iotcore` sink publishing here as `identity`, client id `plant-7-gateway`.
+    pub(crate) fn sink(&self, identity: &IssuedDevice) -> IotCoreConfig {
+        let mut sink = IotCoreConfig::new(
+            &format!("127.0.0.1:{}", self.port),
+            identity.cert.clone(),
+            identity.key.clone(),
+            self.dir.join("cloud-pki/ca.pem"),
+        );
+        sink.client_id = Some("plant-7-gateway".into());
+        sink
+    }
+
+    /// The mosquitto clients' arguments to reach this broker as `identity`.
+    pub(crate) fn client_args(&self, identity: &IssuedDevice, client_id: &str) -> Vec<String> {
+        vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.port.to_string(),
+            "--cafile".into(),
+            self.dir.join("cloud-pki/ca.pem").display().to_string(),
+            "--cert".into(),
+            identity.cert.display().to_string(),
+            "--key".into(),
+            identity.key.display().to_string(),
+            "-i".into(),
+            client_id.into(),
+            "-V".into(),
+            "mqttv5".into(),
+        ]
+    }
+
+    pub(crate) fn issue(&self, name: &str) -> IssuedDevice {
         pki::issue_device(
             name,
             &self.dir.join("cloud-pki"),

@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["pipeline"],
     &["delivery"],
     &["edge"],
+    &["downlink"],
     &["ops"],
     &["config"],
     &["control"],

@@ -14,6 +14,7 @@ mod cli;
 mod configs;
 mod container;
 mod crash;
+mod downlink;
 mod edge;
 mod greengrass;
 mod iotcore;

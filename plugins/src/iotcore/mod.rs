@@ -11,11 +11,16 @@
 //! Greengrass IPC (`PublishToIoTCore`) on the nucleus's own IoT Core connection.
 
 mod config;
+mod link;
 mod nucleus;
 #[cfg(test)]
 mod tests;
 
 pub use config::*;
+pub use link::{
+    AckToken, CloudLink, CloudProperties, Downlinked, LinkEvent, LinkSettings, LinkStatus, UpError,
+    Upward, DEFAULT_SESSION_EXPIRY_SECS, LINK_CLIENT_SUFFIX,
+};
 pub use nucleus::NucleusSink;
 
 use std::collections::VecDeque;
@@ -220,19 +225,7 @@ impl IotCoreSink {
 
     /// Reads the certificate files; does not connect yet.
     pub fn new(name: &str, site: &str, config: IotCoreConfig) -> Result<Self, SinkError> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| SinkError::Config(format!("{}: {e}", p.display())))
-        };
-        let path = |p: &Option<std::path::PathBuf>, key: &str| {
-            p.clone()
-                .ok_or_else(|| SinkError::Config(format!("`{key}` must name a PEM file")))
-        };
-        let tls = crate::tls::mtls_client_config(
-            &read(&path(&config.ca, "ca")?)?,
-            &read(&path(&config.cert, "cert")?)?,
-            &read(&path(&config.key, "key")?)?,
-        )
-        .map_err(SinkError::Config)?;
+        let tls = client_tls(&config)?;
         Ok(IotCoreSink {
             name: name.into(),
             site: site.into(),
@@ -303,6 +296,23 @@ impl IotCoreSink {
         });
         Ok(())
     }
+}
+
+/// The mutual-TLS client settings from the sink's certificate files.
+fn client_tls(config: &IotCoreConfig) -> Result<rustls::ClientConfig, SinkError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| SinkError::Config(format!("{}: {e}", p.display())))
+    };
+    let path = |p: &Option<std::path::PathBuf>, key: &str| {
+        p.clone()
+            .ok_or_else(|| SinkError::Config(format!("`{key}` must name a PEM file")))
+    };
+    crate::tls::mtls_client_config(
+        &read(&path(&config.ca, "ca")?)?,
+        &read(&path(&config.cert, "cert")?)?,
+        &read(&path(&config.key, "key")?)?,
+    )
+    .map_err(SinkError::Config)
 }
 
 /// Topic, body and user properties for each record; records IoT Core would refuse are rejected.

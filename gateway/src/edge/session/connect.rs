@@ -360,6 +360,16 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         router_acks: std::collections::VecDeque::new(),
     };
     session.queue_stored(queued, &sent);
+    // A resumed session's relayed filters, on the cloud link again (after a restart the link
+    // starts with the downlinks' filters only).
+    for filter in session
+        .filters
+        .iter()
+        .map(|s| s.filter.clone())
+        .collect::<Vec<_>>()
+    {
+        session.relay_filter(&filter);
+    }
     Some(Opened {
         session,
         slot,

@@ -108,6 +108,8 @@ pub struct EdgeContext {
     pub ingest: Option<Ingest>,
     /// In-band enrollment by claim certificate, when `[auth.enrollment]` is set.
     pub enrollment: Option<Arc<crate::auth::Enrollment>>,
+    /// Jobs and shadow topics relayed to IoT Core, when `[relay]` is set.
+    pub relay: Option<crate::edge::relay::Relay>,
 }
 
 /// The socket and its buffers.

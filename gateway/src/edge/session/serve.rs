@@ -21,10 +21,12 @@ use crate::edge::codec::publish_with_id;
 use crate::edge::codec::{CodecError, Frame};
 use crate::edge::marks::{delivery_fingerprint, entering_properties, qos_and_pkid, strip_marks};
 use crate::edge::offline::split_entry;
+use crate::edge::relay::{thing_topic, ThingTopic};
 use crate::edge::table::{EndReason, SessionSlot, Subscription};
 use crate::escape::Escaped;
 use crate::pipeline::Message;
 use crate::topic::{check_filter, check_text, check_topic, TopicError};
+use sitegate_plugins::iotcore::UpError;
 
 use super::acks::{detach_payloads, front_receipt, HeldAcks};
 use super::close::{protocol_error, topic_error, Close, Flow};
@@ -362,13 +364,37 @@ impl Session {
             },
             from,
         );
+        let reserved = thing_topic(topic, &self.thing);
+        let relay = match reserved {
+            ThingTopic::Own(kind) => self.ctx.relay.as_ref().filter(|r| r.relays_topic(kind)),
+            _ => None,
+        };
         let refusal = match checked {
             Err(e) => Some((e.reason(), PubAckReason::TopicNameInvalid, e.to_string())),
+            Ok(()) if reserved == ThingTopic::NotOwn => Some((
+                "other_thing",
+                PubAckReason::NotAuthorized,
+                "another thing's reserved topic".into(),
+            )),
             Ok(()) if !self.grant.permissions.allows(Operation::Publish, topic) => Some((
                 "publish_not_allowed",
                 PubAckReason::NotAuthorized,
                 "denied by policy".into(),
             )),
+            // Copied: queued for the cloud, a slice would pin the whole read buffer.
+            Ok(()) if relay.is_some() => relay
+                .and_then(|r| {
+                    let payload = bytes::Bytes::copy_from_slice(&publish.payload);
+                    r.up(topic, payload, &self.thing, &self.cert_id).err()
+                })
+                .map(|e| {
+                    let code = match e {
+                        UpError::Full => PubAckReason::QuotaExceeded,
+                        UpError::Down => PubAckReason::UnspecifiedError,
+                        UpError::Invalid(_) => PubAckReason::ImplementationSpecificError,
+                    };
+                    ("relay_unavailable", code, e.to_string())
+                }),
             Ok(()) => self
                 .ctx
                 .fabric
@@ -387,7 +413,9 @@ impl Session {
                 &self.ctx.stats.messages_in_qos1
             };
             counter.fetch_add(1, Relaxed);
-            if let Some(wanted) = self.ctx.ingest.as_ref().and_then(|i| i.wants(topic)) {
+            if relay.is_some() {
+                self.ctx.stats.relayed_up.fetch_add(1, Relaxed);
+            } else if let Some(wanted) = self.ctx.ingest.as_ref().and_then(|i| i.wants(topic)) {
                 self.to_ingest.push(Message {
                     wanted,
                     topic: topic.to_owned(),
@@ -401,7 +429,9 @@ impl Session {
                     source_ip: Arc::clone(&self.source_ip),
                 });
             }
-            self.to_router.push(Packet::Publish(publish, props));
+            if relay.is_none() {
+                self.to_router.push(Packet::Publish(publish, props));
+            }
             PubAckReason::Success
         };
         // MQTT 3.1.1 has no way to say "not authorized" in a PUBACK (§3.3.5): the
@@ -526,6 +556,11 @@ impl Session {
                     SubscribeReasonCode::QuotaExceeded,
                     format!("the connection holds listener.max_subscriptions ({})", limits.max_subscriptions),
                 )),
+                Ok(()) if thing_topic(&filter.path, &self.thing) == ThingTopic::NotOwn => Some((
+                    "other_thing",
+                    SubscribeReasonCode::NotAuthorized,
+                    "another thing's reserved topics".into(),
+                )),
                 Ok(()) if !self.grant.permissions.allows(Operation::Subscribe, &filter.path) => Some((
                     "subscribe_not_allowed",
                     SubscribeReasonCode::NotAuthorized,
@@ -567,6 +602,7 @@ impl Session {
                 None => self.filters.push(sub),
             }
             self.subscriptions_changed = true;
+            self.relay_filter(&filter.path);
             granted.push(filter);
         }
         let pkid = subscribe.pkid;
@@ -596,6 +632,21 @@ impl Session {
         }
         self.send_waiting(wbuf);
         Flow::Continue
+    }
+
+    /// Subscribes a granted filter of the device's own relayed jobs or shadow topics on the
+    /// cloud link too, whose answers then come down on it.
+    pub(super) fn relay_filter(&self, filter: &str) {
+        let (ThingTopic::Own(kind), Some(relay)) =
+            (thing_topic(filter, &self.thing), self.ctx.relay.as_ref())
+        else {
+            return;
+        };
+        if relay.relays_filter(kind) {
+            if let Err(e) = relay.link.subscribe(filter) {
+                warn!(thing = %self.thing, filter = %Escaped(filter), error = %e, "cannot subscribe a relayed filter on the cloud link");
+            }
+        }
     }
 
     /// Queues a retained message for the device (RETAIN 1, MQTT-3.3.1-8) at the lower of its

@@ -1,0 +1,433 @@
+//! Cloud to device: downlinks (`[downlinks.NAME]`) and the jobs and shadow relay (`[relay]`).
+//!
+//! Each `iotcore` sink that a downlink or the relay names gets one cloud link
+//! (`sitegate_plugins::iotcore::CloudLink`: a persistent MQTT 5 session of its own, subscribed
+//! to the downlinks' filters and to the relayed filters devices subscribe). One task per link
+//! takes what comes down, one message at a time:
+//! - a message on a local thing's relayed `$aws/things/<thing>/jobs|shadow/…` topic enters the
+//!   router on that topic, where only that thing can have subscribed (`edge::relay`);
+//! - otherwise the first downlink whose filter matches maps the topic (`to`) and the message
+//!   enters the router (`Fabric::inject`) as any local publish does: its topic held to the
+//!   site's rules, reaching only subscriptions that the subscribers' policies granted, queued
+//!   durably for away persistent sessions.
+//!
+//! Only then is it acknowledged to IoT Core, so a message is never acknowledged before the
+//! gateway holds it (in the store for away sessions, in the router for connected ones). A
+//! message that can never be taken (its mapped topic refused, or no downlink matches) is
+//! acknowledged and counted as refused; while the router is being rebuilt it waits.
+//!
+//! Layout:
+//! - `config`: the `[downlinks]` and `[relay]` sections, topic mapping.
+//! - here: [`start`], the per-link task, [`Status`] for `sitegate downlink status`.
+
+mod config;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttd::protocol::{PublishProperties, QoS};
+use serde::{Deserialize, Serialize};
+use sitegate_plugins::iotcore::{CloudLink, Downlinked, LinkEvent, LinkSettings};
+use sitegate_plugins::SinkConfig;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::edge::{thing_topic, Fabric, InjectError, Relay, ThingTopic, THINGS_PREFIX};
+use crate::escape::Escaped;
+use crate::metrics::Stats;
+use crate::topic::TopicLimits;
+use config::{map_topic, resolve_from, To};
+
+pub use config::{validate, DownlinkConfig, RelayConfig, MAX_SESSION_EXPIRY_SECS, SITE_VAR};
+
+/// Downlink messages by `downlink` and `result`: delivered, queued, refused.
+pub const DOWNLINK_MESSAGES: &str = "sitegate_downlink_messages_total";
+/// While the router is being rebuilt, how long a message waits before it is tried again.
+const ROUTER_RETRY: Duration = Duration::from_millis(200);
+
+/// Why the downlinks could not start. The configuration or its files must change.
+#[derive(Debug, thiserror::Error)]
+pub enum DownlinkError {
+    #[error("cloud link of sink {sink}: {source}")]
+    Link {
+        sink: String,
+        source: sitegate_plugins::SinkError,
+    },
+}
+
+impl DownlinkError {
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
+/// One downlink's counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownlinkCounts {
+    /// Handed to the local router.
+    pub delivered: u64,
+    /// Of those, also queued for away persistent sessions.
+    pub queued: u64,
+    /// Refused at the edge: the mapped topic is not one the site takes.
+    pub refused: u64,
+}
+
+/// What `sitegate downlink status` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Each cloud link, by sink.
+    pub links: BTreeMap<String, LinkReport>,
+    /// Each downlink, by name.
+    pub downlinks: BTreeMap<String, DownlinkReport>,
+}
+
+/// One cloud link as the status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkReport {
+    pub connected: bool,
+    pub connections: u64,
+    pub last_error: Option<String>,
+    /// Filters subscribed on every connection (the downlinks' and the relayed ones).
+    pub filters: Vec<String>,
+    /// Of those, the ones IoT Core has acknowledged on the current connection.
+    pub subscribed: Vec<String>,
+    /// Filters IoT Core refused.
+    pub refused: Vec<String>,
+    /// Cloud messages for local things' jobs and shadow topics handed to the router.
+    pub relayed_down: u64,
+    /// Cloud messages that matched no downlink (acknowledged, dropped).
+    pub unmatched: u64,
+}
+
+/// One downlink as the status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownlinkReport {
+    pub sink: String,
+    /// Its cloud filter, with the site's name in it.
+    pub from: String,
+    pub to: Option<String>,
+    #[serde(flatten)]
+    pub counts: DownlinkCounts,
+}
+
+/// The running downlinks: the relay's handle for the sessions, and the status.
+pub struct Downlinks {
+    pub relay: Option<Relay>,
+    links: BTreeMap<String, CloudLink>,
+    status: Arc<Mutex<Status>>,
+    /// The link tasks' receivers, until [`Downlinks::run`] takes them.
+    pending: Vec<Pending>,
+}
+
+struct Pending {
+    sink: String,
+    link: CloudLink,
+    events: mpsc::Receiver<LinkEvent>,
+    routes: Vec<Route>,
+    relays: Option<Relay>,
+}
+
+/// One downlink, compiled.
+#[derive(Debug, Clone)]
+struct Route {
+    name: String,
+    filter: String,
+    prefix: String,
+    to: To,
+}
+
+/// Starts a cloud link for each sink that a downlink or the relay names. Nothing comes down
+/// until [`Downlinks::run`], which the daemon calls once the away sessions are restored.
+pub fn start(
+    downlinks: &BTreeMap<String, DownlinkConfig>,
+    relay: Option<&RelayConfig>,
+    sinks: &BTreeMap<String, SinkConfig>,
+    site: &str,
+    stop: watch::Receiver<bool>,
+) -> Result<Downlinks, DownlinkError> {
+    let mut by_sink: BTreeMap<String, Vec<Route>> = BTreeMap::new();
+    let mut status = Status::default();
+    for (name, d) in downlinks {
+        let (filter, prefix) = resolve_from(&d.from, site);
+        status.downlinks.insert(
+            name.clone(),
+            DownlinkReport {
+                sink: d.sink.clone(),
+                from: filter.clone(),
+                to: d.to.clone(),
+                counts: DownlinkCounts::default(),
+            },
+        );
+        by_sink.entry(d.sink.clone()).or_default().push(Route {
+            name: name.clone(),
+            filter,
+            prefix,
+            to: d.to(),
+        });
+    }
+    if let Some(r) = relay {
+        by_sink.entry(r.sink.clone()).or_default();
+    }
+    let mut out = Downlinks {
+        relay: None,
+        links: BTreeMap::new(),
+        status: Arc::new(Mutex::new(status)),
+        pending: Vec::new(),
+    };
+    for (sink, routes) in by_sink {
+        let Some(SinkConfig::Iotcore(config)) = sinks.get(&sink) else {
+            continue;
+        };
+        let settings = LinkSettings {
+            sink: sink.clone(),
+            config: config.clone(),
+            site: site.to_owned(),
+            session_expiry_secs: relay.map_or(
+                sitegate_plugins::iotcore::DEFAULT_SESSION_EXPIRY_SECS,
+                |r| r.session_expiry_secs,
+            ),
+            filters: routes.iter().map(|r| r.filter.clone()).collect(),
+        };
+        let (link, events) =
+            CloudLink::start(settings, stop.clone()).map_err(|source| DownlinkError::Link {
+                sink: sink.clone(),
+                source,
+            })?;
+        let relays = relay.filter(|r| r.sink == sink).map(|r| Relay {
+            link: link.clone(),
+            jobs: r.jobs,
+            shadow: r.shadow,
+        });
+        if relays.is_some() {
+            out.relay = relays.clone();
+        }
+        out.links.insert(sink.clone(), link.clone());
+        out.pending.push(Pending {
+            sink,
+            link,
+            events,
+            routes,
+            relays,
+        });
+    }
+    Ok(out)
+}
+
+impl Downlinks {
+    /// Starts taking what comes down: one task per cloud link, until its link stops.
+    pub fn run(
+        &mut self,
+        fabric: &Arc<Fabric>,
+        topics: TopicLimits,
+        stats: &Arc<Stats>,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        self.pending
+            .drain(..)
+            .map(|p| {
+                let taker = Taker {
+                    sink: p.sink,
+                    routes: p.routes,
+                    relays: p.relays,
+                    fabric: Arc::clone(fabric),
+                    topics,
+                    stats: Arc::clone(stats),
+                    status: Arc::clone(&self.status),
+                    stop: stop.clone(),
+                };
+                tokio::spawn(taker.run(p.link, p.events))
+            })
+            .collect()
+    }
+
+    /// The status now: each link's state with each downlink's counts.
+    pub fn status(&self) -> Status {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (sink, link) in &self.links {
+            let s = link.status();
+            let report = status.links.entry(sink.clone()).or_default();
+            report.connected = s.connected;
+            report.connections = s.connections;
+            report.last_error = s.last_error;
+            report.filters = s.filters;
+            report.subscribed = s.subscribed;
+            report.refused = s.refused;
+        }
+        status
+    }
+}
+
+/// What a cloud message came to.
+enum Taken {
+    Delivered { queued: bool },
+    Refused(String),
+}
+
+struct Taker {
+    sink: String,
+    routes: Vec<Route>,
+    relays: Option<Relay>,
+    fabric: Arc<Fabric>,
+    topics: TopicLimits,
+    stats: Arc<Stats>,
+    status: Arc<Mutex<Status>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Taker {
+    async fn run(self, link: CloudLink, mut events: mpsc::Receiver<LinkEvent>) {
+        while let Some(event) = events.recv().await {
+            let LinkEvent::Message(message) = event else {
+                continue;
+            };
+            let Some(taken) = self.take(&message).await else {
+                // Stopping: not acknowledged, so IoT Core sends it again.
+                return;
+            };
+            if let Some(token) = message.ack {
+                link.ack(token).await;
+            }
+            debug!(sink = %self.sink, delivered = matches!(taken, Taken::Delivered { .. }), "cloud message taken");
+        }
+    }
+
+    /// Hands one message on; `None` only when the gateway stops first.
+    async fn take(&self, m: &Downlinked) -> Option<Taken> {
+        let relayed = self
+            .relays
+            .as_ref()
+            .is_some_and(|r| relayed_topic(r, &m.topic));
+        let target = if relayed {
+            Some((None, m.topic.clone()))
+        } else {
+            self.routes
+                .iter()
+                .find(|r| crate::topic::matches(&m.topic, &r.filter))
+                .map(|r| (Some(r.name.as_str()), map_topic(&m.topic, &r.prefix, &r.to)))
+                .map(|(name, local)| (name, local.unwrap_or_default()))
+        };
+        let Some((downlink, local)) = target else {
+            self.stats.downlink_refused.fetch_add(1, Relaxed);
+            self.report(|s| {
+                s.links.entry(self.sink.clone()).or_default().unmatched += 1;
+            });
+            debug!(sink = %self.sink, topic = %Escaped(&m.topic), "cloud message matches no downlink");
+            return Some(Taken::Refused("no downlink".into()));
+        };
+        if downlink.is_some() {
+            self.stats.downlink_in.fetch_add(1, Relaxed);
+        }
+        let qos = if m.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let props = m.properties.as_ref().map(local_properties);
+        let taken = loop {
+            match self
+                .fabric
+                .inject(
+                    &local,
+                    &m.payload,
+                    qos,
+                    m.retain,
+                    props.clone(),
+                    self.topics,
+                )
+                .await
+            {
+                Ok(queued) => break Taken::Delivered { queued },
+                Err(InjectError::Refused(why)) => break Taken::Refused(why),
+                Err(e @ InjectError::Unavailable(_)) => {
+                    warn!(sink = %self.sink, error = %e, "the router cannot take a cloud message yet");
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(ROUTER_RETRY) => {}
+                        _ = stop.changed() => return None,
+                    }
+                }
+            }
+        };
+        self.count(downlink, &taken, &local);
+        Some(taken)
+    }
+
+    fn count(&self, downlink: Option<&str>, taken: &Taken, local: &str) {
+        let Some(name) = downlink else {
+            if let Taken::Delivered { .. } = taken {
+                self.stats.relayed_down.fetch_add(1, Relaxed);
+                self.report(|s| s.links.entry(self.sink.clone()).or_default().relayed_down += 1);
+            }
+            return;
+        };
+        let result = match taken {
+            Taken::Delivered { queued } => {
+                self.stats.downlink_delivered.fetch_add(1, Relaxed);
+                if *queued {
+                    self.stats.downlink_queued.fetch_add(1, Relaxed);
+                }
+                if *queued {
+                    "queued"
+                } else {
+                    "delivered"
+                }
+            }
+            Taken::Refused(why) => {
+                self.stats.downlink_refused.fetch_add(1, Relaxed);
+                warn!(downlink = name, topic = %Escaped(local), reason = %why, "cloud message refused at the edge");
+                "refused"
+            }
+        };
+        crate::metrics::handle();
+        metrics::counter!(DOWNLINK_MESSAGES, "downlink" => name.to_owned(), "result" => result)
+            .increment(1);
+        self.report(|s| {
+            if let Some(d) = s.downlinks.get_mut(name) {
+                match taken {
+                    Taken::Delivered { queued } => {
+                        d.counts.delivered += 1;
+                        d.counts.queued += u64::from(*queued);
+                    }
+                    Taken::Refused(_) => d.counts.refused += 1,
+                }
+            }
+        });
+    }
+
+    fn report(&self, change: impl FnOnce(&mut Status)) {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Whether a cloud topic is a relayed kind of some thing's reserved topics.
+fn relayed_topic(relay: &Relay, topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(THINGS_PREFIX) else {
+        return false;
+    };
+    let Some(thing) = rest.split('/').next() else {
+        return false;
+    };
+    matches!(thing_topic(topic, thing), ThingTopic::Own(kind) if relay.relays_topic(kind))
+        && crate::identity::valid_thing_name(thing)
+}
+
+/// A cloud message's properties as a local publish carries them: not its topic alias or
+/// subscription identifiers, which belonged to the cloud link.
+fn local_properties(p: &sitegate_plugins::iotcore::CloudProperties) -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type.clone(),
+    }
+}

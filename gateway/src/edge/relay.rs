@@ -1,0 +1,116 @@
+//! A device's own AWS IoT Jobs and shadow topics, relayed to and from IoT Core.
+//!
+//! A device uses the topics it would use against IoT Core (`$aws/things/<thing>/jobs/…`,
+//! `$aws/things/<thing>/shadow/…`). Whether or not a relay is configured, a topic or filter
+//! under `$aws/things/` is only ever its own thing's: another thing's, or a wildcard in the
+//! thing's level, is refused before the policy is asked, so no policy can open one device's
+//! jobs or shadow to another. With `[relay]`, publishes on the relayed kinds go up on the cloud
+//! link (never into the router or the pipeline), named by the device's identity in user
+//! properties; a granted filter of those kinds is also subscribed on the cloud link, whose
+//! answers the downlink hands to the router on the same topic, where only this device can hold
+//! a filter that matches it.
+
+use bytes::Bytes;
+use sitegate_plugins::iotcore::{CloudLink, UpError, Upward};
+
+/// Where every thing's reserved topics start.
+pub const THINGS_PREFIX: &str = "$aws/things/";
+/// The kinds of reserved topic the relay carries.
+pub(super) const JOBS: &str = "jobs";
+pub(super) const SHADOW: &str = "shadow";
+
+/// What a topic or filter under `$aws/things/` is to the device using it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThingTopic<'t> {
+    /// Not under `$aws/things/`.
+    Other,
+    /// Another thing's, or a wildcard where the thing's name goes.
+    NotOwn,
+    /// The device's own; the level after the thing's name (`jobs`, `shadow`, a wildcard, or
+    /// nothing).
+    Own(&'t str),
+}
+
+/// Classifies `topic` (a topic name or a filter) for the device of thing `thing`.
+pub fn thing_topic<'t>(topic: &'t str, thing: &str) -> ThingTopic<'t> {
+    let Some(rest) = topic.strip_prefix(THINGS_PREFIX) else {
+        // `$aws/things` itself and `$aws/+/…` reach for the same topics.
+        return match topic {
+            "$aws/things" | "$aws/#" | "$aws/+" => ThingTopic::NotOwn,
+            t if t.starts_with("$aws/+/") => ThingTopic::NotOwn,
+            _ => ThingTopic::Other,
+        };
+    };
+    let mut levels = rest.splitn(3, '/');
+    match levels.next() {
+        Some(name) if name == thing => ThingTopic::Own(levels.next().unwrap_or("")),
+        _ => ThingTopic::NotOwn,
+    }
+}
+
+/// The relay's handle, held by every session.
+#[derive(Clone)]
+pub struct Relay {
+    pub link: CloudLink,
+    pub jobs: bool,
+    pub shadow: bool,
+}
+
+impl Relay {
+    /// Whether a publish of this kind goes up instead of into the router.
+    pub fn relays_topic(&self, kind: &str) -> bool {
+        (kind == JOBS && self.jobs) || (kind == SHADOW && self.shadow)
+    }
+
+    /// Whether a filter of this kind is also subscribed on the cloud link.
+    pub fn relays_filter(&self, kind: &str) -> bool {
+        self.relays_topic(kind) || ((kind == "+" || kind == "#") && (self.jobs || self.shadow))
+    }
+
+    /// Sends a device's request up, named by its identity.
+    pub fn up(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        thing: &str,
+        cert_id: &str,
+    ) -> Result<(), UpError> {
+        self.link.publish(Upward {
+            topic: topic.to_owned(),
+            payload,
+            user_properties: vec![
+                ("thing-name".into(), thing.to_owned()),
+                ("cert-id".into(), cert_id.to_owned()),
+            ],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_devices_own_thing_is_its_own() {
+        let own = |t| thing_topic(t, "pump-7");
+        assert_eq!(
+            own("$aws/things/pump-7/jobs/start-next"),
+            ThingTopic::Own("jobs")
+        );
+        assert_eq!(
+            own("$aws/things/pump-7/shadow/name/cfg/update"),
+            ThingTopic::Own("shadow")
+        );
+        assert_eq!(own("$aws/things/pump-7/#"), ThingTopic::Own("#"));
+        assert_eq!(own("$aws/things/pump-7"), ThingTopic::Own(""));
+        assert_eq!(own("$aws/things/pump-8/jobs/notify"), ThingTopic::NotOwn);
+        assert_eq!(own("$aws/things/+/jobs/notify"), ThingTopic::NotOwn);
+        assert_eq!(own("$aws/things/#"), ThingTopic::NotOwn);
+        assert_eq!(own("$aws/things/pump-7x/jobs"), ThingTopic::NotOwn);
+        assert_eq!(own("$aws/things"), ThingTopic::NotOwn);
+        assert_eq!(own("$aws/+/pump-7/jobs"), ThingTopic::NotOwn);
+        assert_eq!(own("$aws/#"), ThingTopic::NotOwn);
+        assert_eq!(own("dt/pump-7/x"), ThingTopic::Other);
+        assert_eq!(own("$aws/rules/x"), ThingTopic::Other);
+    }
+}

@@ -1,0 +1,440 @@
+//! The cloud link: a second, long-lived MQTT 5 connection of an `iotcore` sink that brings
+//! cloud messages down (downlinks, the cloud's answers to jobs and shadow requests) and takes
+//! local devices' jobs and shadow requests up.
+//!
+//! It is not the sink's own connection, which starts clean on every reconnect and is driven by
+//! the spool drain only while a batch is in flight. This one keeps a persistent session (Clean
+//! Start 0 with `session_expiry`), so IoT Core holds QoS 1 messages for the gateway while it is
+//! away, and it is polled all the time. Its client id is the sink's with
+//! [`LINK_CLIENT_SUFFIX`].
+//!
+//! QoS 1 end to end: a message comes down with an [`AckToken`]; the gateway hands it on and
+//! then calls [`CloudLink::ack`]. Until then IoT Core has no PUBACK, and after a lost
+//! connection it sends the message again. Acknowledgements are sent in the order the messages
+//! came (MQTT-4.6.0-2), since the gateway takes them one at a time; one for a connection that
+//! has since been replaced is dropped, as the broker sends that message again on the new one.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::{mpsc, watch};
+
+/// A cloud message's MQTT 5 properties.
+pub use rumqttc::v5::mqttbytes::v5::PublishProperties as CloudProperties;
+
+use super::config::{IotCoreConfig, MAX_PAYLOAD_BYTES};
+use crate::backoff::Backoff;
+use crate::sink::SinkError;
+
+/// Appended to the sink's client id for its cloud link.
+pub const LINK_CLIENT_SUFFIX: &str = "-link";
+/// How long IoT Core keeps the link's session (and its QoS 1 messages) while the gateway is
+/// away: IoT Core's own longest persistent session is 7 days; one hour is its default.
+pub const DEFAULT_SESSION_EXPIRY_SECS: u32 = 3600;
+/// Messages coming down that the gateway has not taken yet. The link stops reading (and so
+/// stops acknowledging) beyond this, and IoT Core holds the rest.
+const DOWN_QUEUE: usize = 256;
+/// Requests waiting to go up.
+const UP_QUEUE: usize = 256;
+/// Filters in one SUBSCRIBE (IoT Core takes at most 8).
+const FILTERS_PER_SUBSCRIBE: usize = 8;
+/// Reconnect delays.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A message from the cloud.
+#[derive(Debug)]
+pub struct Downlinked {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: Option<PublishProperties>,
+    /// Given back to [`CloudLink::ack`] once the message is handed on.
+    pub ack: Option<AckToken>,
+}
+
+/// What the gateway returns to acknowledge a QoS 1 message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    connection: u64,
+    pkid: u16,
+}
+
+/// What the link tells the gateway.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// Connected; `session_present` says IoT Core kept the session.
+    Up {
+        session_present: bool,
+    },
+    /// The connection is gone (or could not be made); the link retries with backoff.
+    Down {
+        error: String,
+    },
+    /// IoT Core refused a filter.
+    Refused {
+        filter: String,
+        reason: String,
+    },
+    Message(Downlinked),
+}
+
+/// A publish going up.
+#[derive(Debug, Clone)]
+pub struct Upward {
+    pub topic: String,
+    pub payload: Bytes,
+    /// MQTT 5 user properties: the device's identity.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// Why a request cannot go up now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpError {
+    #[error("the cloud link is not connected")]
+    Down,
+    #[error("the cloud link's queue is full")]
+    Full,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl UpError {
+    /// Whether sending again later can help.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, UpError::Invalid(_))
+    }
+}
+
+enum Command {
+    Subscribe(String),
+    Ack(AckToken),
+    Publish(Upward),
+}
+
+/// What the link reports of itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStatus {
+    pub connected: bool,
+    pub connections: u64,
+    pub last_error: Option<String>,
+    pub filters: Vec<String>,
+    /// Filters IoT Core acknowledged on the current connection.
+    pub subscribed: Vec<String>,
+    pub refused: Vec<String>,
+}
+
+/// The handle on a running cloud link; cheap to clone.
+#[derive(Clone)]
+pub struct CloudLink {
+    commands: mpsc::Sender<Command>,
+    status: Arc<Mutex<LinkStatus>>,
+}
+
+/// The link's settings, from its sink and its users.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// The sink whose endpoint and certificate it uses.
+    pub sink: String,
+    pub config: IotCoreConfig,
+    /// The sink's client id (the site's name unless the sink names one).
+    pub site: String,
+    pub session_expiry_secs: u32,
+    /// Filters subscribed on every connection.
+    pub filters: Vec<String>,
+}
+
+impl CloudLink {
+    /// Reads the certificate files and starts the link's task, which runs until `stop`; what
+    /// it tells comes on the receiver.
+    pub fn start(
+        settings: LinkSettings,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(CloudLink, mpsc::Receiver<LinkEvent>), SinkError> {
+        let tls = Arc::new(super::client_tls(&settings.config)?);
+        let (events, events_rx) = mpsc::channel(DOWN_QUEUE);
+        let (commands, rx) = mpsc::channel(UP_QUEUE);
+        let status = Arc::new(Mutex::new(LinkStatus {
+            filters: settings.filters.clone(),
+            ..LinkStatus::default()
+        }));
+        let task = Task {
+            filters: settings.filters.iter().cloned().collect(),
+            settings,
+            tls,
+            events,
+            commands: rx,
+            status: Arc::clone(&status),
+            connection: 0,
+        };
+        tokio::spawn(task.run(stop));
+        Ok((CloudLink { commands, status }, events_rx))
+    }
+
+    /// Adds `filter` to what the link subscribes, now and after every reconnect.
+    pub fn subscribe(&self, filter: &str) -> Result<(), UpError> {
+        if self.lock().filters.iter().any(|f| f == filter) {
+            return Ok(());
+        }
+        self.commands
+            .try_send(Command::Subscribe(filter.to_owned()))
+            .map_err(|_| UpError::Full)
+    }
+
+    /// Acknowledges a message to IoT Core.
+    pub async fn ack(&self, token: AckToken) {
+        let _ = self.commands.send(Command::Ack(token)).await;
+    }
+
+    /// Queues a QoS 1 publish up; refused at once while the link is down or its queue full.
+    pub fn publish(&self, up: Upward) -> Result<(), UpError> {
+        if up.payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(UpError::Invalid(format!(
+                "payload is {} bytes; IoT Core allows {MAX_PAYLOAD_BYTES}",
+                up.payload.len()
+            )));
+        }
+        if !self.lock().connected {
+            return Err(UpError::Down);
+        }
+        self.commands
+            .try_send(Command::Publish(up))
+            .map_err(|_| UpError::Full)
+    }
+
+    /// The link's state now.
+    pub fn status(&self) -> LinkStatus {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Task {
+    settings: LinkSettings,
+    tls: Arc<rustls::ClientConfig>,
+    events: mpsc::Sender<LinkEvent>,
+    commands: mpsc::Receiver<Command>,
+    status: Arc<Mutex<LinkStatus>>,
+    filters: BTreeSet<String>,
+    /// Counts connections, so an acknowledgement meant for an earlier one is dropped.
+    connection: u64,
+}
+
+impl Task {
+    fn set(&self, change: impl FnOnce(&mut LinkStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        while !*stop.borrow() {
+            let error = match self.connect().await {
+                Ok((client, events, session_present)) => {
+                    backoff.reset();
+                    self.set(|s| {
+                        s.connected = true;
+                        s.connections += 1;
+                        s.subscribed.clear();
+                    });
+                    let _ = self.events.send(LinkEvent::Up { session_present }).await;
+                    let error = self.serve(&client, events, &mut stop).await;
+                    self.set(|s| s.connected = false);
+                    let _ = client.try_disconnect();
+                    error
+                }
+                Err(e) => e,
+            };
+            let Some(error) = error else { break };
+            tracing::warn!(sink = %self.settings.sink, %error, "cloud link down");
+            self.set(|s| s.last_error = Some(error.clone()));
+            let _ = self.events.send(LinkEvent::Down { error }).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.step()) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    fn client_id(&self) -> String {
+        let base = self
+            .settings
+            .config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| self.settings.site.clone());
+        format!("{base}{LINK_CLIENT_SUFFIX}")
+    }
+
+    /// A new connection: CONNECT with the persistent session, then every filter subscribed.
+    async fn connect(&mut self) -> Result<(AsyncClient, EventLoop, bool), Option<String>> {
+        let config = &self.settings.config;
+        let (host, port) = config.host_port().map_err(Some)?;
+        let mut options = MqttOptions::new(self.client_id(), host, port);
+        options.set_keep_alive(Duration::from_secs(config.keep_alive_secs));
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(self.settings.session_expiry_secs));
+        options.set_manual_acks(true);
+        options.set_max_packet_size(Some(
+            u32::try_from(MAX_PAYLOAD_BYTES).unwrap_or(u32::MAX) + 1024,
+        ));
+        options.set_outgoing_inflight_upper_limit(config.max_inflight);
+        options.set_connection_timeout(config.ack_timeout.0.as_secs().max(1));
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::clone(&self.tls)),
+        ));
+        let (client, mut events) = AsyncClient::new(options, UP_QUEUE + 16);
+        self.connection += 1;
+        let deadline = tokio::time::Instant::now() + config.ack_timeout.0;
+        let session_present = loop {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(Some(format!("CONNACK {:?}", ack.code)));
+                    }
+                    break ack.session_present;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(Some(super::classify(&e).to_string())),
+                Err(_) => return Err(Some("no CONNACK in time".into())),
+            }
+        };
+        // Subscribed again on every connection: a session IoT Core kept has them already, one
+        // it lost (expired, or a broker restarted without persistence) has not.
+        let filters: Vec<Filter> = self
+            .filters
+            .iter()
+            .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce))
+            .collect();
+        for chunk in filters.chunks(FILTERS_PER_SUBSCRIBE) {
+            client
+                .try_subscribe_many(chunk.to_vec())
+                .map_err(|e| Some(e.to_string()))?;
+        }
+        tracing::info!(sink = %self.settings.sink, client_id = %self.client_id(), session_present, filters = self.filters.len(), "cloud link up");
+        Ok((client, events, session_present))
+    }
+
+    /// Polls the connection and takes commands until the connection ends (`Some(why)`) or the
+    /// link is stopped (`None`).
+    async fn serve(
+        &mut self,
+        client: &AsyncClient,
+        mut events: EventLoop,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<String> {
+        // Filters in SUBSCRIBEs not yet answered, in order, to name a refused one.
+        let mut asked: std::collections::VecDeque<Vec<String>> = self
+            .filters
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .chunks(FILTERS_PER_SUBSCRIBE)
+            .map(<[String]>::to_vec)
+            .collect();
+        loop {
+            tokio::select! {
+                event = events.poll() => match event {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        match self.message(&p) {
+                            // Waiting here is the back-pressure: unread, IoT Core holds the rest.
+                            Some(message) => if self.events.send(LinkEvent::Message(message)).await.is_err() {
+                                return None;
+                            },
+                            // Dropped, so acknowledged: IoT Core would send it again forever.
+                            None => if let Err(e) = client.try_ack(&p) {
+                                return Some(e.to_string());
+                            },
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let filters = asked.pop_front().unwrap_or_default();
+                        for (i, code) in ack.return_codes.iter().enumerate() {
+                            let filter = filters.get(i).cloned().unwrap_or_default();
+                            if matches!(code, SubscribeReasonCode::Success(_)) {
+                                self.set(|s| s.subscribed.push(filter));
+                            } else {
+                                tracing::warn!(sink = %self.settings.sink, filter = %filter, ?code, "IoT Core refused a cloud link filter");
+                                self.set(|s| s.refused.push(filter.clone()));
+                                let _ = self.events.send(LinkEvent::Refused { filter, reason: format!("{code:?}") }).await;
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                        return Some(format!("DISCONNECT {:?}", d.reason_code));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Some(super::classify(&e).to_string()),
+                },
+                command = self.commands.recv() => match command {
+                    None => return None,
+                    Some(Command::Ack(token)) => {
+                        if token.connection == self.connection {
+                            let mut p = Publish::new("", QoS::AtLeastOnce, Bytes::new(), None);
+                            p.pkid = token.pkid;
+                            if let Err(e) = client.try_ack(&p) {
+                                return Some(e.to_string());
+                            }
+                        }
+                    }
+                    Some(Command::Subscribe(filter)) => {
+                        if self.filters.insert(filter.clone()) {
+                            self.set(|s| s.filters.push(filter.clone()));
+                            asked.push_back(vec![filter.clone()]);
+                            if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                                return Some(e.to_string());
+                            }
+                        }
+                    }
+                    Some(Command::Publish(up)) => {
+                        let properties = PublishProperties {
+                            user_properties: up.user_properties,
+                            ..PublishProperties::default()
+                        };
+                        if let Err(e) = client.try_publish_with_properties(up.topic, QoS::AtLeastOnce, false, up.payload, properties) {
+                            return Some(e.to_string());
+                        }
+                    }
+                },
+                _ = stop.changed() => return None,
+            }
+        }
+    }
+
+    fn message(&self, p: &Publish) -> Option<Downlinked> {
+        let topic = match String::from_utf8(p.topic.to_vec()) {
+            Ok(t) => t,
+            Err(_) => {
+                tracing::warn!(sink = %self.settings.sink, "cloud message with a topic that is not UTF-8, dropped");
+                return None;
+            }
+        };
+        let (qos, ack) = match p.qos {
+            QoS::AtMostOnce => (0, None),
+            _ => (
+                1,
+                Some(AckToken {
+                    connection: self.connection,
+                    pkid: p.pkid,
+                }),
+            ),
+        };
+        Some(Downlinked {
+            topic,
+            payload: p.payload.clone(),
+            qos,
+            retain: p.retain,
+            properties: p.properties.clone(),
+            ack,
+        })
+    }
+}
