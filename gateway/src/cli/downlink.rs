@@ -13,7 +13,7 @@ use super::{print_response, runtime};
 #[derive(clap::Subcommand)]
 pub(crate) enum DownlinkCommand {
     /// Each cloud link (connected, reconnects, filters, refusals) and each downlink's counts
-    /// (delivered, queued for away devices, refused at the edge). Asks the running gateway.
+    /// (delivered, queued for away devices, heard by no one, refused at the edge). Asks the running gateway.
     Status {
         /// The gateway's config (its admin socket).
         #[arg(long, short)]
@@ -63,18 +63,19 @@ pub(crate) fn render(status: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<16} {:<28} {:<20} {:>10} {:>8} {:>8}",
-        "DOWNLINK", "FROM", "TO", "DELIVERED", "QUEUED", "REFUSED"
+        "{:<16} {:<28} {:<20} {:>10} {:>8} {:>13} {:>8}",
+        "DOWNLINK", "FROM", "TO", "DELIVERED", "QUEUED", "NO SUBSCRIBER", "REFUSED"
     );
     for (name, d) in &status.downlinks {
         let _ = writeln!(
             out,
-            "{:<16} {:<28} {:<20} {:>10} {:>8} {:>8}",
+            "{:<16} {:<28} {:<20} {:>10} {:>8} {:>13} {:>8}",
             name,
             d.from,
             d.to.as_deref().unwrap_or("(same)"),
             d.counts.delivered,
             d.counts.queued,
+            d.counts.no_subscriber,
             d.counts.refused
         );
     }

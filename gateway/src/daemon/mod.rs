@@ -354,6 +354,7 @@ impl Gateway {
             config.relay.as_ref(),
             &config.sinks,
             &config.site_name(),
+            listeners.nucleus.as_ref(),
             stopped.clone(),
         )?;
         let ctx = Arc::new(EdgeContext {
@@ -368,7 +369,13 @@ impl Gateway {
         });
         crate::edge::restore_sessions(&ctx).await;
         // After the restore, so a message for an away session is queued for it.
-        background.extend(downlinks.run(&fabric, l.topic_limits(), &stats, stopped.clone()));
+        background.extend(downlinks.run(
+            &fabric,
+            &sessions,
+            l.topic_limits(),
+            &stats,
+            stopped.clone(),
+        ));
         let downlinks = Arc::new(downlinks);
         background.push(tokio::spawn(crate::edge::expire_sessions(
             Arc::clone(&ctx),

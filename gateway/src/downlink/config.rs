@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sitegate_plugins::iotcore::{Via, DEFAULT_SESSION_EXPIRY_SECS};
+use sitegate_plugins::iotcore::DEFAULT_SESSION_EXPIRY_SECS;
 use sitegate_plugins::SinkConfig;
 
 use crate::invalid::Invalid;
@@ -117,10 +117,9 @@ fn iotcore_sink(
     key: &str,
 ) -> Result<(), Invalid> {
     match sinks.get(name) {
-        None => Err(Invalid::new(key, format!("no sink named {name:?} in [sinks]"))),
-        Some(SinkConfig::Iotcore(c)) if c.via == Via::Nucleus => Err(Invalid::new(
+        None => Err(Invalid::new(
             key,
-            format!("sink {name:?} has via = \"nucleus\"; downlinks and the relay need the sink's own connection (via = \"mqtt\") for now"),
+            format!("no sink named {name:?} in [sinks]"),
         )),
         Some(SinkConfig::Iotcore(_)) => Ok(()),
         Some(_) => Err(Invalid::new(
@@ -266,9 +265,9 @@ mod tests {
         assert_eq!(one("cloud", "cmd/${site}/#", Some("cmd/#")), None);
         assert_eq!(one("cloud", "cmd/${site}/#", Some("#")), None);
         assert_eq!(one("cloud", "cmd/all", Some("bcast")), None);
+        assert_eq!(one("gg", "cmd/#", None), None);
         for (sink, from, to, key) in [
             ("nope", "cmd/#", None, "downlinks.cmd.sink"),
-            ("gg", "cmd/#", None, "downlinks.cmd.sink"),
             ("cloud", "cmd/#/x", None, "downlinks.cmd.from"),
             ("cloud", "cmd/${thing}/#", None, "downlinks.cmd.from"),
             ("cloud", "$aws/things/+/jobs/#", None, "downlinks.cmd.from"),

@@ -12,7 +12,9 @@
 //!   durably for away persistent sessions.
 //!
 //! Only then is it acknowledged to IoT Core, so a message is never acknowledged before the
-//! gateway holds it (in the store for away sessions, in the router for connected ones). A
+//! gateway holds it (in the store for away sessions, in the router for connected ones).
+//! Through the nucleus (`via = "nucleus"`) the nucleus acknowledges it when it takes it; the
+//! gateway cannot hold that back. A
 //! message that can never be taken (its mapped topic refused, or no downlink matches) is
 //! acknowledged and counted as refused; while the router is being rebuilt it waits.
 //!
@@ -34,7 +36,9 @@ use sitegate_plugins::SinkConfig;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::edge::{thing_topic, Fabric, InjectError, Relay, ThingTopic, THINGS_PREFIX};
+use crate::edge::{
+    thing_topic, Fabric, InjectError, Relay, SessionTable, ThingTopic, THINGS_PREFIX,
+};
 use crate::escape::Escaped;
 use crate::metrics::Stats;
 use crate::topic::TopicLimits;
@@ -42,7 +46,7 @@ use config::{map_topic, resolve_from, To};
 
 pub use config::{validate, DownlinkConfig, RelayConfig, MAX_SESSION_EXPIRY_SECS, SITE_VAR};
 
-/// Downlink messages by `downlink` and `result`: delivered, queued, refused.
+/// Downlink messages by `downlink` and `result`: delivered, queued, no_subscriber, refused.
 pub const DOWNLINK_MESSAGES: &str = "sitegate_downlink_messages_total";
 /// While the router is being rebuilt, how long a message waits before it is tried again.
 const ROUTER_RETRY: Duration = Duration::from_millis(200);
@@ -70,6 +74,8 @@ pub struct DownlinkCounts {
     pub delivered: u64,
     /// Of those, also queued for away persistent sessions.
     pub queued: u64,
+    /// Of those, ones no session (live or away) had a filter for: nobody got them.
+    pub no_subscriber: u64,
     /// Refused at the edge: the mapped topic is not one the site takes.
     pub refused: u64,
 }
@@ -145,6 +151,7 @@ pub fn start(
     relay: Option<&RelayConfig>,
     sinks: &BTreeMap<String, SinkConfig>,
     site: &str,
+    nucleus: Option<&Arc<sitegate_plugins::nucleus::Nucleus>>,
     stop: watch::Receiver<bool>,
 ) -> Result<Downlinks, DownlinkError> {
     let mut by_sink: BTreeMap<String, Vec<Route>> = BTreeMap::new();
@@ -189,6 +196,7 @@ pub fn start(
                 |r| r.session_expiry_secs,
             ),
             filters: routes.iter().map(|r| r.filter.clone()).collect(),
+            nucleus: nucleus.cloned(),
         };
         let (link, events) =
             CloudLink::start(settings, stop.clone()).map_err(|source| DownlinkError::Link {
@@ -220,6 +228,7 @@ impl Downlinks {
     pub fn run(
         &mut self,
         fabric: &Arc<Fabric>,
+        sessions: &Arc<SessionTable>,
         topics: TopicLimits,
         stats: &Arc<Stats>,
         stop: watch::Receiver<bool>,
@@ -232,6 +241,7 @@ impl Downlinks {
                     routes: p.routes,
                     relays: p.relays,
                     fabric: Arc::clone(fabric),
+                    sessions: Arc::clone(sessions),
                     topics,
                     stats: Arc::clone(stats),
                     status: Arc::clone(&self.status),
@@ -265,7 +275,12 @@ impl Downlinks {
 
 /// What a cloud message came to.
 enum Taken {
-    Delivered { queued: bool },
+    /// In the router; `queued` also for an away session, `unheard` when no session had a
+    /// filter for it.
+    Delivered {
+        queued: bool,
+        unheard: bool,
+    },
     Refused(String),
 }
 
@@ -274,6 +289,7 @@ struct Taker {
     routes: Vec<Route>,
     relays: Option<Relay>,
     fabric: Arc<Fabric>,
+    sessions: Arc<SessionTable>,
     topics: TopicLimits,
     stats: Arc<Stats>,
     status: Arc<Mutex<Status>>,
@@ -342,7 +358,10 @@ impl Taker {
                 )
                 .await
             {
-                Ok(queued) => break Taken::Delivered { queued },
+                Ok(queued) => {
+                    let unheard = !queued && !self.sessions.has_subscriber(&local);
+                    break Taken::Delivered { queued, unheard };
+                }
                 Err(InjectError::Refused(why)) => break Taken::Refused(why),
                 Err(e @ InjectError::Unavailable(_)) => {
                     warn!(sink = %self.sink, error = %e, "the router cannot take a cloud message yet");
@@ -367,13 +386,14 @@ impl Taker {
             return;
         };
         let result = match taken {
-            Taken::Delivered { queued } => {
+            Taken::Delivered { queued, unheard } => {
                 self.stats.downlink_delivered.fetch_add(1, Relaxed);
                 if *queued {
                     self.stats.downlink_queued.fetch_add(1, Relaxed);
-                }
-                if *queued {
                     "queued"
+                } else if *unheard {
+                    self.stats.downlink_unheard.fetch_add(1, Relaxed);
+                    "no_subscriber"
                 } else {
                     "delivered"
                 }
@@ -390,9 +410,10 @@ impl Taker {
         self.report(|s| {
             if let Some(d) = s.downlinks.get_mut(name) {
                 match taken {
-                    Taken::Delivered { queued } => {
+                    Taken::Delivered { queued, unheard } => {
                         d.counts.delivered += 1;
                         d.counts.queued += u64::from(*queued);
+                        d.counts.no_subscriber += u64::from(*unheard);
                     }
                     Taken::Refused(_) => d.counts.refused += 1,
                 }

@@ -50,6 +50,8 @@ struct Entry {
     id: u64,
     end: watch::Sender<Option<EndReason>>,
     ended: watch::Receiver<bool>,
+    /// The session's filters as it last told them (for [`SessionTable::has_subscriber`]).
+    filters: Vec<String>,
 }
 
 /// Live sessions by client id.
@@ -114,6 +116,7 @@ impl SessionTable {
                                 id,
                                 end: end_tx,
                                 ended: ended_rx,
+                                filters: Vec::new(),
                             },
                         );
                         return SessionSlot {
@@ -160,6 +163,33 @@ impl SessionTable {
             }
         };
         let _ = tokio::time::timeout(wait, all).await;
+    }
+
+    /// A live session's filters changed.
+    pub fn set_filters(&self, client_id: &str, filters: Vec<String>) {
+        if let Some(e) = self.lock().get_mut(client_id) {
+            e.filters = filters;
+        }
+    }
+
+    /// Whether any session, live or parked, holds a filter matching `topic`. A walk over every
+    /// filter: for the occasional message from inside the gateway (a downlink), not per
+    /// device publish.
+    pub fn has_subscriber(&self, topic: &str) -> bool {
+        let live = self
+            .lock()
+            .values()
+            .any(|e| e.filters.iter().any(|f| crate::topic::matches(topic, f)));
+        live || self
+            .parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|p| {
+                p.filters
+                    .iter()
+                    .any(|s| crate::topic::matches(topic, &s.filter))
+            })
     }
 
     /// Keeps a persistent session's filters until its device comes back.
@@ -225,9 +255,14 @@ mod tests {
         drop(first);
         let second = second.await.unwrap();
         assert!(table.is_connected("pump-1"));
+        assert!(!table.has_subscriber("cmd/pump-1/x"));
+        table.set_filters("pump-1", vec!["cmd/pump-1/#".into()]);
+        assert!(table.has_subscriber("cmd/pump-1/x"));
+        assert!(!table.has_subscriber("cmd/pump-2/x"));
         assert!(table.end("pump-1", EndReason::Revoked));
         assert_eq!(*second.end.borrow(), Some(EndReason::Revoked));
         drop(second);
         assert!(!table.is_connected("pump-1"));
+        assert!(!table.has_subscriber("cmd/pump-1/x"));
     }
 }

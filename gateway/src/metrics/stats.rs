@@ -145,6 +145,8 @@ counters! {
     downlink_delivered,
     /// Downlink messages also queued for persistent sessions whose device is away.
     downlink_queued,
+    /// Downlink messages no session, live or away, had a filter for.
+    downlink_unheard,
     /// Downlink messages refused at the edge (the mapped topic is not one the site takes) or
     /// matching no downlink.
     downlink_refused,

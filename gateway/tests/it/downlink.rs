@@ -163,8 +163,21 @@ async fn cloud_commands_reach_only_allowed_devices_and_wait_for_offline_ones() {
     // reached pump-2 it would be its first line.
     cloud_publish(&cloud, &operator, "cmd/test/pump-2/start", "two").await;
     assert_eq!(two.expect("pump-2's command").await, "cmd/pump-2/start two");
-    // A topic outside every downlink's filter is not subscribed in the cloud at all.
+    // A topic outside every downlink's filter is not subscribed in the cloud at all; one no
+    // device subscribes to is counted.
     cloud_publish(&cloud, &operator, "cmd/other-site/pump-1/start", "not ours").await;
+    cloud_publish(&cloud, &operator, "cmd/test/valve-9/open", "nobody").await;
+    site.wait_for("the command nobody subscribed to", |s| {
+        s.downlink_unheard == 1
+    })
+    .await;
+    // Hostile topics from the cloud are held to the site's own rules (256 bytes, 8 levels)
+    // after mapping, refused and acknowledged, never handed to the router.
+    let long = format!("cmd/test/{}", "x".repeat(300));
+    cloud_publish(&cloud, &operator, &long, "too long").await;
+    cloud_publish(&cloud, &operator, "cmd/test/a/b/c/d/e/f/g/h", "too deep").await;
+    site.wait_for("the hostile topics refused", |s| s.downlink_refused == 2)
+        .await;
 
     // pump-1 goes away (its session kept); a command waits for it in the gateway's store.
     drop(one);
@@ -175,11 +188,35 @@ async fn cloud_commands_reach_only_allowed_devices_and_wait_for_offline_ones() {
     let before = status(&site).await;
     let cmd = &before.downlinks["cmd"];
     assert_eq!(
-        (cmd.counts.delivered, cmd.counts.queued, cmd.counts.refused),
-        (3, 1, 0),
+        (
+            cmd.counts.delivered,
+            cmd.counts.queued,
+            cmd.counts.no_subscriber,
+            cmd.counts.refused
+        ),
+        (4, 1, 1, 2),
         "{before:?}"
     );
     assert_eq!(cmd.from, "cmd/test/#");
+    assert_eq!(before.links["cloud"].unmatched, 0, "{before:?}");
+    // The same, as an operator reads it.
+    let config = site.dir.path().join("sitegate.toml");
+    std::fs::write(&config, toml::to_string(&site.config).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sitegate"))
+        .args(["downlink", "status", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(table.contains("cloud            connected"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("cmd "))
+        .unwrap_or_default();
+    let numbers: Vec<&str> = row.split_whitespace().skip(3).collect();
+    assert_eq!(numbers, ["4", "1", "1", "2"], "{table}");
 
     // The gateway restarts; while it is down the cloud sends another, which the cloud keeps
     // in the link's persistent session.
@@ -231,7 +268,12 @@ async fn the_downlink_survives_the_cloud_broker_restarting() {
     let mut cloud = Cloud::start(dir.path()).await;
     let gateway_id = cloud.issue("plant-7-gateway");
     let operator = cloud.issue("operator");
-    let site = Site::start_with(with_downlinks(&cloud, &gateway_id)).await;
+    let downlinks = with_downlinks(&cloud, &gateway_id);
+    let site = Site::start_with(|c| {
+        downlinks(c);
+        c.auth = toml::from_str(&format!("{}{KIOSK_AUTH}", common::AUTH)).unwrap();
+    })
+    .await;
     link_up(&site, 1).await;
     let pump = site.device("pump-1").await;
     let mut sub = local_sub(&site, &pump, &["cmd/pump-1/#"], true);
@@ -270,6 +312,37 @@ async fn the_downlink_survives_the_cloud_broker_restarting() {
     // brings commands down.
     cloud.stop().await;
     let _ = std::fs::remove_file(dir.path().join("mosquitto/mosquitto.db"));
+    // Meanwhile an MQTT 5 device's relayed request is refused at once (0x80), so it knows to
+    // try again; another thing's topics stay refused (0x87), whatever the link does.
+    for _ in 0..200 {
+        if !status(&site).await.links["cloud"].connected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kiosk = site.device("kiosk-1").await;
+    let mut raw = common::raw::RawClient::connect(&site, &kiosk, true).await;
+    for (topic, reason) in [
+        (&b"$aws/things/kiosk-1/shadow/get"[..], 0x80),
+        (b"$aws/things/kiosk-2/jobs/start-next", 0x87),
+    ] {
+        raw.send(&common::raw::publish(topic, 1, false, true, &[], b"{}"))
+            .await;
+        let ack = raw.read().await.expect("PUBACK");
+        assert_eq!((ack.kind(), ack.reason()), (4, reason), "{ack:?}");
+    }
+    raw.send(&common::raw::subscribe(
+        9,
+        &[
+            (&b"$aws/things/+/shadow/#"[..], 1),
+            (b"$aws/things/kiosk-1/shadow/#", 1),
+        ],
+        true,
+        &[],
+    ))
+    .await;
+    let suback = raw.read().await.expect("SUBACK");
+    assert_eq!(suback.suback_codes(true), [0x87, 0x01]);
     cloud.restart().await;
     link_up(&site, 3).await;
     cloud_publish(&cloud, &operator, "cmd/test/pump-1/after", "fresh").await;
@@ -580,5 +653,120 @@ async fn jobs_and_shadow_round_trips_with_the_aws_iot_device_sdk() {
     let s = site.snapshot();
     assert_eq!((s.relayed_up, s.other_thing_refused), (4, 1), "{s:?}");
     assert!(s.relayed_down >= 6, "{s:?}");
+    site.stop().await;
+}
+
+/// On Greengrass (`via = "nucleus"`), the same through IPC: a downlink's filter and a device's
+/// relayed filter are `SubscribeToIoTCore` streams, a relayed request is a `PublishToIoTCore`
+/// with the device's identity, against the nucleus stand-in playing IoT Core's side.
+#[tokio::test(flavor = "multi_thread")]
+async fn downlinks_and_the_relay_go_through_the_nucleus() {
+    use sitegate_plugins::nucleus::{standin::StandIn, Nucleus};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nucleus.socket");
+    let standin = StandIn::start(
+        &socket,
+        "svcuid",
+        "io.sitegate.Gateway",
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let nucleus = std::sync::Arc::new(Nucleus::connect(&socket, "svcuid").await.unwrap());
+    let site = Site::start_with_nucleus(
+        |c| {
+            c.greengrass.ipc = true;
+            c.sinks.insert(
+                "cloud".into(),
+                SinkConfig::Iotcore(sitegate_plugins::iotcore::IotCoreConfig::through_nucleus()),
+            );
+            c.downlinks.insert(
+                "cmd".into(),
+                DownlinkConfig {
+                    sink: "cloud".into(),
+                    from: "cmd/${site}/#".into(),
+                    to: Some("cmd/#".into()),
+                },
+            );
+            c.relay = Some(RelayConfig {
+                sink: "cloud".into(),
+                jobs: true,
+                shadow: true,
+                session_expiry_secs: 3600,
+            });
+            c.auth = toml::from_str(&format!("{}{KIOSK_AUTH}", common::AUTH)).unwrap();
+        },
+        Some(nucleus),
+    )
+    .await;
+    link_up(&site, 1).await;
+    assert_eq!(standin.iot_core_filters(), ["cmd/test/#"]);
+    let pump = site.device("pump-1").await;
+    let mut commands = local_sub(&site, &pump, &["cmd/pump-1/#"], false);
+    connections(&site, 1).await;
+    standin.from_iot_core("cmd/test/pump-1/start", b"go");
+    assert_eq!(commands.expect("the command").await, "cmd/pump-1/start go");
+
+    // One connection subscribes and asks, as a shadow client does.
+    let kiosk = site.device("kiosk-1").await;
+    let reply = "$aws/things/kiosk-1/shadow/get/accepted";
+    let mut raw = common::raw::RawClient::connect(&site, &kiosk, true).await;
+    raw.send(&common::raw::subscribe(
+        3,
+        &[(reply.as_bytes(), 1)],
+        true,
+        &[],
+    ))
+    .await;
+    let suback = raw.read().await.expect("SUBACK");
+    assert_eq!(suback.suback_codes(true), [0x01]);
+    for _ in 0..200 {
+        if standin.iot_core_filters().iter().any(|f| f == reply) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(standin.iot_core_filters().iter().any(|f| f == reply));
+    raw.send(&common::raw::publish(
+        b"$aws/things/kiosk-1/shadow/get",
+        1,
+        false,
+        true,
+        &[],
+        b"{}",
+    ))
+    .await;
+    let ack = raw.read().await.expect("PUBACK");
+    assert_eq!((ack.kind(), ack.reason()), (4, 0), "{ack:?}");
+    let mut asked = None;
+    for _ in 0..200 {
+        asked = standin
+            .published()
+            .into_iter()
+            .find(|p| p.topic == "$aws/things/kiosk-1/shadow/get");
+        if asked.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = asked.expect("the shadow get through PublishToIoTCore");
+    assert_eq!(
+        asked.user_properties,
+        [
+            ("thing-name".to_string(), "kiosk-1".to_string()),
+            ("cert-id".to_string(), kiosk.cert_id.clone())
+        ]
+    );
+    let shadow = br#"{"state":{"desired":{"speed":5}},"version":2}"#;
+    standin.from_iot_core(reply, shadow);
+    let delivery = raw.read().await.expect("the shadow");
+    assert_eq!(delivery.kind(), 3, "{delivery:?}");
+    assert!(delivery.body.ends_with(shadow), "{delivery:?}");
+    assert!(
+        delivery
+            .body
+            .windows(reply.len())
+            .any(|w| w == reply.as_bytes()),
+        "{delivery:?}"
+    );
     site.stop().await;
 }

@@ -8,6 +8,11 @@
 //! away, and it is polled all the time. Its client id is the sink's with
 //! [`LINK_CLIENT_SUFFIX`].
 //!
+//! With `via = "nucleus"` the link is Greengrass IPC instead: a `SubscribeToIoTCore` stream
+//! per filter (opened again when it ends) and `PublishToIoTCore` for requests going up, on the
+//! nucleus's own IoT Core connection. The nucleus acknowledges a message to IoT Core itself
+//! when it takes it, so such messages come without an [`AckToken`].
+//!
 //! QoS 1 end to end: a message comes down with an [`AckToken`]; the gateway hands it on and
 //! then calls [`CloudLink::ack`]. Until then IoT Core has no PUBACK, and after a lost
 //! connection it sends the message again. Acknowledgements are sent in the order the messages
@@ -27,8 +32,9 @@ use tokio::sync::{mpsc, watch};
 /// A cloud message's MQTT 5 properties.
 pub use rumqttc::v5::mqttbytes::v5::PublishProperties as CloudProperties;
 
-use super::config::{IotCoreConfig, MAX_PAYLOAD_BYTES};
+use super::config::{IotCoreConfig, Via, MAX_PAYLOAD_BYTES};
 use crate::backoff::Backoff;
+use crate::nucleus::{iot_core_message, IotCorePublish, Nucleus};
 use crate::sink::SinkError;
 
 /// Appended to the sink's client id for its cloud link.
@@ -148,6 +154,8 @@ pub struct LinkSettings {
     pub session_expiry_secs: u32,
     /// Filters subscribed on every connection.
     pub filters: Vec<String>,
+    /// The Greengrass nucleus, for a sink with `via = "nucleus"`.
+    pub nucleus: Option<Arc<Nucleus>>,
 }
 
 impl CloudLink {
@@ -157,13 +165,28 @@ impl CloudLink {
         settings: LinkSettings,
         stop: watch::Receiver<bool>,
     ) -> Result<(CloudLink, mpsc::Receiver<LinkEvent>), SinkError> {
-        let tls = Arc::new(super::client_tls(&settings.config)?);
         let (events, events_rx) = mpsc::channel(DOWN_QUEUE);
         let (commands, rx) = mpsc::channel(UP_QUEUE);
         let status = Arc::new(Mutex::new(LinkStatus {
             filters: settings.filters.clone(),
             ..LinkStatus::default()
         }));
+        if settings.config.via == Via::Nucleus {
+            let nucleus = settings.nucleus.clone().ok_or_else(|| {
+                SinkError::Config("via = \"nucleus\" needs the nucleus's IPC connection".into())
+            })?;
+            let task = NucleusTask {
+                filters: BTreeSet::new(),
+                settings,
+                nucleus,
+                events,
+                commands: rx,
+                status: Arc::clone(&status),
+            };
+            tokio::spawn(task.run(stop));
+            return Ok((CloudLink { commands, status }, events_rx));
+        }
+        let tls = Arc::new(super::client_tls(&settings.config)?);
         let task = Task {
             filters: settings.filters.iter().cloned().collect(),
             settings,
@@ -436,5 +459,152 @@ impl Task {
             properties: p.properties.clone(),
             ack,
         })
+    }
+}
+
+/// The link over Greengrass IPC.
+struct NucleusTask {
+    settings: LinkSettings,
+    nucleus: Arc<Nucleus>,
+    events: mpsc::Sender<LinkEvent>,
+    commands: mpsc::Receiver<Command>,
+    status: Arc<Mutex<LinkStatus>>,
+    /// Filters with a stream open or being opened.
+    filters: BTreeSet<String>,
+}
+
+impl NucleusTask {
+    fn set(&self, change: impl FnOnce(&mut LinkStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        // A stream that ends (or could not be opened) names its filter here.
+        let (ended_tx, mut ended) = mpsc::unbounded_channel::<String>();
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        for filter in self.settings.filters.clone() {
+            self.open(filter, &ended_tx).await;
+        }
+        if self.all_open() {
+            self.set(|s| {
+                s.connected = true;
+                s.connections += 1;
+            });
+            let _ = self
+                .events
+                .send(LinkEvent::Up {
+                    session_present: true,
+                })
+                .await;
+        }
+        loop {
+            tokio::select! {
+                filter = ended.recv() => {
+                    let Some(filter) = filter else { return };
+                    self.set(|s| {
+                        s.connected = false;
+                        s.subscribed.retain(|f| f != &filter);
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.step()) => {}
+                        _ = stop.changed() => return,
+                    }
+                    self.open(filter, &ended_tx).await;
+                    if self.all_open() {
+                        backoff.reset();
+                        self.set(|s| {
+                            s.connected = true;
+                            s.connections += 1;
+                        });
+                    }
+                }
+                command = self.commands.recv() => match command {
+                    None => return,
+                    // The nucleus acknowledged it to IoT Core already.
+                    Some(Command::Ack(_)) => {}
+                    Some(Command::Subscribe(filter)) => {
+                        if !self.filters.contains(&filter) {
+                            self.set(|s| s.filters.push(filter.clone()));
+                            self.open(filter, &ended_tx).await;
+                        }
+                    }
+                    Some(Command::Publish(up)) => {
+                        let publish = IotCorePublish {
+                            topic: &up.topic,
+                            payload: &up.payload,
+                            content_type: None,
+                            user_properties: &up.user_properties,
+                        };
+                        match self.nucleus.publish_to_iot_core(&publish).await {
+                            Ok(pending) => {
+                                let sink = self.settings.sink.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = pending.response().await {
+                                        tracing::warn!(%sink, error = %e, "a relayed request was not published through the nucleus");
+                                    }
+                                });
+                            }
+                            Err(e) => tracing::warn!(sink = %self.settings.sink, error = %e, "a relayed request was not published through the nucleus"),
+                        }
+                    }
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn all_open(&self) -> bool {
+        self.status
+            .lock()
+            .map(|s| s.subscribed.len() == self.filters.len())
+            .unwrap_or(false)
+    }
+
+    /// Opens `filter`'s stream and forwards its messages until it ends, then names it on
+    /// `ended`.
+    async fn open(&mut self, filter: String, ended: &mpsc::UnboundedSender<String>) {
+        self.filters.insert(filter.clone());
+        let mut subscription = match self.nucleus.subscribe_to_iot_core(&filter).await {
+            Ok(s) => s,
+            Err(e) => {
+                let error = format!("SubscribeToIoTCore {filter}: {e}");
+                tracing::warn!(sink = %self.settings.sink, %error, "cloud link filter not open");
+                self.set(|s| s.last_error = Some(error));
+                let _ = ended.send(filter);
+                return;
+            }
+        };
+        self.set(|s| s.subscribed.push(filter.clone()));
+        let (events, ended, sink) = (
+            self.events.clone(),
+            ended.clone(),
+            self.settings.sink.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(event) = subscription.next().await {
+                let Ok(event) = event else { break };
+                let Some(m) = iot_core_message(&event) else {
+                    tracing::warn!(%sink, "an IoTCoreMessage without a topic or with bad base64, dropped");
+                    continue;
+                };
+                let properties = CloudProperties {
+                    content_type: m.content_type,
+                    user_properties: m.user_properties,
+                    ..CloudProperties::default()
+                };
+                let message = Downlinked {
+                    topic: m.topic,
+                    payload: Bytes::from(m.payload),
+                    qos: 1,
+                    retain: false,
+                    properties: Some(properties),
+                    ack: None,
+                };
+                if events.send(LinkEvent::Message(message)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = ended.send(filter);
+        });
     }
 }

@@ -230,6 +230,20 @@ impl Nucleus {
             .unwrap_or(Value::Null))
     }
 
+    /// Messages from IoT Core on `filter` (`SubscribeToIoTCore`, QoS 1): each event is an
+    /// `IoTCoreMessage`, read with [`iot_core_message`].
+    pub async fn subscribe_to_iot_core(&self, filter: &str) -> Result<Subscription, IpcError> {
+        let mut pending = self
+            .open_stream(
+                "SubscribeToIoTCore",
+                &json!({ "topicName": filter, "qos": "1" }),
+                EVENT_QUEUE,
+            )
+            .await?;
+        pending.next_reply().await?;
+        Ok(Subscription { pending })
+    }
+
     /// Follows changes of this component's configuration below `key_path`
     /// (`SubscribeToConfigurationUpdate`).
     pub async fn subscribe_to_configuration_update(
@@ -246,6 +260,44 @@ impl Nucleus {
         pending.next_reply().await?;
         Ok(Subscription { pending })
     }
+}
+
+/// A message from IoT Core as an `IoTCoreMessage` event carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IotCoreMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// Reads an `IoTCoreMessage` event; `None` when it is not one (no topic, bad base64).
+pub fn iot_core_message(event: &Value) -> Option<IotCoreMessage> {
+    let m = &event["message"];
+    let topic = m["topicName"].as_str()?.to_string();
+    let payload = match m["payload"].as_str() {
+        Some(p) => base64::engine::general_purpose::STANDARD.decode(p).ok()?,
+        None => Vec::new(),
+    };
+    let user_properties = m["userProperties"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    Some((
+                        p["key"].as_str()?.to_string(),
+                        p["value"].as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(IotCoreMessage {
+        topic,
+        payload,
+        content_type: m["contentType"].as_str().map(String::from),
+        user_properties,
+    })
 }
 
 /// The answers still to come on one stream.

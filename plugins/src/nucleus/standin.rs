@@ -1,8 +1,10 @@
 //! A Greengrass nucleus stand-in for tests: it serves the IPC protocol on a Unix socket the way
 //! the nucleus does for one component. It accepts one SVCUID, answers `GetConfiguration` from
 //! the configuration document it holds, sends `ConfigurationUpdateEvents` to subscribers when a
-//! test changes that document, and records `PublishToIoTCore` requests (refusing topics a test
-//! denies, as a missing `accessControl` entry would). Requests with a wrong header get a
+//! test changes that document, records `PublishToIoTCore` requests (refusing topics a test
+//! denies, as a missing `accessControl` entry would), and plays IoT Core's side of
+//! `SubscribeToIoTCore`: a test's message from the cloud goes to every subscription whose
+//! filter matches, as an `IoTCoreMessage` event. Requests with a wrong header get a
 //! protocol error and the connection is closed, as the nucleus does.
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,8 @@ struct State {
     configuration: Value,
     published: Vec<Published>,
     denied_prefixes: Vec<String>,
+    /// Filters of `SubscribeToIoTCore` requests, in order.
+    iot_core_filters: Vec<String>,
     connections: usize,
     refused_connections: usize,
 }
@@ -43,6 +47,7 @@ pub struct StandIn {
     socket: PathBuf,
     state: Arc<Mutex<State>>,
     updates: broadcast::Sender<Vec<String>>,
+    from_cloud: broadcast::Sender<CloudMessage>,
     task: JoinHandle<()>,
     connection_tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -74,10 +79,12 @@ impl StandIn {
             ..State::default()
         }));
         let (updates, _) = broadcast::channel(64);
+        let (from_cloud, _) = broadcast::channel(1024);
         let connection_tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let task = tokio::spawn({
             let (state, updates, tasks) =
                 (state.clone(), updates.clone(), connection_tasks.clone());
+            let cloud = from_cloud.clone();
             let (svcuid, component) = (svcuid.to_string(), component.to_string());
             async move {
                 while let Ok((stream, _)) = listener.accept().await {
@@ -86,7 +93,7 @@ impl StandIn {
                         svcuid.clone(),
                         component.clone(),
                         state.clone(),
-                        updates.subscribe(),
+                        (updates.subscribe(), cloud.subscribe()),
                     ));
                     if let Ok(mut t) = tasks.lock() {
                         t.push(task);
@@ -98,6 +105,7 @@ impl StandIn {
             socket: socket.to_path_buf(),
             state,
             updates,
+            from_cloud,
             task,
             connection_tasks,
         })
@@ -131,6 +139,22 @@ impl StandIn {
         }
     }
 
+    /// A message from IoT Core, for every `SubscribeToIoTCore` whose filter matches `topic`.
+    pub fn from_iot_core(&self, topic: &str, payload: &[u8]) {
+        let _ = self.from_cloud.send(CloudMessage {
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+        });
+    }
+
+    /// The filters components subscribed with `SubscribeToIoTCore`, in order.
+    pub fn iot_core_filters(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .map(|s| s.iot_core_filters.clone())
+            .unwrap_or_default()
+    }
+
     pub fn published(&self) -> Vec<Published> {
         self.state
             .lock()
@@ -149,6 +173,13 @@ impl StandIn {
 
 /// A subscription of one connection: its stream id and key path.
 type Subscribed = (i32, Vec<String>);
+
+/// A message a test sends as IoT Core.
+#[derive(Debug, Clone)]
+struct CloudMessage {
+    topic: String,
+    payload: Vec<u8>,
+}
 
 /// A request's `keyPath`, as strings.
 fn key_path(request: &Value) -> Vec<String> {
@@ -186,7 +217,10 @@ async fn serve(
     svcuid: String,
     component: String,
     state: Arc<Mutex<State>>,
-    updates: broadcast::Receiver<Vec<String>>,
+    (updates, from_cloud): (
+        broadcast::Receiver<Vec<String>>,
+        broadcast::Receiver<CloudMessage>,
+    ),
 ) {
     let (mut read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
@@ -209,6 +243,12 @@ async fn serve(
         updates,
         subscriptions.clone(),
         component.clone(),
+        write.clone(),
+    ));
+    let cloud_subscriptions: Arc<Mutex<Vec<(i32, String)>>> = Arc::default();
+    let cloud = tokio::spawn(forward_cloud(
+        from_cloud,
+        cloud_subscriptions.clone(),
         write.clone(),
     ));
     while let Ok(Some(frame)) = read_frame(&mut read).await {
@@ -248,6 +288,24 @@ async fn serve(
                 response(id, &operation, 0, &json!({}))
             }
             "PublishToIoTCore" => publish_to_iot_core(id, &operation, &request, &component, &state),
+            "SubscribeToIoTCore" => {
+                let filter = request["topicName"].as_str().unwrap_or("").to_string();
+                if crate::topic::valid_filter(&filter) {
+                    if let Ok(mut s) = state.lock() {
+                        s.iot_core_filters.push(filter.clone());
+                    }
+                    if let Ok(mut subs) = cloud_subscriptions.lock() {
+                        subs.push((id, filter));
+                    }
+                    response(id, &operation, 0, &json!({}))
+                } else {
+                    error_frame(
+                        id,
+                        "InvalidArgumentsError",
+                        "topicName is not a topic filter",
+                    )
+                }
+            }
             _ => error_frame(
                 id,
                 "ServiceError",
@@ -259,6 +317,38 @@ async fn serve(
         }
     }
     events.abort();
+    cloud.abort();
+}
+
+/// Sends each message from the cloud to the subscriptions whose filter matches its topic.
+async fn forward_cloud(
+    mut messages: broadcast::Receiver<CloudMessage>,
+    subscriptions: Arc<Mutex<Vec<(i32, String)>>>,
+    write: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+) {
+    while let Ok(m) = messages.recv().await {
+        let targets: Vec<i32> = subscriptions
+            .lock()
+            .map(|subs| {
+                subs.iter()
+                    .filter(|(_, f)| crate::topic::filter_matches(f, &m.topic))
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in targets {
+            let event = Frame::new(message_type::APPLICATION_MESSAGE, 0, id)
+                .with("service-model-type", &format!("{SERVICE}IoTCoreMessage"))
+                .json(&json!({ "message": {
+                    "topicName": m.topic,
+                    "payload": base64::engine::general_purpose::STANDARD.encode(&m.payload),
+                } }));
+            let mut w = write.lock().await;
+            if write_frame(&mut *w, &event).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// The CONNECT frame: version and token checked; the CONNECT_ACK to send (accepted or not),

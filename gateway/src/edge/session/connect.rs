@@ -362,14 +362,11 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     session.queue_stored(queued, &sent);
     // A resumed session's relayed filters, on the cloud link again (after a restart the link
     // starts with the downlinks' filters only).
-    for filter in session
-        .filters
-        .iter()
-        .map(|s| s.filter.clone())
-        .collect::<Vec<_>>()
-    {
-        session.relay_filter(&filter);
+    let resumed: Vec<String> = session.filters.iter().map(|s| s.filter.clone()).collect();
+    for filter in &resumed {
+        session.relay_filter(filter);
     }
+    ctx.sessions.set_filters(&session.thing, resumed);
     Some(Opened {
         session,
         slot,

@@ -206,7 +206,12 @@ impl Session {
     /// A persistent session's subscriptions changed: they are kept in the store, durably,
     /// before the SUBACK (or UNSUBACK) goes out, so a crash does not lose them.
     pub(super) async fn keep_subscriptions(&mut self) {
-        if !std::mem::take(&mut self.subscriptions_changed) || self.expiry == 0 || self.link_clean {
+        if !std::mem::take(&mut self.subscriptions_changed) {
+            return;
+        }
+        let filters = self.filters.iter().map(|s| s.filter.clone()).collect();
+        self.ctx.sessions.set_filters(&self.thing, filters);
+        if self.expiry == 0 || self.link_clean {
             return;
         }
         let saved = super::saved::SavedSession {

@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Cloud to device, side by side in one run on this machine: a "cloud" Mosquitto (mutual TLS,
+# require_certificate, standing in for IoT Core) and a local device subscribed with its own
+# certificate, through
+#   1. sitegate: a `[downlinks.cmd]` on its cloud link (cloud `cmd/bench/#` → local `cmd/#`),
+#      the device's policy checked on its SUBSCRIBE, QoS 1 end to end;
+#   2. Mosquitto's bridge (Debian package): a local Mosquitto with the site's CA and a
+#      `connection` to the cloud with `topic # in 1 cmd/ cmd/bench/`, the same mapping.
+# Phase "latency": MESSAGES QoS 1 messages at RATE/s into the cloud, each carrying its send
+# time; p50/p99/max of cloud publish → device receive. Phase "burst": BURST messages from
+# PUBLISHERS connections at once; throughput is messages the device received per second,
+# first send to last receive. Also the CPU seconds of the path's own process (sitegate, or the
+# bridging Mosquitto) over both phases. Prints a table and writes JSON.
+#
+# Usage: benches/downlink.sh
+# Environment: MESSAGES (2000), RATE (200), BURST (20000), PUBLISHERS (4), OUT JSON file
+# (target/downlink.json), SITEGATE_BIN (a release sitegate; built when unset).
+# Needs: mosquitto, mosquitto-clients, python3. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MESSAGES=${MESSAGES:-2000}
+RATE=${RATE:-200}
+BURST=${BURST:-20000}
+PUBLISHERS=${PUBLISHERS:-4}
+TARGET=${CARGO_TARGET_DIR:-target}
+OUT=${OUT:-$TARGET/downlink.json}
+
+command -v mosquitto >/dev/null || { echo "downlink.sh: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)" >&2; exit 2; }
+command -v mosquitto_sub >/dev/null || { echo "downlink.sh: mosquitto_sub is not installed (apt-get install mosquitto-clients)" >&2; exit 2; }
+MOSQUITTO=$(command -v mosquitto)
+if [ -n "${SITEGATE_BIN:-}" ]; then
+  BIN=$SITEGATE_BIN
+else
+  cargo build --release -q -p sitegate --bin sitegate
+  BIN=$TARGET/release/sitegate
+fi
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 100); do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "downlink.sh: nothing listens on 127.0.0.1:$1" >&2; return 1
+}
+cpu_of() { # PID: user + system CPU seconds
+  python3 -c "import os,sys; f=open('/proc/$1/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))"
+}
+
+# The site's CA (the local device and both local brokers) and the cloud's.
+"$BIN" ca init --dir "$WORK/pki" --site bench >/dev/null
+"$BIN" ca init --dir "$WORK/cloud" --site cloud >/dev/null
+"$BIN" device issue pump-1 --ca "$WORK/pki" --out "$WORK/dev" >/dev/null
+for who in gateway-link bridge operator; do
+  "$BIN" device issue "$who" --ca "$WORK/cloud" --out "$WORK/cloud-clients" >/dev/null
+done
+
+CLOUD_PORT=$(free_port)
+mkdir -p "$WORK/cloud-data"
+cat > "$WORK/cloud.conf" <<EOF
+listener $CLOUD_PORT 127.0.0.1
+cafile $WORK/cloud/ca.pem
+certfile $WORK/cloud/gateway.pem
+keyfile $WORK/cloud/gateway.key
+require_certificate true
+use_identity_as_username true
+allow_anonymous true
+max_queued_messages 100000
+log_dest none
+EOF
+"$MOSQUITTO" -c "$WORK/cloud.conf" & PIDS+=("$!")
+wait_port "$CLOUD_PORT"
+
+# Publishes into the cloud: `latency` paces MESSAGES at RATE/s on one connection; `burst`
+# sends BURST as fast as PUBLISHERS connections take them. Each payload is its send time.
+cloud_publish() { # latency|burst
+  local mode=$1
+  local pubs=1 count=$MESSAGES pace=$RATE
+  if [ "$mode" = burst ]; then pubs=$PUBLISHERS; count=$(( BURST / PUBLISHERS )); pace=0; fi
+  local p pids=()
+  for p in $(seq "$pubs"); do
+    python3 - "$count" "$pace" <<'PY' | mosquitto_pub -h 127.0.0.1 -p "$CLOUD_PORT" \
+        --cafile "$WORK/cloud/ca.pem" --cert "$WORK/cloud-clients/operator.pem" \
+        --key "$WORK/cloud-clients/operator.key" -i "operator-$p" -V mqttv5 -q 1 \
+        -t cmd/bench/pump-1/set -l &
+import sys, time
+count, rate = int(sys.argv[1]), float(sys.argv[2])
+start = time.time()
+for i in range(count):
+    if rate:
+        wait = start + i / rate - time.time()
+        if wait > 0:
+            time.sleep(wait)
+    print(f"{time.time():.9f}", flush=True)
+PY
+    pids+=("$!")
+  done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+}
+
+# One path: subscribe the device on PORT, run both phases, report.
+measure() { # NAME PORT PID
+  local name=$1 port=$2 pid=$3
+  local cpu0; cpu0=$(cpu_of "$pid")
+  local phase
+  for phase in latency burst; do
+    local want=$MESSAGES; [ "$phase" = burst ] && want=$(( BURST / PUBLISHERS * PUBLISHERS ))
+    timeout 300 mosquitto_sub -h 127.0.0.1 -p "$port" --cafile "$WORK/pki/ca.pem" \
+      --cert "$WORK/dev/pump-1.pem" --key "$WORK/dev/pump-1.key" -i pump-1 -V mqttv5 \
+      -t 'cmd/pump-1/#' -q 1 -F '%U %p' -C "$want" > "$WORK/$name-$phase.txt" & local sub=$!
+    sleep 1
+    cloud_publish "$phase"
+    wait "$sub" || echo "downlink.sh: $name $phase: the device got $(wc -l < "$WORK/$name-$phase.txt") of $want" >&2
+  done
+  echo "$(cpu_of "$pid") $cpu0" > "$WORK/$name.cpu"
+}
+
+# 1. sitegate.
+SG_PORT=$(free_port)
+mkdir -p "$WORK/sitegate"
+cat > "$WORK/sitegate/sitegate.toml" <<EOF
+site = "bench"
+data_dir = "data"
+
+[listener]
+mqtts = "127.0.0.1:$SG_PORT"
+ca = "$WORK/pki/ca.pem"
+cert = "$WORK/pki/gateway.pem"
+key = "$WORK/pki/gateway.key"
+
+[auth.device_groups.pumps]
+selection_rule = "thingName: pump-*"
+policy = "pump"
+
+[auth.policies.pump.all]
+operations = ["mqtt:connect", "mqtt:subscribe"]
+resources = ["mqtt:clientId:\${iot:Connection.Thing.ThingName}", "mqtt:topicfilter:cmd/\${iot:Connection.Thing.ThingName}/#"]
+
+[sinks.cloud]
+type = "iotcore"
+endpoint = "127.0.0.1:$CLOUD_PORT"
+cert = "$WORK/cloud-clients/gateway-link.pem"
+key = "$WORK/cloud-clients/gateway-link.key"
+ca = "$WORK/cloud/ca.pem"
+
+[downlinks.cmd]
+sink = "cloud"
+from = "cmd/\${site}/#"
+to = "cmd/#"
+
+[spool.encryption]
+key_file = "$WORK/pki/spool.kek"
+EOF
+"$BIN" device approve pump-1 --config "$WORK/sitegate/sitegate.toml" >/dev/null
+RUST_LOG=warn "$BIN" run --config "$WORK/sitegate/sitegate.toml" 2>"$WORK/sitegate/gateway.log" & SG=$!; PIDS+=("$SG")
+wait_port "$SG_PORT"
+sleep 1
+measure sitegate "$SG_PORT" "$SG"
+kill "$SG"; wait "$SG" 2>/dev/null || true
+
+# 2. Mosquitto's bridge.
+BR_PORT=$(free_port)
+mkdir -p "$WORK/bridge"
+cat > "$WORK/bridge/mosquitto.conf" <<EOF
+listener $BR_PORT 127.0.0.1
+cafile $WORK/pki/ca.pem
+certfile $WORK/pki/gateway.pem
+keyfile $WORK/pki/gateway.key
+require_certificate true
+use_identity_as_username true
+allow_anonymous true
+max_queued_messages 100000
+log_dest none
+
+connection cloud
+address 127.0.0.1:$CLOUD_PORT
+bridge_protocol_version mqttv50
+bridge_cafile $WORK/cloud/ca.pem
+bridge_certfile $WORK/cloud-clients/bridge.pem
+bridge_keyfile $WORK/cloud-clients/bridge.key
+bridge_insecure false
+remote_clientid bench-bridge
+cleansession false
+topic # in 1 cmd/ cmd/bench/
+EOF
+"$MOSQUITTO" -c "$WORK/bridge/mosquitto.conf" & BR=$!; PIDS+=("$BR")
+wait_port "$BR_PORT"
+sleep 2
+measure bridge "$BR_PORT" "$BR"
+
+python3 - "$WORK" "$OUT" "$MESSAGES" "$RATE" "$BURST" "$PUBLISHERS" <<'PY'
+import json, sys
+work, out, messages, rate, burst, pubs = sys.argv[1:]
+rows = {}
+for name in ("sitegate", "bridge"):
+    row = {}
+    lat = []
+    for line in open(f"{work}/{name}-latency.txt"):
+        got, sent = line.split()
+        lat.append((float(got) - float(sent)) * 1000)
+    lat.sort()
+    pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else None
+    row.update(received=len(lat), p50_ms=pick(0.50), p99_ms=pick(0.99), max_ms=round(lat[-1], 2) if lat else None)
+    b = [tuple(map(float, l.split())) for l in open(f"{work}/{name}-burst.txt")]
+    if b:
+        first_sent = min(s for _, s in b)
+        last_got = max(g for g, _ in b)
+        row.update(burst_received=len(b), burst_per_s=round(len(b) / (last_got - first_sent)))
+    cpu, cpu0 = map(float, open(f"{work}/{name}.cpu").read().split())
+    row["cpu_s"] = round(cpu - cpu0, 2)
+    total = len(lat) + len(b)
+    row["cpu_us_per_msg"] = round((cpu - cpu0) * 1e6 / total, 1) if total else None
+    rows[name] = row
+json.dump({"messages": int(messages), "rate": int(rate), "burst": int(burst), "publishers": int(pubs), "paths": rows}, open(out, "w"), indent=2)
+print(f"cloud → device: {messages} QoS 1 messages at {rate}/s, then {burst} at once from {pubs} publishers\n")
+print("| path | received | p50 ms | p99 ms | max ms | burst received | burst msg/s | CPU s | CPU µs/msg |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for name, r in rows.items():
+    label = "sitegate downlink" if name == "sitegate" else "Mosquitto bridge"
+    print(f"| {label} | {r['received']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r.get('burst_received')} | {r.get('burst_per_s')} | {r['cpu_s']} | {r['cpu_us_per_msg']} |")
+s, m = rows["sitegate"], rows["bridge"]
+ratio = lambda a, b: round(a / b, 2) if a and b else None
+print(f"| sitegate / bridge | | {ratio(s['p50_ms'], m['p50_ms'])}× | {ratio(s['p99_ms'], m['p99_ms'])}× | | | {ratio(s.get('burst_per_s'), m.get('burst_per_s'))}× | | {ratio(s['cpu_us_per_msg'], m['cpu_us_per_msg'])}× |")
+print(f"\nJSON: {out}")
+PY
