@@ -25,41 +25,17 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-15}
 RATE=${RATE:-0}
 INFLIGHT=${INFLIGHT:-16}
-TARGET=${CARGO_TARGET_DIR:-target}
-OUT=${OUT:-$TARGET/compare.json}
+OUT=${OUT:-${CARGO_TARGET_DIR:-target}/compare.json}
 SIZES=("$@")
 [ ${#SIZES[@]} -gt 0 ] || SIZES=(100 1000)
 
-command -v mosquitto >/dev/null || { echo "compare.sh: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)" >&2; exit 2; }
-command -v mosquitto_sub >/dev/null || { echo "compare.sh: mosquitto_sub is not installed (apt-get install mosquitto-clients)" >&2; exit 2; }
-MOSQUITTO=$(command -v mosquitto)
+SCRIPT=compare.sh
+# shellcheck source=benches/common.sh
+. benches/common.sh
 RUMQTTD=${RUMQTTD:-$(command -v rumqttd || true)}
 [ -n "$RUMQTTD" ] || echo "compare.sh: rumqttd is not installed (see above); it is left out" >&2
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-if [ -n "${SITEGATE_BIN:-}" ]; then
-  BIN=$SITEGATE_BIN
-else
-  cargo build --release -q -p sitegate --bin sitegate
-  BIN=$TARGET/release/sitegate
-fi
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 100); do
-    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "compare.sh: nothing listens on 127.0.0.1:$1" >&2; return 1
-}
 # CPU seconds (user + system) and peak RSS (MiB) of a live process.
 usage_of() {
   python3 - "$1" <<'PY'

@@ -23,35 +23,11 @@ MESSAGES=${MESSAGES:-2000}
 RATE=${RATE:-200}
 BURST=${BURST:-20000}
 PUBLISHERS=${PUBLISHERS:-4}
-TARGET=${CARGO_TARGET_DIR:-target}
-OUT=${OUT:-$TARGET/downlink.json}
+OUT=${OUT:-${CARGO_TARGET_DIR:-target}/downlink.json}
 
-command -v mosquitto >/dev/null || { echo "downlink.sh: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)" >&2; exit 2; }
-command -v mosquitto_sub >/dev/null || { echo "downlink.sh: mosquitto_sub is not installed (apt-get install mosquitto-clients)" >&2; exit 2; }
-MOSQUITTO=$(command -v mosquitto)
-if [ -n "${SITEGATE_BIN:-}" ]; then
-  BIN=$SITEGATE_BIN
-else
-  cargo build --release -q -p sitegate --bin sitegate
-  BIN=$TARGET/release/sitegate
-fi
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 100); do
-    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "downlink.sh: nothing listens on 127.0.0.1:$1" >&2; return 1
-}
+SCRIPT=downlink.sh
+# shellcheck source=benches/common.sh
+. benches/common.sh
 cpu_of() { # PID: user + system CPU seconds
   python3 -c "import os,sys; f=open('/proc/$1/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))"
 }
@@ -75,6 +51,7 @@ require_certificate true
 use_identity_as_username true
 allow_anonymous true
 max_queued_messages 100000
+user root
 log_dest none
 EOF
 "$MOSQUITTO" -c "$WORK/cloud.conf" & PIDS+=("$!")
@@ -179,6 +156,7 @@ require_certificate true
 use_identity_as_username true
 allow_anonymous true
 max_queued_messages 100000
+user root
 log_dest none
 
 connection cloud

@@ -50,13 +50,17 @@ pub(crate) fn render(status: &Status) -> String {
             out,
             "{:<16} {:<10} {:>11} {:>12} {:>10}  {}",
             sink,
-            if l.connected { "connected" } else { "down" },
-            l.connections,
+            if l.link.connected {
+                "connected"
+            } else {
+                "down"
+            },
+            l.link.connections,
             l.relayed_down,
             l.unmatched,
-            l.last_error.as_deref().unwrap_or("-")
+            l.link.last_error.as_deref().unwrap_or("-")
         );
-        for f in &l.refused {
+        for f in &l.link.refused {
             let _ = writeln!(out, "  refused by the cloud: {f}");
         }
     }

@@ -3,11 +3,11 @@
 //! Each `iotcore` sink that a downlink or the relay names gets one cloud link
 //! (`sitegate_plugins::iotcore::CloudLink`: a persistent MQTT 5 session of its own, subscribed
 //! to the downlinks' filters and to the relayed filters devices subscribe). One task per link
-//! takes what comes down, one message at a time:
+//! takes what comes down, in batches of what arrived meanwhile:
 //! - a message on a local thing's relayed `$aws/things/<thing>/jobs|shadow/…` topic enters the
 //!   router on that topic, where only that thing can have subscribed (`edge::relay`);
 //! - otherwise the first downlink whose filter matches maps the topic (`to`) and the message
-//!   enters the router (`Fabric::inject`) as any local publish does: its topic held to the
+//!   enters the router (`Fabric::inject`, one hand-over per batch) as any local publish does: its topic held to the
 //!   site's rules, reaching only subscriptions that the subscribers' policies granted, queued
 //!   durably for away persistent sessions.
 //!
@@ -36,9 +36,7 @@ use sitegate_plugins::SinkConfig;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::edge::{
-    thing_topic, Fabric, InjectError, Relay, SessionTable, ThingTopic, THINGS_PREFIX,
-};
+use crate::edge::{thing_topic, Fabric, Injected, Relay, SessionTable, ThingTopic, THINGS_PREFIX};
 use crate::escape::Escaped;
 use crate::metrics::Stats;
 use crate::topic::TopicLimits;
@@ -50,6 +48,10 @@ pub use config::{validate, DownlinkConfig, RelayConfig, MAX_SESSION_EXPIRY_SECS,
 pub const DOWNLINK_MESSAGES: &str = "sitegate_downlink_messages_total";
 /// While the router is being rebuilt, how long a message waits before it is tried again.
 const ROUTER_RETRY: Duration = Duration::from_millis(200);
+/// The result label of a relayed answer handed to the router.
+const RELAYED: &str = "relayed";
+/// Messages handed to the router at once at most (what came down while the last went).
+const MAX_BATCH: usize = 256;
 
 /// Why the downlinks could not start. The configuration or its files must change.
 #[derive(Debug, thiserror::Error)]
@@ -92,15 +94,8 @@ pub struct Status {
 /// One cloud link as the status shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkReport {
-    pub connected: bool,
-    pub connections: u64,
-    pub last_error: Option<String>,
-    /// Filters subscribed on every connection (the downlinks' and the relayed ones).
-    pub filters: Vec<String>,
-    /// Of those, the ones IoT Core has acknowledged on the current connection.
-    pub subscribed: Vec<String>,
-    /// Filters IoT Core refused.
-    pub refused: Vec<String>,
+    #[serde(flatten)]
+    pub link: sitegate_plugins::iotcore::LinkStatus,
     /// Cloud messages for local things' jobs and shadow topics handed to the router.
     pub relayed_down: u64,
     /// Cloud messages that matched no downlink (acknowledged, dropped).
@@ -207,6 +202,7 @@ pub fn start(
             link: link.clone(),
             jobs: r.jobs,
             shadow: r.shadow,
+            shadows: Arc::default(),
         });
         if relays.is_some() {
             out.relay = relays.clone();
@@ -260,14 +256,7 @@ impl Downlinks {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for (sink, link) in &self.links {
-            let s = link.status();
-            let report = status.links.entry(sink.clone()).or_default();
-            report.connected = s.connected;
-            report.connections = s.connections;
-            report.last_error = s.last_error;
-            report.filters = s.filters;
-            report.subscribed = s.subscribed;
-            report.refused = s.refused;
+            status.links.entry(sink.clone()).or_default().link = link.status();
         }
         status
     }
@@ -299,72 +288,87 @@ struct Taker {
 impl Taker {
     async fn run(self, link: CloudLink, mut events: mpsc::Receiver<LinkEvent>) {
         while let Some(event) = events.recv().await {
-            let LinkEvent::Message(message) = event else {
+            // What has come down meanwhile goes to the router in one hand-over.
+            let mut batch: Vec<Downlinked> = Vec::new();
+            let mut next = Some(event);
+            while let Some(event) = next.take() {
+                if let LinkEvent::Message(m) = event {
+                    batch.push(m);
+                }
+                if batch.len() < MAX_BATCH {
+                    next = events.try_recv().ok();
+                }
+            }
+            if batch.is_empty() {
                 continue;
-            };
-            let Some(taken) = self.take(&message).await else {
-                // Stopping: not acknowledged, so IoT Core sends it again.
+            }
+            if self.take(&batch).await.is_none() {
+                // Stopping: not acknowledged, so IoT Core sends them again.
                 return;
-            };
-            if let Some(token) = message.ack {
+            }
+            for token in batch.iter().filter_map(|m| m.ack) {
                 link.ack(token).await;
             }
-            debug!(sink = %self.sink, delivered = matches!(taken, Taken::Delivered { .. }), "cloud message taken");
         }
     }
 
-    /// Hands one message on; `None` only when the gateway stops first.
-    async fn take(&self, m: &Downlinked) -> Option<Taken> {
+    /// Where a message goes: the downlink that takes it (none for a relayed answer) and the
+    /// local topic; `None` when no downlink does.
+    fn target<'r>(&'r self, m: &Downlinked) -> Option<(Option<&'r str>, String)> {
         let relayed = self
             .relays
             .as_ref()
             .is_some_and(|r| relayed_topic(r, &m.topic));
-        let target = if relayed {
-            Some((None, m.topic.clone()))
-        } else {
-            self.routes
-                .iter()
-                .find(|r| crate::topic::matches(&m.topic, &r.filter))
-                .map(|r| (Some(r.name.as_str()), map_topic(&m.topic, &r.prefix, &r.to)))
-                .map(|(name, local)| (name, local.unwrap_or_default()))
-        };
-        let Some((downlink, local)) = target else {
-            self.stats.downlink_refused.fetch_add(1, Relaxed);
-            self.report(|s| {
-                s.links.entry(self.sink.clone()).or_default().unmatched += 1;
-            });
-            debug!(sink = %self.sink, topic = %Escaped(&m.topic), "cloud message matches no downlink");
-            return Some(Taken::Refused("no downlink".into()));
-        };
-        if downlink.is_some() {
-            self.stats.downlink_in.fetch_add(1, Relaxed);
+        if relayed {
+            if let Some(r) = &self.relays {
+                r.shadows.remember(&m.topic, &m.payload);
+            }
+            return Some((None, m.topic.clone()));
         }
-        let qos = if m.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        };
-        let props = m.properties.as_ref().map(local_properties);
-        let taken = loop {
-            match self
-                .fabric
-                .inject(
-                    &local,
-                    &m.payload,
-                    qos,
-                    m.retain,
-                    props.clone(),
-                    self.topics,
-                )
-                .await
-            {
-                Ok(queued) => {
-                    let unheard = !queued && !self.sessions.has_subscriber(&local);
-                    break Taken::Delivered { queued, unheard };
-                }
-                Err(InjectError::Refused(why)) => break Taken::Refused(why),
-                Err(e @ InjectError::Unavailable(_)) => {
-                    warn!(sink = %self.sink, error = %e, "the router cannot take a cloud message yet");
+        self.routes
+            .iter()
+            .find(|r| crate::topic::matches(&m.topic, &r.filter))
+            .map(|r| {
+                let local = map_topic(&m.topic, &r.prefix, &r.to).unwrap_or_default();
+                (Some(r.name.as_str()), local)
+            })
+    }
+
+    /// Hands a batch on; `None` only when the gateway stops first.
+    async fn take(&self, batch: &[Downlinked]) -> Option<()> {
+        let mut targets = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        for m in batch {
+            let Some(target) = self.target(m) else {
+                self.stats.downlink_refused.fetch_add(1, Relaxed);
+                self.report(|s| s.links.entry(self.sink.clone()).or_default().unmatched += 1);
+                debug!(sink = %self.sink, topic = %Escaped(&m.topic), "cloud message matches no downlink");
+                continue;
+            };
+            if target.0.is_some() {
+                self.stats.downlink_in.fetch_add(1, Relaxed);
+            }
+            messages.push(Injected {
+                topic: target.1.clone(),
+                payload: m.payload.clone(),
+                qos: if m.qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                },
+                retain: m.retain,
+                props: m.properties.as_ref().map(local_properties),
+            });
+            targets.push(target);
+        }
+        if messages.is_empty() {
+            return Some(());
+        }
+        let outcomes = loop {
+            match self.fabric.inject(messages.clone(), self.topics).await {
+                Ok(outcomes) => break outcomes,
+                Err(e) => {
+                    warn!(sink = %self.sink, error = %e, "the router cannot take cloud messages yet");
                     let mut stop = self.stop.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(ROUTER_RETRY) => {}
@@ -373,52 +377,85 @@ impl Taker {
                 }
             }
         };
-        self.count(downlink, &taken, &local);
-        Some(taken)
+        let mut tally = BTreeMap::new();
+        for ((downlink, local), outcome) in targets.iter().zip(outcomes) {
+            let taken = match outcome {
+                Ok(queued) => Taken::Delivered {
+                    queued,
+                    unheard: !queued && !self.sessions.has_subscriber(local),
+                },
+                Err(why) => Taken::Refused(why),
+            };
+            *tally
+                .entry((*downlink, self.result(*downlink, &taken, local)))
+                .or_insert(0) += 1;
+        }
+        self.count(tally);
+        Some(())
     }
 
-    fn count(&self, downlink: Option<&str>, taken: &Taken, local: &str) {
-        let Some(name) = downlink else {
-            if let Taken::Delivered { .. } = taken {
+    /// The message's result label, counted in the edge's counters (refusals logged).
+    fn result(&self, downlink: Option<&str>, taken: &Taken, local: &str) -> &'static str {
+        match taken {
+            Taken::Delivered { .. } if downlink.is_none() => {
                 self.stats.relayed_down.fetch_add(1, Relaxed);
-                self.report(|s| s.links.entry(self.sink.clone()).or_default().relayed_down += 1);
+                RELAYED
             }
-            return;
-        };
-        let result = match taken {
-            Taken::Delivered { queued, unheard } => {
+            Taken::Delivered { queued: true, .. } => {
                 self.stats.downlink_delivered.fetch_add(1, Relaxed);
-                if *queued {
-                    self.stats.downlink_queued.fetch_add(1, Relaxed);
-                    "queued"
-                } else if *unheard {
-                    self.stats.downlink_unheard.fetch_add(1, Relaxed);
-                    "no_subscriber"
-                } else {
-                    "delivered"
-                }
+                self.stats.downlink_queued.fetch_add(1, Relaxed);
+                "queued"
+            }
+            Taken::Delivered { unheard: true, .. } => {
+                self.stats.downlink_delivered.fetch_add(1, Relaxed);
+                self.stats.downlink_unheard.fetch_add(1, Relaxed);
+                "no_subscriber"
+            }
+            Taken::Delivered { .. } => {
+                self.stats.downlink_delivered.fetch_add(1, Relaxed);
+                "delivered"
             }
             Taken::Refused(why) => {
                 self.stats.downlink_refused.fetch_add(1, Relaxed);
-                warn!(downlink = name, topic = %Escaped(local), reason = %why, "cloud message refused at the edge");
+                warn!(downlink = downlink.unwrap_or("(relay)"), topic = %Escaped(local), reason = %why, "cloud message refused at the edge");
                 "refused"
             }
-        };
+        }
+    }
+
+    /// A batch's results, by downlink and label, into the status and the metrics at once.
+    fn count(&self, tally: BTreeMap<(Option<&str>, &'static str), u64>) {
         crate::metrics::handle();
-        metrics::counter!(DOWNLINK_MESSAGES, "downlink" => name.to_owned(), "result" => result)
-            .increment(1);
-        self.report(|s| {
-            if let Some(d) = s.downlinks.get_mut(name) {
-                match taken {
-                    Taken::Delivered { queued, unheard } => {
-                        d.counts.delivered += 1;
-                        d.counts.queued += u64::from(*queued);
-                        d.counts.no_subscriber += u64::from(*unheard);
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        for ((downlink, result), n) in tally {
+            let Some(name) = downlink else {
+                if result == RELAYED {
+                    status
+                        .links
+                        .entry(self.sink.clone())
+                        .or_default()
+                        .relayed_down += n;
+                }
+                continue;
+            };
+            metrics::counter!(DOWNLINK_MESSAGES, "downlink" => name.to_owned(), "result" => result)
+                .increment(n);
+            if let Some(d) = status.downlinks.get_mut(name) {
+                let c = &mut d.counts;
+                match result {
+                    "refused" => c.refused += n,
+                    "queued" => {
+                        c.delivered += n;
+                        c.queued += n;
                     }
-                    Taken::Refused(_) => d.counts.refused += 1,
+                    "no_subscriber" => {
+                        c.delivered += n;
+                        c.no_subscriber += n;
+                    }
+                    _ => c.delivered += n,
                 }
             }
-        });
+        }
     }
 
     fn report(&self, change: impl FnOnce(&mut Status)) {

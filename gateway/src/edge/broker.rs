@@ -74,22 +74,14 @@ pub enum FabricError {
     Closed(String),
 }
 
-/// Why a message from inside the gateway did not enter the router.
-#[derive(Debug, thiserror::Error)]
-pub enum InjectError {
-    /// Never: its topic breaks the site's rules, or the retained limits are reached.
-    #[error("{0}")]
-    Refused(String),
-    /// Not now: the router is being rebuilt.
-    #[error(transparent)]
-    Unavailable(FabricError),
-}
-
-impl InjectError {
-    /// Whether trying again can help.
-    pub fn retryable(&self) -> bool {
-        matches!(self, InjectError::Unavailable(_))
-    }
+/// A message from inside the gateway for [`Fabric::inject`].
+#[derive(Debug, Clone)]
+pub struct Injected {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub props: Option<PublishProperties>,
 }
 
 /// A retained message the site's limits do not leave room for.
@@ -494,24 +486,24 @@ impl Fabric {
     /// a publish-only fleet costs it nothing.
     pub async fn forward(&self, packets: Vec<Packet>) -> Result<(), FabricError> {
         let gen = self.current();
-        self.forward_on(&gen, packets).await.map(|_| ())
+        self.queue_offline(&packets).await;
+        self.share(&gen, packets).await
     }
 
-    /// [`forward`](Self::forward), saying whether an away session queued any of `packets`.
-    async fn forward_on(
+    /// Hands the PUBLISHes among `packets` to the router on the shared link.
+    async fn share(
         &self,
         gen: &Arc<Generation>,
         mut packets: Vec<Packet>,
-    ) -> Result<bool, FabricError> {
-        let queued = self.queue_offline(&packets).await;
+    ) -> Result<(), FabricError> {
         // Retained messages are kept here, not in the router: until a device links, nothing
         // in the router could take a publish.
         if !gen.device_linked.load(Ordering::Acquire) {
-            return Ok(queued);
+            return Ok(());
         }
         packets.retain(|p| matches!(p, Packet::Publish(..)));
         if packets.is_empty() {
-            return Ok(queued);
+            return Ok(());
         }
         let packets = self.to_router_form(gen, packets, true);
         let mut shared = gen.shared.lock().await;
@@ -523,34 +515,57 @@ impl Fabric {
             *shared = Some(LocalPublisher::new(gen.link(SHARED_LINK, true).await?));
         }
         match shared.as_ref() {
-            Some(publisher) => publisher.forward(packets).await.map(|()| queued),
-            None => Ok(queued),
+            Some(publisher) => publisher.forward(packets).await,
+            None => Ok(()),
         }
     }
 
-    /// A message from inside the gateway (a republished record, a cloud message) entering the
-    /// router: its topic held to the rules a device's is, a retained one to the site's limits.
-    /// True if an away session queued it (durably, before this returns).
+    /// Messages from inside the gateway (republished records, cloud messages) entering the
+    /// router in one hand-over: each topic held to the rules a device's is, a retained one to
+    /// the site's limits. Per message: refused (why), or taken, and then whether an away
+    /// session queued it (durably, before this returns). An error means the router took none
+    /// of them and trying again can help.
     pub async fn inject(
         &self,
-        topic: &str,
-        payload: &[u8],
-        qos: QoS,
-        retain: bool,
-        props: Option<PublishProperties>,
+        messages: Vec<Injected>,
         topics: TopicLimits,
-    ) -> Result<bool, InjectError> {
-        check_topic(topic, topics).map_err(|e| {
-            InjectError::Refused(format!("topic {:?}: {e}", crate::escape::Escaped(topic)))
-        })?;
-        let mut publish = publish_packet(topic, payload, qos, retain);
-        let props = entering_properties(props, qos, None);
-        self.retain(&mut publish, &props)
-            .map_err(|e| InjectError::Refused(e.to_string()))?;
+    ) -> Result<Vec<Result<bool, String>>, FabricError> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut packets = Vec::with_capacity(messages.len());
+        for m in messages {
+            match self.prepare(m, topics) {
+                Ok(packet) => {
+                    outcomes.push(Ok(packets.len()));
+                    packets.push(packet);
+                }
+                Err(why) => outcomes.push(Err(why)),
+            }
+        }
+        let mut queued = Vec::with_capacity(packets.len());
+        for packet in &packets {
+            queued.push(self.offline.capture(std::slice::from_ref(packet)).await);
+        }
+        if queued.contains(&true) {
+            if let Err(e) = self.offline.flush().await {
+                warn!(error = %e, "messages queued for away sessions may not be durable");
+            }
+        }
         let gen = self.current();
-        self.forward_on(&gen, vec![Packet::Publish(publish, props)])
-            .await
-            .map_err(InjectError::Unavailable)
+        self.share(&gen, packets).await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.map(|i| queued.get(i).copied().unwrap_or(false)))
+            .collect())
+    }
+
+    fn prepare(&self, m: Injected, topics: TopicLimits) -> Result<Packet, String> {
+        check_topic(&m.topic, topics)
+            .map_err(|e| format!("topic {:?}: {e}", crate::escape::Escaped(&m.topic)))?;
+        let mut publish = publish_packet(&m.topic, &m.payload, m.qos, m.retain);
+        let props = entering_properties(m.props, m.qos, None);
+        self.retain(&mut publish, &props)
+            .map_err(|e| e.to_string())?;
+        Ok(Packet::Publish(publish, props))
     }
 
     /// Rewrites topics and filters into router form and notes what the router will cache.
@@ -801,14 +816,19 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
         } else {
             QoS::AtMostOnce
         };
-        match self
-            .fabric
-            .inject(&topic, &payload, qos, retain, None, self.topics)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(InjectError::Refused(why)) => Err(LocalPublishError::Refused(why)),
-            Err(InjectError::Unavailable(e)) => Err(LocalPublishError::Unavailable(e.to_string())),
+        let message = Injected {
+            topic,
+            payload,
+            qos,
+            retain,
+            props: None,
+        };
+        match self.fabric.inject(vec![message], self.topics).await {
+            Ok(mut outcomes) => match outcomes.pop() {
+                Some(Err(why)) => Err(LocalPublishError::Refused(why)),
+                _ => Ok(()),
+            },
+            Err(e) => Err(LocalPublishError::Unavailable(e.to_string())),
         }
     }
 }

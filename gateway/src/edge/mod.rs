@@ -34,12 +34,12 @@ mod relay;
 mod session;
 mod table;
 
-pub use broker::{Fabric, FabricLimits, InjectError, Republisher};
+pub use broker::{Fabric, FabricLimits, Injected, Republisher};
 pub use codec::publish_packet;
 pub use config::*;
 pub use crl::{follow_crls, CRL_CHECK_INTERVAL};
 pub use listener::{serve, Budget};
 pub use offline::OfflineQueues;
-pub use relay::{thing_topic, Relay, ThingTopic, THINGS_PREFIX};
+pub use relay::{thing_topic, Relay, ShadowCache, ThingTopic, THINGS_PREFIX};
 pub use session::{expire_sessions, restore_sessions, EdgeContext, Limits, Restored};
 pub use table::{EndReason, Parked, SessionSlot, SessionTable, Subscription};

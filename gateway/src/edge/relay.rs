@@ -9,6 +9,12 @@
 //! properties; a granted filter of those kinds is also subscribed on the cloud link, whose
 //! answers the downlink hands to the router on the same topic, where only this device can hold
 //! a filter that matches it.
+//!
+//! [`ShadowCache`] keeps the last document IoT Core answered each shadow's `get` with, so a
+//! device that asks while the cloud link is down is answered from it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use sitegate_plugins::iotcore::{CloudLink, UpError, Upward};
@@ -48,12 +54,75 @@ pub fn thing_topic<'t>(topic: &'t str, thing: &str) -> ThingTopic<'t> {
     }
 }
 
+/// Shadows whose last document is kept at most; beyond it nothing new is kept.
+const MAX_CACHED_SHADOWS: usize = 10_000;
+/// A shadow document kept at most this large (IoT Core's limit is 8 KB of state; the document
+/// with its metadata is larger).
+const MAX_CACHED_BYTES: usize = 64 * 1024;
+
+/// The last `…/get/accepted` document of each shadow, by the shadow's topic
+/// (`$aws/things/<thing>/shadow` or `…/shadow/name/<name>`). In memory only: it starts empty
+/// when the gateway does.
+#[derive(Default)]
+pub struct ShadowCache {
+    docs: Mutex<HashMap<String, Bytes>>,
+}
+
+impl ShadowCache {
+    /// Keeps `payload` if `topic` is a shadow's `get/accepted`.
+    pub fn remember(&self, topic: &str, payload: &[u8]) {
+        let Some(shadow) = topic.strip_suffix("/get/accepted") else {
+            return;
+        };
+        if payload.len() > MAX_CACHED_BYTES || !is_shadow(shadow) {
+            return;
+        }
+        let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+        if docs.len() < MAX_CACHED_SHADOWS || docs.contains_key(shadow) {
+            docs.insert(shadow.to_owned(), Bytes::copy_from_slice(payload));
+        }
+    }
+
+    /// The answer to a `get` on `topic` from the last document: its `get/accepted` topic and
+    /// the document with the request's `clientToken`, if the shadow has one kept.
+    pub fn answer(&self, topic: &str, request: &[u8]) -> Option<(String, Vec<u8>)> {
+        let shadow = topic.strip_suffix("/get").filter(|s| is_shadow(s))?;
+        let doc = self
+            .docs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(shadow)?
+            .clone();
+        let mut doc: serde_json::Value = serde_json::from_slice(&doc).ok()?;
+        let token = serde_json::from_slice::<serde_json::Value>(request)
+            .ok()
+            .and_then(|r| r.get("clientToken").cloned());
+        if let (Some(token), Some(map)) = (token, doc.as_object_mut()) {
+            map.insert("clientToken".into(), token);
+        }
+        Some((
+            format!("{shadow}/get/accepted"),
+            serde_json::to_vec(&doc).ok()?,
+        ))
+    }
+}
+
+/// `$aws/things/<thing>/shadow` or `$aws/things/<thing>/shadow/name/<name>`.
+fn is_shadow(topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(THINGS_PREFIX) else {
+        return false;
+    };
+    let levels: Vec<&str> = rest.split('/').collect();
+    matches!(levels.as_slice(), [_, SHADOW] | [_, SHADOW, "name", _])
+}
+
 /// The relay's handle, held by every session.
 #[derive(Clone)]
 pub struct Relay {
     pub link: CloudLink,
     pub jobs: bool,
     pub shadow: bool,
+    pub shadows: std::sync::Arc<ShadowCache>,
 }
 
 impl Relay {
@@ -89,6 +158,33 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_get_answers_a_get_while_the_cloud_is_away() {
+        let cache = ShadowCache::default();
+        let doc = br#"{"state":{"desired":{"speed":5}},"version":2,"clientToken":"a"}"#;
+        cache.remember("$aws/things/pump-7/shadow/get/accepted", doc);
+        cache.remember(
+            "$aws/things/pump-7/shadow/name/cfg/get/accepted",
+            b"{\"version\":1}",
+        );
+        cache.remember("$aws/things/pump-7/jobs/get/accepted", b"{}");
+        let (topic, answer) = cache
+            .answer("$aws/things/pump-7/shadow/get", br#"{"clientToken":"b"}"#)
+            .unwrap();
+        assert_eq!(topic, "$aws/things/pump-7/shadow/get/accepted");
+        let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["clientToken"], "b");
+        assert_eq!(answer["state"]["desired"]["speed"], 5);
+        assert!(cache
+            .answer("$aws/things/pump-7/shadow/name/cfg/get", b"")
+            .is_some());
+        assert!(cache.answer("$aws/things/pump-8/shadow/get", b"").is_none());
+        assert!(cache.answer("$aws/things/pump-7/jobs/get", b"").is_none());
+        assert!(cache
+            .answer("$aws/things/pump-7/shadow/name/x/y/get", b"")
+            .is_none());
+    }
 
     #[test]
     fn only_the_devices_own_thing_is_its_own() {

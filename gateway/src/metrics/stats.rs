@@ -137,6 +137,8 @@ counters! {
     relayed_down,
     /// Relayed requests refused because the cloud link was down or its queue full.
     relay_refused,
+    /// Shadow `get`s answered from the last document while the cloud link was down.
+    shadow_answers_cached,
     /// Topics and filters of another thing's `$aws/things/…` refused.
     other_thing_refused,
     /// Messages that came down from the cloud on a downlink's filter.

@@ -74,6 +74,7 @@ async fn refresh(sources: &Sources) {
     }
     counter!("sitegate_relayed_total", "direction" => "up").absolute(s.relayed_up);
     counter!("sitegate_relayed_total", "direction" => "down").absolute(s.relayed_down);
+    counter!("sitegate_shadow_answers_cached_total").absolute(s.shadow_answers_cached);
     counter!("sitegate_rule_messages_in_total").absolute(s.rule_messages_in);
     counter!("sitegate_spool_commits_total").absolute(s.spool_commits);
     counter!("sitegate_spool_full_waits_total").absolute(s.spool_full_waits);

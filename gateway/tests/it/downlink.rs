@@ -51,9 +51,13 @@ impl Output {
 }
 
 /// The "cmd" downlink (cloud `cmd/<site>/#` → local `cmd/#`) and the jobs and shadow relay, on
-/// the `cloud` sink.
+/// the `cloud` sink, which publishes to `cloud` as `identity`.
 fn with_downlinks(cloud: &Cloud, identity: &IssuedDevice) -> impl FnOnce(&mut Config) {
-    let sink = cloud.sink(identity);
+    downlinks_on(cloud.sink(identity))
+}
+
+/// The same on any `iotcore` sink.
+fn downlinks_on(sink: sitegate_plugins::iotcore::IotCoreConfig) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
         c.sinks.insert("cloud".into(), SinkConfig::Iotcore(sink));
         c.downlinks.insert(
@@ -86,6 +90,7 @@ async fn link_up(site: &Site, n: u64) {
     for _ in 0..400 {
         let s = status(site).await;
         let up = |l: &sitegate::downlink::LinkReport| {
+            let l = &l.link;
             l.connected && l.connections >= n && l.subscribed.len() == l.filters.len()
         };
         if s.links.get("cloud").is_some_and(up) {
@@ -315,7 +320,7 @@ async fn the_downlink_survives_the_cloud_broker_restarting() {
     // Meanwhile an MQTT 5 device's relayed request is refused at once (0x80), so it knows to
     // try again; another thing's topics stay refused (0x87), whatever the link does.
     for _ in 0..200 {
-        if !status(&site).await.links["cloud"].connected {
+        if !status(&site).await.links["cloud"].link.connected {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -521,7 +526,7 @@ async fn cloud_services(
 async fn jobs_and_shadow_round_trips_with_the_aws_iot_device_sdk() {
     use rumqttc::v5::mqttbytes::QoS;
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::start(dir.path()).await;
+    let mut cloud = Cloud::start(dir.path()).await;
     let gateway_id = cloud.issue("plant-7-gateway");
     let services_id = cloud.issue("iot-core");
     let (services, mut seen) = cloud_services(&cloud, &services_id).await;
@@ -575,7 +580,7 @@ async fn jobs_and_shadow_round_trips_with_the_aws_iot_device_sdk() {
     // queued there: the downlink's and the device's ten.
     let mut cloud_filters = 0;
     for _ in 0..400 {
-        cloud_filters = status(&site).await.links["cloud"].subscribed.len();
+        cloud_filters = status(&site).await.links["cloud"].link.subscribed.len();
         if cloud_filters == 1 + 10 {
             break;
         }
@@ -653,6 +658,52 @@ async fn jobs_and_shadow_round_trips_with_the_aws_iot_device_sdk() {
     let s = site.snapshot();
     assert_eq!((s.relayed_up, s.other_thing_refused), (4, 1), "{s:?}");
     assert!(s.relayed_down >= 6, "{s:?}");
+
+    // The cloud goes away; the device, back, asks for its shadow and gets the last document
+    // the cloud gave, with its own client token.
+    cloud.stop().await;
+    for _ in 0..200 {
+        if !status(&site).await.links["cloud"].link.connected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted = b"$aws/things/kiosk-1/shadow/get/accepted";
+    let mut raw = common::raw::RawClient::connect(&site, &kiosk, true).await;
+    raw.send(&common::raw::subscribe(4, &[(&accepted[..], 1)], true, &[]))
+        .await;
+    assert_eq!(raw.read().await.expect("SUBACK").suback_codes(true), [0x01]);
+    raw.send(&common::raw::publish(
+        b"$aws/things/kiosk-1/shadow/get",
+        1,
+        false,
+        true,
+        &[],
+        br#"{"clientToken":"offline-1"}"#,
+    ))
+    .await;
+    let mut answer = None;
+    while let Some(reply) = raw.read_within(Duration::from_secs(5)).await {
+        match reply.kind() {
+            4 => assert_eq!(reply.reason(), 0, "{reply:?}"),
+            3 => {
+                answer = Some(reply);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let answer = answer.expect("the shadow from the cache");
+    let body = answer.body.as_slice();
+    let json_at = body.iter().position(|&b| b == b'{').unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&body[json_at..]).unwrap();
+    assert_eq!(doc["clientToken"], "offline-1", "{doc}");
+    assert_eq!(
+        doc["state"]["desired"],
+        serde_json::json!({"speed": 5}),
+        "{doc}"
+    );
+    assert_eq!(site.snapshot().shadow_answers_cached, 1);
     site.stop().await;
 }
 
@@ -672,27 +723,11 @@ async fn downlinks_and_the_relay_go_through_the_nucleus() {
     )
     .unwrap();
     let nucleus = std::sync::Arc::new(Nucleus::connect(&socket, "svcuid").await.unwrap());
+    let downlinks = downlinks_on(sitegate_plugins::iotcore::IotCoreConfig::through_nucleus());
     let site = Site::start_with_nucleus(
         |c| {
             c.greengrass.ipc = true;
-            c.sinks.insert(
-                "cloud".into(),
-                SinkConfig::Iotcore(sitegate_plugins::iotcore::IotCoreConfig::through_nucleus()),
-            );
-            c.downlinks.insert(
-                "cmd".into(),
-                DownlinkConfig {
-                    sink: "cloud".into(),
-                    from: "cmd/${site}/#".into(),
-                    to: Some("cmd/#".into()),
-                },
-            );
-            c.relay = Some(RelayConfig {
-                sink: "cloud".into(),
-                jobs: true,
-                shadow: true,
-                session_expiry_secs: 3600,
-            });
+            downlinks(c);
             c.auth = toml::from_str(&format!("{}{KIOSK_AUTH}", common::AUTH)).unwrap();
         },
         Some(nucleus),

@@ -125,14 +125,17 @@ enum Command {
 }
 
 /// What the link reports of itself.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
     pub connected: bool,
+    /// Connections made (or, through the nucleus, times every stream was open) since start.
     pub connections: u64,
     pub last_error: Option<String>,
+    /// Filters subscribed on every connection (the downlinks' and the relayed ones).
     pub filters: Vec<String>,
-    /// Filters IoT Core acknowledged on the current connection.
+    /// Of those, the ones IoT Core acknowledged on the current connection.
     pub subscribed: Vec<String>,
+    /// Filters IoT Core refused.
     pub refused: Vec<String>,
 }
 

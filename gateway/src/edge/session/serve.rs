@@ -370,6 +370,7 @@ impl Session {
             from,
         );
         let reserved = thing_topic(topic, &self.thing);
+        let mut cached: Option<(String, Vec<u8>)> = None;
         let relay = match reserved {
             ThingTopic::Own(kind) => self.ctx.relay.as_ref().filter(|r| r.relays_topic(kind)),
             _ => None,
@@ -390,7 +391,17 @@ impl Session {
             Ok(()) if relay.is_some() => relay
                 .and_then(|r| {
                     let payload = bytes::Bytes::copy_from_slice(&publish.payload);
-                    r.up(topic, payload, &self.thing, &self.cert_id).err()
+                    match r.up(topic, payload, &self.thing, &self.cert_id) {
+                        // The cloud is away: a shadow `get` is answered from the last document.
+                        Err(UpError::Down) => match r.shadows.answer(topic, &publish.payload) {
+                            Some((accepted, doc)) => {
+                                cached = Some((accepted, doc));
+                                None
+                            }
+                            None => Some(UpError::Down),
+                        },
+                        other => other.err(),
+                    }
                 })
                 .map(|e| {
                     let code = match e {
@@ -418,7 +429,13 @@ impl Session {
                 &self.ctx.stats.messages_in_qos1
             };
             counter.fetch_add(1, Relaxed);
-            if relay.is_some() {
+            if let Some((accepted, doc)) = cached {
+                // As IoT Core would answer it, on the same topic, to this device alone.
+                let answer = publish_with_id(accepted.as_bytes(), &doc, QoS::AtLeastOnce, 1, false);
+                let props = entering_properties(None, QoS::AtLeastOnce, None);
+                self.to_router.push(Packet::Publish(answer, props));
+                self.ctx.stats.shadow_answers_cached.fetch_add(1, Relaxed);
+            } else if relay.is_some() {
                 self.ctx.stats.relayed_up.fetch_add(1, Relaxed);
             } else if let Some(wanted) = self.ctx.ingest.as_ref().and_then(|i| i.wants(topic)) {
                 self.to_ingest.push(Message {
