@@ -21,6 +21,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The lines of a Mosquitto listener on 127.0.0.1:PORT with mutual TLS from the CA folder
+# DIR (`sitegate ca init`): client certificates required, the certificate's CN as user name.
+tls_listener() { # PORT DIR
+  printf 'listener %s 127.0.0.1\ncafile %s/ca.pem\ncertfile %s/gateway.pem\nkeyfile %s/gateway.key\n' "$1" "$2" "$2" "$2"
+  printf 'require_certificate true\nuse_identity_as_username true\nallow_anonymous true\nlog_dest none\n'
+  # Started as root, Mosquitto drops to user mosquitto, which cannot read the 0600 key.
+  [ "$(id -u)" != 0 ] || echo "user root"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
   for _ in $(seq 100); do

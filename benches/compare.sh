@@ -76,21 +76,7 @@ PY
 
 run_mosquitto() { # DEVICES NAME SUBSCRIBE(1/0)
   local n=$1 name=$2 subscribe=$3 port; port=$(free_port)
-  cat > "$WORK/mosquitto.conf" <<EOF
-listener $port 127.0.0.1
-cafile $WORK/pki/ca.pem
-certfile $WORK/pki/gateway.pem
-keyfile $WORK/pki/gateway.key
-require_certificate true
-use_identity_as_username true
-allow_anonymous true
-max_connections -1
-max_queued_messages 1000000
-persistence false
-log_dest none
-EOF
-  # Started as root, Mosquitto drops to user mosquitto, which cannot read the 0600 key.
-  [ "$(id -u)" != 0 ] || echo "user root" >> "$WORK/mosquitto.conf"
+  { tls_listener "$port" "$WORK/pki"; printf 'max_connections -1\nmax_queued_messages 1000000\npersistence false\n'; } > "$WORK/mosquitto.conf"
   "$MOSQUITTO" -c "$WORK/mosquitto.conf" & local mpid=$!; PIDS+=("$mpid")
   sample_anon "$mpid" "$WORK/$name-$n.anon" & PIDS+=("$!")
   wait_port "$port"

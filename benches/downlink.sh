@@ -41,19 +41,7 @@ for who in gateway-link bridge operator; do
 done
 
 CLOUD_PORT=$(free_port)
-mkdir -p "$WORK/cloud-data"
-cat > "$WORK/cloud.conf" <<EOF
-listener $CLOUD_PORT 127.0.0.1
-cafile $WORK/cloud/ca.pem
-certfile $WORK/cloud/gateway.pem
-keyfile $WORK/cloud/gateway.key
-require_certificate true
-use_identity_as_username true
-allow_anonymous true
-max_queued_messages 100000
-user root
-log_dest none
-EOF
+{ tls_listener "$CLOUD_PORT" "$WORK/cloud"; echo "max_queued_messages 100000"; } > "$WORK/cloud.conf"
 "$MOSQUITTO" -c "$WORK/cloud.conf" & PIDS+=("$!")
 wait_port "$CLOUD_PORT"
 
@@ -147,17 +135,9 @@ kill "$SG"; wait "$SG" 2>/dev/null || true
 # 2. Mosquitto's bridge.
 BR_PORT=$(free_port)
 mkdir -p "$WORK/bridge"
-cat > "$WORK/bridge/mosquitto.conf" <<EOF
-listener $BR_PORT 127.0.0.1
-cafile $WORK/pki/ca.pem
-certfile $WORK/pki/gateway.pem
-keyfile $WORK/pki/gateway.key
-require_certificate true
-use_identity_as_username true
-allow_anonymous true
+tls_listener "$BR_PORT" "$WORK/pki" > "$WORK/bridge/mosquitto.conf"
+cat >> "$WORK/bridge/mosquitto.conf" <<EOF
 max_queued_messages 100000
-user root
-log_dest none
 
 connection cloud
 address 127.0.0.1:$CLOUD_PORT

@@ -51,7 +51,8 @@ impl Output {
 }
 
 /// The "cmd" downlink (cloud `cmd/<site>/#` → local `cmd/#`) and the jobs and shadow relay, on
-/// the `cloud` sink, which publishes to `cloud` as `identity`.
+/// the `cloud` sink, which publishes to `cloud` as `identity`; the test policies and
+/// [`KIOSK_AUTH`].
 fn with_downlinks(cloud: &Cloud, identity: &IssuedDevice) -> impl FnOnce(&mut Config) {
     downlinks_on(cloud.sink(identity))
 }
@@ -74,6 +75,7 @@ fn downlinks_on(sink: sitegate_plugins::iotcore::IotCoreConfig) -> impl FnOnce(&
             shadow: true,
             session_expiry_secs: 3600,
         });
+        c.auth = toml::from_str(&format!("{}{KIOSK_AUTH}", common::AUTH)).unwrap();
     }
 }
 
@@ -273,12 +275,7 @@ async fn the_downlink_survives_the_cloud_broker_restarting() {
     let mut cloud = Cloud::start(dir.path()).await;
     let gateway_id = cloud.issue("plant-7-gateway");
     let operator = cloud.issue("operator");
-    let downlinks = with_downlinks(&cloud, &gateway_id);
-    let site = Site::start_with(|c| {
-        downlinks(c);
-        c.auth = toml::from_str(&format!("{}{KIOSK_AUTH}", common::AUTH)).unwrap();
-    })
-    .await;
+    let site = Site::start_with(with_downlinks(&cloud, &gateway_id)).await;
     link_up(&site, 1).await;
     let pump = site.device("pump-1").await;
     let mut sub = local_sub(&site, &pump, &["cmd/pump-1/#"], true);
@@ -530,12 +527,7 @@ async fn jobs_and_shadow_round_trips_with_the_aws_iot_device_sdk() {
     let gateway_id = cloud.issue("plant-7-gateway");
     let services_id = cloud.issue("iot-core");
     let (services, mut seen) = cloud_services(&cloud, &services_id).await;
-    let downlinks = with_downlinks(&cloud, &gateway_id);
-    let site = Site::start_with(|c| {
-        downlinks(c);
-        c.auth = toml::from_str(&format!("{}{KIOSK_AUTH}", common::AUTH)).unwrap();
-    })
-    .await;
+    let site = Site::start_with(with_downlinks(&cloud, &gateway_id)).await;
     link_up(&site, 1).await;
     let kiosk = site.device("kiosk-1").await;
     let script = concat!(
@@ -728,7 +720,6 @@ async fn downlinks_and_the_relay_go_through_the_nucleus() {
         |c| {
             c.greengrass.ipc = true;
             downlinks(c);
-            c.auth = toml::from_str(&format!("{}{KIOSK_AUTH}", common::AUTH)).unwrap();
         },
         Some(nucleus),
     )
