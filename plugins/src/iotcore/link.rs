@@ -203,14 +203,21 @@ impl CloudLink {
         Ok((CloudLink { commands, status }, events_rx))
     }
 
-    /// Adds `filter` to what the link subscribes, now and after every reconnect.
-    pub fn subscribe(&self, filter: &str) -> Result<(), UpError> {
-        if self.lock().filters.iter().any(|f| f == filter) {
-            return Ok(());
+    /// Adds `filter` to what the link subscribes, now and after every reconnect. Queued
+    /// behind the requests already given, so a request made after it is answered on it.
+    pub fn subscribe(&self, filter: &str) {
+        {
+            let mut status = self.lock();
+            if status.filters.iter().any(|f| f == filter) {
+                return;
+            }
+            status.filters.push(filter.to_owned());
         }
-        self.commands
-            .try_send(Command::Subscribe(filter.to_owned()))
-            .map_err(|_| UpError::Full)
+        // With the queue full it is still wanted: subscribed with the next command the link
+        // takes, or at its next connection.
+        let _ = self
+            .commands
+            .try_send(Command::Subscribe(filter.to_owned()));
     }
 
     /// Acknowledges a message to IoT Core.
@@ -300,8 +307,21 @@ impl Task {
         format!("{base}{LINK_CLIENT_SUFFIX}")
     }
 
+    /// Filters wanted (in the shared status) and not subscribed yet.
+    fn missing(&self) -> Vec<String> {
+        let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status
+            .filters
+            .iter()
+            .filter(|f| !self.filters.contains(*f))
+            .cloned()
+            .collect()
+    }
+
     /// A new connection: CONNECT with the persistent session, then every filter subscribed.
     async fn connect(&mut self) -> Result<(AsyncClient, EventLoop, bool), Option<String>> {
+        let missing = self.missing();
+        self.filters.extend(missing);
         let config = &self.settings.config;
         let (host, port) = config.host_port().map_err(Some)?;
         let mut options = MqttOptions::new(self.client_id(), host, port);
@@ -401,7 +421,16 @@ impl Task {
                     Ok(_) => {}
                     Err(e) => return Some(super::classify(&e).to_string()),
                 },
-                command = self.commands.recv() => match command {
+                command = self.commands.recv() => {
+                    // Filters wanted while the queue was full come first.
+                    for filter in self.missing() {
+                        self.filters.insert(filter.clone());
+                        asked.push_back(vec![filter.clone()]);
+                        if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                            return Some(e.to_string());
+                        }
+                    }
+                    match command {
                     None => return None,
                     Some(Command::Ack(token)) => {
                         if token.connection == self.connection {
@@ -414,7 +443,6 @@ impl Task {
                     }
                     Some(Command::Subscribe(filter)) => {
                         if self.filters.insert(filter.clone()) {
-                            self.set(|s| s.filters.push(filter.clone()));
                             asked.push_back(vec![filter.clone()]);
                             if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
                                 return Some(e.to_string());
@@ -429,6 +457,7 @@ impl Task {
                         if let Err(e) = client.try_publish_with_properties(up.topic, QoS::AtLeastOnce, false, up.payload, properties) {
                             return Some(e.to_string());
                         }
+                    }
                     }
                 },
                 _ = stop.changed() => return None,
@@ -521,16 +550,17 @@ impl NucleusTask {
                         });
                     }
                 }
-                command = self.commands.recv() => match command {
-                    None => return,
-                    // The nucleus acknowledged it to IoT Core already.
-                    Some(Command::Ack(_)) => {}
-                    Some(Command::Subscribe(filter)) => {
+                command = self.commands.recv() => {
+                    let wanted: Vec<String> = self.status.lock().map(|s| s.filters.clone()).unwrap_or_default();
+                    for filter in wanted {
                         if !self.filters.contains(&filter) {
-                            self.set(|s| s.filters.push(filter.clone()));
                             self.open(filter, &ended_tx).await;
                         }
                     }
+                    match command {
+                    None => return,
+                    // The nucleus acknowledged it to IoT Core already; a filter was opened above.
+                    Some(Command::Ack(_)) | Some(Command::Subscribe(_)) => {}
                     Some(Command::Publish(up)) => {
                         let publish = IotCorePublish {
                             topic: &up.topic,
@@ -549,6 +579,7 @@ impl NucleusTask {
                             }
                             Err(e) => tracing::warn!(sink = %self.settings.sink, error = %e, "a relayed request was not published through the nucleus"),
                         }
+                    }
                     }
                 },
                 _ = stop.changed() => return,

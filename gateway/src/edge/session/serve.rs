@@ -665,9 +665,7 @@ impl Session {
             return;
         };
         if relay.relays_filter(kind) {
-            if let Err(e) = relay.link.subscribe(filter) {
-                warn!(thing = %self.thing, filter = %Escaped(filter), error = %e, "cannot subscribe a relayed filter on the cloud link");
-            }
+            relay.link.subscribe(filter);
         }
     }
 
