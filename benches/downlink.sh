@@ -10,7 +10,9 @@
 # time; p50/p99/max of cloud publish → device receive. Phase "burst": BURST messages from
 # PUBLISHERS connections at once; throughput is messages the device received per second,
 # first send to last receive. Also the CPU seconds of the path's own process (sitegate, or the
-# bridging Mosquitto) over both phases. Prints a table and writes JSON.
+# bridging Mosquitto) over both phases. For reference, the latency phase once more with a
+# local device publishing to the same device through sitegate (no cloud). Prints a table and
+# writes JSON.
 #
 # Usage: benches/downlink.sh
 # Environment: MESSAGES (2000), RATE (200), BURST (20000), PUBLISHERS (4), OUT JSON file
@@ -35,7 +37,9 @@ cpu_of() { # PID: user + system CPU seconds
 # The site's CA (the local device and both local brokers) and the cloud's.
 "$BIN" ca init --dir "$WORK/pki" --site bench >/dev/null
 "$BIN" ca init --dir "$WORK/cloud" --site cloud >/dev/null
-"$BIN" device issue pump-1 --ca "$WORK/pki" --out "$WORK/dev" >/dev/null
+for thing in pump-1 ctl-1; do
+  "$BIN" device issue "$thing" --ca "$WORK/pki" --out "$WORK/dev" >/dev/null
+done
 for who in gateway-link bridge operator; do
   "$BIN" device issue "$who" --ca "$WORK/cloud" --out "$WORK/cloud-clients" >/dev/null
 done
@@ -47,16 +51,20 @@ wait_port "$CLOUD_PORT"
 
 # Publishes into the cloud: `latency` paces MESSAGES at RATE/s on one connection; `burst`
 # sends BURST as fast as PUBLISHERS connections take them. Each payload is its send time.
-cloud_publish() { # latency|burst
+# With `local`, the publisher is instead a local device (ctl-1) on sitegate itself, to the
+# device's local topic: the gateway's own device-to-device path, for reference.
+cloud_publish() { # latency|burst [local]
   local mode=$1
+  local port=$CLOUD_PORT ca=$WORK/cloud/ca.pem id=$WORK/cloud-clients/operator topic=cmd/bench/pump-1/set
+  if [ "${2:-}" = local ]; then port=$SG_PORT ca=$WORK/pki/ca.pem id=$WORK/dev/ctl-1 topic=cmd/pump-1/set; fi
   local pubs=1 count=$MESSAGES pace=$RATE
   if [ "$mode" = burst ]; then pubs=$PUBLISHERS; count=$(( BURST / PUBLISHERS )); pace=0; fi
   local p pids=()
   for p in $(seq "$pubs"); do
-    python3 - "$count" "$pace" <<'PY' | mosquitto_pub -h 127.0.0.1 -p "$CLOUD_PORT" \
-        --cafile "$WORK/cloud/ca.pem" --cert "$WORK/cloud-clients/operator.pem" \
-        --key "$WORK/cloud-clients/operator.key" -i "operator-$p" -V mqttv5 -q 1 \
-        -t cmd/bench/pump-1/set -l &
+    local client="operator-$p"; [ "${2:-}" = local ] && client=ctl-1
+    python3 - "$count" "$pace" <<'PY' | mosquitto_pub -h 127.0.0.1 -p "$port" \
+        --cafile "$ca" --cert "$id.pem" --key "$id.key" -i "$client" -V mqttv5 -q 1 \
+        -t "$topic" -l &
 import sys, time
 count, rate = int(sys.argv[1]), float(sys.argv[2])
 start = time.time()
@@ -72,18 +80,19 @@ PY
   for p in "${pids[@]}"; do wait "$p" || true; done
 }
 
-# One path: subscribe the device on PORT, run both phases, report.
-measure() { # NAME PORT PID
-  local name=$1 port=$2 pid=$3
+# One path: subscribe the device on PORT, run both phases (only latency for `local`), report.
+measure() { # NAME PORT PID [local]
+  local name=$1 port=$2 pid=$3 from=${4:-}
   local cpu0; cpu0=$(cpu_of "$pid")
-  local phase
-  for phase in latency burst; do
+  local phase phases=(latency burst)
+  [ "$from" = local ] && phases=(latency)
+  for phase in "${phases[@]}"; do
     local want=$MESSAGES; [ "$phase" = burst ] && want=$(( BURST / PUBLISHERS * PUBLISHERS ))
     timeout 300 mosquitto_sub -h 127.0.0.1 -p "$port" --cafile "$WORK/pki/ca.pem" \
       --cert "$WORK/dev/pump-1.pem" --key "$WORK/dev/pump-1.key" -i pump-1 -V mqttv5 \
       -t 'cmd/pump-1/#' -q 1 -F '%U %p' -C "$want" > "$WORK/$name-$phase.txt" & local sub=$!
     sleep 1
-    cloud_publish "$phase"
+    cloud_publish "$phase" "$from"
     wait "$sub" || echo "downlink.sh: $name $phase: the device got $(wc -l < "$WORK/$name-$phase.txt") of $want" >&2
   done
   echo "$(cpu_of "$pid") $cpu0" > "$WORK/$name.cpu"
@@ -110,6 +119,14 @@ policy = "pump"
 operations = ["mqtt:connect", "mqtt:subscribe"]
 resources = ["mqtt:clientId:\${iot:Connection.Thing.ThingName}", "mqtt:topicfilter:cmd/\${iot:Connection.Thing.ThingName}/#"]
 
+[auth.device_groups.controllers]
+selection_rule = "thingName: ctl-*"
+policy = "controller"
+
+[auth.policies.controller.all]
+operations = ["mqtt:connect", "mqtt:publish"]
+resources = ["mqtt:clientId:\${iot:Connection.Thing.ThingName}", "mqtt:topic:cmd/+/#"]
+
 [sinks.cloud]
 type = "iotcore"
 endpoint = "127.0.0.1:$CLOUD_PORT"
@@ -125,11 +142,14 @@ to = "cmd/#"
 [spool.encryption]
 key_file = "$WORK/pki/spool.kek"
 EOF
-"$BIN" device approve pump-1 --config "$WORK/sitegate/sitegate.toml" >/dev/null
+for thing in pump-1 ctl-1; do
+  "$BIN" device approve "$thing" --config "$WORK/sitegate/sitegate.toml" >/dev/null
+done
 RUST_LOG=warn "$BIN" run --config "$WORK/sitegate/sitegate.toml" 2>"$WORK/sitegate/gateway.log" & SG=$!; PIDS+=("$SG")
 wait_port "$SG_PORT"
 sleep 1
 measure sitegate "$SG_PORT" "$SG"
+measure local "$SG_PORT" "$SG" local
 kill "$SG"; wait "$SG" 2>/dev/null || true
 
 # 2. Mosquitto's bridge.
@@ -159,7 +179,7 @@ python3 - "$WORK" "$OUT" "$MESSAGES" "$RATE" "$BURST" "$PUBLISHERS" <<'PY'
 import json, sys
 work, out, messages, rate, burst, pubs = sys.argv[1:]
 rows = {}
-for name in ("sitegate", "bridge"):
+for name in ("sitegate", "bridge", "local"):
     row = {}
     lat = []
     for line in open(f"{work}/{name}-latency.txt"):
@@ -168,7 +188,10 @@ for name in ("sitegate", "bridge"):
     lat.sort()
     pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else None
     row.update(received=len(lat), p50_ms=pick(0.50), p99_ms=pick(0.99), max_ms=round(lat[-1], 2) if lat else None)
-    b = [tuple(map(float, l.split())) for l in open(f"{work}/{name}-burst.txt")]
+    try:
+        b = [tuple(map(float, l.split())) for l in open(f"{work}/{name}-burst.txt")]
+    except FileNotFoundError:
+        b = []
     if b:
         first_sent = min(s for _, s in b)
         last_got = max(g for g, _ in b)
@@ -183,7 +206,8 @@ print(f"cloud → device: {messages} QoS 1 messages at {rate}/s, then {burst} at
 print("| path | received | p50 ms | p99 ms | max ms | burst received | burst msg/s | CPU s | CPU µs/msg |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for name, r in rows.items():
-    label = "sitegate downlink" if name == "sitegate" else "Mosquitto bridge"
+    label = {"sitegate": "sitegate downlink", "bridge": "Mosquitto bridge",
+             "local": "sitegate device → device (reference)"}[name]
     print(f"| {label} | {r['received']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r.get('burst_received')} | {r.get('burst_per_s')} | {r['cpu_s']} | {r['cpu_us_per_msg']} |")
 s, m = rows["sitegate"], rows["bridge"]
 ratio = lambda a, b: round(a / b, 2) if a and b else None
