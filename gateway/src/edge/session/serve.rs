@@ -777,19 +777,21 @@ impl Session {
 
     async fn drain_ready_notifications(&mut self, wbuf: &mut BytesMut) -> Flow {
         for _ in 0..MAX_NOTIFICATIONS_PER_WRITE {
-            // A zero timeout polls once: ready notifications are taken, none are waited for.
             let Some(link) = self.link.as_mut() else {
                 break;
             };
-            match tokio::time::timeout(Duration::ZERO, link.rx.next()).await {
-                Ok(Ok(Some(n))) => {
+            // Polled once: ready notifications are taken, none are waited for. (Not a zero
+            // timeout: tokio's timer rounds a deadline up to its next millisecond tick, so
+            // every delivery waited up to a millisecond for the last, empty poll.)
+            match ready_now(link.rx.next()) {
+                Some(Ok(Some(n))) => {
                     if let Flow::Close(c) = self.handle_notification(n, wbuf) {
                         return Flow::Close(c);
                     }
                 }
-                Ok(Ok(None)) | Err(_) => break,
-                Ok(Err(_)) if self.router_moved() => break,
-                Ok(Err(_)) => return Flow::Close(Close::RouterGone),
+                Some(Ok(None)) | None => break,
+                Some(Err(_)) if self.router_moved() => break,
+                Some(Err(_)) => return Flow::Close(Close::RouterGone),
             }
         }
         Flow::Continue
@@ -1050,6 +1052,16 @@ impl Session {
 }
 
 /// The next notification on `link`; never resolves without one (the caller guards on it).
+/// `future`'s output if it is ready at its first poll; otherwise it is dropped unfinished.
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
 async fn next_notification(
     link: &mut Option<RouterLink>,
 ) -> Result<Option<Notification>, rumqttd::local::LinkError> {
