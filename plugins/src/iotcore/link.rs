@@ -409,7 +409,7 @@ impl Task {
                             if matches!(code, SubscribeReasonCode::Success(_)) {
                                 self.set(|s| s.subscribed.push(filter));
                             } else {
-                                tracing::warn!(sink = %self.settings.sink, filter = %filter, ?code, "IoT Core refused a cloud link filter");
+                                tracing::warn!(sink = %self.settings.sink, filter = ?filter, ?code, "IoT Core refused a cloud link filter");
                                 self.set(|s| s.refused.push(filter.clone()));
                                 let _ = self.events.send(LinkEvent::Refused { filter, reason: format!("{code:?}") }).await;
                             }
@@ -601,7 +601,7 @@ impl NucleusTask {
         let mut subscription = match self.nucleus.subscribe_to_iot_core(&filter).await {
             Ok(s) => s,
             Err(e) => {
-                let error = format!("SubscribeToIoTCore {filter}: {e}");
+                let error = format!("SubscribeToIoTCore {filter:?}: {e}");
                 tracing::warn!(sink = %self.settings.sink, %error, "cloud link filter not open");
                 self.set(|s| s.last_error = Some(error));
                 let _ = ended.send(filter);
