@@ -342,7 +342,12 @@ impl Fabric {
     /// Queues what away sessions take of `packets`, durably, before the router sees them;
     /// true if any took one.
     async fn queue_offline(&self, packets: &[Packet]) -> bool {
-        let taken = self.offline.capture(packets).await;
+        // Boxed: the capture's state is large and needed only while some session is away;
+        // inline, every connection's task would carry it.
+        if !self.offline.watching() {
+            return false;
+        }
+        let taken = Box::pin(self.offline.capture(packets)).await;
         if taken {
             if let Err(e) = self.offline.flush().await {
                 warn!(error = %e, "messages queued for away sessions may not be durable");

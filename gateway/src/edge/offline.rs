@@ -308,6 +308,11 @@ impl OfflineQueues {
         true
     }
 
+    /// Whether any away session is watched (else nothing can be captured).
+    pub(super) fn watching(&self) -> bool {
+        self.watched.load(Ordering::Acquire) > 0
+    }
+
     /// Queues, for every away session whose subscriptions take it, each QoS 1 publish among
     /// `packets` (device form, with the gateway's marks). True when something was written and
     /// the store must be flushed before the publishers are acknowledged.

@@ -42,7 +42,11 @@ where
         wbuf: BytesMut::with_capacity(WRITE_BUFFER),
         write_timeout: ctx.limits.write_timeout,
     };
-    let Some((codec, packet)) = first_packet(&mut conn, &identity, peer, &ctx).await else {
+    // The phases that run once are boxed: a future is as large as its largest await, so
+    // inline they would stay part of the task for the whole session (13 KB of it, against the
+    // serving loop's few).
+    let Some((codec, packet)) = Box::pin(first_packet(&mut conn, &identity, peer, &ctx)).await
+    else {
         return;
     };
     let Packet::Connect(connect, props, will, will_props, _login) = packet else {
@@ -62,16 +66,16 @@ where
         slot,
         keep_alive,
         session_present,
-    }) = open(&mut conn, &ctx, identity, peer, codec, request, epoch).await
+    }) = Box::pin(open(&mut conn, &ctx, identity, peer, codec, request, epoch)).await
     else {
         return;
     };
     // A resumed session's grant may have shrunk while the device was away.
     let resumed_refused = match session_present {
-        true => session.refresh_grant().await,
+        true => Box::pin(session.refresh_grant()).await,
         false => Flow::Continue,
     };
-    session.keep_subscriptions().await;
+    Box::pin(session.keep_subscriptions()).await;
     let mut slot = slot;
     let close = match resumed_refused {
         Flow::Close(c) => c,
@@ -85,7 +89,7 @@ where
                 .await
         }
     };
-    session.finish(&mut conn, close).await;
+    Box::pin(session.finish(&mut conn, close)).await;
     // The client id stays taken until the session is parked: a takeover that came first would
     // otherwise find nothing to resume.
     drop(slot);

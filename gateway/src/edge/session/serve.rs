@@ -75,10 +75,10 @@ impl Session {
                     changed = self.epoch.changed(), if epoch_open => {
                         if changed.is_err() {
                             epoch_open = false;
-                        } else if let Flow::Close(c) = self.refresh_grant().await {
+                        } else if let Flow::Close(c) = Box::pin(self.refresh_grant()).await {
                             return c;
                         }
-                        self.keep_subscriptions().await;
+                        Box::pin(self.keep_subscriptions()).await;
                     }
                     read = tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.rbuf)) => {
                         match read {
@@ -94,7 +94,7 @@ impl Session {
                         }
                     }
                     _ = self.generations.changed(), if self.link.is_some() => {
-                        if let Flow::Close(c) = self.relink().await {
+                        if let Flow::Close(c) = Box::pin(self.relink()).await {
                             return c;
                         }
                     }
@@ -123,7 +123,7 @@ impl Session {
                             }
                             Ok(None) => {}
                             Err(_) if self.router_moved() => {
-                                if let Flow::Close(c) = self.relink().await {
+                                if let Flow::Close(c) = Box::pin(self.relink()).await {
                                     return c;
                                 }
                             }
@@ -149,7 +149,7 @@ impl Session {
     async fn handle_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Flow {
         self.read_at = (std::time::Instant::now(), crate::clock::now_ms());
         if self.epoch.has_changed().unwrap_or(false) {
-            if let Flow::Close(c) = self.refresh_grant().await {
+            if let Flow::Close(c) = Box::pin(self.refresh_grant()).await {
                 return Flow::Close(c);
             }
         }
@@ -183,7 +183,7 @@ impl Session {
         if let Flow::Close(c) = self.hand_to_router().await {
             return Flow::Close(c);
         }
-        self.keep_subscriptions().await;
+        Box::pin(self.keep_subscriptions()).await;
         let receipt = match (&self.ctx.ingest, self.to_ingest.is_empty()) {
             (Some(ingest), false) => {
                 let mut messages = std::mem::take(&mut self.to_ingest);
@@ -247,7 +247,7 @@ impl Session {
         }
         let packets = std::mem::take(&mut self.to_router);
         if self.router_moved() {
-            if let Flow::Close(c) = self.relink().await {
+            if let Flow::Close(c) = Box::pin(self.relink()).await {
                 return Flow::Close(c);
             }
         }
