@@ -31,12 +31,12 @@ use std::time::Duration;
 
 use rumqttd::protocol::{PublishProperties, QoS};
 use serde::{Deserialize, Serialize};
-use sitegate_plugins::iotcore::{CloudLink, Downlinked, LinkEvent, LinkSettings};
+use sitegate_plugins::iotcore::{CloudLink, Downlinked, LinkSettings};
 use sitegate_plugins::SinkConfig;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::edge::{thing_topic, Fabric, Injected, Relay, SessionTable, ThingTopic, THINGS_PREFIX};
+use crate::edge::{Fabric, Injected, Relay, SessionTable};
 use crate::escape::Escaped;
 use crate::metrics::Stats;
 use crate::topic::TopicLimits;
@@ -50,6 +50,8 @@ pub const DOWNLINK_MESSAGES: &str = "sitegate_downlink_messages_total";
 const ROUTER_RETRY: Duration = Duration::from_millis(200);
 /// The result label of a relayed answer handed to the router.
 const RELAYED: &str = "relayed";
+/// The result label of a cloud message no downlink takes (acknowledged, dropped).
+const UNMATCHED: &str = "unmatched";
 /// Messages handed to the router at once at most (what came down while the last went).
 const MAX_BATCH: usize = 256;
 
@@ -125,7 +127,7 @@ pub struct Downlinks {
 struct Pending {
     sink: String,
     link: CloudLink,
-    events: mpsc::Receiver<LinkEvent>,
+    events: mpsc::Receiver<Downlinked>,
     routes: Vec<Route>,
     relays: Option<Relay>,
 }
@@ -286,27 +288,15 @@ struct Taker {
 }
 
 impl Taker {
-    async fn run(self, link: CloudLink, mut events: mpsc::Receiver<LinkEvent>) {
-        while let Some(event) = events.recv().await {
-            // What has come down meanwhile goes to the router in one hand-over.
-            let mut batch: Vec<Downlinked> = Vec::new();
-            let mut next = Some(event);
-            while let Some(event) = next.take() {
-                if let LinkEvent::Message(m) = event {
-                    batch.push(m);
-                }
-                if batch.len() < MAX_BATCH {
-                    next = events.try_recv().ok();
-                }
-            }
-            if batch.is_empty() {
-                continue;
-            }
+    async fn run(self, link: CloudLink, mut events: mpsc::Receiver<Downlinked>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // What has come down meanwhile goes to the router in one hand-over.
+        while events.recv_many(&mut batch, MAX_BATCH).await > 0 {
             if self.take(&batch).await.is_none() {
                 // Stopping: not acknowledged, so IoT Core sends them again.
                 return;
             }
-            for token in batch.iter().filter_map(|m| m.ack) {
+            for token in batch.drain(..).filter_map(|m| m.ack) {
                 link.ack(token).await;
             }
         }
@@ -315,14 +305,8 @@ impl Taker {
     /// Where a message goes: the downlink that takes it (none for a relayed answer) and the
     /// local topic; `None` when no downlink does.
     fn target<'r>(&'r self, m: &Downlinked) -> Option<(Option<&'r str>, String)> {
-        let relayed = self
-            .relays
-            .as_ref()
-            .is_some_and(|r| relayed_topic(r, &m.topic));
-        if relayed {
-            if let Some(r) = &self.relays {
-                r.shadows.remember(&m.topic, &m.payload);
-            }
+        if let Some(r) = self.relays.as_ref().filter(|r| r.carries(&m.topic)) {
+            r.shadows.remember(&m.topic, &m.payload);
             return Some((None, m.topic.clone()));
         }
         self.routes
@@ -338,10 +322,11 @@ impl Taker {
     async fn take(&self, batch: &[Downlinked]) -> Option<()> {
         let mut targets = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
+        let mut tally = BTreeMap::new();
         for m in batch {
             let Some(target) = self.target(m) else {
                 self.stats.downlink_refused.fetch_add(1, Relaxed);
-                self.report(|s| s.links.entry(self.sink.clone()).or_default().unmatched += 1);
+                *tally.entry((None, UNMATCHED)).or_insert(0) += 1;
                 debug!(sink = %self.sink, topic = %Escaped(&m.topic), "cloud message matches no downlink");
                 continue;
             };
@@ -362,10 +347,11 @@ impl Taker {
             targets.push(target);
         }
         if messages.is_empty() {
+            self.count(tally);
             return Some(());
         }
         let outcomes = loop {
-            match self.fabric.inject(messages.clone(), self.topics).await {
+            match self.fabric.inject(&messages, self.topics).await {
                 Ok(outcomes) => break outcomes,
                 Err(e) => {
                     warn!(sink = %self.sink, error = %e, "the router cannot take cloud messages yet");
@@ -377,12 +363,13 @@ impl Taker {
                 }
             }
         };
-        let mut tally = BTreeMap::new();
-        for ((downlink, local), outcome) in targets.iter().zip(outcomes) {
+        let topics: Vec<&str> = targets.iter().map(|(_, local)| local.as_str()).collect();
+        let heard = self.sessions.have_subscribers(&topics);
+        for (((downlink, local), outcome), heard) in targets.iter().zip(outcomes).zip(heard) {
             let taken = match outcome {
                 Ok(queued) => Taken::Delivered {
                     queued,
-                    unheard: !queued && !self.sessions.has_subscriber(local),
+                    unheard: !queued && !heard,
                 },
                 Err(why) => Taken::Refused(why),
             };
@@ -429,12 +416,11 @@ impl Taker {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         for ((downlink, result), n) in tally {
             let Some(name) = downlink else {
-                if result == RELAYED {
-                    status
-                        .links
-                        .entry(self.sink.clone())
-                        .or_default()
-                        .relayed_down += n;
+                let link = status.links.entry(self.sink.clone()).or_default();
+                match result {
+                    RELAYED => link.relayed_down += n,
+                    UNMATCHED => link.unmatched += n,
+                    _ => {}
                 }
                 continue;
             };
@@ -457,22 +443,6 @@ impl Taker {
             }
         }
     }
-
-    fn report(&self, change: impl FnOnce(&mut Status)) {
-        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-}
-
-/// Whether a cloud topic is a relayed kind of some thing's reserved topics.
-fn relayed_topic(relay: &Relay, topic: &str) -> bool {
-    let Some(rest) = topic.strip_prefix(THINGS_PREFIX) else {
-        return false;
-    };
-    let Some(thing) = rest.split('/').next() else {
-        return false;
-    };
-    matches!(thing_topic(topic, thing), ThingTopic::Own(kind) if relay.relays_topic(kind))
-        && crate::identity::valid_thing_name(thing)
 }
 
 /// A cloud message's properties as a local publish carries them: not its topic alias or

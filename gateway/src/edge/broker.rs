@@ -349,11 +349,16 @@ impl Fabric {
         }
         let taken = Box::pin(self.offline.capture(packets)).await;
         if taken {
-            if let Err(e) = self.offline.flush().await {
-                warn!(error = %e, "messages queued for away sessions may not be durable");
-            }
+            self.flush_offline().await;
         }
         taken
+    }
+
+    /// Makes what the away sessions took durable before its publishers are answered.
+    async fn flush_offline(&self) {
+        if let Err(e) = self.offline.flush().await {
+            warn!(error = %e, "messages queued for away sessions may not be durable");
+        }
     }
 
     /// Whether publishes must name their publisher (see [`entering_properties`]).
@@ -532,7 +537,7 @@ impl Fabric {
     /// of them and trying again can help.
     pub async fn inject(
         &self,
-        messages: Vec<Injected>,
+        messages: &[Injected],
         topics: TopicLimits,
     ) -> Result<Vec<Result<bool, String>>, FabricError> {
         let mut outcomes = Vec::with_capacity(messages.len());
@@ -551,9 +556,7 @@ impl Fabric {
             queued.push(self.offline.capture(std::slice::from_ref(packet)).await);
         }
         if queued.contains(&true) {
-            if let Err(e) = self.offline.flush().await {
-                warn!(error = %e, "messages queued for away sessions may not be durable");
-            }
+            self.flush_offline().await;
         }
         let gen = self.current();
         self.share(&gen, packets).await?;
@@ -563,11 +566,11 @@ impl Fabric {
             .collect())
     }
 
-    fn prepare(&self, m: Injected, topics: TopicLimits) -> Result<Packet, String> {
+    fn prepare(&self, m: &Injected, topics: TopicLimits) -> Result<Packet, String> {
         check_topic(&m.topic, topics)
             .map_err(|e| format!("topic {:?}: {e}", crate::escape::Escaped(&m.topic)))?;
         let mut publish = publish_packet(&m.topic, &m.payload, m.qos, m.retain);
-        let props = entering_properties(m.props, m.qos, None);
+        let props = entering_properties(m.props.clone(), m.qos, None);
         self.retain(&mut publish, &props)
             .map_err(|e| e.to_string())?;
         Ok(Packet::Publish(publish, props))
@@ -828,7 +831,7 @@ impl sitegate_plugins::republish::LocalBroker for Republisher {
             retain,
             props: None,
         };
-        match self.fabric.inject(vec![message], self.topics).await {
+        match self.fabric.inject(&[message], self.topics).await {
             Ok(mut outcomes) => match outcomes.pop() {
                 Some(Err(why)) => Err(LocalPublishError::Refused(why)),
                 _ => Ok(()),

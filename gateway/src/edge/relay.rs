@@ -131,6 +131,19 @@ impl Relay {
         (kind == JOBS && self.jobs) || (kind == SHADOW && self.shadow)
     }
 
+    /// Whether a cloud topic is a relayed kind of some (valid) thing's reserved topics: an
+    /// answer to hand down on the same topic.
+    pub fn carries(&self, topic: &str) -> bool {
+        let Some(thing) = topic
+            .strip_prefix(THINGS_PREFIX)
+            .and_then(|rest| rest.split('/').next())
+        else {
+            return false;
+        };
+        crate::identity::valid_thing_name(thing)
+            && matches!(thing_topic(topic, thing), ThingTopic::Own(kind) if self.relays_topic(kind))
+    }
+
     /// Whether a filter of this kind is also subscribed on the cloud link.
     pub fn relays_filter(&self, kind: &str) -> bool {
         self.relays_topic(kind) || ((kind == "+" || kind == "#") && (self.jobs || self.shadow))

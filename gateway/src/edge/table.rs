@@ -172,24 +172,28 @@ impl SessionTable {
         }
     }
 
-    /// Whether any session, live or parked, holds a filter matching `topic`. A walk over every
-    /// filter: for the occasional message from inside the gateway (a downlink), not per
-    /// device publish.
-    pub fn has_subscriber(&self, topic: &str) -> bool {
-        let live = self
-            .lock()
-            .values()
-            .any(|e| e.filters.iter().any(|f| crate::topic::matches(topic, f)));
-        live || self
+    /// For each of `topics`, whether any session, live or parked, holds a filter matching it.
+    /// A walk over every filter, under each lock once: for a batch of messages from inside the
+    /// gateway (a downlink), not per device publish.
+    pub fn have_subscribers(&self, topics: &[&str]) -> Vec<bool> {
+        let mut heard = vec![false; topics.len()];
+        let mut mark = |filter: &str| {
+            for (h, topic) in heard.iter_mut().zip(topics) {
+                *h = *h || crate::topic::matches(topic, filter);
+            }
+        };
+        for e in self.lock().values() {
+            e.filters.iter().for_each(|f| mark(f));
+        }
+        for p in self
             .parked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .any(|p| {
-                p.filters
-                    .iter()
-                    .any(|s| crate::topic::matches(topic, &s.filter))
-            })
+        {
+            p.filters.iter().for_each(|s| mark(&s.filter));
+        }
+        heard
     }
 
     /// Keeps a persistent session's filters until its device comes back.
@@ -255,14 +259,16 @@ mod tests {
         drop(first);
         let second = second.await.unwrap();
         assert!(table.is_connected("pump-1"));
-        assert!(!table.has_subscriber("cmd/pump-1/x"));
+        assert_eq!(table.have_subscribers(&["cmd/pump-1/x"]), [false]);
         table.set_filters("pump-1", vec!["cmd/pump-1/#".into()]);
-        assert!(table.has_subscriber("cmd/pump-1/x"));
-        assert!(!table.has_subscriber("cmd/pump-2/x"));
+        assert_eq!(
+            table.have_subscribers(&["cmd/pump-1/x", "cmd/pump-2/x"]),
+            [true, false]
+        );
         assert!(table.end("pump-1", EndReason::Revoked));
         assert_eq!(*second.end.borrow(), Some(EndReason::Revoked));
         drop(second);
         assert!(!table.is_connected("pump-1"));
-        assert!(!table.has_subscriber("cmd/pump-1/x"));
+        assert_eq!(table.have_subscribers(&["cmd/pump-1/x"]), [false]);
     }
 }

@@ -20,6 +20,7 @@
 //! has since been replaced is dropped, as the broker sends that message again on the new one.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,25 +73,6 @@ pub struct AckToken {
     pkid: u16,
 }
 
-/// What the link tells the gateway.
-#[derive(Debug)]
-pub enum LinkEvent {
-    /// Connected; `session_present` says IoT Core kept the session.
-    Up {
-        session_present: bool,
-    },
-    /// The connection is gone (or could not be made); the link retries with backoff.
-    Down {
-        error: String,
-    },
-    /// IoT Core refused a filter.
-    Refused {
-        filter: String,
-        reason: String,
-    },
-    Message(Downlinked),
-}
-
 /// A publish going up.
 #[derive(Debug, Clone)]
 pub struct Upward {
@@ -139,11 +121,50 @@ pub struct LinkStatus {
     pub refused: Vec<String>,
 }
 
+/// The link's status, shared by its handle and its task: what `status` shows, and the filters
+/// wanted (its `filters`), which the handle adds to and the task subscribes.
+#[derive(Default)]
+struct Shared {
+    status: Mutex<LinkStatus>,
+    /// A filter was added while the command queue was full: the task takes it from `status`.
+    dropped: AtomicBool,
+}
+
+impl Shared {
+    fn set<T>(&self, change: impl FnOnce(&mut LinkStatus) -> T) -> T {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn get<T>(&self, read: impl FnOnce(&LinkStatus) -> T) -> T {
+        read(&self.status.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Wanted filters not in `have`.
+    fn missing(&self, have: &BTreeSet<String>) -> Vec<String> {
+        self.get(|s| {
+            s.filters
+                .iter()
+                .filter(|f| !have.contains(*f))
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Wanted filters not in `have`, if one was dropped from the queue since the last call
+    /// (otherwise every one came as a command): a flag read per command, not a walk.
+    fn dropped(&self, have: &BTreeSet<String>) -> Vec<String> {
+        match self.dropped.swap(false, Ordering::AcqRel) {
+            true => self.missing(have),
+            false => Vec::new(),
+        }
+    }
+}
+
 /// The handle on a running cloud link; cheap to clone.
 #[derive(Clone)]
 pub struct CloudLink {
     commands: mpsc::Sender<Command>,
-    status: Arc<Mutex<LinkStatus>>,
+    shared: Arc<Shared>,
 }
 
 /// The link's settings, from its sink and its users.
@@ -167,13 +188,11 @@ impl CloudLink {
     pub fn start(
         settings: LinkSettings,
         stop: watch::Receiver<bool>,
-    ) -> Result<(CloudLink, mpsc::Receiver<LinkEvent>), SinkError> {
+    ) -> Result<(CloudLink, mpsc::Receiver<Downlinked>), SinkError> {
         let (events, events_rx) = mpsc::channel(DOWN_QUEUE);
         let (commands, rx) = mpsc::channel(UP_QUEUE);
-        let status = Arc::new(Mutex::new(LinkStatus {
-            filters: settings.filters.clone(),
-            ..LinkStatus::default()
-        }));
+        let shared = Arc::new(Shared::default());
+        shared.set(|s| s.filters = settings.filters.clone());
         if settings.config.via == Via::Nucleus {
             let nucleus = settings.nucleus.clone().ok_or_else(|| {
                 SinkError::Config("via = \"nucleus\" needs the nucleus's IPC connection".into())
@@ -184,10 +203,10 @@ impl CloudLink {
                 nucleus,
                 events,
                 commands: rx,
-                status: Arc::clone(&status),
+                shared: Arc::clone(&shared),
             };
             tokio::spawn(task.run(stop));
-            return Ok((CloudLink { commands, status }, events_rx));
+            return Ok((CloudLink { commands, shared }, events_rx));
         }
         let tls = Arc::new(super::client_tls(&settings.config)?);
         let task = Task {
@@ -196,28 +215,35 @@ impl CloudLink {
             tls,
             events,
             commands: rx,
-            status: Arc::clone(&status),
+            shared: Arc::clone(&shared),
             connection: 0,
         };
         tokio::spawn(task.run(stop));
-        Ok((CloudLink { commands, status }, events_rx))
+        Ok((CloudLink { commands, shared }, events_rx))
     }
 
     /// Adds `filter` to what the link subscribes, now and after every reconnect. Queued
     /// behind the requests already given, so a request made after it is answered on it.
     pub fn subscribe(&self, filter: &str) {
-        {
-            let mut status = self.lock();
-            if status.filters.iter().any(|f| f == filter) {
-                return;
+        let new = self.shared.set(|s| {
+            let new = !s.filters.iter().any(|f| f == filter);
+            if new {
+                s.filters.push(filter.to_owned());
             }
-            status.filters.push(filter.to_owned());
+            new
+        });
+        if !new {
+            return;
         }
         // With the queue full it is still wanted: subscribed with the next command the link
         // takes, or at its next connection.
-        let _ = self
+        if self
             .commands
-            .try_send(Command::Subscribe(filter.to_owned()));
+            .try_send(Command::Subscribe(filter.to_owned()))
+            .is_err()
+        {
+            self.shared.dropped.store(true, Ordering::Release);
+        }
     }
 
     /// Acknowledges a message to IoT Core.
@@ -233,7 +259,7 @@ impl CloudLink {
                 up.payload.len()
             )));
         }
-        if !self.lock().connected {
+        if !self.shared.get(|s| s.connected) {
             return Err(UpError::Down);
         }
         self.commands
@@ -243,44 +269,36 @@ impl CloudLink {
 
     /// The link's state now.
     pub fn status(&self) -> LinkStatus {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LinkStatus> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.get(LinkStatus::clone)
     }
 }
 
 struct Task {
     settings: LinkSettings,
     tls: Arc<rustls::ClientConfig>,
-    events: mpsc::Sender<LinkEvent>,
+    events: mpsc::Sender<Downlinked>,
     commands: mpsc::Receiver<Command>,
-    status: Arc<Mutex<LinkStatus>>,
+    shared: Arc<Shared>,
+    /// Filters subscribed on the current connection (asked, at least).
     filters: BTreeSet<String>,
     /// Counts connections, so an acknowledgement meant for an earlier one is dropped.
     connection: u64,
 }
 
 impl Task {
-    fn set(&self, change: impl FnOnce(&mut LinkStatus)) {
-        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         while !*stop.borrow() {
             let error = match self.connect().await {
-                Ok((client, events, session_present)) => {
+                Ok((client, events)) => {
                     backoff.reset();
-                    self.set(|s| {
+                    self.shared.set(|s| {
                         s.connected = true;
                         s.connections += 1;
                         s.subscribed.clear();
                     });
-                    let _ = self.events.send(LinkEvent::Up { session_present }).await;
                     let error = self.serve(&client, events, &mut stop).await;
-                    self.set(|s| s.connected = false);
+                    self.shared.set(|s| s.connected = false);
                     let _ = client.try_disconnect();
                     error
                 }
@@ -288,8 +306,7 @@ impl Task {
             };
             let Some(error) = error else { break };
             tracing::warn!(sink = %self.settings.sink, %error, "cloud link down");
-            self.set(|s| s.last_error = Some(error.clone()));
-            let _ = self.events.send(LinkEvent::Down { error }).await;
+            self.shared.set(|s| s.last_error = Some(error));
             tokio::select! {
                 _ = tokio::time::sleep(backoff.step()) => {}
                 _ = stop.changed() => {}
@@ -307,20 +324,9 @@ impl Task {
         format!("{base}{LINK_CLIENT_SUFFIX}")
     }
 
-    /// Filters wanted (in the shared status) and not subscribed yet.
-    fn missing(&self) -> Vec<String> {
-        let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        status
-            .filters
-            .iter()
-            .filter(|f| !self.filters.contains(*f))
-            .cloned()
-            .collect()
-    }
-
     /// A new connection: CONNECT with the persistent session, then every filter subscribed.
-    async fn connect(&mut self) -> Result<(AsyncClient, EventLoop, bool), Option<String>> {
-        let missing = self.missing();
+    async fn connect(&mut self) -> Result<(AsyncClient, EventLoop), Option<String>> {
+        let missing = self.shared.missing(&self.filters);
         self.filters.extend(missing);
         let config = &self.settings.config;
         let (host, port) = config.host_port().map_err(Some)?;
@@ -367,7 +373,7 @@ impl Task {
                 .map_err(|e| Some(e.to_string()))?;
         }
         tracing::info!(sink = %self.settings.sink, client_id = %self.client_id(), session_present, filters = self.filters.len(), "cloud link up");
-        Ok((client, events, session_present))
+        Ok((client, events))
     }
 
     /// Polls the connection and takes commands until the connection ends (`Some(why)`) or the
@@ -393,7 +399,7 @@ impl Task {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         match self.message(&p) {
                             // Waiting here is the back-pressure: unread, IoT Core holds the rest.
-                            Some(message) => if self.events.send(LinkEvent::Message(message)).await.is_err() {
+                            Some(message) => if self.events.send(message).await.is_err() {
                                 return None;
                             },
                             // Dropped, so acknowledged: IoT Core would send it again forever.
@@ -407,11 +413,10 @@ impl Task {
                         for (i, code) in ack.return_codes.iter().enumerate() {
                             let filter = filters.get(i).cloned().unwrap_or_default();
                             if matches!(code, SubscribeReasonCode::Success(_)) {
-                                self.set(|s| s.subscribed.push(filter));
+                                self.shared.set(|s| s.subscribed.push(filter));
                             } else {
                                 tracing::warn!(sink = %self.settings.sink, filter = ?filter, ?code, "IoT Core refused a cloud link filter");
-                                self.set(|s| s.refused.push(filter.clone()));
-                                let _ = self.events.send(LinkEvent::Refused { filter, reason: format!("{code:?}") }).await;
+                                self.shared.set(|s| s.refused.push(filter));
                             }
                         }
                     }
@@ -423,7 +428,7 @@ impl Task {
                 },
                 command = self.commands.recv() => {
                     // Filters wanted while the queue was full come first.
-                    for filter in self.missing() {
+                    for filter in self.shared.dropped(&self.filters) {
                         self.filters.insert(filter.clone());
                         asked.push_back(vec![filter.clone()]);
                         if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
@@ -498,18 +503,14 @@ impl Task {
 struct NucleusTask {
     settings: LinkSettings,
     nucleus: Arc<Nucleus>,
-    events: mpsc::Sender<LinkEvent>,
+    events: mpsc::Sender<Downlinked>,
     commands: mpsc::Receiver<Command>,
-    status: Arc<Mutex<LinkStatus>>,
+    shared: Arc<Shared>,
     /// Filters with a stream open or being opened.
     filters: BTreeSet<String>,
 }
 
 impl NucleusTask {
-    fn set(&self, change: impl FnOnce(&mut LinkStatus)) {
-        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         // A stream that ends (or could not be opened) names its filter here.
         let (ended_tx, mut ended) = mpsc::unbounded_channel::<String>();
@@ -518,22 +519,16 @@ impl NucleusTask {
             self.open(filter, &ended_tx).await;
         }
         if self.all_open() {
-            self.set(|s| {
+            self.shared.set(|s| {
                 s.connected = true;
                 s.connections += 1;
             });
-            let _ = self
-                .events
-                .send(LinkEvent::Up {
-                    session_present: true,
-                })
-                .await;
         }
         loop {
             tokio::select! {
                 filter = ended.recv() => {
                     let Some(filter) = filter else { return };
-                    self.set(|s| {
+                    self.shared.set(|s| {
                         s.connected = false;
                         s.subscribed.retain(|f| f != &filter);
                     });
@@ -544,23 +539,26 @@ impl NucleusTask {
                     self.open(filter, &ended_tx).await;
                     if self.all_open() {
                         backoff.reset();
-                        self.set(|s| {
+                        self.shared.set(|s| {
                             s.connected = true;
                             s.connections += 1;
                         });
                     }
                 }
                 command = self.commands.recv() => {
-                    let wanted: Vec<String> = self.status.lock().map(|s| s.filters.clone()).unwrap_or_default();
-                    for filter in wanted {
+                    // Filters wanted while the queue was full come first.
+                    for filter in self.shared.dropped(&self.filters) {
+                        self.open(filter, &ended_tx).await;
+                    }
+                    match command {
+                    None => return,
+                    // The nucleus acknowledged it to IoT Core already.
+                    Some(Command::Ack(_)) => {}
+                    Some(Command::Subscribe(filter)) => {
                         if !self.filters.contains(&filter) {
                             self.open(filter, &ended_tx).await;
                         }
                     }
-                    match command {
-                    None => return,
-                    // The nucleus acknowledged it to IoT Core already; a filter was opened above.
-                    Some(Command::Ack(_)) | Some(Command::Subscribe(_)) => {}
                     Some(Command::Publish(up)) => {
                         let publish = IotCorePublish {
                             topic: &up.topic,
@@ -588,10 +586,8 @@ impl NucleusTask {
     }
 
     fn all_open(&self) -> bool {
-        self.status
-            .lock()
-            .map(|s| s.subscribed.len() == self.filters.len())
-            .unwrap_or(false)
+        self.shared
+            .get(|s| s.subscribed.len() == self.filters.len())
     }
 
     /// Opens `filter`'s stream and forwards its messages until it ends, then names it on
@@ -603,12 +599,12 @@ impl NucleusTask {
             Err(e) => {
                 let error = format!("SubscribeToIoTCore {filter:?}: {e}");
                 tracing::warn!(sink = %self.settings.sink, %error, "cloud link filter not open");
-                self.set(|s| s.last_error = Some(error));
+                self.shared.set(|s| s.last_error = Some(error));
                 let _ = ended.send(filter);
                 return;
             }
         };
-        self.set(|s| s.subscribed.push(filter.clone()));
+        self.shared.set(|s| s.subscribed.push(filter.clone()));
         let (events, ended, sink) = (
             self.events.clone(),
             ended.clone(),
@@ -634,7 +630,7 @@ impl NucleusTask {
                     properties: Some(properties),
                     ack: None,
                 };
-                if events.send(LinkEvent::Message(message)).await.is_err() {
+                if events.send(message).await.is_err() {
                     return;
                 }
             }

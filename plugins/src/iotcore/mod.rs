@@ -18,8 +18,8 @@ mod tests;
 
 pub use config::*;
 pub use link::{
-    AckToken, CloudLink, CloudProperties, Downlinked, LinkEvent, LinkSettings, LinkStatus, UpError,
-    Upward, DEFAULT_SESSION_EXPIRY_SECS, LINK_CLIENT_SUFFIX,
+    AckToken, CloudLink, CloudProperties, Downlinked, LinkSettings, LinkStatus, UpError, Upward,
+    DEFAULT_SESSION_EXPIRY_SECS, LINK_CLIENT_SUFFIX,
 };
 pub use nucleus::NucleusSink;
 

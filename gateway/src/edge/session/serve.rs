@@ -21,7 +21,7 @@ use crate::edge::codec::publish_with_id;
 use crate::edge::codec::{CodecError, Frame};
 use crate::edge::marks::{delivery_fingerprint, entering_properties, qos_and_pkid, strip_marks};
 use crate::edge::offline::split_entry;
-use crate::edge::relay::{thing_topic, ThingTopic};
+use crate::edge::relay::{thing_topic, Relay, ThingTopic};
 use crate::edge::table::{EndReason, SessionSlot, Subscription};
 use crate::escape::Escaped;
 use crate::pipeline::Message;
@@ -38,6 +38,9 @@ const MAX_NOTIFICATIONS_PER_WRITE: usize = 256;
 const LOGGED_DENIALS_PER_SESSION: u32 = 3;
 
 impl Session {
+    /// The serving loop. Its rare steps (a grant refresh, linking to a rebuilt router, saving
+    /// changed subscriptions) are boxed where they are awaited and only when they run, so the
+    /// connection's task does not carry their state for the whole session.
     pub(super) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Conn<S>,
@@ -183,7 +186,9 @@ impl Session {
         if let Flow::Close(c) = self.hand_to_router().await {
             return Flow::Close(c);
         }
-        Box::pin(self.keep_subscriptions()).await;
+        if self.subscriptions_changed {
+            Box::pin(self.keep_subscriptions()).await;
+        }
         let receipt = match (&self.ctx.ingest, self.to_ingest.is_empty()) {
             (Some(ingest), false) => {
                 let mut messages = std::mem::take(&mut self.to_ingest);
@@ -370,7 +375,7 @@ impl Session {
             from,
         );
         let reserved = thing_topic(topic, &self.thing);
-        let mut cached: Option<(String, Vec<u8>)> = None;
+        let mut answer: Option<(String, Vec<u8>)> = None;
         let relay = match reserved {
             ThingTopic::Own(kind) => self.ctx.relay.as_ref().filter(|r| r.relays_topic(kind)),
             _ => None,
@@ -387,30 +392,16 @@ impl Session {
                 PubAckReason::NotAuthorized,
                 "denied by policy".into(),
             )),
-            // Copied: queued for the cloud, a slice would pin the whole read buffer.
-            Ok(()) if relay.is_some() => relay
-                .and_then(|r| {
-                    let payload = bytes::Bytes::copy_from_slice(&publish.payload);
-                    match r.up(topic, payload, &self.thing, &self.cert_id) {
-                        // The cloud is away: a shadow `get` is answered from the last document.
-                        Err(UpError::Down) => match r.shadows.answer(topic, &publish.payload) {
-                            Some((accepted, doc)) => {
-                                cached = Some((accepted, doc));
-                                None
-                            }
-                            None => Some(UpError::Down),
-                        },
-                        other => other.err(),
+            Ok(()) if relay.is_some() => {
+                match relay.map(|r| self.relay_up(r, topic, &publish.payload)) {
+                    Some(Err(e)) => Some(("relay_unavailable", relay_refusal(&e), e.to_string())),
+                    Some(Ok(cached)) => {
+                        answer = cached;
+                        None
                     }
-                })
-                .map(|e| {
-                    let code = match e {
-                        UpError::Full => PubAckReason::QuotaExceeded,
-                        UpError::Down => PubAckReason::UnspecifiedError,
-                        UpError::Invalid(_) => PubAckReason::ImplementationSpecificError,
-                    };
-                    ("relay_unavailable", code, e.to_string())
-                }),
+                    None => None,
+                }
+            }
             Ok(()) => self
                 .ctx
                 .fabric
@@ -429,7 +420,7 @@ impl Session {
                 &self.ctx.stats.messages_in_qos1
             };
             counter.fetch_add(1, Relaxed);
-            if let Some((accepted, doc)) = cached {
+            if let Some((accepted, doc)) = answer {
                 // As IoT Core would answer it, on the same topic, to this device alone.
                 let answer = publish_with_id(accepted.as_bytes(), &doc, QoS::AtLeastOnce, 1, false);
                 let props = entering_properties(None, QoS::AtLeastOnce, None);
@@ -654,6 +645,27 @@ impl Session {
         }
         self.send_waiting(wbuf);
         Flow::Continue
+    }
+
+    /// Sends a device's relayed request up. While the cloud is away a shadow `get` is
+    /// answered from the last document instead: its `get/accepted` topic and body.
+    fn relay_up(
+        &self,
+        relay: &Relay,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<Option<(String, Vec<u8>)>, UpError> {
+        // Copied: queued for the cloud, a slice would pin the whole read buffer.
+        let copy = bytes::Bytes::copy_from_slice(payload);
+        match relay.up(topic, copy, &self.thing, &self.cert_id) {
+            Ok(()) => Ok(None),
+            Err(UpError::Down) => relay
+                .shadows
+                .answer(topic, payload)
+                .map(Some)
+                .ok_or(UpError::Down),
+            Err(e) => Err(e),
+        }
     }
 
     /// Subscribes a granted filter of the device's own relayed jobs or shadow topics on the
@@ -1052,6 +1064,16 @@ impl Session {
 }
 
 /// The next notification on `link`; never resolves without one (the caller guards on it).
+/// The MQTT 5 PUBACK reason (§3.4.2.1) for a relayed request the cloud link cannot take: a
+/// full queue or a link that is down pass with time; a payload over IoT Core's limit does not.
+fn relay_refusal(e: &UpError) -> PubAckReason {
+    match e {
+        UpError::Full => PubAckReason::QuotaExceeded,
+        UpError::Down => PubAckReason::UnspecifiedError,
+        UpError::Invalid(_) => PubAckReason::ImplementationSpecificError,
+    }
+}
+
 /// `future`'s output if it is ready at its first poll; otherwise it is dropped unfinished.
 fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
