@@ -143,9 +143,11 @@ async fn connections(site: &Site, n: u64) {
         .await;
 }
 
-/// A command from the cloud reaches the device whose policy allows its topic and no other; a
-/// device that is away gets it when it is back, across a gateway restart; one sent while the
-/// gateway itself is down waits in the cloud's session for the gateway's link.
+/// A command from the cloud reaches the device whose policy allows its topic and no other (a
+/// refused filter gets SUBACK 0x87, MQTT 5 §3.9.3); a device that is away gets it when it is
+/// back, across a gateway restart; one sent while the gateway itself is down waits in the
+/// cloud's session for the gateway's link (Clean Start 0 with a Session Expiry Interval,
+/// §3.1.2.4 and §3.1.2.11.2: the server keeps QoS 1 messages for the session, §4.1).
 #[tokio::test(flavor = "multi_thread")]
 async fn cloud_commands_reach_only_allowed_devices_and_wait_for_offline_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -267,8 +269,12 @@ async fn cloud_commands_reach_only_allowed_devices_and_wait_for_offline_ones() {
     site.stop().await;
 }
 
-/// The cloud broker restarts: QoS 1 messages the gateway had not acknowledged come again, and
-/// once the broker has forgotten the gateway's session altogether the link subscribes again.
+/// The cloud broker restarts: QoS 1 messages the gateway had not acknowledged come again
+/// (MQTT-4.4.0-1: on a resumed session the server resends unacknowledged PUBLISHes), and once
+/// the broker has forgotten the gateway's session altogether (CONNACK Session Present 0,
+/// §3.2.2.1.1) the link subscribes again. A relayed request while the link is down gets PUBACK
+/// 0x80 and another thing's topic 0x87 (§3.4.2.1), a filter with a wildcard for the thing
+/// SUBACK 0x87 (§3.9.3).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_downlink_survives_the_cloud_broker_restarting() {
     let dir = tempfile::tempdir().unwrap();
