@@ -16,8 +16,9 @@
 //! QoS 1 end to end: a message comes down with an [`AckToken`]; the gateway hands it on and
 //! then calls [`CloudLink::ack`]. Until then IoT Core has no PUBACK, and after a lost
 //! connection it sends the message again. Acknowledgements are sent in the order the messages
-//! came (MQTT-4.6.0-2), since the gateway takes them in order (batch after batch); one for a connection that
-//! has since been replaced is dropped, as the broker sends that message again on the new one.
+//! came (MQTT-4.6.0-2), since the gateway takes them in order, batch after batch; one for a
+//! connection that has since been replaced is dropped, as the broker sends that message again
+//! on the new one.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
