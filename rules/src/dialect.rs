@@ -982,8 +982,19 @@ impl Rewrite {
                 if !is_trivia(t) {
                     after_as = false;
                 }
-                if matches!(t, Token::Mul) && self.star_is_an_argument() {
-                    self.out.push(ident(PAYLOAD));
+                if let (Token::Mul, Some(encode)) = (t, self.star_is_an_argument()) {
+                    // `encode(*, …)` takes the bytes as they came; any other function the
+                    // payload as a value.
+                    if encode {
+                        self.out.push(ident(PAYLOAD));
+                    } else {
+                        self.out.extend([
+                            ident(crate::value_functions::PAYLOAD_UDF),
+                            Token::LParen,
+                            ident(PAYLOAD),
+                            Token::RParen,
+                        ]);
+                    }
                     self.payload_value = true;
                     i += 1;
                     continue;
@@ -1141,13 +1152,22 @@ impl Rewrite {
         )
     }
 
-    /// Whether a `*` about to be written is a function's argument (`encode(*, 'base64')`): it
-    /// follows `(` or a `,` inside a call other than `count(*)`.
-    fn star_is_an_argument(&self) -> bool {
+    /// Whether a `*` about to be written is a function's first argument (`encode(*, 'base64')`,
+    /// `get(*, 'order')`): it follows `(` of a call other than `count(*)`. `Some(true)` when that
+    /// call is `encode`.
+    fn star_is_an_argument(&self) -> Option<bool> {
         let mut sig = self.out.iter().rev().filter(|t| !is_trivia(t));
         match (sig.next(), sig.next()) {
-            (Some(Token::LParen), Some(Token::Word(f))) => !f.value.eq_ignore_ascii_case("count"),
-            _ => false,
+            (Some(Token::LParen), Some(Token::Word(f)))
+                if !f.value.eq_ignore_ascii_case("count") =>
+            {
+                // The name is written already, lowered to its UDF's.
+                Some(
+                    f.value.eq_ignore_ascii_case("encode")
+                        || f.value == crate::functions::udf_name("encode"),
+                )
+            }
+            _ => None,
         }
     }
 

@@ -286,9 +286,11 @@ pub async fn check(
 /// carries, else by the first name it quotes (an unknown function or column), else at the
 /// statement's start.
 fn located(file: &str, text: &str, s: &StatementSpec, reason: String) -> RuleError {
-    let reason = reason
-        .replace("Error during planning: ", "")
-        .replace("Schema error: ", "");
+    let reason = unknown_field(
+        &reason
+            .replace("Error during planning: ", "")
+            .replace("Schema error: ", ""),
+    );
     let find = |key: &str| {
         reason
             .split(key)
@@ -329,6 +331,31 @@ fn located(file: &str, text: &str, s: &StatementSpec, reason: String) -> RuleErr
         line: s.line,
         column: 1,
         reason,
+    }
+}
+
+/// DataFusion's "No field named X. Valid fields are …" in IoT terms: its list names only the
+/// gateway's own columns (a batch's payload fields are known per batch), and a name that is an
+/// SQL word (`order`, `end`, `when`) was never a field to begin with, so the reason says how
+/// IoT SQL reads such a field (iot-sql-json: `get` for names `.` cannot reach).
+fn unknown_field(reason: &str) -> String {
+    let Some(rest) = reason.strip_prefix("No field named ") else {
+        return reason.to_string();
+    };
+    let name = rest
+        .split("Valid fields")
+        .next()
+        .unwrap_or(rest)
+        .trim_end_matches(|c: char| c == '.' || c.is_whitespace())
+        .trim_matches('"');
+    let word = name.to_ascii_uppercase();
+    if datafusion::sql::sqlparser::keywords::ALL_KEYWORDS.contains(&word.as_str()) {
+        format!(
+            "'{name}' is an SQL word here, not a field; a payload field of that name is read \
+             as get(*, '{name}')"
+        )
+    } else {
+        format!("no field named '{name}'")
     }
 }
 

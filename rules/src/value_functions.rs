@@ -47,6 +47,11 @@ pub(crate) const AGGREGATE_ARG_UDF: &str = "iot_aggregate_arg";
 pub(crate) const ARRAY_UDF: &str = "iot_array";
 pub(crate) const OBJECT_UDF: &str = "iot_object";
 
+/// What `*` as a function's argument other than `encode`'s is lowered to (`get(*, 'order')`):
+/// iot-sql-json, "`*` … creates a new JSON object containing the message data". A payload that
+/// is not JSON is Undefined here; `encode(*, 'base64')` takes its bytes as they came.
+pub(crate) const PAYLOAD_UDF: &str = "iot_payload";
+
 /// The IoT names of the functions here, as [`crate::functions::lookup`] knows them.
 pub(crate) const NAMES: [&str; 6] = [
     "isnull",
@@ -78,10 +83,13 @@ enum Which {
     Array,
     /// `{'k': v, …}`: `iot_object('k', v, …)`.
     Object,
+    /// `*` as an argument: the payload as a value ([`PAYLOAD_UDF`]).
+    Payload,
 }
 
 impl Which {
-    const ALL: [Which; 13] = [
+    const ALL: [Which; 14] = [
+        Which::Payload,
         Which::AggregateArg,
         Which::Nested,
         Which::Transform,
@@ -112,6 +120,7 @@ impl Which {
             Which::CaseWhen => CASE_WHEN_UDF,
             Which::Array => ARRAY_UDF,
             Which::Object => OBJECT_UDF,
+            Which::Payload => PAYLOAD_UDF,
         }
     }
 
@@ -119,7 +128,7 @@ impl Which {
     fn arity(self) -> Option<usize> {
         match self {
             Which::Null => Some(0),
-            Which::IsNull | Which::IsUndefined => Some(1),
+            Which::IsNull | Which::IsUndefined | Which::Payload => Some(1),
             Which::AggregateArg => Some(2),
             Which::Nanvl | Which::Get | Which::Decode | Which::Nested => Some(2),
             Which::Transform => Some(3),
@@ -313,6 +322,24 @@ impl ScalarUDFImpl for ValueUdf {
                 return Ok(args.args[0].clone())
             }
             Which::AggregateArg => Arc::new(crate::values::decimals(&arrays[0], kinds[0])?),
+            Which::Payload => {
+                let Some(bytes) = arrays[0]
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::BinaryArray>()
+                else {
+                    return exec_err!("{PAYLOAD_UDF} takes the payload's bytes");
+                };
+                let items: Vec<Option<Value>> = (0..n)
+                    .map(|i| {
+                        let r = row(&arrays[0], i);
+                        if bytes.is_null(r) {
+                            return None;
+                        }
+                        serde_json::from_slice(bytes.value(r)).ok()
+                    })
+                    .collect();
+                json_column(items.iter().map(Option::as_ref))
+            }
             Which::Nested => {
                 let query = match &args.args[1] {
                     ColumnarValue::Scalar(ScalarValue::Utf8(Some(text))) => {
