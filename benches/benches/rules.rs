@@ -43,6 +43,7 @@ fn telemetry(extra: impl Fn(i64) -> String) -> Vec<Arc<Message>> {
                 received_at_ms: 1_700_000_000_000 + n,
                 properties: None,
 source_ip: None,
+trace_id: None,
             })
         })
         .collect()

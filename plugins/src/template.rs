@@ -161,9 +161,21 @@ impl Template {
     }
 }
 
-/// A random (version 4, RFC 9562 §5.4) UUID in its hyphenated lowercase form.
+/// A random (version 4) UUID in its hyphenated lowercase form.
 fn new_uuid_into(out: &mut String) {
-    let mut b: [u8; 16] = rand::random();
+    uuid_v4_into(rand::random(), out);
+}
+
+/// `random` as a version 4 UUID (RFC 9562 §5.4: its version and variant bits set) in its
+/// hyphenated lowercase form: `newuuid()` here, and the rules' `traceid()`.
+pub fn uuid_v4(random: u128) -> String {
+    let mut out = String::with_capacity(36);
+    uuid_v4_into(random, &mut out);
+    out
+}
+
+fn uuid_v4_into(random: u128, out: &mut String) {
+    let mut b = random.to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     for (i, byte) in b.iter().enumerate() {

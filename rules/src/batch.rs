@@ -26,6 +26,7 @@ use serde_json::{Map, Value};
 
 use crate::dialect::{
     ColumnType, StatementSpec, CERT_ID, MQTT, PAYLOAD, RECEIVED_AT, SOURCE_IP, THING, TOPIC,
+    TRACE_ID,
 };
 use crate::values::decimal_text;
 
@@ -46,6 +47,9 @@ pub struct Message {
     pub properties: Option<Arc<Properties>>,
     /// The IP address the device connected from, without the port (`sourceip()`).
     pub source_ip: Option<Arc<str>>,
+    /// The message's trace id (`traceid()`): a random (version 4) UUID the gateway gave the
+    /// message when it took it for the rules, the same for every rule that reads it.
+    pub trace_id: Option<u128>,
 }
 
 /// A publish's MQTT 5 properties a rule can read (MQTT 5 §3.3.2.3).
@@ -128,6 +132,8 @@ pub struct Decoder {
     properties_column: bool,
     /// Every row carries its device's address in [`SOURCE_IP`].
     source_ip_column: bool,
+    /// Every row carries its message's trace id in [`TRACE_ID`].
+    trace_id_column: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -642,6 +648,7 @@ impl Decoder {
             payload_column: false,
             properties_column: false,
             source_ip_column: false,
+            trace_id_column: false,
         }
     }
 
@@ -652,6 +659,7 @@ impl Decoder {
         d.payload_column = s.payload_value;
         d.properties_column = s.mqtt_properties;
         d.source_ip_column = s.source_ip;
+        d.trace_id_column = s.trace_id;
         d
     }
 
@@ -772,6 +780,14 @@ impl Decoder {
             arrays.push(Arc::new(
                 picked()
                     .map(|m| m.source_ip.as_deref())
+                    .collect::<StringArray>(),
+            ));
+        }
+        if self.trace_id_column {
+            fields.push(Field::new(TRACE_ID, DataType::Utf8, true));
+            arrays.push(Arc::new(
+                picked()
+                    .map(|m| m.trace_id.map(sitegate_plugins::template::uuid_v4))
                     .collect::<StringArray>(),
             ));
         }
@@ -982,6 +998,7 @@ mod tests {
             received_at_ms: 5,
             properties: None,
             source_ip: None,
+            trace_id: None,
         }
     }
 

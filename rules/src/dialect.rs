@@ -38,6 +38,8 @@ pub const RECEIVED_AT: &str = "__received_at";
 pub const MQTT: &str = "__mqtt";
 /// The address the device connected from, for `sourceip()`.
 pub const SOURCE_IP: &str = "__source_ip";
+/// The message's trace id, for `traceid()`.
+pub const TRACE_ID: &str = "__trace_id";
 /// What `get_user_properties(key)` is called until the statement is parsed.
 const USER_PROPERTIES_CALL: &str = "iot_user_properties";
 /// The names `get_mqtt_property` takes (iot-sql-functions).
@@ -124,6 +126,8 @@ pub struct StatementSpec {
     pub mqtt_properties: bool,
     /// It calls `sourceip()`: the batch carries [`SOURCE_IP`].
     pub source_ip: bool,
+    /// It calls `traceid()`: the batch carries [`TRACE_ID`].
+    pub trace_id: bool,
     /// Line of the statement in the file.
     pub line: u64,
 }
@@ -363,6 +367,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         payload_value: rewrite.payload_value,
         mqtt_properties: rewrite.mqtt_properties,
         source_ip: rewrite.source_ip,
+        trace_id: rewrite.trace_id,
         line,
     })
 }
@@ -863,6 +868,8 @@ struct Rewrite {
     mqtt_properties: bool,
     /// `sourceip()` was called.
     source_ip: bool,
+    /// `traceid()` was called.
+    trace_id: bool,
 }
 
 /// Keywords that are SQL structure, never a payload field. Any other word (even one sqlparser
@@ -934,6 +941,7 @@ pub(crate) const METADATA_FUNCTIONS: &[&str] = &[
     "thing_name",
     "sql_version",
     "sourceip",
+    "traceid",
 ];
 
 impl Rewrite {
@@ -1279,6 +1287,10 @@ impl Rewrite {
                     "sourceip" => {
                         self.source_ip = true;
                         vec![ident(SOURCE_IP)]
+                    }
+                    "traceid" => {
+                        self.trace_id = true;
+                        vec![ident(TRACE_ID)]
                     }
                     // The version whose semantics sitegate implements (iot-sql-functions).
                     "sql_version" => vec![Token::SingleQuotedString("2016-03-23".into())],

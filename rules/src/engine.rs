@@ -766,6 +766,7 @@ mod tests {
                     received_at_ms: 0,
                     properties: None,
                     source_ip: None,
+                    trace_id: None,
                 })
             })
             .collect();
@@ -776,5 +777,52 @@ mod tests {
             engine.process(&batch, 0).await;
         }
         assert_eq!(plan_metrics(&engine), after_one);
+    }
+
+    /// iot-sql-functions, traceid(): the trace id of the MQTT message, so every rule and
+    /// statement reading it gives the same one for one message, and each message its own.
+    #[tokio::test]
+    async fn traceid_is_one_per_message() {
+        let mut engine = Engine::new(ErrorRouting::default());
+        for (name, sql) in [
+            (
+                "a",
+                "INSERT INTO a SELECT traceid() AS t, n FROM 'dt/#';\n\
+                 INSERT INTO b SELECT traceid() AS t, n FROM 'dt/#'",
+            ),
+            ("c", "INSERT INTO c SELECT traceid() AS t, n FROM 'dt/+'"),
+        ] {
+            engine.install(check(name, name, sql, None).await.unwrap());
+        }
+        let batch: Vec<Arc<Message>> = (0..3)
+            .map(|i| {
+                Arc::new(Message {
+                    topic: "dt/a".into(),
+                    thing: "a".into(),
+                    cert_id: "c".into(),
+                    payload: format!(r#"{{"n":{i}}}"#).into(),
+                    received_at_ms: 0,
+                    properties: None,
+                    source_ip: None,
+                    trace_id: Some(rand::random()),
+                })
+            })
+            .collect();
+        let out = engine.process(&batch, 0).await.outputs;
+        assert_eq!(out.len(), 9);
+        let mut by_message: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+        for o in &out {
+            let row: serde_json::Value = serde_json::from_slice(&o.payload).unwrap();
+            by_message
+                .entry(row["n"].as_i64().unwrap())
+                .or_default()
+                .push(row["t"].as_str().unwrap().to_string());
+        }
+        let ids: Vec<&String> = by_message.values().map(|t| &t[0]).collect();
+        for traces in by_message.values() {
+            assert_eq!(traces.len(), 3);
+            assert!(traces.iter().all(|t| t == &traces[0]), "{traces:?}");
+        }
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
     }
 }

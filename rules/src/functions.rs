@@ -72,7 +72,7 @@ pub fn lookup(name: &str) -> Option<Function> {
         "get_or_default" => NotYet("it is not implemented yet"),
         // Rewritten by the dialect before this lookup (the message's MQTT 5 properties).
         "get_mqtt_property" | "get_user_properties" => Iot,
-        "accountid" | "traceid" => NotYet("this value is not known at the edge"),
+        "accountid" => NotYet("this value is not known at the edge"),
         "count" | "sum" | "avg" | "min" | "max" | "first" | "last" | "tumble" | "hop" => Aggregate,
         _ => return None,
     })

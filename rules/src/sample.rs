@@ -137,6 +137,7 @@ fn message(s: &Sample, now: i64) -> Arc<Message> {
         received_at_ms: now,
         properties: s.properties.as_ref().map(|p| Arc::new(p.to_properties())),
         source_ip: s.source_ip.as_deref().map(Arc::from),
+        trace_id: Some(rand::random()),
     })
 }
 

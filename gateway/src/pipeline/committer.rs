@@ -120,6 +120,7 @@ impl Committer {
                             received_at_ms: i64::try_from(m.received_at_ms).unwrap_or(i64::MAX),
                             properties: m.properties.clone(),
                             source_ip: Some(Arc::clone(&m.source_ip)),
+                            trace_id: Some(rand::random()),
                         })
                     })
                     .collect(),
