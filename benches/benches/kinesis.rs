@@ -24,6 +24,7 @@ fn records(count: u64, devices: u64) -> Vec<Record> {
                     r#"{{"n":{n},"temp":-18.{},"door":"closed"}}"#,
                     n % 10
                 )),
+                template_values: Vec::new(),
             },
         })
         .collect()

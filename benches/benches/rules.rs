@@ -51,7 +51,12 @@ trace_id: None,
 
 fn engine(rt: &tokio::runtime::Runtime, sql: &str) -> Engine {
     let spec = rt
-        .block_on(sitegate_rules::check("bench", "bench.sql", sql, None))
+        .block_on(sitegate_rules::check(
+            "bench",
+            "bench.sql",
+            sql,
+            &Default::default(),
+        ))
         .unwrap();
     let mut engine = Engine::new(ErrorRouting::default());
     engine.install(spec);

@@ -44,6 +44,7 @@ fn entry(n: u64) -> Entry {
         topic: format!("dt/freezer-{:04}/temp", n % 1000),
         rule: "telemetry".into(),
         payload: Bytes::from(payload),
+        template_values: Vec::new(),
     }
 }
 

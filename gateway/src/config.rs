@@ -192,16 +192,13 @@ impl Config {
                 }
             }
         }
-        for (name, sql) in &self.rules.sql {
+        for name in self.rules.sql.keys() {
             validate_name(name)
                 .map_err(|r| ConfigError::invalid(format!("rules.sql.{name}"), r))?;
-            if sql.trim().is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("rules.sql.{name}"),
-                    "is empty; give the rule's SQL",
-                ));
-            }
         }
+        self.rules
+            .validate()
+            .map_err(|(key, reason)| ConfigError::invalid(key, reason))?;
         for (name, route) in &self.routes {
             validate_name(name).map_err(|r| ConfigError::invalid(format!("routes.{name}"), r))?;
             if !sitegate_plugins::topic::valid_filter(&route.from) {
@@ -210,20 +207,22 @@ impl Config {
                     format!("{:?} is not an MQTT topic filter", route.from),
                 ));
             }
-            if !self.sinks.contains_key(&route.to) {
+            let Some(sink) = self.sinks.get(&route.to) else {
                 return Err(ConfigError::invalid(
                     format!("routes.{name}.to"),
                     format!("no sink named {:?} in [sinks]", route.to),
                 ));
-            }
+            };
+            unevaluated_expression(sink, &format!("routes.{name}.to"), "a route")?;
         }
         if let Some(error_sink) = &self.rules.error_sink {
-            if !self.sinks.contains_key(error_sink) {
+            let Some(sink) = self.sinks.get(error_sink) else {
                 return Err(ConfigError::invalid(
                     "rules.error_sink",
                     format!("no sink named {error_sink:?} in [sinks]"),
                 ));
-            }
+            };
+            unevaluated_expression(sink, "rules.error_sink", "the error sink")?;
         }
         self.spool.validate(&self.sinks)?;
         for name in self.downlinks.keys() {
@@ -242,13 +241,26 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_SITE.to_owned())
     }
 
-    /// The routes, rules and sink names the pipeline runs.
+    /// The routes and rules the pipeline runs, and what the rules are checked against.
     pub fn pipeline_update(&self) -> crate::pipeline::PipelineUpdate {
-        crate::pipeline::PipelineUpdate::new(
-            &self.routes,
-            &self.rules,
-            self.sinks.keys().cloned().collect(),
-        )
+        crate::pipeline::PipelineUpdate::new(&self.routes, &self.rules, self.rules_context())
+    }
+
+    /// What the rules are read against: the sinks they may write to, each sink's template
+    /// expressions (computed by the statements writing to it), and `[rules] account_id`.
+    pub fn rules_context(&self) -> sitegate_rules::Context {
+        sitegate_rules::Context {
+            sinks: Some(self.sinks.keys().cloned().collect()),
+            templates: self
+                .sinks
+                .iter()
+                .filter_map(|(name, s)| {
+                    let t = s.template()?;
+                    (!t.expressions().is_empty()).then(|| (name.clone(), t.expressions().to_vec()))
+                })
+                .collect(),
+            account_id: self.rules.account_id.clone(),
+        }
     }
 
     /// The admin socket path: `[admin] socket`, else `<data_dir>/admin.sock`.
@@ -257,6 +269,36 @@ impl Config {
             .socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+}
+
+/// A sink fed by `what` (a route, the error sink) gets records no rule computed template values
+/// for: its template may read the record's fields and identity, and any other expression would
+/// silently render empty, so it is refused (iot-substitution-templates evaluates it against the
+/// original message, which only a rule does here).
+fn unevaluated_expression(
+    sink: &sitegate_plugins::SinkConfig,
+    key: &str,
+    what: &str,
+) -> Result<(), ConfigError> {
+    let Some(t) = sink.template() else {
+        return Ok(());
+    };
+    match t
+        .expressions()
+        .iter()
+        .find(|e| !sitegate_rules::dialect::is_field_path(e))
+    {
+        Some(e) => Err(ConfigError::invalid(
+            key,
+            format!(
+                "the sink's template {:?} has `${{{e}}}`, which a rule evaluates against each \
+                 message; {what} sends records no rule made, so its template may use field \
+                 names and the message's identity only",
+                t.source()
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -29,6 +29,10 @@ pub struct Entry {
     pub rule: String,
     /// The row: a JSON object for rule output, or the device's payload bytes for a direct route.
     pub payload: Bytes,
+    /// The values of its sink's template expressions ([`crate::template::Template::expressions`])
+    /// evaluated against the device's message by the rule that made it, in their string form;
+    /// empty when nothing computed them (a direct route, a windowed statement).
+    pub template_values: Vec<String>,
 }
 
 /// A record reads as its entry (`record.thing_name`), which it owns and never changes.
@@ -135,6 +139,7 @@ pub(crate) fn sample(id: u64, thing: &str, payload: &str) -> Record {
             topic: format!("dt/{thing}/temp"),
             rule: "raw".into(),
             payload: Bytes::from(payload.to_string()),
+            template_values: Vec::new(),
         },
     }
 }

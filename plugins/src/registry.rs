@@ -52,6 +52,16 @@ impl SinkConfig {
         }
     }
 
+    /// The template its records are rendered with (a topic or a partition key), if any.
+    pub fn template(&self) -> Option<&crate::template::Template> {
+        match self {
+            SinkConfig::Kinesis(c) => Some(&c.partition_key),
+            SinkConfig::Iotcore(c) => Some(&c.topic),
+            SinkConfig::Republish(c) => Some(&c.topic),
+            SinkConfig::File(_) | SinkConfig::Log(_) => None,
+        }
+    }
+
     /// File paths in this config, so the loader can resolve them against the config's folder.
     pub fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
         match self {

@@ -1,20 +1,22 @@
 //! `${…}` templates for partition keys and topics.
 //!
 //! Parsed once when the sink is configured; rendering a record is then a walk over parts with
-//! no parsing. Known names: `thing_name`, `cert_id`, `topic`, `topic(n)` (1-based level),
-//! `site`, `rule`, `record_id`; any other name, or a dotted path (`coords.lat`), is looked up
-//! in the record's JSON payload (empty when absent).
+//! no parsing. The message's identity is rendered from the record: `thing_name`, `cert_id`,
+//! `topic`, `topic(n)` (1-based level), `site`, `rule`, `record_id`, and AWS IoT's forms of
+//! them (the `iot-substitution-templates` page): `${topic()}`, `${topic(n)}`, `${clientid()}`
+//! (the thing name: a device's client id must be its thing name), `${principal()}` (the
+//! certificate id), `${timestamp()}` (when the gateway received the message, which stays the
+//! same when a record is resent after an outage) and `${newuuid()}` (a random version 4 UUID
+//! each time a record is rendered, as the page's Kinesis partition-key example uses it).
 //!
-//! AWS IoT's substitution templates (the `iot-substitution-templates` page) are read too, so a
-//! template copied from a cloud rule action works unchanged where its value is known here:
-//! `${topic()}`, `${topic(n)}`, `${clientid()}` (the thing name: a device's client id must be
-//! its thing name), `${principal()}` (the certificate id), `${timestamp()}` (when the
-//! gateway received the message, which stays the same when a record is resent after an
-//! outage) and `${newuuid()}` (a random version 4 UUID each time a record is rendered, as
-//! the page's Kinesis partition-key example uses it). Any other expression is refused with its
-//! text. One difference remains: IoT Core
-//! evaluates a field name against the original message, sitegate against the rule's output
-//! row, so a field the rule does not select renders empty.
+//! Anything else is an IoT SQL expression (`${upper(zone)}`, `${coords.lat}`,
+//! `${get(*, 'order')}`). As on that page, it is "evaluated separately from the SELECT
+//! statement" against the original message: the rule engine computes [`Template::expressions`]
+//! as extra columns of every statement writing to the sink, and the record carries the results
+//! ([`crate::Entry::template_values`]), in order. A record without them (a direct route, whose
+//! payload is the original message; a windowed statement, whose row comes from many; the error
+//! sink's records) renders a field name from its payload, and the configuration refuses any
+//! other expression for such a sink.
 
 use serde_json::Value;
 
@@ -25,6 +27,8 @@ use crate::record::Record;
 pub struct Template {
     source: String,
     parts: Vec<Part>,
+    /// The expressions' texts, in the order of [`Part::Expression`]'s indexes.
+    expressions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,24 +43,61 @@ enum Part {
     RecordId,
     ReceivedAt,
     NewUuid,
-    /// A path of keys into the payload object (`a.b` is `["a", "b"]`).
-    Column(Vec<String>),
+    /// The `index`-th expression; `path` when it is a field name (`a.b` is `["a", "b"]`), read
+    /// from the payload when the record carries no values.
+    Expression {
+        index: usize,
+        path: Option<Vec<String>>,
+    },
 }
+
+/// The most `${…}` expressions one template may have.
+pub const MAX_EXPRESSIONS: usize = 8;
 
 impl Template {
     /// Parse `source`; the error names the offending part.
     pub fn parse(source: &str) -> Result<Self, String> {
         let mut parts = Vec::new();
+        let mut expressions: Vec<String> = Vec::new();
         let mut rest = source;
         while let Some(start) = rest.find("${") {
             if start > 0 {
                 parts.push(Part::Literal(rest[..start].to_string()));
             }
             let after = &rest[start + 2..];
-            let end = after
-                .find('}')
+            let end = closing_brace(after)
                 .ok_or_else(|| format!("template {source:?}: `${{` without a closing `}}`"))?;
-            parts.push(Self::variable(source, after[..end].trim())?);
+            let text = after[..end].trim();
+            let part = match Self::identity(source, text)? {
+                Some(p) => p,
+                None => {
+                    // The same expression twice is computed once.
+                    let index = match expressions.iter().position(|e| e == text) {
+                        Some(i) => i,
+                        None => {
+                            expressions.push(text.to_string());
+                            expressions.len() - 1
+                        }
+                    };
+                    if expressions.len() > MAX_EXPRESSIONS {
+                        return Err(format!(
+                            "template {source:?}: more than {MAX_EXPRESSIONS} expressions"
+                        ));
+                    }
+                    let key = |k: &str| {
+                        k.chars()
+                            .next()
+                            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    };
+                    let path = text
+                        .split('.')
+                        .all(key)
+                        .then(|| text.split('.').map(str::to_string).collect());
+                    Part::Expression { index, path }
+                }
+            };
+            parts.push(part);
             rest = &after[end + 1..];
         }
         if !rest.is_empty() {
@@ -65,11 +106,13 @@ impl Template {
         Ok(Template {
             source: source.to_string(),
             parts,
+            expressions,
         })
     }
 
-    fn variable(source: &str, name: &str) -> Result<Part, String> {
-        Ok(match name {
+    /// The part for one of the identity forms the record carries; `None` for an expression.
+    fn identity(source: &str, name: &str) -> Result<Option<Part>, String> {
+        Ok(Some(match name {
             "thing_name" => Part::ThingName,
             "cert_id" => Part::CertId,
             "topic" => Part::Topic,
@@ -84,33 +127,22 @@ impl Template {
             "newuuid()" => Part::NewUuid,
             "" => return Err(format!("template {source:?}: empty `${{}}`")),
             _ => {
-                let key = |k: &str| {
-                    !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                };
-                if let Some(level) = name
+                let Some(level) = name
                     .strip_prefix("topic(")
                     .and_then(|r| r.strip_suffix(')'))
-                {
-                    let n: usize = level.trim().parse().map_err(|_| {
-                        format!("template {source:?}: `topic({level})` needs a level number")
-                    })?;
-                    if n == 0 {
-                        return Err(format!("template {source:?}: topic levels count from 1"));
-                    }
-                    Part::TopicLevel(n)
-                } else if name.split('.').all(key) {
-                    Part::Column(name.split('.').map(str::to_string).collect())
-                } else if name.contains('(') {
-                    return Err(format!(
-                        "template {source:?}: `${{{name}}}` is not evaluated at the edge; a \
-                         template may use topic(), topic(n), clientid(), principal(), \
-                         timestamp(), newuuid() and field names"
-                    ));
-                } else {
-                    return Err(format!("template {source:?}: unknown variable `{name}`"));
+                    .filter(|l| l.trim().chars().all(|c| c.is_ascii_digit()))
+                else {
+                    return Ok(None);
+                };
+                let n: usize = level.trim().parse().map_err(|_| {
+                    format!("template {source:?}: `topic({level})` needs a level number")
+                })?;
+                if n == 0 {
+                    return Err(format!("template {source:?}: topic levels count from 1"));
                 }
+                Part::TopicLevel(n)
             }
-        })
+        }))
     }
 
     /// A template that renders `text` as is.
@@ -118,6 +150,7 @@ impl Template {
         Template {
             source: text.replace('$', "$$"),
             parts: vec![Part::Literal(text.to_string())],
+            expressions: Vec::new(),
         }
     }
 
@@ -126,14 +159,27 @@ impl Template {
         &self.source
     }
 
-    /// Whether rendering needs the record's payload parsed as JSON.
+    /// Its IoT SQL expressions, each once, in the order a record's
+    /// [`crate::Entry::template_values`] hold their values.
+    pub fn expressions(&self) -> &[String] {
+        &self.expressions
+    }
+
+    /// Whether rendering may need the record's payload parsed as JSON (a field name, read from
+    /// it when the record carries no values).
     pub fn uses_columns(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Part::Column(_)))
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Expression { path: Some(_), .. }))
     }
 
     /// Render for `record`. `payload` is the record's parsed JSON payload when `uses_columns`.
     pub fn render(&self, record: &Record, site: &str, payload: Option<&Value>) -> String {
         let mut out = String::with_capacity(64);
+        // Values computed for another template (records spooled before it changed) are not
+        // this one's.
+        let values = (record.template_values.len() == self.expressions.len())
+            .then_some(&record.template_values);
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
@@ -148,17 +194,40 @@ impl Template {
                 Part::RecordId => out.push_str(&record.id.to_string()),
                 Part::ReceivedAt => out.push_str(&record.received_at_ms.to_string()),
                 Part::NewUuid => new_uuid_into(&mut out),
-                Part::Column(path) => {
-                    match payload.and_then(|p| path.iter().try_fold(p, |v, key| v.get(key))) {
-                        Some(Value::String(s)) => out.push_str(s),
-                        Some(Value::Null) | None => {}
-                        Some(other) => out.push_str(&other.to_string()),
+                Part::Expression { index, path } => match (values, path) {
+                    (Some(v), _) => out.push_str(v.get(*index).map_or("", String::as_str)),
+                    (None, Some(path)) => {
+                        match payload.and_then(|p| path.iter().try_fold(p, |v, key| v.get(key))) {
+                            Some(Value::String(s)) => out.push_str(s),
+                            Some(Value::Null) | None => {}
+                            Some(other) => out.push_str(&other.to_string()),
+                        }
                     }
-                }
+                    (None, None) => {}
+                },
             }
         }
         out
     }
+}
+
+/// Where the `}` closing a `${` is in `after` (the text after `${`): the first `}` outside
+/// quotes and Object literals' braces, so `${get({'a': 1}, 'a')}` is one expression.
+fn closing_brace(after: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    for (i, c) in after.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '{') => depth += 1,
+            (None, '}') if depth == 0 => return Some(i),
+            (None, '}') => depth -= 1,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// A random (version 4) UUID in its hyphenated lowercase form.
@@ -245,9 +314,48 @@ mod tests {
         assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
         assert_eq!(&a[14..15], "4", "version 4: {a}");
         assert!("89ab".contains(&a[19..20]), "RFC variant: {a}");
-        let err = Template::parse("${get_thing_shadow('x')}").unwrap_err();
-        assert!(err.contains("not evaluated at the edge"), "{err}");
-        assert!(Template::parse("${a..b}").is_err());
+    }
+
+    /// iot-substitution-templates: anything but the identity forms is an expression the rule
+    /// engine evaluates against the original message; the record carries the values in the
+    /// order of `expressions()`, each expression once.
+    #[test]
+    fn expressions_render_from_the_values_a_rule_computed() {
+        let t = Template::parse(
+            "${topic()}/${upper(zone)}/${coords.lat}/${get({'a': '}'}, 'a')}/${upper(zone)}",
+        )
+        .unwrap();
+        assert_eq!(
+            t.expressions(),
+            ["upper(zone)", "coords.lat", "get({'a': '}'}, 'a')"]
+        );
+        let mut rec = sample(1, "f", r#"{"coords":{"lat":5}}"#);
+        rec.entry.template_values = vec!["B".into(), "47.6".into(), "}".into()];
+        let payload = rec.payload_json();
+        assert_eq!(
+            t.render(&rec, "s", payload.as_ref()),
+            format!("{}/B/47.6/}}/B", rec.topic)
+        );
+        // No values (a route's record, a window's row): a field name is read from the
+        // payload, another expression renders empty; so do values made for another template.
+        rec.entry.template_values.clear();
+        assert_eq!(
+            t.render(&rec, "s", payload.as_ref()),
+            format!("{}//5//", rec.topic)
+        );
+        rec.entry.template_values = vec!["x".into()];
+        assert_eq!(
+            t.render(&rec, "s", payload.as_ref()),
+            format!("{}//5//", rec.topic)
+        );
+        assert!(Template::parse("${topic(2)}")
+            .unwrap()
+            .expressions()
+            .is_empty());
+        let many: String = (0..=MAX_EXPRESSIONS)
+            .map(|i| format!("${{f{i}}}"))
+            .collect();
+        assert!(Template::parse(&many).unwrap_err().contains("more than"));
     }
 
     #[test]
@@ -264,8 +372,9 @@ mod tests {
         assert!(Template::parse("${topic(0)}")
             .unwrap_err()
             .contains("count from 1"));
-        assert!(Template::parse("${a b}")
+        assert!(Template::parse("${}").unwrap_err().contains("empty"));
+        assert!(Template::parse("${concat('}')")
             .unwrap_err()
-            .contains("unknown variable `a b`"));
+            .contains("closing"));
     }
 }

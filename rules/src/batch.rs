@@ -833,6 +833,8 @@ pub struct Row {
     pub cert_id: Option<String>,
     pub topic: Option<String>,
     pub received_at_ms: Option<i64>,
+    /// The values of the statement's template columns, in order (`None`: Undefined).
+    pub templates: Vec<Option<Value>>,
 }
 
 /// One value of an output column; `None` for an Arrow null, which is Undefined.
@@ -911,6 +913,7 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
         Identity(&'a dyn Array, fn(&mut Row, Option<String>)),
         ReceivedAt(&'a dyn Array),
         Value(&'a dyn Array, bool),
+        Template(&'a dyn Array, bool),
         Field(&'a dyn Array, bool, Vec<&'a str>),
     }
     let schema = batch.schema();
@@ -928,6 +931,9 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                 "__sg_topic" => Role::Identity(column, |r, v| r.topic = v),
                 "__sg_received_at" => Role::ReceivedAt(column),
                 crate::dialect::VALUE_COLUMN => Role::Value(column, json),
+                name if name.starts_with(crate::dialect::TEMPLATE_PREFIX) => {
+                    Role::Template(column, json)
+                }
                 name if name.starts_with("__") => return None,
                 name => Role::Field(column, json, name.split('.').collect()),
             })
@@ -949,6 +955,7 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                 cert_id: None,
                 topic: None,
                 received_at_ms: None,
+                templates: Vec::new(),
             };
             for role in &roles {
                 match role {
@@ -971,6 +978,7 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                         row.received_at_ms = cell(*column, r).as_ref().and_then(Value::as_i64);
                     }
                     Role::Value(column, json) => row.value = Some(value(*column, *json, r)),
+                    Role::Template(column, json) => row.templates.push(value(*column, *json, r)),
                     Role::Field(column, json, path) => {
                         if let Some(v) = value(*column, *json, r) {
                             insert_at(&mut row.object, path, v);

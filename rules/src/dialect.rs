@@ -17,8 +17,13 @@
 //!
 //! Directives in comments: `-- @schema temp DOUBLE, zone TEXT` fixes column types;
 //! `-- @error_sink NAME` overrides `[rules] error_sink`.
+//!
+//! The [`Context`] a rule is read in adds what the configuration knows: the account
+//! `accountid()` gives, and each sink's substitution-template expressions, which become
+//! columns of every statement writing to that sink (`(upper(zone)) AS __sg_tpl_0`), so they
+//! are evaluated against the original message as IoT Core does, not against the output row.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -49,6 +54,36 @@ const MQTT_PROPERTIES: [&str; 4] = [
     "response_topic",
     "correlation_data",
 ];
+/// The name of the column holding a statement's `i`-th substitution-template value.
+pub fn template_column(i: usize) -> String {
+    format!("{TEMPLATE_PREFIX}{i}")
+}
+/// What [`template_column`]s' names start with.
+pub const TEMPLATE_PREFIX: &str = "__sg_tpl_";
+
+/// What a rule is read against besides its own text: what the gateway's configuration knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The sinks a statement may name; `None`: any (a rule tried on its own).
+    pub sinks: Option<Vec<String>>,
+    /// Each sink's substitution-template expressions (iot-substitution-templates), in the
+    /// order its template has them; a field name is one too.
+    pub templates: BTreeMap<String, Vec<String>>,
+    /// `[rules] account_id`: what `accountid()` gives.
+    pub account_id: Option<String>,
+}
+
+/// Whether a template expression is a payload field's name (`zone`, `coords.lat`): what a
+/// windowed statement can still give, from its output row.
+pub fn is_field_path(expr: &str) -> bool {
+    expr.split('.').all(|k| {
+        k.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
 /// The whole payload as bytes, for `*` as a function's argument (`encode(*, 'base64')`,
 /// binary-payloads).
 pub const PAYLOAD: &str = "__payload";
@@ -128,6 +163,11 @@ pub struct StatementSpec {
     pub source_ip: bool,
     /// It calls `traceid()`: the batch carries [`TRACE_ID`].
     pub trace_id: bool,
+    /// Its sink's template expressions it computes, as [`template_column`] `0..templates`.
+    pub templates: usize,
+    /// Its own text names a payload field (template expressions aside), so a payload that is
+    /// not a JSON object makes no row.
+    pub names_fields: bool,
     /// Line of the statement in the file.
     pub line: u64,
 }
@@ -137,7 +177,7 @@ impl StatementSpec {
     /// object still makes a row: binary-payloads, "The SQL statement … must not refer to JSON
     /// names other than *".
     pub fn takes_binary(&self) -> bool {
-        self.columns.is_empty()
+        !self.names_fields
     }
 }
 
@@ -193,8 +233,13 @@ fn space() -> Token {
     Token::Whitespace(Whitespace::Space)
 }
 
-/// Parse rule `name` from `file` (its text).
+/// Parse rule `name` from `file` (its text), on its own.
 pub fn parse(name: &str, file: &str, text: &str) -> Result<RuleSpec, RuleError> {
+    parse_in(name, file, text, &Context::default())
+}
+
+/// Parse rule `name` from `file` (its text) in the gateway's `ctx`.
+pub fn parse_in(name: &str, file: &str, text: &str, ctx: &Context) -> Result<RuleSpec, RuleError> {
     let tokens = Tokenizer::new(&GenericDialect {}, text)
         .tokenize_with_location()
         .map_err(|e| RuleError {
@@ -269,7 +314,7 @@ pub fn parse(name: &str, file: &str, text: &str) -> Result<RuleSpec, RuleError> 
     }
     let statements = statements
         .into_iter()
-        .map(|s| statement(file, s))
+        .map(|s| statement(file, s, ctx))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RuleSpec {
         name: name.to_string(),
@@ -279,7 +324,11 @@ pub fn parse(name: &str, file: &str, text: &str) -> Result<RuleSpec, RuleError> 
     })
 }
 
-fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, RuleError> {
+fn statement(
+    file: &str,
+    tokens: Vec<TokenWithSpan>,
+    ctx: &Context,
+) -> Result<StatementSpec, RuleError> {
     let line = tokens.first().map(|t| t.span.start.line).unwrap_or(1);
     let significant: Vec<usize> = (0..tokens.len())
         .filter(|&i| !is_trivia(&tokens[i].token))
@@ -315,7 +364,10 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         ));
     };
     let body = &body[..];
-    let mut rewrite = Rewrite::default();
+    let mut rewrite = Rewrite {
+        account_id: ctx.account_id.clone(),
+        ..Rewrite::default()
+    };
     rewrite.run(file, body)?;
     let source = rewrite
         .source
@@ -328,7 +380,7 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
             format!("{source:?} is not an MQTT topic filter"),
         ));
     }
-    let (mut out, window) = extract_window(file, rewrite.out, body)?;
+    let (mut out, window) = extract_window(file, std::mem::take(&mut rewrite.out), body)?;
     let selects_value = select_value(file, &mut out, body)?;
     if selects_value {
         rewrite.columns.remove("VALUE");
@@ -344,6 +396,44 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
     for t in out.iter_mut() {
         if word(t).is_some_and(|w| w.value == ORDER_PLACEHOLDER) {
             *t = order.clone();
+        }
+    }
+    let names_fields = !rewrite.columns.is_empty();
+    let templates = ctx.templates.get(&sink).map(Vec::as_slice).unwrap_or(&[]);
+    let mut template_count = 0;
+    if window.is_some() {
+        // A window's row comes from many messages: a field is read from the output row when
+        // the sink renders it; nothing else has one message to be evaluated against.
+        if let Some(e) = templates.iter().find(|e| !is_field_path(e)) {
+            return Err(err(
+                file,
+                body.first(),
+                format!(
+                    "sink {sink:?}: its template's `${{{e}}}` is evaluated against each message \
+                     (iot-substitution-templates), and a windowed statement's rows come from \
+                     many; a template here may use field names of the output and the \
+                     message's identity"
+                ),
+            ));
+        }
+    } else if !templates.is_empty() {
+        let mut extra = Vec::new();
+        for (i, e) in templates.iter().enumerate() {
+            let tokens = template_expression(file, body.first(), &sink, e, &mut rewrite)?;
+            extra.extend([Token::Comma, space(), Token::LParen]);
+            extra.extend(tokens);
+            extra.extend([
+                Token::RParen,
+                space(),
+                ident("AS"),
+                space(),
+                ident(&template_column(i)),
+                space(),
+            ]);
+        }
+        if let Some(from) = top_level_from(&out) {
+            out.splice(from..from, extra);
+            template_count = templates.len();
         }
     }
     append_identity(&mut out, window.is_some());
@@ -368,6 +458,8 @@ fn statement(file: &str, tokens: Vec<TokenWithSpan>) -> Result<StatementSpec, Ru
         mqtt_properties: rewrite.mqtt_properties,
         source_ip: rewrite.source_ip,
         trace_id: rewrite.trace_id,
+        templates: template_count,
+        names_fields,
         line,
     })
 }
@@ -870,6 +962,8 @@ struct Rewrite {
     source_ip: bool,
     /// `traceid()` was called.
     trace_id: bool,
+    /// What `accountid()` gives ([`Context::account_id`]).
+    account_id: Option<String>,
 }
 
 /// Keywords that are SQL structure, never a payload field. Any other word (even one sqlparser
@@ -942,6 +1036,7 @@ pub(crate) const METADATA_FUNCTIONS: &[&str] = &[
     "sql_version",
     "sourceip",
     "traceid",
+    "accountid",
 ];
 
 impl Rewrite {
@@ -1292,6 +1387,19 @@ impl Rewrite {
                         self.trace_id = true;
                         vec![ident(TRACE_ID)]
                     }
+                    "accountid" => match &self.account_id {
+                        Some(account) => vec![Token::SingleQuotedString(account.clone())],
+                        None => {
+                            return Err(err(
+                                file,
+                                Some(&body[i]),
+                                format!(
+                                    "{w}(): the account that owns the rules is not known at \
+                                     the edge; set [rules] account_id"
+                                ),
+                            ))
+                        }
+                    },
                     // The version whose semantics sitegate implements (iot-sql-functions).
                     "sql_version" => vec![Token::SingleQuotedString("2016-03-23".into())],
                     _ => vec![ident("uuid"), Token::LParen, Token::RParen],
@@ -1576,22 +1684,77 @@ fn remove_call(out: &mut Vec<Token>, start: usize, close: usize) {
     }
 }
 
-/// Append the identity columns to the select list (before the top-level FROM).
-fn append_identity(out: &mut Vec<Token>, aggregated: bool) {
-    let mut depth = 0;
-    let mut from = None;
-    for (j, t) in out.iter().enumerate() {
-        match t {
+/// One substitution-template expression of `sink`, rewritten like a select item of the
+/// statement it joins (whose `rewrite` learns the fields and metadata it reads). Its errors
+/// name the sink and the expression: the text is the configuration's, not the rule file's.
+fn template_expression(
+    file: &str,
+    at: Option<&TokenWithSpan>,
+    sink: &str,
+    expr: &str,
+    rewrite: &mut Rewrite,
+) -> Result<Vec<Token>, RuleError> {
+    let fail = |reason: String| {
+        err(
+            file,
+            at,
+            format!("sink {sink:?}: its template's `${{{expr}}}`: {reason}"),
+        )
+    };
+    let tokens = Tokenizer::new(&GenericDialect {}, expr)
+        .tokenize_with_location()
+        .map_err(|e| fail(e.message))?;
+    let mut depth = 0i32;
+    for t in &tokens {
+        match &t.token {
             Token::LParen => depth += 1,
             Token::RParen => depth -= 1,
-            Token::Word(w) if depth == 0 && w.keyword == Keyword::FROM => {
-                from = Some(j);
-                break;
+            Token::Comma if depth == 0 => return Err(fail("one expression per `${…}`".into())),
+            Token::Word(w) if w.quote_style.is_none() && w.value.starts_with('@') => {
+                return Err(fail(
+                    "SET variables are not carried into templates here; use the expression".into(),
+                ))
+            }
+            Token::Word(w) if depth == 0 && w.quote_style.is_none() => {
+                if matches!(w.keyword, Keyword::FROM | Keyword::SELECT | Keyword::WHERE) {
+                    return Err(fail("a template holds one expression".into()));
+                }
             }
             _ => {}
         }
     }
-    let Some(from) = from else { return };
+    let mut r = Rewrite {
+        account_id: rewrite.account_id.clone(),
+        ..Rewrite::default()
+    };
+    r.run(file, &tokens).map_err(|e| fail(e.reason))?;
+    rewrite.columns.extend(r.columns);
+    rewrite.payload_value |= r.payload_value;
+    rewrite.mqtt_properties |= r.mqtt_properties;
+    rewrite.source_ip |= r.source_ip;
+    rewrite.trace_id |= r.trace_id;
+    Ok(r.out)
+}
+
+/// Where the select list ends: the top-level FROM.
+fn top_level_from(out: &[Token]) -> Option<usize> {
+    let mut depth = 0;
+    for (j, t) in out.iter().enumerate() {
+        match t {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::Word(w) if depth == 0 && w.keyword == Keyword::FROM => return Some(j),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Append the identity columns to the select list (before the top-level FROM).
+fn append_identity(out: &mut Vec<Token>, aggregated: bool) {
+    let Some(from) = top_level_from(out) else {
+        return;
+    };
     let grouped_by_thing = aggregated
         && out
             .iter()

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::batch::{self, Message, Row};
-use crate::dialect::{self, RuleError, RuleSpec, StatementSpec, WindowSpec};
+use crate::dialect::{self, Context, RuleError, RuleSpec, StatementSpec, WindowSpec};
 
 /// Plans kept per statement (one per distinct input schema) before the oldest are dropped.
 const MAX_PLANS_PER_STATEMENT: usize = 16;
@@ -38,6 +38,9 @@ pub struct Output {
     pub received_at_ms: i64,
     /// The row as a JSON object (or, for `SELECT VALUE`, the value: any JSON).
     pub payload: Vec<u8>,
+    /// Its sink's template expressions evaluated against the message, in their string form
+    /// (empty for Undefined and Null); empty when the statement computes none.
+    pub template_values: Vec<String>,
 }
 
 /// What one call into the engine produced.
@@ -240,15 +243,16 @@ impl fmt::Debug for Engine {
     }
 }
 
-/// Check a rule offline: it parses, every statement plans (against null-typed columns, which
-/// coerce to anything), and it writes only to `sinks` when given.
+/// Check a rule offline: it parses in `ctx`, every statement plans (against null-typed
+/// columns, which coerce to anything), and it writes only to `ctx.sinks` when given.
 pub async fn check(
     name: &str,
     file: &str,
     text: &str,
-    sinks: Option<&[String]>,
+    ctx: &Context,
 ) -> Result<RuleSpec, RuleError> {
-    let spec = dialect::parse(name, file, text)?;
+    let spec = dialect::parse_in(name, file, text, ctx)?;
+    let sinks = ctx.sinks.as_deref();
     for s in &spec.statements {
         if let Some(sinks) = sinks {
             let mut known: Vec<&str> = sinks.iter().map(String::as_str).collect();
@@ -678,7 +682,18 @@ fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Optio
             .or(window.map(|(_, end)| end))
             .unwrap_or_default(),
         payload,
+        template_values: row.templates.into_iter().map(template_text).collect(),
     })
+}
+
+/// A template value as it is substituted: a String as it is, another value in its string form
+/// (Arrays and Objects as JSON), Undefined and Null as nothing.
+fn template_text(v: Option<Value>) -> String {
+    match v {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s,
+        Some(other) => other.to_string(),
+    }
 }
 
 /// The error record for a message a rule could not take, shaped like IoT Core's errorAction.
@@ -702,6 +717,7 @@ fn error_output(rule: &str, sink: Option<&str>, m: &Message, reason: &str) -> Op
         topic: m.topic.clone(),
         received_at_ms: m.received_at_ms,
         payload: serde_json::to_vec(&body).unwrap_or_default(),
+        template_values: Vec::new(),
     })
 }
 
@@ -750,7 +766,7 @@ mod tests {
             "hot",
             "hot.sql",
             "INSERT INTO out SELECT temp FROM 'dt/#' WHERE temp > 0",
-            None,
+            &Context::default(),
         )
         .await
         .unwrap();
@@ -792,7 +808,7 @@ mod tests {
             ),
             ("c", "INSERT INTO c SELECT traceid() AS t, n FROM 'dt/+'"),
         ] {
-            engine.install(check(name, name, sql, None).await.unwrap());
+            engine.install(check(name, name, sql, &Context::default()).await.unwrap());
         }
         let batch: Vec<Arc<Message>> = (0..3)
             .map(|i| {

@@ -13,7 +13,7 @@
 //! - [`Function::Renamed`]: the same function under DataFusion's name (`rand` → `random`).
 //! - [`Function::External`]: calls another AWS service, which a gateway does not do; refused.
 //! - [`Function::NotYet`]: an IoT function this engine cannot compute with IoT Core's meaning
-//!   yet (`get_or_default`, and values not known at the edge such as `accountid()`); refused
+//!   yet (`get_or_default`, whose text the page this engine follows does not give); refused
 //!   with the reason.
 //! - [`Function::Aggregate`]: sitegate's windowed aggregates (`count`, `sum`, …, `first`,
 //!   `last`) and the window specs (`TUMBLE`, `HOP`), which IoT Core does not have.
@@ -69,10 +69,12 @@ pub fn lookup(name: &str) -> Option<Function> {
         "get_registry_data" => External("the IoT Core registry"),
         "machinelearning_predict" => External("Amazon Machine Learning"),
         "cast" => Iot,
-        "get_or_default" => NotYet("it is not implemented yet"),
+        "get_or_default" => NotYet(
+            "the functions page lists it without its semantics (does Null take the default?), \
+             so it is refused rather than guessed; use nanvl() or CASE WHEN isUndefined(x)",
+        ),
         // Rewritten by the dialect before this lookup (the message's MQTT 5 properties).
         "get_mqtt_property" | "get_user_properties" => Iot,
-        "accountid" => NotYet("this value is not known at the edge"),
         "count" | "sum" | "avg" | "min" | "max" | "first" | "last" | "tumble" | "hop" => Aggregate,
         _ => return None,
     })

@@ -41,5 +41,5 @@ mod value_functions;
 mod values;
 
 pub use batch::{Message, Properties};
-pub use dialect::{RuleError, RuleSpec};
+pub use dialect::{Context, RuleError, RuleSpec};
 pub use engine::{check, Engine, ErrorRouting, Output, Produced, RuleStatus};

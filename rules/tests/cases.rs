@@ -11,7 +11,11 @@
 //! record's identity). An Undefined result is left out (iot-sql-data-types): `-- left out: a, b`
 //! names keys that no output row of the file may have, and `"@left_out": ["a"]` in an expected
 //! row names keys that row may not have; `{"@raw": "TEXT"}` expects a non-JSON output.
-//! `-- expect-error: TEXT` says the rule must be refused with TEXT in the reason. Inputs and expectations may also live beside the rule, in `NAME.input.jsonl` (one
+//! `-- expect-error: TEXT` says the rule must be refused with TEXT in the reason.
+//! `-- template SINK: TEXT` gives sink SINK that substitution template (as `[sinks.SINK]`'s
+//! topic or partition key): its expressions are computed by the statements writing to SINK,
+//! and `"@templates": ["…", …]` in an expected row names their values, in order.
+//! `-- account_id: ID` is `[rules] account_id`. Inputs and expectations may also live beside the rule, in `NAME.input.jsonl` (one
 //! message per line) and `NAME.expected.jsonl` (`{"sink": …, "row": {…}}` per line). Adding a
 //! case is adding a file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -56,6 +60,7 @@ async fn every_case_file_produces_its_expected_output() {
         let mut expected: Vec<(String, Value)> = Vec::new();
         let mut until = None;
         let mut expect_error: Option<String> = None;
+        let mut ctx = sitegate_rules::Context::default();
         let input_file = path.with_extension("input.jsonl");
         if input_file.exists() {
             inputs.extend(
@@ -96,11 +101,21 @@ async fn every_case_file_produces_its_expected_output() {
                 left_out.extend(keys.split(',').map(|k| k.trim().to_string()));
             } else if let Some(e) = c.strip_prefix("expect-error:") {
                 expect_error = Some(e.trim().to_string());
+            } else if let Some(rest) = c.strip_prefix("template ") {
+                let (sink, text) = rest
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("{file}: `-- template SINK: TEXT`"));
+                let t = sitegate_plugins::template::Template::parse(text.trim())
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+                ctx.templates
+                    .insert(sink.trim().to_string(), t.expressions().to_vec());
+            } else if let Some(a) = c.strip_prefix("account_id:") {
+                ctx.account_id = Some(a.trim().to_string());
             } else if let Some(t) = c.strip_prefix("until:") {
                 until = Some(t.trim().parse::<i64>().unwrap());
             }
         }
-        let checked = sitegate_rules::check(&name, &file, &text, None).await;
+        let checked = sitegate_rules::check(&name, &file, &text, &ctx).await;
         if let Some(want) = expect_error {
             let e = checked.expect_err(&format!("{file}: should be refused"));
             assert!(
@@ -142,6 +157,13 @@ fn compare(
     for (i, ((sink, want), got)) in expected.iter().zip(outputs).enumerate() {
         assert_eq!(&got.sink, sink, "{file} ({how}): row {i} sink\n{table}");
         let mut want = want.clone();
+        if let Some(values) = want.as_object_mut().and_then(|o| o.remove("@templates")) {
+            assert_eq!(
+                Value::from(got.template_values.clone()),
+                values,
+                "{file} ({how}): row {i} template values\n{table}"
+            );
+        }
         if let Some(thing) = want.as_object_mut().and_then(|o| o.remove("@thing")) {
             assert_eq!(
                 Value::from(got.thing.clone()),

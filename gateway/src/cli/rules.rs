@@ -15,7 +15,8 @@ pub(crate) enum RulesCommand {
     /// and column.
     Check {
         dir: PathBuf,
-        /// Also check that every INSERT INTO names a sink of this config.
+        /// Check the rules as this config's gateway runs them: every INSERT INTO names one of
+        /// its sinks, with the sinks' template expressions and `[rules] account_id`.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -31,6 +32,10 @@ pub(crate) enum RulesCommand {
         /// Print JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run the rule as this config's gateway would: with its sinks' template expressions
+        /// (shown as each row's "templates" in --json) and `[rules] account_id`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Loaded rules with their counters, and rule files refused, from the running gateway.
     Status {
@@ -44,9 +49,9 @@ pub(crate) enum RulesCommand {
 pub(crate) fn run(command: RulesCommand) -> Result<()> {
     match command {
         RulesCommand::Check { dir, config } => {
-            let sinks: Option<Vec<String>> = match config {
-                Some(c) => Some(Config::load(&c)?.sinks.keys().cloned().collect()),
-                None => None,
+            let ctx = match config {
+                Some(c) => Config::load(&c)?.rules_context(),
+                None => sitegate_rules::Context::default(),
             };
             let files = sitegate_rules::dir::scan(&dir)
                 .with_context(|| format!("reading {}", dir.display()))?;
@@ -56,13 +61,7 @@ pub(crate) fn run(command: RulesCommand) -> Result<()> {
             let errors = runtime()?.block_on(async {
                 let mut errors = Vec::new();
                 for (name, (path, text)) in &files {
-                    match sitegate_rules::check(
-                        name,
-                        &path.display().to_string(),
-                        text,
-                        sinks.as_deref(),
-                    )
-                    .await
+                    match sitegate_rules::check(name, &path.display().to_string(), text, &ctx).await
                     {
                         Ok(spec) => outln!(
                             "{}: ok ({} statement(s))",
@@ -87,7 +86,12 @@ pub(crate) fn run(command: RulesCommand) -> Result<()> {
             input,
             until,
             json,
+            config,
         } => {
+            let ctx = match config {
+                Some(c) => Config::load(&c)?.rules_context(),
+                None => sitegate_rules::Context::default(),
+            };
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let name = file
@@ -101,16 +105,18 @@ pub(crate) fn run(command: RulesCommand) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let outputs = runtime()?.block_on(async {
                 let spec =
-                    sitegate_rules::check(&name, &file.display().to_string(), &text, None).await?;
+                    sitegate_rules::check(&name, &file.display().to_string(), &text, &ctx).await?;
                 anyhow::Ok(sitegate_rules::sample::run(spec, &samples, None, until).await)
             })?;
             if json {
                 for o in &outputs {
                     let row: serde_json::Value = serde_json::from_slice(&o.payload)?;
-                    outln!(
-                        "{}",
-                        serde_json::json!({"sink": o.sink, "thing": o.thing, "row": row})
-                    );
+                    let mut line =
+                        serde_json::json!({"sink": o.sink, "thing": o.thing, "row": row});
+                    if !o.template_values.is_empty() {
+                        line["templates"] = serde_json::json!(o.template_values);
+                    }
+                    outln!("{line}");
                 }
             } else {
                 print!("{}", sitegate_rules::sample::table(&outputs));

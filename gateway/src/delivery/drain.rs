@@ -179,6 +179,7 @@ async fn reject(
                 topic: record.topic.clone(),
                 rule: record.rule.clone(),
                 payload: serde_json::to_vec(&body).unwrap_or_default().into(),
+                template_values: Vec::new(),
             })
         })
         .collect();

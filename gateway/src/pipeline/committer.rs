@@ -160,7 +160,7 @@ impl Committer {
             self.rules = Some(Rules::new(
                 None,
                 update.error_sink.clone(),
-                update.sinks.clone(),
+                update.context.clone(),
                 self.report.clone(),
             ));
         }

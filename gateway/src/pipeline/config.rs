@@ -31,4 +31,31 @@ pub struct RulesConfig {
     /// with the reason (IoT Core's errorAction). Without it they are logged and counted.
     #[serde(default)]
     pub error_sink: Option<String>,
+    /// The AWS account the rules belong to, 12 digits: what `accountid()` gives. A rule that
+    /// calls `accountid()` is refused without it.
+    #[serde(default)]
+    pub account_id: Option<String>,
+}
+
+impl RulesConfig {
+    /// Pure checks of the section's own keys; the message names the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (name, sql) in &self.sql {
+            if sql.trim().is_empty() {
+                return Err((
+                    format!("rules.sql.{name}"),
+                    "is empty; give the rule's SQL".into(),
+                ));
+            }
+        }
+        if let Some(account) = &self.account_id {
+            if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+                return Err((
+                    "rules.account_id".into(),
+                    format!("{account:?} is not an AWS account id (12 digits)"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }

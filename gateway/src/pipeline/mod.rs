@@ -163,23 +163,30 @@ pub struct PipelineUpdate {
     dir: Option<PathBuf>,
     inline: BTreeMap<String, String>,
     error_sink: Option<String>,
-    sinks: Vec<String>,
+    /// What the rules are checked against: the sinks, their template expressions, the account.
+    context: sitegate_rules::Context,
 }
 
 impl PipelineUpdate {
-    /// From the `[routes]` and `[rules]` sections and the names of the configured sinks.
+    /// From the `[routes]` and `[rules]` sections and what the configuration gives the rules
+    /// (`Config::rules_context`).
     pub fn new(
         routes: &BTreeMap<String, RouteConfig>,
         rules: &RulesConfig,
-        sinks: Vec<String>,
+        context: sitegate_rules::Context,
     ) -> PipelineUpdate {
         PipelineUpdate {
             routes: routes_of(routes),
             dir: rules.dir.clone(),
             inline: rules.sql.clone(),
             error_sink: rules.error_sink.clone(),
-            sinks,
+            context,
         }
+    }
+
+    /// The sinks rules may write to.
+    fn sinks(&self) -> &[String] {
+        self.context.sinks.as_deref().unwrap_or_default()
     }
 }
 
@@ -232,7 +239,7 @@ pub async fn start(
         let mut r = Rules::new(
             update.dir.clone(),
             update.error_sink.clone(),
-            update.sinks.clone(),
+            update.context.clone(),
             report.clone(),
         );
         for (name, text) in &update.inline {

@@ -150,6 +150,7 @@ impl Batches {
                 topic: o.topic,
                 rule: o.rule,
                 payload: Bytes::from(o.payload),
+                template_values: o.template_values,
             };
             self.push(&o.sink, entry);
         }
@@ -169,6 +170,7 @@ fn entry_of(m: &Message, route: &str) -> Entry {
         topic: m.topic.clone(),
         rule: route.to_owned(),
         payload: m.payload.clone(),
+        template_values: Vec::new(),
     }
 }
 

@@ -17,7 +17,8 @@ pub(super) struct Rules {
     pub(super) watcher: Option<Watcher>,
     pub(super) dir: Option<PathBuf>,
     pub(super) inline: BTreeMap<String, String>,
-    pub(super) sinks: Vec<String>,
+    /// What rules are checked against (sinks, their template expressions, the account).
+    pub(super) context: sitegate_rules::Context,
     pub(super) refused: BTreeMap<String, String>,
     pub(super) report: Arc<Mutex<RulesReport>>,
 }
@@ -31,7 +32,7 @@ impl Rules {
     pub(super) fn new(
         dir: Option<PathBuf>,
         error_sink: Option<String>,
-        sinks: Vec<String>,
+        context: sitegate_rules::Context,
         report: Arc<Mutex<RulesReport>>,
     ) -> Rules {
         Rules {
@@ -41,7 +42,7 @@ impl Rules {
             watcher: dir.as_deref().map(Watcher::new),
             dir,
             inline: BTreeMap::new(),
-            sinks,
+            context,
             refused: BTreeMap::new(),
             report,
         }
@@ -86,7 +87,7 @@ impl Rules {
         match change {
             Change::Upsert { name, file, text } => {
                 let shown = file.display().to_string();
-                let checked = sitegate_rules::check(&name, &shown, &text, Some(&self.sinks)).await;
+                let checked = sitegate_rules::check(&name, &shown, &text, &self.context).await;
                 self.install_checked(name, &shown, checked)
             }
             Change::Removed { name } => {
@@ -131,12 +132,16 @@ impl Rules {
         &mut self,
         update: &PipelineUpdate,
     ) -> Result<(), PipelineError> {
+        // New template expressions or a new account change what every rule computes: all of
+        // them are read again.
+        let reread = update.context.templates != self.context.templates
+            || update.context.account_id != self.context.account_id;
         let dir_changes = update.dir != self.dir;
         let mut upserts = Vec::new();
         for (name, text) in &update.inline {
-            if self.inline.get(name) != Some(text) {
+            if reread || self.inline.get(name) != Some(text) {
                 let label = inline_label(name).display().to_string();
-                let checked = sitegate_rules::check(name, &label, text, Some(&update.sinks)).await;
+                let checked = sitegate_rules::check(name, &label, text, &update.context).await;
                 upserts.push((name.clone(), text.clone(), checked));
             }
         }
@@ -165,14 +170,14 @@ impl Rules {
             }
         }
         for (rule, sinks) in &after {
-            if let Some(missing) = sinks.iter().find(|s| !update.sinks.contains(s)) {
+            if let Some(missing) = sinks.iter().find(|s| !update.sinks().contains(s)) {
                 return Err(PipelineError::SinkInUse {
                     rule: rule.clone(),
                     sink: missing.clone(),
                 });
             }
         }
-        self.sinks = update.sinks.clone();
+        self.context = update.context.clone();
         self.engine.set_errors(ErrorRouting {
             default_sink: update.error_sink.clone(),
         });
@@ -186,7 +191,8 @@ impl Rules {
         }
         self.inline
             .retain(|name, _| update.inline.contains_key(name));
-        if dir_changes {
+        if dir_changes || reread {
+            // A new watcher reports every file of the folder as new, so each is checked again.
             self.dir = update.dir.clone();
             self.watcher = self.dir.as_deref().map(Watcher::new);
             if let Ok(mut r) = self.report.lock() {

@@ -3,13 +3,23 @@
 //! Stored layout (all integers little-endian):
 //!
 //! ```text
-//! magic "SGB2" | key_id u32 | nonce [12] | first_id u64 | count u32 | created_ms u64
+//! magic "SGB3" | key_id u32 | nonce [12] | first_id u64 | count u32 | created_ms u64
 //!              | sealed_len u32 | sealed [sealed_len]
 //! ```
 //!
+//! The sealed part is LZ4 (size prepended) of `count` records, each
+//!
+//! ```text
+//! received_at_ms u64 | thing_name | cert_id | topic | rule | payload
+//!                    | values u32 | value × values        (each text: len u32 | bytes)
+//! ```
+//!
+//! where the values are the record's template values (`Entry::template_values`).
+//!
 //! `sealed_len` makes a block self-delimiting, so `spool recover` can find whole blocks in a
-//! damaged store's raw files. Blocks written before it (magic "SGB1", no `sealed_len`, the
-//! sealed part running to the end of the value) are still read.
+//! damaged store's raw files. Blocks written before it are still read: "SGB2" (records
+//! without template values) and "SGB1" (no `sealed_len` either, the sealed part running to
+//! the end of the value).
 //!
 //! The associated data is the sink name followed by the whole header, so a block moved to
 //! another sink's queue, renumbered, or given another key fails authentication. The header
@@ -21,8 +31,11 @@ use bytes::Bytes;
 use sitegate_plugins::{Entry, Record};
 
 /// The magic of blocks written now.
-pub const MAGIC: &[u8; 4] = b"SGB2";
-const MAGIC_V1: &[u8; 4] = b"SGB1";
+pub const MAGIC: &[u8; 4] = b"SGB3";
+/// The magic of each version a block may have, by version (1, 2, 3).
+pub const MAGICS: [&[u8; 4]; 3] = [b"SGB1", b"SGB2", MAGIC];
+/// The version of blocks written now.
+const VERSION: u8 = 3;
 const HEADER_LEN_V1: usize = 4 + 4 + 12 + 8 + 4 + 8;
 /// Bytes before the sealed part.
 pub const HEADER_LEN: usize = HEADER_LEN_V1 + 4;
@@ -31,12 +44,17 @@ const TAG_LEN: usize = 16;
 
 /// Bytes `entry` takes in a block before compression.
 pub fn encoded_len(entry: &Entry) -> usize {
-    8 + 5 * 4
+    8 + 6 * 4
         + entry.thing_name.len()
         + entry.cert_id.len()
         + entry.topic.len()
         + entry.rule.len()
         + entry.payload.len()
+        + entry
+            .template_values
+            .iter()
+            .map(|v| 4 + v.len())
+            .sum::<usize>()
 }
 
 /// The clear-text header of a stored block.
@@ -49,6 +67,8 @@ pub struct Header {
     pub created_ms: u64,
     /// Bytes of the sealed part; `None` in a version 1 block.
     pub sealed_len: Option<u32>,
+    /// 1, 2 or 3 (see the module docs).
+    pub version: u8,
 }
 
 impl Header {
@@ -67,11 +87,8 @@ impl Header {
     }
 
     fn write(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(if self.sealed_len.is_some() {
-            MAGIC
-        } else {
-            MAGIC_V1
-        });
+        let v = usize::from(self.version.clamp(1, VERSION)) - 1;
+        out.extend_from_slice(MAGICS[v]);
         out.extend_from_slice(&self.key_id.to_le_bytes());
         out.extend_from_slice(&self.nonce);
         out.extend_from_slice(&self.first_id.to_le_bytes());
@@ -96,12 +113,15 @@ impl Header {
     /// Parse a header at the start of `buf`, which may go on past the block; returns the
     /// header and the whole block's length (for a version 1 block, all of `buf`).
     pub fn parse_prefix(buf: &[u8]) -> Result<(Header, usize), BlockError> {
-        let v2 = match buf.get(..4) {
-            Some(m) if m == MAGIC => true,
-            Some(m) if m == MAGIC_V1 => false,
-            Some(_) => return Err(BlockError::BadMagic),
+        let version = match buf.get(..4) {
+            Some(m) => match MAGICS.iter().position(|magic| m == *magic) {
+                // At most 3: the position in a 3-element array.
+                Some(i) => i as u8 + 1,
+                None => return Err(BlockError::BadMagic),
+            },
             None => return Err(BlockError::Truncated(buf.len())),
         };
+        let v2 = version >= 2;
         let header_len = if v2 { HEADER_LEN } else { HEADER_LEN_V1 };
         if buf.len() < header_len + TAG_LEN {
             return Err(BlockError::Truncated(buf.len()));
@@ -131,6 +151,7 @@ impl Header {
                 count,
                 created_ms,
                 sealed_len,
+                version,
             },
             total,
         ))
@@ -169,8 +190,32 @@ pub fn seal(
     created_ms: u64,
     entries: &[Entry],
 ) -> Result<Vec<u8>, BlockError> {
+    seal_as(
+        VERSION, sink, cipher, key_id, nonce, first_id, created_ms, entries,
+    )
+}
+
+/// [`seal`] in block version 2 or 3 (the tests write older blocks with it).
+#[allow(clippy::too_many_arguments)]
+fn seal_as(
+    version: u8,
+    sink: &str,
+    cipher: &Aes256Gcm,
+    key_id: u32,
+    nonce: [u8; 12],
+    first_id: u64,
+    created_ms: u64,
+    entries: &[Entry],
+) -> Result<Vec<u8>, BlockError> {
     let plain_len: usize = entries.iter().map(encoded_len).sum();
     let mut plain = Vec::with_capacity(plain_len);
+    let put = |plain: &mut Vec<u8>, field: &[u8]| {
+        let len =
+            u32::try_from(field.len()).map_err(|_| BlockError::Content("field over 4 GiB"))?;
+        plain.extend_from_slice(&len.to_le_bytes());
+        plain.extend_from_slice(field);
+        Ok::<_, BlockError>(())
+    };
     for d in entries {
         plain.extend_from_slice(&d.received_at_ms.to_le_bytes());
         for field in [
@@ -180,10 +225,15 @@ pub fn seal(
             d.rule.as_bytes(),
             &d.payload,
         ] {
-            let len =
-                u32::try_from(field.len()).map_err(|_| BlockError::Content("field over 4 GiB"))?;
-            plain.extend_from_slice(&len.to_le_bytes());
-            plain.extend_from_slice(field);
+            put(&mut plain, field)?;
+        }
+        if version >= 3 {
+            let n = u32::try_from(d.template_values.len())
+                .map_err(|_| BlockError::Content("too many template values"))?;
+            plain.extend_from_slice(&n.to_le_bytes());
+            for v in &d.template_values {
+                put(&mut plain, v.as_bytes())?;
+            }
         }
     }
     let compressed = lz4_flex::compress_prepend_size(&plain);
@@ -196,6 +246,7 @@ pub fn seal(
         count: u32::try_from(entries.len()).map_err(|_| BlockError::Content("too many records"))?,
         created_ms,
         sealed_len: Some(sealed_len),
+        version,
     };
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 16);
     header.write(&mut out);
@@ -263,6 +314,19 @@ pub fn open(sink: &str, cipher: &Aes256Gcm, stored: &[u8]) -> Result<Vec<Record>
         let topic = r.string()?;
         let rule = r.string()?;
         let payload = Bytes::copy_from_slice(r.field()?);
+        let mut template_values = Vec::new();
+        if header.version >= 3 {
+            let n = r.u32()?;
+            // Each value takes at least its length's 4 bytes: a count beyond what is left
+            // is damage, not a reason to reserve memory.
+            if n as usize > r.buf.len() / 4 {
+                return Err(BlockError::Content("template values run past the block"));
+            }
+            template_values.reserve(n as usize);
+            for _ in 0..n {
+                template_values.push(r.string()?);
+            }
+        }
         let entry = Entry {
             received_at_ms,
             thing_name,
@@ -270,6 +334,7 @@ pub fn open(sink: &str, cipher: &Aes256Gcm, stored: &[u8]) -> Result<Vec<Record>
             topic,
             rule,
             payload,
+            template_values,
         };
         records.push(Record {
             id: header.first_id + i,
@@ -334,6 +399,7 @@ mod tests {
             topic: format!("dt/{thing}/t"),
             rule: "raw".into(),
             payload: Bytes::copy_from_slice(payload),
+            template_values: Vec::new(),
         }
     }
 
@@ -378,9 +444,11 @@ mod tests {
     #[test]
     fn version_1_blocks_are_still_read() {
         let entries = [entry("old", b"{}")];
-        let v2 = seal("q", &cipher(5), 1, [4; 12], 3, 5, &entries).unwrap();
+        // Versions 1 and 2 encode records alike; 1 has no `sealed_len`.
+        let v2 = seal_as(2, "q", &cipher(5), 1, [4; 12], 3, 5, &entries).unwrap();
         let mut h = Header::parse(&v2).unwrap();
         h.sealed_len = None;
+        h.version = 1;
         let mut v1 = Vec::new();
         h.write(&mut v1);
         let aad = associated_data("q", &v1);
@@ -396,6 +464,25 @@ mod tests {
             .unwrap();
         v1.extend_from_slice(&sealed);
         assert_eq!(open("q", &cipher(5), &v1).unwrap()[0].thing_name, "old");
+    }
+
+    /// Version 3 keeps each record's template values; a version 2 block (written before
+    /// them) is read with none, so its records render field names from their payload.
+    #[test]
+    fn template_values_are_kept_and_version_2_blocks_have_none() {
+        let mut with = entry("a", b"{}");
+        with.template_values = vec!["B".into(), String::new(), "été/x".into()];
+        let entries = [with.clone(), entry("b", b"{}")];
+        let v3 = seal("q", &cipher(6), 1, [5; 12], 7, 5, &entries).unwrap();
+        assert_eq!(&v3[..4], b"SGB3");
+        let back = open("q", &cipher(6), &v3).unwrap();
+        assert_eq!(back[0].entry, with);
+        assert!(back[1].template_values.is_empty());
+        let v2 = seal_as(2, "q", &cipher(6), 1, [5; 12], 7, 5, &entries).unwrap();
+        assert_eq!(&v2[..4], b"SGB2");
+        let back = open("q", &cipher(6), &v2).unwrap();
+        assert!(back[0].template_values.is_empty());
+        assert_eq!(back[0].payload, with.payload);
     }
 
     #[test]

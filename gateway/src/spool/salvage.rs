@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::block::{self, Header, MAGIC};
+use super::block::{self, Header, MAGICS};
 use super::{Spool, SpoolError};
 use sitegate_plugins::Entry;
 
@@ -137,12 +137,12 @@ async fn open_any(
     })
 }
 
-/// Offsets of the block magic in `bytes`.
+/// Offsets of a block magic (any version's) in `bytes`.
 fn candidates(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
     bytes
-        .windows(MAGIC.len())
+        .windows(4)
         .enumerate()
-        .filter(|(_, w)| *w == MAGIC)
+        .filter(|(_, w)| MAGICS.iter().any(|m| w == m))
         .map(|(i, _)| i)
 }
 

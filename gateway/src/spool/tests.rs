@@ -31,6 +31,7 @@ fn entry(n: u64) -> Entry {
         topic: format!("dt/pump-{}/t", n % 7),
         rule: "raw".into(),
         payload: Bytes::from(format!("{{\"n\":{n}}}")),
+        template_values: Vec::new(),
     }
 }
 

@@ -142,6 +142,7 @@ type = "iotcore"
 via = "nucleus"
 [rules]
 error_sink = "f"
+account_id = "123456789012"
 [rules.sql]
 NAME = "INSERT INTO f SELECT * FROM '#'"
 [greengrass]

@@ -19,7 +19,7 @@ const SUB_WAIT: Duration = Duration::from_secs(15);
 
 /// Publishes until the subscriber has it (its SUBSCRIBE may still be in flight), then returns
 /// what the subscriber printed.
-async fn publish_until_received(
+pub(crate) async fn publish_until_received(
     site: &Site,
     sub: tokio::process::Child,
     dev: &pki::IssuedDevice,

@@ -283,3 +283,49 @@ async fn rules_read_the_mqtt5_properties_and_the_address_a_device_published_with
         serde_json::json!({"v": 2, "ip": "127.0.0.1"})
     );
 }
+
+/// iot-substitution-templates, with real clients: "an expression in a substitution template is
+/// evaluated separately from the SELECT statement … You can only reference information present
+/// in the original payload, functions, and operators". A republish sink's topic
+/// `status/${upper(zone)}/${topic(2)}` takes `zone` from the device's message although the
+/// rule selects only `temp AS t`; mosquitto_sub, as a monitor, gets the record on that topic.
+/// The same expression on a route's sink is refused when the config loads
+/// (`fixtures/invalid/route-to-sink-with-expression.toml`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_template_is_evaluated_against_the_original_message() {
+    let site = Site::start_with(|c| {
+        let root = root(c);
+        std::fs::create_dir_all(root.join("rules")).unwrap();
+        std::fs::write(
+            root.join("rules/sirens.sql"),
+            "INSERT INTO sirens SELECT temp AS t FROM 'dt/+/freezer' WHERE temp > 0",
+        )
+        .unwrap();
+        c.rules.dir = Some(root.join("rules"));
+        c.sinks.insert(
+            "sirens".into(),
+            toml::from_str(
+                "type = \"republish\"\ntopic = \"status/${upper(zone)}/${topic(2)}\"\nqos = 1",
+            )
+            .unwrap(),
+        );
+    })
+    .await;
+    let sensor = site.device("sensor-1").await;
+    let monitor = site.device("monitor-1").await;
+    wait_until(&site, "the rule to load", |r| {
+        r.rules.iter().any(|r| r.name == "sirens")
+    })
+    .await;
+    let sub = site.subscribe(&monitor, "status/#", true, &["-C", "1"]);
+    let got = crate::edge::publish_until_received(
+        &site,
+        sub,
+        &sensor,
+        "dt/sensor-1/freezer",
+        r#"{"temp":5,"zone":"b7"}"#,
+    )
+    .await;
+    assert!(got.contains(r#"status/B7/sensor-1 {"t":5}"#), "{got:?}");
+    site.stop().await;
+}

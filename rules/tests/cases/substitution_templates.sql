@@ -1,0 +1,14 @@
+-- iot-substitution-templates: "${expression}, where expression can be any expression supported
+-- by AWS IoT in SELECT clauses", including "information present in the original message
+-- payload"; and "Because an expression in a substitution template is evaluated separately
+-- from the SELECT statement, you can't reference an alias created using the AS clause." The
+-- page's payload, with a rule that selects only `temp AS t`: the template reads `deviceid`
+-- and `coords`, which the rule does not select, and `t`, an alias, is no field of the
+-- original message (Undefined, rendered empty). `${topic()}` is the page's own example and is
+-- rendered from the record, so it is not among the computed values.
+-- template out: ${topic()}/republish/${deviceid}/${upper(deviceid)}/${coords.latitude}/${temp * 2}/${t}/${deviceid}
+-- input: {"topic":"my/iot/topic","thing":"d","payload":{"deviceid":"iot123","temp":54.98,"humidity":32.43,"coords":{"latitude":47.615694,"longitude":-122.3359976}},"ts":1}
+-- input: {"topic":"my/iot/topic","thing":"d","payload":{"temp":"7"},"ts":2}
+-- expect out: {"t":54.98,"@templates":["iot123","IOT123","47.615694","109.96",""]}
+-- expect out: {"t":"7","@templates":["","","","14",""]}
+INSERT INTO out SELECT temp AS t FROM 'my/iot/topic'
