@@ -181,9 +181,9 @@ impl Cell<'_> {
         }
     }
 
-    /// Whether the value may go in a column of the declared type. A Null fits any (a declared
-    /// column holds it as an Arrow null: a rule that declares a type gives up telling Null
-    /// from Undefined in that column).
+    /// Whether the value may go in a column of the declared type. A Null fits any: a batch in
+    /// which a declared column has one holds that column as JSON values, so the Null stays a
+    /// Null (an Arrow null is Undefined) and the other values keep their types.
     fn fits(&self, ty: ColumnType) -> bool {
         matches!(
             (ty, self),
@@ -239,6 +239,7 @@ impl<'m> Column<'m> {
 
     fn data_type(&self) -> DataType {
         match self.declared {
+            Some(_) if self.kinds & KIND_NULL != 0 => DataType::Utf8,
             Some(ColumnType::Double) => DataType::Float64,
             Some(ColumnType::BigInt) => DataType::Int64,
             Some(ColumnType::Text) => DataType::Utf8,
@@ -259,7 +260,7 @@ impl<'m> Column<'m> {
     /// nulls, and a field whose values have several types in the batch (Int and Decimal are one: numbers),
     /// so a `"5"` stays a String and a `5` an Int, whatever else the batch holds.
     fn holds_json(&self) -> bool {
-        self.declared.is_none()
+        (self.declared.is_none() || self.kinds & KIND_NULL != 0)
             && self.kinds != 0
             && self.kinds != KIND_BOOL
             && self.kinds != KIND_TEXT

@@ -1,0 +1,14 @@
+-- iot-sql-data-types: Null and Undefined are distinct, and a JSON `null` is a Null. A column
+-- declared with `-- @schema` keeps that: a `null` is output as `null`, a missing field is
+-- Undefined (its key left out), and the declared type is still enforced on other values
+-- (declared_bigint.sql). Run one message at a time and as one batch, a batch with a null in
+-- the column and one without give the same results. `+` with a Null is Undefined
+-- (operators_table_plus.sql, row "Other Value").
+-- @schema v DOUBLE, n BIGINT
+-- input: {"topic":"x","thing":"d","payload":{"v":null,"n":null},"ts":1}
+-- input: {"topic":"x","thing":"d","payload":{"v":2.5,"n":3},"ts":2}
+-- input: {"topic":"x","thing":"d","payload":{},"ts":3}
+-- expect out: {"v":null,"n":null,"null":true,"undef":false,"@left_out":["sum"]}
+-- expect out: {"v":2.5,"n":3,"null":false,"undef":false,"sum":5.5}
+-- expect out: {"null":false,"undef":true,"@left_out":["v","n","sum"]}
+INSERT INTO out SELECT v, n, isNull(v) AS null, isUndefined(v) AS undef, v + n AS sum FROM 'x'
