@@ -7,7 +7,8 @@
 //! - `record`: [`Record`] (an [`Entry`] and its spool id), one row with the identity of the device it came from, and its JSON envelope.
 //! - `sink`: the [`Sink`] trait, [`Ack`], [`SinkError`] (retryable or not).
 //! - `registry`: [`SinkConfig`] (`[sinks.NAME]`, tagged by `type`) and [`registry()`] of factories.
-//! - `template`: `${thing_name}`-style templates for partition keys and topics.
+//! - `template`: `${…}` templates for partition keys and topics: identity from the record, IoT
+//!   SQL expressions from the values the rule engine computed for it.
 //! - `topic`: MQTT topic filter matching for routes and rule sources.
 //! - `units`: sizes and periods as written in config.
 //! - `aws`: one rustls HTTPS client and the standard credential chain for the AWS SDK.

@@ -9,7 +9,8 @@
 //!
 //! Layout:
 //! - `dialect`: IoT SQL to DataFusion SQL, topic filters, metadata functions, windows, errors
-//!   with file, line and column.
+//!   with file, line and column; the `Context` a rule is read in (its sinks, their
+//!   substitution-template expressions, which become columns, and the account).
 //! - `batch`: payloads to Arrow batches (flattening, type inference, declared types, binary
 //!   payloads, MQTT 5 properties) and result rows back to JSON.
 //! - `engine`: plans, execution per micro-batch, windows, error records, per-rule status.
