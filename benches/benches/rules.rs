@@ -50,13 +50,12 @@ trace_id: None,
 }
 
 fn engine(rt: &tokio::runtime::Runtime, sql: &str) -> Engine {
+    engine_in(rt, sql, &Default::default())
+}
+
+fn engine_in(rt: &tokio::runtime::Runtime, sql: &str, ctx: &sitegate_rules::Context) -> Engine {
     let spec = rt
-        .block_on(sitegate_rules::check(
-            "bench",
-            "bench.sql",
-            sql,
-            &Default::default(),
-        ))
+        .block_on(sitegate_rules::check("bench", "bench.sql", sql, ctx))
         .unwrap();
     let mut engine = Engine::new(ErrorRouting::default());
     engine.install(spec);
@@ -93,6 +92,25 @@ fn rules(c: &mut Criterion) {
     println!("filter + projection keeps {selected} of {BATCH} rows");
     g.bench_function("filter_projection_with_decode", |b| {
         b.iter(|| rt.block_on(filter.process(&msgs, 0)))
+    });
+
+    // The same rule whose sink's topic template reads two fields the rule does not select
+    // and a function of one (iot-substitution-templates): three more columns per statement.
+    let ctx = sitegate_rules::Context {
+        templates: [(
+            "out".to_string(),
+            vec![
+                "fw".to_string(),
+                "upper(fw)".to_string(),
+                "humidity * 2".to_string(),
+            ],
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let mut templated = engine_in(&rt, "INSERT INTO out SELECT thing_name() AS thing, temp, humidity FROM 'dt/+/telemetry' WHERE temp > 0", &ctx);
+    g.bench_function("filter_projection_with_template", |b| {
+        b.iter(|| rt.block_on(templated.process(&msgs, 0)))
     });
 
     // `mode` is a number in some messages and a string in others (a text column); `state` is
