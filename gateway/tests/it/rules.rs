@@ -289,7 +289,8 @@ async fn rules_read_the_mqtt5_properties_and_the_address_a_device_published_with
 /// in the original payload, functions, and operators". A republish sink's topic
 /// `status/${upper(zone)}/${topic(2)}` takes `zone` from the device's message although the
 /// rule selects only `temp AS t`; mosquitto_sub, as a monitor, gets the record on that topic.
-/// The same expression on a route's sink is refused when the config loads
+/// A new template applied live is computed by the running rule. The same expression on a
+/// route's sink is refused when the config loads
 /// (`fixtures/invalid/route-to-sink-with-expression.toml`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sink_template_is_evaluated_against_the_original_message() {
@@ -327,5 +328,26 @@ async fn a_sink_template_is_evaluated_against_the_original_message() {
     )
     .await;
     assert!(got.contains(r#"status/B7/sensor-1 {"t":5}"#), "{got:?}");
+    // A live reconfiguration with another template: the running rule is read again and
+    // computes the new template's expressions.
+    let mut next = site.config.clone();
+    next.sinks.insert(
+        "sirens".into(),
+        toml::from_str(
+            "type = \"republish\"\ntopic = \"status/${lower(zone)}-${temp + 1}\"\nqos = 1",
+        )
+        .unwrap(),
+    );
+    site.live().apply(next).await.unwrap();
+    let sub = site.subscribe(&monitor, "status/#", true, &["-C", "1"]);
+    let got = crate::edge::publish_until_received(
+        &site,
+        sub,
+        &sensor,
+        "dt/sensor-1/freezer",
+        r#"{"temp":5,"zone":"B7"}"#,
+    )
+    .await;
+    assert!(got.contains(r#"status/b7-6 {"t":5}"#), "{got:?}");
     site.stop().await;
 }
