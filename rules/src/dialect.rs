@@ -352,10 +352,10 @@ fn statement(
                 "expected a sink name after INSERT INTO",
             )
         })?;
-    let body: Vec<TokenWithSpan> = if kw(3, Keyword::SET) {
+    let (body, vars): (Vec<TokenWithSpan>, Variables) = if kw(3, Keyword::SET) {
         set_clause(file, &tokens[significant[3]..])?
     } else if kw(3, Keyword::SELECT) {
-        tokens[significant[3]..].to_vec()
+        (tokens[significant[3]..].to_vec(), Vec::new())
     } else {
         return Err(err(
             file,
@@ -419,7 +419,8 @@ fn statement(
     } else if !templates.is_empty() {
         let mut extra = Vec::new();
         for (i, e) in templates.iter().enumerate() {
-            let tokens = template_expression(file, body.first(), &sink, e, &mut rewrite)?;
+            let at = (file, body.first(), sink.as_str());
+            let tokens = template_expression(at, e, &vars, &mut rewrite)?;
             extra.extend([Token::Comma, space(), Token::LParen]);
             extra.extend(tokens);
             extra.extend([
@@ -568,32 +569,46 @@ const MAX_VARIABLE: usize = 64;
 /// `SET @a = expr, @b = expr SELECT …` (iot-sql-set): the statement from its SELECT on, each
 /// `@name` replaced by its expression in parentheses (a variable may use the ones before it).
 /// A variable set twice, a bad name, or one used but not set is refused.
-fn set_clause(file: &str, tokens: &[TokenWithSpan]) -> Result<Vec<TokenWithSpan>, RuleError> {
-    let variable = |t: &Token| {
-        word(t)
-            .filter(|w| w.quote_style.is_none())
-            .and_then(|w| w.value.strip_prefix('@').map(str::to_string))
+/// A statement's SET variables: each name with its expression's tokens.
+type Variables = Vec<(String, Vec<TokenWithSpan>)>;
+
+/// `@name` in `t`, if it is a variable.
+fn variable(t: &Token) -> Option<String> {
+    word(t)
+        .filter(|w| w.quote_style.is_none())
+        .and_then(|w| w.value.strip_prefix('@').map(str::to_string))
+}
+
+/// Pushes `t` onto `out`, a variable as its expression in parentheses.
+fn substitute(
+    file: &str,
+    out: &mut Vec<TokenWithSpan>,
+    t: &TokenWithSpan,
+    vars: &[(String, Vec<TokenWithSpan>)],
+) -> Result<(), RuleError> {
+    let Some(name) = variable(&t.token) else {
+        out.push(t.clone());
+        return Ok(());
     };
-    let substitute = |out: &mut Vec<TokenWithSpan>,
-                      t: &TokenWithSpan,
-                      vars: &[(String, Vec<TokenWithSpan>)]|
-     -> Result<(), RuleError> {
-        let Some(name) = variable(&t.token) else {
-            out.push(t.clone());
-            return Ok(());
-        };
-        let Some((_, expr)) = vars.iter().find(|(n, _)| *n == name) else {
-            return Err(err(
-                file,
-                Some(t),
-                format!("@{name} is not set in this statement's SET clause"),
-            ));
-        };
-        out.push(TokenWithSpan::new(Token::LParen, t.span));
-        out.extend(expr.iter().cloned());
-        out.push(TokenWithSpan::new(Token::RParen, t.span));
-        Ok(())
+    let Some((_, expr)) = vars.iter().find(|(n, _)| *n == name) else {
+        return Err(err(
+            file,
+            Some(t),
+            format!("@{name} is not set in this statement's SET clause"),
+        ));
     };
+    out.push(TokenWithSpan::new(Token::LParen, t.span));
+    out.extend(expr.iter().cloned());
+    out.push(TokenWithSpan::new(Token::RParen, t.span));
+    Ok(())
+}
+
+/// `SET @a = …, @b = … SELECT …` (iot-sql-set): the body from SELECT on with every variable
+/// replaced by its expression, and the variables (for the sink's templates).
+fn set_clause(
+    file: &str,
+    tokens: &[TokenWithSpan],
+) -> Result<(Vec<TokenWithSpan>, Variables), RuleError> {
     let mut vars: Vec<(String, Vec<TokenWithSpan>)> = Vec::new();
     let mut i = 1;
     loop {
@@ -653,7 +668,7 @@ fn set_clause(file: &str, tokens: &[TokenWithSpan]) -> Result<Vec<TokenWithSpan>
                 Token::Word(w) if depth == 0 && w.keyword == Keyword::SELECT => break j,
                 _ => {}
             }
-            substitute(&mut expr, t, &vars)?;
+            substitute(file, &mut expr, t, &vars)?;
             j += 1;
         };
         if !expr.iter().any(|t| !is_trivia(&t.token)) {
@@ -670,9 +685,9 @@ fn set_clause(file: &str, tokens: &[TokenWithSpan]) -> Result<Vec<TokenWithSpan>
         }
         let mut body = Vec::with_capacity(tokens.len() - end);
         for t in &tokens[end..] {
-            substitute(&mut body, t, &vars)?;
+            substitute(file, &mut body, t, &vars)?;
         }
-        return Ok(body);
+        return Ok((body, vars));
     }
 }
 
@@ -1685,13 +1700,14 @@ fn remove_call(out: &mut Vec<Token>, start: usize, close: usize) {
 }
 
 /// One substitution-template expression of `sink`, rewritten like a select item of the
-/// statement it joins (whose `rewrite` learns the fields and metadata it reads). Its errors
-/// name the sink and the expression: the text is the configuration's, not the rule file's.
+/// statement it joins (whose `rewrite` learns the fields and metadata it reads), its `@v` the
+/// statement's SET variables (iot-sql-set: "Reference these variables in … substitution
+/// templates"). Its errors name the sink and the expression: the text is the configuration's,
+/// not the rule file's.
 fn template_expression(
-    file: &str,
-    at: Option<&TokenWithSpan>,
-    sink: &str,
+    (file, at, sink): (&str, Option<&TokenWithSpan>, &str),
     expr: &str,
+    vars: &[(String, Vec<TokenWithSpan>)],
     rewrite: &mut Rewrite,
 ) -> Result<Vec<Token>, RuleError> {
     let fail = |reason: String| {
@@ -1701,20 +1717,19 @@ fn template_expression(
             format!("sink {sink:?}: its template's `${{{expr}}}`: {reason}"),
         )
     };
-    let tokens = Tokenizer::new(&GenericDialect {}, expr)
+    let raw = Tokenizer::new(&GenericDialect {}, expr)
         .tokenize_with_location()
         .map_err(|e| fail(e.message))?;
+    let mut tokens = Vec::with_capacity(raw.len());
+    for t in &raw {
+        substitute(file, &mut tokens, t, vars).map_err(|e| fail(e.reason))?;
+    }
     let mut depth = 0i32;
-    for t in &tokens {
+    for t in &raw {
         match &t.token {
             Token::LParen => depth += 1,
             Token::RParen => depth -= 1,
             Token::Comma if depth == 0 => return Err(fail("one expression per `${…}`".into())),
-            Token::Word(w) if w.quote_style.is_none() && w.value.starts_with('@') => {
-                return Err(fail(
-                    "SET variables are not carried into templates here; use the expression".into(),
-                ))
-            }
             Token::Word(w) if depth == 0 && w.quote_style.is_none() => {
                 if matches!(w.keyword, Keyword::FROM | Keyword::SELECT | Keyword::WHERE) {
                     return Err(fail("a template holds one expression".into()));
