@@ -165,21 +165,25 @@ impl Template {
         &self.expressions
     }
 
-    /// Whether rendering may need the record's payload parsed as JSON (a field name, read from
-    /// it when the record carries no values).
-    pub fn uses_columns(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|p| matches!(p, Part::Expression { path: Some(_), .. }))
-    }
-
-    /// Render for `record`. `payload` is the record's parsed JSON payload when `uses_columns`.
-    pub fn render(&self, record: &Record, site: &str, payload: Option<&Value>) -> String {
+    /// Render for `record`. Its payload is parsed only for a field name the record carries no
+    /// value of.
+    pub fn render(&self, record: &Record, site: &str) -> String {
         let mut out = String::with_capacity(64);
         // Values computed for another template (records spooled before it changed) are not
         // this one's.
         let values = (record.template_values.len() == self.expressions.len())
             .then_some(&record.template_values);
+        let payload = match values {
+            None if self
+                .parts
+                .iter()
+                .any(|p| matches!(p, Part::Expression { path: Some(_), .. })) =>
+            {
+                record.payload_json()
+            }
+            _ => None,
+        };
+        let payload = payload.as_ref();
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
@@ -279,10 +283,8 @@ mod tests {
     fn renders_identity_topic_levels_and_columns() {
         let t = Template::parse("sitegate/${site}/${thing_name}/${topic(3)}/${zone}").unwrap();
         let rec = sample(1, "freezer-4", r#"{"zone":"B","t":-18}"#);
-        let payload = rec.payload_json();
-        assert!(t.uses_columns());
         assert_eq!(
-            t.render(&rec, "plant-7", payload.as_ref()),
+            t.render(&rec, "plant-7"),
             "sitegate/plant-7/freezer-4/temp/B"
         );
     }
@@ -292,23 +294,19 @@ mod tests {
     #[test]
     fn aws_iot_forms_render_from_the_record() {
         let rec = sample(1, "freezer-4", r#"{"coords":{"latitude":47.6},"t":-18}"#);
-        let payload = rec.payload_json();
         let t = Template::parse("${topic()}/republish").unwrap();
-        assert_eq!(
-            t.render(&rec, "s", None),
-            format!("{}/republish", rec.topic)
-        );
+        assert_eq!(t.render(&rec, "s"), format!("{}/republish", rec.topic));
         let t = Template::parse(
             "${clientid()}|${principal()}|${timestamp()}|${coords.latitude}|${coords.nope}",
         )
         .unwrap();
         assert_eq!(
-            t.render(&rec, "s", payload.as_ref()),
+            t.render(&rec, "s"),
             format!("freezer-4|{}|{}|47.6|", rec.cert_id, rec.received_at_ms)
         );
         // The page's Kinesis example: `"partitionKey": "${newuuid()}"`.
         let t = Template::parse("${newuuid()}").unwrap();
-        let (a, b) = (t.render(&rec, "s", None), t.render(&rec, "s", None));
+        let (a, b) = (t.render(&rec, "s"), t.render(&rec, "s"));
         assert_ne!(a, b, "a new one each time");
         let groups: Vec<usize> = a.split('-').map(str::len).collect();
         assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
@@ -331,23 +329,13 @@ mod tests {
         );
         let mut rec = sample(1, "f", r#"{"coords":{"lat":5}}"#);
         rec.entry.template_values = vec!["B".into(), "47.6".into(), "}".into()];
-        let payload = rec.payload_json();
-        assert_eq!(
-            t.render(&rec, "s", payload.as_ref()),
-            format!("{}/B/47.6/}}/B", rec.topic)
-        );
+        assert_eq!(t.render(&rec, "s"), format!("{}/B/47.6/}}/B", rec.topic));
         // No values (a route's record, a window's row): a field name is read from the
         // payload, another expression renders empty; so do values made for another template.
         rec.entry.template_values.clear();
-        assert_eq!(
-            t.render(&rec, "s", payload.as_ref()),
-            format!("{}//5//", rec.topic)
-        );
+        assert_eq!(t.render(&rec, "s"), format!("{}//5//", rec.topic));
         rec.entry.template_values = vec!["x".into()];
-        assert_eq!(
-            t.render(&rec, "s", payload.as_ref()),
-            format!("{}//5//", rec.topic)
-        );
+        assert_eq!(t.render(&rec, "s"), format!("{}//5//", rec.topic));
         assert!(Template::parse("${topic(2)}")
             .unwrap()
             .expressions()
@@ -361,7 +349,7 @@ mod tests {
     #[test]
     fn missing_levels_and_columns_render_empty() {
         let t = Template::parse("${topic(9)}-${nope}").unwrap();
-        assert_eq!(t.render(&sample(1, "a", "{}"), "s", None), "-");
+        assert_eq!(t.render(&sample(1, "a", "{}"), "s"), "-");
     }
 
     #[test]

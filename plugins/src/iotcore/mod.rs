@@ -324,14 +324,8 @@ fn outbound(
     let mut out = Vec::with_capacity(batch.len());
     let mut rejected = Vec::new();
     let mut grouped = Groups::default();
-    let uses_columns = config.topic.uses_columns();
     for (index, record) in batch.iter().enumerate() {
-        let parsed = if uses_columns {
-            record.payload_json()
-        } else {
-            None
-        };
-        let topic = config.topic.render(record, site, parsed.as_ref());
+        let topic = config.topic.render(record, site);
 
         let reason = if topic.is_empty() || topic.contains(['+', '#']) {
             Some(format!("topic {topic:?} is not a valid MQTT topic"))

@@ -213,17 +213,8 @@ impl KinesisSink {
     fn entries(&self, batch: &[Record]) -> (Vec<Entry>, Vec<Rejected>) {
         let mut singles = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
-        let uses_columns = self.config.partition_key.uses_columns();
         for (index, record) in batch.iter().enumerate() {
-            let payload = if uses_columns {
-                record.payload_json()
-            } else {
-                None
-            };
-            let mut key = self
-                .config
-                .partition_key
-                .render(record, &self.site, payload.as_ref());
+            let mut key = self.config.partition_key.render(record, &self.site);
             if key.is_empty() {
                 key = record.thing_name.clone();
             }

@@ -100,17 +100,8 @@ impl Sink for RepublishSink {
 
     async fn send(&mut self, batch: &[Record]) -> Result<Ack, SinkError> {
         let mut rejected = Vec::new();
-        let uses_columns = self.config.topic.uses_columns();
         for (index, record) in batch.iter().enumerate() {
-            let parsed = if uses_columns {
-                record.payload_json()
-            } else {
-                None
-            };
-            let topic = self
-                .config
-                .topic
-                .render(record, &self.site, parsed.as_ref());
+            let topic = self.config.topic.render(record, &self.site);
             if topic.is_empty() || topic.contains(['+', '#']) || topic.len() > usize::from(u16::MAX)
             {
                 rejected.push(Rejected {
