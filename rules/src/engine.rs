@@ -420,6 +420,14 @@ impl Engine {
         self.rules.remove(name).is_some()
     }
 
+    /// Whether a statement calls `traceid()`, so messages need a trace id
+    /// ([`Message::trace_id`]); otherwise none is made.
+    pub fn reads_trace_id(&self) -> bool {
+        self.rules
+            .values()
+            .any(|r| r.spec.statements.iter().any(|s| s.trace_id))
+    }
+
     /// Where undecodable messages go when a rule names no error sink of its own.
     pub fn set_errors(&mut self, errors: ErrorRouting) {
         self.errors = errors;

@@ -108,6 +108,7 @@ impl Committer {
         }
         if let Some(r) = self.rules.as_mut() {
             // Only messages some statement takes are copied for the engine; routes need none.
+            let traced = r.engine.reads_trace_id();
             let for_rules: Vec<Arc<sitegate_rules::Message>> = match self.filters.read() {
                 Ok(filters) => messages
                     .filter(|m| filters.for_rules(m))
@@ -120,7 +121,7 @@ impl Committer {
                             received_at_ms: i64::try_from(m.received_at_ms).unwrap_or(i64::MAX),
                             properties: m.properties.clone(),
                             source_ip: Some(Arc::clone(&m.source_ip)),
-                            trace_id: Some(rand::random()),
+                            trace_id: traced.then(rand::random),
                         })
                     })
                     .collect(),

@@ -221,7 +221,7 @@ async fn rules_read_the_mqtt5_properties_and_the_address_a_device_published_with
              get_mqtt_property('response_topic') AS rt, \
              get_mqtt_property('correlation_data') AS cd, \
              get_user_properties('site') AS site, get_user_properties('sitegate:qos0') AS mark, \
-             sourceip() AS ip FROM 'dt/+/props'",
+             sourceip() AS ip, length(traceid()) AS tl FROM 'dt/+/props'",
         )
         .unwrap();
         c.rules.dir = Some(root.join("rules"));
@@ -275,12 +275,13 @@ async fn rules_read_the_mqtt5_properties_and_the_address_a_device_published_with
             "rt": "reply/sensor-1",
             "cd": "cmVxLTE=",
             "site": ["north"],
-            "ip": "127.0.0.1"
+            "ip": "127.0.0.1",
+            "tl": 36
         })
     );
     assert_eq!(
         lines[1]["payload"],
-        serde_json::json!({"v": 2, "ip": "127.0.0.1"})
+        serde_json::json!({"v": 2, "ip": "127.0.0.1", "tl": 36})
     );
 }
 
