@@ -287,7 +287,7 @@ fn unevaluated_expression(
     match t
         .expressions()
         .iter()
-        .find(|e| !sitegate_rules::dialect::is_field_path(e))
+        .find(|e| !sitegate_plugins::template::is_field_path(e))
     {
         Some(e) => Err(ConfigError::invalid(
             key,

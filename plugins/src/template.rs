@@ -84,16 +84,8 @@ impl Template {
                             "template {source:?}: more than {MAX_EXPRESSIONS} expressions"
                         ));
                     }
-                    let key = |k: &str| {
-                        k.chars()
-                            .next()
-                            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                    };
-                    let path = text
-                        .split('.')
-                        .all(key)
-                        .then(|| text.split('.').map(str::to_string).collect());
+                    let path =
+                        is_field_path(text).then(|| text.split('.').map(str::to_string).collect());
                     Part::Expression { index, path }
                 }
             };
@@ -213,6 +205,17 @@ impl Template {
         }
         out
     }
+}
+
+/// Whether a template expression is a payload field's name (`zone`, `coords.lat`): what a
+/// record no rule computed values for can still render, from its payload.
+pub fn is_field_path(expr: &str) -> bool {
+    expr.split('.').all(|k| {
+        k.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
 }
 
 /// Where the `}` closing a `${` is in `after` (the text after `${`): the first `}` outside

@@ -73,17 +73,6 @@ pub struct Context {
     pub account_id: Option<String>,
 }
 
-/// Whether a template expression is a payload field's name (`zone`, `coords.lat`): what a
-/// windowed statement can still give, from its output row.
-pub fn is_field_path(expr: &str) -> bool {
-    expr.split('.').all(|k| {
-        k.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    })
-}
-
 /// The whole payload as bytes, for `*` as a function's argument (`encode(*, 'base64')`,
 /// binary-payloads).
 pub const PAYLOAD: &str = "__payload";
@@ -404,7 +393,10 @@ fn statement(
     if window.is_some() {
         // A window's row comes from many messages: a field is read from the output row when
         // the sink renders it; nothing else has one message to be evaluated against.
-        if let Some(e) = templates.iter().find(|e| !is_field_path(e)) {
+        if let Some(e) = templates
+            .iter()
+            .find(|e| !sitegate_plugins::template::is_field_path(e))
+        {
             return Err(err(
                 file,
                 body.first(),

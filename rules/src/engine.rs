@@ -694,14 +694,11 @@ fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Optio
     })
 }
 
-/// A template value as it is substituted: a String as it is, another value in its string form
-/// (Arrays and Objects as JSON), Undefined and Null as nothing.
+/// A template value as it is substituted: its string form, Undefined and Null as nothing.
 fn template_text(v: Option<Value>) -> String {
-    match v {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s,
-        Some(other) => other.to_string(),
-    }
+    v.as_ref()
+        .and_then(crate::values::value_text)
+        .unwrap_or_default()
 }
 
 /// The error record for a message a rule could not take, shaped like IoT Core's errorAction.

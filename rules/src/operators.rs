@@ -30,7 +30,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use crate::values::{
-    booleans, decimal_text, decimals, json_field, parse_decimal, texts, values_equal, values_of,
+    booleans, decimals, json_field, parse_decimal, texts, value_text, values_equal, values_of,
     whole, Kind,
 };
 use serde_json::Value;
@@ -493,16 +493,6 @@ pub(crate) fn apply(op: Operator, x: Option<&Value>, y: Option<&Value>) -> Optio
         Operator::NotEq => !values_equal(x?, y?),
         _ => return arithmetic_value(op, x?, y?),
     }))
-}
-
-/// One value's string form, for `+` with a String (Null has none).
-fn value_text(v: &Value) -> Option<String> {
-    Some(match v {
-        Value::Null => return None,
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.as_f64().map_or(n.to_string(), decimal_text),
-        other => other.to_string(),
-    })
 }
 
 /// An arithmetic operator on two values of any type, by the same tables as the typed columns.

@@ -133,6 +133,18 @@ pub(crate) fn whole(v: f64) -> Option<i64> {
     (v.fract() == 0.0 && v.abs() < EXACT).then_some(v as i64)
 }
 
+/// One value's string form (the page's "To string"), as [`texts`] gives a column's: Ints in
+/// standard notation (every digit, beyond 2^53 too), Decimals as [`decimal_text`], Arrays and
+/// Objects as their JSON; Null has none.
+pub(crate) fn value_text(v: &Value) -> Option<String> {
+    Some(match v {
+        Value::Null => return None,
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_f64() => n.as_f64().map_or(n.to_string(), decimal_text),
+        other => other.to_string(),
+    })
+}
+
 /// Each value's string form (the page's "To string"): Ints in standard notation, Decimals as
 /// [`decimal_text`], Booleans as "true"/"false", Arrays and Objects as their JSON; Null and
 /// Undefined have none.
@@ -456,6 +468,21 @@ mod tests {
         ] {
             assert_eq!(parse_decimal(s), None, "{s:?}");
         }
+    }
+
+    /// iot-sql-data-types, "To string": an Int in standard notation, so one beyond 2^53 keeps
+    /// every digit; a whole Decimal is an Int in SQL version 2016-03-23.
+    #[test]
+    fn a_value_has_one_string_form() {
+        let text = |v: Value| value_text(&v);
+        assert_eq!(
+            text(serde_json::json!(9007199254740993i64)).unwrap(),
+            "9007199254740993"
+        );
+        assert_eq!(text(serde_json::json!(10.0)).unwrap(), "10");
+        assert_eq!(text(serde_json::json!(2.5)).unwrap(), "2.5");
+        assert_eq!(text(serde_json::json!([1, "a"])).unwrap(), "[1,\"a\"]");
+        assert_eq!(text(Value::Null), None);
     }
 
     #[test]
