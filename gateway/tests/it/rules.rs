@@ -27,6 +27,14 @@ fn root(config: &sitegate::Config) -> PathBuf {
     config.data_dir.parent().unwrap().to_path_buf()
 }
 
+/// Writes rule `name` into the site's rules folder and points `[rules] dir` at it.
+fn rule_file(config: &mut sitegate::Config, name: &str, sql: &str) {
+    let dir = root(config).join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.sql")), sql).unwrap();
+    config.rules.dir = Some(dir);
+}
+
 async fn report(site: &Site) -> RulesReport {
     match site.admin(AdminRequest::RulesStatus).await {
         AdminResponse::Rules { rules } => rules,
@@ -49,13 +57,11 @@ async fn wait_until<F: Fn(&RulesReport) -> bool>(site: &Site, what: &str, check:
 async fn rules_run_reload_live_and_refuse_broken_files() {
     let site = Site::start_with(|c| {
         let root = root(c);
-        std::fs::create_dir_all(root.join("rules")).unwrap();
-        std::fs::write(
-            root.join("rules/alerts.sql"),
+        rule_file(
+            c,
+            "alerts",
             "INSERT INTO alerts\nSELECT thing_name() AS thing, temp, topic(3) AS kind\nFROM 'dt/+/temp'\nWHERE temp > 0\n",
-        )
-        .unwrap();
-        c.rules.dir = Some(root.join("rules"));
+        );
         c.rules.error_sink = Some("errors".into());
         c.sinks.insert("alerts".into(), file_sink(root.join("out/alerts.jsonl")));
         c.sinks.insert("errors".into(), file_sink(root.join("out/errors.jsonl")));
@@ -213,18 +219,16 @@ fn the_example_rules_check_against_the_example_config() {
 async fn rules_read_the_mqtt5_properties_and_the_address_a_device_published_with() {
     let site = Site::start_with(|c| {
         let root = root(c);
-        std::fs::create_dir_all(root.join("rules")).unwrap();
-        std::fs::write(
-            root.join("rules/props.sql"),
+        rule_file(
+            c,
+            "props",
             "INSERT INTO props SELECT v, get_mqtt_property('content_type') AS ct, \
              get_mqtt_property('format_indicator') AS fmt, \
              get_mqtt_property('response_topic') AS rt, \
              get_mqtt_property('correlation_data') AS cd, \
              get_user_properties('site') AS site, get_user_properties('sitegate:qos0') AS mark, \
              sourceip() AS ip, length(traceid()) AS tl FROM 'dt/+/props'",
-        )
-        .unwrap();
-        c.rules.dir = Some(root.join("rules"));
+        );
         c.sinks
             .insert("props".into(), file_sink(root.join("out/props.jsonl")));
     })
@@ -296,14 +300,11 @@ async fn rules_read_the_mqtt5_properties_and_the_address_a_device_published_with
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sink_template_is_evaluated_against_the_original_message() {
     let site = Site::start_with(|c| {
-        let root = root(c);
-        std::fs::create_dir_all(root.join("rules")).unwrap();
-        std::fs::write(
-            root.join("rules/sirens.sql"),
+        rule_file(
+            c,
+            "sirens",
             "INSERT INTO sirens SELECT temp AS t FROM 'dt/+/freezer' WHERE temp > 0",
-        )
-        .unwrap();
-        c.rules.dir = Some(root.join("rules"));
+        );
         c.sinks.insert(
             "sirens".into(),
             toml::from_str(
