@@ -320,15 +320,12 @@ async fn a_sink_template_is_evaluated_against_the_original_message() {
         r.rules.iter().any(|r| r.name == "sirens")
     })
     .await;
-    let sub = site.subscribe(&monitor, "status/#", true, &["-C", "1"]);
-    let got = crate::edge::publish_until_received(
-        &site,
-        sub,
-        &sensor,
-        "dt/sensor-1/freezer",
-        r#"{"temp":5,"zone":"b7"}"#,
-    )
-    .await;
+    // What the monitor, subscribed to `status/#`, gets for one freezer reading.
+    let heard = |payload: &'static str| {
+        let sub = site.subscribe(&monitor, "status/#", true, &["-C", "1"]);
+        crate::edge::publish_until_received(&site, sub, &sensor, "dt/sensor-1/freezer", payload)
+    };
+    let got = heard(r#"{"temp":5,"zone":"b7"}"#).await;
     assert!(got.contains(r#"status/B7/sensor-1 {"t":5}"#), "{got:?}");
     // A live reconfiguration with another template: the running rule is read again and
     // computes the new template's expressions.
@@ -341,15 +338,7 @@ async fn a_sink_template_is_evaluated_against_the_original_message() {
         .unwrap(),
     );
     site.live().apply(next).await.unwrap();
-    let sub = site.subscribe(&monitor, "status/#", true, &["-C", "1"]);
-    let got = crate::edge::publish_until_received(
-        &site,
-        sub,
-        &sensor,
-        "dt/sensor-1/freezer",
-        r#"{"temp":5,"zone":"B7"}"#,
-    )
-    .await;
+    let got = heard(r#"{"temp":5,"zone":"B7"}"#).await;
     assert!(got.contains(r#"status/b7-6 {"t":5}"#), "{got:?}");
     site.stop().await;
 }
