@@ -17,7 +17,10 @@
 #
 # Usage: benches/compare.sh [DEVICES ...]          (default: 100 1000)
 # Environment: DURATION seconds of publishing (15), RATE messages/s across the fleet (0: as fast
-# as PUBACKs come back), INFLIGHT per device (16), OUT JSON file (target/compare.json).
+# as PUBACKs come back), INFLIGHT per device (16), OUT JSON file (target/compare.json), PEERS
+# the brokers to run beside sitegate ("mosquitto mosquitto-ingest rumqttd"; empty for sitegate
+# alone, to compare two sitegate builds or settings), SITEGATE_EXTRA TOML lines added to
+# sitegate's configuration (for an A/B of one setting in one binary).
 # Needs: mosquitto, mosquitto-clients, python3 (scripts/test installs them). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -181,6 +184,7 @@ rotate_bytes = "4GiB"
 [spool.encryption]
 key_file = "$WORK/pki/spool.kek"
 EOF
+  [ -z "${SITEGATE_EXTRA:-}" ] || printf '%s\n' "$SITEGATE_EXTRA" >> "$dir/sitegate.toml"
   RUST_LOG=warn "$BIN" run --config "$dir/sitegate.toml" 2>"$dir/gateway.log" & local gpid=$!; PIDS+=("$gpid")
   sample_anon "$gpid" "$WORK/sitegate-$n.anon" & PIDS+=("$!")
   wait_port "$port"
@@ -198,9 +202,14 @@ EOF
 
 for n in "${SIZES[@]}"; do
   echo "compare.sh: $n devices, ${DURATION}s, rate ${RATE} (0 = as fast as acknowledged)" >&2
-  run_mosquitto "$n" mosquitto 1
-  run_mosquitto "$n" mosquitto-ingest 0
-  [ -z "$RUMQTTD" ] || run_rumqttd "$n"
+  for peer in ${PEERS-mosquitto mosquitto-ingest rumqttd}; do
+    case $peer in
+      mosquitto) run_mosquitto "$n" mosquitto 1 ;;
+      mosquitto-ingest) run_mosquitto "$n" mosquitto-ingest 0 ;;
+      rumqttd) [ -z "$RUMQTTD" ] || run_rumqttd "$n" ;;
+      *) echo "compare.sh: unknown peer '$peer' in PEERS" >&2; exit 2 ;;
+    esac
+  done
   run_sitegate "$n"
 done
 

@@ -148,6 +148,11 @@ pub struct Harness {
 const SESSION_LIMIT: Duration = Duration::from_secs(2);
 
 impl Harness {
+    /// The context sessions run in.
+    pub fn context(&self) -> Arc<EdgeContext> {
+        Arc::clone(&self.ctx)
+    }
+
     pub fn new() -> Result<Harness, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let db = sled::Config::new().path(dir.path().join("db")).open()?;

@@ -383,6 +383,12 @@ impl Identity {
     }
 }
 
+/// Whether `der`'s validity period holds now. A full handshake checks it; a resumed TLS
+/// session (a ticket lasts hours) does not, so the listener asks this of a resumed one.
+pub fn valid_now(der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(der).is_ok_and(|(_, cert)| cert.validity().is_valid())
+}
+
 /// The thing a subject names: its one CN, alone in its RDN. With two (or a CN inside a
 /// multi-valued RDN) which one names the thing depends on who reads the certificate.
 fn thing_of(subject: &x509_parser::x509::X509Name<'_>) -> Result<String, PkiError> {
@@ -474,6 +480,26 @@ mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
     use std::os::unix::fs::PermissionsExt;
+
+    /// What the listener asks of a resumed TLS session's certificate.
+    #[test]
+    fn validity_is_read_from_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "site", &[]).unwrap();
+        let der = |d: &IssuedDevice| {
+            rustls::pki_types::CertificateDer::from_pem_file(&d.cert)
+                .unwrap()
+                .to_vec()
+        };
+        let now = issue_device_with_validity("a", &ca, &dir.path().join("a"), -1, 5).unwrap();
+        let expired = issue_device_with_validity("b", &ca, &dir.path().join("b"), -10, 5).unwrap();
+        let later = issue_device_with_validity("c", &ca, &dir.path().join("c"), 2, 5).unwrap();
+        assert!(valid_now(&der(&now)));
+        assert!(!valid_now(&der(&expired)));
+        assert!(!valid_now(&der(&later)));
+        assert!(!valid_now(b"not a certificate"));
+    }
 
     #[test]
     fn cert_id_matches_openssl_fingerprint() {

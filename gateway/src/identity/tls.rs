@@ -63,6 +63,10 @@ pub fn load_crls(paths: &[PathBuf]) -> Result<Crls, TlsSetupError> {
     Ok(crls)
 }
 
+/// Tickets sent after a TLS 1.3 handshake: a device reconnects with one, and each costs the
+/// server an encryption (rustls sends 2 by default).
+const TLS13_TICKETS: usize = 1;
+
 /// Builds the listener's acceptor from PEM files: the client CAs (`ca`), the server
 /// certificate chain (`cert`) and its private key (`key`), the revocation lists `crls`, and
 /// the claim CAs of `[auth.enrollment]`, whose certificates [`ClaimCheck`] tells apart.
@@ -100,12 +104,21 @@ pub fn acceptor(
     let verifier = builder
         .build()
         .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+    // Session tickets, so a device that comes back (a reconnect storm after a network blip)
+    // resumes without a certificate signature and chain check on either side. The ticket
+    // keys are this acceptor's own, made here: a revocation list change builds a new
+    // acceptor, so no ticket issued before it resumes, and a resumed connection still
+    // carries the device's certificate, which the CONNECT checks read as for a full
+    // handshake (registry state, policy).
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+    config.send_tls13_tickets = TLS13_TICKETS;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -538,6 +538,90 @@ async fn a_revocation_list_is_followed_live() {
     site.stop().await;
 }
 
+/// A device that reconnects resumes its TLS session from a ticket (no certificate signature
+/// or chain check on either side, which is what a reconnect storm costs), and is still the
+/// thing its certificate names. A revocation list change makes every ticket issued before it
+/// useless, so a listed certificate cannot come back on one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_resumes_its_tls_session_until_the_revocation_list_changes() {
+    let site = Site::start_with(|c| {
+        let pki = c.listener.ca.parent().unwrap().to_path_buf();
+        let crl = pki.join("devices.crl");
+        write_crl(&pki, 1, &[], &crl);
+        c.listener.crl = vec![crl];
+    })
+    .await;
+    let pump = site.device("pump-1").await;
+    let config = std::sync::Arc::new(site.credentials(&pump).client_config().unwrap());
+    let kind = |c: &raw::RawClient| c.tls.get_ref().1.handshake_kind();
+    let connect = |config| async {
+        let mut c = raw::RawClient::tls_with(site.addr, config).await;
+        c.send(&raw::connect(&pump.thing, false, 0x02)).await;
+        let ack = c.read().await;
+        (c, ack)
+    };
+
+    let (first, ack) = connect(std::sync::Arc::clone(&config)).await;
+    assert_eq!(kind(&first), Some(rustls::HandshakeKind::Full));
+    assert_eq!(ack.expect("CONNACK").body[1], 0);
+    drop(first);
+    // More devices than rustls's default in-memory session cache holds (256) come and go
+    // meanwhile: a server-side cache would have forgotten the first one by now; a ticket,
+    // which the device holds, still resumes.
+    let creds = site.credentials(&pump);
+    for _ in 0..10 {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..30 {
+            let config = std::sync::Arc::new(creds.client_config().unwrap());
+            let addr = site.addr;
+            batch.spawn(async move {
+                let mut c = raw::RawClient::tls_with(addr, config).await;
+                // Long enough for the server's ticket to be made and sent.
+                let _ = tokio::time::timeout(Duration::from_millis(200), c.read()).await;
+            });
+        }
+        while batch.join_next().await.is_some() {}
+    }
+    let (again, ack) = connect(std::sync::Arc::clone(&config)).await;
+    assert_eq!(kind(&again), Some(rustls::HandshakeKind::Resumed));
+    assert_eq!(
+        ack.expect("CONNACK").body[1],
+        0,
+        "a resumed session is the same thing"
+    );
+
+    let failed = site.snapshot().handshakes_failed;
+    write_crl(
+        &site.pki_dir(),
+        2,
+        &[serial_of(&pump)],
+        &site.pki_dir().join("devices.crl"),
+    );
+    // The acceptor is rebuilt before the listed certificate's connection is cut off.
+    site.wait_for("the listed certificate's connection to be cut off", |s| {
+        s.connections_open == 0 && s.revoked_disconnects == 1
+    })
+    .await;
+    drop(again);
+    // The ticket was issued by the acceptor before the list changed: a full handshake, refused.
+    let tcp = tokio::net::TcpStream::connect(site.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&config))
+        .connect(name, tcp)
+        .await;
+    if let Ok(tls) = tls {
+        assert_ne!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+    }
+    site.wait_for("the handshake to be refused", |s| {
+        s.handshakes_failed == failed + 1
+    })
+    .await;
+    site.stop().await;
+}
+
 /// The device's publish fails, the gateway counts one failed handshake and no session.
 async fn assert_refused_at_handshake(site: &Site, device: &pki::IssuedDevice) {
     let out = site.publish(device, "dt/sensor-1/t", "x", 1, true).await;

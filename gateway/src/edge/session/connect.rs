@@ -11,7 +11,7 @@ use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill,
     LastWillProperties, Packet, QoS,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -26,7 +26,7 @@ use crate::topic::check_topic;
 
 use super::close::{release_link, Flow};
 use super::saved::{self, SavedSession};
-use super::{Conn, EdgeContext, Limits, Session, READ_BUFFER, WRITE_BUFFER};
+use super::{Conn, EdgeContext, Limits, Session};
 
 /// How long a new connection waits for an old one with the same client id to close.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
@@ -38,8 +38,8 @@ where
 {
     let mut conn = Conn {
         stream,
-        rbuf: BytesMut::with_capacity(READ_BUFFER),
-        wbuf: BytesMut::with_capacity(WRITE_BUFFER),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
         write_timeout: ctx.limits.write_timeout,
     };
     // The phases that run once are boxed: a future is as large as its largest await, so
@@ -409,7 +409,7 @@ pub(super) async fn read_connect<S: AsyncRead + Unpin>(
             Err(CodecError::UnsupportedVersion(level)) => return Err(ConnectError::Version(level)),
             Err(e) => return Err(ConnectError::Other(e.to_string())),
         }
-        match conn.stream.read_buf(&mut conn.rbuf).await {
+        match conn.read().await {
             Ok(0) => return Err(ConnectError::Other("end of stream".into())),
             Ok(_) => {}
             Err(e) => return Err(ConnectError::Other(e.to_string())),

@@ -11,7 +11,7 @@ use rumqttd::protocol::{
     RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -64,6 +64,7 @@ impl Session {
                 if let Flow::Close(c) = self.handle_input(&mut conn.rbuf, &mut conn.wbuf).await {
                     return c;
                 }
+                conn.release_read_buffer();
             } else {
                 tokio::select! {
                     biased;
@@ -83,7 +84,7 @@ impl Session {
                         }
                         Box::pin(self.keep_subscriptions()).await;
                     }
-                    read = tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.rbuf)) => {
+                    read = tokio::time::timeout_at(deadline, conn.read()) => {
                         match read {
                             Err(_) => return Close::KeepAlive,
                             Ok(Err(e)) => return Close::Network(e.to_string()),
@@ -93,6 +94,7 @@ impl Session {
                                 if let Flow::Close(c) = self.handle_input(&mut conn.rbuf, &mut conn.wbuf).await {
                                     return c;
                                 }
+                                conn.release_read_buffer();
                             }
                         }
                     }

@@ -77,7 +77,16 @@ impl RawClient {
         addr: std::net::SocketAddr,
         creds: &sitegate::fleet::DeviceCredentials,
     ) -> RawClient {
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.client_config().unwrap()));
+        RawClient::tls_with(addr, Arc::new(creds.client_config().unwrap())).await
+    }
+
+    /// A TLS connection with `config`, which keeps the session tickets it was given (one
+    /// config used twice resumes).
+    pub(crate) async fn tls_with(
+        addr: std::net::SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> RawClient {
+        let connector = tokio_rustls::TlsConnector::from(config);
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let tls = connector.connect(name, tcp).await.expect("handshake");
