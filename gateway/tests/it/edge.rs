@@ -473,6 +473,17 @@ fn write_crl(pki: &std::path::Path, number: u64, serials: &[Vec<u8>], out: &std:
     std::fs::rename(&tmp, out).unwrap();
 }
 
+/// A gateway following `pki/devices.crl`, which lists nothing yet.
+async fn site_with_an_empty_crl() -> Site {
+    Site::start_with(|c| {
+        let pki = c.listener.ca.parent().unwrap().to_path_buf();
+        let crl = pki.join("devices.crl");
+        write_crl(&pki, 1, &[], &crl);
+        c.listener.crl = vec![crl];
+    })
+    .await
+}
+
 fn serial_of(device: &pki::IssuedDevice) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject as _;
     let der = rustls::pki_types::CertificateDer::from_pem_file(&device.cert).unwrap();
@@ -485,13 +496,7 @@ fn serial_of(device: &pki::IssuedDevice) -> Vec<u8> {
 /// registry says why); an unreadable list keeps the one in force; other devices carry on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revocation_list_is_followed_live() {
-    let site = Site::start_with(|c| {
-        let pki = c.listener.ca.parent().unwrap().to_path_buf();
-        let crl = pki.join("devices.crl");
-        write_crl(&pki, 1, &[], &crl);
-        c.listener.crl = vec![crl];
-    })
-    .await;
+    let site = site_with_an_empty_crl().await;
     let crl = site.pki_dir().join("devices.crl");
     let pump = site.device("pump-1").await;
     let door = site.device("door-1").await;
@@ -544,13 +549,7 @@ async fn a_revocation_list_is_followed_live() {
 /// useless, so a listed certificate cannot come back on one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_resumes_its_tls_session_until_the_revocation_list_changes() {
-    let site = Site::start_with(|c| {
-        let pki = c.listener.ca.parent().unwrap().to_path_buf();
-        let crl = pki.join("devices.crl");
-        write_crl(&pki, 1, &[], &crl);
-        c.listener.crl = vec![crl];
-    })
-    .await;
+    let site = site_with_an_empty_crl().await;
     let pump = site.device("pump-1").await;
     let config = std::sync::Arc::new(site.credentials(&pump).client_config().unwrap());
     let kind = |c: &raw::RawClient| c.tls.get_ref().1.handshake_kind();
