@@ -546,7 +546,8 @@ async fn a_revocation_list_is_followed_live() {
 /// A device that reconnects resumes its TLS session from a ticket (no certificate signature
 /// or chain check on either side, which is what a reconnect storm costs), and is still the
 /// thing its certificate names. A revocation list change makes every ticket issued before it
-/// useless, so a listed certificate cannot come back on one.
+/// useless, so a listed certificate cannot come back on one. RFC 8446 §2.2 (resumption and
+/// PSK) and §4.6.1 (NewSessionTicket); the client is rustls's, as in the simulator.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_resumes_its_tls_session_until_the_revocation_list_changes() {
     let site = site_with_an_empty_crl().await;

@@ -18,7 +18,7 @@ use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
     PingResp, PubAck, PubAckReason, QoS, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use crate::auth::enrollment::{answer_payload, thing_of_topic, Enrollment, Outcome, ENROLL_PREFIX};
@@ -26,7 +26,7 @@ use crate::edge::codec::{publish_packet, Codec, CodecError, Version};
 use crate::escape::Escaped;
 
 use super::connect::{granted_keep_alive, read_connect, refusal, ConnectError};
-use super::{Conn, EdgeContext, READ_BUFFER};
+use super::{Conn, EdgeContext};
 
 /// The largest packet a claim connection may send: a CSR of a 4096-bit RSA key is under 2 KiB.
 const CLAIM_MAX_PACKET: usize = 16 * 1024;
@@ -48,7 +48,7 @@ pub(crate) async fn run_claim<S>(
     ctx.stats.claim_sessions_open.fetch_add(1, Relaxed);
     let mut conn = Conn {
         stream,
-        rbuf: BytesMut::with_capacity(READ_BUFFER),
+        rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         write_timeout: ctx.limits.write_timeout,
     };
@@ -238,7 +238,7 @@ impl Claim<'_> {
                     // Looked at again at the loop's top, which reads the decision.
                     epoch.mark_changed();
                 }
-                read = tokio::time::timeout(idle, conn.stream.read_buf(&mut conn.rbuf)) => match read {
+                read = tokio::time::timeout(idle, conn.read()) => match read {
                     Err(_) => return Some(DisconnectReasonCode::KeepAliveTimeout),
                     Ok(Ok(0)) | Ok(Err(_)) => return None,
                     Ok(Ok(_)) => {}

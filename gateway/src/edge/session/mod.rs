@@ -131,14 +131,9 @@ impl<S: AsyncRead + Unpin> Conn<S> {
         std::future::poll_fn(|cx| {
             let mut chunk = [const { std::mem::MaybeUninit::<u8>::uninit() }; READ_BUFFER];
             let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
-            match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
-                std::task::Poll::Ready(Ok(())) => {
-                    rbuf.extend_from_slice(read.filled());
-                    std::task::Poll::Ready(Ok(read.filled().len()))
-                }
-                std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
-                std::task::Poll::Pending => std::task::Poll::Pending,
-            }
+            std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+            rbuf.extend_from_slice(read.filled());
+            std::task::Poll::Ready(Ok(read.filled().len()))
         })
         .await
     }
