@@ -109,7 +109,7 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `[listener] mqtts` and the admin socket named by the config.
     pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-        let mqtts = TcpListener::bind(&config.listener.mqtts)
+        let mqtts = crate::edge::bind(&config.listener.mqtts)
             .await
             .map_err(|source| RunError::Bind {
                 what: "listener.mqtts",

@@ -102,11 +102,13 @@ pub struct ListenerConfig {
     /// Milliseconds a write to a device may take before the connection is closed.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
-    /// Connections still in their TLS handshake or waiting for CONNECT, site-wide; further
-    /// ones are closed at once, so unauthenticated sockets cannot take the places of devices.
+    /// Connections still in their TLS handshake, site-wide, so that unauthenticated sockets
+    /// cannot take the places of devices. While all are taken, new connections wait in the
+    /// kernel's accept queue rather than being closed (closed, devices back off and retry).
     #[serde(default = "default_max_pending_connections")]
     pub max_pending_connections: usize,
-    /// Of `max_pending_connections`, how many may come from one source address.
+    /// Of `max_pending_connections`, how many may come from one source address; a connection
+    /// over it is closed at once, so one host cannot fill the queue everyone waits in.
     #[serde(default = "default_max_pending_per_address")]
     pub max_pending_per_address: usize,
     /// Longest topic name or filter, in bytes of UTF-8.

@@ -38,7 +38,7 @@ pub use broker::{Fabric, FabricLimits, Injected, Republisher};
 pub use codec::publish_packet;
 pub use config::*;
 pub use crl::{follow_crls, CRL_CHECK_INTERVAL};
-pub use listener::{serve, Budget};
+pub use listener::{bind, serve, Budget, LISTEN_BACKLOG};
 pub use offline::OfflineQueues;
 pub use relay::{thing_topic, Relay, ShadowCache, ThingTopic, THINGS_PREFIX};
 pub use session::{expire_sessions, restore_sessions, EdgeContext, Limits, Restored};

@@ -88,8 +88,11 @@ counters! {
     subscribe_quota_refused,
     /// Retained publishes (and wills) refused over the site's retained limits.
     retained_quota_refused,
-    /// Connections closed at once because the handshake budget (site or address) was spent.
+    /// Connections closed at once because their source address had its share of the handshake
+    /// budget (`max_pending_per_address`); over the site-wide budget they wait to be accepted.
     pending_over_limit,
+    /// Connections in their TLS handshake now (accepted, no certificate shown yet).
+    handshakes_pending,
     /// Claim-certificate connections (`[auth.enrollment]`) now open.
     claim_sessions_open,
     /// Claim-certificate connections closed for a packet outside enrollment, or turned away

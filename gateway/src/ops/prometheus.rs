@@ -56,6 +56,7 @@ async fn refresh(sources: &Sources) {
     let s = sources.stats.snapshot();
     gauge!("sitegate_connections_open").set(s.connections_open as f64);
     gauge!("sitegate_claim_sessions_open").set(s.claim_sessions_open as f64);
+    gauge!("sitegate_handshakes_pending").set(s.handshakes_pending as f64);
     counter!("sitegate_connections_accepted_total").absolute(s.connections_accepted);
     counter!("sitegate_keepalive_timeouts_total").absolute(s.keepalive_timeouts);
     counter!("sitegate_messages_in_total", "qos" => "0").absolute(s.messages_in_qos0);

@@ -283,6 +283,38 @@ async fn half_open_handshakes_cannot_lock_devices_out() {
     site.stop().await;
 }
 
+/// A device that comes while every handshake place is taken waits in the accept queue until
+/// one frees, rather than being closed: closed, each device of a reconnect storm backs off
+/// and the fleet comes back at the pace of its back-off (README, "Reconnect storm").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_waits_for_a_handshake_place_rather_than_being_closed() {
+    let site = open_site(|c| {
+        c.listener.max_pending_connections = 2;
+        c.listener.max_pending_per_address = 2;
+        c.listener.handshake_timeout_ms = 1_500;
+    })
+    .await;
+    let a = site.device("dev-a").await;
+    // Two silent sockets from another loopback address take both places.
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        hogs.push(socket.connect(site.addr).await.unwrap());
+    }
+    site.wait_for("both places taken", |s| s.handshakes_pending == 2)
+        .await;
+    let out = site.publish(&a, "dev-a/t", "1", 1, true).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let s = site.snapshot();
+    // It got in only after the silent sockets' handshake time ran out.
+    assert_eq!(s.handshakes_failed, 2);
+    assert_eq!(s.pending_over_limit, 0);
+    assert_eq!(s.handshakes_pending, 0);
+    drop(hogs);
+    site.stop().await;
+}
+
 /// Finding 8: data_dir is created 0700, so other local users cannot read the device list.
 #[tokio::test(flavor = "multi_thread")]
 async fn data_dir_is_private() {
