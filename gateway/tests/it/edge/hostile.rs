@@ -253,6 +253,17 @@ async fn reserved_flags_and_huge_announcements_close_at_once() {
     site.stop().await;
 }
 
+/// `n` TCP connections to `addr` from 127.0.0.2 that never send a byte.
+async fn silent_sockets(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut hogs = Vec::new();
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        hogs.push(socket.connect(addr).await.unwrap());
+    }
+    hogs
+}
+
 /// Finding 6: sockets that never finish a handshake used to take `max_connections`. With
 /// their own budget (and a per-address cap), devices still get in.
 #[tokio::test(flavor = "multi_thread")]
@@ -266,12 +277,7 @@ async fn half_open_handshakes_cannot_lock_devices_out() {
     .await;
     let a = site.device("dev-a").await;
     // Ten silent sockets from another loopback address.
-    let mut hogs = Vec::new();
-    for _ in 0..10 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        hogs.push(socket.connect(site.addr).await.unwrap());
-    }
+    let hogs = silent_sockets(site.addr, 10).await;
     site.wait_for("the per-address cap", |s| s.pending_over_limit >= 6)
         .await;
     for i in 0..3 {
@@ -296,12 +302,7 @@ async fn a_device_waits_for_a_handshake_place_rather_than_being_closed() {
     .await;
     let a = site.device("dev-a").await;
     // Two silent sockets from another loopback address take both places.
-    let mut hogs = Vec::new();
-    for _ in 0..2 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        hogs.push(socket.connect(site.addr).await.unwrap());
-    }
+    let hogs = silent_sockets(site.addr, 2).await;
     site.wait_for("both places taken", |s| s.handshakes_pending == 2)
         .await;
     let out = site.publish(&a, "dev-a/t", "1", 1, true).await;
