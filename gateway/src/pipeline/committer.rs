@@ -75,11 +75,9 @@ impl Committer {
     }
 
     /// More submissions after `first`, until `max_records` or one commit interval after its
-    /// oldest message was read. The interval bounds how long a message waits for company: a
-    /// submission that queued while the previous batch committed has waited already, and
-    /// waiting a whole interval more after every commit made a saturated gateway spend most
-    /// of each cycle asleep (100 devices: 87.9 k msg/s with a 5 ms wait after each commit,
-    /// 142.7 k with 1 ms, `benches/compare.sh`, 2026-12-04).
+    /// oldest message was read. The interval bounds how long a message waits for company (as
+    /// `[spool] commit_interval` documents): a submission that queued while the previous batch
+    /// committed has waited already and should not wait a whole interval more.
     async fn gather(
         &self,
         rx: &mut mpsc::Receiver<Submission>,

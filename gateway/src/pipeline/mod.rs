@@ -2,10 +2,11 @@
 //!
 //! Sessions submit the allowed publishes of one socket read as one submission. A single
 //! committer task gathers submissions until `commit_interval` after the oldest message was read
-//! or `commit_records` (this is also the rules' micro-batch), turns the messages into records for each sink through the
-//! routes and the SQL rules, writes one block per sink and flushes once. Then every waiting
-//! session learns its messages are durable and sends its PUBACKs. Between batches the committer
-//! closes due windows and applies rule-file changes, so a reload never splits a batch.
+//! or `commit_records` (this is also the rules' micro-batch), turns the messages into records
+//! for each sink through the routes and the SQL rules, writes one block per sink and flushes
+//! once. Then every waiting session learns its messages are durable and sends its PUBACKs.
+//! Between batches the committer closes due windows and applies rule-file changes, so a reload
+//! never splits a batch.
 //!
 //! Layout:
 //! - `config`: the `[routes]` and `[rules]` sections.
