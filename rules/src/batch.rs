@@ -836,6 +836,8 @@ pub struct Row {
     pub received_at_ms: Option<i64>,
     /// The values of the statement's template columns, in order (`None`: Undefined).
     pub templates: Vec<Option<Value>>,
+    /// `object` already written as JSON text, by [`written_rows`]; `object` is then empty.
+    pub written: Option<Vec<u8>>,
 }
 
 /// One value of an output column; `None` for an Arrow null, which is Undefined.
@@ -908,15 +910,29 @@ fn insert_at(object: &mut Map<String, Value>, path: &[&str], value: Value) {
 /// `__sg_*` ones carry identity. An Undefined value (an Arrow null) leaves its key out, as IoT
 /// Core does; a Null (JSON `null` in a [`JSON_COLUMN`]) goes out as `null`.
 pub fn rows(batch: &RecordBatch) -> Vec<Row> {
-    // What each column is, decided once per batch rather than once per row.
-    enum Role<'a> {
-        Raw(Option<&'a BinaryArray>),
-        Identity(&'a dyn Array, fn(&mut Row, Option<String>)),
-        ReceivedAt(&'a dyn Array),
-        Value(&'a dyn Array, bool),
-        Template(&'a dyn Array, bool),
-        Field(&'a dyn Array, bool, Vec<&'a str>),
-    }
+    rows_as(batch, false)
+}
+
+/// As [`rows`], but when every field of the batch is a distinct top-level key (most rules:
+/// `SELECT a, b AS c, f(x) AS d`), each row's object is written as JSON text into
+/// [`Row::written`] without being built as a tree first, the same bytes `serde_json` gives
+/// for the tree. Building and dropping the tree was the largest part of a rule's cost a
+/// message in the gateway's profile (issue 19). Nested keys and `SELECT VALUE` keep the tree.
+pub fn written_rows(batch: &RecordBatch) -> Vec<Row> {
+    rows_as(batch, true)
+}
+
+/// What an output column is, decided once per batch rather than once per row.
+enum Role<'a> {
+    Raw(Option<&'a BinaryArray>),
+    Identity(&'a dyn Array, fn(&mut Row, Option<String>)),
+    ReceivedAt(&'a dyn Array),
+    Value(&'a dyn Array, bool),
+    Template(&'a dyn Array, bool),
+    Field(&'a dyn Array, bool, Vec<&'a str>),
+}
+
+fn rows_as(batch: &RecordBatch, write: bool) -> Vec<Row> {
     let schema = batch.schema();
     let roles: Vec<Role> = schema
         .fields()
@@ -940,12 +956,10 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
             })
         })
         .collect();
-    let value = |column: &dyn Array, json: bool, r: usize| {
-        cell(column, r).map(|v| match v {
-            Value::String(s) if json => serde_json::from_str(&s).unwrap_or(Value::String(s)),
-            v => v,
-        })
-    };
+    let value = field_value;
+    // The written keys (`"name":`, escaped once per batch), when the rows can be written.
+    let keys: Option<Vec<Vec<u8>>> = write.then(|| written_keys(&roles)).flatten();
+    let mut size_hint = 64;
     (0..batch.num_rows())
         .map(|r| {
             let mut row = Row {
@@ -957,7 +971,14 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                 topic: None,
                 received_at_ms: None,
                 templates: Vec::new(),
+                written: None,
             };
+            let mut text = keys.as_ref().map(|_| {
+                let mut text = Vec::with_capacity(size_hint);
+                text.push(b'{');
+                text
+            });
+            let mut keys = keys.iter().flatten();
             for role in &roles {
                 match role {
                     Role::Raw(raw) => {
@@ -980,16 +1001,95 @@ pub fn rows(batch: &RecordBatch) -> Vec<Row> {
                     }
                     Role::Value(column, json) => row.value = Some(value(*column, *json, r)),
                     Role::Template(column, json) => row.templates.push(value(*column, *json, r)),
-                    Role::Field(column, json, path) => {
-                        if let Some(v) = value(*column, *json, r) {
-                            insert_at(&mut row.object, path, v);
+                    Role::Field(column, json, path) => match (text.as_mut(), keys.next()) {
+                        (Some(text), Some(key)) => write_field(text, key, *column, *json, r),
+                        _ => {
+                            if let Some(v) = value(*column, *json, r) {
+                                insert_at(&mut row.object, path, v);
+                            }
                         }
-                    }
+                    },
                 }
+            }
+            if let Some(mut text) = text {
+                text.push(b'}');
+                size_hint = text.len();
+                row.written = Some(text);
             }
             row
         })
         .collect()
+}
+
+/// The escaped `"name":` of every field, in column order, if the batch's rows can be written
+/// straight to text: each field a top-level key, no two the same (a tree would merge them or
+/// let the last win), and no `SELECT VALUE`.
+fn written_keys(roles: &[Role]) -> Option<Vec<Vec<u8>>> {
+    let mut keys = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for role in roles {
+        match role {
+            Role::Value(..) => return None,
+            Role::Field(_, _, path) => {
+                let [name] = path.as_slice() else {
+                    return None;
+                };
+                if !names.insert(*name) {
+                    return None;
+                }
+                let mut key = serde_json::to_vec(name).ok()?;
+                key.push(b':');
+                keys.push(key);
+            }
+            _ => {}
+        }
+    }
+    Some(keys)
+}
+
+/// Appends `,"key":value` (no comma first) to a row's text, or nothing for an Undefined value.
+fn write_field(text: &mut Vec<u8>, key: &[u8], column: &dyn Array, json: bool, r: usize) {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes as t;
+    if column.is_null(r) || column.data_type() == &DataType::Null {
+        return;
+    }
+    let start = text.len();
+    if start > 1 {
+        text.push(b',');
+    }
+    text.extend_from_slice(key);
+    // The common types straight from the column; the rest as `cell` gives them.
+    let written = match column.data_type() {
+        DataType::Utf8 if !json => {
+            serde_json::to_writer(&mut *text, column.as_string::<i32>().value(r))
+        }
+        DataType::Int64 => {
+            serde_json::to_writer(&mut *text, &column.as_primitive::<t::Int64Type>().value(r))
+        }
+        DataType::Boolean => match column.as_any().downcast_ref::<BooleanArray>() {
+            Some(a) => serde_json::to_writer(&mut *text, &a.value(r)),
+            None => serde_json::to_writer(&mut *text, &Value::Null),
+        },
+        _ => match field_value(column, json, r) {
+            Some(v) => serde_json::to_writer(&mut *text, &v),
+            None => {
+                text.truncate(start);
+                return;
+            }
+        },
+    };
+    if written.is_err() {
+        text.truncate(start);
+    }
+}
+
+/// A field's value: a [`JSON_COLUMN`]'s text is the JSON it holds.
+fn field_value(column: &dyn Array, json: bool, r: usize) -> Option<Value> {
+    cell(column, r).map(|v| match v {
+        Value::String(s) if json => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        v => v,
+    })
 }
 
 #[cfg(test)]
@@ -1218,5 +1318,56 @@ mod tests {
             let from_only = cell(only.column_by_name(&name).unwrap().as_ref(), 0);
             prop_assert_eq!(from_all, from_only);
         }
+
+        /// Rows written straight to text are the bytes `serde_json` gives for the tree, for
+        /// batches whose fields change type from one message to the next (text columns).
+        #[test]
+        fn written_rows_are_the_trees_bytes(payloads in prop::collection::vec(flat_object(), 1..5)) {
+            let ms: Vec<Message> = payloads.iter().map(|p| msg(&p.to_string())).collect();
+            let refs: Vec<&Message> = ms.iter().collect();
+            let (batch, _, failed) = Decoder::new(&[], &BTreeSet::new(), true).decode(&refs);
+            prop_assert!(failed.is_empty(), "{failed:?}");
+            let trees = rows(&batch);
+            let written = written_rows(&batch);
+            prop_assert_eq!(trees.len(), written.len());
+            for (tree, row) in trees.iter().zip(&written) {
+                let want = serde_json::to_vec(&Value::Object(tree.object.clone())).unwrap();
+                prop_assert!(row.object.is_empty());
+                let got = row.written.as_deref().unwrap_or_default();
+                prop_assert_eq!(String::from_utf8_lossy(got), String::from_utf8_lossy(&want));
+                prop_assert_eq!((&row.thing, &row.cert_id, &row.topic), (&tree.thing, &tree.cert_id, &tree.topic));
+            }
+        }
+    }
+
+    /// Objects of top-level keys only, whose values are leaves or arrays of them.
+    fn flat_object() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            Just(Value::from(10.0)),
+            "[a-z\u{e9}\"\\\\ \u{1}]{0,6}".prop_map(Value::from),
+        ];
+        let value = prop_oneof![
+            4 => leaf.clone(),
+            1 => prop::collection::vec(leaf, 0..3).prop_map(Value::Array),
+        ];
+        prop::collection::btree_map("[a-c]", value, 0..4)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    #[test]
+    fn nested_or_repeated_keys_keep_the_tree() {
+        let ms = [msg(r#"{"s":{"v":1},"t":2}"#)];
+        let refs: Vec<&Message> = ms.iter().collect();
+        let (batch, _, _) = Decoder::new(&[], &BTreeSet::new(), true).decode(&refs);
+        let out = written_rows(&batch);
+        assert_eq!(out[0].written, None);
+        assert_eq!(
+            Value::Object(out[0].object.clone()),
+            serde_json::json!({"s":{"v":1},"t":2})
+        );
     }
 }

@@ -593,7 +593,12 @@ impl Statement {
         };
         let (plan, _) = self.plans.get(&key).ok_or("plan vanished")?;
         let out = plan.run(batch).await?;
-        Ok(out.iter().flat_map(batch::rows).collect())
+        // A window's rows get its bounds added to their object, so they keep the tree.
+        let shape = match self.spec.window {
+            Some(_) => batch::rows,
+            None => batch::written_rows,
+        };
+        Ok(out.iter().flat_map(shape).collect())
     }
 
     /// Put messages into their windows; returns how many came too late.
@@ -665,12 +670,16 @@ fn window_starts(t: i64, w: &WindowSpec) -> Vec<i64> {
 
 /// The output of one row; `None` for a `SELECT VALUE` whose value is Undefined.
 fn output(rule: &str, sink: &str, row: Row, window: Option<(i64, i64)>) -> Option<Output> {
-    let payload = match row.raw {
-        Some(raw) => raw.to_vec(),
-        None => {
-            let mut payload = match row.value {
-                Some(value) => value?,
-                None => Value::Object(row.object),
+    let payload = match (row.raw, row.written, window) {
+        (Some(raw), _, _) => raw.to_vec(),
+        (None, Some(text), None) => text,
+        (None, written, window) => {
+            let mut payload = match (row.value, written) {
+                (Some(value), _) => value?,
+                (None, Some(text)) => {
+                    serde_json::from_slice(&text).unwrap_or(Value::Object(row.object))
+                }
+                (None, None) => Value::Object(row.object),
             };
             if let (Some((start, end)), Value::Object(object)) = (window, &mut payload) {
                 object.insert("window_start".into(), Value::from(start));
