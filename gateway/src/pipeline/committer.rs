@@ -155,7 +155,10 @@ impl Committer {
                 durable.record(now.duration_since(m.received).as_secs_f64());
             }
         }
-        for s in waiting {
+        // Newest first: a session wakes on its oldest read's receipt, and by then the receipts
+        // of its later reads in this commit are already resolved, so it acknowledges them all
+        // in one write (`release_held`). Oldest first, it woke, took one, and wrote once a read.
+        for s in waiting.into_iter().rev() {
             let _ = s.done.send(result.clone());
         }
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::protocol::{Packet, PubAck};
+use tokio::sync::oneshot;
 
 use crate::pipeline::{Message, Receipt};
 
@@ -49,26 +50,45 @@ impl Session {
                     return;
                 }
             }
-            for ack in front.acks {
-                self.write(Packet::PubAck(ack, None), wbuf);
-            }
+            self.write_acks(front.acks, wbuf);
         }
     }
 
-    /// The oldest held read is durable: send its PUBACKs and those queued behind it that
-    /// waited only for their turn.
-    pub(super) fn release_held(&mut self, wbuf: &mut BytesMut) {
+    /// The oldest held read is durable: send its PUBACKs, then those of the reads behind it
+    /// that waited only for their turn or whose commit has landed too. One commit often makes
+    /// several of a session's reads durable at once; taking them all here puts their PUBACKs
+    /// in one write, where waking for each would flush each on its own.
+    ///
+    /// `Err` names why a later read's commit failed; neither its PUBACKs nor any after them
+    /// are sent, so the device sends those messages again.
+    pub(super) fn release_held(&mut self, wbuf: &mut BytesMut) -> Result<(), String> {
         if let Some(front) = self.held.pop_front() {
-            for ack in front.acks {
-                self.write(Packet::PubAck(ack, None), wbuf);
-            }
+            self.write_acks(front.acks, wbuf);
         }
-        while self.held.front().is_some_and(|h| h.receipt.is_none()) {
-            if let Some(next) = self.held.pop_front() {
-                for ack in next.acks {
-                    self.write(Packet::PubAck(ack, None), wbuf);
+        while let Some(next) = self.held.front_mut() {
+            if let Some(receipt) = next.receipt.as_mut() {
+                let failed = match receipt.try_recv() {
+                    Ok(Ok(())) => None,
+                    Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Ok(Err(reason)) => Some(reason.to_string()),
+                    Err(oneshot::error::TryRecvError::Closed) => Some("pipeline stopped".into()),
+                };
+                if let Some(reason) = failed {
+                    // A taken receipt cannot be awaited again: nothing from here is released.
+                    self.held.clear();
+                    return Err(reason);
                 }
             }
+            if let Some(next) = self.held.pop_front() {
+                self.write_acks(next.acks, wbuf);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_acks(&mut self, acks: Vec<PubAck>, wbuf: &mut BytesMut) {
+        for ack in acks {
+            self.write(Packet::PubAck(ack, None), wbuf);
         }
     }
 }

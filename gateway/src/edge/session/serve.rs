@@ -105,7 +105,11 @@ impl Session {
                     }
                     durable = front_receipt(&mut self.held), if self.held.front().is_some_and(|h| h.receipt.is_some()) => {
                         match durable {
-                            Ok(Ok(())) => self.release_held(&mut conn.wbuf),
+                            Ok(Ok(())) => {
+                                if let Err(reason) = self.release_held(&mut conn.wbuf) {
+                                    return Close::Spool(reason);
+                                }
+                            }
                             Ok(Err(reason)) => return Close::Spool(reason.to_string()),
                             Err(_) => return Close::Spool("pipeline stopped".into()),
                         }
