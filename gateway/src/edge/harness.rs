@@ -138,6 +138,16 @@ fn cert_of(thing: &str) -> String {
     format!("{:0<64.64}", hex)
 }
 
+/// The identity `thing` connects with, as the listener would give it after the handshake.
+fn identity_of(thing: &str) -> Identity {
+    Identity {
+        thing: thing.to_owned(),
+        cert_id: cert_of(thing),
+        issuer: String::new(),
+        serial: String::new(),
+    }
+}
+
 /// The in-memory edge. Make it inside a multi-threaded tokio runtime.
 pub struct Harness {
     ctx: Arc<EdgeContext>,
@@ -237,12 +247,7 @@ impl Harness {
     /// gateway wrote back.
     pub async fn session(&self, thing: &str, input: &[u8]) -> Vec<u8> {
         let (mut device, gateway) = tokio::io::duplex(1 << 16);
-        let identity = Identity {
-            thing: thing.to_owned(),
-            cert_id: cert_of(thing),
-            issuer: String::new(),
-            serial: String::new(),
-        };
+        let identity = identity_of(thing);
         let peer: SocketAddr = ([127, 0, 0, 1], 1).into();
         let served = tokio::spawn(session::run(gateway, identity, peer, Arc::clone(&self.ctx)));
         let _ = device.write_all(input).await;
@@ -257,12 +262,7 @@ impl Harness {
     /// A subscriber and a publisher on fresh sessions: true when the publish was delivered.
     pub async fn good_device_served(&self) -> bool {
         let (mut sub, gateway) = tokio::io::duplex(1 << 16);
-        let identity = Identity {
-            thing: "dev-sub".into(),
-            cert_id: cert_of("dev-sub"),
-            issuer: String::new(),
-            serial: String::new(),
-        };
+        let identity = identity_of("dev-sub");
         let peer: SocketAddr = ([127, 0, 0, 1], 2).into();
         let served = tokio::spawn(session::run(gateway, identity, peer, Arc::clone(&self.ctx)));
         let mut hello = wire::connect("dev-sub", true, 0x02);
@@ -397,12 +397,7 @@ mod task_size {
     async fn a_connection_task_stays_small() {
         let h = Harness::new().unwrap();
         let (_device, gateway) = tokio::io::duplex(1024);
-        let identity = Identity {
-            thing: "dev-good".into(),
-            cert_id: cert_of("dev-good"),
-            issuer: String::new(),
-            serial: String::new(),
-        };
+        let identity = identity_of("dev-good");
         let peer: SocketAddr = ([127, 0, 0, 1], 1).into();
         let run = session::run(gateway, identity, peer, Arc::clone(&h.ctx));
         let size = std::mem::size_of_val(&run);
@@ -477,12 +472,7 @@ mod acknowledgements {
             inner: gateway,
             writes: Arc::clone(&writes),
         };
-        let identity = Identity {
-            thing: "dev-good".into(),
-            cert_id: cert_of("dev-good"),
-            issuer: String::new(),
-            serial: String::new(),
-        };
+        let identity = identity_of("dev-good");
         let peer: SocketAddr = ([127, 0, 0, 1], 1).into();
         let served = tokio::spawn(session::run(gateway, identity, peer, h.context()));
         device
