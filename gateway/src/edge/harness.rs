@@ -460,7 +460,8 @@ mod acknowledgements {
 
     /// Socket reads that one group commit makes durable get their PUBACKs in one write: the
     /// session takes every held read whose commit has landed, not one read per wake-up (which
-    /// was a write, and a TLS record, for each read). Without that, 3 writes here.
+    /// was a write, and a TLS record, for each read). Without that, 3 writes here. The
+    /// PUBACKs keep PUBLISH order (MQTT 5 §4.6, MQTT-4.6.0-2; 3.1.1 §4.6 likewise).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_acknowledges_its_reads_in_one_write() {
         let h = Harness::with_pipeline(Duration::from_millis(500))

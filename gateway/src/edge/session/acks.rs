@@ -57,7 +57,8 @@ impl Session {
     /// The oldest held read is durable: send its PUBACKs, then those of the reads behind it
     /// that waited only for their turn or whose commit has landed too. One commit often makes
     /// several of a session's reads durable at once; taking them all here puts their PUBACKs
-    /// in one write, where waking for each would flush each on its own.
+    /// in one write, where waking for each would flush each on its own. Reads are released
+    /// strictly from the front, so PUBACKs keep PUBLISH order (MQTT 5 §4.6, MQTT-4.6.0-2).
     ///
     /// `Err` names why a later read's commit failed; neither its PUBACKs nor any after them
     /// are sent, so the device sends those messages again.
